@@ -1,0 +1,3 @@
+from fedfm.cli import app
+
+app()

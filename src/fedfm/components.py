@@ -1,0 +1,45 @@
+"""Imports every room so that their registries are filled, and validates the component
+references of an Experiment against them (before any data or model loads)."""
+
+from __future__ import annotations
+
+from fedfm import aggregators, codecs, data, learners, peft, tasks  # noqa: F401
+from fedfm.codecs.base import parse_stage
+from fedfm.config import ConfigError
+from fedfm.core.registry import Registry, RegistryError
+
+
+def registries() -> dict[str, Registry]:
+    """Every extension point, by the YAML key that names its components."""
+    return {
+        "model.task": tasks.tasks,
+        "data.source": data.sources,
+        "federation.partitioner": data.partitioners,
+        "peft.method": peft.tuners,
+        "learner.name": learners.learners,
+        "aggregator.rule": aggregators.aggregators,
+        "codecs": codecs.codecs,
+    }
+
+
+def validate_components(exp, source: str = "<config>") -> None:
+    errors: list[str] = []
+
+    def check(fn, *args):
+        try:
+            fn(*args)
+        except RegistryError as exc:
+            errors.append(f"  {exc}")
+
+    check(tasks.tasks.get, exp.model.task)
+    check(data.sources.parse, exp.data.source, exp.data.options, "data.options")
+    fp = exp.federation.partitioner
+    check(data.partitioners.parse, fp.name, fp.params(), "federation.partitioner")
+    check(peft.tuners.parse, exp.peft.method, exp.peft.params(), "peft")
+    check(learners.learners.parse, exp.learner.name, exp.learner.params(), "learner")
+    check(aggregators.aggregators.parse, exp.aggregator.rule, exp.aggregator.params(), "aggregator")
+    for direction in ("up", "down"):
+        for i, spec in enumerate(getattr(exp.codecs, direction)):
+            check(parse_stage, spec, f"codecs.{direction}[{i}]")
+    if errors:
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(errors))

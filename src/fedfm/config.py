@@ -1,0 +1,205 @@
+"""The experiment schema: pydantic models, YAML loading and dotted overrides.
+
+Every section is strict (an unknown key is an error). Sections that name a registered
+component (``peft.method``, ``aggregator.rule``, ``federation.partitioner.name``,
+``learner.name``, codec stages) carry the component's own parameters, validated against
+the schema the component registered, so a typo fails before any data or model loads and
+the message names the key, e.g. ``peft.r: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key (and the file)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Spec(BaseModel):
+    """A component reference: one name key plus the component's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelConfig(Strict):
+    task: str = "text_classification"
+    package: str | None = None
+    path: str | None = None
+    num_labels: int = Field(2, ge=1)
+    init: Literal["pretrained", "random"] = "pretrained"
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.package is None) == (self.path is None):
+            raise ValueError("give exactly one of model.package or model.path")
+        return self
+
+
+class DataConfig(Strict):
+    source: str = "rotten_tomatoes"
+    path: str | None = None
+    format: Literal["csv", "jsonl", "parquet"] | None = None
+    text_column: str = "text"
+    label_column: str | None = "label"
+    group_column: str | None = None
+    labels: list[str] | None = None
+    max_length: int = Field(64, ge=4)
+    limit: int | None = Field(None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PartitionerSpec(Spec):
+    name: str = "iid"
+
+
+class FederationConfig(Strict):
+    clients: int = Field(8, ge=1)
+    partitioner: PartitionerSpec = Field(default_factory=PartitionerSpec)
+    examples_per_client: int | None = Field(None, ge=1)
+    test_examples: int = Field(1000, ge=1)
+    clients_per_round: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _sampling(self):
+        if self.clients_per_round is not None and self.clients_per_round > self.clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
+            )
+        return self
+
+
+class PeftSpec(Spec):
+    method: str = "lora"
+
+
+class LearnerSpec(Spec):
+    name: str = "local"
+
+
+class AggregatorSpec(Spec):
+    rule: str = "fedavg"
+
+
+class TrainConfig(Strict):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class CodecsConfig(Strict):
+    up: list[dict[str, Any]] = Field(default_factory=list)
+    down: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+    every: int = Field(1, ge=1)
+
+
+class RuntimeConfig(Strict):
+    backend: Literal["local"] = "local"
+    threads: int | None = Field(None, ge=1)
+    progress: bool = True
+
+
+class Experiment(Strict):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(3, ge=1)
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    peft: PeftSpec = Field(default_factory=PeftSpec)
+    learner: LearnerSpec = Field(default_factory=LearnerSpec)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    codecs: CodecsConfig = Field(default_factory=CodecsConfig)
+    aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# -- loading -----------------------------------------------------------------------
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        lines.append(f"  {loc or '(top level)'}: {err['msg']}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-3`` -> (["train", "lr"], 0.001); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{text}': {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Experiment:
+    """Validate a raw mapping (plus overrides) into an Experiment, components included."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        exp = Experiment(**raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    from fedfm.components import validate_components
+
+    validate_components(exp, source)
+    return exp
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return from_dict(raw, str(path), overrides)

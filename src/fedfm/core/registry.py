@@ -1,0 +1,82 @@
+"""One explicit registry per extension point.
+
+Every component is registered under a YAML name together with a pydantic model of its
+parameters, so a config such as ``peft: {method: lora, r: 8}`` is validated against the
+component's own schema before anything loads, and errors name the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T")
+
+
+class RegistryError(ValueError):
+    """An unknown component name or invalid component parameters."""
+
+
+class NoParams(BaseModel):
+    """Parameters of a component that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    params: type[BaseModel]
+    doc: str
+
+
+class Registry(Generic[T]):
+    """Name -> (object, params schema). ``kind`` is the YAML key, e.g. ``peft.method``."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, obj: T, params: type[BaseModel] = NoParams, doc: str = "") -> T:
+        if name in self._entries:
+            raise RegistryError(f"{self.kind}: '{name}' is already registered")
+        self._entries[name] = Entry(name, obj, params, doc or (getattr(obj, "__doc__", "") or "").strip())
+        return obj
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry[T]]:
+        return [self._entries[n] for n in self.names()]
+
+    def get(self, name: str) -> Entry[T]:
+        if name not in self._entries:
+            raise RegistryError(
+                f"{self.kind}: unknown name '{name}'; known: {', '.join(self.names()) or '(none)'}"
+            )
+        return self._entries[name]
+
+    def parse(self, name: str, params: dict[str, Any], where: str) -> BaseModel:
+        """Validate ``params`` for component ``name``; errors name ``where.<field>``."""
+        entry = self.get(name)
+        try:
+            return entry.params(**params)
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                lines.append(f"{where}.{loc}: {err['msg']}" if loc else f"{where}: {err['msg']}")
+            raise RegistryError("; ".join(lines)) from None
+
+
+def registered(registry: Registry[Callable[..., Any]], name: str, params: type[BaseModel] = NoParams):
+    """Decorator form of ``registry.register``."""
+
+    def deco(obj):
+        registry.register(name, obj, params)
+        return obj
+
+    return deco

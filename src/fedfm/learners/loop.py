@@ -1,0 +1,70 @@
+"""The local training loop shared by every gradient-based learner.
+
+AdamW or SGD, a number of epochs or of steps, batches with dynamic padding, gradient-norm
+clipping, and an optional extra loss term (FedProx's proximal term, FedDyn's linear term)
+or gradient correction (SCAFFOLD) supplied by the learner. Seeded: the same
+(seed, round, client) always gives the same batches and dropout masks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fedfm.learners.base import LocalContext
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def batches(examples: list, batch_size: int, generator: torch.Generator):
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    for start in range(0, len(order), batch_size):
+        yield [examples[i] for i in order[start : start + batch_size]]
+
+
+def planned_steps(num_examples: int, cfg) -> int:
+    per_epoch = -(-num_examples // cfg.batch_size)
+    return cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
+
+
+def train_loop(
+    ctx: LocalContext,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    after_backward: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Train ``ctx.model`` in place; returns train loss (mean), steps and examples seen."""
+    cfg = ctx.train
+    model = ctx.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    torch.manual_seed(ctx.seed)  # dropout masks
+    total = planned_steps(len(ctx.examples), cfg)
+    model.train()
+    step, seen, loss_sum = 0, 0, 0.0
+    while step < total:
+        for items in batches(ctx.examples, cfg.batch_size, gen):
+            batch = ctx.task.collate(items, ctx.tokenizer)
+            loss = ctx.task.loss(model, batch)
+            objective = loss + extra_loss() if extra_loss is not None else loss
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            if after_backward is not None:
+                after_backward()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            step += 1
+            seen += len(items)
+            loss_sum += loss.item()
+            if ctx.on_step is not None:
+                ctx.on_step(step, total)
+            if step >= total:
+                break
+    model.eval()
+    return {"train_loss": loss_sum / max(step, 1), "steps": float(step), "examples_seen": float(seen)}

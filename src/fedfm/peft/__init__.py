@@ -1,0 +1,16 @@
+"""WHAT IS TRAINED: tuners and the get/set of the trainable State."""
+
+from fedfm.peft.base import apply_tuner, head_modules, register_tuner, tuners
+from fedfm.peft.state import count_params, get_state, set_state, trainable_names
+from fedfm.peft import full, lora  # noqa: F401  (register tuners)
+
+__all__ = [
+    "apply_tuner",
+    "count_params",
+    "get_state",
+    "head_modules",
+    "register_tuner",
+    "set_state",
+    "trainable_names",
+    "tuners",
+]

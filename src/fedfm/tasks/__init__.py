@@ -1,0 +1,16 @@
+"""WHAT IS LEARNED: tasks (model + loss + metrics) and packaged model resolution."""
+
+from fedfm.tasks.base import BUILD_COUNT, Task, build_task, register_task, tasks
+from fedfm.tasks.packages import known_packages, register_model_package, resolve_package
+from fedfm.tasks import text_classification  # noqa: F401  (registers the task)
+
+__all__ = [
+    "BUILD_COUNT",
+    "Task",
+    "build_task",
+    "known_packages",
+    "register_model_package",
+    "register_task",
+    "resolve_package",
+    "tasks",
+]

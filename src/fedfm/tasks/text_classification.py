@@ -1,0 +1,66 @@
+"""Sequence classification with a Hugging Face encoder (e.g. all-MiniLM-L6-v2).
+
+Examples are tokenized once, unpadded; batches are padded to their longest member
+(dynamic padding), which is what makes CPU training of short texts affordable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import torch
+
+from fedfm.tasks.base import count_build, register_task
+from fedfm.tasks.loading import load_auto
+
+
+class TextClassification:
+    """Cross-entropy over ``num_labels`` classes; metrics: loss and accuracy."""
+
+    def build(self, model_cfg: Any, seed: int):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model, directory = load_auto(
+            AutoModelForSequenceClassification, model_cfg, seed, num_labels=model_cfg.num_labels
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        count_build()
+        return model, tokenizer
+
+    def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        enc = tokenizer(
+            list(frame["text"].astype(str)), truncation=True, max_length=max_length, padding=False
+        )
+        labels = frame["label"].astype(int).tolist()
+        return [{"input_ids": ids, "label": y} for ids, y in zip(enc["input_ids"], labels)]
+
+    def collate(self, examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        pad = tokenizer.pad_token_id or 0
+        ids = torch.full((len(examples), width), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+            mask[i, :n] = 1
+        labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)  # (B,)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches) -> dict[str, float]:
+        total, correct, loss_sum = 0, 0, 0.0
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits.float()  # (B, C)
+            loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+            total += len(batch["labels"])
+        return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+
+
+register_task("text_classification", TextClassification)

