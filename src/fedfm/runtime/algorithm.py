@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from fedfm.aggregators import aggregators, apply_delta
 from fedfm.core.types import ClientSpec, Instruction, State, Update
 from fedfm.learners import build_learner
@@ -27,6 +29,23 @@ class Algorithm:
 
     def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
         return self.learner.local_update(instruction, ctx)
+
+    def payload_reference(self, state: State) -> State:
+        """Names and shapes of what a client sends (decoders check against it).
+
+        Deltas over the State by default; algorithms that send more (control variates)
+        or other things (seeds and scalars) return their own template here.
+        """
+        return state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The server-side state of the algorithm (optimizer moments, control variates),
+        checkpointed after every round next to the model State."""
+        return {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise KeyError(f"unexpected algorithm state: {sorted(tensors)[:3]}")
 
     def aggregate(self, state: State, updates: Sequence[Update]) -> State:
         deltas = [u.payload for u in updates]

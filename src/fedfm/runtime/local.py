@@ -54,7 +54,7 @@ class LocalRuntime:
         inst.state, _ = self.down.decode(sent.data, down_ctx)
         ctx = self.wb.context(cid, rnd, on_step=prog.step, store=self.store)
         update = self.algo.local_update(inst, ctx)
-        up_ctx = CodecContext("up", rnd, cid, state, seed=self.exp.seed, store=self.store)
+        up_ctx = CodecContext("up", rnd, cid, self.algo.payload_reference(state), seed=self.exp.seed, store=self.store)
         meta = {"cid": str(cid), "num_examples": str(update.num_examples)}
         encoded = self.up.encode(update.payload, meta, up_ctx)
         payload, meta = self.up.decode(encoded.data, up_ctx)
