@@ -1,0 +1,75 @@
+"""Config validation: errors name the key and fail before anything loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedfm.config import ConfigError, apply_overrides, from_dict, load_config
+
+
+def test_quickstart_example_validates():
+    exp = load_config("examples/quickstart.yaml")
+    assert exp.peft.method == "lora" and exp.peft.params()["r"] == 8
+    assert exp.federation.clients == 8 and exp.federation.examples_per_client == 250
+
+
+def test_dotted_overrides_change_values(tiny):
+    exp = from_dict(tiny, overrides=["train.lr=1e-3", "federation.clients=3", "peft.r=2"])
+    assert exp.train.lr == pytest.approx(1e-3)
+    assert exp.federation.clients == 3
+    assert exp.peft.params()["r"] == 2
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lrr=1", "train.lrr: Extra inputs are not permitted"),
+        ("train.lr=fast", "train.lr: Input should be a valid number"),
+        ("train.lr=-1", "train.lr: Input should be greater than 0"),
+        ("peft.r=0", "peft.r: Input should be greater than or equal to 1"),
+        ("peft.rank=4", "peft.rank: Extra inputs are not permitted"),
+        ("peft.method=lorax", "peft.method: unknown name 'lorax'"),
+        ("aggregator.rule=mean", "aggregator.rule: unknown name 'mean'"),
+        ("federation.clients_per_round=9", "clients_per_round (9) exceeds clients"),
+        ("federation.partitioner.alpha=0", "federation.partitioner: unknown"),
+        ("rounds=0", "rounds: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_key(tiny, override, needle):
+    if override.startswith("federation.partitioner.alpha"):
+        tiny["federation"]["partitioner"] = {"name": "dirichlet"}
+        override, needle = "federation.partitioner.alpha=0", "federation.partitioner.alpha: Input should be greater than 0"
+    with pytest.raises(ConfigError) as err:
+        from_dict(tiny, overrides=[override])
+    assert needle in str(err.value)
+
+
+def test_model_needs_exactly_one_source(tiny):
+    tiny["model"]["path"] = "/somewhere"
+    with pytest.raises(ConfigError, match="exactly one of model.package or model.path"):
+        from_dict(tiny)
+
+
+def test_override_into_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="rounds is not a section"):
+        apply_overrides({"rounds": 3}, ["rounds.x=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_more_clients_than_groups_fails_before_the_model_loads(tmp_path, tiny, monkeypatch):
+    from fedfm import tasks
+    from fedfm.runtime import Workbench
+
+    exp = from_dict(tiny, overrides=["federation.clients=50"])
+    before = tasks.BUILD_COUNT["models"]
+    with pytest.raises(ValueError, match="federation.clients=50 exceeds the"):
+        Workbench(exp)
+    assert tasks.BUILD_COUNT["models"] == before
