@@ -18,6 +18,7 @@ def registries() -> dict[str, Registry]:
         "peft.method": peft.tuners,
         "learner.name": learners.learners,
         "aggregator.rule": aggregators.aggregators,
+        "server_optimizer.name": aggregators.server_optimizers,
         "codecs": codecs.codecs,
     }
 
@@ -38,6 +39,8 @@ def validate_components(exp, source: str = "<config>") -> None:
     check(peft.tuners.parse, exp.peft.method, exp.peft.params(), "peft")
     check(learners.learners.parse, exp.learner.name, exp.learner.params(), "learner")
     check(aggregators.aggregators.parse, exp.aggregator.rule, exp.aggregator.params(), "aggregator")
+    so = exp.server_optimizer
+    check(aggregators.server_optimizers.parse, so.name, so.params(), "server_optimizer")
     for direction in ("up", "down"):
         for i, spec in enumerate(getattr(exp.codecs, direction)):
             check(parse_stage, spec, f"codecs.{direction}[{i}]")

@@ -95,6 +95,13 @@ class AggregatorSpec(Spec):
     rule: str = "fedavg"
 
 
+class ServerOptimizerSpec(Spec):
+    """``server_optimizer: {name: fedadam, lr: 0.01, beta1: 0.9, beta2: 0.99, tau: 1e-3}``;
+    the default ``sgd`` with lr 1.0 applies the aggregated delta as is (FedAvg)."""
+
+    name: str = "sgd"
+
+
 class TrainConfig(Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)
@@ -134,6 +141,7 @@ class Experiment(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     codecs: CodecsConfig = Field(default_factory=CodecsConfig)
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
+    server_optimizer: ServerOptimizerSpec = Field(default_factory=ServerOptimizerSpec)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
