@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: run, data describe, list."""
+"""The ``fedfm`` command line: run (--resume), report, data describe, list."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def run(
     override: Overrides = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<name>)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    resume: Annotated[bool, typer.Option(help="continue from the last complete round checkpointed in --out")] = False,
 ):
     """Run a federated experiment from a YAML config."""
     exp = _load(config, override)
@@ -40,7 +41,7 @@ def run(
 
     out = out or Path("runs") / exp.name
     try:
-        summary = run_local(exp, out, progress=progress and exp.runtime.progress)
+        summary = run_local(exp, out, progress=progress and exp.runtime.progress, resume=resume)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
@@ -70,6 +71,22 @@ def data_describe(config: Path, override: Overrides = None):
     for _, row in df.iterrows():
         table.add_row(*[str(v) for v in row.tolist()])
     console.print(table)
+
+
+@app.command()
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="one or more run directories (overlaid)")],
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default DIR/report, or ./report for several)")] = None,
+):
+    """Plot accuracy, loss, bytes and participation of runs into PNGs and a report.html."""
+    from fedfm.report import build_report
+
+    try:
+        page = build_report(list(dirs), out)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]report[/] -> {page}")
 
 
 @app.command("list")

@@ -73,13 +73,23 @@ class FederationConfig(Strict):
     examples_per_client: int | None = Field(None, ge=1)
     test_examples: int = Field(1000, ge=1)
     clients_per_round: int | None = Field(None, ge=1)
+    # Sampling and quorum (runtime/sampling.py): a fraction is ceil(fraction * clients).
+    fraction: float | None = Field(None, gt=0, le=1)
+    sampling: Literal["uniform", "weighted"] = "uniform"
+    min_clients: int = Field(1, ge=1)
+    on_too_few: Literal["retry", "skip"] = "retry"
+    max_retries: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def _sampling(self):
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("give at most one of clients_per_round and fraction")
         if self.clients_per_round is not None and self.clients_per_round > self.clients:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
             )
+        if self.min_clients > self.clients:
+            raise ValueError(f"min_clients ({self.min_clients}) exceeds clients ({self.clients})")
         return self
 
 
@@ -123,6 +133,47 @@ class EvalConfig(Strict):
     every: int = Field(1, ge=1)
 
 
+class StragglerConfig(Strict):
+    """Simulated client speeds: a client's round takes steps * seconds_per_step / speed."""
+
+    profile: Literal["constant", "uniform", "lognormal", "tiers"] = "constant"
+    low: float = Field(0.25, gt=0)
+    high: float = Field(1.0, gt=0)
+    sigma: float = Field(0.5, gt=0)
+    speeds: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.1])
+    weights: list[float] | None = None
+    seconds_per_step: float = Field(1.0, gt=0)
+    deadline_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _profile(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) exceeds high ({self.high})")
+        if any(s <= 0 for s in self.speeds):
+            raise ValueError("speeds must all be > 0")
+        if self.weights is not None and (
+            len(self.weights) != len(self.speeds) or any(w < 0 for w in self.weights) or sum(self.weights) <= 0
+        ):
+            raise ValueError("weights must be non-negative, one per entry of speeds, with a positive sum")
+        return self
+
+
+class FaultsConfig(Strict):
+    """Simulated faults (runtime/faults.py); real client exceptions are always caught."""
+
+    dropout: float = Field(0.0, ge=0, le=1)
+    stragglers: StragglerConfig = Field(default_factory=StragglerConfig)
+
+
+class ServerConfig(Strict):
+    """Server-side update validation (runtime/validate.py) and checkpointing."""
+
+    max_update_bytes: int | None = Field(None, ge=1)
+    check_fingerprint: bool = True
+    checkpoint: bool = True
+    keep_checkpoints: int = Field(1, ge=1)
+
+
 class RuntimeConfig(Strict):
     backend: Literal["local"] = "local"
     threads: int | None = Field(None, ge=1)
@@ -144,6 +195,8 @@ class Experiment(Strict):
     server_optimizer: ServerOptimizerSpec = Field(default_factory=ServerOptimizerSpec)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

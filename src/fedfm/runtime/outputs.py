@@ -27,20 +27,46 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a line cut short by a killed run is skipped."""
+    rows = []
+    path = Path(path)
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "round" in row:
+            rows.append(row)
+    return rows
+
+
 class RunWriter:
-    def __init__(self, out: str | Path, exp):
+    """``resume_round``: keep the metrics rows up to that round (the last checkpointed
+    one) and drop later or partial rows; otherwise start an empty metrics.jsonl."""
+
+    def __init__(self, out: str | Path, exp, resume_round: int | None = None):
         self.dir = Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / "config.yaml", yaml.safe_dump(exp.dump(), sort_keys=False).encode())
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
         self.rows: list[dict[str, Any]] = []
+        if resume_round is None:
+            self.metrics_path.write_text("")
+        else:
+            self.rows = [r for r in read_metrics(self.metrics_path) if r["round"] <= resume_round]
+            atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 
     def log_round(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
 
     def finish(self, state: State, summary: dict[str, Any]) -> None:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(self.dir / "final.safetensors"))
+        tmp = self.dir / "final.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, self.dir / "final.safetensors")
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2).encode())

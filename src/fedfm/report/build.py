@@ -1,0 +1,91 @@
+"""``fedfm report DIR [DIR ...]``: the plots and one self-contained report.html.
+
+The HTML page embeds every plot as base64 PNG and shows, per run, a summary row (final
+accuracy and loss, bytes on the wire, rounds skipped, clients dropped / failed / rejected,
+wall time, peak RSS) and its config, so it can be mailed or archived on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedfm.report.plots import write_plots
+from fedfm.report.runs import Run, load_run, unique_labels
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f4f4f4}td:first-child{text-align:left}pre{background:#f8f8f8;padding:1em;overflow:auto}
+img{max-width:100%}figure{display:inline-block;margin:.5em}"""
+
+COLUMNS = ["run", "rounds", "final accuracy", "final loss", "MB up", "MB down", "skipped rounds",
+           "dropped", "failed", "rejected", "wall s", "peak RSS MB"]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def summary_row(run: Run) -> list[Any]:
+    rows = run.rows
+    evaluated = [r for r in rows if r.get("loss") is not None]
+    last = evaluated[-1] if evaluated else {}
+    count = lambda key: sum(len(r.get(key, [])) for r in rows)  # noqa: E731
+    return [
+        run.label,
+        max(r["round"] for r in rows),
+        last.get("accuracy"),
+        last.get("loss"),
+        sum(r.get("bytes_up", 0) for r in rows) / 1e6,
+        sum(r.get("bytes_down", 0) for r in rows) / 1e6,
+        sum(1 for r in rows if r.get("skipped")),
+        count("dropped"),
+        count("failed"),
+        count("rejected"),
+        run.summary.get("wall_s"),
+        run.summary.get("peak_rss_mb"),
+    ]
+
+
+def _img(path: Path, title: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(title)}</figcaption></figure>'
+
+
+def render_html(runs: list[Run], plots: dict[str, Path]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in summary_row(r)) + "</tr>" for r in runs)
+    figures = "".join(_img(p, name.replace("_", " ")) for name, p in plots.items())
+    configs = "".join(
+        f"<h3>{html.escape(r.label)}</h3><p>{html.escape(str(r.dir))}</p>"
+        f"<pre>{html.escape(yaml.safe_dump(r.config, sort_keys=False))}</pre>"
+        for r in runs
+    )
+    title = "fedfm report: " + ", ".join(r.label for r in runs)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<h2>Summary</h2><table><tr>{head}</tr>{body}</table>"
+        f"<h2>Plots</h2>{figures}<h2>Configs</h2>{configs}</body></html>"
+    )
+
+
+def build_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write the PNGs and report.html for ``dirs`` (overlaid) into ``out``; returns the HTML path."""
+    if not dirs:
+        raise ValueError("give at least one run directory")
+    runs = [load_run(d) for d in dirs]
+    unique_labels(runs)
+    out = Path(out) if out is not None else (Path(dirs[0]) / "report" if len(dirs) == 1 else Path("report"))
+    plots = write_plots(runs, out)
+    page = out / "report.html"
+    page.write_text(render_html(runs, plots))
+    return page

@@ -1,0 +1,132 @@
+"""Checkpoints after every round, and resuming from the last complete one.
+
+``DIR/checkpoints/round-000007/`` holds ``state.safetensors`` (the server State),
+``algorithm.safetensors`` (server optimizer moments, control variates: the Algorithm's
+``state_dict``), ``rng.safetensors`` (the torch generator state) and ``checkpoint.json``
+(round number, python and numpy RNG states, client-store reference, running totals, the
+config fingerprint). The directory is written as ``round-000007.tmp`` and renamed when
+complete, so the rename is the commit point: a run killed at any moment leaves either the
+previous checkpoint or the new one, never a mix. Older checkpoints are then pruned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedfm.core.types import State
+
+PREFIX = "round-"
+# Sections that may change between a run and its resumption (more rounds, other threads).
+RESUMABLE_CHANGES = ("rounds", "runtime", "name")
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    state: State
+    algorithm: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def config_digest(exp) -> str:
+    """Hash of the config minus the keys a resumed run may change."""
+    d = {k: v for k, v in exp.dump().items() if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rng_snapshot() -> tuple[dict[str, Any], torch.Tensor]:
+    """(JSON-able python + numpy states, torch CPU generator state)."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    info = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return info, torch.get_rng_state()
+
+
+def rng_restore(info: dict[str, Any], torch_state: torch.Tensor) -> None:
+    v, internal, gauss = info["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch_state)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+class Checkpointer:
+    def __init__(self, out: str | Path, keep: int = 1):
+        self.dir = Path(out) / "checkpoints"
+        self.keep = keep
+
+    def rounds(self) -> list[int]:
+        if not self.dir.exists():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit():
+                if (p / "checkpoint.json").exists():
+                    found.append(int(p.name[len(PREFIX):]))
+        return sorted(found)
+
+    def save(self, rnd: int, state: State, algorithm: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"{PREFIX}{rnd:06d}"
+        tmp = self.dir / f"{PREFIX}{rnd:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        rng_info, torch_rng = rng_snapshot()
+        _save(state, tmp / "state.safetensors")
+        _save(algorithm, tmp / "algorithm.safetensors")
+        _save({"torch": torch_rng}, tmp / "rng.safetensors")
+        body = {"round": rnd, "rng": rng_info, **info}
+        (tmp / "checkpoint.json").write_text(json.dumps(body, indent=1))
+        for name in ("state.safetensors", "algorithm.safetensors", "rng.safetensors", "checkpoint.json"):
+            _fsync(tmp / name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the commit point
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        for rnd in self.rounds()[: -self.keep]:
+            shutil.rmtree(self.dir / f"{PREFIX}{rnd:06d}", ignore_errors=True)
+        for p in self.dir.glob(f"{PREFIX}*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def load_latest(self) -> Checkpoint | None:
+        """The last complete checkpoint, with the RNG states restored; None if there is none."""
+        rounds = self.rounds()
+        if not rounds:
+            return None
+        d = self.dir / f"{PREFIX}{rounds[-1]:06d}"
+        info = json.loads((d / "checkpoint.json").read_text())
+        rng_restore(info["rng"], load_file(str(d / "rng.safetensors"))["torch"])
+        return Checkpoint(
+            round=int(info["round"]),
+            state=load_file(str(d / "state.safetensors")),
+            algorithm=load_file(str(d / "algorithm.safetensors")),
+            info=info,
+        )
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
