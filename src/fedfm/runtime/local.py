@@ -96,6 +96,8 @@ class LocalRuntime:
                         "wall_s": time.perf_counter() - t0,
                     }
                 )
+                # Per-stage bytes of the codec chains this round (codecs/chain.py: Encoded.stage_bytes summed).
+                row["codec_bytes"] = {"up": self.up.take_totals(), "down": self.down.take_totals()}
                 totals["bytes_up"] += up
                 totals["bytes_down"] += down
                 writer.log_round(row)
