@@ -58,17 +58,46 @@ def run_one(label: str, out: Path, threads: int) -> Path:
     return run_dir
 
 
-def full_finetuning_bytes() -> int:
-    """Exact safetensors size of MiniLM's full State (every parameter, as the full tuner shares it)."""
-    from fedfm.codecs import Payload, to_bytes
+def quickstart_state(peft: str | None = None) -> dict:
+    """The State the quickstart shares (LoRA), or the full model's with ``peft="{method: full}"``."""
     from fedfm.config import load_config
     from fedfm.peft import apply_tuner, get_state
     from fedfm.tasks import build_task
 
-    exp = load_config(CONFIG, ["peft={method: full}"])
+    exp = load_config(CONFIG, [f"peft={peft}"] if peft else [])
     model, _ = build_task(exp.model.task).build(exp.model, exp.seed)
-    model = apply_tuner(model, exp.peft, exp.model.task)
-    return len(to_bytes(Payload(get_state(model), {})))
+    return get_state(apply_tuner(model, exp.peft, exp.model.task))
+
+
+def full_finetuning_bytes() -> int:
+    """Exact safetensors size of MiniLM's full State (every parameter, as the full tuner shares it)."""
+    from fedfm.codecs import Payload, to_bytes
+
+    return len(to_bytes(Payload(quickstart_state("{method: full}"), {"cid": "0", "num_examples": "250"})))
+
+
+def bytes_without_training(labels: list[str]) -> dict[str, int]:
+    """Bytes of one client's encoded update, for an update with the quickstart LoRA State's
+    names and shapes and Gaussian values (no training). Exact for none, fp16, int8, int4 and
+    random-k, whose sizes depend on shapes only; for top-k the index widths depend on where
+    the largest entries fall, so a trained update may differ by a few bytes per tensor."""
+    import tempfile
+
+    import torch
+
+    from fedfm.codecs import CodecChain, CodecContext
+    from fedfm.runtime.store import ClientStore
+
+    state = quickstart_state()
+    g = torch.Generator().manual_seed(0)
+    update = {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in labels:
+            chain = CodecChain.from_specs(SWEEP[label][1], "codecs.up")
+            ctx = CodecContext("up", 1, 0, state, seed=0, store=ClientStore(tmp))
+            out[label] = chain.encode(update, {"cid": "0", "num_examples": "250"}, ctx).nbytes
+    return out
 
 
 def load_rows(run_dir: Path) -> list[dict]:
@@ -135,12 +164,25 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SWEEP), help="comma-separated labels to run")
     ap.add_argument("--out", default="runs/bench_codecs", type=Path)
     ap.add_argument("--threads", default=2, type=int)
+    ap.add_argument("--no-run", action="store_true", help="only summarize finished runs; skip the others")
+    ap.add_argument("--bytes-only", action="store_true", help="encode one Gaussian update per config, no training")
     ap.add_argument("--plot", default=ROOT / "docs" / "compression_accuracy_vs_bytes.png", type=Path)
     args = ap.parse_args()
     labels = [l for l in args.only.split(",") if l]
     unknown = [l for l in labels if l not in SWEEP]
     if unknown:
         raise SystemExit(f"--only: unknown labels {unknown}; known: {list(SWEEP)}")
+    if args.bytes_only:
+        sizes = bytes_without_training(labels)
+        full = full_finetuning_bytes()
+        print("| config | uplink chain | B / client / round | x smaller than LoRA fp32 | fraction of full FT |")
+        print("|---|---|---:|---:|---:|")
+        for l, b in sizes.items():
+            print(f"| {l} | {SWEEP[l][0]} | {b:,} | {sizes.get('none', float('nan')) / b:.1f} | {b / full:.2e} |")
+        print(f"| full FT | full State fp32 | {full:,} | | 1 |")
+        return
+    if args.no_run:
+        labels = [l for l in labels if (args.out / l / "summary.json").exists()]
     results = [summarize(l, run_one(l, args.out, args.threads)) for l in labels]
     done = {r["label"]: r for r in results}
     base = done.get("none") or (summarize("none", args.out / "none") if (args.out / "none" / "summary.json").exists() else None)
