@@ -1,4 +1,14 @@
-"""A chain of codec stages, ending in safetensors serialization."""
+"""A chain of codec stages, ending in safetensors serialization, with per-stage bytes.
+
+``encode`` serializes the payload before the first stage and after every stage, so
+``Encoded.stage_bytes`` holds the exact size of what would travel if the chain stopped
+there (``{"input": ..., "topk": ..., "quantize": ...}``); the last one is ``len(data)``.
+The chain also keeps running sums of these sizes until ``take_totals()`` reads and
+resets them (the runtime writes one sum per round into metrics.jsonl).
+
+``decode`` runs the stages in reverse; any failure (truncated or corrupted bytes, a
+stage's consistency check, a tensor of the wrong shape) raises ``CodecError``.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +32,8 @@ class Encoded:
 class CodecChain:
     def __init__(self, stages: list[Stage]):
         self.stages = stages
+        self.totals: dict[str, int] = {}
+        self.count = 0
 
     @classmethod
     def from_specs(cls, specs: list[dict], where: str) -> "CodecChain":
@@ -31,16 +43,43 @@ class CodecChain:
     def names(self) -> list[str]:
         return [s.name for s in self.stages]
 
+    def stage_keys(self) -> list[str]:
+        """``input`` then one key per stage; a repeated stage name gets ``#2``, ``#3``."""
+        keys, seen = ["input"], {}
+        for name in self.names:
+            seen[name] = seen.get(name, 0) + 1
+            keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+        return keys
+
     def encode(self, state: State, meta: dict[str, str], ctx: CodecContext) -> Encoded:
         payload = Payload(dict(state), dict(meta))
-        for stage in self.stages:
+        keys = self.stage_keys()
+        data = to_bytes(payload)
+        sizes = {keys[0]: len(data)}
+        for key, stage in zip(keys[1:], self.stages):
             payload = stage.encode(payload, ctx)
-        return Encoded(to_bytes(payload))
+            data = to_bytes(payload)
+            sizes[key] = len(data)
+        for k, v in sizes.items():
+            self.totals[k] = self.totals.get(k, 0) + v
+        self.count += 1
+        return Encoded(data, sizes)
+
+    def take_totals(self) -> dict[str, int]:
+        """Per-stage byte sums since the last call (and how many payloads), then reset."""
+        out = {**self.totals, "payloads": self.count} if self.count else {}
+        self.totals, self.count = {}, 0
+        return out
 
     def decode(self, data: bytes, ctx: CodecContext) -> tuple[State, dict[str, str]]:
         payload = from_bytes(data)
         for stage in reversed(self.stages):
-            payload = stage.decode(payload, ctx)
+            try:
+                payload = stage.decode(payload, ctx)
+            except CodecError as exc:
+                raise CodecError(f"{ctx.direction} payload of client {ctx.cid}, stage '{stage.name}': {exc}") from None
+            except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
+                raise CodecError(f"{ctx.direction} payload of client {ctx.cid}, stage '{stage.name}' failed: {exc}") from None
         ref = ctx.reference
         if set(payload.tensors) != set(ref):
             missing = sorted(set(ref) - set(payload.tensors))[:3]

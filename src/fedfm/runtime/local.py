@@ -258,6 +258,8 @@ class LocalRuntime:
                 if rnd % exp.eval.every == 0 or rnd == exp.rounds:
                     row.update(wb.evaluate(state))
                 row["wall_s"] = time.perf_counter() - t0
+                # Per-stage bytes of the codec chains this round (codecs/chain.py: Encoded.stage_bytes summed).
+                row["codec_bytes"] = {"up": self.up.take_totals(), "down": self.down.take_totals()}
                 writer.log_round(row)
                 self._checkpoint(rnd, state, digest)
                 prog.end_round(rnd, row)
