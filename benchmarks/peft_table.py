@@ -1,0 +1,139 @@
+"""The FedPEFT communication table: every method of examples/peft/ on the quickstart job.
+
+For each method (same data, clients and rounds; the learning rate of its example config):
+trainable parameters, their share of the full model, bytes sent up per client per round
+(measured: ``bytes_up / len(clients)`` of metrics.jsonl, i.e. ``len()`` of the encoded
+payloads), that as a share of full fine-tuning's bytes, accuracy before and after
+training, and wall time relative to LoRA. Each finished method is saved as JSON under
+``--out``, so an interrupted benchmark resumes, and ``--table-only`` reprints the table.
+
+    PYTHONPATH=src python benchmarks/peft_table.py                  # all methods, ~40 min
+    PYTHONPATH=src python benchmarks/peft_table.py --methods lora,bitfit -o rounds=1
+
+Wall times are only comparable within one invocation on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "peft"
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+METHODS = [
+    "lora", "full", "bitfit", "salience", "adapter_houlsby", "adapter_pfeiffer",
+    "prompt_tuning", "prefix_tuning", "p_tuning", "ffa_lora", "ia3",
+]
+FAMILY = {
+    "full": "baseline", "bitfit": "selective", "salience": "selective",
+    "adapter_houlsby": "additive", "adapter_pfeiffer": "additive", "prompt_tuning": "additive",
+    "prefix_tuning": "additive", "p_tuning": "additive",
+    "lora": "reparameterization", "ffa_lora": "reparameterization", "ia3": "reparameterization",
+}
+SHARED_KEYS = ("seed", "rounds", "model", "data", "federation", "codecs", "aggregator")
+
+
+def load_method(name: str, overrides: list[str], threads: int):
+    from fedfm.config import load_config
+
+    extra = [f"runtime.threads={threads}", "runtime.progress=false"]
+    exp = load_config(EXAMPLES / f"{name}.yaml", overrides + extra)
+    ref = load_config(QUICKSTART, overrides + extra)
+    for key in SHARED_KEYS:
+        if getattr(exp, key) != getattr(ref, key):
+            raise SystemExit(f"examples/peft/{name}.yaml: '{key}' differs from the quickstart job")
+    return exp
+
+
+def base_model_params(exp) -> int:
+    from fedfm.tasks import build_task
+
+    model, _ = build_task(exp.model.task).build(exp.model, exp.seed)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_method(name: str, overrides: list[str], threads: int, out: Path) -> dict:
+    from fedfm.peft import count_params
+    from fedfm.runtime import LocalRuntime
+
+    exp = load_method(name, overrides, threads)
+    t0 = time.perf_counter()
+    rt = LocalRuntime(exp, out / "runs" / name, progress=False)
+    summary = rt.run()
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    per_client = [r["bytes_up"] / len(r["clients"]) for r in rows if r["round"] >= 1 and r["clients"]]
+    trainable, _ = count_params(rt.wb.model)
+    result = {
+        "method": name,
+        "peft": exp.peft.model_dump(),
+        "lr": exp.train.lr,
+        "overrides": overrides,
+        "trainable": trainable,
+        "base_params": base_model_params(exp),
+        "bytes_up_per_client_round": sum(per_client) / len(per_client),
+        "accuracy": [r.get("accuracy") for r in rows],
+        "wall_s": wall,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    del rt, summary
+    gc.collect()
+    return result
+
+
+def table(results: dict[str, dict]) -> str:
+    lora_wall = results.get("lora", {}).get("wall_s")
+    full_bytes = results.get("full", {}).get("bytes_up_per_client_round")
+    lines = [
+        "| method | family | trainable params | % of model | bytes up / client / round | % of full FT bytes | accuracy r0 -> final | wall vs LoRA |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for name in [m for m in METHODS if m in results]:
+        r = results[name]
+        acc = r["accuracy"]
+        pct_bytes = f"{100 * r['bytes_up_per_client_round'] / full_bytes:.3f}%" if full_bytes else "n/a"
+        wall = f"{r['wall_s'] / lora_wall:.2f}x" if lora_wall else "n/a"
+        lines.append(
+            f"| {name} | {FAMILY[name]} | {r['trainable']:,} | {100 * r['trainable'] / r['base_params']:.3f}% "
+            f"| {r['bytes_up_per_client_round']:,.0f} | {pct_bytes} | {acc[0]:.3f} -> {acc[-1]:.3f} | {wall} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "peft_table")
+    ap.add_argument("-o", "--override", action="append", default=[], help="dotted override for every method")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table-only", action="store_true", help="print the table of the saved results")
+    ap.add_argument("--rerun", action="store_true", help="run methods that already have a result")
+    args = ap.parse_args()
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    res_dir = args.out / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for name in names:
+            path = res_dir / f"{name}.json"
+            if path.exists() and not args.rerun:
+                continue
+            result = run_method(name, args.override, args.threads, args.out)
+            path.write_text(json.dumps(result, indent=1))
+            print(f"{name}: accuracy {result['accuracy'][0]:.3f} -> {result['accuracy'][-1]:.3f}, "
+                  f"{result['bytes_up_per_client_round']:,.0f} B/client/round, {result['wall_s']:.0f}s", flush=True)
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(res_dir.glob("*.json"))}
+    results = {k: v for k, v in results.items() if k in names or args.table_only}
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

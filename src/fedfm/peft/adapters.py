@@ -1,0 +1,131 @@
+"""Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning
+for NLP"; the after-FFN-only placement of Pfeiffer et al. 2021, "AdapterFusion:
+Non-Destructive Task Composition for Transfer Learning"); federated as FedAP (Zhang et
+al. 2023, "FedPETuning").
+
+Written by hand because ``peft`` has no bottleneck adapter, and AdapterHub's
+``adapters`` package works by patching the model classes of the transformers 4 line it
+pins, not the transformers 5 used here. An adapter is
+``h + up(act(down(h)))`` applied to the output ``h`` of a sublayer's output projection,
+before the residual connection and LayerNorm, exactly where Houlsby places it:
+
+- ``variant: houlsby``: after the attention output projection and after the FFN;
+- ``variant: pfeiffer``: after the FFN only.
+
+The bottleneck width is ``hidden // reduction_factor``. ``up`` starts at zero, so the
+adapted model computes exactly what the base model does until it is trained.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedfm.peft.base import head_modules, register_tuner
+from fedfm.peft.freezing import freeze_all, is_head, set_submodule, train_heads
+
+# Output projections of the attention and FFN sublayers, by model type.
+SUBLAYERS: dict[str, tuple[str, str]] = {
+    "bert": (r"\.attention\.output\.dense$", r"\.layer\.\d+\.output\.dense$"),
+    "roberta": (r"\.attention\.output\.dense$", r"\.layer\.\d+\.output\.dense$"),
+    "xlm-roberta": (r"\.attention\.output\.dense$", r"\.layer\.\d+\.output\.dense$"),
+    "llama": (r"\.self_attn\.o_proj$", r"\.mlp\.down_proj$"),
+    "gemma3_text": (r"\.self_attn\.o_proj$", r"\.mlp\.down_proj$"),
+}
+ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "tanh": torch.nn.Tanh}
+
+
+class AdapterParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variant: Literal["houlsby", "pfeiffer"] = "houlsby"
+    reduction_factor: int = Field(16, ge=1, description="bottleneck = hidden // reduction_factor")
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    init_std: float = Field(0.01, ge=0, description="std of the down projection's normal init")
+    attn_pattern: str | None = Field(None, description="regex of attention output projections")
+    ffn_pattern: str | None = Field(None, description="regex of FFN output projections")
+    train_layernorm: bool = False
+    train_head: bool = True
+
+
+class Bottleneck(torch.nn.Module):
+    def __init__(self, hidden: int, bottleneck: int, activation: str, init_std: float):
+        super().__init__()
+        self.down = torch.nn.Linear(hidden, bottleneck)
+        self.act = ACTIVATIONS[activation]()
+        self.up = torch.nn.Linear(bottleneck, hidden)
+        torch.nn.init.normal_(self.down.weight, std=init_std)
+        torch.nn.init.zeros_(self.down.bias)
+        torch.nn.init.zeros_(self.up.weight)
+        torch.nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, H)
+        return h + self.up(self.act(self.down(h)))  # (B, T, H)
+
+
+class AdaptedLinear(torch.nn.Module):
+    """A frozen output projection followed by its adapter."""
+
+    def __init__(self, base: torch.nn.Linear, adapter: Bottleneck):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, in)
+        return self.adapter(self.base(x))  # (B, T, H)
+
+
+def sublayer_patterns(model: torch.nn.Module, params: AdapterParams) -> list[tuple[str, str]]:
+    """[(yaml key, regex)] of the placements this variant uses."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    default = SUBLAYERS.get(model_type or "")
+    attn = params.attn_pattern or (default[0] if default else None)
+    ffn = params.ffn_pattern or (default[1] if default else None)
+    wanted = [("peft.ffn_pattern", ffn)]
+    if params.variant == "houlsby":
+        wanted.insert(0, ("peft.attn_pattern", attn))
+    for key, pattern in wanted:
+        if pattern is None:
+            raise ValueError(
+                f"{key}: no default placement for model type '{model_type}' "
+                f"(known: {', '.join(SUBLAYERS)}); give the regex of its output projections"
+            )
+    return wanted  # type: ignore[return-value]
+
+
+def adapter_targets(model: torch.nn.Module, params: AdapterParams) -> list[str]:
+    heads = head_modules(model)
+    names: list[str] = []
+    for key, pattern in sublayer_patterns(model, params):
+        regex = re.compile(pattern)
+        hit = [
+            n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and regex.search(n) and not is_head(n, heads)
+        ]
+        if not hit:
+            raise ValueError(f"{key}: '{pattern}' matches no linear module of the model")
+        names += hit
+    return sorted(set(names))
+
+
+def adapters(model: torch.nn.Module, params: AdapterParams, task: str) -> torch.nn.Module:
+    freeze_all(model)
+    for name in adapter_targets(model, params):
+        base = model.get_submodule(name)
+        hidden = base.out_features
+        width = max(1, hidden // params.reduction_factor)
+        adapter = Bottleneck(hidden, width, params.activation, params.init_std)
+        adapter.to(base.weight.device, base.weight.dtype)
+        set_submodule(model, name, AdaptedLinear(base, adapter))
+    if params.train_layernorm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.requires_grad_(True)
+    if params.train_head:
+        train_heads(model)
+    return model
+
+
+register_tuner("adapter", adapters, AdapterParams)

@@ -1,0 +1,235 @@
+"""FedPEFT methods on the tiny BERT of conftest (hidden 32, 2 layers, FFN 64, 2 labels).
+
+Hand counts used below (per layer: q, k, v, attention-out are 32x32, FFN in 32x64, FFN
+out 64x32; the head ``classifier`` is 32x2 + 2 = 66 and is trained by every method):
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedfm.config import ConfigError, from_dict, load_config
+from fedfm.peft import count_params, get_state, set_state
+from fedfm.peft.salience import salience_scores, select_top
+from fedfm.runtime import LocalRuntime
+from fedfm.runtime.workbench import Workbench
+
+HEAD = 32 * 2 + 2
+# method spec -> trainable parameters, counted by hand
+EXPECTED = {
+    # 4 LoRA modules (q, v x 2 layers), each A (4x32) + B (32x4)
+    "lora": ({"method": "lora", "r": 4}, 4 * (4 * 32 + 32 * 4) + HEAD),
+    # FFA-LoRA: only B (32x4) of the same 4 modules
+    "ffa_lora": ({"method": "ffa_lora", "r": 4}, 4 * (32 * 4) + HEAD),
+    # biases: embeddings LN 32; per layer q,k,v 96 + attn-out 32 + LN 32 + FFN 64 + out 32 + LN 32 = 288;
+    # pooler 32; classifier bias is part of HEAD
+    "bitfit": ({"method": "bitfit"}, 32 + 2 * 288 + 32 + HEAD),
+    # without the 5 LayerNorm biases (5 x 32)
+    "bitfit_no_ln": ({"method": "bitfit", "include_layernorm": False}, 32 + 2 * 288 + 32 - 5 * 32 + HEAD),
+    # 25% of the 32 rows of each query (8 rows x 32) in 2 layers
+    "salience_rows": ({"method": "salience", "fraction": 0.25, "target_modules": ["query"]}, 2 * 8 * 32 + HEAD),
+    # 10% of the entries, ceil per tensor: q,k,v,o 1024 -> 103 each; FFN 2048 -> 205 twice; pooler 103
+    "salience_elements": (
+        {"method": "salience", "fraction": 0.1, "granularity": "element"},
+        2 * (4 * 103 + 2 * 205) + 103 + HEAD,
+    ),
+    # bottleneck 32/4 = 8: down 32x8 + 8, up 8x32 + 32 = 552; 2 per layer (attention, FFN)
+    "adapter_houlsby": ({"method": "adapter", "reduction_factor": 4}, 4 * 552 + HEAD),
+    # Pfeiffer: after the FFN only
+    "adapter_pfeiffer": ({"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4}, 2 * 552 + HEAD),
+    # 4 virtual tokens x 32
+    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 4}, 4 * 32 + HEAD),
+    # 4 tokens x (2 layers x key/value x 32)
+    "prefix_tuning": ({"method": "prefix_tuning", "num_virtual_tokens": 4}, 4 * 2 * 2 * 32 + HEAD),
+    # embedding 4x32 + MLP 32->16->16->32 with biases
+    "p_tuning": (
+        {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
+        4 * 32 + (32 * 16 + 16) + (16 * 16 + 16) + (16 * 32 + 32) + HEAD,
+    ),
+    # peft's BERT default: key (32), value (32), attention.output.dense (32), output.dense (64) per layer
+    "ia3": ({"method": "ia3"}, 2 * (32 + 32 + 32 + 64) + HEAD),
+}
+
+
+def workbench(tmp_path, peft: dict, **over) -> Workbench:
+    from conftest import tiny_config
+
+    raw = tiny_config(tmp_path, **over)
+    raw["peft"] = peft
+    return Workbench(from_dict(raw))
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_trainable_count_by_hand(tmp_path, key):
+    spec, expected = EXPECTED[key]
+    wb = workbench(tmp_path, spec)
+    trainable, _ = count_params(wb.model)
+    assert trainable == expected
+    names = [n for n, p in wb.model.named_parameters() if p.requires_grad]
+    assert any("classifier" in n for n in names), "the head must stay trainable"
+
+
+def test_full_trains_everything(tmp_path):
+    wb = workbench(tmp_path, {"method": "full"})
+    trainable, total = count_params(wb.model)
+    # word 30522x32 + position 128x32 + type 2x32 + LN 64; layer 4x(32x32+32) + 2x64 LN
+    # + 32x64+64 + 64x32+32; pooler 32x32+32; head 66
+    layer = 4 * (32 * 32 + 32) + 2 * 64 + (32 * 64 + 64) + (64 * 32 + 32)
+    assert trainable == total == (30522 + 128 + 2) * 32 + 64 + 2 * layer + (32 * 32 + 32) + HEAD
+
+
+def test_frozen_parts_are_what_each_method_says(tmp_path):
+    bitfit = workbench(tmp_path, {"method": "bitfit"}).model
+    assert all(n.endswith("bias") or n.startswith("classifier") for n in get_state(bitfit))
+    adapter = workbench(tmp_path, {"method": "adapter", "reduction_factor": 4}).model
+    assert all(".adapter." in n or n.startswith("classifier") for n in get_state(adapter))
+    sal = workbench(tmp_path, {"method": "salience", "fraction": 0.25, "target_modules": ["query"]}).model
+    assert all(n.endswith("parametrizations.weight.0.values") or n.startswith("classifier") for n in get_state(sal))
+
+
+@pytest.mark.parametrize("key", ["bitfit", "salience_elements", "adapter_houlsby", "prefix_tuning", "ffa_lora", "ia3"])
+def test_state_round_trip(tmp_path, key):
+    wb = workbench(tmp_path, EXPECTED[key][0])
+    state = get_state(wb.model)
+    shifted = {k: v + 0.5 for k, v in state.items()}
+    set_state(wb.model, shifted)
+    again = get_state(wb.model)
+    assert list(again) == list(state)
+    assert all(torch.equal(again[k], shifted[k]) for k in state)
+
+
+def test_salience_picks_known_rows_and_entries():
+    w = torch.tensor(
+        [
+            [3.0, 0.0, 0.0],  # l1 3, l2 3
+            [2.0, 2.0, 0.0],  # l1 4, l2 2.83
+            [0.5, -0.5, 0.5],  # l1 1.5, l2 0.87
+            [-1.0, -1.0, -1.0],  # l1 3, l2 1.73
+        ]
+    )
+    assert select_top(salience_scores(w, "l1", "row"), 0.25).tolist() == [1]
+    assert select_top(salience_scores(w, "l2", "row"), 0.25).tolist() == [0]
+    # l1 ties (rows 0 and 3 at 3.0) go to the lower index; result sorted
+    assert select_top(salience_scores(w, "l1", "row"), 0.5).tolist() == [0, 1]
+    # elements by |w|: 3.0 (flat 0), then 2.0 (3) and 2.0 (4); ceil(0.25 * 12) = 3
+    assert select_top(salience_scores(w, "l1", "element"), 0.25).tolist() == [0, 3, 4]
+
+
+def test_salience_trains_only_the_selected_rows(tmp_path):
+    wb = workbench(tmp_path, {"method": "salience", "fraction": 0.25, "target_modules": ["query"]})
+    q = wb.model.bert.encoder.layer[0].attention.self.query
+    base = q.parametrizations.weight.original.detach().clone()
+    index = q.parametrizations.weight[0].index
+    expected = select_top(salience_scores(base, "l1", "row"), 0.25)
+    assert torch.equal(index, expected)
+    assert torch.equal(q.weight, base)  # starts as the pretrained weight
+    with torch.no_grad():
+        q.parametrizations.weight[0].values.add_(1.0)
+    changed = (q.weight != base).any(dim=1).nonzero().flatten()
+    assert torch.equal(changed, expected)
+
+
+def test_adapters_start_as_the_identity(tmp_path):
+    plain = workbench(tmp_path, {"method": "bitfit"})
+    adapted = workbench(tmp_path, {"method": "adapter", "reduction_factor": 4})
+    batch = plain.eval_batches()[0]
+    with torch.no_grad():
+        a = plain.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = adapted.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(a, b)
+
+
+def test_ffa_lora_keeps_a_bit_identical(tmp_path):
+    from fedfm.learners.loop import train_loop
+
+    wb = workbench(tmp_path, {"method": "ffa_lora", "r": 4})
+    a_before = {n: p.detach().clone() for n, p in wb.model.named_parameters() if ".lora_A." in n}
+    assert len(a_before) == 4 and not any(n in get_state(wb.model) for n in a_before)
+    b_before = {n: p.detach().clone() for n, p in wb.model.named_parameters() if ".lora_B." in n}
+    train_loop(wb.context(0, 1))
+    params = dict(wb.model.named_parameters())
+    assert all(torch.equal(params[n], a) for n, a in a_before.items())
+    assert any(not torch.equal(params[n], b) for n, b in b_before.items())
+
+
+def test_ffa_lora_a_seed_fixes_a_across_runs(tmp_path):
+    def a_of(seed):
+        wb = workbench(tmp_path, {"method": "ffa_lora", "r": 4, "a_seed": 7}, seed=seed)
+        return [p.detach().clone() for n, p in wb.model.named_parameters() if ".lora_A." in n]
+
+    one, two = a_of(0), a_of(1)
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
+    assert all(x.abs().max() <= 1 / 32**0.5 for x in one)
+
+
+@pytest.mark.parametrize(
+    "peft, field",
+    [
+        ({"method": "salience", "target_modules": ["nope"]}, "peft.target_modules"),
+        ({"method": "adapter", "ffn_pattern": "nope$"}, "peft.ffn_pattern"),
+        ({"method": "ia3", "target_modules": ["nope"], "feedforward_modules": []}, "peft.target_modules"),
+    ],
+)
+def test_bad_targets_name_the_field(tmp_path, peft, field):
+    with pytest.raises(ValueError, match=field):
+        workbench(tmp_path, peft)
+
+
+def test_bad_params_fail_validation(tmp_path):
+    from conftest import tiny_config
+
+    for peft, field in [
+        ({"method": "salience", "fraction": 0}, "peft.fraction"),
+        ({"method": "adapter", "variant": "x"}, "peft.variant"),
+        ({"method": "ia3", "target_modules": ["key"], "feedforward_modules": ["value"]}, "peft"),
+    ]:
+        raw = tiny_config(tmp_path)
+        raw["peft"] = peft
+        with pytest.raises(ConfigError, match=field):
+            from_dict(raw)
+
+
+def test_example_configs_validate_and_share_the_quickstart_job():
+    root = Path(__file__).resolve().parents[1]
+    paths = sorted((root / "examples" / "peft").glob("*.yaml"))
+    ref = load_config(root / "examples" / "quickstart.yaml")
+    methods = set()
+    for path in paths:
+        exp = load_config(path)
+        methods.add(exp.peft.method)
+        for key in ("seed", "rounds", "model", "data", "federation", "aggregator", "codecs"):
+            assert getattr(exp, key) == getattr(ref, key), f"{path.name}: {key}"
+    assert methods == {
+        "full", "lora", "ffa_lora", "ia3", "bitfit", "salience", "adapter",
+        "prompt_tuning", "prefix_tuning", "p_tuning",
+    }
+
+
+RUNS = ["full", "lora", "ffa_lora", "bitfit", "salience_elements", "adapter_houlsby", "adapter_pfeiffer",
+        "prompt_tuning", "prefix_tuning", "p_tuning", "ia3"]
+
+
+@pytest.mark.parametrize("key", RUNS)
+def test_tiny_federated_run(tmp_path, key):
+    from conftest import tiny_config
+
+    raw = tiny_config(tmp_path, rounds=1)
+    raw["peft"] = EXPECTED[key][0] if key in EXPECTED else {"method": key}
+    raw["train"]["lr"] = 0.001 if key == "full" else 0.02
+    rt = LocalRuntime(from_dict(raw), tmp_path / "run")
+    initial = get_state(rt.wb.model)
+    rt.run()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = load_file(str(tmp_path / "run" / "final.safetensors"))
+    assert set(final) == set(initial)
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+    assert rows[1]["loss"] < rows[0]["loss"]
+    # what travels is the State: 4 bytes per trained float per client, plus the safetensors headers
+    n = sum(t.numel() for t in initial.values())
+    per_client = rows[1]["bytes_up"] / len(rows[1]["clients"])
+    assert 4 * n <= per_client <= 4 * n + 200 * (len(initial) + 1)
