@@ -114,6 +114,9 @@ class LocalRuntime:
         }
         writer.finish(state, summary)
         self.final_state = state
+        # Optional end-of-run task hook (causal LM: greedy generations -> generations.jsonl).
+        if hasattr(wb.task, "finish"):
+            wb.task.finish(wb.model, wb.tokenizer, self.out, wb.federation.frame.iloc[wb.federation.test_indices])
         return summary
 
 
