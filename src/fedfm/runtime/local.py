@@ -266,6 +266,9 @@ class LocalRuntime:
         summary = self._summary(writer.rows, time.perf_counter() - t_start, resumed_from)
         writer.finish(state, summary)
         self.final_state = state
+        # Optional end-of-run task hook (causal LM: greedy generations -> generations.jsonl).
+        if hasattr(wb.task, "finish"):
+            wb.task.finish(wb.model, wb.tokenizer, self.out, wb.federation.frame.iloc[wb.federation.test_indices])
         return summary
 
     def _summary(self, rows: list[dict[str, Any]], wall_s: float, resumed_from: int | None) -> dict[str, Any]:

