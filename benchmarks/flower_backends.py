@@ -3,7 +3,11 @@
     python benchmarks/flower_backends.py local      examples/quickstart.yaml --out runs/bench
     python benchmarks/flower_backends.py simulation examples/quickstart.yaml --out runs/bench
     python benchmarks/flower_backends.py deployment examples/quickstart.yaml --out runs/bench
+    python benchmarks/flower_backends.py all        examples/quickstart.yaml --out runs/bench -o rounds=2
     python benchmarks/flower_backends.py table --out runs/bench
+
+``all`` runs the three one after the other in this process, so that their times can be
+compared as ratios (the machine's load is printed with each result).
 
 Each backend runs in its own process tree; a sampler polls it every 0.5 s for the summed
 resident memory of every process in the tree (SuperLink, SuperNodes, Ray actors and
@@ -53,9 +57,12 @@ class Sampler(threading.Thread):
             time.sleep(0.5)
 
 
+OVERRIDES: list[str] = []
+
+
 def fedfm_cmd(config: str, out: Path, *overrides: str) -> list[str]:
     cmd = [sys.executable, "-m", "fedfm", "run", config, "--out", str(out), "--no-progress"]
-    for o in ("runtime.threads=2", *overrides):
+    for o in ("runtime.threads=2", *OVERRIDES, *overrides):
         cmd += ["-o", o]
     return cmd
 
@@ -76,7 +83,8 @@ def run_backend(backend: str, config: str, out: Path) -> dict:
             from fedfm.runtime.flower.deployment import export_partitions, submit
             from fedfm.runtime.flower.loopback import Loopback
 
-            exp = load_config(config, ["runtime.threads=2", "runtime.backend=flower", "runtime.flower.mode=deployment"])
+            overrides = ["runtime.threads=2", *OVERRIDES, "runtime.backend=flower", "runtime.flower.mode=deployment"]
+            exp = load_config(config, overrides)
             parts = export_partitions(exp, out / "partitions")
             with Loopback(out / "loopback", parts) as lb:
                 roots.extend(lb.pids)
@@ -100,6 +108,7 @@ def run_backend(backend: str, config: str, out: Path) -> dict:
     result = {
         "backend": backend,
         "config": config,
+        "overrides": OVERRIDES,
         "wall_s": wall,
         "startup_s": times[0] if times else None,
         "round_s": rounds,
@@ -134,15 +143,20 @@ def table(out: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("backend", choices=["local", "simulation", "deployment", "table"])
+    ap.add_argument("backend", choices=["local", "simulation", "deployment", "all", "table"])
     ap.add_argument("config", nargs="?", default="examples/quickstart.yaml")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-flower"))
+    ap.add_argument("-o", "--override", action="append", default=[], help="dotted config override")
     args = ap.parse_args()
+    OVERRIDES[:] = args.override
     args.out.mkdir(parents=True, exist_ok=True)
     if args.backend == "table":
         print(table(args.out))
         return
-    print(json.dumps(run_backend(args.backend, args.config, args.out), indent=2))
+    backends = ["local", "simulation", "deployment"] if args.backend == "all" else [args.backend]
+    for backend in backends:
+        print(json.dumps(run_backend(backend, args.config, args.out), indent=2), flush=True)
+    print(table(args.out))
 
 
 if __name__ == "__main__":

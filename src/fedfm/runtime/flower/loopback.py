@@ -105,7 +105,8 @@ class Loopback:
         wait_for_port(port, 120, link, link_log)
         ca = None if self.certs is None else self.certs["ca"]
         for cid, data in enumerate(self.data_paths):
-            cmd = supernode_command(self.address, cid, data, free_port(), ca=ca, insecure=self.insecure)
+            store = self.workdir / f"store-{cid}"
+            cmd = supernode_command(self.address, cid, data, free_port(), ca=ca, insecure=self.insecure, store_dir=store)
             self._spawn(cmd, self.workdir / f"supernode-{cid}.log")
         write_connection(self.flwr_home, self.name, self.address, ca=ca, insecure=self.insecure)
 
