@@ -139,6 +139,9 @@ class FlowerServer:
             messages, down = self._send(rnd, state, sampled, nodes)
             replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s)
             updates, up = self._receive(rnd, state, replies, node_cid)
+            for cid in sorted({c.cid for c in sampled} - {u.cid for u in updates} - {r["cid"] for r in self.rejected if r["round"] == rnd}):
+                log.warning("round %d: no reply from client %d within %.0fs", rnd, cid, self.cfg.round_timeout_s)
+                self.rejected.append({"round": rnd, "cid": cid, "reason": "no reply within runtime.flower.round_timeout_s"})
             if not updates:
                 raise RuntimeError(f"round {rnd}: no client update arrived; see the log for each client's error")
             state = self.algo.aggregate(state, updates)
