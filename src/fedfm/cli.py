@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: run (--resume), report, data describe, list."""
+"""The ``fedfm`` command line: run (--resume), report, data describe, list, flower."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from fedfm.config import ConfigError, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning with foundation models.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the data of an experiment.")
 app.add_typer(data_app, name="data")
+flower_app = typer.Typer(no_args_is_help=True, help="Run experiments on Flower (see docs/distributed.md).")
+app.add_typer(flower_app, name="flower")
 console = Console()
 
 Overrides = Annotated[Optional[list[str]], typer.Option("--override", "-o", help="dotted override, e.g. train.lr=1e-3")]
@@ -41,8 +43,13 @@ def run(
 
     out = out or Path("runs") / exp.name
     try:
-        summary = run_local(exp, out, progress=progress and exp.runtime.progress, resume=resume)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+        if exp.runtime.backend == "flower":
+            if resume:
+                raise ValueError("--resume: the flower backend does not resume runs; use runtime.backend: local")
+            summary = _run_flower(exp, out)
+        else:
+            summary = run_local(exp, out, progress=progress and exp.runtime.progress, resume=resume)
+    except (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
     final = summary["final"]
@@ -51,6 +58,73 @@ def run(
         f"[green]done[/] {exp.name}: {shown}; up {summary['total_bytes_up']:,} B, "
         f"down {summary['total_bytes_down']:,} B; {summary['wall_s']:.1f}s; peak RSS {summary['peak_rss_mb']:.0f} MB -> {out}"
     )
+
+
+def _run_flower(exp, out: Path) -> dict:
+    """``runtime.backend: flower``: the Ray simulation here, or a run on a SuperLink."""
+    import json
+
+    from fedfm.runtime.flower import require_flwr
+
+    require_flwr()
+    if exp.runtime.flower.mode == "simulation":
+        from fedfm.runtime.flower.simulation import run_flower_simulation
+
+        return run_flower_simulation(exp, out)
+    from fedfm.runtime.flower.deployment import submit
+
+    done = submit(exp, out)
+    if done.returncode != 0:
+        raise RuntimeError(f"flwr run failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    summary = Path(out) / "summary.json"
+    if not summary.exists():
+        raise RuntimeError(f"the run ended but {summary} is missing (the ServerApp writes it on the SuperLink machine)")
+    return json.loads(summary.read_text())
+
+
+@flower_app.command("export-partitions")
+def flower_export(
+    config: Path,
+    out: Annotated[Path, typer.Option(help="directory for client_<cid>.parquet")],
+    override: Overrides = None,
+):
+    """Write one data file per client, cut as the local backend cuts the source."""
+    exp = _load(config, override)
+    from fedfm.runtime.flower.deployment import export_partitions
+
+    for path in export_partitions(exp, out):
+        console.print(str(path))
+
+
+@flower_app.command("connection")
+def flower_connection(
+    name: str,
+    address: str,
+    root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate (PEM) of the SuperLink")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS: loopback demos only")] = False,
+    flwr_home: Annotated[Optional[Path], typer.Option(envvar="FLWR_HOME", help="default ~/.flwr")] = None,
+):
+    """Add a SuperLink connection to the Flower Configuration (used by `flwr run`)."""
+    from fedfm.runtime.flower.deployment import write_connection
+
+    home = flwr_home or Path.home() / ".flwr"
+    console.print(str(write_connection(home, name, address, root_certificates, insecure)))
+
+
+@flower_app.command("submit")
+def flower_submit(
+    config: Path,
+    superlink: Annotated[Optional[str], typer.Option(help="connection name (default: runtime.flower.superlink)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory on the SuperLink machine")] = None,
+    override: Overrides = None,
+):
+    """`flwr run` the shipped app on a running SuperLink, the experiment in the run config."""
+    exp = _load(config, override)
+    from fedfm.runtime.flower.deployment import submit
+
+    done = submit(exp, out or Path("runs") / exp.name, superlink)
+    console.print(done.stdout + done.stderr)
+    raise typer.Exit(done.returncode)
 
 
 @data_app.command("describe")

@@ -174,10 +174,25 @@ class ServerConfig(Strict):
     keep_checkpoints: int = Field(1, ge=1)
 
 
+class FlowerConfig(Strict):
+    """``runtime.flower``: how the Flower backend runs (see docs/distributed.md)."""
+
+    mode: Literal["simulation", "deployment"] = "simulation"
+    num_cpus: float = Field(1.0, gt=0)  # per virtual client (simulation)
+    num_gpus: float = Field(0.0, ge=0)  # per virtual client (simulation)
+    superlink: str | None = None  # deployment: a connection name of the Flower Configuration
+    app_dir: str | None = None  # deployment: the Flower app to submit (default: the shipped one)
+    wait_for_nodes_s: float = Field(300.0, gt=0)  # deployment: how long to wait for SuperNodes
+    round_timeout_s: float = Field(3600.0, gt=0)  # replies not back by then are dropped
+    keep_model: bool = True  # cache the loaded base model in a long-lived ClientApp process
+    verbose: bool = False
+
+
 class RuntimeConfig(Strict):
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "flower"] = "local"
     threads: int | None = Field(None, ge=1)
     progress: bool = True
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
 
 class Experiment(Strict):

@@ -1,0 +1,183 @@
+"""``runtime.flower.mode: deployment``: helpers around Flower's SuperLink / SuperNodes.
+
+fedfm does not start the long-running Flower processes for you in production (each data
+owner starts its own SuperNode); these helpers build what those commands need:
+
+- ``export_partitions``: one data file per client (columns ``text``, ``label``), cut
+  exactly as the local backend cuts the experiment's source, for demos and parity runs;
+- ``supernode_command`` / ``superlink_command``: the documented command lines, TLS by
+  default, ``--insecure`` only when asked (loopback demos);
+- ``write_connection``: a SuperLink connection in the Flower Configuration
+  (``$FLWR_HOME/config.toml``) that ``flwr run`` reads;
+- ``submit``: ``flwr run`` on the shipped app (``app/pyproject.toml``) with the
+  experiment passed through the run config (keys ``experiment`` and ``out``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedfm.runtime.flower.simulation import quiet_flower_env
+
+APP_DIR = Path(__file__).with_name("app")
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable from this interpreter's environment (or PATH)."""
+    here = Path(sys.executable).with_name(name)
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"'{name}' not found; install the extra: pip install 'fedfm[flower]'")
+    return found
+
+
+def flower_env(base: dict[str, str] | None = None, flwr_home: str | Path | None = None) -> dict[str, str]:
+    """Environment for Flower processes: telemetry and update checks off, this
+    interpreter's bin directory first on PATH (SuperLink starts ``flower-superexec``),
+    and fedfm's own source directory first on PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    quiet_flower_env(env)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    # The ServerApp / ClientApp processes import fedfm from where this process found it.
+    here = str(Path(__file__).resolve().parents[3])
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([here, *[str(Path(p).resolve()) for p in paths if Path(p).resolve() != Path(here)]])
+    return env
+
+
+def export_partitions(exp, out_dir: str | Path, fmt: str = "parquet") -> list[Path]:
+    """Write ``client_<cid>.<fmt>`` for every client: the rows the local backend gives it,
+    in the same order, so a deployment on these files trains on the same data."""
+    from fedfm.data import build_federation, load_source
+
+    if exp.data.label_column is None:
+        raise ValueError("export-partitions: data.label_column is unset; client files need labels")
+    fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c in fed.clients:
+        frame = fed.frame.iloc[c.indices][["text", "label"]].reset_index(drop=True)
+        path = out / f"client_{c.cid}.{fmt}"
+        if fmt == "parquet":
+            frame.to_parquet(path, index=False)
+        elif fmt == "jsonl":
+            frame.to_json(path, orient="records", lines=True)
+        else:
+            raise ValueError(f"export-partitions: format '{fmt}' is not parquet or jsonl")
+        paths.append(path)
+    return paths
+
+
+def _tls_args(certs: dict[str, str] | None, insecure: bool, flags: dict[str, str]) -> list[str]:
+    if insecure:
+        return ["--insecure"]
+    if not certs:
+        raise ValueError("TLS is the default: give the certificate files, or --insecure for a loopback demo")
+    return [arg for key, flag in flags.items() for arg in (flag, str(certs[key]))]
+
+
+def superlink_command(port: int, certs: dict[str, str] | None = None, insecure: bool = False, host: str = "127.0.0.1") -> list[str]:
+    """``flower-superlink``: Fleet, Control and Runtime APIs on ``host:port`` (Flower 1.42)."""
+    tls = _tls_args(certs, insecure, {"ca": "--ssl-ca-certfile", "cert": "--ssl-certfile", "key": "--ssl-keyfile"})
+    return [
+        flower_bin("flower-superlink"),
+        *tls,
+        "--host", host,
+        "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+
+
+def supernode_command(
+    superlink: str,
+    cid: int,
+    data_path: str | Path | None,
+    port: int,
+    ca: str | Path | None = None,
+    insecure: bool = False,
+    store_dir: str | Path | None = None,
+) -> list[str]:
+    """``flower-supernode`` for one data owner; its node config names the client and its data."""
+    node = [f"cid={int(cid)}"]
+    if data_path is not None:
+        node.append(f'data-path="{Path(data_path).resolve()}"')
+    if store_dir is not None:
+        node.append(f'store-dir="{Path(store_dir).resolve()}"')
+    tls = ["--insecure"] if insecure else ["--root-certificates", str(ca)]
+    if not insecure and ca is None:
+        raise ValueError("TLS is the default: give the CA certificate (--root-certificates), or --insecure")
+    return [
+        flower_bin("flower-supernode"),
+        *tls,
+        "--superlink", superlink,
+        "--port", str(port),
+        "--node-config", " ".join(node),
+    ]  # fmt: skip
+
+
+def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | Path | None = None, insecure: bool = False) -> Path:
+    """Add (or replace) a SuperLink connection in ``$FLWR_HOME/config.toml`` and make it
+    the default; other connections in the file are kept."""
+    import tomli
+    import tomli_w
+
+    path = Path(flwr_home) / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = tomli.loads(path.read_text()) if path.exists() else {}
+    links = doc.setdefault("superlink", {})
+    entry: dict[str, Any] = {"address": address}
+    if insecure:
+        entry["insecure"] = True
+    elif ca is not None:
+        entry["root-certificates"] = str(Path(ca).resolve())
+    else:
+        raise ValueError("TLS is the default: give the CA certificate, or insecure=True for a loopback demo")
+    links[name] = entry
+    links["default"] = name
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def run_config_file(exp, out: str | Path, path: str | Path) -> Path:
+    """The run-config overrides (TOML) that carry the experiment to every node."""
+    import tomli_w
+
+    from fedfm.runtime.flower.payload import experiment_text
+
+    if exp.data.path and Path(exp.data.path).expanduser().exists():
+        exp = exp.model_copy(deep=True)
+        exp.data.path = str(Path(exp.data.path).expanduser().resolve())  # the ServerApp runs elsewhere
+    path = Path(path)
+    path.write_text(tomli_w.dumps({"experiment": experiment_text(exp), "out": str(Path(out).resolve())}))
+    return path
+
+
+def submit_command(exp, out: str | Path, superlink: str | None, run_config: str | Path, app_dir: str | Path | None = None, stream: bool = True) -> list[str]:
+    app = str(Path(app_dir or exp.runtime.flower.app_dir or APP_DIR).resolve())
+    cmd = [flower_bin("flwr"), "run", app]
+    if superlink:
+        cmd.append(superlink)
+    cmd += ["--run-config", str(run_config)]
+    if stream:
+        cmd.append("--stream")
+    return cmd
+
+
+def submit(exp, out: str | Path, superlink: str | None = None, app_dir: str | Path | None = None, env: dict[str, str] | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``flwr run`` the experiment on a running SuperLink and wait for it (``--stream``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rc_path = run_config_file(exp, out, out / "flower-run-config.toml")
+    cmd = submit_command(exp, out, superlink or exp.runtime.flower.superlink, rc_path, app_dir)
+    return subprocess.run(cmd, env=flower_env(env), timeout=timeout, capture_output=True, text=True)

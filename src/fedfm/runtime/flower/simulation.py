@@ -1,0 +1,75 @@
+"""``runtime.flower.mode: simulation``: the experiment on Flower's Ray simulation runtime.
+
+``run_flower_simulation`` starts one virtual SuperNode per fedfm client (node config
+``partition-id`` = client id), runs the ServerApp in this process and the ClientApps in
+Ray actors of ``runtime.flower.num_cpus`` / ``num_gpus`` each. Actors are long-lived, so
+each keeps its loaded base model across rounds (``session``).
+
+Before Flower or Ray is imported, telemetry and update checks are switched off
+(``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``, ``RAY_USAGE_STATS_ENABLED=0``);
+a variable the user already set is left as it is.
+
+It uses ``flwr.simulation.run_simulation``, Flower's in-process entry point (marked
+deprecated in 1.42 in favour of ``flwr run`` against a simulation SuperLink, which the
+shipped app also supports: see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def quiet_flower_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Telemetry and update checks off, unless the caller already chose."""
+    target = os.environ if env is None else env
+    for key, value in QUIET_ENV.items():
+        target.setdefault(key, value)
+    return target
+
+
+def backend_config(exp) -> dict[str, Any]:
+    cfg = exp.runtime.flower
+    return {
+        "client_resources": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "init_args": {"logging_level": logging.INFO if cfg.verbose else logging.WARNING, "log_to_driver": cfg.verbose},
+    }
+
+
+def run_flower_simulation(exp, out: str | Path) -> dict[str, Any]:
+    """Run ``exp`` on the Ray simulation runtime; returns the run summary."""
+    from fedfm.runtime.flower import require_flwr
+
+    require_flwr()
+    quiet_flower_env()
+    if exp.runtime.threads:
+        # Ray actors inherit the driver's environment: cap the BLAS/OpenMP pools as well.
+        os.environ.setdefault("OMP_NUM_THREADS", str(exp.runtime.threads))
+    from flwr.simulation import run_simulation
+
+    from fedfm.runtime.flower.client_app import make_client_app
+    from fedfm.runtime.flower.payload import experiment_text
+    from fedfm.runtime.flower.server_app import make_server_app
+
+    out = Path(out).resolve()
+    settings = {"experiment": experiment_text(exp), "out": str(out)}
+    result: dict[str, Any] = {}
+    run_simulation(
+        server_app=make_server_app(settings, result),
+        client_app=make_client_app(settings),
+        num_supernodes=exp.federation.clients,
+        backend_config=backend_config(exp),
+        verbose_logging=exp.runtime.flower.verbose,
+    )
+    if "summary" not in result:
+        raise RuntimeError("the Flower simulation ended without a result; see the log above")
+    return result["summary"]
