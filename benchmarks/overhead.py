@@ -72,6 +72,7 @@ def job_plain(exp) -> dict:
     from fedfm.tasks.packages import resolve_package
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
     directory = resolve_package(exp.model.package)
     torch.manual_seed(exp.seed)
