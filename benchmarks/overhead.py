@@ -12,7 +12,7 @@ Prints wall time, CPU time (user + sys of the subprocess: less sensitive to othe
 a shared machine) and peak RSS of each, and the ratios fedfm / plain.
 
     PYTHONPATH=src python benchmarks/overhead.py [--config examples/quickstart.yaml] [--threads 2]
-        [--repeat 1] [-o federation.clients=2 ...]
+        [--repeat 1] [--parallel] [-o federation.examples_per_client=48 ...]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def job_plain(exp) -> dict:
     from fedfm.tasks.packages import resolve_package
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
     directory = resolve_package(exp.model.package)
     torch.manual_seed(exp.seed)
@@ -165,18 +166,33 @@ def child(mode: str, config: str, threads: int, out: str, overrides: list[str]) 
 # -- the parent: run both, print ratios ----------------------------------------------------
 
 
-def measure(mode: str, config: str, threads: int, overrides: list[str]) -> dict:
+def start(mode: str, config: str, threads: int, overrides: list[str]) -> tuple[subprocess.Popen, str]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cmd = [sys.executable, __file__, "--child", mode, "--config", config, "--threads", str(threads), "--result", out]
     cmd += [f"--override={o}" for o in overrides]
-    subprocess.run(cmd, check=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return subprocess.Popen(cmd), out
+
+
+def finish(proc: subprocess.Popen, out: str) -> dict:
+    """Wait for one child; its own CPU time comes from wait4's resource usage."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark child failed with exit code {proc.returncode}")
     result = json.loads(Path(out).read_text())
     os.unlink(out)
-    result["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime
     return result
+
+
+def measure_pair(order: tuple[str, str], args) -> dict[str, dict]:
+    """Both modes, one after the other, or at the same time with ``--parallel`` (then both
+    see the same load from the rest of the machine)."""
+    if args.parallel:
+        started = {m: start(m, args.config, args.threads, args.override) for m in order}
+        return {m: finish(*started[m]) for m in order}
+    return {m: finish(*start(m, args.config, args.threads, args.override)) for m in order}
 
 
 def main() -> None:
@@ -184,6 +200,7 @@ def main() -> None:
     ap.add_argument("--config", default="examples/quickstart.yaml")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="pairs of runs (fedfm, plain alternating)")
+    ap.add_argument("--parallel", action="store_true", help="run fedfm and plain at the same time")
     ap.add_argument("--override", "-o", action="append", default=[], help="dotted config override")
     ap.add_argument("--child", choices=["fedfm", "plain"])
     ap.add_argument("--result")
@@ -193,8 +210,8 @@ def main() -> None:
         return
     runs: dict[str, list[dict]] = {"fedfm": [], "plain": []}
     for i in range(args.repeat):
-        for mode in (("fedfm", "plain") if i % 2 == 0 else ("plain", "fedfm")):
-            r = measure(mode, args.config, args.threads, args.override)
+        pair = measure_pair(("fedfm", "plain") if i % 2 == 0 else ("plain", "fedfm"), args)
+        for mode, r in pair.items():
             runs[mode].append(r)
             print(f"{mode:>6}: wall {r['wall_s']:.1f}s  cpu {r['cpu_s']:.1f}s  peak RSS {r['peak_rss_mb']:.0f} MB  "
                   f"accuracy {r['accuracy']:.4f}  loss {r['loss']:.4f}", flush=True)

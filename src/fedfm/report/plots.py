@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedfm.report.runs import Run  # noqa: E402
 
@@ -42,6 +43,7 @@ def metric_plot(runs: list[Run], key: str, path: Path, train_key: str | None = N
             if tx:
                 ax.plot(tx, ty, linestyle="--", marker=".", color=color, label=f"{run.label} (train)")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -85,6 +87,8 @@ def participation_plot(runs: list[Run], path: Path) -> Path:
         ax.set_title(run.label, fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel("client")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     handles = [Patch(color=c, label=s) for c, s in zip(COLORS, STATUS)]
     fig.legend(handles=handles, loc="lower center", ncol=len(STATUS), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))

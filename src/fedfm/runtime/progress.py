@@ -55,7 +55,11 @@ class RunProgress:
         if self._p is not None:
             self._p.update(self.t_round, completed=rnd)
         shown = "  ".join(f"{k} {row[k]:.4f}" for k in ("accuracy", "loss", "perplexity") if row.get(k) is not None)
+        faults = "  ".join(
+            f"{k} {len(row[k])}" for k in ("dropped", "failed", "rejected") if row.get(k)
+        ) + (f"  attempts {row['attempts']}" if row.get("attempts", 1) > 1 else "")
+        faults += "  [yellow]skipped[/]" if row.get("skipped") else ""
         self.console.print(
-            f"[bold]round {rnd:>3}[/]  {shown}  clients {len(row['clients'])}  "
+            f"[bold]round {rnd:>3}[/]  {shown}  clients {len(row['clients'])}  {faults + '  ' if faults else ''}"
             f"up {row['bytes_up']:,} B  down {row['bytes_down']:,} B  {row['wall_s']:.1f}s"
         )
