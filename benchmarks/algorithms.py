@@ -49,6 +49,7 @@ def run_one(label: str, config: str, overrides: list[str], out: Path, common: li
         "label": label,
         "overrides": common + overrides,
         "accuracy": [r.get("accuracy") for r in rows],
+        "loss": [r.get("loss") for r in rows],
         "bytes_up": summary["total_bytes_up"],
         "bytes_down": summary["total_bytes_down"],
         "wall_s": wall,
@@ -58,15 +59,16 @@ def run_one(label: str, config: str, overrides: list[str], out: Path, common: li
 
 def table(results: list[dict]) -> str:
     rounds = max((len(r.get("accuracy", [])) for r in results), default=0)
-    head = ["algorithm"] + [f"acc r{i}" for i in range(rounds)] + ["bytes up", "bytes down", "wall s"]
+    head = ["algorithm"] + [f"acc r{i}" for i in range(rounds)] + ["final loss", "bytes up", "bytes down", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error'][0]} |")
             continue
         accs = [f"{a:.3f}" if a is not None else "-" for a in r["accuracy"]]
+        loss = f"{r['loss'][-1]:.4f}" if r.get("loss") and r["loss"][-1] is not None else "-"
         lines.append(
-            f"| {r['label']} | " + " | ".join(accs) + f" | {r['bytes_up']:,} | {r['bytes_down']:,} | {r['wall_s']:.0f} |"
+            f"| {r['label']} | " + " | ".join(accs) + f" | {loss} | {r['bytes_up']:,} | {r['bytes_down']:,} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -95,6 +97,10 @@ def main() -> None:
                 f.write(json.dumps(res) + "\n")
             print(json.dumps(res), flush=True)
     results = [json.loads(l) for l in results_path.read_text().splitlines()] if results_path.exists() else []
+    for r in results:  # rows written before losses were recorded
+        metrics = args.out / r["label"] / "metrics.jsonl"
+        if "loss" not in r and metrics.exists():
+            r["loss"] = [json.loads(l).get("loss") for l in metrics.read_text().splitlines()]
     print(table(results))
 
 
