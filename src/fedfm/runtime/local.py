@@ -89,10 +89,23 @@ class LocalRuntime:
     # -- one client, client side --------------------------------------------------------
 
     def _broadcast(self, rnd: int, inst: Instruction, state: State, rlog: RoundLog) -> None:
-        ctx = CodecContext("down", rnd, inst.cid, state, seed=self.exp.seed, store=self.store)
-        sent = self.down.encode(inst.state, {"round": str(rnd)}, ctx)
+        # Tensors the algorithm broadcasts beside the State (SCAFFOLD's server control
+        # variate) travel through the same chain, so they are counted and compressed too.
+        extras = {
+            f"{key}/{name}": t
+            for key, value in inst.config.items()
+            if isinstance(value, dict)
+            for name, t in value.items()
+            if torch.is_tensor(t)
+        }
+        ctx = CodecContext("down", rnd, inst.cid, {**state, **extras}, seed=self.exp.seed, store=self.store)
+        sent = self.down.encode({**inst.state, **extras}, {"round": str(rnd)}, ctx)
         rlog.bytes_down += sent.nbytes
-        inst.state, _ = self.down.decode(sent.data, ctx)
+        received, _ = self.down.decode(sent.data, ctx)
+        inst.state = {k: received[k] for k in state}
+        for key, value in inst.config.items():
+            if isinstance(value, dict) and any(f"{key}/{n}" in extras for n in value):
+                inst.config[key] = {n: received[f"{key}/{n}"] for n in value}
 
     def _train(self, rnd: int, inst: Instruction, reference: State, prog: RunProgress) -> bytes:
         """The client's work: train, then encode its payload with its base-model fingerprint."""
