@@ -106,7 +106,7 @@ def tiny_llm_config(tmp_path) -> dict:
         "peft": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "train": {"lr": 0.02, "batch_size": 8, "epochs": 2},
         # One thread: a model this small only loses to thread synchronisation.
-        "runtime": {"progress": False, "threads": 1},
+        "runtime": {"progress": False},
     }
 
 
