@@ -87,21 +87,56 @@ def run_method(name: str, overrides: list[str], threads: int, out: Path) -> dict
     return result
 
 
+def partial_result(name: str, overrides: list[str], threads: int, out: Path) -> dict | None:
+    """The row of a run still in progress (or stopped): its metrics so far; the
+    trainable count from building the tuned model (no training)."""
+    from fedfm.peft import apply_tuner, count_params
+    from fedfm.tasks import build_task
+
+    path = out / "runs" / name / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    trained = [r for r in rows if r["round"] >= 1 and r["clients"]]
+    if not trained:
+        return None
+    exp = load_method(name, overrides, threads)
+    model, _ = build_task(exp.model.task).build(exp.model, exp.seed)
+    base = sum(p.numel() for p in model.parameters())
+    trainable, _ = count_params(apply_tuner(model, exp.peft, exp.model.task))
+    return {
+        "method": name, "lr": exp.train.lr, "overrides": overrides, "trainable": trainable, "base_params": base,
+        "bytes_up_per_client_round": sum(r["bytes_up"] / len(r["clients"]) for r in trained) / len(trained),
+        "accuracy": [r.get("accuracy") for r in rows if r.get("accuracy") is not None],
+        "rounds_done": len(trained), "wall_s": None,
+    }
+
+
+def majority_rate(exp) -> float:
+    """Accuracy of always predicting the test set's most frequent label."""
+    from fedfm.data import build_federation, load_source
+
+    fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
+    labels = fed.frame.iloc[fed.test_indices]["label"]
+    return float(labels.value_counts(normalize=True).max())
+
+
 def table(results: dict[str, dict]) -> str:
     lora_wall = results.get("lora", {}).get("wall_s")
     full_bytes = results.get("full", {}).get("bytes_up_per_client_round")
     lines = [
-        "| method | family | trainable params | % of model | bytes up / client / round | % of full FT bytes | accuracy r0 -> final | wall vs LoRA |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| method | family | lr | trainable params | % of model | bytes up / client / round | % of full FT bytes | accuracy r0 -> final | test loss r0 -> final | wall vs LoRA |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for name in [m for m in METHODS if m in results]:
         r = results[name]
         acc = r["accuracy"]
+        final = f"{acc[-1]:.3f}" if len(acc) > 1 else f"(round {r['rounds_done']} of 3, not evaluated)"
         pct_bytes = f"{100 * r['bytes_up_per_client_round'] / full_bytes:.3f}%" if full_bytes else "n/a"
-        wall = f"{r['wall_s'] / lora_wall:.2f}x" if lora_wall else "n/a"
+        wall = f"{r['wall_s'] / lora_wall:.2f}x" if lora_wall and r["wall_s"] else "n/a"
+        loss = r.get("loss") or []
+        loss_txt = f"{loss[0]:.3f} -> {loss[-1]:.3f}" if len(loss) > 1 else "n/a"
         lines.append(
-            f"| {name} | {FAMILY[name]} | {r['trainable']:,} | {100 * r['trainable'] / r['base_params']:.3f}% "
-            f"| {r['bytes_up_per_client_round']:,.0f} | {pct_bytes} | {acc[0]:.3f} -> {acc[-1]:.3f} | {wall} |"
+            f"| {name} | {FAMILY[name]} | {r['lr']:g} | {r['trainable']:,} | {100 * r['trainable'] / r['base_params']:.3f}% "
+            f"| {r['bytes_up_per_client_round']:,.0f} | {pct_bytes} | {acc[0]:.3f} -> {final} | {loss_txt} | {wall} |"
         )
     return "\n".join(lines)
 
@@ -113,6 +148,7 @@ def main() -> None:
     ap.add_argument("-o", "--override", action="append", default=[], help="dotted override for every method")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table-only", action="store_true", help="print the table of the saved results")
+    ap.add_argument("--partial", action="store_true", help="with --table-only: add runs still in progress")
     ap.add_argument("--rerun", action="store_true", help="run methods that already have a result")
     args = ap.parse_args()
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -132,7 +168,19 @@ def main() -> None:
                   f"{result['bytes_up_per_client_round']:,.0f} B/client/round, {result['wall_s']:.0f}s", flush=True)
     results = {p.stem: json.loads(p.read_text()) for p in sorted(res_dir.glob("*.json"))}
     results = {k: v for k, v in results.items() if k in names or args.table_only}
+    if args.table_only and args.partial:
+        for name in [m for m in names if m not in results]:
+            row = partial_result(name, args.override, args.threads, args.out)
+            if row is not None:
+                results[name] = row
+    for name, r in results.items():
+        path = args.out / "runs" / name / "metrics.jsonl"
+        if path.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            r["loss"] = [x["loss"] for x in rows if x.get("loss") is not None]
     print(table(results))
+    exp = load_method(names[0], args.override, args.threads)
+    print(f"\nmajority-class accuracy of the test set: {majority_rate(exp):.3f}")
 
 
 if __name__ == "__main__":
