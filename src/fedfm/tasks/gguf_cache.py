@@ -122,6 +122,7 @@ def convert(gguf_path: Path, target: Path, progress: bool = True) -> Path:
             tokenizer.save_pretrained(tmp)
             (tmp / DONE_MARKER).write_text(str(gguf_path) + "\n")
             bar.update(task, advance=1, description=f"{gguf_path.name}: {steps[3]}")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every run
         try:
             os.rename(tmp, target)
         except OSError:
