@@ -107,7 +107,8 @@ class FlowerServer:
             cid = node_cid.get(reply.metadata.src_node_id, -1)
             try:
                 if reply.has_error():
-                    raise RuntimeError(f"client {cid} failed: {reply.error.reason}")
+                    reason = str(reply.error.reason)
+                    raise RuntimeError(f"client {cid} failed: {reason[:500]}{' ...' if len(reason) > 500 else ''}")
                 data = record_to_bytes(reply.content[PAYLOAD_KEY], f"client {cid}")
                 ctx = CodecContext("up", rnd, cid, ref, seed=self.exp.seed, store=self.store)
                 payload, meta = self.up.decode(data, ctx)
