@@ -22,11 +22,13 @@ from fedfm.runtime.flower.deployment import export_partitions, submit  # noqa: E
 from fedfm.runtime.flower.loopback import Loopback  # noqa: E402
 
 
+# What both backends record; the local backend's fault fields (sampled, dropped, ...)
+# and per-stage codec bytes have no Flower counterpart.
+COMPARED = ("round", "accuracy", "loss", "perplexity", "train_loss", "bytes_up", "bytes_down", "clients")
+
+
 def rows(path):
-    out = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in out:
-        r.pop("wall_s")
-    return out
+    return [{k: r[k] for k in COMPARED if k in r} for r in map(json.loads, path.read_text().splitlines())]
 
 
 def gone(pid: int) -> bool:

@@ -36,6 +36,14 @@ from fedfm.runtime.progress import RunProgress
 from fedfm.runtime.sampling import sample_clients
 from fedfm.runtime.store import ClientStore
 from fedfm.runtime.validate import check_size, check_update
+from fedfm.runtime.wire import (
+    broadcast_layout,
+    broadcast_payload,
+    broadcast_reference,
+    metrics_from_meta,
+    split_broadcast,
+    update_meta,
+)
 from fedfm.runtime.workbench import Workbench
 
 log = logging.getLogger("fedfm.runtime")
@@ -89,37 +97,19 @@ class LocalRuntime:
     # -- one client, client side --------------------------------------------------------
 
     def _broadcast(self, rnd: int, inst: Instruction, state: State, rlog: RoundLog) -> None:
-        # Tensors the algorithm broadcasts beside the State (SCAFFOLD's server control
-        # variate) travel through the same chain, so they are counted and compressed too.
-        extras = {
-            f"{key}/{name}": t
-            for key, value in inst.config.items()
-            if isinstance(value, dict)
-            for name, t in value.items()
-            if torch.is_tensor(t)
-        }
-        ctx = CodecContext("down", rnd, inst.cid, {**state, **extras}, seed=self.exp.seed, store=self.store)
-        sent = self.down.encode({**inst.state, **extras}, {"round": str(rnd)}, ctx)
+        layout = broadcast_layout(inst.config)
+        ref = broadcast_reference(state, layout)
+        ctx = CodecContext("down", rnd, inst.cid, ref, seed=self.exp.seed, store=self.store)
+        sent = self.down.encode(broadcast_payload(inst), {"round": str(rnd)}, ctx)
         rlog.bytes_down += sent.nbytes
         received, _ = self.down.decode(sent.data, ctx)
-        inst.state = {k: received[k] for k in state}
-        for key, value in inst.config.items():
-            if isinstance(value, dict) and any(f"{key}/{n}" in extras for n in value):
-                inst.config[key] = {n: received[f"{key}/{n}"] for n in value}
+        inst.state, inst.config = split_broadcast(received, state, inst.config, layout)
 
     def _train(self, rnd: int, inst: Instruction, reference: State, prog: RunProgress) -> bytes:
         """The client's work: train, then encode its payload with its base-model fingerprint."""
         ctx = self.wb.context(inst.cid, rnd, on_step=prog.step, store=self.store)
         update = self.algo.local_update(inst, ctx)
-        meta = {
-            "cid": str(inst.cid),
-            "num_examples": str(update.num_examples),
-            "fingerprint": self.wb.fingerprint,
-            **update.meta,
-        }
-        for k, v in update.metrics.items():
-            if isinstance(v, (int, float)):
-                meta[f"metric.{k}"] = repr(float(v))
+        meta = update_meta(inst.cid, update, self.wb.fingerprint)
         up_ctx = CodecContext("up", rnd, inst.cid, reference, seed=self.exp.seed, store=self.store)
         return self.up.encode(update.payload, meta, up_ctx).data
 
@@ -139,7 +129,7 @@ class LocalRuntime:
         reason = check_update(payload, meta, reference, expected)
         if reason is not None:
             return None, reason
-        metrics = {k[len("metric."):]: float(v) for k, v in meta.items() if k.startswith("metric.")}
+        metrics = metrics_from_meta(meta)
         return Update(cid=cid, payload=payload, num_examples=int(meta["num_examples"]), metrics=metrics, meta=meta), None
 
     # -- one round ----------------------------------------------------------------------

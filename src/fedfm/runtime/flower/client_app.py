@@ -97,13 +97,20 @@ def _received(session, msg: Message, cid: int) -> tuple[dict, int, dict]:
     from fedfm.codecs import CodecContext
 
     data = record_to_bytes(msg.content[PAYLOAD_KEY], f"server -> client {cid}")
-    ctx = CodecContext("down", rnd, cid, session.template, seed=session.exp.seed, store=session.store)
-    state, _ = session.down.decode(data, ctx)
-    return state, rnd, json.loads(str(conf.get("instruction", "{}")))
+    from fedfm.runtime.wire import broadcast_reference, split_broadcast
+
+    layout = json.loads(str(conf.get("broadcast", "{}")))
+    ref = broadcast_reference(session.template, layout)
+    ctx = CodecContext("down", rnd, cid, ref, seed=session.exp.seed, store=session.store)
+    received, _ = session.down.decode(data, ctx)
+    config = json.loads(str(conf.get("instruction", "{}")))
+    state, config = split_broadcast(received, session.template, config, layout)
+    return state, rnd, config
 
 
 def client_train(session, msg: Message, cid: int) -> RecordDict:
     from fedfm.codecs import CodecContext
+    from fedfm.runtime.wire import update_meta
     from fedfm.core.types import Instruction
 
     t0 = time.perf_counter()
@@ -111,7 +118,7 @@ def client_train(session, msg: Message, cid: int) -> RecordDict:
     inst = Instruction(round=rnd, cid=cid, state=state, config=extra)
     update = session.algo.local_update(inst, session.wb.context(cid, rnd, store=session.store))
     up_ctx = CodecContext("up", rnd, cid, session.algo.payload_reference(state), seed=session.exp.seed, store=session.store)
-    meta = {"cid": str(cid), "num_examples": str(update.num_examples)}
+    meta = update_meta(cid, update, session.wb.fingerprint)
     encoded = session.up.encode(update.payload, meta, up_ctx)
     metrics = {**scalar_metrics(update.metrics), "num_examples": float(update.num_examples)}
     metrics["client_s"] = time.perf_counter() - t0

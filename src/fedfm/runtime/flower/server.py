@@ -25,10 +25,12 @@ from flwr.serverapp import Grid
 from fedfm.codecs import CodecChain, CodecContext
 from fedfm.core.types import State, Update
 from fedfm.runtime.algorithm import Algorithm
-from fedfm.runtime.flower.payload import CONFIG_KEY, METRICS_KEY, PAYLOAD_KEY, bytes_to_record, record_to_bytes
+from fedfm.runtime.flower.payload import CONFIG_KEY, PAYLOAD_KEY, bytes_to_record, record_to_bytes
 from fedfm.runtime.local import sample_clients
 from fedfm.runtime.outputs import RunWriter, peak_rss_mb
 from fedfm.runtime.store import ClientStore
+from fedfm.runtime.validate import check_size, check_update
+from fedfm.runtime.wire import broadcast_layout, broadcast_payload, broadcast_reference, metrics_from_meta
 from fedfm.runtime.workbench import Workbench
 
 log = logging.getLogger("fedfm.flower")
@@ -87,14 +89,18 @@ class FlowerServer:
     def _send(self, rnd: int, state: State, sampled, nodes: dict[int, int]) -> tuple[list[Message], int]:
         messages, down = [], 0
         for inst in self.algo.configure(rnd, state, sampled):
-            ctx = CodecContext("down", rnd, inst.cid, state, seed=self.exp.seed, store=self.store)
-            sent = self.down.encode(inst.state, {"round": str(rnd)}, ctx)
+            layout = broadcast_layout(inst.config)
+            ref = broadcast_reference(state, layout)
+            ctx = CodecContext("down", rnd, inst.cid, ref, seed=self.exp.seed, store=self.store)
+            sent = self.down.encode(broadcast_payload(inst), {"round": str(rnd)}, ctx)
             down += sent.nbytes
+            plain = {k: v for k, v in inst.config.items() if k not in layout}
             conf = {
                 "round": rnd,
                 "cid": inst.cid,
                 "fingerprint": self.wb.fingerprint,
-                "instruction": json.dumps(inst.config),
+                "instruction": json.dumps(plain),
+                "broadcast": json.dumps(layout),
             }
             messages.append(self._message(conf, sent.data, nodes[inst.cid], "train"))
         return messages, down
@@ -110,16 +116,23 @@ class FlowerServer:
                     reason = str(reply.error.reason)
                     raise RuntimeError(f"client {cid} failed: {reason[:500]}{' ...' if len(reason) > 500 else ''}")
                 data = record_to_bytes(reply.content[PAYLOAD_KEY], f"client {cid}")
+                reason = check_size(len(data), self.exp.server.max_update_bytes)
+                if reason is not None:
+                    raise ValueError(reason)
                 ctx = CodecContext("up", rnd, cid, ref, seed=self.exp.seed, store=self.store)
                 payload, meta = self.up.decode(data, ctx)
                 if int(meta["cid"]) != cid:
                     raise ValueError(f"client {cid}: payload claims to come from client {meta['cid']}")
+                expected = self.wb.fingerprint if self.exp.server.check_fingerprint else None
+                reason = check_update(payload, meta, ref, expected)
+                if reason is not None:
+                    raise ValueError(reason)
             except (ValueError, KeyError, RuntimeError) as exc:
                 log.warning("round %d: rejected the update of client %s: %s", rnd, cid, exc)
                 self.rejected.append({"round": rnd, "cid": cid, "reason": str(exc)})
                 continue
-            metrics = dict(reply.content[METRICS_KEY]) if METRICS_KEY in reply.content else {}
-            by_cid[cid] = Update(cid=cid, payload=payload, num_examples=int(meta["num_examples"]), metrics=metrics)
+            metrics = metrics_from_meta(meta)
+            by_cid[cid] = Update(cid=cid, payload=payload, num_examples=int(meta["num_examples"]), metrics=metrics, meta=meta)
             up += len(data)
         return [by_cid[c] for c in sorted(by_cid)], up
 
