@@ -114,6 +114,8 @@ def summarize(label: str, run_dir: Path) -> dict:
         "label": label,
         "chain": SWEEP[label][0],
         "accuracy": rows[-1]["accuracy"],
+        "rounds": rows[-1]["round"],
+        "by_round": {r["round"]: r["accuracy"] for r in rows if "accuracy" in r},
         "up_per_client_round": up / n_client_rounds,
         "down_per_client_round": down / n_client_rounds,
         "curve": [(0, rows[0]["accuracy"])]
@@ -127,15 +129,15 @@ def summarize(label: str, run_dir: Path) -> dict:
 
 def table(results: list[dict], lora_bytes: float, full_bytes: int) -> str:
     lines = [
-        "| config | uplink chain | final accuracy | uplink B / client / round | x smaller than LoRA fp32 | fraction of full FT |",
-        "|---|---|---:|---:|---:|---:|",
+        "| config | uplink chain | rounds | accuracy | uplink B / client / round | x smaller than LoRA fp32 | fraction of full FT |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         b = r["up_per_client_round"]
         lines.append(
-            f"| {r['label']} | {r['chain']} | {r['accuracy']:.4f} | {b:,.0f} | {lora_bytes / b:.1f} | {b / full_bytes:.2e} |"
+            f"| {r['label']} | {r['chain']} | {r['rounds']} | {r['accuracy']:.4f} | {b:,.0f} | {lora_bytes / b:.1f} | {b / full_bytes:.2e} |"
         )
-    lines.append(f"| full FT | full State fp32 (size only, not trained) | | {full_bytes:,} | {lora_bytes / full_bytes:.4f} | 1 |")
+    lines.append(f"| full FT | full State fp32 (size only, not trained) | | | {full_bytes:,} | {lora_bytes / full_bytes:.4f} | 1 |")
     return "\n".join(lines)
 
 
@@ -147,8 +149,10 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in results:
-        xs, ys = zip(*r["curve"])
-        ax.plot([max(x, 1) for x in xs], ys, marker="o", label=r["label"])
+        xs, ys = zip(*r["curve"][1:])  # rounds 1.. (round 0 sent nothing: a dashed line)
+        ax.plot(xs, ys, marker="o", label=r["label"])
+    if results:
+        ax.axhline(results[0]["curve"][0][1], color="grey", ls="--", lw=1, label="before training")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink bytes per client (log)")
     ax.set_ylabel("test accuracy")
@@ -165,6 +169,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_codecs", type=Path)
     ap.add_argument("--threads", default=2, type=int)
     ap.add_argument("--no-run", action="store_true", help="only summarize finished runs; skip the others")
+    ap.add_argument("--partial", action="store_true", help="with --no-run: also list unfinished runs (rounds done so far)")
     ap.add_argument("--bytes-only", action="store_true", help="encode one Gaussian update per config, no training")
     ap.add_argument("--plot", default=ROOT / "docs" / "compression_accuracy_vs_bytes.png", type=Path)
     args = ap.parse_args()
@@ -182,8 +187,14 @@ def main() -> None:
         print(f"| full FT | full State fp32 | {full:,} | | 1 |")
         return
     if args.no_run:
-        labels = [l for l in labels if (args.out / l / "summary.json").exists()]
-    results = [summarize(l, run_one(l, args.out, args.threads)) for l in labels]
+        def ready(l: str) -> bool:
+            if (args.out / l / "summary.json").exists():
+                return True
+            return args.partial and (args.out / l / "metrics.jsonl").exists() and len(load_rows(args.out / l)) > 1
+        labels = [l for l in labels if ready(l)]
+        results = [summarize(l, args.out / l) for l in labels]
+    else:
+        results = [summarize(l, run_one(l, args.out, args.threads)) for l in labels]
     done = {r["label"]: r for r in results}
     base = done.get("none") or (summarize("none", args.out / "none") if (args.out / "none" / "summary.json").exists() else None)
     lora_bytes = base["up_per_client_round"] if base else float("nan")
@@ -191,7 +202,8 @@ def main() -> None:
     print(table(results, lora_bytes, full))
     if base:
         for r in results:
-            print(f"{r['label']}: {r['accuracy'] - base['accuracy']:+.4f} accuracy vs none; down {r['down_per_client_round']:,.0f} B/client/round")
+            same = base["by_round"].get(r["rounds"], float("nan"))
+            print(f"{r['label']}: {r['accuracy'] - same:+.4f} accuracy vs none at round {r['rounds']}; down {r['down_per_client_round']:,.0f} B/client/round")
     plot(results, args.plot)
     print(f"plot: {args.plot}")
 

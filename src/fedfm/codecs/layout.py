@@ -8,7 +8,7 @@ replaces it by *suffixed* entries ``<name>.__<part>``:
   narrowest unsigned type); random-k sends no index at all (both sides draw it).
 - quantize: any floating tensor ``t`` (dense ``w`` or ``w.__values``) becomes
   ``t.__q`` (packed codes, uint8) and ``t.__scale`` (one float32 per block); the
-  meta key ``t.__q`` holds ``"<count>,<dtype>"``.
+  meta key ``t.__q`` holds ``"<count>,<dtype>,<shape>"`` (e.g. ``"307,F32,307"``).
 
 So ``[topk, quantize]`` quantizes only the kept values, ``[quantize, topk]`` sparsifies
 nothing (no dense float tensor is left), and every stage ignores what it does not own.

@@ -11,7 +11,7 @@ nearest level instead (biased, lower variance). The noise comes from a torch.Gen
 seeded by (seed, round, client, direction, tensor name): runs are reproducible.
 
 Codes are bit-packed (codecs/packing.py): ``t`` becomes ``t.__q`` (ceil(n*bits/8) uint8)
-and ``t.__scale`` (one float32 per block); meta ``t.__q`` = ``"<n>,<dtype>"``. Any
+and ``t.__scale`` (one float32 per block); meta ``t.__q`` = ``"<n>,<dtype>,<shape>"``. Any
 floating tensor is quantized, dense or the ``.__values`` of a sparsifier, so
 ``[topk, quantize]`` quantizes only the kept values.
 """
