@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peft_table import METHODS, ROOT, load_method  # noqa: E402
+from peft_table import METHODS, ROOT, load_method, parse_methods  # noqa: E402
 
 
 def lr_text(lr: float) -> str:
@@ -77,10 +77,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--table-only", action="store_true", help="print the table of the saved points")
     args = ap.parse_args()
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(names) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    names = parse_methods(args.methods)
     try:
         factors = [float(f) for f in args.factors.split(",")]
     except ValueError:

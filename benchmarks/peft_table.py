@@ -110,6 +110,15 @@ def partial_result(name: str, overrides: list[str], threads: int, out: Path) -> 
     }
 
 
+def parse_methods(text: str) -> list[str]:
+    """``--methods`` as a list; an unknown name stops the benchmark with the known ones."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    return names
+
+
 def majority_rate(exp) -> float:
     """Accuracy of always predicting the test set's most frequent label."""
     from fedfm.data import build_federation, load_source
@@ -151,10 +160,7 @@ def main() -> None:
     ap.add_argument("--partial", action="store_true", help="with --table-only: add runs still in progress")
     ap.add_argument("--rerun", action="store_true", help="run methods that already have a result")
     args = ap.parse_args()
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(names) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    names = parse_methods(args.methods)
     res_dir = args.out / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
