@@ -11,9 +11,12 @@ import torch
 from fedfm.config import TrainConfig, from_dict
 from fedfm.core.types import Instruction
 from fedfm.learners import build_learner
-from fedfm.learners.feddyn import FedDynServer, client_gradient_update, server_update
-from fedfm.learners.scaffold import ScaffoldServer, client_control_update, server_control_update, split_payload
-from fedfm.runtime.algorithm import Algorithm
+from fedfm.aggregators.feddyn import FedDynServer, server_update
+from fedfm.aggregators.scaffold import ScaffoldServer, server_control_update, split_payload
+from fedfm.core.protocols import RoundContext
+from fedfm.learners.feddyn import client_gradient_update
+from fedfm.learners.scaffold import client_control_update
+from fedfm.runtime.algorithm import build_algorithm
 from fedfm.runtime.store import ClientStore
 from fedfm.runtime.workbench import Workbench
 
@@ -30,11 +33,15 @@ def spec(name: str, **params):
     return type("Spec", (), {"name": name, "params": lambda self: params})()
 
 
-def run(wb, learner, state, cid=0, rnd=1, store=None, config=None, train=None):
+def run(wb, learner, state, cid=0, rnd=1, store=None, broadcast=None, train=None):
     ctx = wb.context(cid, rnd, store=store)
     if train is not None:
         ctx = dataclasses.replace(ctx, train=train)
-    return learner.local_update(Instruction(rnd, cid, state, dict(config or {})), ctx)
+    return learner.local_update(Instruction(rnd, cid, state, broadcast=dict(broadcast or {})), ctx)
+
+
+def round_ctx(n=4):
+    return RoundContext(round=1, seed=0, generator=torch.Generator().manual_seed(0), num_clients=n)
 
 
 # -- FedProx -------------------------------------------------------------------------
@@ -67,9 +74,10 @@ def test_feddyn_server_h_update_by_hand():
     assert torch.allclose(h_new["w"], torch.tensor([-0.3, 0.0]))
     assert torch.allclose(pseudo["w"], torch.tensor([2.6, 0.0]))
     # The same through the server part, starting from h = 0: h = -0.125 * [4, 0].
-    srv = FedDynServer(alpha=0.5, num_clients=4)
-    out = srv.combine({"w": torch.zeros(2)}, [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, -2.0])}], mean)
-    assert torch.allclose(srv.h["w"], torch.tensor([-0.5, 0.0]))
+    srv = FedDynServer(type("P", (), {"alpha": 0.5})(), num_clients=4)
+    ss = srv.init({"w": torch.zeros(2)})
+    groups, out = srv.combine(ss, [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, -2.0])}], mean, round_ctx())
+    assert torch.allclose(groups["feddyn.h"]["w"], torch.tensor([-0.5, 0.0]))
     assert torch.allclose(out["w"], torch.tensor([3.0, 0.0]))
     g = client_gradient_update({"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([2.0, -4.0])}, alpha=0.5)
     assert torch.allclose(g["w"], torch.tensor([0.0, 3.0]))
@@ -109,13 +117,15 @@ def test_scaffold_control_variates_by_hand():
 
 
 def test_scaffold_server_part_and_payload_template():
-    srv = ScaffoldServer(num_clients=4)
+    srv = ScaffoldServer(None, num_clients=4)
     state = {"w": torch.zeros(2)}
-    assert torch.equal(srv.broadcast(state)["scaffold_c"]["w"], torch.zeros(2))
-    assert set(srv.payload_reference(state)) == {"w", "scaffold_c/w"}
+    ss = {"model": state, **srv.init(state)}
+    assert torch.equal(srv.broadcast(ss)["scaffold_c"]["w"], torch.zeros(2))
+    assert set(srv.payload_spec(state)) == {"w", "scaffold_c/w"}
     payloads = [{"w": torch.ones(2), "scaffold_c/w": torch.tensor([4.0, 8.0])}]
-    assert torch.equal(srv.combine(state, payloads, {"w": torch.ones(2)})["w"], torch.ones(2))
-    assert torch.allclose(srv.c["w"], torch.tensor([1.0, 2.0]))
+    groups, out = srv.combine(ss, payloads, {"w": torch.ones(2)}, round_ctx())
+    assert torch.equal(out["w"], torch.ones(2))
+    assert torch.allclose(groups["scaffold.c"]["w"], torch.tensor([1.0, 2.0]))
     assert split_payload(payloads[0])[1].keys() == {"w"}
 
 
@@ -127,7 +137,7 @@ def test_scaffold_client_store_and_option2_equals_mean_gradient_under_sgd(wb, tm
     for mode in ("delta", "mean_grad"):
         store = ClientStore(tmp_path / mode)
         learner = build_learner(spec("scaffold", control_update=mode))
-        upd = run(wb, learner, state, store=store, config={"scaffold_c": zeros}, train=sgd)
+        upd = run(wb, learner, state, store=store, broadcast={"scaffold_c": zeros}, train=sgd)
         model, dc = split_payload(upd.payload)
         assert set(model) == set(state) and set(dc) == set(state)
         c_i = store.get(0, "scaffold_c")
@@ -142,22 +152,23 @@ def test_scaffold_client_store_and_option2_equals_mean_gradient_under_sgd(wb, tm
     # A nonzero correction c - c_i changes the local trajectory.
     store = ClientStore(tmp_path / "corrected")
     shifted = {k: torch.full_like(v, 0.01) for k, v in state.items()}
-    upd = run(wb, build_learner(spec("scaffold")), state, store=store, config={"scaffold_c": shifted}, train=sgd)
+    upd = run(wb, build_learner(spec("scaffold")), state, store=store, broadcast={"scaffold_c": shifted}, train=sgd)
     assert any(not torch.equal(split_payload(upd.payload)[0][k], m1[k]) for k in state)
 
 
 def test_algorithm_round_with_scaffold_updates_server_c(tmp_path):
     exp = from_dict(tiny_config(tmp_path, learner={"name": "scaffold"}))
-    algo = Algorithm(exp)
-    state = {"w": torch.zeros(2)}
-    inst = algo.configure(1, state, [type("C", (), {"cid": 0})(), type("C", (), {"cid": 1})()])
-    assert [i.cid for i in inst] == [0, 1] and torch.equal(inst[0].config["scaffold_c"]["w"], torch.zeros(2))
+    algo = build_algorithm(exp)
+    ss = algo.init({"w": torch.zeros(2)})
+    inst = algo.configure(1, ss, [type("C", (), {"cid": 0})(), type("C", (), {"cid": 1})()])
+    assert sorted(inst) == [0, 1] and torch.equal(inst[0].broadcast["scaffold_c"]["w"], torch.zeros(2))
     from fedfm.core.types import Update
 
     ups = [
         Update(0, {"w": torch.tensor([1.0, 0.0]), "scaffold_c/w": torch.tensor([2.0, 2.0])}, 1),
         Update(1, {"w": torch.tensor([3.0, 0.0]), "scaffold_c/w": torch.tensor([0.0, 2.0])}, 1),
     ]
-    new = algo.aggregate(state, ups)
-    assert torch.allclose(new["w"], torch.tensor([2.0, 0.0]))  # mean delta, sgd lr 1
-    assert torch.allclose(algo.state_dict()["scaffold.c/w"], torch.tensor([1.0, 2.0]))  # (2+0, 2+2)/N=2
+    new, _ = algo.aggregate(ss, ups, round_ctx(n=2))
+    assert torch.allclose(new["model"]["w"], torch.tensor([2.0, 0.0]))  # mean delta, sgd lr 1
+    assert torch.allclose(new["scaffold.c"]["w"], torch.tensor([1.0, 2.0]))  # (2+0, 2+2)/N=2
+    assert torch.equal(ss["scaffold.c"]["w"], torch.zeros(2))  # the old server state is untouched

@@ -70,7 +70,7 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path):
     # Killed mid-round 2: round 1 checkpointed, round 2's store write only staged.
     assert [r["round"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
     assert Checkpointer(out).rounds() == [1]
-    assert (out / "clients" / ".pending-2").exists()
+    assert any(p.name == "r2a0" for p in (out / "clients" / ".pending").glob("*/*"))
     assert not (out / "final.safetensors").exists()
 
     assert worker(cfg, out, "--resume").wait(timeout=600) == 0
@@ -114,34 +114,42 @@ def test_resume_refuses_a_changed_config(tmp_path):
         torch.set_num_threads(threads)
 
 
-def test_client_store_is_transactional(tmp_path):
+def test_client_store_stages_per_client_and_settles_on_the_servers_decision(tmp_path):
     store = ClientStore(tmp_path)
     one = {"x": torch.tensor([1.0])}
     two = {"x": torch.tensor([2.0])}
-    store.put(0, "a", one)  # no round begun: written straight through
-    store.begin(1)
+    store.put(0, "a", one)  # nothing staged: written straight through
+    store.stage(0, "r1a0")
+    store.stage(1, "r1a0")
     store.put(0, "a", two)
     store.put(1, "b", two)
     store.delete(0, "a")
     assert store.get(0, "a") is None and store.keys(0) == []  # read-your-writes
     store.put(0, "a", two)
-    store.discard(1)  # client 1 failed: its write is dropped
-    assert store.get(1, "b") is None
-    assert torch.equal(ClientStore(tmp_path).get(0, "a")["x"], one["x"])  # not yet committed
-    store.commit(1)
-    assert torch.equal(store.get(0, "a")["x"], two["x"]) and store.keys(1) == []
-    assert store.committed_round() == 1
-    # Round 2 staged, then a crash: recovering to checkpoint 1 drops it, to 2 rolls it forward.
-    store.begin(2)
-    store.put(0, "a", one)
-    ClientStore(tmp_path).recover(1)
-    assert torch.equal(ClientStore(tmp_path).get(0, "a")["x"], two["x"])
-    store.begin(2)
-    store.put(0, "a", one)
+    assert torch.equal(ClientStore(tmp_path).get(0, "a")["x"], one["x"])  # not yet settled
+    # Client 1's update was rejected: its write is dropped on its next message.
+    store.settle(1, "r1a0", False)
+    assert store.get(1, "b") is None and store.pending_tags(1) == []
+    # Client 0's was accepted: settled when the decision arrives, in any process.
     again = ClientStore(tmp_path)
-    again.recover(2)
-    assert torch.equal(again.get(0, "a")["x"], one["x"]) and again.committed_round() == 2
-    assert not list(tmp_path.glob(".pending-*"))
+    again.settle(0, "r1a0", True)
+    assert torch.equal(again.get(0, "a")["x"], two["x"]) and again.pending_tags(0) == []
+    # A round redone after a resume: the stale tag is dropped, the decided one kept.
+    store.stage(0, "r2a0")
+    store.put(0, "a", one)
+    store.stage(0, "r3a0")
+    store.put(0, "a", {"x": torch.tensor([3.0])})
+    store.settle(0, "r2a0", True)
+    assert torch.equal(store.get(0, "a")["x"], one["x"]) and store.pending_tags(0) == []
+    # The server's mirror on resume: settle the checkpoint's decisions, drop everything else.
+    store.stage(2, "r4a0")
+    store.put(2, "c", one)
+    store.stage(0, "r4a0")
+    store.put(0, "a", two)
+    ClientStore(tmp_path).settle_all({2: ("r4a0", True)})
+    fresh = ClientStore(tmp_path)
+    assert torch.equal(fresh.get(2, "c")["x"], one["x"]) and torch.equal(fresh.get(0, "a")["x"], one["x"])
+    assert not (tmp_path / ".pending").exists()
 
 
 def test_checkpoint_round_trip_restores_rng_and_ignores_partial(tmp_path):

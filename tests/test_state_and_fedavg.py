@@ -63,14 +63,14 @@ def test_bytes_up_equals_safetensors_size_of_the_state(tmp_path, tiny, monkeypat
     exp = from_dict(tiny, overrides=["rounds=1"])
     rt = LocalRuntime(exp, tmp_path / "run")
     sent: list[bytes] = []
-    original = rt._train
+    original = rt.transport.exchange
 
-    def capture(*args, **kwargs):
-        data = original(*args, **kwargs)
-        sent.append(data)
-        return data
+    def capture(envelopes, timeout=None):
+        replies = original(envelopes, timeout)
+        sent.extend(r.data for r in replies.values())
+        return replies
 
-    monkeypatch.setattr(rt, "_train", capture)
+    monkeypatch.setattr(rt.transport, "exchange", capture)
     rt.run()
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     state = rt.wb.initial_state()

@@ -91,10 +91,17 @@ def test_corrupted_bytes_are_a_decode_rejection(tmp_path):
     meta = {"cid": "0", "num_examples": "5", "fingerprint": rt.wb.fingerprint}
     from fedfm.codecs import CodecContext
 
-    data = rt.up.encode({k: torch.zeros_like(v) for k, v in ref.items()}, meta, CodecContext("up", 1, 0, ref)).data
-    update, reason = rt.receive(1, 0, data, ref)
+    from fedfm.runtime.receive import receive_update
+
+    chain = rt.loop.up
+    data = chain.encode({k: torch.zeros_like(v) for k, v in ref.items()}, meta, CodecContext("up", 1, 0, ref)).data
+
+    def receive(blob):
+        return receive_update(chain, blob, 1, 0, ref, 0, None, rt.wb.fingerprint)
+
+    update, reason = receive(data)
     assert reason is None and update.num_examples == 5
-    update, reason = rt.receive(1, 0, data[: len(data) // 2], ref)
+    update, reason = receive(data[: len(data) // 2])
     assert update is None and reason.startswith("decode failed: payload truncated")
-    update, reason = rt.receive(1, 0, b"\xff" * 64, ref)
+    update, reason = receive(b"\xff" * 64)
     assert update is None and reason.startswith("decode failed")

@@ -3,8 +3,10 @@ references of an Experiment against them (before any data or model loads)."""
 
 from __future__ import annotations
 
-from fedfm import aggregators, codecs, data, learners, peft, tasks  # noqa: F401
+from fedfm import aggregators, attacks, codecs, data, learners, peft, tasks  # noqa: F401
+from fedfm.aggregators.pipeline import parse_step
 from fedfm.codecs.base import parse_stage
+from fedfm.learners.middleware import middlewares, parse_middleware
 from fedfm.config import ConfigError
 from fedfm.core.registry import Registry, RegistryError
 
@@ -20,6 +22,8 @@ def registries() -> dict[str, Registry]:
         "aggregator.rule": aggregators.aggregators,
         "server_optimizer.name": aggregators.server_optimizers,
         "codecs": codecs.codecs,
+        "server_steps": aggregators.server_steps,
+        "federation.roles[].middleware": middlewares,
     }
 
 
@@ -44,5 +48,31 @@ def validate_components(exp, source: str = "<config>") -> None:
     for direction in ("up", "down"):
         for i, spec in enumerate(getattr(exp.codecs, direction)):
             check(parse_stage, spec, f"codecs.{direction}[{i}]")
+    for i, spec in enumerate(exp.server_steps):
+        check(parse_step, spec, f"server_steps[{i}]")
+    for i, role in enumerate(exp.federation.roles):
+        for j, spec in enumerate(role.middleware):
+            check(parse_middleware, spec, f"federation.roles[{i}].middleware[{j}]")
+    for problem in combination_problems(exp):
+        errors.append(f"  {problem}")
     if errors:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(errors))
+
+
+def combination_problems(exp) -> list[str]:
+    """Settings that are each valid but cannot work together, with the reason."""
+    from fedfm.runtime.roles import check_roles
+
+    problems = []
+    reason = check_roles(exp.federation.roles, exp.federation.clients)
+    if reason is not None:
+        problems.append(f"federation.roles: {reason}")
+    if exp.learner.name == "scaffold" and exp.learner.params().get("control_update") == "delta" and exp.train.optimizer == "adamw":
+        problems.append(
+            "learner.control_update: 'delta' (SCAFFOLD option II) assumes plain SGD local steps; with "
+            "train.optimizer adamw it does not converge (docs/algorithms.md). Use control_update: mean_grad "
+            "(the default) or train.optimizer: sgd"
+        )
+    if exp.learner.name == "scaffold" and exp.peft.local:
+        problems.append("peft.local: SCAFFOLD's control variates cover the shared State only; use another learner with local parameters")
+    return problems

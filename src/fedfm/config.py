@@ -67,6 +67,28 @@ class PartitionerSpec(Spec):
     name: str = "iid"
 
 
+class RoleSpec(Strict):
+    """A group of clients with a role: ``{name: attacker, fraction: 0.2, middleware:
+    [{name: sign_flip}], profile: {rank: 4}}``. Members are drawn with the seeded
+    generator (``runtime/roles.py``); give exactly one of ``fraction``, ``count``, ``cids``."""
+
+    name: str = Field(..., min_length=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+    count: int | None = Field(None, ge=1)
+    cids: list[int] | None = None
+    profile: dict[str, Any] = Field(default_factory=dict)
+    middleware: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        given = [k for k in ("fraction", "count", "cids") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"role '{self.name}': give exactly one of fraction, count, cids (got {given or 'none'})")
+        if self.name == "default":
+            raise ValueError("role name 'default' is reserved for clients without a role")
+        return self
+
+
 class FederationConfig(Strict):
     clients: int = Field(8, ge=1)
     partitioner: PartitionerSpec = Field(default_factory=PartitionerSpec)
@@ -79,6 +101,9 @@ class FederationConfig(Strict):
     min_clients: int = Field(1, ge=1)
     on_too_few: Literal["retry", "skip"] = "retry"
     max_retries: int = Field(3, ge=0)
+    # Client roles and profiles (runtime/roles.py) and each client's own held-out slice.
+    roles: list[RoleSpec] = Field(default_factory=list)
+    client_holdout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _sampling(self):
@@ -90,11 +115,20 @@ class FederationConfig(Strict):
             )
         if self.min_clients > self.clients:
             raise ValueError(f"min_clients ({self.min_clients}) exceeds clients ({self.clients})")
+        names = [r.name for r in self.roles]
+        if len(set(names)) != len(names):
+            raise ValueError(f"roles: names must be unique, got {names}")
+        for r in self.roles:
+            bad = [c for c in r.cids or [] if not 0 <= c < self.clients]
+            if bad:
+                raise ValueError(f"role '{r.name}': cids {bad} outside 0..{self.clients - 1}")
         return self
 
 
 class PeftSpec(Spec):
     method: str = "lora"
+    # Trainable names that stay on the client (fnmatch patterns, e.g. "classifier.*").
+    local: list[str] = Field(default_factory=list)
 
 
 class LearnerSpec(Spec):
@@ -131,6 +165,9 @@ class CodecsConfig(Strict):
 class EvalConfig(Strict):
     batch_size: int = Field(64, ge=1)
     every: int = Field(1, ge=1)
+    # Per-client evaluation on each client's own held-out slice (federation.client_holdout),
+    # run on the clients through the transport: none, the round's sampled clients, or all.
+    clients: Literal["none", "sampled", "all"] = "none"
 
 
 class StragglerConfig(Strict):
@@ -212,6 +249,13 @@ class Experiment(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    server_steps: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _client_eval(self):
+        if self.eval.clients != "none" and self.federation.client_holdout <= 0:
+            raise ValueError("eval.clients needs federation.client_holdout > 0 (each client's own held-out slice)")
+        return self
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,14 +1,26 @@
-"""HOW THE SERVER COMBINES: aggregation rules and server-side updates."""
+"""HOW THE SERVER COMBINES: aggregation rules, the server pipeline's steps, the server
+halves of client algorithms (FedDyn, SCAFFOLD) and server optimizers."""
 
 from fedfm.aggregators.base import aggregators, apply_delta, register_aggregator
 from fedfm.aggregators.fedavg import fedavg
+from fedfm.aggregators.median import coordinate_median
+from fedfm.aggregators.pipeline import Pipeline, register_server_step, server_steps
 from fedfm.aggregators.server_opt import register_server_optimizer, server_optimizers
+from fedfm.aggregators.server_part import build_server_part, register_server_part, server_parts
+from fedfm.aggregators import clip, feddyn, scaffold  # noqa: F401  (register steps and server parts)
 
 __all__ = [
+    "Pipeline",
     "aggregators",
     "apply_delta",
+    "build_server_part",
+    "coordinate_median",
     "fedavg",
     "register_aggregator",
     "register_server_optimizer",
+    "register_server_part",
+    "register_server_step",
     "server_optimizers",
+    "server_parts",
+    "server_steps",
 ]

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import zlib
 
-import numpy as np
 import torch
+
+from fedfm.core.seeding import derive_seed
 
 SEP = ".__"
 DIRECTIONS = {"up": 1, "down": 2}
@@ -40,11 +41,6 @@ def base_name(key: str) -> str:
 def is_dense_float(key: str, t: torch.Tensor) -> bool:
     """A floating tensor still under its State name (what sparsifiers and casts act on)."""
     return SEP not in key and t.is_floating_point()
-
-
-def derive_seed(*keys: int) -> int:
-    """Same derivation as fedfm.runtime.seeding (kept here so codecs do not import the runtime)."""
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1)[0] >> 1)
 
 
 def tensor_generator(ctx, salt: int, name: str) -> torch.Generator:

@@ -29,6 +29,7 @@ class LocalContext:
     store: Any = None  # per-client disk-backed state (runtime.store), when a learner needs it
     on_step: Callable[[int, int], None] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)  # the client's role and capacity (runtime/roles.py)
 
 
 class Learner(Protocol):

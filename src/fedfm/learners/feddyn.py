@@ -9,21 +9,11 @@ where ``g_k`` is its previous local gradient (zero at first), then updates
 ``g_k <- g_k - alpha (v_k - w)`` and sends the delta ``v_k - w``. ``g_k`` lives in the
 disk-backed client store (key ``feddyn_grad``), never in RAM across clients.
 
-The server keeps ``h`` (zero at first) and, with ``m`` the total number of clients and P
-the clients that returned:
-
-    h <- h - alpha/m * sum_{k in P} (v_k - w)
-    w <- mean_{k in P} v_k - h / alpha
-
-Here the mean comes from the aggregation rule (FedAvg weights by examples; the paper's
-mean is unweighted, the same when clients hold equal data), so the server's pseudo-gradient
-is ``mean(delta) - h/alpha``, which the server optimizer applies (``sgd`` with lr 1.0 gives
-Algorithm 1 exactly). ``h`` is checkpointed server state.
+The server half (``h``) is ``aggregators/feddyn.py``. The rule's mean weights by
+examples (the paper's mean is unweighted, the same when clients hold equal data).
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,52 +38,15 @@ def client_gradient_update(grad_prev: State, delta: State, alpha: float) -> Stat
     return {k: grad_prev[k] - alpha * delta[k] for k in grad_prev}
 
 
-def server_update(h: State, delta_sum: State, mean_delta: State, alpha: float, num_clients: int) -> tuple[State, State]:
-    """(h, sum_k delta_k, rule's mean delta) -> (new h, pseudo-gradient mean - h/alpha)."""
-    h_new = {k: h[k] - (alpha / num_clients) * delta_sum[k] for k in h}
-    return h_new, {k: mean_delta[k] - h_new[k] / alpha for k in h}
-
-
 def require_store(ctx: LocalContext, name: str):
     if ctx.store is None:
         raise ValueError(f"learner '{name}' keeps per-client state and needs a client store (client {ctx.cid})")
     return ctx.store
 
 
-class FedDynServer:
-    """Server side of FedDyn: the ``h`` State."""
-
-    prefix = "feddyn.h"
-
-    def __init__(self, alpha: float, num_clients: int):
-        self.alpha, self.num_clients = alpha, num_clients
-        self.h: State = {}
-
-    def broadcast(self, state: State) -> dict:
-        return {}
-
-    def payload_reference(self, state: State) -> State:
-        return state
-
-    def combine(self, state: State, payloads: Sequence[State], mean_delta: State) -> State:
-        h = self.h or {k: torch.zeros_like(v) for k, v in state.items()}
-        total = {k: torch.stack([p[k].to(state[k].dtype) for p in payloads]).sum(0) for k in state}
-        self.h, pseudo = server_update(h, total, mean_delta, self.alpha, self.num_clients)
-        return pseudo
-
-    def state_dict(self) -> dict[str, State]:
-        return {self.prefix: self.h} if self.h else {}
-
-    def load_state_dict(self, groups: dict[str, State]) -> None:
-        self.h = dict(groups.get(self.prefix, {}))
-
-
 class FedDynLearner:
     def __init__(self, params: FedDynParams):
         self.alpha = params.alpha
-
-    def server_part(self, num_clients: int) -> FedDynServer:
-        return FedDynServer(self.alpha, num_clients)
 
     def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
         store = require_store(ctx, "feddyn")

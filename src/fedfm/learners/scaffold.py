@@ -12,23 +12,26 @@ and then sets
 It sends the delta ``y_i - x`` and ``delta_c_i = c_i+ - c_i`` (payload names
 ``scaffold_c/<param>``). The server applies the aggregated delta (rule + server optimizer,
 whose lr is eta_g) and updates ``c <- c + |S|/N mean_S(delta_c) = c + sum_S(delta_c) / N``
-with N the total number of clients.
+with N the total number of clients (the server half: ``aggregators/scaffold.py``).
 
 Option II's formula equals the mean of the K uncorrected minibatch gradients only for
 plain SGD; with AdamW (the default local optimizer) ``(x - y)/(K eta)`` is on the scale of
 ``1`` per coordinate, far larger than the gradients it corrects. ``control_update:
 mean_grad`` therefore sets ``c_i+`` to that mean of the K raw gradients directly, which is
 the same quantity under plain SGD and stays on the gradient's scale under any optimizer.
-The server's ``c`` travels to clients in ``Instruction.config["scaffold_c"]``.
+``mean_grad`` is the default: ``delta`` with AdamW is refused at config time (it does not
+converge, docs/algorithms.md). The server's ``c`` travels in the declared broadcast group
+``scaffold_c`` (``Instruction.broadcast``), through the downlink codec chain.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedfm.aggregators.scaffold import BROADCAST, PREFIX
 from fedfm.core.types import Instruction, State, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.feddyn import require_store
@@ -38,13 +41,12 @@ from fedfm.learners.loop import train_loop
 from fedfm.peft.state import set_state
 
 STORE_KEY = "scaffold_c"
-PREFIX = "scaffold_c/"
 
 
 class ScaffoldParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     control_update: Literal["delta", "mean_grad"] = Field(
-        "delta", description="delta: option II (x - y)/(K lr); mean_grad: mean of the K raw gradients"
+        "mean_grad", description="delta: option II (x - y)/(K lr); mean_grad: mean of the K raw gradients"
     )
 
 
@@ -54,64 +56,17 @@ def client_control_update(c_i: State, c: State, delta: State, steps: int, lr: fl
     return new, {k: new[k] - c_i[k] for k in c_i}
 
 
-def server_control_update(c: State, delta_cs: Sequence[State], num_clients: int) -> State:
-    """c <- c + |S|/N * mean_S(delta_c) = c + sum_S(delta_c) / N."""
-    return {k: c[k] + torch.stack([d[k] for d in delta_cs]).sum(0) / num_clients for k in c}
-
-
-def split_payload(payload: State) -> tuple[State, State]:
-    """(model delta, control delta) from a SCAFFOLD payload."""
-    model = {k: v for k, v in payload.items() if not k.startswith(PREFIX)}
-    control = {k[len(PREFIX):]: v for k, v in payload.items() if k.startswith(PREFIX)}
-    return model, control
-
-
-class ScaffoldServer:
-    """Server side of SCAFFOLD: the control variate ``c``."""
-
-    prefix = "scaffold.c"
-
-    def __init__(self, num_clients: int):
-        self.num_clients = num_clients
-        self.c: State = {}
-
-    def _c(self, state: State) -> State:
-        if not self.c:
-            self.c = {k: torch.zeros_like(v) for k, v in state.items()}
-        return self.c
-
-    def broadcast(self, state: State) -> dict:
-        return {"scaffold_c": self._c(state)}
-
-    def payload_reference(self, state: State) -> State:
-        return {**state, **{PREFIX + k: v for k, v in state.items()}}
-
-    def combine(self, state: State, payloads: Sequence[State], mean_delta: State) -> State:
-        controls = [split_payload(p)[1] for p in payloads]
-        self.c = server_control_update(self._c(state), controls, self.num_clients)
-        return mean_delta
-
-    def state_dict(self) -> dict[str, State]:
-        return {self.prefix: self.c} if self.c else {}
-
-    def load_state_dict(self, groups: dict[str, State]) -> None:
-        self.c = dict(groups.get(self.prefix, {}))
-
-
 class ScaffoldLearner:
     def __init__(self, params: ScaffoldParams):
         self.control_update = params.control_update
 
-    def server_part(self, num_clients: int) -> ScaffoldServer:
-        return ScaffoldServer(num_clients)
-
     def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
         store = require_store(ctx, "scaffold")
-        if "scaffold_c" not in instruction.config:
+        if BROADCAST not in instruction.broadcast:
             raise ValueError(f"scaffold: the instruction for client {ctx.cid} carries no server control variate")
-        c = instruction.config["scaffold_c"]
+        c = instruction.broadcast[BROADCAST]
         stored = store.get(ctx.cid, STORE_KEY)
-        c_i = stored if stored is not None else {k: torch.zeros_like(v) for k, v in instruction.state.items()}
+        c_i = stored if stored is not None else {k: torch.zeros_like(v) for k, v in c.items()}
         set_state(ctx.model, instruction.state)
         params = trainable(ctx.model)
         correction = anchored(params, {k: c[k] - c_i[k] for k in c_i})

@@ -1,125 +1,140 @@
-"""An Algorithm = configure / local_update / aggregate, composed from the config.
+"""The algorithm, composed from the config: the one object every transport drives.
 
-Backends call these methods and nothing else, so one config runs unchanged on every
-backend. Composition:
+``build_algorithm(exp)`` reads the config once and hands each part only what it needs:
 
-- a learner (client side: local, fedprox, feddyn, scaffold), which may bring a server
-  part holding its own server state (FedDyn's ``h``, SCAFFOLD's ``c``);
-- an aggregation rule (``aggregator.rule``) combining client deltas into one
-  pseudo-gradient;
-- a server optimizer (``server_optimizer.name``: sgd, fedavgm, fedadam, fedyogi,
-  fedadagrad) applying that pseudo-gradient to the State, with explicit moments.
+- a learner (client side: ``local``, ``fedprox``, ``feddyn``, ``scaffold``, ...), and the
+  server half registered under the same name, if any (``aggregators/server_part.py``);
+- an aggregation rule (``aggregator.rule``), a pure function over decoded deltas;
+- the server pipeline's steps (``server_steps``) around it;
+- a server optimizer (``server_optimizer.name``) with explicit moments.
 
-One round on the server: ``rule(model deltas) -> server part's combine -> server
-optimizer``. All server-side state is returned by ``state_dict`` as named tensors
-(``"<group>/<param name>"``, e.g. ``opt.m/...``, ``scaffold.c/...``) for checkpointing;
-per-client state lives only in the client store.
+Server state (``core.types.ServerState``) holds the global shared State under ``model``,
+the server half's groups (``scaffold.c``, ``feddyn.h``), the optimizer's moments
+(``opt.m``, ``opt.v``) and each step's own state (``step.<i>.<name>``); ``aggregate``
+returns a new mapping and never mutates the one it was given, so a failure mid-way leaves
+the previous server state intact.
+
+Shared and local state: ``peft.local`` lists name patterns (``fnmatch``, e.g.
+``classifier.*``) of trainable parameters that stay on the client (FedPer-style personal
+heads). Only the other, shared names are in the server state and on the wire; the client
+keeps its local part in the client store (``runtime/client.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+import fnmatch
+from typing import Any, Sequence
 
-import torch
-
-from fedfm.aggregators import aggregators, server_optimizers
-from fedfm.core.types import ClientSpec, Instruction, State, Update
+from fedfm.aggregators import Pipeline, aggregators, build_server_part, server_optimizers
+from fedfm.aggregators.server_part import ServerPart
+from fedfm.core.protocols import RoundContext
+from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.learners import build_learner
-from fedfm.learners.base import LocalContext
 
 OPT_PREFIX = "opt."
 
 
-class ServerPart(Protocol):
-    """The server side of a client algorithm with server state (FedDyn, SCAFFOLD)."""
+class FedAlgorithm:
+    def __init__(
+        self,
+        learner,
+        rule,
+        rule_params,
+        optimizer,
+        optimizer_params,
+        server_part: ServerPart | None = None,
+        pipeline: Pipeline | None = None,
+        local_patterns: Sequence[str] = (),
+    ):
+        self.learner = learner
+        self.rule, self.rule_params = rule, rule_params
+        self.optimizer, self.optimizer_params = optimizer, optimizer_params
+        self.server = server_part
+        self.pipeline = pipeline or Pipeline([])
+        self.local_patterns = tuple(local_patterns)
 
-    def broadcast(self, state: State) -> dict[str, Any]: ...
+    # -- shared and local names ----------------------------------------------------------
 
-    def payload_reference(self, state: State) -> State: ...
+    def is_local(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.local_patterns)
 
-    def combine(self, state: State, payloads: Sequence[State], mean_delta: State) -> State: ...
+    def split(self, state: State) -> tuple[State, State]:
+        """(shared, local) parts of a full trainable State."""
+        shared = {k: v for k, v in state.items() if not self.is_local(k)}
+        return shared, {k: v for k, v in state.items() if k not in shared}
 
-    prefix: str  # the group name of its state in ``Algorithm.state_dict``
+    # -- the server side -------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, State]: ...
+    def init(self, initial: State) -> ServerState:
+        shared, _ = self.split(initial)
+        if not shared:
+            raise ValueError(f"peft.local {list(self.local_patterns)} matches every trainable parameter: nothing is shared")
+        state: ServerState = {MODEL: {k: v.detach().clone() for k, v in shared.items()}}
+        if self.server is not None:
+            state.update(self.server.init(state[MODEL]))
+        return state
 
-    def load_state_dict(self, groups: dict[str, State]) -> None: ...
+    def model_state(self, server_state: ServerState) -> State:
+        return server_state[MODEL]
 
+    def configure(self, rnd: int, server_state: ServerState, clients: Sequence[ClientSpec]) -> dict[int, Instruction]:
+        groups = self.server.broadcast(server_state) if self.server is not None else {}
+        return {c.cid: Instruction(round=rnd, cid=c.cid, state=server_state[MODEL], broadcast=dict(groups)) for c in clients}
 
-def flatten(groups: dict[str, State]) -> dict[str, torch.Tensor]:
-    """{"opt.m": {"w": t}} -> {"opt.m/w": t} (cloned, contiguous)."""
-    out = {}
-    for group, tensors in groups.items():
-        for name, t in tensors.items():
-            out[f"{group}/{name}"] = t.detach().clone().contiguous()
-    return out
+    def payload_spec(self, cid: int, shared: State) -> State:
+        """Names, shapes and dtypes the server accepts from client ``cid``, given the
+        shared State (the server's global one, or the client's decoded broadcast)."""
+        return self.server.payload_spec(shared) if self.server is not None else shared
 
+    def down_reference(self, cid: int, template: State) -> State:
+        """What client ``cid`` receives: the shared State and each broadcast group (entries
+        ``<group>/<name>`` shaped like the State's), computed alike on both ends."""
+        shared, _ = self.split(template)
+        ref = dict(shared)
+        for group in self.server.broadcast_groups if self.server is not None else ():
+            ref.update({f"{group}/{k}": v for k, v in shared.items()})
+        return ref
 
-def unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, State]:
-    groups: dict[str, State] = {}
-    for key, t in tensors.items():
-        if "/" not in key:
-            raise KeyError(f"algorithm state key '{key}' has no '<group>/' prefix")
-        group, name = key.split("/", 1)
-        groups.setdefault(group, {})[name] = t
-    return groups
+    def aggregate(self, server_state: ServerState, updates: Sequence[Update], ctx: RoundContext) -> tuple[ServerState, dict[str, Any]]:
+        new: ServerState = dict(server_state)
+        metrics: dict[str, Any] = {}
+        kept = self.pipeline.run("updates", list(updates), new, ctx, metrics)
+        if not kept:
+            metrics["aggregated"] = 0
+            return new, metrics
+        model = new[MODEL]
+        deltas = [{k: u.payload[k] for k in model} for u in kept]
+        delta = self.rule(model, deltas, [float(u.num_examples) for u in kept], self.rule_params)
+        if self.server is not None:
+            groups, delta = self.server.combine(new, [u.payload for u in kept], delta, ctx)
+            new.update(groups)
+        delta = self.pipeline.run("delta", delta, new, ctx, metrics)
+        moments = {g[len(OPT_PREFIX):]: s for g, s in new.items() if g.startswith(OPT_PREFIX)}
+        model, moments = self.optimizer(model, delta, moments, self.optimizer_params)
+        new.update({OPT_PREFIX + slot: m for slot, m in moments.items()})
+        new[MODEL] = self.pipeline.run("model", model, new, ctx, metrics)
+        metrics["aggregated"] = len(kept)
+        return new, metrics
 
+    # -- the client side -------------------------------------------------------------------
 
-class Algorithm:
-    def __init__(self, exp):
-        self.exp = exp
-        self.learner = build_learner(exp.learner)
-        make_server = getattr(self.learner, "server_part", None)
-        self.server: ServerPart | None = make_server(exp.federation.clients) if make_server else None
-        spec = exp.aggregator
-        self.rule = aggregators.get(spec.rule).obj
-        self.rule_params = aggregators.parse(spec.rule, spec.params(), "aggregator")
-        so = exp.server_optimizer
-        self.optimizer = server_optimizers.get(so.name).obj
-        self.optimizer_params = server_optimizers.parse(so.name, so.params(), "server_optimizer")
-        self.moments: dict[str, State] = {}
-
-    def configure(self, rnd: int, state: State, clients: Sequence[ClientSpec]) -> list[Instruction]:
-        extra = self.server.broadcast(state) if self.server is not None else {}
-        return [Instruction(round=rnd, cid=c.cid, state=state, config=dict(extra)) for c in clients]
-
-    def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
+    def local_update(self, instruction: Instruction, ctx) -> Update:
         return self.learner.local_update(instruction, ctx)
 
-    def payload_reference(self, state: State) -> State:
-        """Names and shapes of what a client sends (decoders check against it).
 
-        Deltas over the State by default; SCAFFOLD adds its control-variate deltas
-        (``scaffold_c/<name>``).
-        """
-        return self.server.payload_reference(state) if self.server is not None else state
+def build_algorithm(exp) -> FedAlgorithm:
+    """The algorithm of an experiment (its components validated by ``config``)."""
+    from fedfm.learners import learners
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The server-side state (optimizer moments, FedDyn h, SCAFFOLD c) as named
-        tensors, checkpointed after every round next to the model State."""
-        groups = {OPT_PREFIX + slot: m for slot, m in self.moments.items()}
-        if self.server is not None:
-            groups.update(self.server.state_dict())
-        return flatten(groups)
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        groups = unflatten(tensors)
-        moments = {g[len(OPT_PREFIX):]: s for g, s in groups.items() if g.startswith(OPT_PREFIX)}
-        rest = {g: s for g, s in groups.items() if not g.startswith(OPT_PREFIX)}
-        known = {self.server.prefix} if self.server is not None else set()
-        unexpected = sorted(set(rest) - known)
-        if unexpected:
-            raise KeyError(f"unexpected algorithm state groups {unexpected} for learner '{self.exp.learner.name}'")
-        self.moments = moments
-        if self.server is not None:
-            self.server.load_state_dict(rest)
-
-    def aggregate(self, state: State, updates: Sequence[Update]) -> State:
-        payloads = [u.payload for u in updates]
-        model_deltas = [{k: p[k] for k in state} for p in payloads]
-        weights = [float(u.num_examples) for u in updates]
-        delta = self.rule(state, model_deltas, weights, self.rule_params)
-        if self.server is not None:
-            delta = self.server.combine(state, payloads, delta)
-        new_state, self.moments = self.optimizer(state, delta, self.moments, self.optimizer_params)
-        return new_state
+    learner_params_model = learners.parse(exp.learner.name, exp.learner.params(), "learner")
+    spec, so = exp.aggregator, exp.server_optimizer
+    return FedAlgorithm(
+        learner=build_learner(exp.learner),
+        rule=aggregators.get(spec.rule).obj,
+        rule_params=aggregators.parse(spec.rule, spec.params(), "aggregator"),
+        optimizer=server_optimizers.get(so.name).obj,
+        optimizer_params=server_optimizers.parse(so.name, so.params(), "server_optimizer"),
+        server_part=build_server_part(exp.learner.name, learner_params_model, exp.federation.clients),
+        pipeline=Pipeline.from_specs(exp.server_steps),
+        local_patterns=exp.peft.local,
+    )

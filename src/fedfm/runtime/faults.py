@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedfm.runtime.seeding import derive_seed
+from fedfm.core.seeding import derive_seed
 
 SPEED_TAG = 0x5BEED
 DROPOUT_TAG = 0xD40F

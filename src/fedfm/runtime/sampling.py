@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from fedfm.core.types import ClientSpec
-from fedfm.runtime.seeding import derive_seed
+from fedfm.core.seeding import derive_seed
 
 SAMPLING_TAG = 0x5A
 

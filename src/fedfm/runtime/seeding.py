@@ -1,10 +1,5 @@
-"""Derived seeds: one experiment ``seed`` fixes partitions, sampling, init and noise."""
+"""Kept for imports written before ``derive_seed`` moved to ``fedfm.core.seeding``."""
 
-from __future__ import annotations
+from fedfm.core.seeding import derive_seed
 
-import numpy as np
-
-
-def derive_seed(*keys: int) -> int:
-    """A 31-bit seed from (seed, round, client, ...); stable across runs and processes."""
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1)[0] >> 1)
+__all__ = ["derive_seed"]

@@ -1,21 +1,25 @@
 """The disk-backed client state store: per-client state never all in RAM.
 
-One safetensors file per (client, key), e.g. SCAFFOLD control variates or error-feedback
-residuals, under ``root/<cid>/<key>.safetensors``; every file write is atomic (temp file +
-rename), so a run killed mid-write never leaves a half-written file behind.
+One safetensors file per (client, key), e.g. SCAFFOLD control variates, error-feedback
+residuals or a client's local (personal) parameters, under ``root/<cid>/<key>.safetensors``;
+every file write is atomic (temp file + rename), so a killed run never leaves a half file.
 
-Transactional by round, so that a resumed run never sees writes of a round it redoes:
-after ``begin(round)`` writes and deletions go to ``root/.pending-<round>/`` (reads see
-them: read-your-writes), ``discard(cid)`` drops one client's pending writes (a client that
-failed or was rejected), and ``commit(round)`` moves them into place once the round's
-checkpoint is on disk. ``recover(round)`` on resume rolls forward the pending writes of
-rounds the checkpoint covers (a commit cut short) and discards those of later rounds.
-Without ``begin`` the store writes straight through.
+Writes are staged per client under a *tag* (``r<round>a<attempt>``): after
+``stage(cid, tag)`` that client's writes and deletions go to ``root/.pending/<cid>/<tag>/``
+(reads see them: read-your-writes). Whether they count is decided later, by the server,
+and delivered with the next message to that client: ``settle(cid, tag, accepted)`` moves
+the named tag's writes into place if the update was accepted and drops every other pending
+tag of that client (a rejected, failed or timed-out update; a round redone after a resume).
+The same store, settled by the loop right after each checkpoint, keeps the server's mirror
+of what each client last received (the downlink ``delta`` stage).
+
+So the store behaves the same wherever it lives: in the run directory (local backend and
+Flower simulation) or on a data owner's machine (deployment), where the server cannot
+reach it and only its decisions travel.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -24,15 +28,19 @@ from safetensors.torch import load_file, save_file
 
 from fedfm.core.types import State
 
-PENDING = ".pending-"
+PENDING = ".pending"
 TOMBSTONE = ".deleted"
+
+
+def round_tag(rnd: int, attempt: int = 0) -> str:
+    return f"r{int(rnd)}a{int(attempt)}"
 
 
 class ClientStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.round: int | None = None
+        self.current: dict[int, str] = {}
 
     # -- paths ----------------------------------------------------------------------
 
@@ -41,31 +49,34 @@ class ClientStore:
         if not key.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"client store key '{key}' must be alphanumeric (with - or _)")
 
-    def _path(self, cid: int, key: str, base: Path | None = None) -> Path:
+    def _committed(self, cid: int, key: str) -> Path:
         self._check_key(key)
-        return (base or self.root) / str(int(cid)) / f"{key}.safetensors"
+        return self.root / str(int(cid)) / f"{key}.safetensors"
 
-    def _pending_dir(self, rnd: int) -> Path:
-        return self.root / f"{PENDING}{rnd}"
+    def _pending_root(self, cid: int) -> Path:
+        return self.root / PENDING / str(int(cid))
 
-    def _pending(self) -> Path | None:
-        return None if self.round is None else self._pending_dir(self.round)
+    def _staged(self, cid: int, key: str) -> Path | None:
+        tag = self.current.get(int(cid))
+        if tag is None:
+            return None
+        self._check_key(key)
+        return self._pending_root(cid) / tag / f"{key}.safetensors"
 
-    # -- the four operations learners use -------------------------------------------
+    # -- the four operations learners and codecs use ---------------------------------
 
     def get(self, cid: int, key: str) -> State | None:
-        pending = self._pending()
-        if pending is not None:
-            p = self._path(cid, key, pending)
-            if p.with_suffix(TOMBSTONE).exists():
+        staged = self._staged(cid, key)
+        if staged is not None:
+            if staged.with_suffix(TOMBSTONE).exists():
                 return None
-            if p.exists():
-                return load_file(str(p))
-        path = self._path(cid, key)
+            if staged.exists():
+                return load_file(str(staged))
+        path = self._committed(cid, key)
         return load_file(str(path)) if path.exists() else None
 
     def put(self, cid: int, key: str, state: State) -> None:
-        path = self._path(cid, key, self._pending())
+        path = self._staged(cid, key) or self._committed(cid, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(TOMBSTONE).unlink(missing_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -73,80 +84,64 @@ class ClientStore:
         os.replace(tmp, path)
 
     def delete(self, cid: int, key: str) -> None:
-        pending = self._pending()
-        if pending is None:
-            self._path(cid, key).unlink(missing_ok=True)
+        staged = self._staged(cid, key)
+        if staged is None:
+            self._committed(cid, key).unlink(missing_ok=True)
             return
-        path = self._path(cid, key, pending)
-        path.unlink(missing_ok=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(TOMBSTONE).touch()
+        staged.unlink(missing_ok=True)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.with_suffix(TOMBSTONE).touch()
 
     def keys(self, cid: int) -> list[str]:
         found = {p.stem for p in (self.root / str(int(cid))).glob("*.safetensors")}
-        pending = self._pending()
-        if pending is not None and (pending / str(int(cid))).exists():
-            d = pending / str(int(cid))
+        tag = self.current.get(int(cid))
+        if tag is not None and (self._pending_root(cid) / tag).exists():
+            d = self._pending_root(cid) / tag
             found |= {p.stem for p in d.glob("*.safetensors")}
             found -= {p.stem for p in d.glob(f"*{TOMBSTONE}")}
         return sorted(found)
 
-    # -- transactions -----------------------------------------------------------------
+    # -- staging and settling ------------------------------------------------------
 
-    def begin(self, rnd: int) -> None:
-        """Start staging the writes of round ``rnd`` (leftovers of an earlier try are dropped)."""
-        self.round = int(rnd)
-        shutil.rmtree(self._pending_dir(self.round), ignore_errors=True)
+    def stage(self, cid: int, tag: str) -> None:
+        """Stage client ``cid``'s writes under ``tag`` (leftovers of that tag are dropped)."""
+        shutil.rmtree(self._pending_root(cid) / tag, ignore_errors=True)
+        self.current[int(cid)] = tag
 
-    def discard(self, cid: int) -> None:
-        """Drop the staged writes of one client (its update was not used)."""
-        pending = self._pending()
-        if pending is not None:
-            shutil.rmtree(pending / str(int(cid)), ignore_errors=True)
+    def settle(self, cid: int, tag: str | None, accepted: bool) -> None:
+        """Apply the server's decision on ``tag``: move its writes into place if accepted;
+        drop every other pending tag of the client. Idempotent."""
+        cid = int(cid)
+        self.current.pop(cid, None)
+        root = self._pending_root(cid)
+        if not root.exists():
+            return
+        if tag is not None and accepted and (root / tag).exists():
+            self._apply(cid, root / tag)
+        shutil.rmtree(root, ignore_errors=True)
 
-    def rollback(self) -> None:
-        """Drop every staged write of the current round (e.g. before a retry)."""
-        if self.round is not None:
-            shutil.rmtree(self._pending_dir(self.round), ignore_errors=True)
+    def _apply(self, cid: int, staged: Path) -> None:
+        target = self.root / str(cid)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in sorted(staged.glob("*.safetensors")):
+            os.replace(f, target / f.name)
+        for t in sorted(staged.glob(f"*{TOMBSTONE}")):
+            (target / (t.stem + ".safetensors")).unlink(missing_ok=True)
 
-    def commit(self, rnd: int) -> None:
-        """Move the staged writes of round ``rnd`` into place; idempotent if cut short."""
-        pending = self._pending_dir(rnd)
-        if pending.exists():
-            for cdir in sorted(p for p in pending.iterdir() if p.is_dir()):
-                target = self.root / cdir.name
-                target.mkdir(parents=True, exist_ok=True)
-                for f in sorted(cdir.glob("*.safetensors")):
-                    os.replace(f, target / f.name)
-                for t in sorted(cdir.glob(f"*{TOMBSTONE}")):
-                    (target / (t.stem + ".safetensors")).unlink(missing_ok=True)
-                    t.unlink()
-            shutil.rmtree(pending, ignore_errors=True)
-        self._write_marker(rnd)
-        if self.round == rnd:
-            self.round = None
+    def settle_all(self, outcomes: dict[int, tuple[str, bool]]) -> None:
+        """Settle every client named in ``outcomes``, then drop all other pending writes
+        (the server's mirror on resume: nothing staged after the checkpoint survives)."""
+        for cid, (tag, accepted) in sorted(outcomes.items()):
+            self.settle(cid, tag, accepted)
+        shutil.rmtree(self.root / PENDING, ignore_errors=True)
+        self.current.clear()
 
-    def committed_round(self) -> int | None:
-        marker = self.root / "COMMITTED.json"
-        return json.loads(marker.read_text())["round"] if marker.exists() else None
-
-    def _write_marker(self, rnd: int) -> None:
-        tmp = self.root / "COMMITTED.json.tmp"
-        tmp.write_text(json.dumps({"round": int(rnd)}))
-        os.replace(tmp, self.root / "COMMITTED.json")
-
-    def recover(self, complete_round: int) -> None:
-        """Make the store match a checkpoint of ``complete_round`` (on resume)."""
-        self.round = None
-        for d in sorted(self.root.glob(f"{PENDING}*")):
-            rnd = int(d.name[len(PENDING):])
-            if rnd <= complete_round:
-                self.commit(rnd)
-            else:
-                shutil.rmtree(d, ignore_errors=True)
+    def pending_tags(self, cid: int) -> list[str]:
+        root = self._pending_root(cid)
+        return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
     def clear(self) -> None:
-        """Remove every client's state (a fresh run in a reused directory)."""
-        self.round = None
+        """Remove every client's state (a fresh run in a directory the user let us reuse)."""
+        self.current.clear()
         for p in self.root.iterdir():
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -1,55 +1,38 @@
-"""What crosses the wire, shared by every backend so that bytes are identical on all.
+"""What crosses the wire, shared by every transport so that bytes are identical on all.
 
-Downlink: the State plus any tensors the algorithm broadcasts beside it (SCAFFOLD's
-server control variate, in ``Instruction.config[key]``) travel as one payload, entries
-``key/name``, so they are compressed and counted like the State. Uplink: the update with
-metadata naming the client, its example count, its base-model fingerprint and its
-scalar metrics.
+Downlink: the shared State plus the tensor groups the algorithm broadcasts beside it
+(``Instruction.broadcast``, e.g. SCAFFOLD's ``scaffold_c``) travel as one payload with
+entries ``<group>/<name>``, so they are compressed and counted like the State. Uplink:
+the update with metadata naming the client, its example count, its base-model
+fingerprint and its scalar metrics. The plain settings of a message (round, client, tag,
+the store decision) travel beside the bytes (``Envelope.conf``).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
-
-import torch
 
 from fedfm.core.types import Instruction, State, Update
 
 
-def broadcast_layout(config: dict[str, Any]) -> dict[str, list[str]]:
-    """``{key: [names]}`` of the tensor groups in an instruction's config."""
-    return {
-        key: list(value)
-        for key, value in config.items()
-        if isinstance(value, dict) and value and all(torch.is_tensor(t) for t in value.values())
-    }
-
-
 def broadcast_payload(inst: Instruction) -> State:
-    """The State plus the config's tensor groups, flattened as ``key/name``."""
-    extras = {f"{key}/{n}": inst.config[key][n] for key, names in broadcast_layout(inst.config).items() for n in names}
+    """The State plus the broadcast groups, flattened as ``<group>/<name>``."""
+    extras = {f"{group}/{n}": t for group, tensors in inst.broadcast.items() for n, t in tensors.items()}
     return {**inst.state, **extras}
 
 
-def broadcast_reference(template: State, layout: dict[str, list[str]]) -> State:
-    """Decoder reference for a broadcast: the State's template plus each group's entries,
-    which have the shapes of the State entries of the same name."""
-    ref = dict(template)
-    for key, names in layout.items():
-        for n in names:
-            if n not in template:
-                raise ValueError(f"broadcast group '{key}' has entry '{n}' that is not in the State")
-            ref[f"{key}/{n}"] = template[n]
-    return ref
-
-
-def split_broadcast(received: State, template: State, config: dict[str, Any], layout: dict[str, list[str]]) -> tuple[State, dict[str, Any]]:
-    """Inverse of ``broadcast_payload``: (State, config with its tensor groups restored)."""
-    state = {k: received[k] for k in template}
-    config = dict(config)
-    for key, names in layout.items():
-        config[key] = {n: received[f"{key}/{n}"] for n in names}
-    return state, config
+def split_broadcast(received: State) -> tuple[State, dict[str, State]]:
+    """Inverse of ``broadcast_payload``: (State, broadcast groups)."""
+    state: State = {}
+    groups: dict[str, State] = {}
+    for key, t in received.items():
+        if "/" in key:
+            group, name = key.split("/", 1)
+            groups.setdefault(group, {})[name] = t
+        else:
+            state[key] = t
+    return state, groups
 
 
 def update_meta(cid: int, update: Update, fingerprint: str) -> dict[str, str]:
@@ -62,3 +45,23 @@ def update_meta(cid: int, update: Update, fingerprint: str) -> dict[str, str]:
 
 def metrics_from_meta(meta: dict[str, str]) -> dict[str, float]:
     return {k[len("metric."):]: float(v) for k, v in meta.items() if k.startswith("metric.")}
+
+
+def encode_settle(outcome: tuple[str, bool] | None) -> str:
+    """The server's decision on a client's last staged writes, as message text."""
+    return "" if outcome is None else f"{outcome[0]}:{int(outcome[1])}"
+
+
+def decode_settle(text: str) -> tuple[str | None, bool]:
+    if not text:
+        return None, False
+    tag, flag = text.rsplit(":", 1)
+    return tag, flag == "1"
+
+
+def plain_config(config: dict[str, Any]) -> str:
+    """An instruction's plain settings as JSON (tensors travel in the broadcast groups)."""
+    try:
+        return json.dumps(config, sort_keys=True)
+    except TypeError as exc:
+        raise TypeError(f"Instruction.config must hold plain values (tensors go in Instruction.broadcast): {exc}") from None

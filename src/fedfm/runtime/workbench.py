@@ -1,22 +1,48 @@
-"""The one base model in memory, the task, and the encoded data of every client.
+"""The one base model in memory, the task, and the encoded data of the clients.
 
 However many clients a federation has, a process builds the model exactly once; each
-sampled client's State is swapped into it, trained, and read back out.
+sampled client's State is swapped into it, trained, and read back out. Examples are
+tokenized lazily, per client, the first time that client is asked for them (and kept), so
+a server that never trains (Flower's SuperLink side) encodes only the test set, and a
+federation of 1,000 clients costs memory only for the clients that were sampled.
+
+Client profiles (``federation.roles``) and each client's own held-out slice
+(``federation.client_holdout``) are filled in here, identically in every process.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
+import numpy as np
 import torch
 
+from fedfm.core.seeding import derive_seed
 from fedfm.core.state import fingerprint
 from fedfm.core.types import State
 from fedfm.data import Federation, build_federation, load_source
 from fedfm.learners.base import LocalContext
 from fedfm.peft import apply_tuner, get_state, set_state
-from fedfm.runtime.seeding import derive_seed
+from fedfm.runtime.roles import apply_profiles
 from fedfm.tasks import build_task
+
+HOLDOUT_TAG = 0x40D
+
+
+def split_holdout(clients, fraction: float, seed: int) -> None:
+    """Move ``ceil(fraction * n)`` of each client's examples (seeded) to ``eval_indices``."""
+    if fraction <= 0:
+        return
+    for c in clients:
+        n = len(c.indices)
+        k = min(n - 1, math.ceil(fraction * n)) if n > 1 else 0
+        if k <= 0:
+            continue
+        order = np.random.default_rng(derive_seed(seed, c.cid, HOLDOUT_TAG)).permutation(n)
+        held = set(order[:k].tolist())
+        c.eval_indices = [i for j, i in enumerate(c.indices) if j in held]
+        c.indices = [i for j, i in enumerate(c.indices) if j not in held]
 
 
 class Workbench:
@@ -24,31 +50,37 @@ class Workbench:
         self.exp = exp
         # Data first: a bad partition fails before the (slow) model load.
         self.federation = federation or build_federation(load_source(exp.data), exp.federation, exp.seed)
+        apply_profiles(self.federation.clients, exp.federation.roles, exp.seed)
+        split_holdout(self.federation.clients, exp.federation.client_holdout, exp.seed)
         self.task = build_task(exp.model.task)
         model, self.tokenizer = self.task.build(exp.model, exp.seed)
         torch.manual_seed(derive_seed(exp.seed, 0xADA))
         self.model = apply_tuner(model, exp.peft, exp.model.task)
         self.model.eval()
         self.fingerprint = fingerprint(self.model)
-        self._examples = self._encode()
+        self.template: State = get_state(self.model)  # the initial trainable State (values kept)
+        self._encoded: dict[int, dict] = {}
         self._eval_batches: list[dict[str, torch.Tensor]] | None = None
 
-    def _encode(self) -> dict[int, dict]:
-        fed = self.federation
-        rows = sorted({i for c in fed.clients for i in c.indices} | set(fed.test_indices.tolist()))
-        frame = fed.frame.iloc[rows]
-        encoded = self.task.encode(frame, self.tokenizer, self.exp.data.max_length)
-        return dict(zip(rows, encoded))
+    def _rows(self, rows: list[int]) -> list[dict]:
+        missing = sorted({i for i in rows if i not in self._encoded})
+        if missing:
+            frame = self.federation.frame.iloc[missing]
+            self._encoded.update(zip(missing, self.task.encode(frame, self.tokenizer, self.exp.data.max_length)))
+        return [self._encoded[i] for i in rows]
 
     @property
     def clients(self):
         return self.federation.clients
 
     def initial_state(self) -> State:
-        return get_state(self.model)
+        return {k: v.clone() for k, v in self.template.items()}
 
     def examples(self, cid: int) -> list[dict]:
-        return [self._examples[i] for i in self.federation.clients[cid].indices]
+        return self._rows(list(self.federation.clients[cid].indices))
+
+    def eval_examples(self, cid: int) -> list[dict]:
+        return self._rows(list(self.federation.clients[cid].eval_indices))
 
     def context(self, cid: int, rnd: int, on_step: Callable[[int, int], None] | None = None, store=None) -> LocalContext:
         return LocalContext(
@@ -61,20 +93,26 @@ class Workbench:
             seed=derive_seed(self.exp.seed, rnd, cid),
             store=store,
             on_step=on_step,
+            profile=dict(self.federation.clients[cid].profile),
         )
 
+    def batches(self, items: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Evaluation batches, sorted by length so padding is minimal."""
+        items = sorted(items, key=lambda e: len(e["input_ids"]))
+        bs = self.exp.eval.batch_size
+        return [self.task.collate(items[i : i + bs], self.tokenizer) for i in range(0, len(items), bs)]
+
     def eval_batches(self) -> list[dict[str, torch.Tensor]]:
-        """Test batches, sorted by length so padding is minimal; built once and reused."""
+        """Test batches, built once and reused."""
         if self._eval_batches is None:
-            items = [self._examples[i] for i in self.federation.test_indices.tolist()]
-            items.sort(key=lambda e: len(e["input_ids"]))
-            bs = self.exp.eval.batch_size
-            self._eval_batches = [
-                self.task.collate(items[i : i + bs], self.tokenizer) for i in range(0, len(items), bs)
-            ]
+            self._eval_batches = self.batches(self._rows(self.federation.test_indices.tolist()))
         return self._eval_batches
 
-    def evaluate(self, state: State) -> dict[str, float]:
-        set_state(self.model, state)
+    def full_state(self, state: State) -> State:
+        """``state`` completed with the template's values for names it lacks (local ones)."""
+        return {**self.template, **state} if set(state) != set(self.template) else state
+
+    def evaluate(self, state: State, batches: list[dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
+        set_state(self.model, self.full_state(state))
         self.model.eval()
-        return self.task.evaluate(self.model, self.eval_batches())
+        return self.task.evaluate(self.model, self.eval_batches() if batches is None else batches)

@@ -1,0 +1,59 @@
+"""``clip_updates``: scale every client update to an L2 norm of at most ``max_norm``.
+
+The norm is taken over the whole payload (every tensor of one client, flattened together),
+as client-level DP clipping does (McMahan et al. 2018, "Learning Differentially Private
+Recurrent Language Models", DP-FedAvg) and as norm bounding against poisoning does (Sun et
+al. 2019, "Can You Really Backdoor Federated Learning?"). A server step at stage
+``updates``; it reports how many updates it clipped and their mean norm before clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedfm.aggregators.pipeline import register_server_step
+from fedfm.core.types import State, Update
+
+
+class ClipParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_norm: float = Field(..., gt=0, description="largest L2 norm an update may have")
+
+
+def l2_norm(payload: State) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in payload.values() if t.is_floating_point()))
+
+
+def clip_payload(payload: State, max_norm: float) -> tuple[State, float]:
+    """(payload scaled to norm <= max_norm, its norm before clipping)."""
+    norm = l2_norm(payload)
+    if norm <= max_norm:
+        return payload, norm
+    scale = max_norm / norm
+    return {k: (t * scale if t.is_floating_point() else t) for k, t in payload.items()}, norm
+
+
+class ClipUpdates:
+    name = "clip_updates"
+    stage = "updates"
+
+    def __init__(self, params: ClipParams):
+        self.max_norm = params.max_norm
+
+    def __call__(self, updates: list[Update], ctx, state: State):
+        out, norms, clipped = [], [], 0
+        for u in updates:
+            payload, norm = clip_payload(u.payload, self.max_norm)
+            clipped += int(norm > self.max_norm)
+            norms.append(norm)
+            out.append(replace(u, payload=payload))
+        mean = sum(norms) / len(norms) if norms else 0.0
+        return out, state, {"clipped": clipped, "mean_norm": mean}
+
+
+register_server_step("clip_updates", ClipUpdates, ClipParams)
+
+__all__ = ["ClipParams", "ClipUpdates", "clip_payload", "l2_norm"]

@@ -1,0 +1,89 @@
+"""The server pipeline: composable steps around the aggregation rule.
+
+One round on the server, in this order (``runtime/algorithm.py`` runs it):
+
+    updates --[steps at stage "updates"]--> rule --> server part (FedDyn/SCAFFOLD)
+            --[steps at stage "delta"]--> server optimizer --[steps at stage "model"]--> model
+
+- ``updates`` steps see the decoded, validated updates of the round (a list of
+  ``Update``) and may change or drop them: per-client clipping, norm bounding, simulated
+  omniscient attacks.
+- ``delta`` steps see the combined pseudo-gradient (a State): central DP noise.
+- ``model`` steps see the new global State and may use the one base model through
+  ``RoundContext.workbench``: watermark embedding.
+
+A step is an object with ``name``, ``stage`` and ``__call__(value, ctx, state)``; its
+``state`` is a State kept in the server state under ``step.<index>.<name>`` (so two steps
+of the same kind do not collide), checkpointed with the rest, and its metrics go into
+metrics.jsonl under ``<name>.<key>``. Steps are listed in YAML under ``server_steps``:
+``server_steps: [{name: clip_updates, max_norm: 1.0}]``, and added with
+``register_server_step(name, factory, params)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel
+
+from fedfm.core.protocols import RoundContext, ServerStep
+from fedfm.core.registry import NoParams, Registry, RegistryError
+from fedfm.core.types import ServerState, State
+
+STAGES = ("updates", "delta", "model")
+StepFactory = Callable[[BaseModel], ServerStep]
+server_steps: Registry[StepFactory] = Registry("server_steps")
+
+
+def register_server_step(name: str, factory: StepFactory, params: type[BaseModel] = NoParams) -> StepFactory:
+    return server_steps.register(name, factory, params)
+
+
+def parse_step(spec: dict[str, Any], where: str) -> tuple[str, BaseModel]:
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise RegistryError(f"{where}: a server step is a mapping with a 'name', e.g. {{name: clip_updates, max_norm: 1.0}}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return spec["name"], server_steps.parse(spec["name"], params, where)
+
+
+def build_step(spec: dict[str, Any], where: str) -> ServerStep:
+    name, params = parse_step(spec, where)
+    step = server_steps.get(name).obj(params)
+    if getattr(step, "stage", None) not in STAGES:
+        raise ValueError(f"{where}: server step '{name}' declares stage {getattr(step, 'stage', None)!r}, not one of {STAGES}")
+    return step
+
+
+@dataclass
+class PlacedStep:
+    step: ServerStep
+    group: str  # its server-state group
+
+
+class Pipeline:
+    """The configured steps, grouped by stage, each with its server-state group."""
+
+    def __init__(self, steps: Sequence[ServerStep]):
+        self.placed = [PlacedStep(s, f"step.{i}.{s.name}") for i, s in enumerate(steps)]
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[dict[str, Any]], where: str = "server_steps") -> "Pipeline":
+        return cls([build_step(s, f"{where}[{i}]") for i, s in enumerate(specs)])
+
+    def groups(self) -> list[str]:
+        return [p.group for p in self.placed]
+
+    def run(self, stage: str, value: Any, server_state: ServerState, ctx: RoundContext, metrics: dict[str, Any]) -> Any:
+        """Run this stage's steps in config order; their new states go into ``server_state``
+        (in place) and their metrics into ``metrics``."""
+        for p in self.placed:
+            if p.step.stage != stage:
+                continue
+            own: State = server_state.get(p.group, {})
+            value, new_state, m = p.step(value, ctx, own)
+            if new_state:
+                server_state[p.group] = new_state
+            for k, v in (m or {}).items():
+                metrics[f"{p.step.name}.{k}"] = v
+        return value

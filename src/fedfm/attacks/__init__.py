@@ -1,0 +1,9 @@
+"""THREATS, for evaluation only: client middleware that misbehaves on purpose.
+
+Attack code never lives in aggregators: an attacker is a client role whose middleware
+(``learners/middleware.py``) changes what it trains on or what it sends.
+"""
+
+from fedfm.attacks import corrupt  # noqa: F401  (registers 'corrupt')
+
+__all__ = ["corrupt"]

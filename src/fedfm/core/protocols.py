@@ -1,0 +1,116 @@
+"""The contracts between the round loop and everything that plugs into it.
+
+Only types and Protocols live here; implementations are in their rooms:
+
+- ``Algorithm`` (composed in ``runtime/algorithm.py``): what the server keeps, what each
+  client is asked and may send back, how the server combines what came back.
+- ``ServerStep`` (``aggregators/pipeline.py``): a composable step around the aggregation
+  rule, at one of three stages: on the decoded ``updates`` before the rule (clipping,
+  attack simulation), on the combined ``delta`` after it (noise), or on the new ``model``
+  after the server optimizer (watermark embedding). A step may keep tensors in the server
+  state (checkpointed) and report metrics.
+- ``ClientMiddleware`` (``runtime/middleware.py``): what a client does to its examples
+  before training and to its update after training (attacks, local noise), run by the one
+  client function on every transport.
+- ``Transport`` (``runtime/transport.py``, ``runtime/flower/transport.py``): carries
+  ``Envelope`` bytes to clients and ``Reply`` bytes back, and nothing else: faults,
+  retries, validation, byte counting and checkpoints belong to the round loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence
+
+import torch
+
+from fedfm.core.types import ClientSpec, Instruction, ServerState, State, Update
+
+Stage = Literal["updates", "delta", "model"]
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+
+@dataclass
+class RoundContext:
+    """What the server side of one round may use.
+
+    ``generator`` is seeded from (seed, round), never from a global stream, so a resumed
+    run draws the same numbers. ``workbench`` gives server-side steps the one base model
+    (``model``, ``task``, ``tokenizer``, ``evaluate``); it is None where a step needs none.
+    """
+
+    round: int
+    seed: int
+    generator: torch.Generator
+    num_clients: int
+    clients: Sequence[ClientSpec] = ()
+    workbench: Any = None
+    attempt: int = 0
+
+
+class Algorithm(Protocol):
+    def init(self, initial: State) -> ServerState: ...
+
+    def configure(self, rnd: int, server_state: ServerState, clients: Sequence[ClientSpec]) -> dict[int, Instruction]: ...
+
+    def payload_spec(self, cid: int, shared: State) -> State: ...
+
+    def down_reference(self, cid: int, template: State) -> State: ...
+
+    def local_update(self, instruction: Instruction, ctx: Any) -> Update: ...
+
+    def aggregate(self, server_state: ServerState, updates: Sequence[Update], ctx: RoundContext) -> tuple[ServerState, dict[str, Any]]: ...
+
+    def model_state(self, server_state: ServerState) -> State: ...
+
+
+class ServerStep(Protocol):
+    name: str
+    stage: Stage
+
+    def __call__(self, value: Any, ctx: RoundContext, state: State) -> tuple[Any, State, dict[str, Any]]:
+        """``value``: the list of updates, the delta State or the model State (by stage);
+        ``state``: this step's own tensors from the server state (empty at first).
+        Returns (new value, new step state, metrics for metrics.jsonl)."""
+        ...
+
+
+class ClientMiddleware(Protocol):
+    name: str
+
+    def before_train(self, examples: list[dict], ctx: Any) -> list[dict]: ...
+
+    def after_train(self, update: Update, ctx: Any) -> Update: ...
+
+
+@dataclass
+class Envelope:
+    """One message to one client: plain settings (``conf``) and encoded bytes."""
+
+    cid: int
+    phase: str
+    conf: dict[str, Any]
+    data: bytes
+
+
+@dataclass
+class Reply:
+    """One client's answer: its bytes, or the error it raised; ``info`` holds numbers the
+    client reports about itself (per-stage codec bytes, its wall time)."""
+
+    cid: int
+    data: bytes | None = None
+    error: str | None = None
+    info: dict[str, float] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    name: str
+
+    def exchange(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> dict[int, Reply]:
+        """Deliver every envelope and return the replies that came back, by client id;
+        a client missing from the result did not answer in time."""
+        ...
+
+    def close(self) -> None: ...

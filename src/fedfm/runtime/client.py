@@ -1,0 +1,155 @@
+"""The one client function: every transport delivers an ``Envelope`` here.
+
+``ClientEnv`` is what a client process holds: the workbench (one base model, its own
+data), the algorithm's client side, the codec chains, its client store and the middleware
+of the roles it serves. ``handle(env, envelope)`` answers one message:
+
+- ``train``: apply the server's decision on this client's last staged writes
+  (``settle``), stage this round's writes, decode the broadcast (downlink chain), complete
+  the shared State with the client's local part (``peft.local``, from the store), run the
+  middleware's ``before_train`` on the examples, train (``Algorithm.local_update``), keep
+  the local part of the result in the store, run ``after_train`` on the update, and encode
+  the shared payload (uplink chain) with its metadata.
+- ``evaluate``: evaluate the broadcast shared State, completed with the client's local
+  part, on the client's own held-out slice; reply with the metrics.
+- any other phase: the algorithm's own handler (``Algorithm.client_phase``), for rounds
+  with several exchanges.
+
+The local backend calls it in-process; the Flower ClientApp calls it from a message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from fedfm.codecs import CodecChain, CodecContext
+from fedfm.codecs.base import Payload
+from fedfm.codecs.serialize import from_bytes, to_bytes
+from fedfm.core.protocols import EVALUATE, TRAIN, Envelope
+from fedfm.core.types import Instruction, State
+from fedfm.learners.middleware import build_middleware
+from fedfm.runtime.store import ClientStore
+from fedfm.runtime.wire import decode_settle, split_broadcast, update_meta
+
+LOCAL_KEY = "local_state"
+
+
+@dataclass
+class ClientEnv:
+    exp: Any
+    wb: Any  # runtime.workbench.Workbench
+    algo: Any  # runtime.algorithm.FedAlgorithm
+    up: CodecChain
+    down: CodecChain
+    store: ClientStore
+    on_step: Callable[[int, int], None] | None = None
+    _middleware: dict[str, list] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, exp, wb, algo, store: ClientStore) -> "ClientEnv":
+        return cls(
+            exp=exp,
+            wb=wb,
+            algo=algo,
+            up=CodecChain.from_specs(exp.codecs.up, "codecs.up"),
+            down=CodecChain.from_specs(exp.codecs.down, "codecs.down"),
+            store=store,
+        )
+
+    def middleware(self, cid: int) -> list:
+        role = self.wb.clients[cid].profile.get("role", "default")
+        if role not in self._middleware:
+            specs = next((r.middleware for r in self.exp.federation.roles if r.name == role), [])
+            self._middleware[role] = [build_middleware(s, f"role '{role}' middleware[{i}]") for i, s in enumerate(specs)]
+        return self._middleware[role]
+
+
+def check_addressed(env: ClientEnv, envelope: Envelope) -> int:
+    cid = int(envelope.conf["cid"])
+    if cid != envelope.cid:
+        raise ValueError(f"client {envelope.cid}: received a message addressed to client {cid}")
+    if not 0 <= cid < len(env.wb.clients):
+        raise ValueError(f"client id {cid} is outside 0..{len(env.wb.clients) - 1} (federation.clients)")
+    want = str(envelope.conf.get("fingerprint", ""))
+    if want and want != env.wb.fingerprint:
+        raise ValueError(
+            f"client {cid}: base model fingerprint {env.wb.fingerprint} differs from the server's {want}; "
+            "every node must load the same model.package/path"
+        )
+    return cid
+
+
+def local_part(env: ClientEnv, cid: int) -> State:
+    """The client's local (never shared) parameters: from its store, or the initial ones."""
+    if not env.algo.local_patterns:
+        return {}
+    stored = env.store.get(cid, LOCAL_KEY)
+    return stored if stored is not None else env.algo.split(env.wb.template)[1]
+
+
+def receive_broadcast(env: ClientEnv, cid: int, rnd: int, data: bytes) -> tuple[State, dict[str, State]]:
+    ref = env.algo.down_reference(cid, env.wb.template)
+    ctx = CodecContext("down", rnd, cid, ref, seed=env.exp.seed, store=env.store)
+    received, _ = env.down.decode(data, ctx)
+    return split_broadcast(received)
+
+
+def train(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+    t0 = time.perf_counter()
+    conf = envelope.conf
+    cid, rnd = check_addressed(env, envelope), int(conf["round"])
+    tag, accepted = decode_settle(str(conf.get("settle", "")))
+    env.store.settle(cid, tag, accepted)
+    env.store.stage(cid, str(conf["tag"]))
+    shared, groups = receive_broadcast(env, cid, rnd, envelope.data)
+    local = local_part(env, cid)
+    inst = Instruction(round=rnd, cid=cid, state={**shared, **local}, config=json.loads(conf.get("instruction", "{}")), broadcast=groups)
+    ctx = env.wb.context(cid, rnd, on_step=env.on_step, store=env.store)
+    for mw in env.middleware(cid):
+        ctx.examples = mw.before_train(ctx.examples, ctx)
+    update = env.algo.local_update(inst, ctx)
+    if local:
+        env.store.put(cid, LOCAL_KEY, {k: local[k] + update.payload[k].to(local[k].dtype) for k in local})
+        update = replace(update, payload={k: v for k, v in update.payload.items() if k not in local})
+    for mw in env.middleware(cid):
+        update = mw.after_train(update, ctx)
+    reference = env.algo.payload_spec(cid, shared)
+    up_ctx = CodecContext("up", rnd, cid, reference, seed=env.exp.seed, store=env.store)
+    encoded = env.up.encode(update.payload, update_meta(cid, update, env.wb.fingerprint), up_ctx)
+    info = {f"stage.{k}": float(v) for k, v in encoded.stage_bytes.items()}
+    info["client_s"] = time.perf_counter() - t0
+    return encoded.data, info
+
+
+def evaluate(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+    conf = envelope.conf
+    cid = check_addressed(env, envelope)
+    view = str(conf.get("view", ""))
+    if view:
+        env.store.current[cid] = view  # read this round's accepted writes, commit nothing
+    try:
+        shared = from_bytes(envelope.data).tensors
+        state = {**shared, **local_part(env, cid)}
+    finally:
+        env.store.current.pop(cid, None)
+    items = env.wb.eval_examples(cid)
+    if not items:
+        return to_bytes(Payload({}, {"num_examples": "0"})), {"num_examples": 0.0}
+    metrics = env.wb.evaluate(state, env.wb.batches(items))
+    meta = {f"metric.{k}": repr(float(v)) for k, v in metrics.items()}
+    return to_bytes(Payload({}, {**meta, "num_examples": str(len(items))})), {"num_examples": float(len(items))}
+
+
+def handle(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+    """Answer one message: (reply bytes, numbers the client reports about itself)."""
+    if envelope.phase == TRAIN:
+        return train(env, envelope)
+    if envelope.phase == EVALUATE:
+        return evaluate(env, envelope)
+    phase_handler = getattr(env.algo, "client_phase", None)
+    if phase_handler is None:
+        raise ValueError(f"client {envelope.cid}: unknown message phase '{envelope.phase}'")
+    return phase_handler(env, envelope)

@@ -1,0 +1,363 @@
+"""The round loop: it exists once, and runs over any Transport.
+
+Per round: sample clients (runtime/sampling.py); configure one instruction each
+(``Algorithm.configure``); encode each broadcast with the downlink chain (its bytes
+counted; the server decodes its own broadcast into its mirror store, so the ``delta``
+stage works across machines); decide simulated dropouts and deadline stragglers
+(runtime/faults.py); send the rest through the transport; check, decode and validate every
+reply (runtime/receive.py), counting every received payload; aggregate the accepted ones
+(``Algorithm.aggregate``: steps, rule, server half, server optimizer); evaluate; ask the
+clients to evaluate on their own held-out slices (``eval.clients``); append the round to
+metrics.jsonl; checkpoint (runtime/checkpoint.py); settle the mirror store.
+
+A round with fewer than ``federation.min_clients`` accepted updates is retried with a
+fresh sample or skipped, never aggregated. Client-store writes are staged per client and
+settled by the server's decision, delivered with the next message to that client
+(runtime/store.py), so a rejected, failed or timed-out client, or a round redone after a
+resume, never leaves a write behind, on any transport.
+
+Every random choice derives from (seed, round, attempt, client); a run resumed from its
+last checkpoint ends bit-identical to an uninterrupted one at the same thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedfm.codecs import CodecChain, CodecContext
+from fedfm.codecs.base import Payload
+from fedfm.codecs.serialize import from_bytes, to_bytes
+from fedfm.core.protocols import EVALUATE, TRAIN, Envelope, RoundContext, Transport
+from fedfm.core.seeding import derive_seed
+from fedfm.core.types import MODEL, Instruction, ServerState, Update, flatten_groups, unflatten_groups
+from fedfm.learners.loop import planned_steps
+from fedfm.runtime.algorithm import build_algorithm
+from fedfm.runtime.checkpoint import Checkpointer, config_digest
+from fedfm.runtime.faults import judge_client
+from fedfm.runtime.outputs import RunWriter, peak_rss_mb
+from fedfm.runtime.progress import RunProgress
+from fedfm.runtime.receive import receive_update
+from fedfm.runtime.sampling import sample_clients
+from fedfm.runtime.store import ClientStore, round_tag
+from fedfm.runtime.wire import broadcast_payload, encode_settle, plain_config
+
+log = logging.getLogger("fedfm.runtime")
+AGGREGATE_TAG = 0xA66
+
+
+class ResumeError(ValueError):
+    """A run directory that cannot be resumed (or started) with this config."""
+
+
+@dataclass
+class RoundLog:
+    """What happened to the sampled clients of one round, over all its attempts."""
+
+    sampled: list[int] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    attempts: int = 0
+    up_stages: dict[str, int] = field(default_factory=dict)
+
+    def note(self, kind: str, cid: int, attempt: int, **info: Any) -> None:
+        entry = {"cid": cid, **info}
+        if attempt:
+            entry["attempt"] = attempt
+        getattr(self, kind).append(entry)
+
+    def add_stages(self, info: dict[str, float]) -> None:
+        stages = {k[len("stage."):]: int(v) for k, v in info.items() if k.startswith("stage.")}
+        for k, v in stages.items():
+            self.up_stages[k] = self.up_stages.get(k, 0) + v
+        if stages:
+            self.up_stages["payloads"] = self.up_stages.get("payloads", 0) + 1
+
+
+def worst_decile(values: list[float]) -> float:
+    """Mean of the lowest tenth of ``values`` (at least one value)."""
+    k = max(1, math.ceil(len(values) / 10))
+    return float(np.mean(sorted(values)[:k]))
+
+
+class RoundLoop:
+    def __init__(self, exp, out: str | Path, transport: Transport, workbench, *, resume: bool = False,
+                 overwrite: bool = False, progress: RunProgress | None = None, backend: str = "local"):
+        self.exp, self.out, self.transport, self.wb = exp, Path(out), transport, workbench
+        self.resume, self.overwrite, self.backend = resume, overwrite, backend
+        self.prog = progress or RunProgress(exp.rounds, False)
+        self.algo = build_algorithm(exp)
+        self.up = CodecChain.from_specs(exp.codecs.up, "codecs.up")
+        self.down = CodecChain.from_specs(exp.codecs.down, "codecs.down")
+        self.mirror = ClientStore(self.out / "server" / "mirror")
+        self.ckpt = Checkpointer(self.out, exp.server.keep_checkpoints)
+        self.outcomes: dict[int, tuple[str, bool]] = {}  # each contacted client's last decision
+        self.mirror_outcomes: dict[int, tuple[str, bool]] = {}  # this round's, for the mirror
+        self.warnings: list[str] = []
+
+    # -- one round ------------------------------------------------------------------
+
+    def _broadcast(self, rnd: int, inst: Instruction, tag: str, rlog: RoundLog) -> bytes:
+        cid = inst.cid
+        self.mirror.stage(cid, tag)
+        ref = self.algo.down_reference(cid, self.wb.template)
+        ctx = CodecContext("down", rnd, cid, ref, seed=self.exp.seed, store=self.mirror)
+        sent = self.down.encode(broadcast_payload(inst), {"round": str(rnd)}, ctx)
+        rlog.bytes_down += sent.nbytes
+        self.down.decode(sent.data, ctx)  # the mirror of what the client will reconstruct
+        return sent.data
+
+    def _envelope(self, rnd: int, attempt: int, inst: Instruction, data: bytes) -> Envelope:
+        conf = {
+            "round": rnd,
+            "attempt": attempt,
+            "cid": inst.cid,
+            "tag": round_tag(rnd, attempt),
+            "settle": encode_settle(self.outcomes.get(inst.cid)),
+            "fingerprint": self.wb.fingerprint,
+            "instruction": plain_config(inst.config),
+        }
+        return Envelope(inst.cid, TRAIN, conf, data)
+
+    def _attempt(self, rnd: int, attempt: int, server_state: ServerState, rlog: RoundLog) -> tuple[list[Update], list[int]]:
+        exp = self.exp
+        sampled = sample_clients(exp, self.wb.clients, rnd, attempt)
+        rlog.sampled = [c.cid for c in sampled]
+        rlog.attempts = attempt + 1
+        tag = round_tag(rnd, attempt)
+        self.prog.start_round(rnd, len(sampled))
+        instructions = self.algo.configure(rnd, server_state, sampled)
+        envelopes = []
+        for c in sampled:
+            data = self._broadcast(rnd, instructions[c.cid], tag, rlog)
+            self.mirror_outcomes[c.cid] = (tag, False)
+            steps = planned_steps(len(c.indices), exp.train)
+            verdict = judge_client(exp.faults, exp.seed, rnd, attempt, c.cid, steps)
+            if verdict.reason is not None:
+                rlog.note("dropped", c.cid, attempt, reason=verdict.reason)
+                continue
+            envelopes.append(self._envelope(rnd, attempt, instructions[c.cid], data))
+        replies = self.transport.exchange(envelopes)
+        accepted: list[Update] = []
+        for e in envelopes:
+            cid, reply = e.cid, replies.get(e.cid)
+            self.outcomes[cid] = (tag, False)
+            if reply is None or reply.error is not None:
+                error = "no reply in time" if reply is None else reply.error
+                log.warning("round %d: client %d failed: %s", rnd, cid, error)
+                rlog.note("failed", cid, attempt, error=error)
+                continue
+            rlog.bytes_up += len(reply.data)
+            rlog.add_stages(reply.info)
+            spec = self.algo.payload_spec(cid, server_state[MODEL])
+            expected = self.wb.fingerprint if exp.server.check_fingerprint else None
+            update, reason = receive_update(self.up, reply.data, rnd, cid, spec, exp.seed, exp.server.max_update_bytes, expected)
+            if update is None:
+                log.warning("round %d: update of client %d rejected: %s", rnd, cid, reason)
+                rlog.note("rejected", cid, attempt, reason=reason)
+                continue
+            accepted.append(update)
+            self.outcomes[cid] = self.mirror_outcomes[cid] = (tag, True)
+        return accepted, [e.cid for e in envelopes]
+
+    def _round(self, rnd: int, server_state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+        fed = self.exp.federation
+        rlog = RoundLog()
+        self.mirror_outcomes = {}
+        attempt, skipped = 0, None
+        while True:
+            updates, contacted = self._attempt(rnd, attempt, server_state, rlog)
+            if len(updates) >= fed.min_clients:
+                break
+            for u in updates:  # an attempt with too few updates counts for nothing
+                self.outcomes[u.cid] = self.mirror_outcomes[u.cid] = (round_tag(rnd, attempt), False)
+            if fed.on_too_few == "retry" and attempt < fed.max_retries:
+                attempt += 1
+                continue
+            skipped = f"{len(updates)} of min_clients {fed.min_clients} returned after {attempt + 1} attempt(s)"
+            log.warning("round %d skipped: %s", rnd, skipped)
+            updates = []
+            break
+        agg_metrics: dict[str, Any] = {}
+        if updates:
+            gen = torch.Generator().manual_seed(derive_seed(self.exp.seed, rnd, AGGREGATE_TAG))
+            ctx = RoundContext(rnd, self.exp.seed, gen, len(self.wb.clients), self.wb.clients, self.wb, attempt)
+            server_state, agg_metrics = self.algo.aggregate(server_state, updates, ctx)
+        train_loss = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
+        row: dict[str, Any] = {
+            "round": rnd,
+            "train_loss": float(np.mean(train_loss)) if train_loss else None,
+            "bytes_up": rlog.bytes_up,
+            "bytes_down": rlog.bytes_down,
+            "clients": [u.cid for u in updates],
+            "sampled": rlog.sampled,
+            "dropped": rlog.dropped,
+            "failed": rlog.failed,
+            "rejected": rlog.rejected,
+            "attempts": rlog.attempts,
+            "skipped": skipped,
+            **{k: v for k, v in agg_metrics.items() if k != "aggregated"},
+        }
+        row["codec_bytes"] = {"up": rlog.up_stages, "down": self.down.take_totals()}
+        return server_state, row
+
+    # -- per-client evaluation --------------------------------------------------------
+
+    def _client_eval(self, rnd: int, server_state: ServerState, row: dict[str, Any]) -> dict[str, Any]:
+        mode = self.exp.eval.clients
+        cids = [c.cid for c in self.wb.clients] if mode == "all" else list(row["sampled"])
+        cids = [c for c in cids if self.wb.clients[c].eval_indices]
+        data = to_bytes(Payload(dict(self.algo.model_state(server_state)), {"round": str(rnd)}))
+        envelopes = []
+        for cid in cids:
+            outcome = self.outcomes.get(cid)
+            view = outcome[0] if outcome is not None and outcome[1] else ""
+            conf = {"round": rnd, "cid": cid, "fingerprint": self.wb.fingerprint, "view": view}
+            envelopes.append(Envelope(cid, EVALUATE, conf, data))
+        replies = self.transport.exchange(envelopes)
+        acc, loss, up = [], [], 0
+        for e in envelopes:
+            reply = replies.get(e.cid)
+            if reply is None or reply.error is not None:
+                log.warning("round %d: client %d could not evaluate: %s", rnd, e.cid, None if reply is None else reply.error)
+                continue
+            up += len(reply.data)
+            meta = from_bytes(reply.data).meta
+            if "metric.accuracy" in meta:
+                acc.append(float(meta["metric.accuracy"]))
+            if "metric.loss" in meta:
+                loss.append(float(meta["metric.loss"]))
+        out: dict[str, Any] = {"client_eval_bytes_down": len(data) * len(envelopes), "client_eval_bytes_up": up}
+        if acc:
+            out.update(client_accuracy_mean=float(np.mean(acc)), client_accuracy_worst10=worst_decile(acc), client_evaluated=len(acc))
+        if loss:
+            out["client_loss_mean"] = float(np.mean(loss))
+        return out
+
+    # -- the run --------------------------------------------------------------------
+
+    def _fresh(self) -> ServerState:
+        if self.ckpt.rounds() and not self.overwrite:
+            raise ResumeError(
+                f"{self.out} holds a run with checkpoints (rounds {self.ckpt.rounds()}); "
+                "continue it with --resume, or replace it with --overwrite"
+            )
+        self.ckpt.clear()
+        for sub in ("server", "clients"):  # derived state of a replaced or unfinished run
+            shutil.rmtree(self.out / sub, ignore_errors=True)
+        self.mirror = ClientStore(self.out / "server" / "mirror")
+        self.outcomes = {}
+        return self.algo.init(self.wb.initial_state())
+
+    def _start(self) -> tuple[int, ServerState, RunWriter, int | None]:
+        """(first round to run, server state, writer, round resumed after or None)."""
+        ck = self.ckpt.load_latest() if self.resume else None
+        if ck is None:
+            if self.resume:
+                log.warning("no checkpoint under %s: starting from round 1", self.ckpt.dir)
+            server_state = self._fresh()
+            writer = RunWriter(self.out, self.exp)
+            t0 = time.perf_counter()
+            first = self.wb.evaluate(self.algo.model_state(server_state))
+            row = {"round": 0, **first, "bytes_up": 0, "bytes_down": 0, "clients": [], "wall_s": time.perf_counter() - t0}
+            writer.log_round(row)
+            self.prog.end_round(0, row)
+            self._checkpoint(0, server_state)
+            return 1, server_state, writer, None
+        digest = config_digest(self.exp)
+        if ck.info.get("config_digest") != digest:
+            old = ck.info.get("config", {})
+            new = {k: v for k, v in self.exp.dump().items() if k in old}
+            differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ResumeError(f"--resume: the config differs from the checkpointed run in {differ or 'its digest'}")
+        threads = ck.info.get("threads")
+        if threads != torch.get_num_threads():
+            msg = (f"--resume: the run was checkpointed with {threads} torch threads and continues with "
+                   f"{torch.get_num_threads()}; float sums depend on the thread count, so the result will not be "
+                   "bit-identical to an uninterrupted run (set runtime.threads to keep it)")
+            log.warning(msg)
+            self.warnings.append(msg)
+        server_state = {MODEL: ck.state, **unflatten_groups(ck.algorithm)}
+        self.outcomes = {int(c): (t, bool(a)) for c, (t, a) in ck.info.get("client_outcomes", {}).items()}
+        self.mirror.settle_all({int(c): (t, bool(a)) for c, (t, a) in ck.info.get("mirror_outcomes", {}).items()})
+        writer = RunWriter(self.out, self.exp, resume_round=ck.round)
+        log.info("resuming %s after round %d", self.out, ck.round)
+        return ck.round + 1, server_state, writer, ck.round
+
+    def _checkpoint(self, rnd: int, server_state: ServerState) -> None:
+        if self.exp.server.checkpoint:
+            config = {k: v for k, v in self.exp.dump().items() if k not in ("rounds", "runtime", "name")}
+            info = {
+                "config_digest": config_digest(self.exp),
+                "config": config,
+                "threads": torch.get_num_threads(),
+                "backend": self.backend,
+                "client_outcomes": {str(c): list(o) for c, o in sorted(self.outcomes.items())},
+                "mirror_outcomes": {str(c): list(o) for c, o in sorted(self.mirror_outcomes.items())},
+            }
+            rest = {g: s for g, s in server_state.items() if g != MODEL}
+            self.ckpt.save(rnd, server_state[MODEL], flatten_groups(rest), info)
+        for cid, (tag, accepted) in sorted(self.mirror_outcomes.items()):
+            self.mirror.settle(cid, tag, accepted)
+        self.mirror_outcomes = {}
+
+    def run(self) -> dict[str, Any]:
+        exp, wb = self.exp, self.wb
+        t_start = time.perf_counter()
+        with self.prog:
+            start, server_state, writer, resumed_from = self._start()
+            for rnd in range(start, exp.rounds + 1):
+                t0 = time.perf_counter()
+                server_state, row = self._round(rnd, server_state)
+                evaluating = rnd % exp.eval.every == 0 or rnd == exp.rounds
+                if evaluating:
+                    row.update(wb.evaluate(self.algo.model_state(server_state)))
+                    if exp.eval.clients != "none":
+                        row.update(self._client_eval(rnd, server_state, row))
+                row["wall_s"] = time.perf_counter() - t0
+                writer.log_round(row)
+                self._checkpoint(rnd, server_state)
+                self.prog.end_round(rnd, row)
+        final = self.algo.model_state(server_state)
+        summary = self._summary(writer.rows, time.perf_counter() - t_start, resumed_from)
+        writer.finish(final, summary)
+        self.final_state = final
+        self.server_state = server_state
+        finish = getattr(wb.task, "finish", None)  # optional end-of-run hook (causal LM generations)
+        if finish is not None:
+            finish(wb.model, wb.tokenizer, self.out, wb.federation.frame.iloc[wb.federation.test_indices])
+        return summary
+
+    def _summary(self, rows: list[dict[str, Any]], wall_s: float, resumed_from: int | None) -> dict[str, Any]:
+        first, last = rows[0], rows[-1]
+        evaluated = [r for r in rows if "loss" in r]
+        last_eval = evaluated[-1] if evaluated else last
+        return {
+            "name": self.exp.name,
+            "backend": self.backend,
+            "rounds": self.exp.rounds,
+            "final": {k: last_eval.get(k) for k in ("accuracy", "loss") if k in last_eval},
+            "initial": {k: first.get(k) for k in ("accuracy", "loss") if k in first},
+            "total_bytes_up": sum(r.get("bytes_up", 0) for r in rows),
+            "total_bytes_down": sum(r.get("bytes_down", 0) for r in rows),
+            "skipped_rounds": [r["round"] for r in rows if r.get("skipped")],
+            "dropped": sum(len(r.get("dropped", [])) for r in rows),
+            "failed": sum(len(r.get("failed", [])) for r in rows),
+            "rejected": sum(len(r.get("rejected", [])) for r in rows),
+            "resumed_from": resumed_from,
+            "warnings": self.warnings,
+            "wall_s": wall_s,
+            "peak_rss_mb": peak_rss_mb(),
+            "fingerprint": self.wb.fingerprint,
+        }
