@@ -44,9 +44,7 @@ def run(
     out = out or Path("runs") / exp.name
     try:
         if exp.runtime.backend == "flower":
-            if resume:
-                raise ValueError("--resume: the flower backend does not resume runs; use runtime.backend: local")
-            summary = _run_flower(exp, out)
+            summary = _run_flower(exp, out, resume)
         else:
             summary = run_local(exp, out, progress=progress and exp.runtime.progress, resume=resume)
     except (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError) as exc:
@@ -60,7 +58,7 @@ def run(
     )
 
 
-def _run_flower(exp, out: Path) -> dict:
+def _run_flower(exp, out: Path, resume: bool = False) -> dict:
     """``runtime.backend: flower``: the Ray simulation here, or a run on a SuperLink."""
     import json
 
@@ -70,10 +68,10 @@ def _run_flower(exp, out: Path) -> dict:
     if exp.runtime.flower.mode == "simulation":
         from fedfm.runtime.flower.simulation import run_flower_simulation
 
-        return run_flower_simulation(exp, out)
+        return run_flower_simulation(exp, out, resume=resume)
     from fedfm.runtime.flower.deployment import submit
 
-    done = submit(exp, out)
+    done = submit(exp, out, resume=resume)
     if done.returncode != 0:
         raise RuntimeError(f"flwr run failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     summary = Path(out) / "summary.json"

@@ -149,7 +149,7 @@ def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | P
     return path
 
 
-def run_config_file(exp, out: str | Path, path: str | Path) -> Path:
+def run_config_file(exp, out: str | Path, path: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """The run-config overrides (TOML) that carry the experiment to every node."""
     import tomli_w
 
@@ -159,7 +159,8 @@ def run_config_file(exp, out: str | Path, path: str | Path) -> Path:
         exp = exp.model_copy(deep=True)
         exp.data.path = str(Path(exp.data.path).expanduser().resolve())  # the ServerApp runs elsewhere
     path = Path(path)
-    path.write_text(tomli_w.dumps({"experiment": experiment_text(exp), "out": str(Path(out).resolve())}))
+    body = {"experiment": experiment_text(exp), "out": str(Path(out).resolve()), "resume": bool(resume), "overwrite": bool(overwrite)}
+    path.write_text(tomli_w.dumps(body))
     return path
 
 
@@ -174,10 +175,10 @@ def submit_command(exp, out: str | Path, superlink: str | None, run_config: str 
     return cmd
 
 
-def submit(exp, out: str | Path, superlink: str | None = None, app_dir: str | Path | None = None, env: dict[str, str] | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+def submit(exp, out: str | Path, superlink: str | None = None, app_dir: str | Path | None = None, env: dict[str, str] | None = None, timeout: float | None = None, resume: bool = False, overwrite: bool = False) -> subprocess.CompletedProcess:
     """``flwr run`` the experiment on a running SuperLink and wait for it (``--stream``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rc_path = run_config_file(exp, out, out / "flower-run-config.toml")
+    rc_path = run_config_file(exp, out, out / "flower-run-config.toml", resume, overwrite)
     cmd = submit_command(exp, out, superlink or exp.runtime.flower.superlink, rc_path, app_dir)
     return subprocess.run(cmd, env=flower_env(env), timeout=timeout, capture_output=True, text=True)

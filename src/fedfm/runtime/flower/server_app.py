@@ -1,15 +1,18 @@
-"""The fedfm ServerApp: ``FlowerServer`` behind Flower's ``@app.main()``.
+"""The fedfm ServerApp: the one round loop (``runtime/loop.py``) over ``FlowerTransport``.
 
 Run config keys (``[tool.flwr.app.config]`` of the shipped app, overridden per run by
 ``fedfm flower submit`` or ``flwr run --run-config``):
 
 - ``experiment``: the experiment as JSON text (``payload.experiment_text``);
 - ``out``: the run directory on the machine that runs the ServerApp (default
-  ``runs/<name>`` relative to that process's working directory).
+  ``runs/<name>`` relative to that process's working directory);
+- ``resume`` / ``overwrite``: continue the run in ``out`` from its last checkpoint, or
+  replace it (as ``fedfm run --resume`` / ``--overwrite``).
 
-``app`` reads them from Flower's Context (``flwr run``); ``make_server_app(defaults)``
-builds an app with a fixed run config (``fedfm run`` with the simulation runtime),
-and puts the run summary in ``result`` for the caller.
+The server side loads only what it needs: the base model (for evaluation and server
+steps) and the test set; clients' examples are never tokenized here.
+``make_server_app(defaults)`` builds an app with a fixed run config (``fedfm run`` with
+the simulation runtime) and puts the run summary in ``result`` for the caller.
 """
 
 from __future__ import annotations
@@ -23,12 +26,19 @@ from flwr.serverapp import Grid, ServerApp
 from fedfm.runtime.flower.payload import experiment_from_text
 
 
+def truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
 def make_server_app(defaults: dict[str, Any] | None = None, result: dict[str, Any] | None = None) -> ServerApp:
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedfm.runtime.flower.server import FlowerServer
+        from fedfm.runtime.flower.transport import FlowerTransport
+        from fedfm.runtime.loop import RoundLoop
+        from fedfm.runtime.progress import RunProgress
+        from fedfm.runtime.workbench import Workbench
 
         settings = {**dict(context.run_config), **(defaults or {})}
         exp = experiment_from_text(str(settings.get("experiment", "")))
@@ -37,11 +47,19 @@ def make_server_app(defaults: dict[str, Any] | None = None, result: dict[str, An
 
             torch.set_num_threads(exp.runtime.threads)
         out = str(settings.get("out") or "") or str(Path("runs") / exp.name)
-        runner = FlowerServer(exp, out, grid)
-        summary = runner.run()
+        mode = exp.runtime.flower.mode
+        transport = FlowerTransport(grid, exp.federation.clients, exp.runtime.flower, mode)
+        loop = RoundLoop(
+            exp, out, transport, Workbench(exp),
+            resume=truthy(settings.get("resume", False)),
+            overwrite=truthy(settings.get("overwrite", False)),
+            progress=RunProgress(exp.rounds, bool(settings.get("progress", False)) and exp.runtime.progress),
+            backend=transport.name,
+        )
+        summary = loop.run()
         if result is not None:
             result["summary"] = summary
-            result["state"] = runner.final_state
+            result["state"] = loop.final_state
 
     return server
 

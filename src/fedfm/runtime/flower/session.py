@@ -1,6 +1,6 @@
 """One client's side of a Flower run: its data, the base model, the codec chains.
 
-A ``ClientSession`` is what a ClientApp process needs to answer ``train`` messages. It is
+A ``ClientEnv`` (runtime/client.py) is what a ClientApp process needs to answer messages. It is
 built once per (experiment, client, data location) and kept in a module-level cache, so a
 ClientApp process that Flower keeps alive across rounds (Ray actors in simulation) loads
 the foundation model once per run, not once per round.
@@ -17,34 +17,20 @@ Where the client's data comes from:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedfm.codecs import CodecChain
 from fedfm.config import DataConfig
-from fedfm.core.types import ClientSpec, State
+from fedfm.core.types import ClientSpec
 from fedfm.data import Federation, load_source
-from fedfm.runtime.algorithm import Algorithm
+from fedfm.runtime.algorithm import build_algorithm
+from fedfm.runtime.client import ClientEnv
 from fedfm.runtime.store import ClientStore
 from fedfm.runtime.workbench import Workbench
 
-_SESSIONS: dict[tuple[str, str], "ClientSession"] = {}
-
-
-@dataclass
-class ClientSession:
-    """One loaded base model and the data of the client(s) this process serves."""
-
-    exp: object
-    wb: Workbench
-    algo: Algorithm
-    up: CodecChain
-    down: CodecChain
-    store: ClientStore
-    template: State  # names, shapes and dtypes of the shared State (the downlink reference)
+_SESSIONS: dict[tuple[str, str], ClientEnv] = {}
 
 
 def check_cid(exp, cid: int) -> int:
@@ -65,7 +51,7 @@ def owner_federation(exp, cid: int, data_path: str) -> Federation:
     return Federation(frame=frame, clients=clients, test_indices=np.array([], dtype=int))
 
 
-def open_session(exp, key: str, cid: int, data_path: str | None, store_dir: str | Path, keep: bool = True) -> ClientSession:
+def open_session(exp, key: str, cid: int, data_path: str | None, store_dir: str | Path, keep: bool = True) -> ClientEnv:
     """The cached session for (config hash, data location), built on first use.
 
     Without ``data_path`` the session holds every partition of the experiment's source
@@ -78,16 +64,7 @@ def open_session(exp, key: str, cid: int, data_path: str | None, store_dir: str 
     if exp.runtime.threads:
         torch.set_num_threads(exp.runtime.threads)
     federation = owner_federation(exp, cid, data_path) if data_path else None
-    wb = Workbench(exp, federation)
-    session = ClientSession(
-        exp=exp,
-        wb=wb,
-        algo=Algorithm(exp),
-        up=CodecChain.from_specs(exp.codecs.up, "codecs.up"),
-        down=CodecChain.from_specs(exp.codecs.down, "codecs.down"),
-        store=ClientStore(store_dir),
-        template={k: v.detach().clone() for k, v in wb.initial_state().items()},
-    )
+    session = ClientEnv.build(exp, Workbench(exp, federation), build_algorithm(exp), ClientStore(store_dir))
     if keep:
         _SESSIONS.clear()  # one run at a time per process: drop another run's model
         _SESSIONS[cache_key] = session

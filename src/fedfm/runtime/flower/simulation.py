@@ -45,8 +45,9 @@ def backend_config(exp) -> dict[str, Any]:
     }
 
 
-def run_flower_simulation(exp, out: str | Path) -> dict[str, Any]:
-    """Run ``exp`` on the Ray simulation runtime; returns the run summary."""
+def run_flower_simulation(exp, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run ``exp`` on the Ray simulation runtime; returns the run summary. ``resume``
+    continues the run in ``out`` from its last checkpoint, as on the local backend."""
     from fedfm.runtime.flower import require_flwr
 
     require_flwr()
@@ -61,7 +62,7 @@ def run_flower_simulation(exp, out: str | Path) -> dict[str, Any]:
     from fedfm.runtime.flower.server_app import make_server_app
 
     out = Path(out).resolve()
-    settings = {"experiment": experiment_text(exp), "out": str(out)}
+    settings = {"experiment": experiment_text(exp), "out": str(out), "resume": resume, "overwrite": overwrite}
     result: dict[str, Any] = {}
     run_simulation(
         server_app=make_server_app(settings, result),
