@@ -1,14 +1,22 @@
-"""Stochastic uniform quantization of what travels (QSGD-style; Alistarh, Grubic, Li,
-Tomioka and Vojnovic 2017, "QSGD: Communication-Efficient SGD via Gradient Quantization
-and Encoding").
+"""Stochastic uniform quantization of what travels: unbiased stochastic rounding onto
+evenly spaced levels between -max|x| and +max|x| of each tensor or block.
+
+This is not QSGD (Alistarh, Grubic, Li, Tomioka and Vojnovic 2017, "QSGD:
+Communication-Efficient SGD via Gradient Quantization and Encoding"), which sends the
+vector's l2 norm, each entry's sign and a stochastically rounded ``|x_i| / ||x||_2`` on
+``s`` levels in [0, 1], then Elias-codes the result. Here there is no norm/sign split and
+no entropy coding: the scale is ``max |x|`` and the codes are fixed-width. What the two
+share is the unbiased stochastic rounding between two neighbouring levels.
 
 Each floating tensor is cut into blocks of ``block`` entries (``block: null``: one block
 per tensor). A block with scale ``m = max |x|`` is mapped onto ``L = 2**bits`` evenly
 spaced levels ``-m + c * s`` with ``s = 2m / (L - 1)``, ``c`` in ``0..L-1``. Rounding is
 stochastic: ``c = floor((x + m) / s + u)``, ``u ~ U[0, 1)``, so ``E[x_hat] = x`` exactly
-(unbiased) and ``Var[x_hat] <= s**2 / 4`` per entry. ``stochastic: false`` rounds to the
-nearest level instead (biased, lower variance). The noise comes from a torch.Generator
-seeded by (seed, round, client, direction, tensor name): runs are reproducible.
+(unbiased), ``|x_hat - x| < s`` and ``Var[x_hat] <= s**2 / 4`` per entry. The number of
+levels is even, so 0 is not a level: a zero entry decodes to ``+-s/2`` (zero on average).
+``stochastic: false`` rounds to the nearest level instead (biased, ``|x_hat - x| <=
+s/2``). The noise comes from a torch.Generator seeded by (seed, round, client, direction,
+tensor name): runs are reproducible. tests/test_codec_tolerances.py checks these bounds.
 
 Codes are bit-packed (codecs/packing.py): ``t`` becomes ``t.__q`` (ceil(n*bits/8) uint8)
 and ``t.__scale`` (one float32 per block); meta ``t.__q`` = ``"<n>,<dtype>,<shape>"``. Any

@@ -1,6 +1,13 @@
-"""Salience-selected parameter subsets (RaFFM: Yu et al. 2023, "Bridging the Gap
-Between Foundation Models and Heterogeneous Federated Learning"): rank the weights of
-the targeted linear layers by their l1 or l2 magnitude and train only the top fraction.
+"""Salience-selected parameter subsets: rank the weights of the targeted linear layers by
+their l1 or l2 magnitude and train only the top fraction, one subset that every client
+trains.
+
+Inspired by RaFFM (Yu et al. 2023, "Bridging the Gap Between Foundation Models and
+Heterogeneous Federated Learning"), but not RaFFM: RaFFM uses salience to extract, for
+each client, a sub-model sized to that client's resources, and aggregates those
+heterogeneous sub-models. Here there is one selection, the same for every client and
+every round, of weights trained inside the full (frozen) model; clients do not differ in
+what they hold or train.
 
 Written by hand because ``peft`` has no magnitude-selected sparse fine-tuning. The
 selection is a pure function of the frozen pretrained weights, which every client

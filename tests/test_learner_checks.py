@@ -1,0 +1,49 @@
+"""Config-time checks of learner settings (fedfm.learners.checks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedfm.config import from_dict, load_config
+from fedfm.learners.checks import scaffold_config_problem
+
+from conftest import tiny_config
+
+
+def exp_with(tmp_path, learner: dict, **train):
+    raw = tiny_config(tmp_path, learner=learner)
+    raw["train"].update(train)
+    return from_dict(raw)
+
+
+@pytest.mark.parametrize("learner", [{"name": "scaffold"}, {"name": "scaffold", "control_update": "delta"}])
+def test_scaffold_option2_with_adamw_is_reported_with_the_reason(tmp_path, learner):
+    msg = scaffold_config_problem(exp_with(tmp_path, learner, optimizer="adamw"))
+    assert msg is not None
+    for words in ("control_update: 'delta'", "adamw", "(x - y)/(K lr)", "mean_grad"):
+        assert words in msg, words
+    assert ("(the default)" in msg) == ("control_update" not in learner)
+
+
+@pytest.mark.parametrize(
+    "learner, optimizer",
+    [
+        ({"name": "scaffold", "control_update": "mean_grad"}, "adamw"),
+        ({"name": "scaffold", "control_update": "mean_grad"}, "sgd"),
+        ({"name": "scaffold"}, "sgd"),  # option II is the paper's setting under plain SGD
+        ({"name": "local"}, "adamw"),
+        ({"name": "feddyn"}, "adamw"),
+    ],
+)
+def test_working_settings_pass(tmp_path, learner, optimizer):
+    assert scaffold_config_problem(exp_with(tmp_path, learner, optimizer=optimizer)) is None
+
+
+def test_every_example_config_passes():
+    root = Path(__file__).resolve().parents[1] / "examples"
+    paths = sorted(root.rglob("*.yaml"))
+    assert any(p.name == "scaffold.yaml" for p in paths)
+    for path in paths:
+        assert scaffold_config_problem(load_config(path)) is None, path

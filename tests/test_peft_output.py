@@ -1,0 +1,101 @@
+"""Every trainable tensor of every PEFT method changes the model's output.
+
+A tensor that travels and is trained but cannot move the logits is bytes for nothing (or a
+tuner wired to the wrong place). For each registered ``peft.method`` (and its main
+variants) on the tiny random BERT of conftest, in float64 so that rounding cannot pass for
+an effect:
+
+1. perturbing every trainable tensor of the State changes the logits on a fixed batch;
+2. from that perturbed State (so that LoRA's B, an adapter's up-projection, ... are no
+   longer zero and the tensors feeding them matter too), perturbing one trainable tensor
+   at a time changes the logits, for every tensor.
+
+The one exemption is exact: an attention *key* bias ``b_k`` adds ``q . b_k`` to every
+score of a query, the same for every key, and softmax is invariant to that shift; so BERT's
+``attention.self.key.bias`` never changes the output (its gradient is zero). Methods that
+train every bias (``full``, ``bitfit``) carry it; the test asserts that it is the only
+tensor without an effect. Effects seen: >= 1e-7 for live tensors (attention-score
+parameters of a random-init model are weak), <= 1e-15 for key biases.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedfm.config import from_dict
+from fedfm.peft import get_state, set_state, tuners
+from fedfm.runtime.workbench import Workbench
+
+from conftest import tiny_config
+
+# method -> its variants on the tiny model (the method's name is the first key)
+VARIANTS = {
+    "full": {"method": "full"},
+    "lora": {"method": "lora", "r": 4, "target_modules": ["query", "key", "value", "dense"]},
+    "ffa_lora": {"method": "ffa_lora", "r": 4},
+    "bitfit": {"method": "bitfit"},
+    "bitfit_no_ln": {"method": "bitfit", "include_layernorm": False},
+    "salience_rows": {"method": "salience", "fraction": 0.25},
+    "salience_elements": {"method": "salience", "fraction": 0.1, "granularity": "element"},
+    "adapter_houlsby": {"method": "adapter", "reduction_factor": 4},
+    "adapter_pfeiffer": {"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4},
+    "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 4},
+    "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 4},
+    "p_tuning": {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
+    "ia3": {"method": "ia3"},
+}
+NOISE = 0.1  # std of each perturbation
+LIVE = 1e-10  # max |change of a logit| above which a tensor has an effect (float64)
+KEY_BIAS = "attention.self.key.bias"
+
+
+def test_every_registered_method_is_covered():
+    assert set(tuners.names()) <= {v["method"] for v in VARIANTS.values()}
+
+
+def logits_fn(wb: Workbench, n: int = 8):
+    batch = wb.eval_batches()[0]
+    inputs = {"input_ids": batch["input_ids"][:n], "attention_mask": batch["attention_mask"][:n]}
+
+    def logits(state) -> torch.Tensor:
+        set_state(wb.model, state)
+        with torch.no_grad():
+            return wb.model(**inputs).logits
+
+    return logits
+
+
+def perturbed(state, gen: torch.Generator, names=None):
+    names = set(state) if names is None else set(names)
+    return {
+        k: (v + NOISE * torch.randn(v.shape, generator=gen, dtype=torch.float64) if k in names else v)
+        for k, v in state.items()
+    }
+
+
+@pytest.mark.parametrize("key", sorted(VARIANTS))
+def test_each_trainable_tensor_changes_the_logits(tmp_path, key):
+    raw = tiny_config(tmp_path)
+    raw["peft"] = VARIANTS[key]
+    wb = Workbench(from_dict(raw))
+    wb.model.double()
+    logits = logits_fn(wb)
+    start = {k: v.double() for k, v in get_state(wb.model).items()}
+    gen = torch.Generator().manual_seed(0)
+
+    before = logits(start)
+    base = perturbed(start, gen)
+    moved = logits(base)
+    assert float((moved - before).abs().max()) > 1e-4, f"{key}: perturbing the whole State left the logits unchanged"
+
+    effect = {}
+    for name in start:
+        effect[name] = float((logits(perturbed(base, gen, [name])) - moved).abs().max())
+    dead = sorted(n for n, e in effect.items() if e <= LIVE)
+    exempt = sorted(n for n in start if n.endswith(KEY_BIAS))
+    assert dead == exempt, f"{key}: trainable tensors without effect on the output: " + ", ".join(
+        f"{n} ({effect[n]:.1e})" for n in dead if n not in exempt
+    )
+    # The exemption is exact, not a weak effect: key biases move nothing beyond rounding.
+    assert all(effect[n] < 1e-12 for n in exempt)
