@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfm.config import from_dict, load_config
+from fedfm.config import ConfigError, from_dict, load_config
 from fedfm.learners.checks import scaffold_config_problem
 
 from conftest import tiny_config
@@ -18,13 +18,22 @@ def exp_with(tmp_path, learner: dict, **train):
     return from_dict(raw)
 
 
-@pytest.mark.parametrize("learner", [{"name": "scaffold"}, {"name": "scaffold", "control_update": "delta"}])
-def test_scaffold_option2_with_adamw_is_reported_with_the_reason(tmp_path, learner):
-    msg = scaffold_config_problem(exp_with(tmp_path, learner, optimizer="adamw"))
-    assert msg is not None
-    for words in ("control_update: 'delta'", "adamw", "(x - y)/(K lr)", "mean_grad"):
-        assert words in msg, words
-    assert ("(the default)" in msg) == ("control_update" not in learner)
+def test_scaffold_option2_with_adamw_is_refused_at_config_time_with_the_reason(tmp_path):
+    raw = tiny_config(tmp_path, learner={"name": "scaffold", "control_update": "delta"})
+    raw["train"]["optimizer"] = "adamw"
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw)
+    for words in ("learner.control_update: 'delta'", "adamw", "(x - y)/(K lr)", "mean_grad"):
+        assert words in str(err.value), words
+    # The same check on its own (a config built without validation).
+    exp = from_dict(tiny_config(tmp_path, learner={"name": "scaffold"}))
+    exp.learner = type(exp.learner)(name="scaffold", control_update="delta")
+    assert "(the default)" not in scaffold_config_problem(exp)
+
+
+def test_scaffold_defaults_to_the_working_variant(tmp_path):
+    exp = exp_with(tmp_path, {"name": "scaffold"}, optimizer="adamw")
+    assert scaffold_config_problem(exp) is None
 
 
 @pytest.mark.parametrize(
@@ -32,7 +41,7 @@ def test_scaffold_option2_with_adamw_is_reported_with_the_reason(tmp_path, learn
     [
         ({"name": "scaffold", "control_update": "mean_grad"}, "adamw"),
         ({"name": "scaffold", "control_update": "mean_grad"}, "sgd"),
-        ({"name": "scaffold"}, "sgd"),  # option II is the paper's setting under plain SGD
+        ({"name": "scaffold", "control_update": "delta"}, "sgd"),  # option II is the paper's setting under plain SGD
         ({"name": "local"}, "adamw"),
         ({"name": "feddyn"}, "adamw"),
     ],

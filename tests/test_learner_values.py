@@ -24,7 +24,7 @@ import torch
 from fedfm.config import from_dict
 from fedfm.core.types import Instruction, State
 from fedfm.learners import build_learner
-from fedfm.learners.scaffold import split_payload
+from fedfm.aggregators.scaffold import split_payload
 from fedfm.runtime.store import ClientStore
 from fedfm.runtime.workbench import Workbench
 
@@ -79,8 +79,8 @@ def start(wb) -> State:
 def instruction(state: State, rnd: int = 1, cid: int = CID, scaffold_c: State | None = None) -> Instruction:
     """What the server sends this client. SCAFFOLD's server control variate rides along
     here; only this helper knows how it travels."""
-    config = {} if scaffold_c is None else {"scaffold_c": scaffold_c}
-    return Instruction(rnd, cid, state, config)
+    groups = {} if scaffold_c is None else {"scaffold_c": scaffold_c}
+    return Instruction(rnd, cid, state, broadcast=groups)
 
 
 def one_step(wb, name: str, inst: Instruction, store=None, **params):

@@ -61,18 +61,16 @@ def validate_components(exp, source: str = "<config>") -> None:
 
 def combination_problems(exp) -> list[str]:
     """Settings that are each valid but cannot work together, with the reason."""
+    from fedfm.learners.checks import scaffold_config_problem
     from fedfm.runtime.roles import check_roles
 
     problems = []
     reason = check_roles(exp.federation.roles, exp.federation.clients)
     if reason is not None:
         problems.append(f"federation.roles: {reason}")
-    if exp.learner.name == "scaffold" and exp.learner.params().get("control_update") == "delta" and exp.train.optimizer == "adamw":
-        problems.append(
-            "learner.control_update: 'delta' (SCAFFOLD option II) assumes plain SGD local steps; with "
-            "train.optimizer adamw it does not converge (docs/algorithms.md). Use control_update: mean_grad "
-            "(the default) or train.optimizer: sgd"
-        )
+    scaffold = scaffold_config_problem(exp)
+    if scaffold is not None:
+        problems.append(scaffold)
     if exp.learner.name == "scaffold" and exp.peft.local:
         problems.append("peft.local: SCAFFOLD's control variates cover the shared State only; use another learner with local parameters")
     return problems

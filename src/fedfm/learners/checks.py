@@ -4,8 +4,7 @@ Each check takes an experiment (``fedfm.config.Experiment``) and returns a messa
 says what is wrong and why, or None. They read the learner's parameters through its
 registered schema, so a default that changes in the learner changes the check with it.
 
-``scaffold_config_problem``: SCAFFOLD's option II (``control_update: delta``, the
-learner's default) sets ``c_i+ = c_i - c + (x - y)/(K lr)``. That is the mean of the K raw
+``scaffold_config_problem``: SCAFFOLD's option II (``control_update: delta``) sets ``c_i+ = c_i - c + (x - y)/(K lr)``. That is the mean of the K raw
 minibatch gradients only under plain SGD; with AdamW each step moves a coordinate by about
 ``lr`` whatever the gradient's size, so ``(x - y)/(K lr)`` is of order 1 per coordinate,
 far above the gradients it is meant to correct. Measured in docs/algorithms.md: on the
