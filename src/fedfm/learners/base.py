@@ -30,6 +30,7 @@ class LocalContext:
     on_step: Callable[[int, int], None] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)  # the client's role and capacity (runtime/roles.py)
+    round: int = 0
 
 
 class Learner(Protocol):

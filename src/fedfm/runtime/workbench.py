@@ -94,6 +94,7 @@ class Workbench:
             store=store,
             on_step=on_step,
             profile=dict(self.federation.clients[cid].profile),
+            round=rnd,
         )
 
     def batches(self, items: list[dict]) -> list[dict[str, torch.Tensor]]:
