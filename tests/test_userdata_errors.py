@@ -54,7 +54,7 @@ def test_an_error_in_the_file_still_names_the_file(tmp_path):
 
 
 def test_an_override_that_is_not_yaml_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"override 'train.lr=\[1' : the value is not valid YAML|override 'train.lr=\[1': the value is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[1': the value is not valid YAML"):
         from_dict(tiny_config(tmp_path), "cfg.yaml", ["train.lr=[1"])
 
 
