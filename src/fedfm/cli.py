@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedfm.config import ConfigError, load_config
@@ -25,36 +26,132 @@ def _load(config: Path, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(2) from None
 
 
-@app.command()
+CONFIG_REFERENCE = 'Every config key: the "Config" section of README.md; a component\'s parameters: `fedfm list NAME`.'
+# Errors a user's input can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError)
+
+
+@app.command(epilog=CONFIG_REFERENCE)
 def run(
     config: Path,
     override: Overrides = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<name>)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     resume: Annotated[bool, typer.Option(help="continue from the last complete round checkpointed in --out")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace the run in --out (its files are kept until the new run's first checkpoint)")
+    ] = False,
 ):
-    """Run a federated experiment from a YAML config."""
-    exp = _load(config, override)
-    from fedfm.runtime import run_local
+    """Run a federated experiment from a YAML config.
 
+    A run directory that already holds files is used only with --resume (continue it) or --overwrite (replace it).
+    """
+    from fedfm.runtime.rundir import RunDirError, complete_summary, drop_replaced, prepare_run_dir, settle_failed_start
+
+    exp = _load(config, override)
     out = out or Path("runs") / exp.name
     try:
-        if exp.runtime.backend == "flower":
-            summary = _run_flower(exp, out, resume)
-        else:
-            summary = run_local(exp, out, progress=progress and exp.runtime.progress, resume=resume)
-    except (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        rd = prepare_run_dir(out, resume, overwrite)
+    except RunDirError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    if rd.resume_after is not None:
+        console.print(escape(f"resuming {out} after round {rd.resume_after}"))
+    try:
+        _check_inputs(exp, out)
+        summary = _execute(exp, out, progress, rd.mode == "resume")
+    except KeyboardInterrupt:
+        _interrupted(rd, _continue_command(config, override, out))
+    except USER_ERRORS as exc:
+        note = settle_failed_start(rd)
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        if note:
+            console.print(escape(note))
         raise typer.Exit(1) from None
+    except BaseException:
+        settle_failed_start(rd)
+        raise
+    drop_replaced(out)
+    _done(exp, complete_summary(out, summary), out)
+
+
+def _check_inputs(exp, out: Path) -> None:
+    """Data, labels and input length checked, and what loads said, before the model loads."""
+    from fedfm.data import build_federation, load_source, resolve_labels
+    from fedfm.runtime.outputs import write_labels
+    from fedfm.tasks.limits import validate_model_inputs
+
+    console.print(escape(f"loading data: {_what_data(exp)}"))
+    fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
+    labels = resolve_labels(exp, fed)
+    if labels is not None:
+        for line in labels.warnings:
+            console.print(f"[yellow]warning:[/] {escape(line)}")
+        shown = ", ".join(f"{name}={i}" for name, i in list(labels.mapping.items())[:10])
+        console.print(escape(f"labels: {shown}{' ...' if len(labels.mapping) > 10 else ''} (model.num_labels {labels.num_labels})"))
+    console.print(escape(f"loading model: {_what_model(exp)}"))
+    validate_model_inputs(exp)
+    if labels is not None:
+        write_labels(out, labels.mapping, labels.num_labels, exp.data.label_column)
+
+
+def _what_data(exp) -> str:
+    d = exp.data
+    where = f" {d.path}" if d.path else ""
+    return f"{d.source}{where}, {exp.federation.clients} clients ({exp.federation.partitioner.name})"
+
+
+def _what_model(exp) -> str:
+    m = exp.model
+    weights = "random init" if m.init == "random" else "pretrained weights"
+    return f"{m.package or m.path} ({m.task}, {weights}, {m.dtype})"
+
+
+def _execute(exp, out: Path, progress: bool, resume: bool) -> dict:
+    if exp.runtime.backend == "flower":
+        return _run_flower(exp, out, resume)
+    from fedfm.runtime import run_local
+
+    return run_local(exp, out, progress=progress and exp.runtime.progress, resume=resume)
+
+
+def _continue_command(config: Path, overrides: list[str] | None, out: Path) -> str:
+    import shlex
+
+    extra = "".join(f" -o {shlex.quote(o)}" for o in overrides or [])
+    return f"fedfm run {shlex.quote(str(config))}{extra} --out {shlex.quote(str(out))} --resume"
+
+
+def _interrupted(rd, command: str) -> None:
+    """Ctrl-C: say where the run stopped and how to go on; a start cut short is undone."""
+    from fedfm.runtime.rundir import checkpointed_rounds, last_round, settle_failed_start
+
+    note = settle_failed_start(rd)
+    n = last_round(rd.path) if note is None else None
+    if n is None:
+        console.print(f"[yellow]interrupted[/] before the first round was saved{'; ' + escape(note) if note else ''}")
+    elif not checkpointed_rounds(rd.path):
+        console.print(f"[yellow]interrupted[/] after round {n}; checkpoints are off (server.checkpoint), so it cannot be resumed")
+    else:
+        console.print(f"[yellow]interrupted[/] after round {n}; continue with: {escape(command)}")
+    raise typer.Exit(130)
+
+
+def _done(exp, summary: dict, out: Path) -> None:
+    from fedfm.runtime.progress import format_duration
+
     final = summary["final"]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if v is not None)
+    parts = summary.get("parts") or []
+    across = f" over {len(parts)} parts" if len(parts) > 1 else ""
     console.print(
         f"[green]done[/] {exp.name}: {shown}; up {summary['total_bytes_up']:,} B, "
-        f"down {summary['total_bytes_down']:,} B; {summary['wall_s']:.1f}s; peak RSS {summary['peak_rss_mb']:.0f} MB -> {out}"
+        f"down {summary['total_bytes_down']:,} B; {format_duration(summary['wall_s'])}{across}; "
+        f"peak RSS {summary['peak_rss_mb']:.0f} MB -> {out}"
     )
 
 
@@ -127,22 +224,29 @@ def flower_submit(
 
 @data_app.command("describe")
 def data_describe(config: Path, override: Overrides = None):
-    """Print one row per client: size, groups and label histogram."""
+    """Print one row per client: size, groups and label histogram; the label-to-id mapping
+    and warnings (a client, training set or test set with one class only)."""
     exp = _load(config, override)
-    from fedfm.data import build_federation, describe, load_source
+    from fedfm.data import build_federation, describe, load_source, resolve_labels
 
     try:
         fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
+        labels = resolve_labels(exp, fed)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
     df = describe(fed)
     table = Table(title=f"{exp.name}: {len(fed.clients)} clients, partitioner {exp.federation.partitioner.name}")
     for col in df.columns:
         table.add_column(str(col), justify="right")
     for _, row in df.iterrows():
-        table.add_row(*[str(v) for v in row.tolist()])
+        table.add_row(*[escape(str(v)) for v in row.tolist()])
     console.print(table)
+    if labels is not None:
+        mapping = ", ".join(f"{name} -> {i}" for name, i in labels.mapping.items())
+        console.print(escape(f"labels (label_<id> above): {mapping}; model.num_labels {labels.num_labels}"))
+        for line in labels.warnings:
+            console.print(f"[yellow]warning:[/] {escape(line)}")
 
 
 @app.command()
@@ -156,18 +260,74 @@ def report(
     try:
         page = build_report(list(dirs), out)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
     console.print(f"[green]report[/] -> {page}")
 
 
 @app.command("list")
-def list_components():
-    """List every registered component, by the YAML key that selects it."""
+def list_components(
+    name: Annotated[Optional[str], typer.Argument(help="a component (lora) or a YAML key (peft.method)")] = None,
+    params: Annotated[bool, typer.Option("--params", help="show the parameters of every component")] = False,
+):
+    """List every registered component by the YAML key that selects it; with NAME (or
+    --params), its parameters with their defaults and descriptions."""
     from fedfm.components import registries
 
-    for key, reg in registries().items():
-        console.print(f"[bold]{key}[/]: {', '.join(reg.names())}")
+    regs = registries()
+    if name is None and not params:
+        for key, reg in regs.items():
+            console.print(f"[bold]{key}[/]: {', '.join(reg.names())}")
+        return
+    if name is None:
+        found = [(key, e) for key, reg in regs.items() for e in reg.entries()]
+    elif name in regs or name in {k.split(".")[0] for k in regs}:
+        found = [(key, e) for key, reg in regs.items() if name in (key, key.split(".")[0]) for e in reg.entries()]
+    else:
+        found = [(key, reg.get(name)) for key, reg in regs.items() if name in reg.names()]
+    if not found:
+        import difflib
+
+        known = sorted({n for reg in regs.values() for n in reg.names()} | set(regs))
+        close = difflib.get_close_matches(name, known, n=3)
+        console.print(f"[red]error:[/] no component or key '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        raise typer.Exit(1)
+    for key, entry in found:
+        _print_params(key, entry)
+
+
+def _print_params(key: str, entry) -> None:
+    from pydantic_core import PydanticUndefined
+
+    doc = " ".join((entry.doc or "").strip().split("\n\n")[0].split())
+    table = Table(title=f"{key}: {entry.name}", caption=doc or None, title_justify="left")
+    for col in ("parameter", "type", "default", "description"):
+        table.add_column(col)
+    for field_name, info in entry.params.model_fields.items():
+        if info.default_factory is not None:
+            default = repr(info.default_factory())
+        else:
+            default = "(required)" if info.default is PydanticUndefined else repr(info.default)
+        table.add_row(field_name, _type_name(info.annotation), default, info.description or "")
+    if not entry.params.model_fields:
+        table.add_row("(no parameters)", "", "", "")
+    console.print(table)
+
+
+def _type_name(annotation) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and origin is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -38,15 +38,22 @@ class ModelConfig(Strict):
     task: str = "text_classification"
     package: str | None = None
     path: str | None = None
-    num_labels: int = Field(2, ge=1)
+    # None: inferred from the data's labels before the model loads (fedfm.data.labels);
+    # a number is checked against them.
+    num_labels: int | None = Field(None, ge=1)
     init: Literal["pretrained", "random"] = "pretrained"
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.package is None) == (self.path is None):
-            raise ValueError("give exactly one of model.package or model.path")
+        if self.package is None and self.path is None:
+            raise ValueError("give exactly one of model.package or model.path (neither is set)")
+        if self.package is not None and self.path is not None:
+            raise ValueError(
+                f"give exactly one of model.package or model.path; both are set (package "
+                f"'{self.package}', path '{self.path}'): remove one, or pass -o model.package=null"
+            )
         return self
 
 
@@ -54,6 +61,7 @@ class DataConfig(Strict):
     source: str = "rotten_tomatoes"
     path: str | None = None
     format: Literal["csv", "jsonl", "parquet"] | None = None
+    encoding: str = "utf-8"  # of a CSV / JSONL file, e.g. latin-1 or cp1252
     text_column: str = "text"
     label_column: str | None = "label"
     group_column: str | None = None
@@ -61,6 +69,17 @@ class DataConfig(Strict):
     max_length: int = Field(64, ge=4)
     limit: int | None = Field(None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding '{value}' (e.g. utf-8, latin-1, cp1252)") from None
+        return value
 
 
 class PartitionerSpec(Spec):
@@ -264,12 +283,42 @@ class Experiment(Strict):
 # -- loading -----------------------------------------------------------------------
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _format_errors(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         lines.append(f"  {loc or '(top level)'}: {err['msg']}")
-    return f"invalid config {source}:\n" + "\n".join(lines)
+    return lines
+
+
+def _override_key(text: str) -> str:
+    return ".".join(p for p in text.split("=", 1)[0].strip().split(".") if p)
+
+
+def _blame(lines: list[str], overrides: list[str], source: str) -> str:
+    """The error text, each line that a ``-o`` override caused marked with that override.
+
+    When every line comes from an override, the header names the overrides, not the file:
+    the file is fine, the command line is not.
+    """
+    marked, blamed, used = [], 0, []
+    for line in lines:
+        key = line.strip().split(":", 1)[0].strip()
+        hits = [
+            o for o in overrides
+            if key and (key == _override_key(o) or key.startswith(_override_key(o) + ".")
+                        or _override_key(o).startswith(key + "."))
+        ]
+        if hits:
+            blamed += 1
+            used += [o for o in hits if o not in used]
+            line += " (from " + ", ".join(f"-o {o}" for o in hits) + ")"
+        marked.append(line)
+    if lines and blamed == len(lines):
+        header = "invalid override " + ", ".join(f"-o {o}" for o in used) + f" (config {source})"
+    else:
+        header = f"invalid config {source}"
+    return header + ":\n" + "\n".join(marked)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -280,11 +329,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override '{text}' has an empty key")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+# A model source given on the command line replaces the other one from the file.
+_EXCLUSIVE = {("model", "path"): ("model", "package"), ("model", "package"): ("model", "path")}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     out = copy.deepcopy(raw)
+    keys = [tuple(parse_override(t)[0]) for t in overrides]
     for text in overrides:
         parts, value = parse_override(text)
         node = out
@@ -296,6 +354,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"override '{text}': {'.'.join(parts[: i + 1])} is not a section")
             node = nxt
         node[parts[-1]] = value
+        other = _EXCLUSIVE.get(tuple(parts))
+        if other is not None and value is not None and other not in keys:
+            node[other[-1]] = None  # -o model.path=DIR: the file's model.package no longer applies
     return out
 
 
@@ -303,14 +364,19 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] 
     """Validate a raw mapping (plus overrides) into an Experiment, components included."""
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping")
-    raw = apply_overrides(raw, overrides or [])
+    overrides = overrides or []
+    raw = apply_overrides(raw, overrides)
     try:
         exp = Experiment(**raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(_blame(_format_errors(exc), overrides, source)) from None
     from fedfm.components import validate_components
 
-    validate_components(exp, source)
+    try:
+        validate_components(exp, source)
+    except ConfigError as exc:
+        lines = str(exc).split("\n")[1:]  # below the "invalid config SOURCE:" header
+        raise ConfigError(_blame(lines, overrides, source)) from None
     return exp
 
 

@@ -44,16 +44,44 @@ def _held_out(frame: pd.DataFrame, n_test: int, rng: np.random.Generator) -> tup
     return test, pool
 
 
-def _cap(part: np.ndarray, limit: int | None, frame: pd.DataFrame, whole_groups: bool, rng) -> np.ndarray:
+def _stratified(part: np.ndarray, labels: np.ndarray, limit: int, rng) -> np.ndarray:
+    """A seeded sample of ``limit`` rows whose label counts follow the part's own shares
+    (largest remainder: floors first, then the largest fractions, ties by label)."""
+    values, counts = np.unique(labels, return_counts=True)
+    exact = counts * limit / len(part)
+    quota = np.floor(exact).astype(int)
+    for k in np.argsort(-(exact - quota), kind="stable")[: limit - quota.sum()]:
+        quota[k] += 1
+    taken = [rng.choice(part[labels == y], size=q, replace=False) for y, q in zip(values, quota) if q]
+    return np.sort(np.concatenate(taken))
+
+
+def _cap(part: np.ndarray, limit: int | None, frame: pd.DataFrame, how: str | None, rng) -> np.ndarray:
+    """At most ``limit`` of ``part``: ``how`` is the natural partitioner's ``subsample``
+    (None for the other partitioners: a seeded uniform sample)."""
     if limit is None or len(part) <= limit:
         return part
-    if whole_groups and "group" in frame.columns:
+    if how == "stratified" and "label" in frame.columns:
+        return _stratified(part, frame["label"].to_numpy()[part], limit, rng)
+    if how == "whole_groups" and "group" in frame.columns:
         groups = frame["group"].to_numpy()[part]
         order = rng.permutation(np.unique(groups))
         rank = {g: i for i, g in enumerate(order)}
         keyed = sorted(range(len(part)), key=lambda i: (rank[groups[i]], part[i]))
         return np.sort(part[np.array(keyed[:limit])])
     return np.sort(rng.choice(part, size=limit, replace=False))
+
+
+def _enough_groups(frame: pd.DataFrame, pool_groups: np.ndarray, fed_cfg) -> None:
+    """The natural partitioner needs a group per client, among those the test set left."""
+    left, total = len(np.unique(pool_groups)), frame["group"].nunique()
+    if fed_cfg.clients > left:
+        raise ValueError(
+            f"federation.clients={fed_cfg.clients} exceeds the {left} groups left for clients by the natural "
+            f"partitioner: the data has {total} groups and the test set (federation.test_examples="
+            f"{fed_cfg.test_examples}) holds out {total - left} whole group(s); lower federation.clients "
+            f"or federation.test_examples"
+        )
 
 
 def build_federation(frame: pd.DataFrame, fed_cfg, seed: int) -> Federation:
@@ -65,10 +93,13 @@ def build_federation(frame: pd.DataFrame, fed_cfg, seed: int) -> Federation:
     params = partitioners.parse(spec.name, spec.params(), "federation.partitioner")
     labels = frame["label"].to_numpy()[pool] if "label" in frame.columns else np.zeros(len(pool), int)
     groups = frame["group"].to_numpy()[pool] if "group" in frame.columns else None
+    if spec.name == "natural" and groups is not None:
+        _enough_groups(frame, groups, fed_cfg)
     parts = entry.obj(labels, groups, fed_cfg.clients, rng, params)
+    how = getattr(params, "subsample", None) if spec.name == "natural" else None
     clients = []
     for cid, local in enumerate(parts):
-        idx = _cap(pool[local], fed_cfg.examples_per_client, frame, spec.name == "natural", rng)
+        idx = _cap(pool[local], fed_cfg.examples_per_client, frame, how, rng)
         if len(idx) == 0:
             raise ValueError(f"client {cid} received no examples; change federation.partitioner or clients")
         clients.append(ClientSpec(cid=cid, indices=idx.tolist()))

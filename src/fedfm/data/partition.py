@@ -6,7 +6,16 @@ index arrays`` over the training pool, deterministic given the generator.
 - ``iid``: uniform random split into equal parts.
 - ``dirichlet``: label skew; per label, client shares drawn from Dir(alpha)
   (Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution").
-- ``natural``: whole groups (movie, speaker, language) per client, never split.
+- ``natural``: whole groups (movie, speaker, language) per client, never split. With
+  ``federation.examples_per_client``, ``subsample`` says which of a client's rows it keeps
+  (applied in data/federated.py):
+  ``whole_groups`` (default) keeps whole groups in a seeded random order until the cap and
+  cuts the group that crosses it to its first rows in file order;
+  ``random`` keeps a seeded uniform sample of all the client's rows;
+  ``stratified`` keeps a seeded sample with the client's own label proportions.
+  ``whole_groups`` keeps the most of each owner's data together (the quickstart uses it);
+  on a file sorted by label its cut group can leave a client with one class only, which
+  ``fedfm data describe`` and ``fedfm run`` report: use ``random`` or ``stratified`` there.
 - ``shards``: sort by label, cut into ``shards_per_client * n`` shards, deal them out
   (McMahan et al. 2017, the pathological non-IID split).
 - ``quantity``: quantity skew; client sizes proportional to Dir(alpha) draws, labels IID.
@@ -14,7 +23,7 @@ index arrays`` over the training pool, deterministic given the generator.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +42,15 @@ class DirichletParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alpha: float = Field(0.5, gt=0)
     min_size: int = Field(1, ge=0)
+
+
+class NaturalParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subsample: Literal["whole_groups", "random", "stratified"] = Field(
+        "whole_groups",
+        description="rows kept under examples_per_client: whole groups, the last one cut in file order "
+        "(whole_groups); a seeded sample of the client's rows (random); one with its label shares (stratified)",
+    )
 
 
 class ShardParams(BaseModel):
@@ -69,7 +87,10 @@ def natural(labels, groups, n, rng, params) -> list[np.ndarray]:
     groups = np.asarray(groups)
     names = rng.permutation(np.unique(groups))
     if len(names) < n:
-        raise ValueError(f"federation.clients={n} exceeds the {len(names)} groups available to the natural partitioner")
+        raise ValueError(
+            f"federation.clients={n} exceeds the {len(names)} groups available to the natural partitioner "
+            f"(the groups of the test set are held out)"
+        )
     members = {g: np.flatnonzero(groups == g) for g in names}
     # Largest groups first, each to the currently smallest client: balanced sizes.
     order = sorted(names, key=lambda g: -len(members[g]))
@@ -100,6 +121,6 @@ def quantity(labels, groups, n, rng, params: DirichletParams) -> list[np.ndarray
 
 register_partitioner("iid", iid)
 register_partitioner("dirichlet", dirichlet, DirichletParams)
-register_partitioner("natural", natural)
+register_partitioner("natural", natural, NaturalParams)
 register_partitioner("shards", shards, ShardParams)
 register_partitioner("quantity", quantity, DirichletParams)

@@ -1,7 +1,10 @@
 """WHERE DATA LIVES: sources that yield one table with columns ``text``, ``label``, ``group``.
 
 ``group`` is the natural owner of a row (a movie, a speaker, a language) or absent.
-``register_source`` adds a source; its parameters come from ``data.options``.
+``label`` holds class ids 0..C-1; a source that maps named classes to ids records the
+names in id order in ``frame.attrs["label_names"]`` (shown by ``fedfm data describe`` and
+saved as the run's labels.json). ``register_source`` adds a source; its parameters come
+from ``data.options``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
@@ -56,19 +60,35 @@ def rotten_tomatoes(cfg: Any, options: BaseModel) -> pd.DataFrame:
             "group": df["movie_name"].astype(str).values,
         }
     )
-    return out.reset_index(drop=True)
+    out = out.reset_index(drop=True)
+    out.attrs["label_names"] = ["rotten", "fresh"]
+    return out
 
 
-def _read_table(path: Path, fmt: str | None) -> pd.DataFrame:
+def decode_error(path: Path, encoding: str, exc: UnicodeDecodeError) -> ValueError:
+    """A decoding failure that names the file and the option that fixes it."""
+    byte = exc.object[exc.start : exc.start + 1]
+    return ValueError(
+        f"data.path: {path} is not {encoding} text (byte {byte!r} near position {exc.start}); "
+        f"set data.encoding to the file's encoding, e.g. data.encoding: latin-1"
+    )
+
+
+def _read_table(path: Path, fmt: str | None, encoding: str = "utf-8") -> pd.DataFrame:
     fmt = fmt or {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(
         "".join(path.suffixes[-2:-1]) if path.suffix in (".bz2", ".gz", ".xz") else path.suffix
     )
-    if fmt == "csv":
-        return pd.read_csv(path)
-    if fmt == "jsonl":
-        return pd.read_json(path, lines=True)
-    if fmt == "parquet":
-        return pd.read_parquet(path)
+    try:
+        if fmt == "csv":
+            return pd.read_csv(path, encoding=encoding)
+        if fmt == "jsonl":
+            return pd.read_json(path, lines=True, encoding=encoding)
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+    except UnicodeDecodeError as exc:
+        raise decode_error(path, encoding, exc) from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"data.path: {path} is empty (no header, no rows)") from None
     raise ValueError(f"data.format: cannot tell the format of {path}; set data.format to csv, jsonl or parquet")
 
 
@@ -79,30 +99,50 @@ def local_file(cfg: Any, options: BaseModel) -> pd.DataFrame:
     path = Path(cfg.path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data.path: file not found: {path}")
-    df = _read_table(path, cfg.format)
+    df = _read_table(path, cfg.format, getattr(cfg, "encoding", "utf-8"))
+    if len(df) == 0:
+        raise ValueError(f"data.path: {path} has no rows (only a header: {', '.join(map(str, df.columns))})")
     for field in ("text_column", "label_column", "group_column"):
         col = getattr(cfg, field)
         if col is not None and col not in df.columns:
             raise ValueError(f"data.{field}: column '{col}' not in {path} (columns: {', '.join(map(str, df.columns))})")
     out = pd.DataFrame({"text": df[cfg.text_column].astype(str).values})
     if cfg.label_column is not None:
-        out["label"] = encode_labels(df[cfg.label_column], cfg.labels)
+        ids, names = encode_labels(df[cfg.label_column], cfg.labels, f"data.label_column '{cfg.label_column}' of {path}")
+        out["label"] = ids
+        if names is not None:
+            out.attrs["label_names"] = names
     if cfg.group_column is not None:
         out["group"] = df[cfg.group_column].astype(str).values
     return out
 
 
-def encode_labels(col: pd.Series, names: list[str] | None) -> list[int]:
-    """Map label values to 0..C-1: by ``data.labels`` order if given, else sorted values."""
+def encode_labels(col: pd.Series, names: list[str] | None, where: str = "data.label_column") -> tuple[list[int], list[str] | None]:
+    """(ids 0..C-1, names by id): by ``data.labels`` order if given, else sorted values.
+
+    Integer labels without ``data.labels`` are already class ids and are kept as they are
+    (names None): 0/1 stays 0/1, and a label 37 needs ``model.num_labels`` of at least 38.
+    """
+    missing = np.flatnonzero(col.isna().to_numpy())
+    if len(missing):
+        rows = ", ".join(str(i + 1) for i in missing[:5])
+        raise ValueError(f"{where}: {len(missing)} row(s) have no label (data rows {rows}, counted from 1)")
     if names is None:
         if pd.api.types.is_integer_dtype(col):
-            return col.astype(int).tolist()
+            ids = col.astype(int)
+            if (ids < 0).any():
+                raise ValueError(
+                    f"{where}: negative label {int(ids.min())}; integer labels are class ids 0..C-1, "
+                    f"or list the values in data.labels to map them"
+                )
+            return ids.tolist(), None
         names = sorted(col.astype(str).unique())
-    index = {str(n): i for i, n in enumerate(names)}
+    names = [str(n) for n in names]
+    index = {n: i for i, n in enumerate(names)}
     unknown = sorted(set(col.astype(str)) - set(index))
     if unknown:
         raise ValueError(f"data.labels: values {unknown[:5]} are not in {names}")
-    return [index[str(v)] for v in col]
+    return [index[str(v)] for v in col], names
 
 
 register_source("rotten_tomatoes", rotten_tomatoes)
@@ -113,6 +153,10 @@ def load_source(cfg: Any) -> pd.DataFrame:
     entry = sources.get(cfg.source)
     options = sources.parse(cfg.source, cfg.options, "data.options")
     df = entry.obj(cfg, options)
+    if len(df) == 0:
+        raise ValueError(f"data.source '{cfg.source}': no rows")
     if cfg.limit is not None:
+        attrs = dict(df.attrs)
         df = df.iloc[: cfg.limit].reset_index(drop=True)
+        df.attrs.update(attrs)
     return df

@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.data.sources import package_file, register_source
+from fedfm.data.sources import decode_error, package_file, register_source
 
 # -- Shakespeare by role ---------------------------------------------------------------
 
@@ -212,7 +212,12 @@ def jsonl_text(cfg: Any, options: JsonlOptions) -> pd.DataFrame:
     path = Path(cfg.path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data.path: file not found: {path}")
-    df = pd.read_json(path, lines=True, dtype=False)
+    try:
+        df = pd.read_json(path, lines=True, dtype=False, encoding=getattr(cfg, "encoding", "utf-8"))
+    except UnicodeDecodeError as exc:
+        raise decode_error(path, getattr(cfg, "encoding", "utf-8"), exc) from None
+    if len(df) == 0:
+        raise ValueError(f"data.path: {path} has no rows")
     columns = ", ".join(map(str, df.columns))
     if options.instruction_field in df.columns and options.response_field in df.columns:
         out = pd.DataFrame(

@@ -2,7 +2,9 @@
 
 The HTML page embeds every plot as base64 PNG and shows, per run, a summary row (final
 accuracy and loss, bytes on the wire, rounds skipped, clients dropped / failed / rejected,
-wall time, peak RSS) and its config, so it can be mailed or archived on its own.
+wall time, peak RSS) and its config, so it can be mailed or archived on its own. Wall
+times are written as everywhere else in fedfm (``format_duration``: ``8.2 s``,
+``2 min 49 s``, ``1 h 02 min``); a resumed run shows its total and its number of parts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import yaml
 
 from fedfm.report.plots import write_plots
+from fedfm.runtime.progress import format_duration
 from fedfm.report.runs import Run, load_run, unique_labels
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}
@@ -23,7 +26,7 @@ th{background:#f4f4f4}td:first-child{text-align:left}pre{background:#f8f8f8;padd
 img{max-width:100%}figure{display:inline-block;margin:.5em}"""
 
 COLUMNS = ["run", "rounds", "final accuracy", "final loss", "MB up", "MB down", "skipped rounds",
-           "dropped", "failed", "rejected", "wall s", "peak RSS MB"]
+           "dropped", "failed", "rejected", "wall", "peak RSS MB"]
 
 
 def _fmt(v: Any) -> str:
@@ -50,9 +53,16 @@ def summary_row(run: Run) -> list[Any]:
         count("dropped"),
         count("failed"),
         count("rejected"),
-        run.summary.get("wall_s"),
-        run.summary.get("peak_rss_mb"),
+        wall_time(run.summary),
+        None if run.summary.get("peak_rss_mb") is None else f"{run.summary['peak_rss_mb']:,.0f}",
     ]
+
+
+def wall_time(summary: dict[str, Any]) -> str:
+    """The run's wall time; for a resumed run, the total over its parts and their number."""
+    parts = summary.get("parts") or []
+    text = format_duration(summary.get("wall_s"))
+    return f"{text} ({len(parts)} parts)" if len(parts) > 1 else text
 
 
 def _img(path: Path, title: str) -> str:

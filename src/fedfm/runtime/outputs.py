@@ -1,4 +1,5 @@
-"""What a run leaves behind: config.yaml, metrics.jsonl, summary.json, final.safetensors."""
+"""What a run leaves behind: config.yaml, metrics.jsonl, summary.json, final.safetensors,
+and for a classifier labels.json (which class id is which label)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,13 @@ class RunWriter:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, self.dir / "final.safetensors")
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2).encode())
+
+
+def write_labels(out: str | Path, mapping: dict[str, int], num_labels: int, column: str | None = None) -> Path:
+    """``DIR/labels.json``: the label-to-id mapping the classifier head was trained with,
+    so that final.safetensors can be read later (output ``i`` is the label mapped to ``i``)."""
+    path = Path(out) / "labels.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"label_column": column, "num_labels": num_labels, "labels": mapping}
+    atomic_write(path, json.dumps(body, indent=2, ensure_ascii=False).encode())
+    return path

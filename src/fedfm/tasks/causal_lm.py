@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from fedfm.tasks.base import count_build, register_task
+from fedfm.tasks.limits import check_max_length, position_limit
 from fedfm.tasks.loading import load_auto
 
 IGNORE = -100
@@ -113,10 +114,12 @@ class CausalLM:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # training and scoring need no KV cache
+        self.max_positions = position_limit(model.config)
         count_build()
         return model, tokenizer
 
     def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        check_max_length(max_length, getattr(self, "max_positions", None))
         texts = frame["text"].astype(str).tolist()
         if "prompt" in frame.columns:
             prompts = frame["prompt"].tolist()

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from fedfm.tasks.base import count_build, register_task
+from fedfm.tasks.limits import check_max_length, position_limit
 from fedfm.tasks.loading import load_auto
 
 
@@ -21,14 +22,21 @@ class TextClassification:
     def build(self, model_cfg: Any, seed: int):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        if model_cfg.num_labels is None:
+            raise ValueError(
+                "model.num_labels is not set: set it, or infer it from the data first "
+                "(fedfm.data.resolve_labels, which `fedfm run` calls)"
+            )
         model, directory = load_auto(
             AutoModelForSequenceClassification, model_cfg, seed, num_labels=model_cfg.num_labels
         )
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.max_positions = position_limit(model.config)
         count_build()
         return model, tokenizer
 
     def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        check_max_length(max_length, getattr(self, "max_positions", None))
         enc = tokenizer(
             list(frame["text"].astype(str)), truncation=True, max_length=max_length, padding=False
         )
