@@ -46,6 +46,7 @@ from fedfm.runtime.faults import judge_client
 from fedfm.runtime.outputs import RunWriter, peak_rss_mb
 from fedfm.runtime.progress import RunProgress
 from fedfm.runtime.receive import receive_update
+from fedfm.runtime.rundir import drop_replaced, merge_wall_time
 from fedfm.runtime.sampling import sample_clients
 from fedfm.runtime.store import ClientStore, round_tag
 from fedfm.runtime.wire import broadcast_payload, encode_settle, plain_config
@@ -272,8 +273,8 @@ class RoundLoop:
             first = self.wb.evaluate(self.algo.model_state(server_state))
             row = {"round": 0, **first, "bytes_up": 0, "bytes_down": 0, "clients": [], "wall_s": time.perf_counter() - t0}
             writer.log_round(row)
-            self.prog.end_round(0, row)
             self._checkpoint(0, server_state)
+            drop_replaced(self.out)  # a run replaced with --overwrite goes once this one has its first checkpoint
             return 1, server_state, writer, None
         digest = config_digest(self.exp)
         if ck.info.get("config_digest") != digest:
@@ -317,6 +318,7 @@ class RoundLoop:
         t_start = time.perf_counter()
         with self.prog:
             start, server_state, writer, resumed_from = self._start()
+            self.prog.begin(writer.rows)
             for rnd in range(start, exp.rounds + 1):
                 t0 = time.perf_counter()
                 server_state, row = self._round(rnd, server_state)
@@ -330,7 +332,7 @@ class RoundLoop:
                 self._checkpoint(rnd, server_state)
                 self.prog.end_round(rnd, row)
         final = self.algo.model_state(server_state)
-        summary = self._summary(writer.rows, time.perf_counter() - t_start, resumed_from)
+        summary = merge_wall_time(self.out, self._summary(writer.rows, time.perf_counter() - t_start, resumed_from))
         writer.finish(final, summary)
         self.final_state = final
         self.server_state = server_state

@@ -21,7 +21,7 @@ import torch
 from fedfm.core.seeding import derive_seed
 from fedfm.core.state import fingerprint
 from fedfm.core.types import State
-from fedfm.data import Federation, build_federation, load_source
+from fedfm.data import Federation, build_federation, load_source, resolve_labels
 from fedfm.learners.base import LocalContext
 from fedfm.peft import apply_tuner, get_state, set_state
 from fedfm.runtime.roles import apply_profiles
@@ -50,6 +50,8 @@ class Workbench:
         self.exp = exp
         # Data first: a bad partition fails before the (slow) model load.
         self.federation = federation or build_federation(load_source(exp.data), exp.federation, exp.seed)
+        if federation is None:
+            resolve_labels(exp, self.federation)  # model.num_labels checked (or inferred) before the model loads
         apply_profiles(self.federation.clients, exp.federation.roles, exp.seed)
         split_holdout(self.federation.clients, exp.federation.client_holdout, exp.seed)
         self.task = build_task(exp.model.task)
