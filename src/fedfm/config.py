@@ -269,6 +269,7 @@ class Experiment(Strict):
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     server_steps: list[dict[str, Any]] = Field(default_factory=list)
+    plugins: list[str] = Field(default_factory=list)  # user files or modules that register components
 
     @model_validator(mode="after")
     def _client_eval(self):
@@ -371,7 +372,14 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] 
     except ValidationError as exc:
         raise ConfigError(_blame(_format_errors(exc), overrides, source)) from None
     from fedfm.components import validate_components
+    from fedfm.plugins import PluginError, load_plugins, plugin_path
 
+    base = Path(source).parent if Path(source).is_file() else None
+    try:
+        load_plugins(exp.plugins, base)
+        exp.plugins = [str(plugin_path(e, base)) if e.endswith(".py") else e for e in exp.plugins]
+    except PluginError as exc:
+        raise ConfigError(f"invalid config {source}:\n  {exc}") from None
     try:
         validate_components(exp, source)
     except ConfigError as exc:
