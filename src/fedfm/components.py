@@ -6,6 +6,7 @@ from __future__ import annotations
 from fedfm import aggregators, attacks, codecs, data, learners, peft, tasks  # noqa: F401
 from fedfm.aggregators.pipeline import parse_step
 from fedfm.codecs.base import parse_stage
+from fedfm.core.exchanges import exchanges, parse_exchange
 from fedfm.learners.middleware import middlewares, parse_middleware
 from fedfm.config import ConfigError
 from fedfm.core.registry import Registry, RegistryError
@@ -23,6 +24,7 @@ def registries() -> dict[str, Registry]:
         "server_optimizer.name": aggregators.server_optimizers,
         "codecs": codecs.codecs,
         "server_steps": aggregators.server_steps,
+        "exchanges": exchanges,
         "federation.roles[].middleware": middlewares,
     }
 
@@ -50,6 +52,8 @@ def validate_components(exp, source: str = "<config>") -> None:
             check(parse_stage, spec, f"codecs.{direction}[{i}]")
     for i, spec in enumerate(exp.server_steps):
         check(parse_step, spec, f"server_steps[{i}]")
+    for i, spec in enumerate(exp.exchanges):
+        check(parse_exchange, spec, f"exchanges[{i}]")
     for i, role in enumerate(exp.federation.roles):
         for j, spec in enumerate(role.middleware):
             check(parse_middleware, spec, f"federation.roles[{i}].middleware[{j}]")

@@ -270,6 +270,7 @@ class Experiment(Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     server_steps: list[dict[str, Any]] = Field(default_factory=list)
     plugins: list[str] = Field(default_factory=list)  # user files or modules that register components
+    exchanges: list[dict[str, Any]] = Field(default_factory=list)  # extra message phases per round
 
     @model_validator(mode="after")
     def _client_eval(self):

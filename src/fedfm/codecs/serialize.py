@@ -18,7 +18,9 @@ from fedfm.codecs.base import CodecError, Payload
 
 def to_bytes(payload: Payload) -> bytes:
     tensors = {k: v.detach().contiguous().cpu() for k, v in payload.tensors.items()}
-    return st_save(tensors, metadata={k: str(v) for k, v in payload.meta.items()})
+    meta = {k: str(v) for k, v in payload.meta.items()}
+    # An empty metadata dict with no tensors makes safetensors write a malformed header.
+    return st_save(tensors, metadata=meta or None)
 
 
 def from_bytes(data: bytes) -> Payload:

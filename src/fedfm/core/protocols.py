@@ -65,6 +65,33 @@ class Algorithm(Protocol):
     def model_state(self, server_state: ServerState) -> State: ...
 
 
+class ExchangePhase(Protocol):
+    """One extra message exchange of a round, before or after the train phase (secure
+    aggregation's key advertisement, share exchange and unmasking; split learning's steps).
+
+    The loop sends each participant ``messages(...)[cid]`` (plain ``meta`` strings and
+    tensors, serialized with safetensors and counted in ``bytes_down``), delivers them to
+    ``client(...)`` on the client, counts the replies in ``bytes_up`` and hands them to
+    ``receive``, which returns the clients that go on (a client that does not answer, or
+    whose reply ``receive`` refuses, is recorded as failed in that phase). ``round_state``
+    is one dict shared by the phases of one round attempt: what ``receive`` learned, and
+    ``round_state["instructions"][cid]``: plain settings merged into that client's train
+    instruction. A phase after training may replace the accepted updates
+    (``transform``), e.g. by their unmasked sum.
+    """
+
+    name: str
+    when: Literal["before_train", "after_train"]
+
+    def messages(self, rnd: int, participants: list[int], round_state: dict) -> dict[int, tuple[dict[str, str], State]]: ...
+
+    def client(self, env: Any, cid: int, rnd: int, meta: dict[str, str], tensors: State) -> tuple[dict[str, str], State]: ...
+
+    def receive(self, rnd: int, replies: dict[int, tuple[dict[str, str], State]], round_state: dict) -> list[int]: ...
+
+    def transform(self, updates: list[Update], round_state: dict) -> list[Update]: ...
+
+
 class ServerStep(Protocol):
     name: str
     stage: Stage

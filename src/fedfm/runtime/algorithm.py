@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from fedfm.aggregators import Pipeline, aggregators, build_server_part, server_optimizers
 from fedfm.aggregators.server_part import ServerPart
+from fedfm.core.exchanges import build_phases
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.learners import build_learner
@@ -45,6 +46,7 @@ class FedAlgorithm:
         server_part: ServerPart | None = None,
         pipeline: Pipeline | None = None,
         local_patterns: Sequence[str] = (),
+        phases: Sequence = (),
     ):
         self.learner = learner
         self.rule, self.rule_params = rule, rule_params
@@ -52,6 +54,16 @@ class FedAlgorithm:
         self.server = server_part
         self.pipeline = pipeline or Pipeline([])
         self.local_patterns = tuple(local_patterns)
+        self.phases = list(phases)  # extra exchange phases of every round (core/exchanges.py)
+
+    def phases_at(self, when: str) -> list:
+        return [p for p in self.phases if p.when == when]
+
+    def phase(self, name: str):
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise ValueError(f"unknown exchange phase '{name}' (this run has {[p.name for p in self.phases] or 'none'})")
 
     # -- shared and local names ----------------------------------------------------------
 
@@ -137,4 +149,5 @@ def build_algorithm(exp) -> FedAlgorithm:
         server_part=build_server_part(exp.learner.name, learner_params_model, exp.federation.clients),
         pipeline=Pipeline.from_specs(exp.server_steps),
         local_patterns=exp.peft.local,
+        phases=build_phases(exp.exchanges),
     )

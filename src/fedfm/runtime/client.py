@@ -12,8 +12,8 @@ of the roles it serves. ``handle(env, envelope)`` answers one message:
   the shared payload (uplink chain) with its metadata.
 - ``evaluate``: evaluate the broadcast shared State, completed with the client's local
   part, on the client's own held-out slice; reply with the metrics.
-- any other phase: the algorithm's own handler (``Algorithm.client_phase``), for rounds
-  with several exchanges.
+- any other phase: an extra exchange phase of the round (``core.protocols.ExchangePhase``,
+  ``exchanges:`` in YAML), e.g. secure aggregation's key exchange and unmasking.
 
 The local backend calls it in-process; the Flower ClientApp calls it from a message.
 """
@@ -97,13 +97,31 @@ def receive_broadcast(env: ClientEnv, cid: int, rnd: int, data: bytes) -> tuple[
     return split_broadcast(received)
 
 
+def open_round(env: ClientEnv, cid: int, conf: dict) -> None:
+    """The first message of a round attempt settles the client's last staged writes by
+    the server's decision and stages this attempt's; a later phase keeps staging there."""
+    first = str(conf.get("first", "1")) == "1"
+    if first:
+        tag, accepted = decode_settle(str(conf.get("settle", "")))
+        env.store.settle(cid, tag, accepted)
+    env.store.stage(cid, str(conf["tag"]), fresh=first)
+
+
+def exchange(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+    """An extra exchange phase (``core.protocols.ExchangePhase``) on the client."""
+    conf = envelope.conf
+    cid, rnd = check_addressed(env, envelope), int(conf["round"])
+    open_round(env, cid, conf)
+    received = from_bytes(envelope.data)
+    meta, tensors = env.algo.phase(envelope.phase).client(env, cid, rnd, received.meta, received.tensors)
+    return to_bytes(Payload(dict(tensors), dict(meta))), {}
+
+
 def train(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
     t0 = time.perf_counter()
     conf = envelope.conf
     cid, rnd = check_addressed(env, envelope), int(conf["round"])
-    tag, accepted = decode_settle(str(conf.get("settle", "")))
-    env.store.settle(cid, tag, accepted)
-    env.store.stage(cid, str(conf["tag"]))
+    open_round(env, cid, conf)
     shared, groups = receive_broadcast(env, cid, rnd, envelope.data)
     local = local_part(env, cid)
     inst = Instruction(round=rnd, cid=cid, state={**shared, **local}, config=json.loads(conf.get("instruction", "{}")), broadcast=groups)
@@ -149,7 +167,4 @@ def handle(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]
         return train(env, envelope)
     if envelope.phase == EVALUATE:
         return evaluate(env, envelope)
-    phase_handler = getattr(env.algo, "client_phase", None)
-    if phase_handler is None:
-        raise ValueError(f"client {envelope.cid}: unknown message phase '{envelope.phase}'")
-    return phase_handler(env, envelope)
+    return exchange(env, envelope)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfm.codecs import CodecChain, CodecContext
+from fedfm.codecs import CodecChain, CodecContext, CodecError
 from fedfm.codecs.base import Payload
 from fedfm.codecs.serialize import from_bytes, to_bytes
 from fedfm.core.protocols import EVALUATE, TRAIN, Envelope, RoundContext, Transport
@@ -71,6 +71,7 @@ class RoundLog:
     bytes_down: int = 0
     attempts: int = 0
     up_stages: dict[str, int] = field(default_factory=dict)
+    phase_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def note(self, kind: str, cid: int, attempt: int, **info: Any) -> None:
         entry = {"cid": cid, **info}
@@ -119,17 +120,54 @@ class RoundLoop:
         self.down.decode(sent.data, ctx)  # the mirror of what the client will reconstruct
         return sent.data
 
-    def _envelope(self, rnd: int, attempt: int, inst: Instruction, data: bytes) -> Envelope:
-        conf = {
+    def _conf(self, rnd: int, attempt: int, cid: int, contacted: set[int]) -> dict[str, Any]:
+        """The plain settings of a message; the first one of a round attempt carries the
+        server's decision on the client's last staged writes."""
+        first = cid not in contacted
+        contacted.add(cid)
+        return {
             "round": rnd,
             "attempt": attempt,
-            "cid": inst.cid,
+            "cid": cid,
             "tag": round_tag(rnd, attempt),
-            "settle": encode_settle(self.outcomes.get(inst.cid)),
+            "first": "1" if first else "0",
+            "settle": encode_settle(self.outcomes.get(cid)) if first else "",
             "fingerprint": self.wb.fingerprint,
-            "instruction": plain_config(inst.config),
         }
-        return Envelope(inst.cid, TRAIN, conf, data)
+
+    def _phase(self, rnd: int, attempt: int, phase, participants: list[int], round_state: dict, rlog: RoundLog, contacted: set[int]) -> list[int]:
+        """One extra exchange phase (core.protocols.ExchangePhase): send, count, receive."""
+        counts = rlog.phase_bytes.setdefault(phase.name, {"down": 0, "up": 0})
+        envelopes = []
+        for cid, (meta, tensors) in sorted(phase.messages(rnd, list(participants), round_state).items()):
+            data = to_bytes(Payload(dict(tensors), {k: str(v) for k, v in meta.items()}))
+            rlog.bytes_down += len(data)
+            counts["down"] += len(data)
+            envelopes.append(Envelope(cid, phase.name, self._conf(rnd, attempt, cid, contacted), data))
+        replies = self.transport.exchange(envelopes)
+        got: dict[int, tuple[dict[str, str], dict]] = {}
+        for e in envelopes:
+            reply = replies.get(e.cid)
+            error = "no reply in time" if reply is None else reply.error
+            if error is None:
+                rlog.bytes_up += len(reply.data)
+                counts["up"] += len(reply.data)
+                try:
+                    payload = from_bytes(reply.data)
+                    got[e.cid] = (payload.meta, payload.tensors)
+                    continue
+                except CodecError as exc:
+                    error = f"undecodable reply: {exc}"
+            log.warning("round %d: client %d failed in phase %s: %s", rnd, e.cid, phase.name, error)
+            rlog.note("failed", e.cid, attempt, error=error, phase=phase.name)
+            if phase.when == "before_train":  # after training, the phase decides what its failures mean
+                self.outcomes[e.cid] = (round_tag(rnd, attempt), False)
+        going_on = list(phase.receive(rnd, got, round_state))
+        for cid in sorted(set(got) - set(going_on)):
+            rlog.note("failed", cid, attempt, error=f"refused by the server in phase {phase.name}", phase=phase.name)
+            if phase.when == "before_train":
+                self.outcomes[cid] = (round_tag(rnd, attempt), False)
+        return going_on
 
     def _attempt(self, rnd: int, attempt: int, server_state: ServerState, rlog: RoundLog) -> tuple[list[Update], list[int]]:
         exp = self.exp
@@ -139,16 +177,24 @@ class RoundLoop:
         tag = round_tag(rnd, attempt)
         self.prog.start_round(rnd, len(sampled))
         instructions = self.algo.configure(rnd, server_state, sampled)
-        envelopes = []
+        broadcasts: dict[int, bytes] = {}
         for c in sampled:
-            data = self._broadcast(rnd, instructions[c.cid], tag, rlog)
+            broadcasts[c.cid] = self._broadcast(rnd, instructions[c.cid], tag, rlog)
             self.mirror_outcomes[c.cid] = (tag, False)
             steps = planned_steps(len(c.indices), exp.train)
             verdict = judge_client(exp.faults, exp.seed, rnd, attempt, c.cid, steps)
             if verdict.reason is not None:
                 rlog.note("dropped", c.cid, attempt, reason=verdict.reason)
-                continue
-            envelopes.append(self._envelope(rnd, attempt, instructions[c.cid], data))
+                del broadcasts[c.cid]
+        participants, contacted = list(broadcasts), set()
+        round_state: dict[str, Any] = {"instructions": {}, "attempt": attempt}
+        for phase in self.algo.phases_at("before_train"):
+            participants = self._phase(rnd, attempt, phase, participants, round_state, rlog, contacted)
+        envelopes = []
+        for cid in participants:
+            conf = self._conf(rnd, attempt, cid, contacted)
+            conf["instruction"] = plain_config({**instructions[cid].config, **round_state["instructions"].get(cid, {})})
+            envelopes.append(Envelope(cid, TRAIN, conf, broadcasts[cid]))
         replies = self.transport.exchange(envelopes)
         accepted: list[Update] = []
         for e in envelopes:
@@ -170,6 +216,9 @@ class RoundLoop:
                 continue
             accepted.append(update)
             self.outcomes[cid] = self.mirror_outcomes[cid] = (tag, True)
+        for phase in self.algo.phases_at("after_train"):
+            going_on = set(self._phase(rnd, attempt, phase, [u.cid for u in accepted], round_state, rlog, contacted))
+            accepted = phase.transform([u for u in accepted if u.cid in going_on], round_state)
         return accepted, [e.cid for e in envelopes]
 
     def _round(self, rnd: int, server_state: ServerState) -> tuple[ServerState, dict[str, Any]]:
@@ -211,6 +260,8 @@ class RoundLoop:
             **{k: v for k, v in agg_metrics.items() if k != "aggregated"},
         }
         row["codec_bytes"] = {"up": rlog.up_stages, "down": self.down.take_totals()}
+        if rlog.phase_bytes:
+            row["phase_bytes"] = rlog.phase_bytes
         return server_state, row
 
     # -- per-client evaluation --------------------------------------------------------

@@ -103,9 +103,12 @@ class ClientStore:
 
     # -- staging and settling ------------------------------------------------------
 
-    def stage(self, cid: int, tag: str) -> None:
-        """Stage client ``cid``'s writes under ``tag`` (leftovers of that tag are dropped)."""
-        shutil.rmtree(self._pending_root(cid) / tag, ignore_errors=True)
+    def stage(self, cid: int, tag: str, fresh: bool = True) -> None:
+        """Stage client ``cid``'s writes under ``tag``. ``fresh``: the first message of a
+        round attempt, so leftovers of that tag (a run killed and resumed) are dropped;
+        a later phase of the same attempt keeps what the earlier ones staged."""
+        if fresh:
+            shutil.rmtree(self._pending_root(cid) / tag, ignore_errors=True)
         self.current[int(cid)] = tag
 
     def settle(self, cid: int, tag: str | None, accepted: bool) -> None:

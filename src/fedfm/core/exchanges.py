@@ -1,0 +1,39 @@
+"""The registry of extra exchange phases (``core.protocols.ExchangePhase``).
+
+A registered factory takes its validated params and returns the phases it adds to every
+round, in order (e.g. secure aggregation: two before training, one after). YAML:
+``exchanges: [{name: NAME, ...params}]``; register with ``register_exchange``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel
+
+from fedfm.core.protocols import ExchangePhase
+from fedfm.core.registry import NoParams, Registry, RegistryError
+
+ExchangeFactory = Callable[[BaseModel], Sequence[ExchangePhase]]
+exchanges: Registry[ExchangeFactory] = Registry("exchanges")
+
+
+def register_exchange(name: str, factory: ExchangeFactory, params: type[BaseModel] = NoParams) -> ExchangeFactory:
+    return exchanges.register(name, factory, params)
+
+
+def parse_exchange(spec: dict[str, Any], where: str) -> tuple[str, BaseModel]:
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise RegistryError(f"{where}: an exchange is a mapping with a 'name', e.g. {{name: secagg}}")
+    return spec["name"], exchanges.parse(spec["name"], {k: v for k, v in spec.items() if k != "name"}, where)
+
+
+def build_phases(specs: Sequence[dict[str, Any]], where: str = "exchanges") -> list[ExchangePhase]:
+    phases: list[ExchangePhase] = []
+    for i, spec in enumerate(specs):
+        name, params = parse_exchange(spec, f"{where}[{i}]")
+        phases.extend(exchanges.get(name).obj(params))
+    names = [p.name for p in phases]
+    if len(set(names)) != len(names):
+        raise RegistryError(f"{where}: two phases share a name: {names}")
+    return phases
