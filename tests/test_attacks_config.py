@@ -60,3 +60,15 @@ def test_tiny_run_with_alie_and_fedfa(tmp_path):
     # the filter's tracked model is the server's model, exactly
     tracked = rt.loop.server_state["step.1.fedfa"]
     assert all(torch.equal(tracked[k], v) for k, v in rt.loop.server_state["model"].items())
+
+
+def test_every_robustness_example_validates():
+    from pathlib import Path
+
+    from fedfm.config import load_config
+
+    files = sorted((Path(__file__).resolve().parents[1] / "examples" / "robustness").glob("*.yaml"))
+    assert len(files) >= 11
+    for f in files:
+        exp = load_config(f)
+        assert exp.name == f.stem and exp.federation.roles[0].name == "attacker"
