@@ -9,7 +9,8 @@ MiniLM's tokenizer) with LoRA r=4 on query/value, on the toy sentiment CSV of
 examples, ROUNDS rounds of one local epoch (AdamW lr 0.05, batch 8), every client every
 round. Attackers: 20% of the clients (2 of 12, drawn by the seed), through the
 ``attack:`` section. Each cell runs in this process (one workbench per attack row: the
-roles decide who attacks) and records the final clean accuracy, the backdoor attack
+roles decide who attacks) and records the clean accuracy after every round (the table shows
+the final one and, in brackets, the one a round earlier), the backdoor attack
 success rate (ASR: triggered test examples whose label is not the target, classified as
 the target; measured in every cell) and the wall time. Results accumulate in
 OUT/results.jsonl (a cell already there is skipped); ``--table`` rebuilds the table and
@@ -44,6 +45,12 @@ ATTACKS = {
     "scaling": {"name": "scaling", "factor": 10.0},
     "label_flip": {"name": "label_flip"},
     "backdoor": {"name": "backdoor", "trigger": TRIGGER, "target": TARGET, "poison_fraction": 0.5},
+    # the backdoor boosted as in model replacement (Bagdasaryan et al. 2020): every example
+    # poisoned, the update scaled x5; two middleware, so the role is written out in full
+    "backdoor_boost": [
+        {"name": "backdoor", "trigger": TRIGGER, "target": TARGET, "poison_fraction": 1.0},
+        {"name": "scaling", "factor": 5.0},
+    ],
     "alie": {"name": "alie"},
     "ipm": {"name": "ipm", "epsilon": 0.5},
 }
@@ -90,8 +97,11 @@ def job(tmp: Path, attack: str, defense: str) -> dict:
             raw["server_steps"] = list(raw.get("server_steps", [])) + value
         else:
             raw[key] = value
-    if ATTACKS[attack] is not None:
-        raw["attack"] = {**ATTACKS[attack], "fraction": 0.2}
+    spec = ATTACKS[attack]
+    if isinstance(spec, list):
+        raw["federation"]["roles"] = [{"name": "attacker", "fraction": 0.2, "middleware": spec}]
+    elif spec is not None:
+        raw["attack"] = {**spec, "fraction": 0.2}
     return raw
 
 
@@ -140,10 +150,12 @@ def rule_times(repeat: int = 3) -> dict[str, float]:
     clients = [ClientSpec(cid=i, indices=[], profile={"role": "default"}) for i in range(CLIENTS)]
     out = {}
     for label, patch in DEFENSES.items():
+        if label == "fedfa":  # its Fisher needs the model: not timed here
+            continue
         agg = patch.get("aggregator", {"rule": "fedavg"})
         rule = aggregators.get(agg["rule"])
         params = aggregators.parse(agg["rule"], {k: v for k, v in agg.items() if k != "rule"}, "aggregator")
-        steps = [s for s in patch.get("server_steps", []) if s["name"] != "fedfa"]  # fedfa needs a model
+        steps = patch.get("server_steps", [])
         best = float("inf")
         for _ in range(repeat):
             ups = [Update(cid=i, payload=d, num_examples=40) for i, d in enumerate(deltas)]
@@ -157,7 +169,7 @@ def rule_times(repeat: int = 3) -> dict[str, float]:
 
 def table(results: list[dict], attacks: list[str], defenses: list[str]) -> str:
     cell = {(r["attack"], r["defense"]): r for r in results}
-    head = ["defense \\ attack"] + [a if a != "backdoor" else "backdoor (acc / ASR)" for a in attacks] + ["clean ASR", "wall s (none)"]
+    head = ["defense \\ attack"] + [a if not a.startswith("backdoor") else f"{a} (acc / ASR)" for a in attacks] + ["clean ASR", "wall s (none)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in defenses:
         row = [d]
@@ -167,10 +179,10 @@ def table(results: list[dict], attacks: list[str], defenses: list[str]) -> str:
                 row.append("not run")
             elif "error" in r:
                 row.append("refused" if "refused" in r["error"] else "failed")
-            elif a == "backdoor":
-                row.append(f"{r['accuracy'][-1]:.3f} / {r['asr']:.2f}")
+            elif a.startswith("backdoor"):
+                row.append(f"{r['accuracy'][-1]:.3f} ({r['accuracy'][-2]:.3f}) / {r['asr']:.2f}")
             else:
-                row.append(f"{r['accuracy'][-1]:.3f}")
+                row.append(f"{r['accuracy'][-1]:.3f} ({r['accuracy'][-2]:.3f})")
         clean = cell.get(("none", d))
         row.append(f"{clean['asr']:.2f}" if clean and "error" not in clean else "-")
         row.append(f"{clean['wall_s']:.0f}" if clean and "error" not in clean else "-")
@@ -187,17 +199,24 @@ def recommend(results: list[dict], defenses: list[str]) -> str:
         if clean is None:
             continue
         drops = {a: clean["accuracy"][-1] - cell[(a, d)]["accuracy"][-1] for a in UNTARGETED if (a, d) in cell}
-        if len(drops) < len(UNTARGETED) or ("backdoor", d) not in cell:
+        backdoors = [cell[(a, d)]["asr"] for a in ATTACKS if a.startswith("backdoor") and (a, d) in cell]
+        if len(drops) < len(UNTARGETED) or not backdoors:
             continue
         worst = max(drops.values())
-        asr = cell[("backdoor", d)]["asr"]
+        asr = max(backdoors)
         ok = worst <= 0.02 and asr <= 0.10
-        lines.append(f"- {d}: clean {clean['accuracy'][-1]:.3f}, worst drop {100 * worst:.1f} points ({max(drops, key=drops.get)}), backdoor ASR {asr:.2f}{' - meets the goal' if ok else ''}")
-        key = (not ok, worst, asr, -clean["accuracy"][-1])
+        # tie-break: the worst drop one round earlier, over every attack (backdoors included)
+        earlier = max(clean["accuracy"][-2] - cell[(a, d)]["accuracy"][-2] for a in ATTACKS if a != "none" and (a, d) in cell)
+        which = f" ({max(drops, key=drops.get)})" if worst > 0 else ""
+        lines.append(
+            f"- {d}: clean {clean['accuracy'][-1]:.3f}, worst final drop {100 * worst:.1f} points{which}, worst backdoor ASR {asr:.2f}, "
+            f"worst drop a round earlier {100 * earlier:.1f} points{' - meets the goal' if ok else ''}"
+        )
+        key = (not ok, round(worst, 6), round(asr, 6), round(earlier, 6), -clean["accuracy"][-1])
         if best is None or key < best[0]:
             best = (key, d)
     if best is not None:
-        lines.append(f"\nRecommended (fewest lost points over every untargeted attack, then lowest ASR): **{best[1]}**.")
+        lines.append(f"\nRecommended (meets the goal; then the fewest final points lost to an untargeted attack, the lowest backdoor ASR, the fewest points lost a round earlier to any attack): **{best[1]}**.")
     return "\n".join(lines) if lines else "No defense has every cell yet."
 
 

@@ -146,6 +146,20 @@ def test_krum_product_space_differs_from_coordinates():
     assert torch.equal(product["m.lora_A.default.weight"], a["m.lora_A.default.weight"])
 
 
+def test_clipped_clustering_product_space_isolates_the_opposite_update():
+    # Four clients change W[0,0] by about +1 through A or through B; client 4 sends
+    # dA = [[-1, 0]], dB = 0: W[0,0] += (1)(1 - 1) - 1 = -1, the opposite direction.
+    # In the product space its cosine distance to the others is 2, theirs to each other 0
+    # (or nearly): the larger cluster is the four, and their clipped mean is returned.
+    state = lora_state()
+    deltas = [lora_delta([1.0, 0.0], [0.0, 0.0]), lora_delta([0.0, 0.0], [1.0, 0.0]), lora_delta([1.0, 0.0], [0.0, 0.0]),
+              lora_delta([0.0, 0.0], [1.0, 0.0]), lora_delta([-1.0, 0.0], [0.0, 0.0])]
+    out = clipped_clustering(state, deltas, [1] * 5, ClippedClusteringParams(space="lora_product"))
+    # every norm is 1 (tau = 1, nothing clipped): mean of the four = dA [[0.5, 0]], dB [[0.5],[0]]
+    assert torch.allclose(out["m.lora_A.default.weight"], torch.tensor([[0.5, 0.0]]))
+    assert torch.allclose(out["m.lora_B.default.weight"], torch.tensor([[0.5], [0.0]]))
+
+
 def test_rules_registered_with_params():
     for name in ("trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median", "clipped_clustering", "median"):
         assert name in aggregators.names()

@@ -45,10 +45,14 @@ def unstack(state: State, row: torch.Tensor) -> State:
 
 
 def pairwise_sq_dists(x: torch.Tensor) -> torch.Tensor:
-    """(n, n) squared Euclidean distances between the rows of ``x`` (exact, not via the
-    Gram trick, so tiny distances between near-equal updates do not cancel to noise)."""
-    diff = x[:, None, :] - x[None, :, :]  # (n, n, d)
-    return diff.pow(2).sum(-1)
+    """(n, n) squared Euclidean distances between the rows of ``x`` (float64), by the Gram
+    form ``|a|^2 + |b|^2 - 2 a.b`` (one matmul; float64 keeps its cancellation error near
+    1e-16 of the squared norms), clamped at 0, with an exact zero diagonal."""
+    x = x.to(torch.float64)
+    sq = x.pow(2).sum(1)  # (n,)
+    d = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)  # (n, n)
+    d.fill_diagonal_(0.0)
+    return d
 
 
 def view(state: State, deltas: Sequence[State], space: Space) -> torch.Tensor:
