@@ -77,4 +77,7 @@ def combination_problems(exp) -> list[str]:
         problems.append(scaffold)
     if exp.learner.name == "scaffold" and exp.peft.local:
         problems.append("peft.local: SCAFFOLD's control variates cover the shared State only; use another learner with local parameters")
+    from fedfm.aggregators.robust_checks import robust_problems
+
+    problems.extend(robust_problems(exp))
     return problems

@@ -272,6 +272,16 @@ class Experiment(Strict):
     plugins: list[str] = Field(default_factory=list)  # user files or modules that register components
     exchanges: list[dict[str, Any]] = Field(default_factory=list)  # extra message phases per round
 
+    @model_validator(mode="before")
+    @classmethod
+    def _attack_section(cls, data):
+        # ``attack: {name: ..., fraction: 0.2}`` is sugar for a client role (attacks/sugar.py).
+        if isinstance(data, dict) and "attack" in data:
+            from fedfm.attacks.sugar import expand_attack
+
+            data = expand_attack(data)
+        return data
+
     @model_validator(mode="after")
     def _client_eval(self):
         if self.eval.clients != "none" and self.federation.client_holdout <= 0:

@@ -1,0 +1,63 @@
+"""Config-time checks of the robust rules and steps: settings that cannot work, refused
+with the numbers before any data or model loads (called from
+``fedfm.components.combination_problems``).
+
+The number of updates a rule sees per round is the number of sampled clients
+(``federation.clients_per_round``, ``ceil(fraction * clients)``, or all clients); dropouts
+can make a round smaller, and then the rule itself raises with the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fedfm.aggregators.trimmed_mean import trim_count
+
+
+def per_round(fed) -> int:
+    if fed.clients_per_round is not None:
+        return fed.clients_per_round
+    if fed.fraction is not None:
+        return max(1, math.ceil(fed.fraction * fed.clients))
+    return fed.clients
+
+
+def rule_problem(rule: str, params: dict, n: int) -> str | None:
+    f = int(params.get("f", 1))
+    if rule in ("krum", "multi_krum") and not n > 2 * f + 2:
+        return f"aggregator: {rule} with f={f} needs more than 2f + 2 = {2 * f + 2} clients per round, got {n}"
+    if rule == "multi_krum" and int(params.get("m", 1)) > n:
+        return f"aggregator.m: multi_krum averages m={params.get('m')} updates but a round has {n}"
+    if rule == "bulyan" and n < 4 * f + 3:
+        return f"aggregator: bulyan with f={f} needs at least 4f + 3 = {4 * f + 3} clients per round, got {n}"
+    if rule == "trimmed_mean":
+        beta = float(params.get("beta", 0.1))
+        k = trim_count(beta, n)
+        if 2 * k >= n:
+            return f"aggregator.beta: trimmed_mean trims k = floor({beta} * {n}) = {k} at each end; needs 2k < n = {n}"
+    return None
+
+
+def robust_problems(exp) -> list[str]:
+    problems = []
+    n = per_round(exp.federation)
+    reason = rule_problem(exp.aggregator.rule, exp.aggregator.params(), n)
+    if reason is not None:
+        problems.append(reason)
+    names = [s.get("name") for s in exp.server_steps]
+    if "centered_clip" in names:
+        if exp.aggregator.rule != "fedavg":
+            problems.append(f"server_steps: centered_clip hands the rule updates whose mean is its result; set aggregator.rule: fedavg, not {exp.aggregator.rule}")
+        if exp.learner.name in ("scaffold", "feddyn"):
+            problems.append(f"server_steps: centered_clip replaces the updates the {exp.learner.name} server half reads; use learner local or fedprox")
+    if "fedfa" in names:
+        so = exp.server_optimizer
+        lr = float(so.params().get("lr", 1.0))
+        later = names[names.index("fedfa") + 1 :]
+        if exp.aggregator.rule != "fedavg" or so.name != "sgd" or lr != 1.0 or exp.peft.local or later or exp.learner.name in ("scaffold", "feddyn"):
+            problems.append(
+                "server_steps: fedfa tracks the global model itself (aggregators/fedfa.py) and needs aggregator.rule fedavg, "
+                f"server_optimizer sgd with lr 1, no peft.local, no later server step and learner local/fedprox "
+                f"(got rule {exp.aggregator.rule}, optimizer {so.name} lr {lr}, peft.local {exp.peft.local}, later steps {later}, learner {exp.learner.name})"
+            )
+    return problems
