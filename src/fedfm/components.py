@@ -4,6 +4,7 @@ references of an Experiment against them (before any data or model loads)."""
 from __future__ import annotations
 
 from fedfm import aggregators, attacks, codecs, data, learners, peft, tasks  # noqa: F401
+from fedfm import privacy  # noqa: F401  (registers dp_clip, dp_noise, dp_client_noise, dp_sgd)
 from fedfm.aggregators.pipeline import parse_step
 from fedfm.codecs.base import parse_stage
 from fedfm.learners.middleware import middlewares, parse_middleware
@@ -73,4 +74,7 @@ def combination_problems(exp) -> list[str]:
         problems.append(scaffold)
     if exp.learner.name == "scaffold" and exp.peft.local:
         problems.append("peft.local: SCAFFOLD's control variates cover the shared State only; use another learner with local parameters")
+    from fedfm.privacy.checks import privacy_problems
+
+    problems += privacy_problems(exp)
     return problems
