@@ -30,7 +30,20 @@ def _client_noise(exp) -> list[tuple[object, DpClientNoiseParams | None]]:
     return [(r, _params(DpClientNoiseParams, m)) for r in exp.federation.roles for m in r.middleware if m.get("name") == "dp_client_noise"]
 
 
+def sample_dp_problems(exp) -> list[str]:
+    has_step = bool(_steps(exp, "dp_sgd_accountant"))
+    if exp.learner.name == "dp_sgd" and not has_step:
+        return ["learner.name: dp_sgd needs a dp_sgd_accountant server step, or no epsilon is reported"]
+    if has_step and exp.learner.name != "dp_sgd":
+        return [f"server_steps: dp_sgd_accountant accounts the dp_sgd learner, not '{exp.learner.name}'"]
+    return []
+
+
 def privacy_problems(exp) -> list[str]:
+    return sample_dp_problems(exp) + client_dp_problems(exp)
+
+
+def client_dp_problems(exp) -> list[str]:
     clips, noises, shares = _steps(exp, "dp_clip"), _steps(exp, "dp_noise"), _client_noise(exp)
     if not (clips or noises or shares):
         return []
