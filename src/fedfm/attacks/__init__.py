@@ -5,5 +5,6 @@ Attack code never lives in aggregators: an attacker is a client role whose middl
 """
 
 from fedfm.attacks import corrupt  # noqa: F401  (registers 'corrupt')
+from fedfm.attacks import label_recovery, membership  # noqa: F401  (privacy attacks: evaluation functions)
 
 __all__ = ["corrupt"]
