@@ -156,3 +156,15 @@ def test_tiny_run_writes_epsilon_and_resumes_bit_identically(tmp_path):
     for k, v in full.final_state.items():
         assert torch.equal(v, part.final_state[k]), k
     assert read_metrics(tmp_path / "part" / "metrics.jsonl")[-1]["dp_noise.epsilon"] == eps[-1]
+
+
+def test_privacy_example_configs_load():
+    from pathlib import Path
+
+    from fedfm.config import load_config
+
+    configs = sorted((Path(__file__).parent.parent / "examples" / "privacy").glob("*.yaml"))
+    assert len(configs) == 4
+    for path in configs:
+        exp = load_config(path)
+        assert exp.server_steps, path
