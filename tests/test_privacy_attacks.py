@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import tiny_config
 from fedfm.attacks.label_recovery import bias_gradient, head_bias_name, label_counts, mean_probs, single_label
