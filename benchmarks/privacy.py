@@ -8,7 +8,8 @@ The reduced job (not the quickstart): the tiny random-init BERT of the tests (hi
 2 layers, MiniLM's tokenizer), LoRA r=4 on query/value plus the head, the toy sentiment
 CSV of tests/conftest.py (240 rows, 12 groups, seed 0, max_length 16): 4 clients by group
 (natural), 40 test examples (majority class 0.525), 2 rounds, every client every round,
-AdamW lr 0.05 (DP-SGD: SGD lr 0.5), batch 8, 2 epochs. (The pretrained MiniLM on the same
+AdamW lr 0.05 (DP-SGD: SGD lr 0.5, sigma solved so that every client spends at most the
+target), batch 8, 2 epochs. (The pretrained MiniLM on the same
 data took ~100 s a round on the shared 2-core machine, too slow for this sweep.) One workbench (one base
 model) serves every run. ``--write-doc`` replaces the table in docs/privacy.md.
 """
@@ -31,6 +32,7 @@ from fedfm.attacks.membership import loss_threshold_attack
 from fedfm.config import from_dict
 from fedfm.core.types import Instruction
 from fedfm.learners.local import LocalLearner
+from fedfm.learners.loop import planned_steps
 from fedfm.privacy.accounting import Plan, solve_noise_multiplier
 from fedfm.privacy.distributed import DpClientNoise, DpClientNoiseParams
 from fedfm.privacy.dp_sgd import DpSgdLearner, DpSgdParams
@@ -98,11 +100,14 @@ def privacy_rows(csv: Path, out: Path, sample: bool) -> list[dict]:
     if not sample:
         return rows, wb
     sizes = [len(c.indices) for c in wb.clients]
-    steps = raw0["rounds"] * math.ceil(min(sizes) / 8)  # the client with the fewest examples has the largest q
+    train = {"optimizer": "sgd", "lr": 0.5, "batch_size": 8, "epochs": 2}
+    # each client's DP-SGD steps over the run; sigma is the largest any client needs for eps
+    steps = [raw0["rounds"] * planned_steps(n, from_dict({**raw0, "train": train}).train) for n in sizes]
     for eps in EPSILONS:
         raw = base(csv)
-        raw["train"] = {"optimizer": "sgd", "lr": 0.5, "batch_size": 8, "epochs": 1}
-        sigma = 0.0 if eps == math.inf else solve_noise_multiplier(Plan(min(sizes), 8, "poisson"), steps, eps, DELTA)
+        raw["train"] = dict(train)
+        sigma = 0.0 if eps == math.inf else max(
+            solve_noise_multiplier(Plan(n, 8, "poisson"), k, eps, DELTA) for n, k in zip(sizes, steps))
         raw["learner"] = {"name": "dp_sgd", "clip_norm": SAMPLE_CLIP, "noise_multiplier": sigma}
         raw["server_steps"] = [{"name": "dp_sgd_accountant", "delta": DELTA}]
         r = run(raw, wb, out / f"sample_eps{eps}")
