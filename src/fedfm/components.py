@@ -4,6 +4,7 @@ references of an Experiment against them (before any data or model loads)."""
 from __future__ import annotations
 
 from fedfm import aggregators, attacks, codecs, data, learners, peft, tasks  # noqa: F401
+from fedfm import privacy  # noqa: F401  (registers dp_clip, dp_noise, dp_client_noise, dp_sgd)
 from fedfm.aggregators.pipeline import parse_step
 from fedfm.codecs.base import parse_stage
 from fedfm.core.exchanges import exchanges, parse_exchange
@@ -80,4 +81,7 @@ def combination_problems(exp) -> list[str]:
     from fedfm.aggregators.robust_checks import robust_problems
 
     problems.extend(robust_problems(exp))
+    from fedfm.privacy.checks import privacy_problems
+
+    problems += privacy_problems(exp)
     return problems

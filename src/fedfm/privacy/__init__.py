@@ -1,0 +1,7 @@
+"""PRIVACY: client-level DP (clipping, noise, accounting), distributed DP, sample-level
+DP-SGD, and the secure-aggregation primitives. See docs/privacy.md."""
+
+from fedfm.privacy import clipping, distributed, dp_sgd, noise  # noqa: F401  (register dp_clip, dp_noise, dp_client_noise, dp_sgd)
+from fedfm.privacy.accounting import Plan, epsilon, solve_noise_multiplier
+
+__all__ = ["Plan", "epsilon", "solve_noise_multiplier"]

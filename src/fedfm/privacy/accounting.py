@@ -1,0 +1,119 @@
+"""Privacy accounting for client-level DP with Google's ``dp-accounting`` library.
+
+Rényi DP (Mironov 2017, "Rényi Differential Privacy"; the sampled Gaussian of Mironov,
+Talwar & Zhang 2019) and privacy loss distributions (Koskela et al. 2020; Doroshenko et
+al. 2022, "Connect the Dots: Tighter Discrete Approximations of Privacy Loss
+Distributions") are both the library's; nothing here re-derives a bound. This module
+only states which mechanism a run is and asks the library for its epsilon:
+
+- one round = one sampled Gaussian mechanism with noise multiplier sigma (std of the noise
+  on the SUM of clipped updates divided by the clip norm C);
+- ``sampling="fixed"``: ``sample_size`` distinct clients of ``population`` per round, drawn
+  uniformly without replacement: what ``runtime/sampling.py`` does with
+  ``sampling: uniform``; accounted with the replace-one neighbouring relation (the only
+  one dp-accounting has for this event), RDP only: dp-accounting's PLD accountant has no
+  sampling-without-replacement event, so ``pld`` with fixed-size sampling is refused;
+- ``sampling="poisson"``: each client joins each round independently with probability
+  q (add-or-remove-one relation), RDP or PLD;
+- a round where every client takes part (q = 1) is the plain Gaussian mechanism.
+
+The history of a run is one sigma per round (rounds may differ: distributed DP with
+dropouts carries less noise); identical sigmas are composed with ``SelfComposedDpEvent``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import dp_accounting as dpa
+from dp_accounting import pld, rdp
+
+Accountant = Literal["rdp", "pld"]
+Sampling = Literal["fixed", "poisson"]
+PLD_DISCRETIZATION = 1e-4  # dp-accounting's default value_discretization_interval
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who is sampled how: ``sample_size`` of ``population`` clients per round."""
+
+    population: int
+    sample_size: int
+    sampling: Sampling = "fixed"
+    accountant: Accountant = "rdp"
+
+    @property
+    def q(self) -> float:
+        return self.sample_size / self.population
+
+    def problem(self) -> str | None:
+        """Why this plan cannot be accounted, or None."""
+        if not 1 <= self.sample_size <= self.population:
+            return f"sample_size {self.sample_size} must lie in 1..population {self.population}"
+        if self.accountant == "pld" and self.sampling == "fixed" and self.sample_size < self.population:
+            return ("dp-accounting's PLD accountant has no fixed-size sampling without replacement "
+                    f"({self.sample_size} of {self.population} clients per round); use accountant: rdp")
+        return None
+
+
+def round_event(plan: Plan, sigma: float) -> dpa.DpEvent:
+    """The DP event of one round with noise multiplier ``sigma``."""
+    gauss = dpa.GaussianDpEvent(sigma) if sigma > 0 else dpa.NonPrivateDpEvent()
+    if plan.sample_size >= plan.population:
+        return gauss
+    if plan.sampling == "poisson":
+        return dpa.PoissonSampledDpEvent(plan.q, gauss)
+    return dpa.SampledWithoutReplacementDpEvent(plan.population, plan.sample_size, gauss)
+
+
+def run_event(plan: Plan, sigmas: Sequence[float]) -> dpa.DpEvent:
+    counts = sorted(Counter(float(s) for s in sigmas).items())
+    return dpa.ComposedDpEvent([dpa.SelfComposedDpEvent(round_event(plan, s), n) for s, n in counts])
+
+
+def fresh_accountant(plan: Plan) -> dpa.PrivacyAccountant:
+    fixed = plan.sampling == "fixed" and plan.sample_size < plan.population
+    relation = dpa.NeighboringRelation.REPLACE_ONE if fixed else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+    if plan.accountant == "rdp":
+        return rdp.RdpAccountant(neighboring_relation=relation)
+    return pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=PLD_DISCRETIZATION)
+
+
+def epsilon(plan: Plan, sigmas: Sequence[float], delta: float) -> float:
+    """epsilon at ``delta`` after the rounds whose noise multipliers are ``sigmas``."""
+    problem = plan.problem()
+    if problem is not None:
+        raise ValueError(problem)
+    if not sigmas:
+        return 0.0
+    if any(s <= 0 for s in sigmas):
+        return float("inf")
+    acc = fresh_accountant(plan)
+    acc.compose(run_event(plan, sigmas))
+    return float(acc.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def solve_noise_multiplier(plan: Plan, rounds: int, target_epsilon: float, delta: float) -> float:
+    """The smallest sigma (to 1e-3 relative) whose ``rounds`` rounds spend at most
+    ``target_epsilon`` at ``delta`` (dp-accounting's ``calibrate_dp_mechanism``)."""
+    problem = plan.problem()
+    if problem is not None:
+        raise ValueError(problem)
+    if target_epsilon <= 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    sigma = dpa.calibrate_dp_mechanism(
+        lambda: fresh_accountant(plan),
+        lambda s: dpa.SelfComposedDpEvent(round_event(plan, s), rounds),
+        target_epsilon,
+        delta,
+        dpa.LowerEndpointAndGuess(1e-3, 1.0),
+        tol=1e-4,
+    )
+    return float(sigma)
+
+
+__all__ = ["Plan", "epsilon", "fresh_accountant", "round_event", "run_event", "solve_noise_multiplier"]

@@ -1,0 +1,62 @@
+"""``dp_client_noise``: the client's share of the noise for distributed DP.
+
+Each of the m clients of a round clips its update to L2 norm C (``clip_payload`` of
+``aggregators/clip.py``) and adds Gaussian noise of standard deviation sigma * C / sqrt(m)
+to every coordinate, so the sum of the m updates carries N(0, sigma^2 C^2), the noise of
+central DP-FedAvg (McMahan et al. 2018), while no single update is sent un-noised. Under
+secure aggregation (Bonawitz et al. 2017) the server then sees only the noised sum; that
+is the distributed-DP setting of Kairouz et al. 2021 ("The Distributed Discrete Gaussian
+Mechanism for Federated Learning with Secure Aggregation") with continuous Gaussian
+noise (this is not their discrete mechanism). The client sets its weight to 1, as the
+mean of clipped updates needs. The server side is ``dp_noise`` with ``mode:
+distributed``, which accounts the noise that arrived (fewer clients, less noise).
+
+The draw is seeded from the client's (seed, round, client) seed, so it is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedfm.aggregators.clip import clip_payload
+from fedfm.core.seeding import derive_seed
+from fedfm.learners.middleware import PassThrough, register_middleware
+
+NOISE_TAG = 0xD9
+
+
+class DpClientNoiseParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    clip_norm: float = Field(..., gt=0, description="C: each client clips its update to this L2 norm")
+    noise_multiplier: float = Field(..., gt=0, description="sigma: the noise of the SUM is sigma * C")
+    clients_per_round: int = Field(..., ge=1, description="m: the noise is shared among this many clients")
+
+
+class DpClientNoise(PassThrough):
+    name = "dp_client_noise"
+
+    def __init__(self, params: DpClientNoiseParams):
+        self.p = params
+
+    @property
+    def share_std(self) -> float:
+        return self.p.noise_multiplier * self.p.clip_norm / math.sqrt(self.p.clients_per_round)
+
+    def after_train(self, update, ctx):
+        payload, _ = clip_payload(update.payload, self.p.clip_norm)
+        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, NOISE_TAG))
+        noised = {}
+        for name in sorted(payload):
+            t = payload[name]
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float64) * self.share_std
+            noised[name] = (t.to(torch.float64) + noise).to(t.dtype)
+        return replace(update, payload={k: noised[k] for k in payload}, num_examples=1)
+
+
+register_middleware("dp_client_noise", DpClientNoise, DpClientNoiseParams)
+
+__all__ = ["DpClientNoise", "DpClientNoiseParams"]

@@ -1,0 +1,126 @@
+"""``dp_noise``: the Gaussian mechanism of client-level DP, and its accountant.
+
+DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
+Models") with fixed-size client sampling, accounted with dp-accounting
+(``privacy/accounting.py``).
+
+``mode: central`` (stage ``delta``, after a ``dp_clip`` step and the ``fedavg`` rule):
+the rule returns the MEAN of the n clipped, equally weighted updates, so this step adds
+to every coordinate of that mean Gaussian noise of standard deviation
+
+    sigma_Delta * C / n          (= noise of std sigma_Delta * C on the SUM, divided by n)
+
+where C is the clip norm ``dp_clip`` used this round and sigma_Delta the noise
+multiplier (``noise_multiplier``, or solved from ``target_epsilon``; lowered for the
+released count when clipping is adaptive, see ``privacy/clipping.py``). The noise is
+drawn in float64 from ``RoundContext.generator`` (seeded from (seed, round)), tensor by
+tensor in sorted name order, so a resumed run adds the same noise.
+
+``mode: distributed`` (stage ``updates``): the clients clip and add their share
+sigma * C / sqrt(m) themselves (middleware ``dp_client_noise``, m = clients per round),
+so the sum of the m updates carries sigma * C and, under secure aggregation, no party
+sees an un-noised update. This step adds nothing: it gives every update the same weight,
+and accounts the noise that actually arrived: with n of m updates the sum carries
+sigma * sqrt(n / m) * C, and that smaller multiplier is what the round is charged.
+
+Either way the step keeps one accounted multiplier per round in its state
+(``sigmas``, checkpointed) and writes ``epsilon`` and ``delta`` (spent so far) into each
+round's metrics as ``dp_noise.epsilon`` and ``dp_noise.delta``. With ``max_epsilon`` set,
+a round that would spend more stops the run with ``PrivacyBudgetSpent`` (before the
+round's model is applied); a config whose planned rounds would spend more is refused
+before it starts (``privacy/checks.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedfm.aggregators.pipeline import register_server_step
+from fedfm.core.types import State
+from fedfm.privacy import notes
+from fedfm.privacy.accounting import epsilon, solve_noise_multiplier
+from fedfm.privacy.clipping import update_noise_multiplier
+from fedfm.privacy.plan import exp_of, plan_of
+
+
+class PrivacyBudgetSpent(RuntimeError):
+    """A round would spend more than ``max_epsilon``."""
+
+
+class DpNoiseParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["central", "distributed"] = Field("central", description="server adds the noise, or the clients do")
+    noise_multiplier: float | None = Field(None, gt=0, description="sigma: noise std on the sum over the clip norm")
+    target_epsilon: float | None = Field(None, gt=0, description="solve sigma so that the configured rounds spend this epsilon")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of (epsilon, delta)-DP")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's Renyi DP or privacy-loss-distribution accountant")
+    max_epsilon: float | None = Field(None, gt=0, description="budget: refuse to run a round that would spend more")
+
+    @model_validator(mode="after")
+    def _one_sigma(self):
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
+def resolved_sigma(p: DpNoiseParams, exp) -> float:
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    return solve_noise_multiplier(plan_of(exp, p.accountant), exp.rounds, p.target_epsilon, p.delta)
+
+
+def add_gaussian(value: State, std: float, generator: torch.Generator) -> State:
+    """``value`` plus N(0, std^2) on every coordinate (float64 draws, sorted names)."""
+    out: State = {}
+    for name in sorted(value):
+        t = value[name]
+        noise = torch.randn(t.shape, generator=generator, dtype=torch.float64) * std
+        out[name] = (t.to(torch.float64) + noise).to(t.dtype)
+    return {k: out[k] for k in value}
+
+
+class DpNoise:
+    name = "dp_noise"
+
+    def __init__(self, params: DpNoiseParams):
+        self.p = params
+        self.stage = "delta" if params.mode == "central" else "updates"
+
+    def _charge(self, ctx, state: State, accounted: float) -> tuple[State, dict]:
+        exp = exp_of(ctx, "dp_noise")
+        history = state.get("sigmas", torch.zeros(0, dtype=torch.float64))
+        sigmas = torch.cat([history, torch.tensor([accounted], dtype=torch.float64)])
+        eps = epsilon(plan_of(exp, self.p.accountant), sigmas.tolist(), self.p.delta)
+        if self.p.max_epsilon is not None and eps > self.p.max_epsilon + 1e-9:
+            raise PrivacyBudgetSpent(
+                f"dp_noise: round {ctx.round} would bring epsilon to {eps:.4f} > max_epsilon {self.p.max_epsilon} "
+                f"(delta {self.p.delta}); the privacy budget is spent, the run stops before this round's update")
+        return {"sigmas": sigmas}, {"epsilon": eps, "delta": self.p.delta, "accounted_noise_multiplier": accounted}
+
+    def __call__(self, value, ctx, state: State):
+        exp = exp_of(ctx, "dp_noise")
+        sigma = resolved_sigma(self.p, exp)
+        if self.p.mode == "distributed":
+            m = plan_of(exp).sample_size
+            n = len(value)
+            accounted = sigma * math.sqrt(n / m)
+            new_state, metrics = self._charge(ctx, state, accounted)
+            metrics["clients"] = n
+            return [replace(u, num_examples=1) for u in value], new_state, metrics
+        c = float(notes.get(ctx, "clip_norm", "dp_noise"))
+        n = int(notes.get(ctx, "n", "dp_noise"))
+        sigma_delta = update_noise_multiplier(sigma, notes.get(ctx, "count_noise", "dp_noise"))
+        new_state, metrics = self._charge(ctx, state, sigma)
+        std = sigma_delta * c / n
+        metrics.update(noise_multiplier=sigma, update_noise_multiplier=sigma_delta, noise_std=std, clip_norm=c)
+        return add_gaussian(value, std, ctx.generator), new_state, metrics
+
+
+register_server_step("dp_noise", DpNoise, DpNoiseParams)
+
+__all__ = ["DpNoise", "DpNoiseParams", "PrivacyBudgetSpent", "add_gaussian", "resolved_sigma"]

@@ -1,0 +1,87 @@
+"""Privacy attacks: AUC and TPR@FPR by hand; label recovery from one client's update on
+the tiny model; the loss-threshold attack on an overfitted tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from fedfm.attacks.label_recovery import bias_gradient, head_bias_name, label_counts, mean_probs, single_label
+from fedfm.attacks.membership import loss_threshold_attack, roc_auc, tpr_at_fpr
+from fedfm.config import from_dict
+from fedfm.core.types import Instruction
+from fedfm.learners.local import LocalLearner
+from fedfm.runtime.workbench import Workbench
+
+
+def test_auc_and_tpr_by_hand():
+    members, nonmembers = [0.9, 0.8, 0.4], [0.5, 0.3, 0.1]
+    # pairs member > non-member: 0.9 beats 3, 0.8 beats 3, 0.4 beats 2 (not 0.5) -> 8 of 9
+    assert roc_auc(members, nonmembers) == pytest.approx(8 / 9)
+    # FPR <= 1% of 3 non-members allows no false positive: tau = 0.5 -> 0.9, 0.8 above: TPR 2/3
+    assert tpr_at_fpr(members, nonmembers, 0.01) == pytest.approx(2 / 3)
+    # FPR <= 34% allows one: tau = 0.3 -> all three members above: TPR 1
+    assert tpr_at_fpr(members, nonmembers, 0.34) == 1.0
+    assert roc_auc([1.0], [1.0]) == 0.5  # a tie counts half
+    assert roc_auc([0.0, 0.1], [0.5, 0.6]) == 0.0
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("atk")
+    exp = from_dict(tiny_config(tmp, **{"model.num_labels": 4, "train.optimizer": "sgd", "train.lr": 0.1,
+                                        "train.max_grad_norm": None, "train.steps": 1}))
+    return exp, Workbench(exp)
+
+
+def one_step_update(exp, wb, examples, batch_size):
+    ctx = wb.context(0, 1)
+    ctx.examples = examples
+    ctx.train = exp.train.model_copy(update={"batch_size": batch_size})
+    return LocalLearner().local_update(Instruction(1, 0, wb.initial_state()), ctx)
+
+
+def test_idlg_recovers_the_label_of_a_one_example_update(bench):
+    exp, wb = bench
+    examples = wb.examples(0)[:20]
+    name = None
+    for e in examples:
+        upd = one_step_update(exp, wb, [e], 1)
+        name = name or head_bias_name(upd.payload, 4)
+        assert single_label(upd.payload[name]) == e["label"]
+        g = bias_gradient(upd.payload[name], 0.1)  # = p - onehot(y): sums to 0, one negative entry
+        assert abs(g.sum()) < 1e-5 and (g < 0).sum() == 1
+
+
+def test_llg_counts_from_a_batch_update(bench):
+    # 8 examples, labels in {0, 1} of 4 classes. With the batch's own mean prediction the
+    # count formula B * (p_bar - g) is exact; with p_bar estimated on 40 other examples it
+    # is off by B * |p_bar_est - p_bar| (< 0.5 on this near-uniform random model).
+    exp, wb = bench
+    batch, others = wb.examples(0)[:8], wb.examples(1)[:40]
+    upd = one_step_update(exp, wb, batch, 8)
+    g = bias_gradient(upd.payload[head_bias_name(upd.payload, 4)], 0.1)
+    truth = np.bincount([e["label"] for e in batch], minlength=4)
+    assert np.array_equal(label_counts(g, 8, mean_probs(wb, wb.initial_state(), batch)), truth)
+    est = label_counts(g, 8, mean_probs(wb, wb.initial_state(), others))
+    assert np.array_equal(est, truth), (est, truth)
+
+
+def test_loss_threshold_attack_finds_overfitted_members(tmp_path):
+    # 16 examples with random labels (so they can only be memorised) trained for 25
+    # full-batch AdamW steps at lr 0.05: their loss drops far below that of 16 unseen
+    # examples with random labels, so the attack separates them (AUC well above 0.5).
+    exp = from_dict(tiny_config(tmp_path, **{"train.lr": 0.05, "train.steps": 25, "train.batch_size": 16}))
+    wb = Workbench(exp)
+    rng = np.random.default_rng(0)
+    relabel = lambda es: [{**e, "label": int(rng.integers(0, 2))} for e in es]  # noqa: E731
+    members, nonmembers = relabel(wb.examples(0)[:16]), relabel(wb.examples(1)[:16])
+    before = loss_threshold_attack(wb, wb.initial_state(), members, nonmembers)
+    ctx = wb.context(0, 1)
+    ctx.examples = members
+    upd = LocalLearner().local_update(Instruction(1, 0, wb.initial_state()), ctx)
+    trained = {k: v + upd.payload[k] for k, v in wb.initial_state().items()}
+    after = loss_threshold_attack(wb, trained, members, nonmembers)
+    assert after["auc"] > 0.8 and after["auc"] > before["auc"]
+    assert 0.0 <= after["tpr_at_1pct_fpr"] <= 1.0
