@@ -1,4 +1,5 @@
-"""What a run leaves behind: config.yaml, metrics.jsonl, summary.json, final.safetensors."""
+"""What a run leaves behind: config.yaml, metrics.jsonl, summary.json, final.safetensors,
+and the tracking sinks' files (``tracking:``, ``fedfm.tracking``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import yaml
 from safetensors.torch import save_file
 
 from fedfm.core.types import State
+from fedfm.tracking import open_sinks
 
 
 def peak_rss_mb() -> float:
@@ -58,15 +60,22 @@ class RunWriter:
         else:
             self.rows = [r for r in read_metrics(self.metrics_path) if r["round"] <= resume_round]
             atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        self.sinks = open_sinks(exp, self.dir, resume_round)  # tracking: TensorBoard, MLflow
+        for sink in self.sinks:
+            sink.log_params(exp.dump())
 
     def log_round(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        for sink in self.sinks:
+            sink.log_round(row)
 
     def finish(self, state: State, summary: dict[str, Any]) -> None:
         tmp = self.dir / "final.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, self.dir / "final.safetensors")
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2).encode())
+        for sink in self.sinks:
+            sink.close()
