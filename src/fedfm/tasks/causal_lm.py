@@ -13,8 +13,9 @@ Two row formats share one code path:
   on the prompt), as in federated instruction tuning (Zhang et al. 2024, "Towards Building
   the Federated GPT: Federated Instruction Tuning").
 
-Metrics: token-level loss, perplexity ``exp(loss)`` and next-token accuracy on the
-held-out clients' text. At the end of a run, ``finish`` writes greedy generations from
+Metrics: token-level loss, perplexity ``exp(loss)``, next-token accuracy and greedy
+exact match (``exact_matches``) on the held-out clients' text. ``model.objective``
+(``tasks/objectives.py``, e.g. ``dpo``) replaces this objective. At the end of a run, ``finish`` writes greedy generations from
 fixed prompts (the first held-out rows) to ``generations.jsonl``.
 """
 
