@@ -17,8 +17,8 @@ from fedfm.peft import apply_tuner, get_state, set_state
 from fedfm.runtime import LocalRuntime
 from fedfm.tasks import build_task
 from fedfm.tasks.causal_lm import IGNORE
-from fedfm.tasks.dpo import DPO, DpoParams, answer_logps, dpo_loss, logps, reference_logps
-from tiny_llm import char_tokenizer, make_tiny_llm_dir, tiny_llm_config
+from fedfm.tasks.dpo import DPO, answer_logps, dpo_loss, logps, reference_logps
+from tiny_llm import make_tiny_llm_dir, tiny_llm_config
 
 
 def test_dpo_loss_by_hand():
@@ -69,10 +69,15 @@ PAIRS = pd.DataFrame(
 
 @pytest.mark.parametrize(
     "tuner",
-    [("lora", {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}), ("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]})],
+    [
+        ("lora", {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
+        ("ffa_lora", {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
+        ("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+    ],
 )
 def test_reference_is_the_base_model_without_adapters(llm_dir, tuner):
     task, model, tok = build(llm_dir, tuner)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert isinstance(task.objective, DPO)
     batch = task.collate(task.encode(PAIRS, tok, 48), tok)
     assert batch["input_ids"].shape[0] == 4  # 2 chosen rows, then 2 rejected rows
@@ -89,6 +94,8 @@ def test_reference_is_the_base_model_without_adapters(llm_dir, tuner):
     assert torch.allclose(ref, base, atol=1e-5), (ref, base)
     assert not torch.allclose(policy, base, atol=1e-3)  # the adapters were active outside the context
     assert torch.equal(logps(model, batch).detach(), policy)  # and are active again after it
+    # the same parameters are trainable after the reference pass (FFA-LoRA's A stay frozen)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
 
 
 def test_encode_plain_labels_answers_only(llm_dir):
@@ -161,3 +168,14 @@ def test_federated_dpo_run_reports_rewards(tmp_path):
     assert last["rejected_logp"] < first["rejected_logp"]
     generations = [json.loads(g) for g in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 4 and {"prompt", "chosen", "rejected", "generation"} <= set(generations[0])
+
+
+def test_dpo_composes_with_learner_codec_and_aggregator(tmp_path):
+    raw = dpo_config(tmp_path)
+    raw.update(rounds=1, learner={"name": "fedprox", "mu": 0.01}, aggregator={"rule": "median"},
+               codecs={"up": [{"name": "topk", "fraction": 0.5}, {"name": "fp16"}]})
+    raw["peft"] = {"method": "ffa_lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    LocalRuntime(from_dict(raw), tmp_path / "run").run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["clients"] == [0, 1] and not rows[1]["rejected"]
+    assert rows[1]["reward_margin"] != 0.0  # the compressed, median-aggregated update moved the policy

@@ -92,15 +92,24 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def reference_model(model: torch.nn.Module):
-    """The base model: ``model`` with its peft adapters disabled for the block."""
+    """The base model: ``model`` with its peft adapters disabled for the block.
+
+    peft re-enables adapters by marking every adapter weight trainable, which would undo
+    a tuner that freezes some of them (FFA-LoRA's A matrices); the ``requires_grad`` flags
+    are restored as they were."""
     disable = getattr(model, "disable_adapter", None)
     if disable is None:
         raise ValueError(
             "model.objective dpo: the reference model is the base model with the adapters disabled, "
             f"but the model ({type(model).__name__}) has no peft adapter; use peft.method in {list(REFERENCE_TUNERS)}"
         )
-    with disable():
-        yield model
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with disable():
+            yield model
+    finally:
+        for p, trainable in flags:
+            p.requires_grad_(trainable)
 
 
 def logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
