@@ -17,6 +17,7 @@ def registries() -> dict[str, Registry]:
     """Every extension point, by the YAML key that names its components."""
     return {
         "model.task": tasks.tasks,
+        "model.objective": tasks.objectives,
         "data.source": data.sources,
         "federation.partitioner": data.partitioners,
         "peft.method": peft.tuners,
@@ -40,6 +41,8 @@ def validate_components(exp, source: str = "<config>") -> None:
             errors.append(f"  {exc}")
 
     check(tasks.tasks.get, exp.model.task)
+    if exp.model.objective is not None:
+        check(tasks.objectives.parse, exp.model.objective.name, exp.model.objective.params(), "model.objective")
     check(data.sources.parse, exp.data.source, exp.data.options, "data.options")
     fp = exp.federation.partitioner
     check(data.partitioners.parse, fp.name, fp.params(), "federation.partitioner")
@@ -68,6 +71,7 @@ def combination_problems(exp) -> list[str]:
     """Settings that are each valid but cannot work together, with the reason."""
     from fedfm.learners.checks import scaffold_config_problem
     from fedfm.runtime.roles import check_roles
+    from fedfm.tasks.objectives import objective_problems
 
     problems = []
     reason = check_roles(exp.federation.roles, exp.federation.clients)
@@ -84,4 +88,5 @@ def combination_problems(exp) -> list[str]:
     from fedfm.privacy.checks import privacy_problems
 
     problems += privacy_problems(exp)
+    problems += objective_problems(exp)
     return problems

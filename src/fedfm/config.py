@@ -34,6 +34,13 @@ class Spec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class ObjectiveSpec(Spec):
+    """``model.objective: {name: dpo, beta: 0.1}``: a training objective of the task other
+    than its default (registered in ``fedfm.tasks.objectives``)."""
+
+    name: str
+
+
 class ModelConfig(Strict):
     task: str = "text_classification"
     package: str | None = None
@@ -44,6 +51,7 @@ class ModelConfig(Strict):
     init: Literal["pretrained", "random"] = "pretrained"
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    objective: ObjectiveSpec | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -251,6 +259,23 @@ class RuntimeConfig(Strict):
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
 
+class TensorBoardSink(Strict):
+    dir: str | None = Field(None, description="event file folder; default: <run dir>/tensorboard")
+
+
+class MlflowSink(Strict):
+    uri: str | None = Field(None, description="tracking URI; default: a file store in <run dir>/mlruns")
+    experiment: str | None = Field(None, description="MLflow experiment name; default: the run's name")
+
+
+class TrackingConfig(Strict):
+    """Sinks beside metrics.jsonl (``fedfm.tracking``): each gets every numeric field of
+    each metrics row and the resolved config as parameters."""
+
+    tensorboard: TensorBoardSink | None = None
+    mlflow: MlflowSink | None = None
+
+
 class Experiment(Strict):
     name: str = "experiment"
     seed: int = 0
@@ -281,6 +306,7 @@ class Experiment(Strict):
 
             data = expand_attack(data)
         return data
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _client_eval(self):

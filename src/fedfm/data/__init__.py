@@ -5,6 +5,7 @@ from fedfm.data.labels import Labels, check_labels, resolve_labels
 from fedfm.data.partition import partitioners, register_partitioner
 from fedfm.data.sources import load_source, register_source, sources
 from fedfm.data import text_corpora  # noqa: F401  (registers shakespeare, fortunes, jsonl)
+from fedfm.data import preferences  # noqa: F401  (registers preferences)
 
 __all__ = [
     "Federation",

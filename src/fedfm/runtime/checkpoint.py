@@ -28,7 +28,7 @@ from fedfm.core.types import State
 
 PREFIX = "round-"
 # Sections that may change between a run and its resumption (more rounds, other threads).
-RESUMABLE_CHANGES = ("rounds", "runtime", "name")
+RESUMABLE_CHANGES = ("rounds", "runtime", "name", "tracking")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """What a run leaves behind: config.yaml, metrics.jsonl, summary.json, final.safetensors,
-and for a classifier labels.json (which class id is which label)."""
+for a classifier labels.json (which class id is which label), and the tracking sinks'
+files (``tracking:``, ``fedfm.tracking``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import yaml
 from safetensors.torch import save_file
 
 from fedfm.core.types import State
+from fedfm.tracking import open_sinks
 
 
 def peak_rss_mb() -> float:
@@ -59,18 +61,25 @@ class RunWriter:
         else:
             self.rows = [r for r in read_metrics(self.metrics_path) if r["round"] <= resume_round]
             atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        self.sinks = open_sinks(exp, self.dir, resume_round)  # tracking: TensorBoard, MLflow
+        for sink in self.sinks:
+            sink.log_params(exp.dump())
 
     def log_round(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        for sink in self.sinks:
+            sink.log_round(row)
 
     def finish(self, state: State, summary: dict[str, Any]) -> None:
         tmp = self.dir / "final.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, self.dir / "final.safetensors")
         atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2).encode())
+        for sink in self.sinks:
+            sink.close()
 
 
 def write_labels(out: str | Path, mapping: dict[str, int], num_labels: int, column: str | None = None) -> Path:

@@ -3,12 +3,16 @@
 from fedfm.tasks.base import BUILD_COUNT, Task, build_task, register_task, tasks
 from fedfm.tasks.packages import known_packages, register_model_package, resolve_package
 from fedfm.tasks import causal_lm, text_classification  # noqa: F401  (registers the tasks)
+from fedfm.tasks import dpo  # noqa: F401  (registers the dpo objective)
+from fedfm.tasks.objectives import objectives, register_objective
 
 __all__ = [
     "BUILD_COUNT",
     "Task",
     "build_task",
     "known_packages",
+    "objectives",
+    "register_objective",
     "register_model_package",
     "register_task",
     "resolve_package",

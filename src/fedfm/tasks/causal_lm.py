@@ -13,8 +13,9 @@ Two row formats share one code path:
   on the prompt), as in federated instruction tuning (Zhang et al. 2024, "Towards Building
   the Federated GPT: Federated Instruction Tuning").
 
-Metrics: token-level loss, perplexity ``exp(loss)`` and next-token accuracy on the
-held-out clients' text. At the end of a run, ``finish`` writes greedy generations from
+Metrics: token-level loss, perplexity ``exp(loss)``, next-token accuracy and greedy
+exact match (``exact_matches``) on the held-out clients' text. ``model.objective``
+(``tasks/objectives.py``, e.g. ``dpo``) replaces this objective. At the end of a run, ``finish`` writes greedy generations from
 fixed prompts (the first held-out rows) to ``generations.jsonl``.
 """
 
@@ -68,7 +69,13 @@ def encode_pair(tokenizer: Any, instruction: str, response: str, max_length: int
     response keeping at least half of ``max_length``.
     """
     prompt, answer = render_pair(tokenizer, instruction, response)
-    p, r = _ids(tokenizer, prompt), _ids(tokenizer, answer)
+    return join_cut(_ids(tokenizer, prompt), _ids(tokenizer, answer), max_length)
+
+
+def join_cut(p: list[int], r: list[int], max_length: int) -> dict[str, list[int]]:
+    """Prompt ids ``p`` + response ids ``r`` with labels on ``r`` only; when too long, the
+    prompt is cut from the left and the response from the right, the response keeping at
+    least half of ``max_length``."""
     if len(p) + len(r) > max_length:
         keep_r = min(len(r), max(max_length - len(p), max_length // 2))
         keep_p = max_length - keep_r
@@ -104,22 +111,53 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return nll, int(mask.sum().item()), int(correct)
 
 
+def exact_matches(logits: torch.Tensor, labels: torch.Tensor, stop_id: int | None) -> tuple[int, int]:
+    """(rows whose answer greedy decoding reproduces, rows with a labelled token).
+
+    Greedy decoding reproduces the labelled tokens exactly iff, fed the reference prefix,
+    the argmax at every labelled position is the reference token (by induction on the
+    position), so one teacher-forced forward pass gives the greedy exact match. Labelled
+    tokens after the first ``stop_id`` (the end-of-turn marker, where generation stops)
+    are not required.
+    """
+    pred = logits[:, :-1, :].argmax(-1)  # (B, T-1)
+    target = labels[:, 1:]  # (B, T-1)
+    mask = target != IGNORE
+    if stop_id is not None:
+        stop = (target == stop_id) & mask
+        mask = mask & ~((stop.long().cumsum(1) - stop.long()) > 0)  # drop positions after the first stop
+    has = mask.any(1)
+    ok = ((pred == target) | ~mask).all(1) & has
+    return int(ok.sum().item()), int(has.sum().item())
+
+
 class CausalLM:
-    """Next-token cross-entropy on the labelled tokens; metrics: loss, perplexity, token accuracy."""
+    """Next-token cross-entropy on the labelled tokens; metrics: loss, perplexity, token
+    accuracy, exact match. ``model.objective`` (``tasks/objectives.py``) replaces the
+    objective: encode, collate, loss, evaluate and finish are then the objective's."""
+
+    objective: Any = None
+    stop_id: int | None = None
 
     def build(self, model_cfg: Any, seed: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from fedfm.tasks.objectives import build_objective
 
         model, directory = load_auto(AutoModelForCausalLM, model_cfg, seed)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # training and scoring need no KV cache
         self.max_positions = position_limit(model.config)
+        self.stop_id = tokenizer.eos_token_id
+        self.objective = build_objective(getattr(model_cfg, "objective", None))
         count_build()
         return model, tokenizer
 
     def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
         check_max_length(max_length, getattr(self, "max_positions", None))
+        if self.objective is not None:
+            return self.objective.encode(frame, tokenizer, max_length)
         texts = frame["text"].astype(str).tolist()
         if "prompt" in frame.columns:
             prompts = frame["prompt"].tolist()
@@ -130,40 +168,45 @@ class CausalLM:
         return [encode_text(tokenizer, t, max_length) for t in texts]
 
     def collate(self, examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), pad_id(tokenizer), dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
-        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)  # (B, T)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-            mask[i, :n] = 1
-            labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.objective is not None:
+            return self.objective.collate(examples, tokenizer)
+        return collate_lm(examples, tokenizer)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.objective is not None:
+            return self.objective.loss(model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         nll, count, _ = token_stats(logits, batch["labels"])
         return nll / max(count, 1)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches) -> dict[str, float]:
-        nll_sum, tokens, correct = 0.0, 0, 0
+        """``exact_match``: the share of held-out rows whose labelled tokens (an
+        instruction's answer, up to its end-of-turn marker; a plain text's every token)
+        greedy decoding reproduces exactly."""
+        if self.objective is not None:
+            return self.objective.evaluate(model, batches)
+        nll_sum, tokens, correct, exact, rows = 0.0, 0, 0, 0, 0
         for batch in batches:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll, count, right = token_stats(logits, batch["labels"])
+            hit, n = exact_matches(logits, batch["labels"], self.stop_id)
             nll_sum, tokens, correct = nll_sum + nll.item(), tokens + count, correct + right
+            exact, rows = exact + hit, rows + n
         loss = nll_sum / max(tokens, 1)
         return {
             "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),
             "token_accuracy": correct / max(tokens, 1),
+            "exact_match": exact / max(rows, 1),
             "eval_tokens": float(tokens),
         }
 
     def finish(self, model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, held_out: pd.DataFrame) -> Path:
         """Greedy generations from fixed prompts (the first held-out rows: their instruction,
         or the first words of their text) to ``out_dir/generations.jsonl``."""
+        if self.objective is not None:
+            return self.objective.finish(model, tokenizer, out_dir, held_out)
         path = Path(out_dir) / "generations.jsonl"
         rows = []
         for _, row in held_out.head(GENERATION_PROMPTS).iterrows():
@@ -175,6 +218,20 @@ class CausalLM:
             rows.append({"prompt": shown, "generation": generate(model, tokenizer, prompt)})
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return path
+
+
+def collate_lm(examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask, and labels padded with ``-100``."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id(tokenizer), dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)  # (B, T)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 @torch.no_grad()

@@ -1,0 +1,214 @@
+"""Direct Preference Optimization as an objective of the causal LM task
+(``model.objective: {name: dpo, beta: 0.1}``).
+
+Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+Reward Model"; federated as in OpenFedLLM (Ye et al. 2024, "OpenFedLLM: Training Large
+Language Models on Decentralized Private Data via Federated Learning"): every client runs
+DPO on its own preference pairs and the server aggregates the adapters like any other
+update. For a prompt x with a chosen answer y_w and a rejected answer y_l,
+
+    loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+
+where log pi(y|x) is the summed log-probability of the answer tokens under the trained
+model and ref is the reference model. The implicit rewards are
+``beta * (log pi - log ref)`` of each answer.
+
+The reference model is the base model with the adapters switched off (peft's
+``disable_adapter()`` context manager), so no second copy of the model is held; it is
+therefore the model every run starts from, fixed across rounds, as in DPO. Tuners that
+are not peft adapters (``bitfit``, ``full``, ``salience``, the hand-written ``adapter``)
+change or wrap the base weights themselves and have no switch to the base model: they
+are refused at config time.
+
+Written here rather than taken from TRL's ``DPOTrainer``: the trainer owns its training
+loop, model copies and data collation, while fedfm's learners own the loop; the loss
+itself is the three lines of ``dpo_loss``.
+
+Rows hold ``prompt``, ``chosen`` and ``rejected`` (``data.source: preferences``). With
+``format: plain`` the answer follows the prompt text directly (continuations); with
+``format: chat`` the pair is rendered with the model's chat template, as instruction
+pairs are. Only the answer tokens count; chosen and rejected rows go through the model
+in one batch.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedfm.tasks.causal_lm import (
+    GENERATION_PROMPTS,
+    IGNORE,
+    _ids,
+    collate_lm,
+    encode_pair,
+    generate,
+    join_cut,
+    render_prompt,
+)
+from fedfm.tasks.objectives import register_objective
+
+# Tuners whose model is a peft model with ``disable_adapter()``.
+REFERENCE_TUNERS = ("lora", "ffa_lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
+
+
+class DpoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference model (DPO's beta)")
+    format: Literal["plain", "chat"] = Field(
+        "plain", description="plain: answer appended to the prompt text; chat: rendered with the chat template"
+    )
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair loss, chosen reward, rejected reward), each (B,), from summed answer
+    log-probabilities (B,) of the policy and the reference."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    losses = -torch.nn.functional.logsigmoid(chosen_reward - rejected_reward)
+    return losses, chosen_reward, rejected_reward
+
+
+def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probability of the labelled tokens; logits (B, T, V) predict t+1 from t."""
+    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1)
+    mask = target != IGNORE
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (picked * mask).sum(-1)
+
+
+@contextmanager
+def reference_model(model: torch.nn.Module):
+    """The base model: ``model`` with its peft adapters disabled for the block.
+
+    peft re-enables adapters by marking every adapter weight trainable, which would undo
+    a tuner that freezes some of them (FFA-LoRA's A matrices); the ``requires_grad`` flags
+    are restored as they were."""
+    disable = getattr(model, "disable_adapter", None)
+    if disable is None:
+        raise ValueError(
+            "model.objective dpo: the reference model is the base model with the adapters disabled, "
+            f"but the model ({type(model).__name__}) has no peft adapter; use peft.method in {list(REFERENCE_TUNERS)}"
+        )
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with disable():
+            yield model
+    finally:
+        for p, trainable in flags:
+            p.requires_grad_(trainable)
+
+
+def logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(2B,) answer log-probabilities of a DPO batch (chosen rows first, then rejected)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return answer_logps(logits, batch["labels"])
+
+
+def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad(), reference_model(model):
+        return logps(model, batch)
+
+
+class DPO:
+    """Objective: DPO loss on (prompt, chosen, rejected); metrics on held-out pairs."""
+
+    def __init__(self, params: DpoParams):
+        self.params = params
+
+    @staticmethod
+    def config_problem(exp) -> str | None:
+        if exp.peft.method not in REFERENCE_TUNERS:
+            return (
+                f"model.objective dpo: the reference model is the base model with the peft adapters disabled; "
+                f"peft.method '{exp.peft.method}' has no adapter to disable (use one of {list(REFERENCE_TUNERS)})"
+            )
+        return None
+
+    def _encode_one(self, tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
+        if self.params.format == "chat":
+            return encode_pair(tokenizer, prompt, answer, max_length)
+        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return join_cut(list(p), _ids(tokenizer, answer), max_length)
+
+    def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        missing = [c for c in ("prompt", "chosen", "rejected") if c not in frame.columns]
+        if missing:
+            raise ValueError(
+                f"model.objective dpo: the data has no {missing} column(s); use data.source: preferences "
+                f"(columns: {', '.join(map(str, frame.columns))})"
+            )
+        out = []
+        for p, c, r in zip(frame["prompt"].astype(str), frame["chosen"].astype(str), frame["rejected"].astype(str)):
+            chosen = self._encode_one(tokenizer, p, c, max_length)
+            rejected = self._encode_one(tokenizer, p, r, max_length)
+            longest = max(chosen, rejected, key=lambda e: len(e["input_ids"]))
+            # input_ids/labels: the longer answer, so length sorting and padding see the pair's width
+            out.append({**longest, "chosen": chosen, "rejected": rejected})
+        return out
+
+    def collate(self, examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+        """One padded batch of 2B rows: the B chosen rows, then the B rejected rows."""
+        return collate_lm([e["chosen"] for e in examples] + [e["rejected"] for e in examples], tokenizer)
+
+    def pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        policy = logps(model, batch)  # (2B,)
+        ref = reference_logps(model, batch)  # (2B,)
+        b = policy.shape[0] // 2
+        losses, rc, rr = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], self.params.beta)
+        return losses, rc, rr, policy[:b], policy[b:]
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.pair_terms(model, batch)[0].mean()
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches) -> dict[str, float]:
+        """Means over held-out pairs: DPO ``loss``; ``reward_accuracy`` (share of pairs whose
+        chosen reward is strictly above the rejected one: 0 before training, when both
+        rewards are 0); ``reward_margin`` (chosen - rejected reward); ``chosen_logp`` and
+        ``rejected_logp`` (summed answer log-probabilities under the trained model)."""
+        sums = {"loss": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0, "chosen_reward": 0.0,
+                "rejected_reward": 0.0, "chosen_logp": 0.0, "rejected_logp": 0.0}
+        pairs = 0
+        for batch in batches:
+            losses, rc, rr, pc, pr = self.pair_terms(model, batch)
+            sums["loss"] += losses.sum().item()
+            sums["reward_accuracy"] += (rc > rr).float().sum().item()
+            sums["reward_margin"] += (rc - rr).sum().item()
+            sums["chosen_reward"] += rc.sum().item()
+            sums["rejected_reward"] += rr.sum().item()
+            sums["chosen_logp"] += pc.sum().item()
+            sums["rejected_logp"] += pr.sum().item()
+            pairs += int(rc.shape[0])
+        out = {k: v / max(pairs, 1) for k, v in sums.items()}
+        out["eval_pairs"] = float(pairs)
+        return out
+
+    def finish(self, model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, held_out: pd.DataFrame) -> Path:
+        """Greedy continuations of the first held-out prompts, beside their chosen and
+        rejected answers, to ``out_dir/generations.jsonl``."""
+        path = Path(out_dir) / "generations.jsonl"
+        rows = []
+        for _, row in held_out.head(GENERATION_PROMPTS).iterrows():
+            prompt = str(row["prompt"])
+            text = render_prompt(tokenizer, prompt) if self.params.format == "chat" else prompt
+            rows.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"],
+                         "generation": generate(model, tokenizer, text)})
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return path
+
+
+register_objective("dpo", DPO, DpoParams)
