@@ -4,6 +4,7 @@ references of an Experiment against them (before any data or model loads)."""
 from __future__ import annotations
 
 from fedfm import aggregators, attacks, codecs, data, learners, peft, tasks  # noqa: F401
+from fedfm import ip  # noqa: F401  (registers the waffle server step)
 from fedfm.aggregators.pipeline import parse_step
 from fedfm.codecs.base import parse_stage
 from fedfm.learners.middleware import middlewares, parse_middleware
