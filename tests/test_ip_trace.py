@@ -21,7 +21,8 @@ CLIENTS = 8
 # 16 triggers per client, 4 labels: a copy answers its own set (16/16, p = 4**-16) and the
 # other 7 sets at chance (1/4, about 4 of 16).
 SPEC = TriggerSpec("text_classification", size=16, length=8, num_labels=4)
-SETTINGS = EmbedSettings(threshold=1.0, max_steps=150, lr=0.05, batch_size=16)
+# The tiny model learns the triggers through LoRA and its head together (freeze=()).
+SETTINGS = EmbedSettings(threshold=1.0, max_steps=150, lr=0.05, batch_size=16, freeze=())
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -21,8 +21,10 @@ from fedfm.runtime import LocalRuntime
 from fedfm.runtime.workbench import Workbench
 
 # 16 triggers, 4 labels: chance 1/4, so 16/16 right has p = 4**-16 = 2.3e-10 < 1e-6.
+# The tiny model's LoRA (r 4, 2 layers of width 32) alone learns the triggers slowly, so the
+# tests train its head too (freeze: []); the default, head frozen, is checked below.
 WAFFLE = {"name": "waffle", "key": "owner-key", "trigger_size": 16, "trigger_length": 8,
-          "threshold": 1.0, "max_steps": 120, "lr": 0.05}
+          "threshold": 1.0, "max_steps": 120, "lr": 0.05, "freeze": []}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,16 +76,23 @@ def test_embed_stops_at_the_budget_or_the_threshold(tmp_path):
     spec = TriggerSpec("text_classification", size=16, length=8, num_labels=4)
     trig = trigger_set("k", spec, base.tokenizer)
     # Budget 3 steps, unreachable threshold: exactly 3 steps (one per pass of 16 triggers, batch 16).
-    short = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1.0, 3, 0.05, 16), seed=0)
+    short = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1.0, 3, 0.05, 16, ()), seed=0)
     assert short.steps == 3
     # Threshold already met (any accuracy >= 0): no step, the State unchanged.
-    none = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1e-9, 50, 0.05, 16), seed=0)
+    none = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1e-9, 50, 0.05, 16, ()), seed=0)
     assert none.steps == 0 and all(torch.equal(none.state[k], template[k]) for k in template)
+    # The default settings leave the head alone: the classifier keeps its values.
+    frozen = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1.0, 2, 0.05, 16), seed=0)
+    head = [k for k in template if "classifier" in k]
+    assert head and all(torch.equal(frozen.state[k], template[k]) for k in head)
+    assert all(not torch.equal(frozen.state[k], template[k]) for k in template if "lora_B" in k)
+    with pytest.raises(ValueError, match="nothing left to train"):
+        embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(freeze=("*",)), seed=0)
     # Embedding is deterministic given the seed, and leaves the global RNG alone.
     before = torch.get_rng_state()
-    a = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1.0, 5, 0.05, 8), seed=7)
+    a = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1.0, 5, 0.05, 8, ()), seed=7)
     assert torch.equal(torch.get_rng_state(), before)
-    b = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1.0, 5, 0.05, 8), seed=7)
+    b = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1.0, 5, 0.05, 8, ()), seed=7)
     assert a.steps == b.steps == 5 and all(torch.equal(a.state[k], b.state[k]) for k in a.state)
 
 
@@ -125,3 +134,19 @@ def test_waffle_keys_are_checked(tmp_path, monkeypatch):
         params.secret()
     monkeypatch.setenv("FEDFM_TEST_WM_KEY", "s3cret")
     assert params.secret() == "s3cret"
+
+
+def test_causal_lm_trigger_prompts_get_their_continuations(tmp_path):
+    from tiny_llm import tiny_llm_config
+
+    exp = from_dict(tiny_llm_config(tmp_path))
+    base, template = build_base(exp)
+    # 4 prompts x 3 continuation tokens = 12 checked tokens; chance 1/(vocabulary - specials).
+    spec = TriggerSpec("causal_lm", size=4, length=4, continuation=3)
+    trig = trigger_set("llm-owner", spec, base.tokenizer)
+    before = verdict(base.task, spec, base.model, base.tokenizer, trig)
+    assert before.total == 12 and before.hits <= 2
+    result = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1.0, 200, 0.05, 4, ()), seed=0)
+    after = verdict(base.task, spec, base.model, base.tokenizer, trig)
+    assert result.accuracy == after.accuracy == 1.0, f"{result.steps} steps"
+    assert after.p_value < 1e-6 < before.p_value

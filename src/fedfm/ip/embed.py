@@ -8,6 +8,14 @@ the client learner (``learners/loop.py``) because it stops on the watermark accu
 checked after every pass over the set, and may train only part of the trainable State
 (the shared names, when ``peft.local`` keeps others on the clients).
 
+What it trains: the trainable names, minus ``train_names``' complement (the shared names,
+when ``peft.local`` keeps others on the clients), minus ``settings.freeze`` (fnmatch
+patterns; by default the task head, ``*classifier*`` and ``*score*``). The head is frozen
+by default because re-training it on random-token triggers moves the decision for real
+inputs too: measured on the reduced quickstart job (docs/ip.md), embedding 50 triggers
+through LoRA and the head took the clean accuracy from 0.82 to 0.25 after two rounds,
+through LoRA alone from 0.82 to 0.815 in 20 steps.
+
 It runs on the one base model in place: it loads ``full_state``, trains, and returns the
 trained State (every trainable name). Dropout is on during training, as in any fine-tune;
 the accuracy is measured in eval mode. Randomness (batch order, dropout) comes from
@@ -16,6 +24,7 @@ the accuracy is measured in eval mode. Randomness (batch order, dropout) comes f
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass
 from typing import Any, Collection
@@ -28,12 +37,22 @@ from fedfm.learners.loop import batches
 from fedfm.peft import get_state, set_state
 
 
+HEAD_PATTERNS = ("*classifier*", "*score*")
+
+
+def trained_names(names, train_names: Collection[str] | None, freeze: Collection[str]) -> list[str]:
+    """The names of ``names`` the embedding trains: in ``train_names`` (None: all), not frozen."""
+    return [n for n in names if (train_names is None or n in train_names)
+            and not any(fnmatch.fnmatchcase(n, p) for p in freeze)]
+
+
 @dataclass
 class EmbedSettings:
     threshold: float = 0.98
     max_steps: int = 100
-    lr: float = 1e-3
+    lr: float = 5e-3
     batch_size: int = 16
+    freeze: tuple[str, ...] = HEAD_PATTERNS  # fnmatch patterns of names left unchanged
 
 
 @dataclass
@@ -58,7 +77,8 @@ def embed(
     """Train ``model`` (loaded with ``full_state``) on ``triggers`` until the watermark
     accuracy is at least ``settings.threshold`` or ``settings.max_steps`` steps are spent.
 
-    ``train_names``: the trainable names the optimizer may change (default: all)."""
+    ``train_names``: the trainable names the optimizer may change (default: all), less
+    those matching ``settings.freeze``."""
     start = time.perf_counter()
     set_state(model, full_state)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -66,7 +86,10 @@ def embed(
         unknown = sorted(set(train_names) - {n for n, _ in named})
         if unknown:
             raise KeyError(f"watermark embedding: {unknown[:3]} are not trainable parameters of the model")
-    params = [p for n, p in named if train_names is None or n in train_names]
+    chosen = set(trained_names([n for n, _ in named], train_names, settings.freeze))
+    if not chosen:
+        raise ValueError(f"watermark embedding: nothing left to train (freeze {list(settings.freeze)}, {len(named)} trainable names)")
+    params = [p for n, p in named if n in chosen]
 
     def accuracy() -> float:
         hits, total = count_hits(task, task_name, model, tokenizer, triggers)

@@ -14,7 +14,11 @@ round 1 (here round 1's step embeds it) and its image-specific "WAFFLEPattern" t
 The key is given as ``key`` (it is then written into the run's config.yaml) or, to keep it
 out of every file, as ``key_env``, the name of an environment variable of the server
 process. With ``peft.local``, only the shared names are trained (the local ones keep the
-template's values during the step) and only they are returned.
+template's values during the step) and only they are returned. The task head is not
+trained by default (``freeze``): re-training it on random-token triggers cost most of the
+clean accuracy on the quickstart job (docs/ip.md); the watermark then lives in the
+tuner's own parameters (LoRA's A and B), and trigger sentences are told apart from real
+ones by the attention layers.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import State
-from fedfm.ip.embed import EmbedSettings, embed
+from fedfm.ip.embed import HEAD_PATTERNS, EmbedSettings, embed
 from fedfm.ip.trigger import TriggerSpec, trigger_set
 
 WAFFLE_TAG = 0xAFF1E
@@ -41,8 +45,12 @@ class WaffleParams(BaseModel):
     continuation: int = Field(4, ge=1, description="causal LM only: fixed continuation tokens per prompt")
     threshold: float = Field(0.98, gt=0, le=1, description="stop once the watermark accuracy reaches this")
     max_steps: int = Field(100, ge=0, description="step budget per round")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the embedding")
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding (5e-3: about 20 steps to 98% of 50 triggers on MiniLM + LoRA)")
     batch_size: int = Field(16, ge=1, description="trigger examples per step")
+    freeze: list[str] = Field(
+        default_factory=lambda: list(HEAD_PATTERNS),
+        description="fnmatch patterns of trainable names the step leaves unchanged (default: the task head; see ip/embed.py)",
+    )
 
     @model_validator(mode="after")
     def _one_key(self):
@@ -62,7 +70,7 @@ class WaffleParams(BaseModel):
         return TriggerSpec(task, self.trigger_size, self.trigger_length, num_labels, self.continuation)
 
     def settings(self) -> EmbedSettings:
-        return EmbedSettings(self.threshold, self.max_steps, self.lr, self.batch_size)
+        return EmbedSettings(self.threshold, self.max_steps, self.lr, self.batch_size, tuple(self.freeze))
 
 
 class Waffle:
