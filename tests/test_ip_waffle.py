@@ -150,3 +150,12 @@ def test_causal_lm_trigger_prompts_get_their_continuations(tmp_path):
     after = verdict(base.task, spec, base.model, base.tokenizer, trig)
     assert result.accuracy == after.accuracy == 1.0, f"{result.steps} steps"
     assert after.p_value < 1e-6 < before.p_value
+
+
+def test_unverifiable_trigger_sets_are_refused_at_config_time(tmp_path):
+    # 2 labels: 19 triggers all right give p = 2**-19 = 1.9e-6 >= 1e-6; 20 give 9.5e-7 < 1e-6.
+    with pytest.raises(ConfigError, match=r"trigger_size 19 with 2 labels.*p = 1.9e-06.*trigger_size >= 20"):
+        from_dict(tiny_config(tmp_path, server_steps=[{"name": "waffle", "key": "k", "trigger_size": 19}]))
+    from_dict(tiny_config(tmp_path, server_steps=[{"name": "waffle", "key": "k", "trigger_size": 20}]))
+    # 4 labels: 10 triggers give 4**-10 = 9.5e-7 < 1e-6.
+    from_dict(tiny_config(tmp_path, **{"model.num_labels": 4, "server_steps": [{"name": "waffle", "key": "k", "trigger_size": 10}]}))

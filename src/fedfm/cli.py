@@ -212,7 +212,7 @@ def watermark_verify(
     trigger_size: WmSize = None,
     trigger_length: WmLength = None,
     continuation: WmCont = None,
-    alpha: Annotated[float, typer.Option(help="largest p-value that counts as verified")] = 1e-6,
+    alpha: Annotated[float, typer.Option(help="largest p-value that counts as verified")] = 1e-6,  # ip.waffle.DEFAULT_ALPHA
 ):
     """Watermark accuracy on the key's trigger set and its binomial p-value against chance.
 

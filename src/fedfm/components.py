@@ -74,4 +74,7 @@ def combination_problems(exp) -> list[str]:
         problems.append(scaffold)
     if exp.learner.name == "scaffold" and exp.peft.local:
         problems.append("peft.local: SCAFFOLD's control variates cover the shared State only; use another learner with local parameters")
+    from fedfm.ip.waffle import waffle_config_problems
+
+    problems += waffle_config_problems(exp)
     return problems

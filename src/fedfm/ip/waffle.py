@@ -110,3 +110,32 @@ class Waffle:
 register_server_step("waffle", Waffle, WaffleParams)
 
 __all__ = ["Waffle", "WaffleParams"]
+
+DEFAULT_ALPHA = 1e-6  # the p-value below which `fedfm watermark verify` calls a model verified
+
+
+def waffle_config_problems(exp) -> list[str]:
+    """Waffle settings that cannot give a verifiable watermark, with the numbers."""
+    import math
+
+    from fedfm.ip.trigger import KINDS
+
+    problems = []
+    for i, spec in enumerate(exp.server_steps):
+        if not isinstance(spec, dict) or spec.get("name") != "waffle":
+            continue
+        where = f"server_steps[{i}] (waffle)"
+        if exp.model.task not in KINDS:
+            problems.append(f"{where}: trigger sets exist for tasks {KINDS}, not model.task '{exp.model.task}'")
+            continue
+        size = spec.get("trigger_size", WaffleParams.model_fields["trigger_size"].default)
+        labels = exp.model.num_labels
+        if exp.model.task == "text_classification" and labels >= 2 and isinstance(size, int) and size >= 1:
+            best = (1.0 / labels) ** size
+            if best >= DEFAULT_ALPHA:
+                need = math.floor(math.log(DEFAULT_ALPHA) / math.log(1.0 / labels)) + 1
+                problems.append(
+                    f"{where}: trigger_size {size} with {labels} labels: even {size}/{size} right has p = {best:.1e}, "
+                    f"never below verify's alpha {DEFAULT_ALPHA:g}; use trigger_size >= {need}"
+                )
+    return problems
