@@ -4,7 +4,7 @@
         [-o federation.examples_per_client=250 -o federation.test_examples=1000 -o rounds=3]
 
 The job is examples/ip/waffle.yaml (the quickstart with the ``waffle`` server step),
-reduced by ``JOB`` (8 clients x 32 reviews, 200 test reviews, 2 rounds) unless ``-o``
+reduced by ``JOB`` (8 clients x 96 reviews cut to 32 tokens, 300 test reviews, 2 rounds) unless ``-o``
 overrides say otherwise. One Workbench (one MiniLM in memory) serves everything:
 
 1. the job without and with WAFFLE (``server_steps: []`` vs the example's step): final
@@ -51,7 +51,9 @@ from fedfm.runtime.outputs import read_metrics  # noqa: E402
 from fedfm.runtime.workbench import Workbench  # noqa: E402
 
 CONFIG = ROOT / "examples" / "ip" / "waffle.yaml"
-JOB = ["federation.examples_per_client=32", "federation.test_examples=200", "rounds=2"]
+# 32 reviews per client and 200 test reviews proved too small: the test set was 82% positive
+# and the model learned only that (accuracy 0.82 = the majority rate); see docs/ip.md.
+JOB = ["federation.examples_per_client=96", "federation.test_examples=300", "data.max_length=32", "rounds=2"]
 OWNER_KEY = "benchmark-owner-key"
 MASTER_KEY = "benchmark-client-master-key"
 THIEF = 3
@@ -104,6 +106,9 @@ def main() -> None:
         set_state(wb.model, state)
         return verdict(wb.task, spec, wb.model, wb.tokenizer, owner_triggers)
 
+    test_labels = [b["labels"] for b in wb.eval_batches()]
+    majority = max(torch.bincount(torch.cat(test_labels)).tolist()) / sum(len(t) for t in test_labels)
+    print(f"majority-class rate of the test set: {majority:.4f}")
     s_plain, _, plain = run_job(exp_plain, args.out / "plain", wb)
     s_wm, rows_wm, marked = run_job(exp_wm, args.out / "waffle", wb)
     acc_plain, acc_wm = s_plain["final"]["accuracy"], s_wm["final"]["accuracy"]
@@ -152,11 +157,11 @@ def main() -> None:
     print(f"total wall {wall:.0f} s")
     if not args.no_doc:
         write_doc(args, overrides, exp_wm, spec, settings, acc_plain, acc_wm, v_plain, v_wm, per_round, costs,
-                  trace_acc, clean_copies, attack_rows, len(thief_data), wall)
+                  trace_acc, clean_copies, attack_rows, len(thief_data), wall, majority)
 
 
 def write_doc(args, overrides, exp, spec, settings, acc_plain, acc_wm, v_plain, v_wm, per_round, costs, trace_acc,
-              clean_copies, attack_rows, n_thief, wall) -> None:
+              clean_copies, attack_rows, n_thief, wall, majority) -> None:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "PYTHONPATH=src nice -n 10 python benchmarks/ip.py" + "".join(f" -o {o}" for o in args.overrides)
     lines = [
@@ -170,6 +175,8 @@ def write_doc(args, overrides, exp, spec, settings, acc_plain, acc_wm, v_plain, 
         f"{spec.num_labels} labels (chance {1 / spec.num_labels:g}); embedding: threshold {settings.threshold}, "
         f"budget {settings.max_steps} steps, AdamW lr {settings.lr}, batch {settings.batch_size}, "
         f"frozen {list(settings.freeze)}.",
+        "",
+        f"The test set's majority class is {majority:.1%} of it (a constant prediction scores {majority:.4f}).",
         "",
         "| model | clean accuracy | owner-key watermark accuracy | p-value |",
         "|---|---:|---:|---:|",

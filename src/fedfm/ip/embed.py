@@ -12,9 +12,10 @@ What it trains: the trainable names, minus ``train_names``' complement (the shar
 when ``peft.local`` keeps others on the clients), minus ``settings.freeze`` (fnmatch
 patterns; by default the task head, ``*classifier*`` and ``*score*``). The head is frozen
 by default because re-training it on random-token triggers moves the decision for real
-inputs too: measured on the reduced quickstart job (docs/ip.md), embedding 50 triggers
-through LoRA and the head took the clean accuracy from 0.82 to 0.25 after two rounds,
-through LoRA alone from 0.82 to 0.815 in 20 steps.
+inputs too. Measured once (docs/ip.md, "History"), embedding 50 triggers into the final
+model of a first, too small reduced job (whose test accuracy 0.82 was its majority-class
+rate): through LoRA and the head at lr 1e-3 the test accuracy fell to 0.365 (56 steps);
+through LoRA alone at lr 5e-3 it stayed at 0.815 (20 steps).
 
 It runs on the one base model in place: it loads ``full_state``, trains, and returns the
 trained State (every trainable name). Dropout is on during training, as in any fine-tune;

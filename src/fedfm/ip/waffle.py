@@ -15,8 +15,8 @@ The key is given as ``key`` (it is then written into the run's config.yaml) or, 
 out of every file, as ``key_env``, the name of an environment variable of the server
 process. With ``peft.local``, only the shared names are trained (the local ones keep the
 template's values during the step) and only they are returned. The task head is not
-trained by default (``freeze``): re-training it on random-token triggers cost most of the
-clean accuracy on the quickstart job (docs/ip.md); the watermark then lives in the
+trained by default (``freeze``): re-training it on random-token triggers flipped most
+predictions on real reviews in a measurement (ip/embed.py, docs/ip.md); the watermark then lives in the
 tuner's own parameters (LoRA's A and B), and trigger sentences are told apart from real
 ones by the attention layers.
 """
@@ -45,7 +45,7 @@ class WaffleParams(BaseModel):
     continuation: int = Field(4, ge=1, description="causal LM only: fixed continuation tokens per prompt")
     threshold: float = Field(0.98, gt=0, le=1, description="stop once the watermark accuracy reaches this")
     max_steps: int = Field(100, ge=0, description="step budget per round")
-    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding (5e-3: about 20 steps to 98% of 50 triggers on MiniLM + LoRA)")
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding")
     batch_size: int = Field(16, ge=1, description="trigger examples per step")
     freeze: list[str] = Field(
         default_factory=lambda: list(HEAD_PATTERNS),
