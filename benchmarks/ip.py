@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedfm.codecs import Payload, to_bytes  # noqa: E402
 from fedfm.config import from_dict  # noqa: E402
-from fedfm.ip import Base, WaffleParams, client_copy, client_key, trace, trigger_set, verdict  # noqa: E402
+from fedfm.ip import Base, WaffleParams, client_copy, trace, trigger_set, verdict  # noqa: E402
 from fedfm.ip.loading import trigger_spec  # noqa: E402
 from fedfm.ip.removal import codec_roundtrip, fine_tune  # noqa: E402
 from fedfm.peft import set_state  # noqa: E402
