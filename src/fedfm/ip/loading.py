@@ -1,0 +1,88 @@
+"""A suspect model from disk: a run directory, or a final.safetensors beside its config.yaml.
+
+The base model is rebuilt from the run's config exactly as ``runtime/workbench.py`` builds
+it (the task's model, then the tuner under the seed ``derive_seed(seed, 0xADA)``), without
+loading any federation data; the file's tensors replace the trainable State, and names it
+lacks (``peft.local`` ones) keep the template's values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fedfm.config import load_config
+from fedfm.core.seeding import derive_seed
+from fedfm.core.types import State
+from fedfm.ip.unique import Base
+from fedfm.peft import apply_tuner, get_state
+from fedfm.tasks import build_task
+
+TUNER_TAG = 0xADA  # the seed tag runtime/workbench.py applies the tuner under
+FINAL = "final.safetensors"
+
+
+def resolve(model: str | Path, config: str | Path | None = None) -> tuple[Path, Path]:
+    """(config.yaml, weights file) of a run directory or a .safetensors file."""
+    path = Path(model)
+    if path.is_dir():
+        weights = path / FINAL
+    elif path.is_file() and path.suffix == ".safetensors":
+        weights = path
+    else:
+        raise FileNotFoundError(f"MODEL {path}: not a run directory nor a .safetensors file")
+    if not weights.is_file():
+        raise FileNotFoundError(f"MODEL {path}: no {FINAL} in this directory")
+    cfg = Path(config) if config is not None else weights.parent / "config.yaml"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"no config.yaml beside {weights}; pass --config")
+    return cfg, weights
+
+
+def build_base(exp) -> tuple[Base, State]:
+    """(the base model with the tuner applied, its initial trainable State)."""
+    task = build_task(exp.model.task)
+    model, tokenizer = task.build(exp.model, exp.seed)
+    torch.manual_seed(derive_seed(exp.seed, TUNER_TAG))
+    model = apply_tuner(model, exp.peft, exp.model.task)
+    model.eval()
+    return Base(model, task, exp.model.task, tokenizer), get_state(model)
+
+
+def complete(template: State, tensors: State, source: str) -> State:
+    """``tensors`` over the template; a name or shape the model lacks is an error."""
+    unknown = sorted(set(tensors) - set(template))
+    if unknown:
+        raise KeyError(f"{source}: tensors {unknown[:3]} are not trainable parameters of the configured model")
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(template[k].shape):
+            raise ValueError(f"{source}: '{k}' has shape {tuple(t.shape)}, the model expects {tuple(template[k].shape)}")
+    return {**template, **{k: t.to(template[k].dtype) for k, t in tensors.items()}}
+
+
+def load_suspect(model: str | Path, config: str | Path | None = None):
+    """(experiment, Base, full trainable State of the suspect model)."""
+    cfg, weights = resolve(model, config)
+    exp = load_config(cfg)
+    base, template = build_base(exp)
+    return exp, base, complete(template, load_file(str(weights)), str(weights))
+
+
+def trigger_spec(exp, size: int | None = None, length: int | None = None, continuation: int | None = None):
+    """The trigger spec of the run's ``waffle`` step (its parameters, else the defaults),
+    each given value replacing the configured one."""
+    from fedfm.ip.trigger import TriggerSpec
+    from fedfm.ip.waffle import WaffleParams
+
+    configured = next((s for s in exp.server_steps if s.get("name") == "waffle"), None)
+    fields = {k: v for k, v in (configured or {}).items() if k in ("trigger_size", "trigger_length", "continuation")}
+    defaults = WaffleParams(key="-", **fields)
+    return TriggerSpec(
+        exp.model.task,
+        size if size is not None else defaults.trigger_size,
+        length if length is not None else defaults.trigger_length,
+        exp.model.num_labels,
+        continuation if continuation is not None else defaults.continuation,
+    )

@@ -1,0 +1,90 @@
+"""Client-unique watermarks and leak tracing (DUW-inspired).
+
+DUW (Yu, Wei, Zhou, Tang, Qin and Xu 2023, "Who Leaked the Model? Tracking IP Infringers
+in Accountable Federated Learning") gives every client a copy of the global model that
+carries a key of its own, so that a leaked model names the client it came from, while the
+federation's ownership stays verifiable. DUW embeds the keys with a decoder trained on the
+server and a utility-preserving loss; that decoder is NOT implemented here. What is: each
+client's copy is the broadcast State fine-tuned on the client's own trigger set (its key
+``trigger.client_key(master, cid)``, the same embedding as WAFFLE's, ``embed.py``), and
+``trace`` queries a leaked model with every client's trigger set and names the client
+whose set it answers best, with that set's binomial p-value against chance.
+
+Both are pure functions of (State, base model, keys): the caller owns the model. Sending a
+different State to every client needs a per-client ``configure`` in the round loop's
+algorithm (see docs/ip.md); until then the copies are built and traced offline
+(benchmarks/ip.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from fedfm.core.seeding import derive_seed
+from fedfm.core.types import State
+from fedfm.ip.embed import EmbedResult, EmbedSettings, embed
+from fedfm.ip.trigger import TriggerSpec, client_key, trigger_set
+from fedfm.ip.verify import Verdict, verdict
+from fedfm.peft import set_state
+
+DUW_TAG = 0xD0A
+
+
+@dataclass(frozen=True)
+class Base:
+    """The one base model with the tuner applied, and what reads and trains it."""
+
+    model: torch.nn.Module
+    task: Any
+    task_name: str
+    tokenizer: Any
+
+
+def client_copy(
+    base: Base,
+    full_state: State,
+    master_key: str,
+    cid: int,
+    spec: TriggerSpec,
+    settings: EmbedSettings,
+    seed: int = 0,
+    train_names: Sequence[str] | None = None,
+) -> EmbedResult:
+    """Client ``cid``'s watermarked copy of ``full_state`` (every trainable name)."""
+    triggers = trigger_set(client_key(master_key, cid), spec, base.tokenizer)
+    return embed(
+        base.model, base.task, base.task_name, base.tokenizer, full_state, triggers, settings,
+        seed=derive_seed(seed, cid, DUW_TAG), train_names=train_names,
+    )
+
+
+@dataclass(frozen=True)
+class Trace:
+    suspect: Any  # the label (client id) whose key the model answers best
+    verdicts: dict[Any, Verdict]
+
+    @property
+    def p_value(self) -> float:
+        return self.verdicts[self.suspect].p_value
+
+
+def trace_keys(base: Base, full_state: State, keys: Mapping[Any, str], spec: TriggerSpec) -> Trace:
+    """Query the model loaded with ``full_state`` with each labelled key's trigger set;
+    the suspect is the label with the most hits (ties: the first label)."""
+    if not keys:
+        raise ValueError("tracing needs at least one client key")
+    set_state(base.model, full_state)
+    verdicts = {
+        label: verdict(base.task, spec, base.model, base.tokenizer, trigger_set(key, spec, base.tokenizer))
+        for label, key in keys.items()
+    }
+    suspect = max(verdicts, key=lambda label: verdicts[label].hits)
+    return Trace(suspect, verdicts)
+
+
+def trace(base: Base, full_state: State, master_key: str, cids: Sequence[int], spec: TriggerSpec) -> Trace:
+    """Which of clients ``cids`` (keys derived from ``master_key``) the model came from."""
+    return trace_keys(base, full_state, {cid: client_key(master_key, cid) for cid in cids}, spec)

@@ -1,0 +1,141 @@
+"""``waffle``: embed the server's watermark into the global model after every aggregation.
+
+WAFFLE (Tekgul, Xia, Marchal and Asokan 2021, "WAFFLE: Watermarking in Federated
+Learning"): the server, which sees no client data, re-trains each new global model on its
+own trigger set until the watermark accuracy reaches a threshold, so every model it sends
+out (and any model a client walks away with) carries the watermark. Implemented: the
+re-training step as a server step at stage ``model`` with a step budget, the trigger set
+regenerated from a secret key (``trigger.py``: random-token sentences with assigned labels
+for classification, random prompts with fixed continuations for causal LMs), metrics
+``waffle.wm_accuracy`` (after the step), ``waffle.steps`` and ``waffle.seconds`` per round.
+Not implemented: the paper's pre-training of the initial model on the trigger set before
+round 1 (here round 1's step embeds it) and its image-specific "WAFFLEPattern" triggers.
+
+The key is given as ``key`` (it is then written into the run's config.yaml) or, to keep it
+out of every file, as ``key_env``, the name of an environment variable of the server
+process. With ``peft.local``, only the shared names are trained (the local ones keep the
+template's values during the step) and only they are returned. The task head is not
+trained by default (``freeze``): re-training it on random-token triggers flipped most
+predictions on real reviews in a measurement (ip/embed.py, docs/ip.md); the watermark then lives in the
+tuner's own parameters (LoRA's A and B), and trigger sentences are told apart from real
+ones by the attention layers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedfm.aggregators.pipeline import register_server_step
+from fedfm.core.seeding import derive_seed
+from fedfm.core.types import State
+from fedfm.ip.embed import HEAD_PATTERNS, EmbedSettings, embed
+from fedfm.ip.trigger import TriggerSpec, trigger_set
+
+WAFFLE_TAG = 0xAFF1E
+
+
+class WaffleParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str | None = Field(None, min_length=1, description="secret watermark key (ends up in config.yaml; see key_env)")
+    key_env: str | None = Field(None, min_length=1, description="environment variable holding the secret key")
+    trigger_size: int = Field(50, ge=1, description="number of trigger examples")
+    trigger_length: int = Field(12, ge=1, description="random tokens per trigger sentence or prompt")
+    continuation: int = Field(4, ge=1, description="causal LM only: fixed continuation tokens per prompt")
+    threshold: float = Field(0.98, gt=0, le=1, description="stop once the watermark accuracy reaches this")
+    max_steps: int = Field(100, ge=0, description="step budget per round")
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding")
+    batch_size: int = Field(16, ge=1, description="trigger examples per step")
+    freeze: list[str] = Field(
+        default_factory=lambda: list(HEAD_PATTERNS),
+        description="fnmatch patterns of trainable names the step leaves unchanged (default: the task head; see ip/embed.py)",
+    )
+
+    @model_validator(mode="after")
+    def _one_key(self):
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key or key_env")
+        return self
+
+    def secret(self) -> str:
+        if self.key is not None:
+            return self.key
+        value = os.environ.get(self.key_env, "")
+        if not value:
+            raise ValueError(f"server_steps waffle: environment variable {self.key_env} (key_env) is not set or empty")
+        return value
+
+    def spec(self, task: str, num_labels: int) -> TriggerSpec:
+        return TriggerSpec(task, self.trigger_size, self.trigger_length, num_labels, self.continuation)
+
+    def settings(self) -> EmbedSettings:
+        return EmbedSettings(self.threshold, self.max_steps, self.lr, self.batch_size, tuple(self.freeze))
+
+
+class Waffle:
+    name = "waffle"
+    stage = "model"
+
+    def __init__(self, params: WaffleParams):
+        self.params = params
+        self._triggers: list[dict] | None = None
+
+    def triggers(self, wb) -> list[dict]:
+        if self._triggers is None:
+            spec = self.params.spec(wb.exp.model.task, wb.exp.model.num_labels)
+            self._triggers = trigger_set(self.params.secret(), spec, wb.tokenizer)
+        return self._triggers
+
+    def __call__(self, model_state: State, ctx, state: State):
+        wb = ctx.workbench
+        if wb is None:
+            raise ValueError("server step waffle needs the base model (RoundContext.workbench), and this round has none")
+        result = embed(
+            wb.model,
+            wb.task,
+            wb.exp.model.task,
+            wb.tokenizer,
+            wb.full_state(model_state),
+            self.triggers(wb),
+            self.params.settings(),
+            seed=derive_seed(ctx.seed, ctx.round, WAFFLE_TAG),
+            train_names=set(model_state),
+        )
+        shared = {k: result.state[k].to(v.dtype) for k, v in model_state.items()}
+        metrics = {"wm_accuracy": result.accuracy, "steps": result.steps, "seconds": round(result.seconds, 3)}
+        return shared, state, metrics
+
+
+register_server_step("waffle", Waffle, WaffleParams)
+
+__all__ = ["Waffle", "WaffleParams"]
+
+DEFAULT_ALPHA = 1e-6  # the p-value below which `fedfm watermark verify` calls a model verified
+
+
+def waffle_config_problems(exp) -> list[str]:
+    """Waffle settings that cannot give a verifiable watermark, with the numbers."""
+    import math
+
+    from fedfm.ip.trigger import KINDS
+
+    problems = []
+    for i, spec in enumerate(exp.server_steps):
+        if not isinstance(spec, dict) or spec.get("name") != "waffle":
+            continue
+        where = f"server_steps[{i}] (waffle)"
+        if exp.model.task not in KINDS:
+            problems.append(f"{where}: trigger sets exist for tasks {KINDS}, not model.task '{exp.model.task}'")
+            continue
+        size = spec.get("trigger_size", WaffleParams.model_fields["trigger_size"].default)
+        labels = exp.model.num_labels
+        if exp.model.task == "text_classification" and labels >= 2 and isinstance(size, int) and size >= 1:
+            best = (1.0 / labels) ** size
+            if best >= DEFAULT_ALPHA:
+                need = math.floor(math.log(DEFAULT_ALPHA) / math.log(1.0 / labels)) + 1
+                problems.append(
+                    f"{where}: trigger_size {size} with {labels} labels: even {size}/{size} right has p = {best:.1e}, "
+                    f"never below verify's alpha {DEFAULT_ALPHA:g}; use trigger_size >= {need}"
+                )
+    return problems
