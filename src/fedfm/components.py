@@ -4,6 +4,7 @@ references of an Experiment against them (before any data or model loads)."""
 from __future__ import annotations
 
 from fedfm import aggregators, attacks, codecs, data, learners, peft, tasks  # noqa: F401
+from fedfm import personalize  # noqa: F401  (personalization learners and server parts)
 from fedfm.aggregators.pipeline import parse_step
 from fedfm.codecs.base import parse_stage
 from fedfm.learners.middleware import middlewares, parse_middleware
@@ -73,4 +74,6 @@ def combination_problems(exp) -> list[str]:
         problems.append(scaffold)
     if exp.learner.name == "scaffold" and exp.peft.local:
         problems.append("peft.local: SCAFFOLD's control variates cover the shared State only; use another learner with local parameters")
+    from fedfm.personalize.checks import personalize_problems
+    problems += personalize_problems(exp)
     return problems
