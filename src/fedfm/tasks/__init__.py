@@ -3,6 +3,7 @@
 from fedfm.tasks.base import BUILD_COUNT, Task, build_task, register_task, tasks
 from fedfm.tasks.packages import known_packages, register_model_package, resolve_package
 from fedfm.tasks import causal_lm, text_classification  # noqa: F401  (registers the tasks)
+from fedfm.tasks import masked_lm  # noqa: F401  (registers masked_lm)
 
 __all__ = [
     "BUILD_COUNT",
