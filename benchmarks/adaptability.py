@@ -16,7 +16,13 @@ the per-client accuracy on each client's own held-out slice, mean and worst deci
 (``client_accuracy_mean`` / ``client_accuracy_worst10`` of the last round). For IFCA and
 the given clusters each client is evaluated with its own cluster's model
 (``personalize/cluster_eval.py``), and the cluster purity against each client's majority
-label is reported. ``--doc`` rewrites the block between the markers of docs/adaptability.md.
+label is reported; "update clusters" is one global model whose clients ``cluster_report``
+clusters by the cosine similarity of their round-2 updates (purity only). The DAPT rows
+run federated masked-LM further pre-training (``examples/adaptability/dapt_ffdapt.yaml``)
+on the same job, fully and FFDAPT-style, and give the masked-LM loss and masked-token
+accuracy on the test texts before and after. ``--doc`` rewrites the block between the
+markers of docs/adaptability.md; results accumulate in OUT/results.jsonl (``--table``
+re-renders them without running).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -59,6 +66,15 @@ METHODS = {  # label: (example config, extra overrides)
     "feddat": ("feddat", []),
     "ifca k=2": ("ifca", ["eval.clients=none"]),
     "given clusters (label) k=2": ("given_clusters", ["eval.clients=none"]),
+    "update clusters k=2 (one global model)": (
+        "update_clusters", ["federation.client_holdout=0.2", "eval.clients=all"]
+    ),
+}
+DAPT = {  # federated masked-LM further pre-training on the same clients' text (labels unused)
+    "dapt: full": ("dapt_ffdapt", ["peft={method: full}"]),
+    "dapt: ffdapt, layers 0-2 frozen": ("dapt_ffdapt", []),
+    "dapt: ffdapt, layers 0-2 + embeddings frozen": ("dapt_ffdapt", ["peft.freeze_embeddings=true"]),
+    "dapt: fedbfpt-inspired progressive (depth 2, 3, 4)": ("dapt_fedbfpt", []),
 }
 BEGIN, END = "<!-- adaptability:begin -->", "<!-- adaptability:end -->"
 
@@ -88,13 +104,19 @@ def run_method(label: str, config: str, extra: list[str], common: list[str], out
         roles = label_roles(load(config, overrides, roles=[]))
     exp = load(config, overrides, roles)
     t0 = time.perf_counter()
-    rt = LocalRuntime(exp, out / label.split(" ")[0].replace("(", ""), overwrite=True)
+    rt = LocalRuntime(exp, out / re.sub(r"[^a-z0-9]+", "-", label).strip("-"), overwrite=True)
     rt.run()
     rows = [json.loads(x) for x in (rt.out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     res = {"label": label, "config": config, "overrides": overrides[len(REDUCED):], "accuracy": last.get("accuracy"),
            "client_mean": last.get("client_accuracy_mean"), "client_worst10": last.get("client_accuracy_worst10"),
            "bytes_up": sum(r.get("bytes_up", 0) for r in rows)}
+    purities = [r["cluster_report.purity"] for r in rows if "cluster_report.purity" in r]
+    if purities:
+        res["purity"] = purities[-1]
+    if label in DAPT:
+        res.update(kind="dapt", initial_loss=rows[0].get("loss"), initial_accuracy=rows[0].get("accuracy"),
+                   loss=last.get("loss"))
     if exp.learner.name == "ifca":
         ss = rt.loop.server_state
         assign = next(g["assign"] for name, g in ss.items() if name.endswith(".cluster_report")).tolist()
@@ -110,7 +132,20 @@ def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
+def dapt_table(results: list[dict]) -> str:
+    head = ["DAPT run", "MLM test loss r0 -> last", "masked-token acc r0 -> last", "bytes up", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {fmt(r['initial_loss'])} -> {fmt(r['loss'])} | {fmt(r['initial_accuracy'])} -> "
+            f"{fmt(r['accuracy'])} | {r['bytes_up']:,} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
+    dapt = [r for r in results if r.get("kind") == "dapt"]
+    results = [r for r in results if r.get("kind") != "dapt"]
     head = ["method", "global acc", "client acc mean", "client acc worst10", "purity", "bytes up", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -118,6 +153,8 @@ def table(results: list[dict]) -> str:
             f"| {r['label']} | {fmt(r['accuracy'])} | {fmt(r['client_mean'])} | {fmt(r['client_worst10'])} | "
             f"{fmt(r.get('purity'), '.2f')} | {r['bytes_up']:,} | {r['wall_s']:.0f} |"
         )
+    if dapt:
+        lines += ["", dapt_table(dapt)]
     return "\n".join(lines)
 
 
@@ -139,7 +176,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only print (and --doc write) the table of OUT/results.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    plan = {k: v for k, v in METHODS.items() if not args.only or any(k.startswith(p) for p in args.only.split(","))}
+    every = {**METHODS, **DAPT}
+    plan = {k: v for k, v in every.items() if not args.only or any(k.startswith(p) for p in args.only.split(","))}
     stamp = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
     results_path = args.out / "results.jsonl"
     if not args.table:

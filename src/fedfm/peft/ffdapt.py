@@ -11,8 +11,8 @@ and never travel; the backward pass stops at the lowest trained layer when the f
 block starts at layer 0 (the compute saving). Layers are found by their index in the
 module names (``.layer.<i>.`` for BERT-like encoders, ``.layers.<i>.`` for decoders).
 
-Not implemented: FedBFPT's progressive training of shallower layers with sampled deeper
-layers (Wang et al. 2023); the frozen block is fixed for the whole run.
+The frozen block is fixed for the whole run; progressive layer training (FedBFPT-inspired)
+is the ``fedbfpt`` learner (``personalize/fedbfpt.py``).
 """
 
 from __future__ import annotations
