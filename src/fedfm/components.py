@@ -6,6 +6,7 @@ from __future__ import annotations
 from fedfm import aggregators, attacks, codecs, data, learners, peft, tasks  # noqa: F401
 from fedfm import privacy  # noqa: F401  (registers dp_clip, dp_noise, dp_client_noise, dp_sgd)
 from fedfm import ip  # noqa: F401  (registers the waffle server step)
+from fedfm import personalize  # noqa: F401  (personalization learners and server parts)
 from fedfm.aggregators.pipeline import parse_step
 from fedfm.codecs.base import parse_stage
 from fedfm.core.exchanges import exchanges, parse_exchange
@@ -93,4 +94,6 @@ def combination_problems(exp) -> list[str]:
     from fedfm.ip.waffle import waffle_config_problems
 
     problems += waffle_config_problems(exp)
+    from fedfm.personalize.checks import personalize_problems
+    problems += personalize_problems(exp)
     return problems

@@ -5,6 +5,7 @@ from fedfm.tasks.packages import known_packages, register_model_package, resolve
 from fedfm.tasks import causal_lm, text_classification  # noqa: F401  (registers the tasks)
 from fedfm.tasks import dpo  # noqa: F401  (registers the dpo objective)
 from fedfm.tasks.objectives import objectives, register_objective
+from fedfm.tasks import masked_lm  # noqa: F401  (registers masked_lm)
 
 __all__ = [
     "BUILD_COUNT",

@@ -1,0 +1,201 @@
+"""Global vs personalized accuracy per personalization method, on label-skewed Rotten Tomatoes.
+
+    PYTHONPATH=src nice -n 10 python benchmarks/adaptability.py --out runs/adaptability [--only fedavg,feddat]
+        [--doc docs/adaptability.md] [-o rounds=5 ...] [--table]
+
+The REDUCED job (default overrides ``REDUCED``): MiniLM (all-MiniLM-L6-v2), Rotten
+Tomatoes, 4 clients with a Dirichlet(alpha = 0.1) label skew, 40 examples each of which 20%
+(8) is the client's own held-out slice, texts cut to 32 tokens, batch 8, 3 rounds, all
+clients every round, test set of 300.
+Every method runs its example config (examples/adaptability/) in this process, one after
+the other, with those overrides.
+
+A row gives the global test accuracy (the server's shared State; for local heads and
+personal prompts the server completes it with the *initial* local part, see the doc) and
+the per-client accuracy on each client's own held-out slice, mean and worst decile
+(``client_accuracy_mean`` / ``client_accuracy_worst10`` of the last round). For IFCA and
+the given clusters each client is evaluated with its own cluster's model
+(``personalize/cluster_eval.py``), and the cluster purity against each client's majority
+label is reported; "update clusters" is one global model whose clients ``cluster_report``
+clusters by the cosine similarity of their round-2 updates (purity only). The DAPT rows
+run federated masked-LM further pre-training (``examples/adaptability/dapt_ffdapt.yaml``)
+on the same job, fully and FFDAPT-style, and give the masked-LM loss and masked-token
+accuracy on the test texts before and after. ``--doc`` rewrites the block between the
+markers of docs/adaptability.md; results accumulate in OUT/results.jsonl (``--table``
+re-renders them without running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fedfm.config import from_dict  # noqa: E402
+from fedfm.personalize.cluster_eval import cluster_client_eval  # noqa: E402
+from fedfm.personalize.clustering import purity  # noqa: E402
+from fedfm.personalize.ifca import clusters_from_column, roles_for_clusters  # noqa: E402
+from fedfm.runtime import LocalRuntime  # noqa: E402
+from fedfm.runtime.workbench import Workbench  # noqa: E402
+
+REDUCED = [
+    "federation.clients=4",
+    "federation.examples_per_client=40",
+    "federation.test_examples=300",
+    "data.max_length=32",
+    "train.batch_size=8",
+    "rounds=3",
+    "eval.every=3",
+    "runtime.progress=false",
+    "runtime.threads=1",
+]
+METHODS = {  # label: (example config, extra overrides)
+    "fedavg (global)": ("local_head", ["peft.local=[]"]),
+    "local head": ("local_head", []),
+    "personal prompt": ("personal_prompt", []),
+    "feddat": ("feddat", []),
+    "ifca k=2": ("ifca", ["eval.clients=none"]),
+    "given clusters (label) k=2": ("given_clusters", ["eval.clients=none"]),
+    "update clusters k=2 (one global model)": (
+        "update_clusters", ["federation.client_holdout=0.2", "eval.clients=all"]
+    ),
+}
+DAPT = {  # federated masked-LM further pre-training on the same clients' text (labels unused)
+    "dapt: full": ("dapt_ffdapt", ["peft={method: full}"]),
+    "dapt: ffdapt, layers 0-2 frozen": ("dapt_ffdapt", []),
+    "dapt: ffdapt, layers 0-2 + embeddings frozen": ("dapt_ffdapt", ["peft.freeze_embeddings=true"]),
+    "dapt: fedbfpt-inspired progressive (depth 2, 3, 4)": ("dapt_fedbfpt", []),
+}
+BEGIN, END = "<!-- adaptability:begin -->", "<!-- adaptability:end -->"
+
+
+def load(config: str, overrides: list[str], roles: list[dict] | None = None):
+    raw = yaml.safe_load((ROOT / "examples" / "adaptability" / f"{config}.yaml").read_text())
+    if roles is not None:
+        raw.setdefault("federation", {})["roles"] = roles
+        raw["server_steps"] = [{"name": "cluster_report", "truth_profile": "majority"}]
+    return from_dict(raw, config, overrides)
+
+
+def label_roles(exp) -> list[dict]:
+    """One role per majority label, with the cluster index and the label as profile."""
+    wb = Workbench(exp)
+    groups = clusters_from_column(wb.federation.frame, wb.clients, "label")
+    roles = roles_for_clusters(groups)
+    for r in roles:
+        r["profile"]["majority"] = int(groups[r["cids"][0]])
+    return roles
+
+
+def run_method(label: str, config: str, extra: list[str], common: list[str], out: Path) -> dict:
+    overrides = REDUCED + common + extra
+    roles = None
+    if config == "given_clusters":  # the example's roles are for its own partition: rebuild them
+        roles = label_roles(load(config, overrides, roles=[]))
+    exp = load(config, overrides, roles)
+    t0 = time.perf_counter()
+    rt = LocalRuntime(exp, out / re.sub(r"[^a-z0-9]+", "-", label).strip("-"), overwrite=True)
+    rt.run()
+    rows = [json.loads(x) for x in (rt.out / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    res = {"label": label, "config": config, "overrides": overrides[len(REDUCED):], "accuracy": last.get("accuracy"),
+           "client_mean": last.get("client_accuracy_mean"), "client_worst10": last.get("client_accuracy_worst10"),
+           "bytes_up": sum(r.get("bytes_up", 0) for r in rows)}
+    purities = [r["cluster_report.purity"] for r in rows if "cluster_report.purity" in r]
+    if purities:
+        res["purity"] = purities[-1]
+    if label in DAPT:
+        res.update(kind="dapt", initial_loss=rows[0].get("loss"), initial_accuracy=rows[0].get("accuracy"),
+                   loss=last.get("loss"))
+    if exp.learner.name == "ifca":
+        ss = rt.loop.server_state
+        assign = next(g["assign"] for name, g in ss.items() if name.endswith(".cluster_report")).tolist()
+        ev = cluster_client_eval(rt.wb, ss, exp.learner.params()["k"], assign, rt.store)
+        res.update(client_mean=ev["client_accuracy_mean"], client_worst10=ev["client_accuracy_worst10"], assign=assign)
+        truth = clusters_from_column(rt.wb.federation.frame, rt.wb.clients, "label")
+        res["purity"] = purity({c: a for c, a in enumerate(assign) if a >= 0}, truth)
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def dapt_table(results: list[dict]) -> str:
+    head = ["DAPT run", "MLM test loss r0 -> last", "masked-token acc r0 -> last", "bytes up", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {fmt(r['initial_loss'])} -> {fmt(r['loss'])} | {fmt(r['initial_accuracy'])} -> "
+            f"{fmt(r['accuracy'])} | {r['bytes_up']:,} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def table(results: list[dict]) -> str:
+    dapt = [r for r in results if r.get("kind") == "dapt"]
+    results = [r for r in results if r.get("kind") != "dapt"]
+    head = ["method", "global acc", "client acc mean", "client acc worst10", "purity", "bytes up", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {fmt(r['accuracy'])} | {fmt(r['client_mean'])} | {fmt(r['client_worst10'])} | "
+            f"{fmt(r.get('purity'), '.2f')} | {r['bytes_up']:,} | {r['wall_s']:.0f} |"
+        )
+    if dapt:
+        lines += ["", dapt_table(dapt)]
+    return "\n".join(lines)
+
+
+def write_doc(doc: Path, text: str) -> None:
+    body = doc.read_text()
+    if BEGIN not in body or END not in body:
+        raise SystemExit(f"{doc} lacks the markers {BEGIN} ... {END}")
+    head, rest = body.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "adaptability")
+    ap.add_argument("--only", default="", help="comma-separated method labels (prefixes) to run")
+    ap.add_argument("--doc", type=Path, default=None, help="rewrite the results block of this doc")
+    ap.add_argument("-o", "--override", action="append", default=[], help="override passed to every run")
+    ap.add_argument("--table", action="store_true", help="only print (and --doc write) the table of OUT/results.jsonl")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    every = {**METHODS, **DAPT}
+    plan = {k: v for k, v in every.items() if not args.only or any(k.startswith(p) for p in args.only.split(","))}
+    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    results_path = args.out / "results.jsonl"
+    if not args.table:
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(f"# {stamp}: {len(plan)} runs -> {args.out}", flush=True)
+        for label, (config, extra) in plan.items():
+            res = run_method(label, config, extra, args.override, args.out)
+            res["measured"] = stamp
+            print(json.dumps(res), flush=True)
+            with open(results_path, "a") as f:
+                f.write(json.dumps(res) + "\n")
+    results = [json.loads(x) for x in results_path.read_text().splitlines()] if results_path.exists() else []
+    text = table(results)
+    print(text)
+    if args.doc is not None:
+        when = sorted({r.get("measured", "?") for r in results})
+        write_doc(args.doc, f"Measured {', '.join(when)}; job overrides: `{' '.join(REDUCED + args.override)}`.\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
