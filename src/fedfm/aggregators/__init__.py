@@ -8,7 +8,7 @@ from fedfm.aggregators.pipeline import Pipeline, register_server_step, server_st
 from fedfm.aggregators.server_opt import register_server_optimizer, server_optimizers
 from fedfm.aggregators.server_part import build_server_part, register_server_part, server_parts
 from fedfm.aggregators import clip, feddyn, scaffold  # noqa: F401  (register steps and server parts)
-from fedfm.aggregators import zo_payload, fedkseed  # noqa: F401  (non_state_payload step, FedKSeed server half)
+from fedfm.aggregators import zo_payload, fedkseed, fedbpt  # noqa: F401  (non_state_payload step, FedKSeed and FedBPT server halves)
 
 __all__ = [
     "Pipeline",
