@@ -31,4 +31,9 @@ def zeroth_order_config_problems(exp) -> list[str]:
         problems.append(f"learner {name}: peft.local {exp.peft.local} is not supported (the payload has no parameters)")
     if name == "fedbpt" and exp.peft.method != "prompt_tuning":
         problems.append(f"learner fedbpt: tunes a soft prompt; peft.method must be prompt_tuning (got {exp.peft.method})")
+    if name == "fedbpt" and exp.model.task != "text_classification":
+        problems.append(
+            f"learner fedbpt: model.task {exp.model.task} is not supported: peft's prompt tuning prepends the virtual "
+            "tokens' logits, which that task's loss does not skip (text_classification only)"
+        )
     return problems
