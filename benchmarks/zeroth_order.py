@@ -69,7 +69,7 @@ def make_toy_csv(path: Path, n: int = 240, seed: int = 0) -> None:
 LORA = {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
 METHODS = {
     # label: (example config, its changes on top of the tiny job)
-    "lora": (ROOT / "examples" / "quickstart.yaml", {"peft": LORA, "train": {"lr": 0.01, "batch_size": 8, "epochs": 1}}),
+    "lora": (ROOT / "examples" / "quickstart.yaml", {"peft": LORA, "train": {"lr": 0.05, "batch_size": 8, "epochs": 2}}),
     "mezo": (EX / "mezo.yaml", {"peft": LORA, "federation": {"clients": 1, "partitioner": {"name": "iid"}},
                                 "learner": {"lr": 0.01, "steps": 40}, "train": {"batch_size": 8}}),
     "fedmezo": (EX / "fedmezo.yaml", {"peft": LORA, "learner": {"lr": 0.01, "steps": 40}, "train": {"batch_size": 8}}),
@@ -79,7 +79,7 @@ METHODS = {
                                     "train": {"batch_size": 8}}),
 }
 NOTES = {
-    "lora": "backprop LoRA r4, AdamW lr 0.01, 1 epoch (~6 steps of 8)",
+    "lora": "backprop LoRA r4, AdamW lr 0.05, 2 epochs of batches of 8",
     "mezo": "1 client (all data), LoRA r4, 40 steps/round, lr 0.01",
     "fedmezo": "LoRA r4, 40 steps/round, lr 0.01",
     "fedkseed": "full parameters, K=4096, 20 steps/round, lr 1e-3",

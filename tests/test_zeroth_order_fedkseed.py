@@ -52,7 +52,7 @@ def test_payload_bytes_by_hand():
 def fedkseed_raw(tmp_path, rounds=2):
     raw = tiny_config(tmp_path, rounds=rounds)
     raw["peft"] = {"method": "full"}
-    raw["learner"] = {"name": "fedkseed", "num_seeds": K, "steps": STEPS, "lr": 1e-3, "eps": 1e-3}
+    raw["learner"] = {"name": "fedkseed", "num_seeds": K, "steps": STEPS, "lr": 1e-3, "eps": 1e-3, "cache": True}
     raw["server_steps"] = [{"name": "non_state_payload"}]
     return raw
 

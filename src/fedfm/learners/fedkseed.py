@@ -12,7 +12,8 @@ The current model is a function of the history: ``w_r = w_{r-1} + D(c_r)``, c_r 
 server's per-seed coefficient row of round r (``aggregators/fedkseed.py``). A client
 given the history in the broadcast group ``fedkseed_history`` (entry ``coef``, (rounds,
 K)) rebuilds the model by replaying it, from its last known round (the model and round it
-cached in its client store, when ``cache`` is on) or from the base model
+cached in its client store when ``cache`` is on; off by default while the loop still sends
+the State, since the cache is a full copy of it per client) or from the base model
 (``LocalContext.extras['base_state']``), bit-identically to the server. Until the round
 loop can broadcast a group shaped unlike the State (docs/zeroth_order.md), the loop sends
 the State itself and the client starts from it.
@@ -46,7 +47,11 @@ class FedKSeedParams(BaseModel):
     lr: float = Field(1e-4, gt=0, description="zeroth-order learning rate, on the client and in the server's replay")
     eps: float = Field(1e-3, gt=0, description="perturbation scale epsilon of the two-point estimate")
     pool_seed: int = Field(0, description="derives the K pool seeds, shared by every client and the server")
-    cache: bool = Field(True, description="keep the last rebuilt model and its round in the client store")
+    cache: bool = Field(
+        False,
+        description="keep the model a round started from, and that round, in the client store, to replay only newer "
+        "rounds; useful once the loop sends the history instead of the State (a full copy of the State per client)",
+    )
 
 
 class FedKSeedLearner:
