@@ -191,7 +191,8 @@ def rounds_to(target: float | None, accs: list) -> str:
 def table(results: dict[str, dict]) -> str:
     lora = results.get("lora", {})
     target = lora["accuracy"][3] if len(lora.get("accuracy", [])) > 3 else None
-    head = ["method", "setting", "accuracy per round (r0, r1, ...)", "bytes up / client-round", "forward passes / step",
+    head = ["method", "setting", "accuracy per round (r0, r1, ...)", "bytes up / client-round", "bytes down / client-round",
+            "forward passes / step",
             "peak RSS train / inference (MB)", "ratio", "rounds to LoRA r3"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in METHODS:
@@ -206,14 +207,16 @@ def table(results: dict[str, dict]) -> str:
         if "rss_train_mb" in r:
             rss = f"{r['rss_train_mb']:.0f} / {r['rss_inference_mb']:.0f}"
             ratio = f"{r['rss_train_mb'] / r['rss_inference_mb']:.2f}x"
-        lines.append(f"| {label} | {NOTES[label]} | {accs} | {r['bytes_per_client_round']:,.0f} | {r.get('forward_per_step', '-')} "
+        lines.append(f"| {label} | {NOTES[label]} | {accs} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
+                     f"| {r.get('forward_per_step', '-')} "
                      f"| {rss} | {ratio} | {rounds_to(target, r['accuracy'])} |")
     return "\n".join(lines)
 
 
 def write_doc(text: str) -> None:
     doc = DOC.read_text()
-    new = re.sub(r"(<!-- zo-table:start -->\n).*?(\n<!-- zo-table:end -->)", lambda m: m.group(1) + text + m.group(2), doc, flags=re.S)
+    new = re.sub(r"(<!-- zo-table:start -->\n).*?(<!-- zo-table:end -->)", lambda m: m.group(1) + text + "\n" + m.group(2),
+                 doc, flags=re.S)
     DOC.write_text(new)
 
 
