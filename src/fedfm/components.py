@@ -96,4 +96,6 @@ def combination_problems(exp) -> list[str]:
     problems += waffle_config_problems(exp)
     from fedfm.personalize.checks import personalize_problems
     problems += personalize_problems(exp)
+    from fedfm.learners.zo_checks import zeroth_order_config_problems
+    problems += zeroth_order_config_problems(exp)
     return problems

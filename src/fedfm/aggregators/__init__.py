@@ -9,6 +9,7 @@ from fedfm.aggregators.server_opt import register_server_optimizer, server_optim
 from fedfm.aggregators.server_part import build_server_part, register_server_part, server_parts
 from fedfm.aggregators import clip, feddyn, scaffold  # noqa: F401  (register steps and server parts)
 from fedfm.aggregators import bulyan, centered_clip, clipped_clustering, fedfa, geomed, krum, norm_bound, trimmed_mean  # noqa: F401  (robust rules and steps)
+from fedfm.aggregators import zo_payload, fedkseed, fedbpt  # noqa: F401  (non_state_payload step, FedKSeed and FedBPT server halves)
 
 __all__ = [
     "Pipeline",

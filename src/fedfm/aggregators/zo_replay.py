@@ -1,0 +1,67 @@
+"""Seeded perturbation directions and their replay, shared by both halves of the
+zeroth-order algorithms (MeZO, Malladi et al. 2023, "Fine-Tuning Language Models with Just
+Forward Passes"; FedKSeed, Qin et al. 2024, "Federated Full-Parameter Tuning of Billion-Sized
+Language Models with Communication Cost under 18 Kilobytes").
+
+A direction ``z`` over a State is never stored: the tensor of the parameter with index ``i``
+(in the sorted State names) is drawn from its own ``torch.Generator`` seeded with
+``derive_seed(seed, ZO_TAG, i)``, one tensor at a time, whenever it is needed. So the
+client that perturbs, the client that applies an update and the server that replays a
+history all regenerate the same numbers from the seed alone.
+
+FedKSeed's model after round ``r`` is ``w_r = w_{r-1} + D(c_r)`` with ``c_r`` the row of
+per-seed coefficients of that round (``-lr`` times the example-weighted sum of the clients'
+projected gradients per seed) and ``D(c) = sum_k c_k z(pool_k)`` accumulated in ascending
+seed order (``round_delta``). ``replay`` applies rows in order with exactly the operation
+the server optimizer ``sgd`` (lr 1.0) uses, so a client that replays the history from the
+base model holds the server's model bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedfm.core.seeding import derive_seed
+from fedfm.core.types import State
+
+ZO_TAG = 0x2E0
+POOL_TAG = 0xF5EED
+
+
+def param_noise(shape, seed: int, index: int) -> torch.Tensor:
+    """z for the parameter with ``index`` (sorted State order): N(0, 1), float32, CPU."""
+    g = torch.Generator().manual_seed(derive_seed(seed, ZO_TAG, index))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+
+
+def seed_pool(pool_seed: int, size: int) -> list[int]:
+    """FedKSeed's K candidate seeds, the same for every client and the server."""
+    return [derive_seed(pool_seed, POOL_TAG, k) for k in range(size)]
+
+
+def round_delta(coefs: torch.Tensor, pool: list[int], shapes: State) -> State:
+    """D(c) = sum_k c_k z(pool_k) over the names of ``shapes`` (float32), ascending k,
+    skipping zero coefficients."""
+    if coefs.ndim != 1 or coefs.numel() != len(pool):
+        raise ValueError(f"coefficient row has shape {tuple(coefs.shape)}, expected ({len(pool)},)")
+    names = sorted(shapes)
+    out = {n: torch.zeros(tuple(shapes[n].shape), dtype=torch.float32) for n in names}
+    for k in torch.nonzero(coefs).flatten().tolist():
+        c = float(coefs[k])
+        for i, n in enumerate(names):
+            out[n].add_(param_noise(shapes[n].shape, pool[k], i), alpha=c)
+    return out
+
+
+def apply_delta_like_sgd(state: State, delta: State) -> State:
+    """``state + 1.0 * delta`` exactly as the server optimizer ``sgd`` at lr 1.0 computes it."""
+    return {k: state[k] + 1.0 * delta[k].to(state[k].dtype) for k in state}
+
+
+def replay(state: State, history: torch.Tensor, pool: list[int]) -> State:
+    """Apply the rows of ``history`` ((rounds, K) coefficients) to ``state`` in order."""
+    if history.ndim != 2 or history.shape[1] != len(pool):
+        raise ValueError(f"history has shape {tuple(history.shape)}, expected (rounds, {len(pool)})")
+    for row in history:
+        state = apply_delta_like_sgd(state, round_delta(row, pool, state))
+    return state

@@ -1,0 +1,39 @@
+"""Config-time checks for the learners whose payload is not a delta State (FedKSeed,
+FedBPT): what the server pipeline needs to carry them, refused with the numbers."""
+
+from __future__ import annotations
+
+NON_STATE = ("fedkseed", "fedbpt")
+STEP = "non_state_payload"
+
+
+def zeroth_order_config_problems(exp) -> list[str]:
+    name = exp.learner.name
+    if name not in NON_STATE:
+        return []
+    problems = []
+    steps = [s.get("name") for s in exp.server_steps]
+    if not steps or steps[0] != STEP:
+        problems.append(
+            f"learner {name}: its payload is not a delta State; list {{name: {STEP}}} first in server_steps "
+            f"(got {steps})"
+        )
+    so = exp.server_optimizer
+    lr = so.params().get("lr", 1.0)
+    if so.name != "sgd" or float(lr) != 1.0:
+        problems.append(
+            f"learner {name}: the server half computes the model step itself; server_optimizer must be sgd with "
+            f"lr 1.0 (got {so.name} lr {lr})"
+        )
+    if exp.codecs.up:
+        problems.append(f"learner {name}: its payload is a few scalars per step; codecs.up must be empty (got {exp.codecs.up})")
+    if exp.peft.local:
+        problems.append(f"learner {name}: peft.local {exp.peft.local} is not supported (the payload has no parameters)")
+    if name == "fedbpt" and exp.peft.method != "prompt_tuning":
+        problems.append(f"learner fedbpt: tunes a soft prompt; peft.method must be prompt_tuning (got {exp.peft.method})")
+    if name == "fedbpt" and exp.model.task != "text_classification":
+        problems.append(
+            f"learner fedbpt: model.task {exp.model.task} is not supported: peft's prompt tuning prepends the virtual "
+            "tokens' logits, which that task's loss does not skip (text_classification only)"
+        )
+    return problems
