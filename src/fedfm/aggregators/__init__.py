@@ -8,6 +8,8 @@ from fedfm.aggregators.pipeline import Pipeline, register_server_step, server_st
 from fedfm.aggregators.server_opt import register_server_optimizer, server_optimizers
 from fedfm.aggregators.server_part import build_server_part, register_server_part, server_parts
 from fedfm.aggregators import clip, feddyn, scaffold  # noqa: F401  (register steps and server parts)
+from fedfm.aggregators import sim_clock  # noqa: F401  (registers sim_clock)
+from fedfm.aggregators import fedra, flexlora, hetlora  # noqa: F401  (server halves of heterogeneous clients)
 
 __all__ = [
     "Pipeline",
