@@ -29,8 +29,8 @@ from fedfm.aggregators.server_part import register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
-from fedfm.peft.hetero import layer_of, layer_subset, lora_rank, num_layers
-from fedfm.runtime.capacity import resolve_capacity
+from fedfm.peft.hetero import layer_of, layer_subset, num_layers
+from fedfm.runtime.capacity import resolve_size
 
 TAG = 0xFED7A
 
@@ -99,8 +99,8 @@ class FedRAServer:
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         model = server_state[MODEL]
         total = num_layers(model)
-        cap = resolve_capacity(client.profile, max(lora_rank(model), 1), total, f"client {client.cid}")
-        layers = allocation(seed, rnd, client.cid, cap.layers, total)
+        count = resolve_size(client.profile, "layers", total, f"client {client.cid}")
+        layers = allocation(seed, rnd, client.cid, count, total)
         return Instruction(round=rnd, cid=client.cid, state=model, config={"layers": layers})
 
     def client_reference(self, cid: int, profile: dict, shared: State) -> State:

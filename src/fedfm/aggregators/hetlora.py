@@ -34,8 +34,8 @@ import torch
 from fedfm.aggregators.server_part import register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
-from fedfm.peft.hetero import lora_pairs, lora_rank, num_layers, pad, products, truncate
-from fedfm.runtime.capacity import resolve_capacity
+from fedfm.peft.hetero import lora_pairs, lora_rank, pad, products, truncate
+from fedfm.runtime.capacity import resolve_size
 
 GROUP = "hetlora.rank"
 
@@ -45,7 +45,7 @@ def tier_rank(profile: dict, shared: State, cid: int) -> int:
     full = lora_rank(shared)
     if full == 0:
         raise ValueError("HetLoRA/FlexLoRA need peft.method lora: the shared State has no LoRA factors")
-    return resolve_capacity(profile, full, max(num_layers(shared), 1), f"client {cid}").rank
+    return resolve_size(profile, "rank", full, f"client {cid}")
 
 
 def module_weights(modules: Sequence[State], examples: Sequence[float], weighting: str) -> dict[str, list[float]]:

@@ -4,6 +4,6 @@ from fedfm.learners.base import Learner, LocalContext, build_learner, learners, 
 from fedfm.learners.loop import train_loop
 from fedfm.learners import local  # noqa: F401  (registers 'local')
 from fedfm.learners import fedprox, feddyn, scaffold  # noqa: F401  (register fedprox, feddyn, scaffold)
-from fedfm.learners import fedra, hetrank  # noqa: F401  (register hetlora, flexlora, fedra)
+from fedfm.learners import fedra, hetrank, split  # noqa: F401  (register hetlora, flexlora, fedra, split)
 
 __all__ = ["Learner", "LocalContext", "build_learner", "learners", "register_learner", "train_loop"]

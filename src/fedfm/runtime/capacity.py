@@ -64,30 +64,32 @@ def _positive(profile: dict[str, Any], key: str, who: str) -> float | None:
 def resolve_capacity(profile: dict[str, Any], full_rank: int, full_layers: int, who: str = "client") -> Capacity:
     """The capacity of a client with ``profile`` on a model of LoRA rank ``full_rank`` and
     ``full_layers`` transformer layers; bad or too-large values name the key and the client."""
-    frac = _positive(profile, "capacity", who)
-    if frac is not None and frac > 1:
-        raise ValueError(f"{who}: profile.capacity must be in (0, 1], got {frac}")
-
-    def size(key: str, full: int) -> int:
-        value = profile.get(key)
-        if value is None:
-            return full if frac is None else max(1, round(frac * full))
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{who}: profile.{key} must be an integer >= 1, got {value!r}")
-        if value > full:
-            raise ValueError(f"{who}: profile.{key} = {value} exceeds the model's {full}")
-        return value
-
     speed, up, down = resolve_link(profile, who)
     return Capacity(
-        rank=size("rank", full_rank),
-        layers=size("layers", full_layers),
-        cut=size("cut", full_layers),
+        rank=resolve_size(profile, "rank", full_rank, who),
+        layers=resolve_size(profile, "layers", full_layers, who),
+        cut=resolve_size(profile, "cut", full_layers, who),
         speed=speed,
         up_mbps=up,
         down_mbps=down,
         memory_mb=_positive(profile, "memory_mb", who),
     )
+
+
+def resolve_size(profile: dict[str, Any], key: str, full: int, who: str = "client") -> int:
+    """``profile[key]`` (an integer in 1..full), else ``max(1, round(capacity * full))``,
+    else ``full``."""
+    frac = _positive(profile, "capacity", who)
+    if frac is not None and frac > 1:
+        raise ValueError(f"{who}: profile.capacity must be in (0, 1], got {frac}")
+    value = profile.get(key)
+    if value is None:
+        return full if frac is None else max(1, round(frac * full))
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{who}: profile.{key} must be an integer >= 1, got {value!r}")
+    if value > full:
+        raise ValueError(f"{who}: profile.{key} = {value} exceeds the model's {full}")
+    return value
 
 
 def resolve_link(profile: dict[str, Any], who: str = "client") -> tuple[float, float | None, float | None]:
