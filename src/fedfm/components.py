@@ -73,4 +73,7 @@ def combination_problems(exp) -> list[str]:
         problems.append(scaffold)
     if exp.learner.name == "scaffold" and exp.peft.local:
         problems.append("peft.local: SCAFFOLD's control variates cover the shared State only; use another learner with local parameters")
+    from fedfm.learners.hetero_checks import hetero_config_problems
+
+    problems += hetero_config_problems(exp)
     return problems
