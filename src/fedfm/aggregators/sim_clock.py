@@ -6,8 +6,11 @@ update it takes the client's local steps (metric ``steps``), the per-step cost
 client's ``speed`` and bandwidths from its profile, and the bytes each way: up, the
 payload's tensor bytes as decoded; down, the client's ``bytes_down`` metric (the tensor
 bytes of the instruction it received, reported by the heterogeneous learners), else the
-same as up. These are raw tensor bytes before the codec chains: the round loop's
-encoded counts (``bytes_up``/``bytes_down``) are not visible to a server step.
+same as up. A learner whose link carries more than its payload (split learning: the
+activations and their gradients at every step; its server-side half never travels)
+reports ``wire_bytes_up`` / ``wire_bytes_down``, which replace both. These are raw
+tensor bytes before the codec chains (split learning: the activation chains' encoded
+bytes): the round loop's encoded counts (``bytes_up``/``bytes_down``) are not visible to a server step.
 
 With ``deadline_s``, updates later than the deadline are dropped before aggregation and
 counted in ``late``. Metrics (``sim_clock.<key>``): ``sim_time_s`` (this round),
@@ -46,8 +49,9 @@ def timing_of(update: Update, profile: dict, seconds_per_step: float | None) -> 
     if step_s is None:
         raise ValueError(f"sim_clock: {who} reported no measured 'step_s'; set sim_clock's seconds_per_step")
     speed, up, down = resolve_link(profile, who)
-    up_bytes = payload_bytes(update.payload)
-    down_bytes = int(update.metrics.get("bytes_down", up_bytes))
+    m = update.metrics
+    up_bytes = int(m.get("wire_bytes_up", payload_bytes(update.payload)))
+    down_bytes = int(m.get("wire_bytes_down", m.get("bytes_down", up_bytes)))
     return ClientTiming(update.cid, int(update.metrics["steps"]), float(step_s), down_bytes, up_bytes, speed, down, up)
 
 

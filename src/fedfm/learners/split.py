@@ -20,7 +20,9 @@ those of the unsplit model (``tests/test_hetero_split.py`` checks it to float to
 What runs today is the in-process version (learner ``split``): the client function holds
 the whole model, so each local step is a split step through the chains within one
 process, with the bytes that would cross the link counted in the update's metrics
-(``split_bytes_up``, ``split_bytes_down`` per round, ``split_cut``). Both halves'
+(``split_bytes_up``, ``split_bytes_down`` per round, ``split_cut``; ``wire_bytes_up`` /
+``wire_bytes_down`` add the client-side half's weights, which the simulated clock
+``sim_clock`` charges to the link). Both halves'
 deltas return to the server and are averaged by the rule (SplitFed-V1: the client-side
 parts, and the server-side copies, are each averaged across clients every round); the
 server-side delta would stay on the server in a deployment, so the round's ``bytes_up``
@@ -179,7 +181,11 @@ class SplitLearner:
             "split_bytes_up": float(b_up),
             "split_bytes_down": float(b_down),
         }
-        return delta_update(instruction, ctx, metrics)
+        update = delta_update(instruction, ctx, metrics)
+        client_bytes = sum(t.numel() * t.element_size() for n, t in update.payload.items() if client_side(n, cut))
+        update.metrics["wire_bytes_up"] = float(b_up + client_bytes)  # the server-side half stays on the server
+        update.metrics["wire_bytes_down"] = float(b_down + client_bytes)
+        return update
 
 
 register_learner("split", SplitLearner, SplitParams)
