@@ -112,6 +112,7 @@ def run_one(label: str, overrides: list[str], out: Path) -> dict:
         "overrides": overrides,
         "accuracy": [r.get("accuracy") for r in rows],
         "sim_total_s": [r.get("sim_clock.sim_total_s", 0.0) for r in rows],
+        "comm_s": comm_seconds(rows),
         "tier_bytes": per_tier,
         "bytes_up": sum(r.get("bytes_up", 0) for r in rows),
         "bytes_down": sum(r.get("bytes_down", 0) for r in rows),
@@ -124,6 +125,12 @@ def run_one(label: str, overrides: list[str], out: Path) -> dict:
     return result
 
 
+def comm_seconds(rows: list[dict]) -> float:
+    """The communication part of the simulated time: the slowest transfer of each round,
+    summed (bytes and bandwidths only, so it does not depend on the machine's load)."""
+    return float(sum(r.get("sim_clock.comm_s_max", 0.0) for r in rows))
+
+
 def fmt_acc(accs: list) -> str:
     return " | ".join(f"{a:.3f}" if a is not None else "-" for a in accs)
 
@@ -134,11 +141,11 @@ def tables(results: list[dict]) -> str:
     out = []
     if main:
         rounds = max(len(r["accuracy"]) for r in main)
-        head = ["run"] + [f"acc r{i}" for i in range(rounds)] + ["sim time s (end)"] + [f"bytes {t}" for t in TIERS] + ["wall s"]
+        head = ["run"] + [f"acc r{i}" for i in range(rounds)] + ["sim time s (end)", "comm s (slowest transfer, summed)"] + [f"bytes {t}" for t in TIERS] + ["wall s"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in main:
             tiers = " | ".join(f"{r['tier_bytes'][t]:,}" for t in TIERS)
-            out.append(f"| {r['label']} | {fmt_acc(r['accuracy'])} | {r['sim_total_s'][-1]:.1f} | {tiers} | {r['wall_s']:.0f} |")
+            out.append(f"| {r['label']} | {fmt_acc(r['accuracy'])} | {r['sim_total_s'][-1]:.1f} | {r['comm_s']:.3f} | {tiers} | {r['wall_s']:.0f} |")
         out += ["", "Accuracy against simulated time (cumulative `sim_clock.sim_total_s` after each round):", ""]
         out += ["| run | (sim s, acc) per round |", "|---|---|"]
         for r in main:
@@ -187,6 +194,9 @@ def main() -> None:
     latest: dict[str, dict] = {}
     for line in store.read_text().splitlines() if store.exists() else []:
         r = json.loads(line)
+        metrics = args.out / r["label"] / "metrics.jsonl"
+        if "comm_s" not in r and metrics.exists():  # results written before the column existed
+            r["comm_s"] = comm_seconds([json.loads(x) for x in metrics.read_text().splitlines()])
         latest[r["label"]] = r
     results = [latest[k] for k in RUNS if k in latest]
     text = tables(results)

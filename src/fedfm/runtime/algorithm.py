@@ -157,7 +157,7 @@ class FedAlgorithm:
     # -- the client side -------------------------------------------------------------------
 
     def local_update(self, instruction: Instruction, ctx) -> Update:
-        self.issued[instruction.cid] = instruction
+        self.issued = {instruction.cid: instruction}  # the client function asks its payload_spec next
         return self.learner.local_update(instruction, ctx)
 
 
