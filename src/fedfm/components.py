@@ -98,4 +98,7 @@ def combination_problems(exp) -> list[str]:
     problems += personalize_problems(exp)
     from fedfm.learners.zo_checks import zeroth_order_config_problems
     problems += zeroth_order_config_problems(exp)
+    from fedfm.learners.hetero_checks import hetero_config_problems
+
+    problems += hetero_config_problems(exp)
     return problems

@@ -10,6 +10,8 @@ from fedfm.aggregators.server_part import build_server_part, register_server_par
 from fedfm.aggregators import clip, feddyn, scaffold  # noqa: F401  (register steps and server parts)
 from fedfm.aggregators import bulyan, centered_clip, clipped_clustering, fedfa, geomed, krum, norm_bound, trimmed_mean  # noqa: F401  (robust rules and steps)
 from fedfm.aggregators import zo_payload, fedkseed, fedbpt  # noqa: F401  (non_state_payload step, FedKSeed and FedBPT server halves)
+from fedfm.aggregators import sim_clock  # noqa: F401  (registers sim_clock)
+from fedfm.aggregators import fedra, flexlora, hetlora  # noqa: F401  (server halves of heterogeneous clients)
 
 __all__ = [
     "Pipeline",

@@ -34,6 +34,28 @@ class ServerPart(Protocol):
         ...
 
 
+class HeteroServerPart(ServerPart, Protocol):
+    """A server part whose clients hold differently shaped States (HetLoRA, FlexLoRA,
+    FedRA). ``runtime/algorithm.py`` uses each hook when the part has it."""
+
+    def instruction(self, rnd: int, server_state: ServerState, client, seed: int):
+        """One client's Instruction: its own State (e.g. truncated to its rank) and config."""
+        ...
+
+    def client_reference(self, cid: int, profile: dict, shared: State) -> State:
+        """The names and shapes client ``cid`` receives (both ends compute it)."""
+        ...
+
+    def client_payload_spec(self, instruction, shared: State) -> State:
+        """What the client may send back, given the instruction it was issued."""
+        ...
+
+    def combine_updates(self, server_state: ServerState, updates: Sequence, rule, rule_params, ctx: RoundContext) -> tuple[ServerState, State]:
+        """(this part's updated groups, the delta on the global State) from the round's
+        updates; replaces "deltas over the global names -> rule -> combine"."""
+        ...
+
+
 ServerPartFactory = Callable[[object, int], ServerPart]  # (learner params, number of clients)
 server_parts: Registry[ServerPartFactory] = Registry("learner.name (server part)")
 

@@ -6,5 +6,6 @@ from fedfm.learners import local  # noqa: F401  (registers 'local')
 from fedfm.learners import fedprox, feddyn, scaffold  # noqa: F401  (register fedprox, feddyn, scaffold)
 from fedfm.learners import delay  # noqa: F401  (registers the 'delay' middleware)
 from fedfm.learners import mezo, fedkseed, fedbpt  # noqa: F401  (register mezo, fedkseed, fedbpt)
+from fedfm.learners import fedra, hetrank, split  # noqa: F401  (register hetlora, flexlora, fedra, split)
 
 __all__ = ["Learner", "LocalContext", "build_learner", "learners", "register_learner", "train_loop"]

@@ -18,6 +18,17 @@ Shared and local state: ``peft.local`` lists name patterns (``fnmatch``, e.g.
 ``classifier.*``) of trainable parameters that stay on the client (FedPer-style personal
 heads). Only the other, shared names are in the server state and on the wire; the client
 keeps its local part in the client store (``runtime/client.py``).
+
+Per-client shapes (heterogeneous clients: HetLoRA, FlexLoRA, FedRA). A server part may
+implement four optional hooks (``aggregators/server_part.py``, ``HeteroServerPart``):
+``instruction(rnd, server_state, client, seed)`` builds one client's Instruction (its own
+State, e.g. LoRA factors truncated to its rank, and config, e.g. its layers);
+``client_reference(cid, profile, shared)`` gives the shapes that client receives;
+``client_payload_spec(instruction, shared)`` what it may send back given what it was
+issued; ``combine_updates(server_state, updates, rule, rule_params, ctx)`` replaces
+"deltas over the global names -> rule -> combine" for payloads of different shapes. The
+last instruction issued to (server side) or received by (client side) each client is
+remembered, so ``payload_spec(cid, shared)`` keeps its signature.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from fedfm.core.exchanges import build_phases
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.learners import build_learner
+from fedfm.runtime.roles import assign_roles
 
 OPT_PREFIX = "opt."
 
@@ -47,6 +59,8 @@ class FedAlgorithm:
         pipeline: Pipeline | None = None,
         local_patterns: Sequence[str] = (),
         phases: Sequence = (),
+        profiles: dict[int, dict[str, Any]] | None = None,
+        seed: int = 0,
     ):
         self.learner = learner
         self.rule, self.rule_params = rule, rule_params
@@ -64,6 +78,12 @@ class FedAlgorithm:
             if p.name == name:
                 return p
         raise ValueError(f"unknown exchange phase '{name}' (this run has {[p.name for p in self.phases] or 'none'})")
+        self.profiles = dict(profiles or {})  # cid -> ClientSpec.profile (runtime/roles.py)
+        self.seed = seed
+        self.issued: dict[int, Instruction] = {}  # last instruction per client (per-client shapes)
+
+    def _hook(self, name: str):
+        return getattr(self.server, name, None) if self.server is not None else None
 
     # -- shared and local names ----------------------------------------------------------
 
@@ -90,18 +110,31 @@ class FedAlgorithm:
         return server_state[MODEL]
 
     def configure(self, rnd: int, server_state: ServerState, clients: Sequence[ClientSpec]) -> dict[int, Instruction]:
+        per_client = self._hook("instruction")
+        if per_client is not None:
+            out = {c.cid: per_client(rnd, server_state, c, self.seed) for c in clients}
+            self.issued = dict(out)  # the server checks this attempt's replies only
+            return out
         groups = self.server.broadcast(server_state) if self.server is not None else {}
         return {c.cid: Instruction(round=rnd, cid=c.cid, state=server_state[MODEL], broadcast=dict(groups)) for c in clients}
 
     def payload_spec(self, cid: int, shared: State) -> State:
         """Names, shapes and dtypes the server accepts from client ``cid``, given the
         shared State (the server's global one, or the client's decoded broadcast)."""
+        per_client = self._hook("client_payload_spec")
+        if per_client is not None:
+            if cid not in self.issued:
+                raise ValueError(f"client {cid}: no instruction was issued to it, so its payload shapes are unknown")
+            return per_client(self.issued[cid], shared)
         return self.server.payload_spec(shared) if self.server is not None else shared
 
     def down_reference(self, cid: int, template: State) -> State:
         """What client ``cid`` receives: the shared State and each broadcast group (entries
         ``<group>/<name>`` shaped like the State's), computed alike on both ends."""
         shared, _ = self.split(template)
+        per_client = self._hook("client_reference")
+        if per_client is not None:
+            shared = per_client(cid, self.profiles.get(cid, {}), shared)
         ref = dict(shared)
         for group in self.server.broadcast_groups if self.server is not None else ():
             ref.update({f"{group}/{k}": v for k, v in shared.items()})
@@ -115,9 +148,14 @@ class FedAlgorithm:
             metrics["aggregated"] = 0
             return new, metrics
         model = new[MODEL]
-        deltas = [{k: u.payload[k] for k in model} for u in kept]
-        delta = self.rule(model, deltas, [float(u.num_examples) for u in kept], self.rule_params)
-        if self.server is not None:
+        hetero = self._hook("combine_updates")
+        if hetero is not None:
+            groups, delta = hetero(new, kept, self.rule, self.rule_params, ctx)
+            new.update(groups)
+        else:
+            deltas = [{k: u.payload[k] for k in model} for u in kept]
+            delta = self.rule(model, deltas, [float(u.num_examples) for u in kept], self.rule_params)
+        if self.server is not None and hetero is None:
             groups, delta = self.server.combine(new, [u.payload for u in kept], delta, ctx)
             new.update(groups)
         delta = self.pipeline.run("delta", delta, new, ctx, metrics)
@@ -131,6 +169,7 @@ class FedAlgorithm:
     # -- the client side -------------------------------------------------------------------
 
     def local_update(self, instruction: Instruction, ctx) -> Update:
+        self.issued = {instruction.cid: instruction}  # the client function asks its payload_spec next
         return self.learner.local_update(instruction, ctx)
 
 
@@ -150,4 +189,13 @@ def build_algorithm(exp) -> FedAlgorithm:
         pipeline=Pipeline.from_specs(exp.server_steps),
         local_patterns=exp.peft.local,
         phases=build_phases(exp.exchanges),
+        profiles=client_profiles(exp),
+        seed=exp.seed,
     )
+
+
+def client_profiles(exp) -> dict[int, dict[str, Any]]:
+    """Every client's profile, as ``runtime/roles.apply_profiles`` fills ``ClientSpec.profile``."""
+    by_name = {r.name: r for r in exp.federation.roles}
+    assignment = assign_roles(exp.federation.roles, exp.federation.clients, exp.seed)
+    return {c: {**(dict(by_name[n].profile) if n in by_name else {}), "role": n} for c, n in assignment.items()}

@@ -1,0 +1,120 @@
+"""FedRA's server half (Su et al. 2023, "FedRA: A Random Allocation Strategy for Federated
+Tuning to Unleash the Power of Heterogeneous Clients"): a random layer allocation per
+round and per-layer aggregation over the clients that trained each layer.
+
+Every round the server draws an allocation matrix ``M`` (clients x layers, 0/1): client k
+gets ``l_k`` distinct layers drawn uniformly without replacement, ``l_k`` its tier's layer
+count (``federation.roles[].profile.layers``, ``runtime/capacity.py``). Row k is drawn
+from a generator seeded by ``derive_seed(seed, round, k, TAG)``, so it is the same in
+every process and on a retry. The client receives the whole shared State (it needs every
+layer for its forward pass) and its layers in ``Instruction.config["layers"]``, trains
+the LoRA factors of those layers only (``learners/fedra.py``), and sends those plus the
+tensors outside every layer (the task head). The server combines each layer over its
+contributors only: the rule runs once per layer on the clients whose row of ``M`` has it,
+with their weights; a layer no client trained keeps its value (zero delta).
+
+FedRA-inspired in one respect: the paper builds each client's sub-model from its
+allocated layers alone; here the unallocated layers stay in the client's forward pass,
+frozen (the brief of this framework), so the client's memory and compute are those of the
+whole model; the simulated clock (``sim_clock``) charges each tier its profile ``speed``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from fedfm.aggregators.server_part import register_server_part
+from fedfm.core.protocols import RoundContext
+from fedfm.core.seeding import derive_seed
+from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
+from fedfm.peft.hetero import layer_of, layer_subset, num_layers
+from fedfm.runtime.capacity import resolve_size
+
+TAG = 0xFED7A
+
+
+def allocation(seed: int, rnd: int, cid: int, count: int, total: int) -> list[int]:
+    """The ``count`` layers (of ``total``) client ``cid`` trains in round ``rnd``, sorted."""
+    if not 1 <= count <= total:
+        raise ValueError(f"client {cid}: {count} trainable layers is outside 1..{total}")
+    rng = np.random.default_rng(derive_seed(seed, rnd, cid, TAG))
+    return sorted(int(i) for i in rng.choice(total, size=count, replace=False))
+
+
+def allocation_matrix(seed: int, rnd: int, counts: dict[int, int], total: int) -> np.ndarray:
+    """``M`` (clients x layers, rows in the order of ``counts``): M[i, l] = 1 if the i-th
+    client trains layer l this round."""
+    m = np.zeros((len(counts), total), dtype=np.int64)
+    for i, (cid, n) in enumerate(counts.items()):
+        m[i, allocation(seed, rnd, cid, n, total)] = 1
+    return m
+
+
+def per_layer_delta(model: State, payloads: Sequence[State], weights: Sequence[float], rule, rule_params) -> tuple[State, dict[str, int]]:
+    """(delta, contributors per group): each group of names (one per layer, and one for the
+    names outside every layer) is combined by the rule over the payloads holding it."""
+    groups: dict[str, list[str]] = {}
+    for name in model:
+        layer = layer_of(name)
+        groups.setdefault("rest" if layer is None else str(layer), []).append(name)
+    delta: State = {}
+    counts: dict[str, int] = {}
+    for key, names in groups.items():
+        held = [i for i, p in enumerate(payloads) if names[0] in p]
+        for i in held:
+            if any(n not in payloads[i] for n in names):
+                raise ValueError(f"a payload holds part of group '{key}' only")
+        counts[key] = len(held)
+        sub = {n: model[n] for n in names}
+        if not held:
+            delta.update({n: model[n].new_zeros(model[n].shape) for n in names})
+            continue
+        delta.update(rule(sub, [{n: payloads[i][n] for n in names} for i in held], [weights[i] for i in held], rule_params))
+    return delta, counts
+
+
+class FedRAServer:
+    broadcast_groups: tuple[str, ...] = ()
+
+    def __init__(self, params, num_clients: int):
+        self.num_clients = num_clients
+        self.last_counts: dict[str, int] = {}
+
+    def init(self, model: State) -> ServerState:
+        if num_layers(model) == 0:
+            raise ValueError("FedRA: no State name carries a layer index ('.layer.<i>.'): nothing to allocate")
+        return {}
+
+    def broadcast(self, server_state: ServerState) -> dict[str, State]:
+        return {}
+
+    def payload_spec(self, shared: State) -> State:
+        return shared
+
+    def combine(self, server_state, payloads, mean_delta, ctx):
+        raise NotImplementedError("FedRA aggregates through combine_updates (per-client layers)")
+
+    def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
+        model = server_state[MODEL]
+        total = num_layers(model)
+        count = resolve_size(client.profile, "layers", total, f"client {client.cid}")
+        layers = allocation(seed, rnd, client.cid, count, total)
+        return Instruction(round=rnd, cid=client.cid, state=model, config={"layers": layers})
+
+    def client_reference(self, cid: int, profile: dict, shared: State) -> State:
+        return shared
+
+    def client_payload_spec(self, instruction: Instruction, shared: State) -> State:
+        return layer_subset(shared, instruction.config["layers"])
+
+    def combine_updates(self, server_state: ServerState, updates: Sequence[Update], rule, rule_params, ctx: RoundContext):
+        model = server_state[MODEL]
+        delta, self.last_counts = per_layer_delta(model, [u.payload for u in updates], [float(u.num_examples) for u in updates], rule, rule_params)
+        return {}, delta
+
+
+register_server_part("fedra", FedRAServer)
+
+__all__ = ["FedRAServer", "allocation", "allocation_matrix", "per_layer_delta"]

@@ -1,0 +1,53 @@
+"""FedRA: the per-round allocation and per-layer aggregation over contributors, by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedfm.aggregators.fedavg import fedavg
+from fedfm.aggregators.fedra import FedRAServer, allocation, allocation_matrix, per_layer_delta
+from fedfm.core.protocols import RoundContext
+from fedfm.core.types import MODEL, ClientSpec, Update
+
+L0, L1, HEAD = "m.layer.0.q.lora_A.default.weight", "m.layer.1.q.lora_A.default.weight", "classifier.weight"
+T = torch.tensor
+
+
+def test_per_layer_weights_count_only_contributors():
+    # client 1 (1 example) trained layer 0: delta 2; client 2 (3 examples) layers 0 and 1: 6, 4
+    # layer 0: (1*2 + 3*6) / 4 = 5; layer 1: only client 2 -> 4 (a zero-filled mean would give 3)
+    # head (outside every layer, everyone): (1*1 + 3*5) / 4 = 4
+    model = {L0: T([0.0]), L1: T([0.0]), HEAD: T([0.0])}
+    p1 = {L0: T([2.0]), HEAD: T([1.0])}
+    p2 = {L0: T([6.0]), L1: T([4.0]), HEAD: T([5.0])}
+    delta, counts = per_layer_delta(model, [p1, p2], [1.0, 3.0], fedavg, None)
+    assert torch.allclose(delta[L0], T([5.0])) and torch.allclose(delta[L1], T([4.0])) and torch.allclose(delta[HEAD], T([4.0]))
+    assert counts == {"0": 2, "1": 1, "rest": 2}
+    delta, counts = per_layer_delta(model, [p1], [1.0], fedavg, None)  # nobody trained layer 1
+    assert torch.equal(delta[L1], T([0.0])) and counts["1"] == 0
+
+
+def test_allocation_is_seeded_sized_and_distinct():
+    a = allocation(seed=7, rnd=3, cid=2, count=3, total=6)
+    assert len(a) == 3 and len(set(a)) == 3 and all(0 <= i < 6 for i in a) and a == sorted(a)
+    assert a == allocation(7, 3, 2, 3, 6)  # the same in every process and on a retry
+    rounds = {tuple(allocation(7, r, 2, 3, 6)) for r in range(1, 30)}
+    assert len(rounds) > 1  # a fresh draw per round
+    m = allocation_matrix(7, 3, {0: 1, 1: 2, 2: 6}, 6)
+    assert m.shape == (3, 6) and m.sum(1).tolist() == [1, 2, 6] and np.all(m[2] == 1)
+
+
+def test_server_half_sends_all_and_accepts_the_allocated_layers():
+    model = {L0: T([1.0]), L1: T([1.0]), HEAD: T([1.0])}
+    server = FedRAServer(None, 2)
+    server.init(model)
+    ss = {MODEL: model}
+    inst = server.instruction(5, ss, ClientSpec(0, [], {"layers": 1}), seed=0)
+    assert set(inst.state) == set(model) and len(inst.config["layers"]) == 1
+    spec = server.client_payload_spec(inst, model)
+    assert set(spec) == {HEAD, L0 if inst.config["layers"] == [0] else L1}
+    ups = [Update(0, {k: torch.ones(1) for k in spec}, 2)]
+    _, delta = server.combine_updates(ss, ups, fedavg, None, RoundContext(5, 0, torch.Generator(), 2, []))
+    untouched = L1 if inst.config["layers"] == [0] else L0
+    assert torch.equal(delta[untouched], T([0.0])) and torch.equal(delta[HEAD], T([1.0]))
