@@ -170,3 +170,19 @@ def test_checkpoint_round_trip_restores_rng_and_ignores_partial(tmp_path):
     assert loaded.round == 3 and loaded.info["note"] == 3
     assert torch.equal(loaded.state["w"], state["w"] * 3) and torch.equal(loaded.algorithm["m"], torch.full((2,), 3.0))
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_resume_with_another_thread_count_warns_it_is_not_bit_identical(tmp_path):
+    from conftest import tiny_config
+
+    raw = tiny_config(tmp_path, rounds=1, **{"train.steps": 1, "runtime.threads": 1})
+    threads = torch.get_num_threads()
+    try:
+        LocalRuntime(from_dict(raw), tmp_path / "run").run()
+        raw["rounds"], raw["runtime"]["threads"] = 2, 2
+        summary = LocalRuntime(from_dict(raw), tmp_path / "run", resume=True).run()
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["resumed_from"] == 1
+    assert len(summary["warnings"]) == 1 and "checkpointed with 1 torch threads and continues with 2" in summary["warnings"][0]
+    assert "not be bit-identical" in summary["warnings"][0]

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 from pydantic import BaseModel
 
 from fedfm.core.protocols import RoundContext, ServerStep
-from fedfm.core.registry import NoParams, Registry, RegistryError
+from fedfm.core.registry import NoParams, Registry, parse_named
 from fedfm.core.types import ServerState, State
 
 STAGES = ("updates", "delta", "model")
@@ -41,10 +41,7 @@ def register_server_step(name: str, factory: StepFactory, params: type[BaseModel
 
 
 def parse_step(spec: dict[str, Any], where: str) -> tuple[str, BaseModel]:
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise RegistryError(f"{where}: a server step is a mapping with a 'name', e.g. {{name: clip_updates, max_norm: 1.0}}")
-    params = {k: v for k, v in spec.items() if k != "name"}
-    return spec["name"], server_steps.parse(spec["name"], params, where)
+    return parse_named(server_steps, spec, where, "{name: clip_updates, max_norm: 1.0}")
 
 
 def build_step(spec: dict[str, Any], where: str) -> ServerStep:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from pydantic import BaseModel
 
 from fedfm.core.protocols import ExchangePhase
-from fedfm.core.registry import NoParams, Registry, RegistryError
+from fedfm.core.registry import NoParams, Registry, RegistryError, parse_named
 
 ExchangeFactory = Callable[[BaseModel], Sequence[ExchangePhase]]
 exchanges: Registry[ExchangeFactory] = Registry("exchanges")
@@ -23,9 +23,7 @@ def register_exchange(name: str, factory: ExchangeFactory, params: type[BaseMode
 
 
 def parse_exchange(spec: dict[str, Any], where: str) -> tuple[str, BaseModel]:
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise RegistryError(f"{where}: an exchange is a mapping with a 'name', e.g. {{name: secagg}}")
-    return spec["name"], exchanges.parse(spec["name"], {k: v for k, v in spec.items() if k != "name"}, where)
+    return parse_named(exchanges, spec, where, "{name: secagg}")
 
 
 def build_phases(specs: Sequence[dict[str, Any]], where: str = "exchanges") -> list[ExchangePhase]:

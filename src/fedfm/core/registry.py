@@ -80,3 +80,11 @@ def registered(registry: Registry[Callable[..., Any]], name: str, params: type[B
         return obj
 
     return deco
+
+
+def parse_named(registry: Registry, spec: Any, where: str, example: str) -> tuple[str, BaseModel]:
+    """``{name: NAME, ...params}`` -> (NAME, validated params): the YAML form of server
+    steps, client middleware and exchanges; errors name ``where``."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise RegistryError(f"{where}: expected a mapping with a 'name', e.g. {example}")
+    return spec["name"], registry.parse(spec["name"], {k: v for k, v in spec.items() if k != "name"}, where)

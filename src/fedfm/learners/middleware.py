@@ -15,7 +15,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from fedfm.core.protocols import ClientMiddleware
-from fedfm.core.registry import NoParams, Registry, RegistryError
+from fedfm.core.registry import NoParams, Registry, parse_named
 
 MiddlewareFactory = Callable[[BaseModel], ClientMiddleware]
 middlewares: Registry[MiddlewareFactory] = Registry("federation.roles[].middleware")
@@ -26,10 +26,7 @@ def register_middleware(name: str, factory: MiddlewareFactory, params: type[Base
 
 
 def parse_middleware(spec: dict[str, Any], where: str) -> tuple[str, BaseModel]:
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise RegistryError(f"{where}: a middleware is a mapping with a 'name', e.g. {{name: sign_flip}}")
-    params = {k: v for k, v in spec.items() if k != "name"}
-    return spec["name"], middlewares.parse(spec["name"], params, where)
+    return parse_named(middlewares, spec, where, "{name: sign_flip}")
 
 
 def build_middleware(spec: dict[str, Any], where: str) -> ClientMiddleware:
