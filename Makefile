@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/fedfm run examples/quickstart.yaml --out runs/quickstart
+	$(BIN)/fedfm run examples/quickstart.yaml --out runs/quickstart --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q
