@@ -3,8 +3,11 @@
 However many clients a federation has, a process builds the model exactly once; each
 sampled client's State is swapped into it, trained, and read back out. Examples are
 tokenized lazily, per client, the first time that client is asked for them (and kept), so
-a server that never trains (Flower's SuperLink side) encodes only the test set, and a
-federation of 1,000 clients costs memory only for the clients that were sampled.
+a federation of 1,000 clients costs memory only for the clients that were sampled. A
+server-only workbench (``server_only=True``, Flower's SuperLink side) reads the source
+once to compute the seeded partition (client sizes, profiles, the test rows), then drops
+the text of every client row: it holds and encodes only the test set, and asking it for
+a client's examples is an error.
 
 Client profiles (``federation.roles``) and each client's own held-out slice
 (``federation.client_holdout``) are filled in here, identically in every process.
@@ -29,6 +32,7 @@ from fedfm.tasks import build_task
 from fedfm.tasks.limits import check_max_length, position_limit
 
 HOLDOUT_TAG = 0x40D
+CONTENT_COLUMNS = ("text", "prompt", "response", "chosen", "rejected")  # what a server-only workbench drops
 
 
 def split_holdout(clients, fraction: float, seed: int) -> None:
@@ -46,15 +50,30 @@ def split_holdout(clients, fraction: float, seed: int) -> None:
         c.indices = [i for j, i in enumerate(c.indices) if j not in held]
 
 
+def drop_client_text(federation: Federation) -> None:
+    """Free the contents (text, prompts, answers) of every row that is not in the test set;
+    labels, groups and any other column stay."""
+    frame = federation.frame
+    keep = np.zeros(len(frame), dtype=bool)
+    keep[federation.test_indices] = True
+    rows = np.flatnonzero(~keep)
+    for name in CONTENT_COLUMNS:
+        if name in frame.columns:
+            frame.iloc[rows, frame.columns.get_loc(name)] = None
+
+
 class Workbench:
-    def __init__(self, exp, federation: Federation | None = None):
+    def __init__(self, exp, federation: Federation | None = None, server_only: bool = False):
         self.exp = exp
+        self.server_only = server_only
         # Data first: a bad partition fails before the (slow) model load.
         self.federation = federation or build_federation(load_source(exp.data), exp.federation, exp.seed)
         if federation is None:
             resolve_labels(exp, self.federation)  # model.num_labels checked (or inferred) before the model loads
         apply_profiles(self.federation.clients, exp.federation.roles, exp.seed)
         split_holdout(self.federation.clients, exp.federation.client_holdout, exp.seed)
+        if server_only:
+            drop_client_text(self.federation)
         self.task = build_task(exp.model.task)
         model, self.tokenizer = self.task.build(exp.model, exp.seed)
         check_max_length(exp.data.max_length, position_limit(model.config))  # before any encoding or training
@@ -64,10 +83,16 @@ class Workbench:
         self.fingerprint = fingerprint(self.model)
         self.template: State = get_state(self.model)  # the initial trainable State (values kept)
         self._encoded: dict[int, dict] = {}
+        self._test_rows = set(self.federation.test_indices.tolist()) if server_only else set()
         self._eval_batches: list[dict[str, torch.Tensor]] | None = None
 
     def _rows(self, rows: list[int]) -> list[dict]:
         missing = sorted({i for i in rows if i not in self._encoded})
+        if missing and self.server_only and not self._test_rows.issuperset(missing):
+            raise RuntimeError(
+                "this is the server side: it holds the test set only, never a client's examples "
+                "(a server step that needs them runs on the local backend only)"
+            )
         if missing:
             frame = self.federation.frame.iloc[missing]
             self._encoded.update(zip(missing, self.task.encode(frame, self.tokenizer, self.exp.data.max_length)))

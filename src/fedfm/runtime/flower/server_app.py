@@ -9,8 +9,10 @@ Run config keys (``[tool.flwr.app.config]`` of the shipped app, overridden per r
 - ``resume`` / ``overwrite``: continue the run in ``out`` from its last checkpoint, or
   replace it (as ``fedfm run --resume`` / ``--overwrite``).
 
-The server side loads only what it needs: the base model (for evaluation and server
-steps) and the test set; clients' examples are never tokenized here.
+The server side keeps only what it needs: the base model (for evaluation and server
+steps) and the test set. It reads the data source once to compute the seeded partition
+(the test rows, client sizes and profiles), then drops the text of every client row;
+clients' examples are never held or tokenized here (``Workbench(server_only=True)``).
 ``make_server_app(defaults)`` builds an app with a fixed run config (``fedfm run`` with
 the simulation runtime) and puts the run summary in ``result`` for the caller.
 """
@@ -50,7 +52,7 @@ def make_server_app(defaults: dict[str, Any] | None = None, result: dict[str, An
         mode = exp.runtime.flower.mode
         transport = FlowerTransport(grid, exp.federation.clients, exp.runtime.flower, mode)
         loop = RoundLoop(
-            exp, out, transport, Workbench(exp),
+            exp, out, transport, Workbench(exp, server_only=True),
             resume=truthy(settings.get("resume", False)),
             overwrite=truthy(settings.get("overwrite", False)),
             progress=RunProgress(exp.rounds, bool(settings.get("progress", False)) and exp.runtime.progress),
