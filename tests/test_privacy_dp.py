@@ -3,6 +3,8 @@ noise shares, config-time refusals, and a tiny run that resumes bit-identically.
 
 from __future__ import annotations
 
+import json
+
 import math
 from types import SimpleNamespace
 
@@ -22,7 +24,8 @@ from fedfm.runtime.outputs import read_metrics
 
 
 def ctx_for(exp, rnd=1, seed=0):
-    return SimpleNamespace(round=rnd, generator=torch.Generator().manual_seed(seed), workbench=SimpleNamespace(exp=exp), num_clients=exp.federation.clients)
+    return SimpleNamespace(round=rnd, generator=torch.Generator().manual_seed(seed), workbench=SimpleNamespace(exp=exp),
+                           num_clients=exp.federation.clients, notes={})
 
 
 def dp_exp(tmp_path, **over):
@@ -69,7 +72,7 @@ def test_central_noise_on_the_mean_has_std_sigma_c_over_n(tmp_path):
     # sigma 1.5, C 2, n 4 clients -> std on the mean 1.5 * 2 / 4 = 0.75 (= 3.0 on the sum / 4)
     exp = dp_exp(tmp_path)
     ctx = ctx_for(exp, seed=3)
-    ctx.privacy_notes = {"clip_norm": 2.0, "n": 4, "count_noise": None}
+    ctx.notes = {"clip_norm": 2.0, "n": 4, "count_noise": None}
     delta = {"w": torch.zeros(400, 500), "b": torch.zeros(10)}
     noised, state, m = DpNoise(DpNoiseParams(noise_multiplier=1.5))(delta, ctx, {})
     std = float(noised["w"].double().std())
@@ -80,7 +83,7 @@ def test_central_noise_on_the_mean_has_std_sigma_c_over_n(tmp_path):
     assert m["epsilon"] == pytest.approx(epsilon(Plan(2, 2), [1.5], 1e-5))
     assert state["sigmas"].tolist() == [1.5]
     ctx2 = ctx_for(exp, seed=3)
-    ctx2.privacy_notes = dict(ctx.privacy_notes)
+    ctx2.notes = dict(ctx.notes)
     again, _, _ = DpNoise(DpNoiseParams(noise_multiplier=1.5))(delta, ctx2, {})
     assert torch.equal(again["w"], noised["w"])  # same (seed, round) generator, same noise
 
@@ -128,7 +131,7 @@ def test_config_time_refusals(tmp_path):
 def test_budget_spent_mid_run_stops(tmp_path):
     exp = dp_exp(tmp_path)
     ctx = ctx_for(exp)
-    ctx.privacy_notes = {"clip_norm": 1.0, "n": 2, "count_noise": None}
+    ctx.notes = {"clip_norm": 1.0, "n": 2, "count_noise": None}
     eps1 = epsilon(Plan(2, 2), [1.0], 1e-5)
     step = DpNoise(DpNoiseParams(noise_multiplier=1.0, max_epsilon=eps1 * 1.2))  # 1 round: 4.73; 2 rounds: 7.08 > 5.67
     _, state, _ = step({"w": torch.zeros(3)}, ctx, {})
@@ -149,6 +152,8 @@ def test_tiny_run_writes_epsilon_and_resumes_bit_identically(tmp_path):
     assert eps == pytest.approx([epsilon(plan, [0.8] * r, 1e-5) for r in (1, 2, 3)])
     assert eps[0] < eps[1] < eps[2] and all(r["dp_noise.delta"] == 1e-5 for r in rows[1:])
     assert rows[1]["dp_clip.clip_norm"] == 0.5 and rows[2]["dp_clip.clip_norm"] != 0.5  # adapted
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["privacy"] == {"dp_noise.epsilon": eps[-1], "dp_noise.delta": 1e-5}
     # 2 rounds, then resume to 3: the same final state, bit for bit
     LocalRuntime(from_dict(tiny_config(tmp_path, rounds=2, server_steps=steps, **over)), tmp_path / "part").run()
     part = LocalRuntime(from_dict(tiny_config(tmp_path, rounds=3, server_steps=steps, **over)), tmp_path / "part", resume=True)

@@ -38,6 +38,9 @@ class RoundContext:
     ``generator`` is seeded from (seed, round), never from a global stream, so a resumed
     run draws the same numbers. ``workbench`` gives server-side steps the one base model
     (``model``, ``task``, ``tokenizer``, ``evaluate``); it is None where a step needs none.
+    ``notes`` is what one server step tells a later step of the same round (``dp_clip``
+    tells ``dp_noise`` its clip norm and count); a fresh context per aggregation, so notes
+    never leak into another round.
     """
 
     round: int
@@ -47,6 +50,7 @@ class RoundContext:
     clients: Sequence[ClientSpec] = ()
     workbench: Any = None
     attempt: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class Algorithm(Protocol):

@@ -43,7 +43,7 @@ from fedfm.learners.loop import planned_steps
 from fedfm.runtime.algorithm import build_algorithm
 from fedfm.runtime.checkpoint import Checkpointer, config_digest
 from fedfm.runtime.faults import judge_client
-from fedfm.runtime.outputs import RunWriter, peak_rss_mb
+from fedfm.runtime.outputs import RunWriter, peak_rss_mb, privacy_spent
 from fedfm.runtime.progress import RunProgress
 from fedfm.runtime.receive import receive_update
 from fedfm.runtime.rundir import drop_replaced, merge_wall_time
@@ -409,6 +409,7 @@ class RoundLoop:
             "failed": sum(len(r.get("failed", [])) for r in rows),
             "rejected": sum(len(r.get("rejected", [])) for r in rows),
             "resumed_from": resumed_from,
+            **privacy_spent(rows),
             "warnings": self.warnings,
             "wall_s": wall_s,
             "peak_rss_mb": peak_rss_mb(),

@@ -90,3 +90,16 @@ def write_labels(out: str | Path, mapping: dict[str, int], num_labels: int, colu
     body = {"label_column": column, "num_labels": num_labels, "labels": mapping}
     atomic_write(path, json.dumps(body, indent=2, ensure_ascii=False).encode())
     return path
+
+
+PRIVACY_KEYS = (".epsilon", ".epsilon_worst", ".delta")
+
+
+def privacy_spent(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"privacy": {...}}``: the privacy budget spent by the end of the run, as the DP steps
+    reported it in metrics.jsonl (``dp_noise.epsilon``, ``dp_sgd.epsilon_worst``,
+    ``*.delta``: the last value of each key); empty when no step reports one."""
+    spent: dict[str, float] = {}
+    for row in rows:
+        spent.update({k: v for k, v in row.items() if k.endswith(PRIVACY_KEYS)})
+    return {"privacy": spent} if spent else {}
