@@ -57,15 +57,12 @@ def kill_all(proc: subprocess.Popen) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
-def test_flower_simulation_killed_mid_round_resumes_bit_identically(tmp_path):
-    raw = slow_job(tmp_path, backend="flower", flower={"num_cpus": 2})
-    cfg = tmp_path / "job.yaml"
-    cfg.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "flower"
-    proc = fedfm(cfg, out)
-    staged = out / "clients" / ".pending" / "2" / "r2a0"
+def kill_once_staged(proc: subprocess.Popen, out: Path, pattern: str) -> None:
+    """SIGKILL the run (and its children) once a client staged a store write matching
+    ``pattern`` under ``out/clients/.pending`` (e.g. ``2/r2a0``: client 2, round 2)."""
+    pending = out / "clients" / ".pending"
     deadline = time.time() + 600
-    while not staged.exists():
+    while not any(pending.glob(pattern)):
         if proc.poll() is not None:
             pytest.fail(f"the run ended before round 2 was in flight:\n{proc.stdout.read().decode()[-3000:]}")
         if time.time() > deadline:
@@ -73,6 +70,15 @@ def test_flower_simulation_killed_mid_round_resumes_bit_identically(tmp_path):
             pytest.fail("round 2 was not in flight within 600 s")
         time.sleep(0.05)
     kill_all(proc)
+
+
+def test_flower_simulation_killed_mid_round_resumes_bit_identically(tmp_path):
+    raw = slow_job(tmp_path, backend="flower", flower={"num_cpus": 2})
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "flower"
+    proc = fedfm(cfg, out)
+    kill_once_staged(proc, out, "2/r2a0")
     assert Checkpointer(out).rounds() == [1], "the kill did not land inside round 2"
     assert not (out / "final.safetensors").exists()
 

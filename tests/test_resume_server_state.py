@@ -11,9 +11,7 @@ same on Flower with SCAFFOLD).
 from __future__ import annotations
 
 import json
-import time
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -22,7 +20,7 @@ from fedfm.config import from_dict
 from fedfm.runtime import LocalRuntime
 from fedfm.runtime.checkpoint import Checkpointer
 from parity import comparable, parity_config
-from test_flower_resume import fedfm, kill_all
+from test_flower_resume import fedfm, kill_once_staged
 
 
 def stateful_job(tmp_path) -> dict:
@@ -39,16 +37,7 @@ def test_killed_mid_round_resumes_fedadam_and_feddyn_bit_identically(tmp_path):
     cfg.write_text(yaml.safe_dump(raw))
     out = tmp_path / "killed"
     proc = fedfm(cfg, out)
-    pending = out / "clients" / ".pending"
-    deadline = time.time() + 600
-    while not any(pending.glob("*/r2a0")):
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before round 2 was in flight:\n{proc.stdout.read().decode()[-3000:]}")
-        if time.time() > deadline:
-            kill_all(proc)
-            pytest.fail("round 2 was not in flight within 600 s")
-        time.sleep(0.05)
-    kill_all(proc)
+    kill_once_staged(proc, out, "*/r2a0")
     assert Checkpointer(out).rounds() == [1], "the kill did not land inside round 2"
     # the checkpoint really holds the state this test is about
     groups = {k.split("/", 1)[0] for k in load_file(str(out / "checkpoints" / "round-000001" / "algorithm.safetensors"))}

@@ -43,7 +43,7 @@ from fedfm.learners.loop import planned_steps
 from fedfm.runtime.algorithm import build_algorithm
 from fedfm.runtime.checkpoint import Checkpointer, config_digest
 from fedfm.runtime.faults import judge_client
-from fedfm.runtime.outputs import RunWriter, peak_rss_mb, privacy_spent
+from fedfm.runtime.outputs import RunWriter, run_summary
 from fedfm.runtime.progress import RunProgress
 from fedfm.runtime.receive import receive_update
 from fedfm.runtime.rundir import drop_replaced, merge_wall_time
@@ -383,7 +383,9 @@ class RoundLoop:
                 self._checkpoint(rnd, server_state)
                 self.prog.end_round(rnd, row)
         final = self.algo.model_state(server_state)
-        summary = merge_wall_time(self.out, self._summary(writer.rows, time.perf_counter() - t_start, resumed_from))
+        wall = time.perf_counter() - t_start
+        summary = run_summary(writer.rows, self.exp, self.backend, wall, resumed_from, self.warnings, self.wb.fingerprint)
+        summary = merge_wall_time(self.out, summary)
         writer.finish(final, summary)
         self.final_state = final
         self.server_state = server_state
@@ -391,27 +393,3 @@ class RoundLoop:
         if finish is not None:
             finish(wb.model, wb.tokenizer, self.out, wb.federation.frame.iloc[wb.federation.test_indices])
         return summary
-
-    def _summary(self, rows: list[dict[str, Any]], wall_s: float, resumed_from: int | None) -> dict[str, Any]:
-        first, last = rows[0], rows[-1]
-        evaluated = [r for r in rows if "loss" in r]
-        last_eval = evaluated[-1] if evaluated else last
-        return {
-            "name": self.exp.name,
-            "backend": self.backend,
-            "rounds": self.exp.rounds,
-            "final": {k: last_eval.get(k) for k in ("accuracy", "loss") if k in last_eval},
-            "initial": {k: first.get(k) for k in ("accuracy", "loss") if k in first},
-            "total_bytes_up": sum(r.get("bytes_up", 0) for r in rows),
-            "total_bytes_down": sum(r.get("bytes_down", 0) for r in rows),
-            "skipped_rounds": [r["round"] for r in rows if r.get("skipped")],
-            "dropped": sum(len(r.get("dropped", [])) for r in rows),
-            "failed": sum(len(r.get("failed", [])) for r in rows),
-            "rejected": sum(len(r.get("rejected", [])) for r in rows),
-            "resumed_from": resumed_from,
-            **privacy_spent(rows),
-            "warnings": self.warnings,
-            "wall_s": wall_s,
-            "peak_rss_mb": peak_rss_mb(),
-            "fingerprint": self.wb.fingerprint,
-        }

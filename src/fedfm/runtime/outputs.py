@@ -103,3 +103,30 @@ def privacy_spent(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for row in rows:
         spent.update({k: v for k, v in row.items() if k.endswith(PRIVACY_KEYS)})
     return {"privacy": spent} if spent else {}
+
+
+def run_summary(rows: list[dict[str, Any]], exp, backend: str, wall_s: float, resumed_from: int | None,
+                warnings: list[str], fingerprint: str) -> dict[str, Any]:
+    """summary.json of a run, from its metrics.jsonl rows."""
+    first, last = rows[0], rows[-1]
+    evaluated = [r for r in rows if "loss" in r]
+    last_eval = evaluated[-1] if evaluated else last
+    return {
+        "name": exp.name,
+        "backend": backend,
+        "rounds": exp.rounds,
+        "final": {k: last_eval.get(k) for k in ("accuracy", "loss") if k in last_eval},
+        "initial": {k: first.get(k) for k in ("accuracy", "loss") if k in first},
+        "total_bytes_up": sum(r.get("bytes_up", 0) for r in rows),
+        "total_bytes_down": sum(r.get("bytes_down", 0) for r in rows),
+        "skipped_rounds": [r["round"] for r in rows if r.get("skipped")],
+        "dropped": sum(len(r.get("dropped", [])) for r in rows),
+        "failed": sum(len(r.get("failed", [])) for r in rows),
+        "rejected": sum(len(r.get("rejected", [])) for r in rows),
+        "resumed_from": resumed_from,
+        **privacy_spent(rows),
+        "warnings": warnings,
+        "wall_s": wall_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "fingerprint": fingerprint,
+    }
