@@ -2,7 +2,12 @@
 
     PYTHONPATH=src python benchmarks/examples_run.py                 # reduced: 1 round, 16 examples per client, 2 local steps
     PYTHONPATH=src python benchmarks/examples_run.py --full          # each example exactly as written
-    PYTHONPATH=src python benchmarks/examples_run.py --only 'robustness/*'
+    PYTHONPATH=src python benchmarks/examples_run.py --only 'robustness/*' --only quickstart.yaml
+
+An example whose header says to build its data first (a commented ``python -m
+fedfm.data.builders ...`` command, as in examples/llm/) has that command run once before it,
+unless its ``--out`` file exists. Examples that need a Debian package (fortunes) say so in
+their header and fail with the package's name when it is missing.
 
 Each example runs in its own `fedfm run` process (its own peak memory, a crash is one
 failed row, not a stopped script) into a temporary directory. The reduced mode only
@@ -39,7 +44,43 @@ def last_row(out: Path) -> dict:
     return rows[-1] if rows else {}
 
 
+def build_commands(example: Path) -> list[list[str]]:
+    """The ``python -m fedfm.data.builders ...`` commands in the example's header comment."""
+    commands, current = [], None
+    for line in example.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if current is None and text.startswith("python -m fedfm.data.builders"):
+            current = text
+        elif current is not None:
+            current += " " + text
+        else:
+            continue
+        if not current.endswith("\\"):
+            commands.append(current.split())
+            current = None
+        else:
+            current = current[:-1].strip()
+    return commands
+
+
+def build_data(example: Path) -> str:
+    for words in build_commands(example):
+        target = words[words.index("--out") + 1] if "--out" in words else None
+        if target and (ROOT / target).exists():
+            continue
+        proc = subprocess.run([sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return f"data build failed: {' '.join(words)}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+    return ""
+
+
 def run_one(example: Path, full: bool, timeout: float) -> dict:
+    problem = build_data(example)
+    if problem:
+        return {"example": str(example.relative_to(ROOT / "examples")), "ok": False, "wall_s": 0.0,
+                "metric": None, "bytes_up": None, "error": problem}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedfm", "run", str(example), "--out", str(out), "--no-progress"]
@@ -63,12 +104,12 @@ def run_one(example: Path, full: bool, timeout: float) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="run each example unchanged (slow)")
-    ap.add_argument("--only", default="*", help="glob on the path under examples/, e.g. 'robustness/*'")
+    ap.add_argument("--only", action="append", help="glob on the path under examples/, e.g. 'robustness/*' (repeatable)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per example")
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
     args = ap.parse_args()
     examples = [p for p in sorted((ROOT / "examples").rglob("*.yaml"))
-                if fnmatch.fnmatch(str(p.relative_to(ROOT / "examples")), args.only)]
+                if any(fnmatch.fnmatch(str(p.relative_to(ROOT / "examples")), g) for g in args.only or ["*"])]
     rows = []
     for example in examples:
         r = run_one(example, args.full, args.timeout)
