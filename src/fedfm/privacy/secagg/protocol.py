@@ -41,10 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedfm.privacy.secagg import crypto, fixed_point, shamir
-
-
-class SecAggError(RuntimeError):
-    """The sum cannot be recovered (too few clients or shares left)."""
+from fedfm.privacy.secagg.common import SecAggError, default_threshold
 
 
 @dataclass(frozen=True)
@@ -54,11 +51,6 @@ class SecAggConfig:
     bound: float = 1.0
     frac_bits: int = 16
     round: int = 0
-
-
-def default_threshold(n: int) -> int:
-    """t = n - floor(n/3): recovers with up to a third dropped, and t > n/2 for n >= 2."""
-    return max(1, n - n // 3)
 
 
 def _id(u: int) -> bytes:
