@@ -190,3 +190,11 @@ def test_a_masked_input_is_uniform_words_not_the_update(tmp_path):
     assert np.all(words == np.rint(words)) and words.min() >= 0 and words.max() < 2**24
     # an all-zero update masked: words uniform on [0, 2^24): mean 2^23 within 4 std errors (2^24/sqrt(12 * 2000))
     assert abs(words.mean() - 2**23) < 4 * 2**24 / np.sqrt(12 * 2000)
+
+
+def test_too_few_keyed_clients_fail_before_anyone_trains(tmp_path):
+    r = Round(tmp_path, {"bound": 4.0, "frac_bits": 4, "bits": 16, "drop": [{"phase": "advertise", "cids": [0, 2]}]})
+    assert r.phase("advertise", r.cids) == []
+    assert r.rs["secagg"]["failed"] == "2 clients advertised keys, fewer than the threshold t = 3"
+    # the later phases send nothing and let no one through
+    assert r.phases["share"].messages(1, [], r.rs) == {} and r.phase("route", []) == []
