@@ -198,3 +198,10 @@ def test_too_few_keyed_clients_fail_before_anyone_trains(tmp_path):
     assert r.rs["secagg"]["failed"] == "2 clients advertised keys, fewer than the threshold t = 3"
     # the later phases send nothing and let no one through
     assert r.phases["share"].messages(1, [], r.rs) == {} and r.phase("route", []) == []
+
+
+def test_uniform_weighting_gives_the_plain_mean(tmp_path):
+    r = Round(tmp_path, {"bound": 4.0, "frac_bits": 4, "bits": 16, "weighting": "uniform"})
+    out = r.run(updates_of(X, N))
+    # (0.5 + 0.25 - 1 + 0) / 4 = -0.0625; (-0.25 + 0.25 + 0.125 + 0.5) / 4 = 0.15625; (0 + 1 + 0.5 - 0.5) / 4 = 0.25
+    assert out[0].payload["w"].tolist() == [-0.0625, 0.15625, 0.25] and r.rs["secagg"]["weight"] == 4
