@@ -216,13 +216,15 @@ def secagg_round_rows(csv: Path, out: Path, wb: Workbench | None = None) -> list
     runs = {"plain FedAvg": None, "SecAgg": {}, "SecAgg, client 1 drops after masking": {"drop": [{"phase": "unmask", "cids": [1]}]},
             "SecAgg, client 1 drops before its masked input": {"drop": [{"phase": "train", "cids": [1]}]}}
     wb = wb or Workbench(from_dict(base(csv)))
+    masked_wb = None  # the clients' roles (their middleware) are part of the workbench
     rows, plain_final = [], None
     for label, extra in runs.items():
         raw = base(csv)
         if extra is not None:
             raw["exchanges"] = [{**SECAGG, **extra}]
             raw["federation"]["roles"] = [{"name": "all", "fraction": 1.0, "middleware": [{"name": "secagg_mask"}]}]
-        final, metrics, wall = timed_run(raw, wb, out / re.sub(r"\W+", "_", label))
+            masked_wb = masked_wb or Workbench(from_dict(raw))
+        final, metrics, wall = timed_run(raw, wb if extra is None else masked_wb, out / re.sub(r"\W+", "_", label))
         rounds = [m for m in metrics if m["round"] > 0]
         k = len(rounds)
         phases: dict[str, dict[str, float]] = {}

@@ -59,7 +59,7 @@ class Round:
         self.p = SecAggParams(**params)
         self.phases = {ph.step: ph for ph in secagg_phases(self.p)}
         self.store = ClientStore(tmp_path / "clients")
-        self.env = types.SimpleNamespace(exp=types.SimpleNamespace(seed=0), store=self.store)
+        self.env = types.SimpleNamespace(exp=types.SimpleNamespace(seed=0), store=self.store, middleware=lambda cid: [SecAggMask()])
         self.rs = {"instructions": {}, "attempt": 0}
         self.rnd, self.cids = rnd, list(range(n))
         for c in self.cids:
@@ -205,3 +205,11 @@ def test_uniform_weighting_gives_the_plain_mean(tmp_path):
     out = r.run(updates_of(X, N))
     # (0.5 + 0.25 - 1 + 0) / 4 = -0.0625; (-0.25 + 0.25 + 0.125 + 0.5) / 4 = 0.15625; (0 + 1 + 0.5 - 0.5) / 4 = 0.25
     assert out[0].payload["w"].tolist() == [-0.0625, 0.15625, 0.25] and r.rs["secagg"]["weight"] == 4
+
+
+def test_a_client_without_the_mask_leaves_before_training(tmp_path):
+    r = Round(tmp_path, {"bound": 4.0, "frac_bits": 4, "bits": 16})
+    r.env.middleware = lambda cid: [] if cid == 2 else [SecAggMask()]
+    going = r.phase("share", r.phase("advertise", r.cids))
+    with pytest.raises(ValueError, match=r"client 2: its middleware \[\] does not end with secagg_mask"):
+        r.phases["route"].client(r.env, 2, 1, r.phases["route"].messages(1, going, r.rs)[2][0], {"inbox": torch.zeros(0, dtype=torch.uint8)})

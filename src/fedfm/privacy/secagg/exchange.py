@@ -232,6 +232,10 @@ class Route(_Phase):
     def client(self, env, cid, rnd, meta, tensors):
         attempt = int(meta["attempt"])
         self._drop(env, cid, rnd, attempt)
+        chain = [getattr(m, "name", "") for m in env.middleware(cid)]
+        if not chain or chain[-1] != "secagg_mask":
+            raise ValueError(f"client {cid}: its middleware {chain} does not end with secagg_mask, so it would send its "
+                             "update in clear; it leaves the round before training")
         rec = record.load(env.store, cid, rnd, attempt, self.name)
         u2 = ids_from(meta["u2"])
         if cid not in u2:
