@@ -3,6 +3,11 @@
 and the cost of secure aggregation per round.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy [--write-doc]
+    PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy --secagg-rounds-only [--write-doc]
+
+``--secagg-rounds-only`` runs only the rounds with and without secure aggregation
+(``exchanges: secagg``) on the same job and writes only their table (bytes and wall time
+per phase).
 
 The reduced job (not the quickstart): the tiny random-init BERT of the tests (hidden 32,
 2 layers, MiniLM's tokenizer), LoRA r=4 on query/value plus the head, the toy sentiment
@@ -170,6 +175,108 @@ def secagg_rows(lengths: dict[str, int], n: int = 8, dropped: int = 2) -> list[d
     return rows
 
 
+SECAGG = {"name": "secagg", "bound": 64.0, "frac_bits": 14}  # 4 x 64 x 2^14 = 4.2e6 < 2^23
+
+
+def timed_run(raw: dict, wb: Workbench, out: Path) -> tuple[dict, list[dict], dict[str, float]]:
+    """A run with the wall time of every exchange (client work, in-process) and of every
+    phase's server functions, by phase; ``secagg_mask`` (the masking inside the train
+    reply) is timed on its own."""
+    from fedfm.privacy.secagg.mask import SecAggMask
+
+    rt = LocalRuntime(from_dict(raw), out, workbench=wb, overwrite=True)
+    wall: dict[str, float] = {}
+
+    def clock(key, fn):
+        def inner(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                wall[key] = wall.get(key, 0.0) + time.perf_counter() - t0
+        return inner
+
+    exchange = rt.transport.exchange
+    rt.transport.exchange = lambda envs, *a, **k: clock(envs[0].phase if envs else "none", exchange)(envs, *a, **k)
+    for ph in rt.loop.algo.phases:
+        for fn in ("messages", "receive", "transform"):
+            setattr(ph, fn, clock(ph.name, getattr(ph, fn)))
+    mask = SecAggMask.after_train
+    SecAggMask.after_train = clock("secagg_mask", mask)
+    try:
+        rt.run()
+    finally:
+        SecAggMask.after_train = mask
+    return rt.final_state, read_metrics(out / "metrics.jsonl"), wall
+
+
+def secagg_round_rows(csv: Path, out: Path, wb: Workbench | None = None) -> list[dict]:
+    """The job above with and without secure aggregation (every client has secagg_mask),
+    and with one client dropped after masking (unmask) and one before its masked input."""
+    runs = {"plain FedAvg": None, "SecAgg": {}, "SecAgg, client 1 drops after masking": {"drop": [{"phase": "unmask", "cids": [1]}]},
+            "SecAgg, client 1 drops before its masked input": {"drop": [{"phase": "train", "cids": [1]}]}}
+    wb = wb or Workbench(from_dict(base(csv)))
+    masked_wb = None  # the clients' roles (their middleware) are part of the workbench
+    rows, plain_final, plain_clients = [], None, None
+    for label, extra in runs.items():
+        raw = base(csv)
+        if extra is not None:
+            raw["exchanges"] = [{**SECAGG, **extra}]
+            raw["federation"]["roles"] = [{"name": "all", "fraction": 1.0, "middleware": [{"name": "secagg_mask"}]}]
+            masked_wb = masked_wb or Workbench(from_dict(raw))
+        final, metrics, wall = timed_run(raw, wb if extra is None else masked_wb, out / re.sub(r"\W+", "_", label))
+        rounds = [m for m in metrics if m["round"] > 0]
+        k = len(rounds)
+        phases: dict[str, dict[str, float]] = {}
+        for m in rounds:
+            for ph, b in m.get("phase_bytes", {}).items():
+                for d in ("down", "up"):
+                    phases.setdefault(ph, {"down": 0, "up": 0})[d] += b[d] / k
+        clients = [m["clients"] for m in rounds]
+        same = plain_final is not None and clients == plain_clients  # only then is the plain model the reference
+        diff = max(float((final[n] - plain_final[n]).abs().max()) for n in final) if same else None
+        if extra is None:
+            plain_final, plain_clients = final, clients
+        row = {"run": label, "rounds": k, "bytes_up": sum(m["bytes_up"] for m in rounds) / k,
+               "bytes_down": sum(m["bytes_down"] for m in rounds) / k, "round_wall_s": sum(m["wall_s"] for m in rounds) / k,
+               "phases": phases, "wall": {p: w / k for p, w in wall.items()}, "accuracy": metrics[-1]["accuracy"],
+               "max_diff": diff, "clients": clients}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def secagg_round_table(rows: list[dict]) -> str:
+    lines = ["| run | clients per round | bytes up / round | bytes down / round | round wall s | accuracy | max abs diff to plain (same clients) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = "-" if r["max_diff"] is None else f"{r['max_diff']:.1e}"
+        lines.append(f"| {r['run']} | {r['clients']} | {r['bytes_up']:,.0f} | {r['bytes_down']:,.0f} | {r['round_wall_s']:.2f} | "
+                     f"{r['accuracy']:.3f} | {diff} |")
+    lines += ["", "| run | phase | bytes down / round | bytes up / round | wall s / round |", "|---|---|---|---|---|"]
+    for r in rows:
+        train = {"down": r["bytes_down"] - sum(b["down"] for b in r["phases"].values()),
+                 "up": r["bytes_up"] - sum(b["up"] for b in r["phases"].values())}
+        for ph in ("secagg_advertise", "secagg_share", "secagg_route", "train", "secagg_mask", "secagg_unmask"):
+            b = train if ph == "train" else r["phases"].get(ph)
+            if ph not in r["wall"] and b is None:
+                continue
+            down, up = ("-", "-") if b is None else (f"{b['down']:,.0f}", f"{b['up']:,.0f}")
+            name = "train (of which secagg_mask)" if ph == "secagg_mask" else ph
+            lines.append(f"| {r['run']} | {name} | {down} | {up} | {r['wall'].get(ph, 0.0):.3f} |")
+    return "\n".join(lines)
+
+
+def write_block(marker: str, text: str) -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "privacy.md"
+    body = doc.read_text()
+    pattern = rf"<!-- {marker} -->.*<!-- /{marker} -->"
+    if not re.search(pattern, body, flags=re.S):
+        raise SystemExit(f"docs/privacy.md has no <!-- {marker} --> block")
+    doc.write_text(re.sub(pattern, lambda m: f"<!-- {marker} -->\n{text}\n<!-- /{marker} -->", body, flags=re.S))
+    print(f"wrote {doc} ({marker})", file=sys.stderr)
+
+
 def table(dp: list[dict], labels: list[dict], sa: list[dict]) -> str:
     lines = ["| setting | target epsilon | clip | accuracy | epsilon spent | membership AUC | TPR@1%FPR | wall s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -191,16 +298,26 @@ def main() -> None:
     ap.add_argument("--out", default="runs/privacy")
     ap.add_argument("--write-doc", action="store_true")
     ap.add_argument("--skip-sample", action="store_true", help="leave out the DP-SGD rows (one backward pass per example: slow)")
+    ap.add_argument("--secagg-rounds-only", action="store_true", help="only the rounds with and without secure aggregation")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "toy.csv"
     toy_csv(csv)
     torch.set_num_threads(2)
+    if args.secagg_rounds_only:
+        t0 = time.process_time()
+        text = secagg_round_table(secagg_round_rows(csv, out / "secagg_rounds"))
+        text += f"\n\n(benchmark process CPU time: {time.process_time() - t0:.0f} s)"
+        print(text)
+        if args.write_doc:
+            write_block("secagg-rounds", text)
+        return
     dp, wb = privacy_rows(csv, out, not args.skip_sample)
     labels = label_rows(wb)
     lora_d = sum(v.numel() for v in wb.template.values())
     sa = secagg_rows({"tiny LoRA (this job)": lora_d, "MiniLM LoRA r=8 + head (quickstart size)": 74_498})
+    rounds_text = secagg_round_table(secagg_round_rows(csv, out / "secagg_rounds", wb))
     text = table(dp, labels, sa)
     import resource
 
@@ -213,6 +330,7 @@ def main() -> None:
         new = re.sub(r"<!-- table -->.*<!-- /table -->", lambda m: f"<!-- table -->\n{text}\n<!-- /table -->", body, flags=re.S)
         doc.write_text(new)
         print(f"wrote {doc}", file=sys.stderr)
+        write_block("secagg-rounds", rounds_text)
 
 
 if __name__ == "__main__":

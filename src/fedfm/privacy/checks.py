@@ -40,7 +40,9 @@ def sample_dp_problems(exp) -> list[str]:
 
 
 def privacy_problems(exp) -> list[str]:
-    return sample_dp_problems(exp) + client_dp_problems(exp)
+    from fedfm.privacy.secagg.checks import secagg_problems
+
+    return sample_dp_problems(exp) + client_dp_problems(exp) + secagg_problems(exp)
 
 
 def client_dp_problems(exp) -> list[str]:

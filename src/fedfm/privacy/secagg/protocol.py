@@ -33,7 +33,6 @@ secret is a clear ``SecAggError``.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import struct
 from dataclasses import dataclass, field
@@ -41,10 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedfm.privacy.secagg import crypto, fixed_point, shamir
-
-
-class SecAggError(RuntimeError):
-    """The sum cannot be recovered (too few clients or shares left)."""
+from fedfm.privacy.secagg.common import SecAggError, default_threshold, recover
 
 
 @dataclass(frozen=True)
@@ -54,11 +50,6 @@ class SecAggConfig:
     bound: float = 1.0
     frac_bits: int = 16
     round: int = 0
-
-
-def default_threshold(n: int) -> int:
-    """t = n - floor(n/3): recovers with up to a third dropped, and t > n/2 for n >= 2."""
-    return max(1, n - n // 3)
 
 
 def _id(u: int) -> bytes:
@@ -157,14 +148,6 @@ class SecAggClient:
         return out
 
 
-def _on_curve(subset, share, secret: bytes) -> bool:
-    """Whether ``share`` lies on the polynomial of ``subset`` (t - 1 of them plus it give ``secret``)."""
-    try:
-        return shamir.combine(list(subset[:-1]) + [share]) == secret
-    except ValueError:
-        return False
-
-
 # -- the server ---------------------------------------------------------------------------
 
 
@@ -233,19 +216,7 @@ class SecAggServer:
                 return hashlib.sha256(secret).digest() == self.commit[u]
             return crypto.public_of(secret) == self.keys[u][1]
 
-        t = self.cfg.threshold
-        if len(shares) < t:
-            raise SecAggError(f"secagg: {len(shares)} shares of client {u}'s {kind}-secret, fewer than the threshold {t}")
-        for subset in itertools.combinations(shares, t):
-            try:
-                secret = shamir.combine(list(subset))
-            except ValueError:
-                continue
-            if valid(secret):
-                for x in [x for x, y in shares if (x, y) not in subset and not _on_curve(subset, (x, y), secret)]:
-                    self.notes.append(f"share {x} of client {u}'s {kind}-secret is malformed; not used")
-                return secret
-        raise SecAggError(f"secagg: no {t} of the {len(shares)} shares of client {u}'s {kind}-secret reconstruct it")
+        return recover(f"client {u}'s {kind}-secret", shares, self.cfg.threshold, valid, self.notes)
 
     def unmask(self, replies: dict[int, bytes]) -> np.ndarray:
         """Phase 4: the shares -> the exact fixed-point sum over U3 (uint32)."""

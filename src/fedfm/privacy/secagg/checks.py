@@ -1,0 +1,115 @@
+"""Config-time checks of secure aggregation (``exchanges: [{name: secagg}]``), called
+from ``fedfm.components.combination_problems`` through ``privacy/checks.py``.
+
+Under secure aggregation the server holds only the weighted mean of the survivors'
+updates, so anything that needs the individual updates cannot run and is refused, with
+the reason: a rule other than ``fedavg`` (a robust rule ranks, trims or compares single
+updates), a server step at stage ``updates`` (except ``dp_noise`` with ``mode:
+distributed``, which only counts them), a learner with a server half (SCAFFOLD, FedDyn
+and per-client shapes combine individual client tensors), and any uplink codec (the
+masked integers must arrive exactly; secure aggregation quantizes itself). Every client
+needs ``secagg_mask`` as its last middleware, and the fixed-point sum of a round must not
+wrap.
+"""
+
+from __future__ import annotations
+
+from fedfm.privacy.secagg import fixed_point
+from fedfm.privacy.secagg.params import SecAggParams
+
+INDIVIDUAL_RULES = {
+    "median": "the coordinate-wise median of the individual updates",
+    "trimmed_mean": "the individual updates sorted per coordinate",
+    "krum": "the distances between individual updates",
+    "multi_krum": "the distances between individual updates",
+    "bulyan": "the distances between individual updates",
+    "geometric_median": "the individual updates (Weiszfeld iterations)",
+    "clipped_clustering": "the individual updates (clustering)",
+}
+
+
+def _secagg_params(exp) -> list[tuple[int, SecAggParams | None]]:
+    out = []
+    for i, spec in enumerate(exp.exchanges):
+        if isinstance(spec, dict) and spec.get("name") == "secagg":
+            try:
+                out.append((i, SecAggParams(**{k: v for k, v in spec.items() if k != "name"})))
+            except Exception:  # reported by the registry check already
+                out.append((i, None))
+    return out
+
+
+def _step_stage(spec) -> str | None:
+    from fedfm.aggregators.pipeline import build_step
+
+    try:
+        return build_step(spec, "server_steps").stage
+    except Exception:  # reported by the registry check already
+        return None
+
+
+def _mask_problems(exp, has_secagg: bool) -> list[str]:
+    from fedfm.runtime.roles import role_sizes
+
+    fed = exp.federation
+    masked = [r for r in fed.roles if any(m.get("name") == "secagg_mask" for m in r.middleware)]
+    if not has_secagg:
+        return [f"federation.roles: role '{r.name}' has secagg_mask but no exchanges: [{{name: secagg}}] runs" for r in masked]
+    problems = []
+    covered = sum(role_sizes([r], fed.clients)[0] for r in masked)
+    if covered != fed.clients:
+        problems.append(f"federation.roles: secure aggregation needs the middleware secagg_mask on every client "
+                        f"({covered} of {fed.clients} have it); e.g. roles: [{{name: all, fraction: 1.0, middleware: [{{name: secagg_mask}}]}}]")
+    for r in masked:
+        names = [m.get("name") for m in r.middleware]
+        if names[-1] != "secagg_mask" or names.count("secagg_mask") > 1:
+            problems.append(f"federation.roles: role '{r.name}': secagg_mask must be the last middleware, once "
+                            f"(it masks what is sent), got {names}")
+    return problems
+
+
+def secagg_problems(exp) -> list[str]:
+    from fedfm.aggregators.robust_checks import per_round
+    from fedfm.aggregators.server_part import server_parts
+
+    found = _secagg_params(exp)
+    problems = _mask_problems(exp, bool(found))
+    if not found:
+        return problems
+    if len(found) > 1:
+        problems.append("exchanges: secagg is given more than once")
+    idx, p = found[0]
+    where = f"exchanges[{idx}] (secagg)"
+    rule = exp.aggregator.rule
+    if rule != "fedavg":
+        why = INDIVIDUAL_RULES.get(rule, "the individual updates, not only their weighted mean")
+        problems.append(f"aggregator.rule: {rule} needs {why}; under secure aggregation the server holds only the "
+                        "weighted mean of the survivors' updates: use fedavg")
+    for i, spec in enumerate(exp.server_steps):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if name == "dp_noise" and spec.get("mode") == "distributed":
+            continue
+        if _step_stage(spec) == "updates":
+            problems.append(f"server_steps[{i}] ({name}): runs at stage 'updates' on the individual updates, which secure "
+                            "aggregation hides from the server (it sees only their sum)")
+    if exp.learner.name in server_parts.names():
+        problems.append(f"learner.name: {exp.learner.name}'s server half combines individual client tensors, which "
+                        "secure aggregation hides from the server")
+    if exp.codecs.up:
+        names = [next(iter(s)) if "name" not in s else s["name"] for s in exp.codecs.up if isinstance(s, dict) and s]
+        problems.append(f"codecs.up: {names} would change the masked integers, which must arrive exactly for the masks "
+                        "to cancel; secure aggregation quantizes itself (bound, frac_bits, bits): remove codecs.up")
+    if p is None:
+        return problems
+    n = per_round(exp.federation)
+    if p.threshold is not None and p.threshold > n:
+        problems.append(f"{where}: threshold {p.threshold} exceeds the {n} clients per round")
+    cap = fixed_point.capacity_problem(n, p.bound, p.frac_bits, p.bits)
+    if cap is not None:
+        problems.append(f"{where}: {cap}")
+    for r in exp.federation.roles:
+        for m in r.middleware:
+            if m.get("name") == "dp_client_noise" and float(m.get("clip_norm", 0)) > p.bound:
+                problems.append(f"{where}: bound {p.bound} is below role '{r.name}' dp_client_noise clip_norm "
+                                f"{m.get('clip_norm')}: clipped updates (and their noise) would be clipped again per coordinate")
+    return problems

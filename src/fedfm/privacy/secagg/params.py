@@ -1,0 +1,55 @@
+"""The YAML parameters of ``exchanges: [{name: secagg, ...}]`` and its simulated
+dropouts between phases.
+
+Dropouts: ``faults.dropout`` of the run keeps its meaning (a sampled client drops before
+the round, so it never advertises keys). Besides, a client may drop in any phase of the
+secure-aggregation round: ``dropout: {unmask: 0.1}`` draws, like ``faults.dropout``
+(``runtime.faults.drops_out``), from (seed, round, attempt, client) with a per-phase tag;
+``drop: [{phase: train, cids: [2], rounds: [1]}]`` drops given clients for tests and
+demos. A dropped client raises in that phase on its own side, so the server sees what a
+real dropout looks like (no reply) on every transport.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedfm.core.seeding import derive_seed
+from fedfm.runtime.faults import drops_out
+
+Phase = Literal["advertise", "share", "route", "train", "unmask"]
+PHASES: tuple[str, ...] = ("advertise", "share", "route", "train", "unmask")
+PHASE_TAG = {p: 0x5EC0 + i for i, p in enumerate(PHASES)}
+
+
+class DropSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    phase: Phase = Field(..., description="the phase in which these clients drop")
+    cids: list[int] = Field(..., min_length=1, description="the clients that drop")
+    rounds: list[int] | None = Field(None, description="the rounds in which they drop (all rounds when omitted)")
+
+
+class SecAggParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bound: float = Field(..., gt=0, description="clipping range: every coordinate of w * update is clipped to [-bound, bound] before encoding")
+    frac_bits: int = Field(16, ge=0, le=30, description="fixed point: a coordinate x becomes round(x * 2^frac_bits)")
+    bits: int = Field(24, ge=8, le=24, description="the sum is taken modulo 2^bits; masked words travel as float32 values, exact below 2^24")
+    threshold: int | None = Field(None, ge=1, description="t of Shamir t-of-n; default n - floor(n/3) of the n clients that advertise keys")
+    weighting: Literal["num_examples", "uniform"] = Field(
+        "num_examples", description="num_examples: each client sends n_i * update and n_i inside the masked vector (FedAvg); uniform: weight 1")
+    dropout: dict[Phase, float] = Field(default_factory=dict, description="per-phase probability that a client drops in that phase")
+    drop: list[DropSpec] = Field(default_factory=list, description="clients that drop in a given phase (tests, demos)")
+
+
+def simulated_drop(p: SecAggParams, phase: str, seed: int, rnd: int, attempt: int, cid: int) -> bool:
+    """Whether client ``cid`` drops in ``phase`` of this round attempt."""
+    for d in p.drop:
+        if d.phase == phase and cid in d.cids and (d.rounds is None or rnd in d.rounds):
+            return True
+    return drops_out(float(p.dropout.get(phase, 0.0)), derive_seed(seed, PHASE_TAG[phase]), rnd, attempt, cid)
+
+
+class SimulatedDropout(RuntimeError):
+    """A client that drops in a phase of secure aggregation (``dropout`` / ``drop``)."""
