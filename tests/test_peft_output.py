@@ -61,6 +61,10 @@ VARIANTS = {
     # width 8 like the adapter variants: at the default width 2 (32 // 16) every ReLU unit of a
     # placement can be dead on the whole batch (see the module docstring)
     "dual_adapter": {"method": "dual_adapter", "reduction_factor": 4},
+    # a soft key mix: at the paper's temperature 0.01 the weights are one-hot to float64
+    # precision, and a small perturbation of the adaptive network moves nothing unless it
+    # changes the chosen key (that selection is tested in test_personalize_fedapt.py)
+    "fedapt": {"method": "fedapt", "num_virtual_tokens": 2, "num_domains": 3, "temperature": 10.0},
 }
 NOISE = 0.1  # std of each perturbation
 LIVE = 1e-10  # max |change of a logit| above which a tensor has an effect (float64)
