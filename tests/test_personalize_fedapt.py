@@ -121,3 +121,19 @@ def test_by_domain_partitioner():
     assert sorted(np.concatenate(parts).tolist()) == list(range(8))
     with pytest.raises(ValueError, match="fewer than the 2 domains"):
         by_domain(None, groups, 1, np.random.default_rng(0), ByDomainParams())
+
+
+def test_politics_source_chunks_and_domains():
+    from fedfm.data.politics import PoliticsOptions, chunks, politics
+
+    # 9 words in passages of 4: (a b c d) (e f g h) (i); the last (1 word < 4 // 2) joins the previous
+    assert chunks("a b c d e f g h i", 4) == ["a b c d", "e f g h i"]
+    assert chunks("a b c d e f", 4) == ["a b c d", "e f"]  # 2 words = 4 // 2: a passage of its own
+    frame = politics(None, PoliticsOptions())
+    assert set(frame["label"]) == {0, 1} and frame.attrs["label_names"] == ["democrat", "republican"]
+    assert set(frame["domain"]) == {"convention_2012", "debates_2016"}
+    assert all(g.split(":", 1)[0] == d for g, d in zip(frame["group"], frame["domain"]))
+    # 180 named convention speakers + 3 unnamed speeches (a group each); the debates' four
+    # candidates make a group per debate they spoke in
+    assert frame[frame.domain == "convention_2012"]["group"].nunique() == 183
+    assert frame[frame.domain == "debates_2016"]["group"].nunique() >= 6

