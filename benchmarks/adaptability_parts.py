@@ -121,7 +121,7 @@ def run_dapt_chain(label: str, out: Path) -> dict:
     if "with" in label:
         dapt = raw_config("dapt_chain_dapt", REDUCED_DAPT + [f"rounds={R1}", f"eval.every={R1}"])
         tune["rounds"], tune.setdefault("eval", {})["every"] = R2, R2
-        run_chain([dapt, tune], folder)
+        run_chain([dapt, tune], folder, overwrite=True)
         stages = [folder / "stage-0", folder / "stage-1"]
     else:
         tune["rounds"], tune.setdefault("eval", {})["every"] = R1 + R2, R1 + R2

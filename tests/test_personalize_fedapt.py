@@ -13,7 +13,6 @@ from fedfm.config import ConfigError, from_dict
 from fedfm.core.types import Instruction
 from fedfm.data.domains import ByDomainParams, by_domain
 from fedfm.learners import learners
-from fedfm.peft import get_state
 from fedfm.peft.fedapt import FedAPTModule, key_weights, keyed_prompt
 from fedfm.runtime.workbench import Workbench
 

@@ -6,7 +6,8 @@ naturally different domains of the same task for multi-domain prompts.
 ``--no-deps``; only the data files are read):
 
 - ``convention_2012``: the 189 speeches of the 2012 Democratic and Republican national
-  conventions (180 named speakers; each of the 3 unnamed speeches is a group of its own), cut into passages of ``chunk_words`` words;
+  conventions (180 named speakers; each of the 3 unnamed speeches is a group of its own),
+  cut into passages of ``chunk_words`` words;
 - ``debates_2016``: the statements of the 2016 presidential and vice-presidential debates
   by the four candidates (moderators dropped), those of at least ``min_chars`` characters.
 

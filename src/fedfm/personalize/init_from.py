@@ -84,7 +84,7 @@ def load_init(model: torch.nn.Module, path: str | Path) -> dict[str, int]:
     return {"copied": copied, "skipped": len(skipped)}
 
 
-def run_chain(stages: list[dict[str, Any]], out: str | Path, progress: bool = False) -> list[dict[str, Any]]:
+def run_chain(stages: list[dict[str, Any]], out: str | Path, progress: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
     """Run the raw configs one after another under ``out/stage-<i>``; stage i+1 starts from
     stage i's final State. Returns each stage's summary."""
     from fedfm.config import from_dict
@@ -96,7 +96,7 @@ def run_chain(stages: list[dict[str, Any]], out: str | Path, progress: bool = Fa
         if previous is not None:
             raw.setdefault("model", {})["init_from"] = str(previous)
         folder = Path(out) / f"stage-{i}"
-        summaries.append(run_local(from_dict(raw), folder, progress=progress))
+        summaries.append(run_local(from_dict(raw), folder, progress=progress, overwrite=overwrite))
         previous = folder
     return summaries
 
@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Run configs as chained stages (each starts from the previous final State).")
     ap.add_argument("configs", nargs="+")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true", help="replace earlier runs in OUT/stage-<i>")
     args = ap.parse_args(argv)
-    run_chain([yaml.safe_load(Path(c).read_text()) for c in args.configs], args.out, progress=True)
+    run_chain([yaml.safe_load(Path(c).read_text()) for c in args.configs], args.out, progress=True, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":
