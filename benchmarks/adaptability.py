@@ -23,6 +23,10 @@ on the same job, fully and FFDAPT-style, and give the masked-LM loss and masked-
 accuracy on the test texts before and after. ``--doc`` rewrites the block between the
 markers of docs/adaptability.md; results accumulate in OUT/results.jsonl (``--table``
 re-renders them without running).
+
+``--part multidomain`` (FedAPT against a single shared prompt, per domain) and ``--part
+dapt_chain`` (fine-tuning with and without a DAPT stage at equal rounds) run the jobs of
+``benchmarks/adaptability_parts.py`` (their own overrides, results files and doc blocks).
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ from fedfm.personalize.clustering import purity  # noqa: E402
 from fedfm.personalize.ifca import clusters_from_column, roles_for_clusters  # noqa: E402
 from fedfm.runtime import LocalRuntime  # noqa: E402
 from fedfm.runtime.workbench import Workbench  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import adaptability_parts as parts  # noqa: E402
 
 REDUCED = [
     "federation.clients=4",
@@ -158,13 +165,13 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(doc: Path, text: str) -> None:
+def write_doc(doc: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
     body = doc.read_text()
-    if BEGIN not in body or END not in body:
-        raise SystemExit(f"{doc} lacks the markers {BEGIN} ... {END}")
-    head, rest = body.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    if begin not in body or end not in body:
+        raise SystemExit(f"{doc} lacks the markers {begin} ... {end}")
+    head, rest = body.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main() -> None:
@@ -174,8 +181,11 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=None, help="rewrite the results block of this doc")
     ap.add_argument("-o", "--override", action="append", default=[], help="override passed to every run")
     ap.add_argument("--table", action="store_true", help="only print (and --doc write) the table of OUT/results.jsonl")
+    ap.add_argument("--part", choices=["personalize", "multidomain", "dapt_chain"], default="personalize")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.part != "personalize":
+        return run_part(args)
     every = {**METHODS, **DAPT}
     plan = {k: v for k, v in every.items() if not args.only or any(k.startswith(p) for p in args.only.split(","))}
     stamp = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
@@ -195,6 +205,37 @@ def main() -> None:
     if args.doc is not None:
         when = sorted({r.get("measured", "?") for r in results})
         write_doc(args.doc, f"Measured {', '.join(when)}; job overrides: `{' '.join(REDUCED + args.override)}`.\n\n{text}")
+
+
+PARTS = {  # part: (labels, run one, table, results file, job overrides)
+    "multidomain": (list(parts.MULTIDOMAIN), lambda label, out: parts.run_multidomain(label, parts.MULTIDOMAIN[label], out),
+                    parts.multidomain_table, "multidomain.jsonl", parts.REDUCED_MD),
+    "dapt_chain": (["no DAPT", "with DAPT (ffdapt, layers 0-2 + embeddings frozen)"], parts.run_dapt_chain,
+                   parts.dapt_chain_table, "dapt_chain.jsonl", parts.REDUCED_DAPT),
+}
+
+
+def run_part(args) -> None:
+    labels, run_one, render, name, job = PARTS[args.part]
+    path = args.out / name
+    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    if not args.table:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for label in labels:
+            if args.only and not any(label.startswith(p) for p in args.only.split(",")):
+                continue
+            res = run_one(label, args.out)
+            res["measured"] = stamp
+            print(json.dumps(res), flush=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(res) + "\n")
+    results = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    text = render(results)
+    print(text)
+    if args.doc is not None:
+        when = sorted({r.get("measured", "?") for r in results})
+        write_doc(args.doc, f"Measured {', '.join(when)}; job overrides: `{' '.join(job)}`.\n\n{text}",
+                  f"<!-- {args.part}:begin -->", f"<!-- {args.part}:end -->")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,18 @@ score of a query, the same for every key, and softmax is invariant to that shift
 train every bias (``full``, ``bitfit``) carry it; the test asserts that it is the only
 tensor without an effect. Effects seen: >= 1e-7 for live tensors (attention-score
 parameters of a random-init model are weak), <= 1e-15 for key biases.
+
+Bottleneck adapters are tested at width 8 (``reduction_factor: 4`` of hidden 32), not at the
+default width 2. In the random-init tiny BERT the output ``h`` of a layer-0 output projection
+is about 0.005 in magnitude, so an adapter unit's pre-activation ``down(h)`` is its bias
+(perturbed to ~N(0, 0.1)) to within a few percent, with the same sign on every token: a unit
+whose bias is negative is a dead ReLU on the whole batch, and when *all* units of a
+placement are dead its ``down.weight`` and ``up.weight`` (and ``down.bias``, unless the new
+draw turns positive) have exactly zero effect. At width 2 that happened in two of the four
+layer-0 placements of ``dual_adapter`` (shared adapter after attention, personal adapter
+after the FFN: both biases -0.03 .. -0.05); it is a property of a width-2 ReLU bottleneck on
+near-zero inputs, not a wiring fault (the same tensors are live at width 8, and in MiniLM
+the default width is 384 // 16 = 24).
 """
 
 from __future__ import annotations
@@ -46,12 +58,13 @@ VARIANTS = {
     "ia3": {"method": "ia3"},
     "ffdapt": {"method": "ffdapt", "freeze_start": 0, "freeze_count": 1},
     "personal_prompt": {"method": "personal_prompt", "num_virtual_tokens": 2, "shared": {"method": "lora", "r": 4}},
-    "dual_adapter": {"method": "dual_adapter"},
-}
-# Known, open: tensors of these methods that do not reach the evaluation forward pass.
-OPEN_FINDINGS = {
-    "dual_adapter": "some shared/personal adapter tensors have no effect on the evaluated logits "
-    "(perturbed alone from a perturbed State); open finding, see the closing note of this change",
+    # width 8 like the adapter variants: at the default width 2 (32 // 16) every ReLU unit of a
+    # placement can be dead on the whole batch (see the module docstring)
+    "dual_adapter": {"method": "dual_adapter", "reduction_factor": 4},
+    # a soft key mix: at the paper's temperature 0.01 the weights are one-hot to float64
+    # precision, and a small perturbation of the adaptive network moves nothing unless it
+    # changes the chosen key (that selection is tested in test_personalize_fedapt.py)
+    "fedapt": {"method": "fedapt", "num_virtual_tokens": 2, "num_domains": 3, "temperature": 10.0},
 }
 NOISE = 0.1  # std of each perturbation
 LIVE = 1e-10  # max |change of a logit| above which a tensor has an effect (float64)
@@ -84,8 +97,6 @@ def perturbed(state, gen: torch.Generator, names=None):
 
 @pytest.mark.parametrize("key", sorted(VARIANTS))
 def test_each_trainable_tensor_changes_the_logits(tmp_path, key):
-    if key in OPEN_FINDINGS:
-        pytest.xfail(OPEN_FINDINGS[key])
     raw = tiny_config(tmp_path)
     raw["peft"] = VARIANTS[key]
     wb = Workbench(from_dict(raw))

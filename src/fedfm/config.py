@@ -52,6 +52,9 @@ class ModelConfig(Strict):
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     objective: ObjectiveSpec | None = None
+    # A previous run's final State (its run folder or a .safetensors file) copied into the
+    # base model before the tuner is applied: DAPT then fine-tuning (fedfm.personalize.init_from).
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -6,6 +6,7 @@ from fedfm.data.partition import partitioners, register_partitioner
 from fedfm.data.sources import load_source, register_source, sources
 from fedfm.data import text_corpora  # noqa: F401  (registers shakespeare, fortunes, jsonl)
 from fedfm.data import preferences  # noqa: F401  (registers preferences)
+from fedfm.data import politics, domains  # noqa: F401  (registers politics, by_domain)
 
 __all__ = [
     "Federation",

@@ -60,13 +60,15 @@ class PromptHolder(torch.nn.Module):
 
 
 def insert_prompt(embeds: torch.Tensor, mask: torch.Tensor | None, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, H) embeddings -> (B, 1 + P + T - 1, H), the prompt after the first token; the mask likewise."""
+    """(B, T, H) embeddings -> (B, 1 + P + T - 1, H), the prompt after the first token; the mask likewise.
+    ``prompt``: (P, H), the same for every input, or (B, P, H), one per input."""
     b = embeds.shape[0]
-    p = prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)  # (B, P, H)
+    p = prompt.to(embeds.dtype)
+    p = p if p.dim() == 3 else p.unsqueeze(0).expand(b, -1, -1)  # (B, P, H)
     out = torch.cat([embeds[:, :1], p, embeds[:, 1:]], dim=1)
     if mask is None:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    ones = torch.ones((b, prompt.shape[0]), dtype=mask.dtype, device=mask.device)
+    ones = torch.ones((b, p.shape[1]), dtype=mask.dtype, device=mask.device)
     return out, torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
 
 

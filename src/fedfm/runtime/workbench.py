@@ -77,6 +77,10 @@ class Workbench:
         self.task = build_task(exp.model.task)
         model, self.tokenizer = self.task.build(exp.model, exp.seed)
         check_max_length(exp.data.max_length, position_limit(model.config))  # before any encoding or training
+        if exp.model.init_from:
+            from fedfm.personalize.init_from import load_init
+
+            load_init(model, exp.model.init_from)
         torch.manual_seed(derive_seed(exp.seed, 0xADA))
         self.model = apply_tuner(model, exp.peft, exp.model.task)
         self.model.eval()

@@ -1,0 +1,116 @@
+"""Start a run from a previous run's final State: domain-adaptive pre-training (DAPT)
+chained into federated fine-tuning (Gururangan et al. 2020, "Don't Stop Pretraining:
+Adapt Language Models to Domains and Tasks"; federated: FFDAPT, Jiang et al. 2023).
+
+``model.init_from: RUN_DIR`` (or a ``.safetensors`` file) copies the tensors of that run's
+``final.safetensors`` into the freshly loaded base model, *before* this run's tuner is
+applied, wherever a tensor's name, with the tuner prefixes of either run stripped
+(``base_model.model.``, ``.base_layer``), is a parameter of the base model. A masked-LM
+run (``BertForMaskedLM``: ``bert.*`` + ``cls.*``) thus initialises the encoder of a
+classification run (``BertForSequenceClassification``: ``bert.*`` + ``classifier.*``);
+the MLM head has no place in the classifier and is left out, the classifier starts as
+usual. Only the first run's *trained* tensors are in its final State: frozen layers (FFDAPT)
+keep the pre-trained weights, which is what the second run loads anyway.
+
+Refused with a clear error: a missing file, a tensor whose shape differs from the base
+model's, a State none of whose tensors names a base-model parameter, and adapter tensors
+(LoRA ``lora_A``/``lora_B``, bottleneck adapters) which would need merging into the
+weights first (not implemented: chain a ``full`` or ``ffdapt`` stage).
+
+``run_chain`` runs stages one after the other in one call (stage ``i + 1`` with
+``model.init_from`` set to stage ``i``'s folder): ``python -m fedfm.personalize.init_from
+dapt.yaml finetune.yaml --out runs/chain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("base_model.model.",)
+ADAPTER = re.compile(r"(lora_[AB]|lora_embedding_|\.adapter\.|\.shared\.|\.personal\.|ia3_l|prompt)")
+
+
+def state_file(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    f = p / "final.safetensors" if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"model.init_from: no final State at {f} (give a finished run's folder or a .safetensors file)")
+    return f
+
+
+def base_name(name: str) -> str:
+    for prefix in PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.replace(".base_layer.", ".")
+
+
+def load_init(model: torch.nn.Module, path: str | Path) -> dict[str, int]:
+    """Copy the matching tensors of ``path``'s final State into ``model`` (in place);
+    returns ``{"copied": n, "skipped": m}`` (skipped: names the base model lacks)."""
+    f = state_file(path)
+    state = load_file(str(f))
+    adapters = sorted(k for k in state if ADAPTER.search(k))
+    if adapters:
+        raise ValueError(
+            f"model.init_from: {f} holds adapter tensors ({adapters[0]}, ... {len(adapters)} in all) that would "
+            "need merging into the base weights; chain a stage trained with peft.method full or ffdapt"
+        )
+    params = dict(model.named_parameters())
+    copied, skipped = 0, []
+    with torch.no_grad():
+        for name, t in state.items():
+            target = params.get(base_name(name))
+            if target is None:
+                skipped.append(name)
+                continue
+            if tuple(t.shape) != tuple(target.shape):
+                raise ValueError(f"model.init_from: '{name}' has shape {tuple(t.shape)} in {f}, the model has {tuple(target.shape)}")
+            target.copy_(t.to(target.dtype))
+            copied += 1
+    if copied == 0:
+        raise ValueError(f"model.init_from: none of the {len(state)} tensors of {f} names a parameter of the model (first: {next(iter(state), None)})")
+    log.info("model.init_from: %d tensors copied from %s, %d without a place in this model (%s...)", copied, f, len(skipped), skipped[:2])
+    return {"copied": copied, "skipped": len(skipped)}
+
+
+def run_chain(stages: list[dict[str, Any]], out: str | Path, progress: bool = False, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Run the raw configs one after another under ``out/stage-<i>``; stage i+1 starts from
+    stage i's final State. Returns each stage's summary."""
+    from fedfm.config import from_dict
+    from fedfm.runtime.local import run_local
+
+    summaries, previous = [], None
+    for i, raw in enumerate(stages):
+        raw = copy.deepcopy(raw)
+        if previous is not None:
+            raw.setdefault("model", {})["init_from"] = str(previous)
+        folder = Path(out) / f"stage-{i}"
+        summaries.append(run_local(from_dict(raw), folder, progress=progress, overwrite=overwrite))
+        previous = folder
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> None:
+    import yaml
+
+    ap = argparse.ArgumentParser(description="Run configs as chained stages (each starts from the previous final State).")
+    ap.add_argument("configs", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true", help="replace earlier runs in OUT/stage-<i>")
+    args = ap.parse_args(argv)
+    run_chain([yaml.safe_load(Path(c).read_text()) for c in args.configs], args.out, progress=True, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main()
