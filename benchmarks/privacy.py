@@ -181,8 +181,7 @@ SECAGG = {"name": "secagg", "bound": 64.0, "frac_bits": 14}  # 4 x 64 x 2^14 = 4
 def timed_run(raw: dict, wb: Workbench, out: Path) -> tuple[dict, list[dict], dict[str, float]]:
     """A run with the wall time of every exchange (client work, in-process) and of every
     phase's server functions, by phase; ``secagg_mask`` (the masking inside the train
-    reply) is timed on its own."""
-    from fedfm.privacy.secagg.mask import SecAggMask
+    reply, the route phase's ``on_train_reply``) is timed on its own."""
 
     rt = LocalRuntime(from_dict(raw), out, workbench=wb, overwrite=True)
     wall: dict[str, float] = {}
@@ -201,30 +200,25 @@ def timed_run(raw: dict, wb: Workbench, out: Path) -> tuple[dict, list[dict], di
     for ph in rt.loop.algo.phases:
         for fn in ("messages", "receive", "transform"):
             setattr(ph, fn, clock(ph.name, getattr(ph, fn)))
-    mask = SecAggMask.after_train
-    SecAggMask.after_train = clock("secagg_mask", mask)
-    try:
-        rt.run()
-    finally:
-        SecAggMask.after_train = mask
+    for ph in rt.algo.phases:  # the in-process clients' side
+        if hasattr(ph, "on_train_reply"):
+            ph.on_train_reply = clock("secagg_mask", ph.on_train_reply)
+    rt.run()
     return rt.final_state, read_metrics(out / "metrics.jsonl"), wall
 
 
 def secagg_round_rows(csv: Path, out: Path, wb: Workbench | None = None) -> list[dict]:
-    """The job above with and without secure aggregation (every client has secagg_mask),
+    """The job above with and without secure aggregation,
     and with one client dropped after masking (unmask) and one before its masked input."""
     runs = {"plain FedAvg": None, "SecAgg": {}, "SecAgg, client 1 drops after masking": {"drop": [{"phase": "unmask", "cids": [1]}]},
             "SecAgg, client 1 drops before its masked input": {"drop": [{"phase": "train", "cids": [1]}]}}
     wb = wb or Workbench(from_dict(base(csv)))
-    masked_wb = None  # the clients' roles (their middleware) are part of the workbench
     rows, plain_final, plain_clients = [], None, None
     for label, extra in runs.items():
         raw = base(csv)
         if extra is not None:
             raw["exchanges"] = [{**SECAGG, **extra}]
-            raw["federation"]["roles"] = [{"name": "all", "fraction": 1.0, "middleware": [{"name": "secagg_mask"}]}]
-            masked_wb = masked_wb or Workbench(from_dict(raw))
-        final, metrics, wall = timed_run(raw, wb if extra is None else masked_wb, out / re.sub(r"\W+", "_", label))
+        final, metrics, wall = timed_run(raw, wb, out / re.sub(r"\W+", "_", label))
         rounds = [m for m in metrics if m["round"] > 0]
         k = len(rounds)
         phases: dict[str, dict[str, float]] = {}

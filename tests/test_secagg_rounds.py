@@ -1,4 +1,4 @@
-"""Secure aggregation in real rounds (exchanges: secagg + middleware secagg_mask) on the
+"""Secure aggregation in real rounds (exchanges: secagg) on the
 local backend with the tiny model: the result equals plain FedAvg up to the bounded
 quantization, every phase's bytes match a hand count, dropouts after and before masking
 are recovered, too many dropouts fail the round and the next one runs, distributed DP
@@ -44,10 +44,6 @@ def config(tmp_path, secagg: dict | None = None, rounds: int = 1, **over):
     raw = tiny_config(tmp_path, rounds=rounds, **{"federation.clients": 3, "train.steps": 2, "train.epochs": 1, **over})
     if secagg is not None:
         raw["exchanges"] = [{"name": "secagg", "bound": BOUND, "frac_bits": FRAC, **secagg}]
-        roles = raw["federation"].setdefault("roles", [])
-        if not roles:
-            roles.append({"name": "all", "fraction": 1.0, "middleware": []})
-        roles[0]["middleware"].append({"name": "secagg_mask"})
     return raw
 
 
@@ -160,7 +156,6 @@ def test_distributed_dp_under_secagg_equals_distributed_dp_without(plain):
     plain_final, plain_rows = run(ddp(None), plain["tmp"] / "ddp")
     # weight 1 (dp_client_noise), per-client noise std 1 * 0.5 / sqrt(3) = 0.29: bound 4 is 14 std
     raw = ddp({"bound": 4.0})
-    assert raw["federation"]["roles"][0]["middleware"][-1] == {"name": "secagg_mask"}
     final, rows = run(raw, plain["tmp"] / "ddp_secagg")
     assert max_diff(final, plain_final) <= 3 * 2.0**-17 / 3 + 2e-7
     for key in ("dp_noise.epsilon", "dp_noise.clients", "dp_noise.accounted_noise_multiplier"):
@@ -184,16 +179,3 @@ def test_combinations_that_need_individual_updates_are_refused(tmp_path, over, m
     with pytest.raises(ConfigError) as info:
         from_dict(raw)
     assert message in str(info.value)
-
-
-def test_secagg_without_the_mask_middleware_is_refused(tmp_path):
-    raw = config(tmp_path, {})
-    raw["federation"]["roles"] = []
-    with pytest.raises(ConfigError, match=r"secagg_mask on every client \(0 of 3 have it\)"):
-        from_dict(raw)
-    raw = config(tmp_path, {}, **{"federation.roles": [{"name": "all", "fraction": 1.0, "middleware": []}]})
-    raw["federation"]["roles"][0]["middleware"].insert(0, {"name": "dp_client_noise", "clip_norm": 0.5, "noise_multiplier": 1.0, "clients_per_round": 3})
-    raw["federation"]["roles"][0]["middleware"].reverse()
-    raw["server_steps"] = [{"name": "dp_noise", "mode": "distributed", "noise_multiplier": 1.0}]
-    with pytest.raises(ConfigError, match="secagg_mask must be the last middleware"):
-        from_dict(raw)

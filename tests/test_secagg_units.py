@@ -15,7 +15,7 @@ from fedfm.core.types import Update
 from fedfm.privacy.secagg import fixed_point, shamir
 from fedfm.privacy.secagg.common import mask_vector
 from fedfm.privacy.secagg.exchange import secagg_phases
-from fedfm.privacy.secagg.mask import SecAggMask
+from fedfm.privacy.secagg.mask import mask_update
 from fedfm.privacy.secagg.params import SecAggParams
 from fedfm.runtime.store import ClientStore, round_tag
 
@@ -53,13 +53,13 @@ def test_masks_cancel_in_the_sum_of_three_constructed_vectors():
 
 class Round:
     """The loop's part, in-process: messages -> client -> receive for every phase, with
-    the masking middleware as the train step."""
+    the masking (``mask_update``, the route phase's ``on_train_reply``) as the train step."""
 
     def __init__(self, tmp_path, params: dict, n: int = 4, rnd: int = 1):
         self.p = SecAggParams(**params)
         self.phases = {ph.step: ph for ph in secagg_phases(self.p)}
         self.store = ClientStore(tmp_path / "clients")
-        self.env = types.SimpleNamespace(exp=types.SimpleNamespace(seed=0), store=self.store, middleware=lambda cid: [SecAggMask()])
+        self.env = types.SimpleNamespace(exp=types.SimpleNamespace(seed=0), store=self.store, middleware=lambda cid: [])
         self.rs = {"instructions": {}, "attempt": 0}
         self.rnd, self.cids = rnd, list(range(n))
         for c in self.cids:
@@ -85,7 +85,7 @@ class Round:
         for cid in going:
             ctx = types.SimpleNamespace(cid=cid, round=self.rnd, store=self.store)
             try:
-                accepted.append(SecAggMask().after_train(updates[cid], ctx))
+                accepted.append(mask_update(updates[cid], ctx))
             except RuntimeError:
                 continue
         going = set(self.phase("unmask", [u.cid for u in accepted], tamper_unmask))
@@ -184,7 +184,7 @@ def test_a_masked_input_is_uniform_words_not_the_update(tmp_path):
     r = Round(tmp_path, {"bound": 1.0, "frac_bits": 16, "bits": 24}, n=3)
     zeros = {c: Update(cid=c, payload={"w": torch.zeros(2000)}, num_examples=1) for c in range(3)}
     going = r.phase("route", r.phase("share", r.phase("advertise", r.cids)))
-    masked = SecAggMask().after_train(zeros[0], types.SimpleNamespace(cid=0, round=1, store=r.store))
+    masked = mask_update(zeros[0], types.SimpleNamespace(cid=0, round=1, store=r.store))
     words = masked.payload["w"].numpy()
     assert going == [0, 1, 2] and masked.num_examples == 1
     assert np.all(words == np.rint(words)) and words.min() >= 0 and words.max() < 2**24
@@ -205,11 +205,3 @@ def test_uniform_weighting_gives_the_plain_mean(tmp_path):
     out = r.run(updates_of(X, N))
     # (0.5 + 0.25 - 1 + 0) / 4 = -0.0625; (-0.25 + 0.25 + 0.125 + 0.5) / 4 = 0.15625; (0 + 1 + 0.5 - 0.5) / 4 = 0.25
     assert out[0].payload["w"].tolist() == [-0.0625, 0.15625, 0.25] and r.rs["secagg"]["weight"] == 4
-
-
-def test_a_client_without_the_mask_leaves_before_training(tmp_path):
-    r = Round(tmp_path, {"bound": 4.0, "frac_bits": 4, "bits": 16})
-    r.env.middleware = lambda cid: [] if cid == 2 else [SecAggMask()]
-    going = r.phase("share", r.phase("advertise", r.cids))
-    with pytest.raises(ValueError, match=r"client 2: its middleware \[\] does not end with secagg_mask"):
-        r.phases["route"].client(r.env, 2, 1, r.phases["route"].messages(1, going, r.rs)[2][0], {"inbox": torch.zeros(0, dtype=torch.uint8)})

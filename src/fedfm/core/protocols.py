@@ -82,6 +82,11 @@ class ExchangePhase(Protocol):
     ``round_state["instructions"][cid]``: plain settings merged into that client's train
     instruction. A phase after training may replace the accepted updates
     (``transform``), e.g. by their unmasked sum.
+
+    Optional: ``on_train_reply(env, cid, rnd, update, ctx) -> Update``. The client
+    function calls it, for every phase that defines it and in phase order, on the client's
+    update after its middleware and before encoding (secure aggregation masks the update
+    there, so that no role or middleware has to ask for it).
     """
 
     name: str

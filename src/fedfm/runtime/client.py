@@ -134,6 +134,10 @@ def train(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
         update = replace(update, payload={k: v for k, v in update.payload.items() if k not in local})
     for mw in env.middleware(cid):
         update = mw.after_train(update, ctx)
+    for phase in env.algo.phases:  # e.g. secure aggregation masks what would be sent
+        hook = getattr(phase, "on_train_reply", None)
+        if hook is not None:
+            update = hook(env, cid, rnd, update, ctx)
     reference = env.algo.payload_spec(cid, shared)
     up_ctx = CodecContext("up", rnd, cid, reference, seed=env.exp.seed, store=env.store)
     encoded = env.up.encode(update.payload, update_meta(cid, update, env.wb.fingerprint), up_ctx)

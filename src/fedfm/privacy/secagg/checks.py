@@ -7,9 +7,8 @@ the reason: a rule other than ``fedavg`` (a robust rule ranks, trims or compares
 updates), a server step at stage ``updates`` (except ``dp_noise`` with ``mode:
 distributed``, which only counts them), a learner with a server half (SCAFFOLD, FedDyn
 and per-client shapes combine individual client tensors), and any uplink codec (the
-masked integers must arrive exactly; secure aggregation quantizes itself). Every client
-needs ``secagg_mask`` as its last middleware, and the fixed-point sum of a round must not
-wrap.
+masked integers must arrive exactly; secure aggregation quantizes itself). The
+fixed-point sum of a round must not wrap.
 """
 
 from __future__ import annotations
@@ -48,32 +47,12 @@ def _step_stage(spec) -> str | None:
         return None
 
 
-def _mask_problems(exp, has_secagg: bool) -> list[str]:
-    from fedfm.runtime.roles import role_sizes
-
-    fed = exp.federation
-    masked = [r for r in fed.roles if any(m.get("name") == "secagg_mask" for m in r.middleware)]
-    if not has_secagg:
-        return [f"federation.roles: role '{r.name}' has secagg_mask but no exchanges: [{{name: secagg}}] runs" for r in masked]
-    problems = []
-    covered = sum(role_sizes([r], fed.clients)[0] for r in masked)
-    if covered != fed.clients:
-        problems.append(f"federation.roles: secure aggregation needs the middleware secagg_mask on every client "
-                        f"({covered} of {fed.clients} have it); e.g. roles: [{{name: all, fraction: 1.0, middleware: [{{name: secagg_mask}}]}}]")
-    for r in masked:
-        names = [m.get("name") for m in r.middleware]
-        if names[-1] != "secagg_mask" or names.count("secagg_mask") > 1:
-            problems.append(f"federation.roles: role '{r.name}': secagg_mask must be the last middleware, once "
-                            f"(it masks what is sent), got {names}")
-    return problems
-
-
 def secagg_problems(exp) -> list[str]:
     from fedfm.aggregators.robust_checks import per_round
     from fedfm.aggregators.server_part import server_parts
 
     found = _secagg_params(exp)
-    problems = _mask_problems(exp, bool(found))
+    problems: list[str] = []
     if not found:
         return problems
     if len(found) > 1:

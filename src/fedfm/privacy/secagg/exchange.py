@@ -1,10 +1,9 @@
 """Secure aggregation in real rounds: Bonawitz et al. 2017, "Practical Secure Aggregation
 for Privacy-Preserving Machine Learning" (the semi-honest protocol, every client a
 neighbour of every other; SecAgg+'s k-regular graph is not implemented), as exchange
-phases of the round loop (``core.protocols.ExchangePhase``) and one client middleware.
+phases of the round loop (``core.protocols.ExchangePhase``).
 
-YAML: ``exchanges: [{name: secagg, bound: 0.5, frac_bits: 16, bits: 24}]`` and, last in
-the middleware of every client's role, ``{name: secagg_mask}`` (``mask.py``). A round:
+YAML: ``exchanges: [{name: secagg, bound: 0.5, frac_bits: 16, bits: 24}]``. A round:
 
 1. ``secagg_advertise`` (before training): each client draws two X25519 key pairs (c for
    encrypting shares, s for masks), keeps the private keys in its client store and sends
@@ -16,8 +15,9 @@ the middleware of every client's role, ``{name: secagg_mask}`` (``mask.py``). A 
 3. ``secagg_route``: the server routes to each v in U2 the ciphertexts addressed to v and
    the set U2 (Bonawitz's round 2 downlink; a separate exchange here because the train
    message carries only the model). Only the clients that take them train.
-4. ``train``: the middleware ``secagg_mask`` turns the update x (after any other
-   middleware, e.g. ``dp_client_noise``) into w * x, clipped coordinate-wise to
+4. ``train``: the client function hands the update x (after the client's middleware,
+   e.g. ``dp_client_noise``) to ``secagg_route``'s ``on_train_reply`` (``mask.py``), which
+   turns it into w * x, clipped coordinate-wise to
    [-bound, bound], encoded as integers modulo 2^bits (``fixed_point.py``), followed by the
    weight w as one more integer, and adds PRG(b_u) + sum_v sign(u, v) PRG(s_uv). The masked
    words travel as float32 values in the update's own tensors (exact below 2^24), the
@@ -78,7 +78,7 @@ from fedfm.privacy.secagg.common import (
     ids_text,
     rows,
 )
-from fedfm.privacy.secagg import mask  # noqa: F401  (registers the secagg_mask middleware)
+from fedfm.privacy.secagg.mask import mask_update
 from fedfm.privacy.secagg.params import SecAggParams, SimulatedDropout, simulated_drop
 from fedfm.privacy.secagg.unmask import unmask_mean
 
@@ -232,10 +232,6 @@ class Route(_Phase):
     def client(self, env, cid, rnd, meta, tensors):
         attempt = int(meta["attempt"])
         self._drop(env, cid, rnd, attempt)
-        chain = [getattr(m, "name", "") for m in env.middleware(cid)]
-        if not chain or chain[-1] != "secagg_mask":
-            raise ValueError(f"client {cid}: its middleware {chain} does not end with secagg_mask, so it would send its "
-                             "update in clear; it leaves the round before training")
         rec = record.load(env.store, cid, rnd, attempt, self.name)
         u2 = ids_from(meta["u2"])
         if cid not in u2:
@@ -247,6 +243,10 @@ class Route(_Phase):
         rec["settings"] = torch.tensor([p.bound, p.frac_bits, p.bits, p.weighting == "uniform", drop_train], dtype=torch.float64)
         env.store.put(cid, record.KEY, rec)
         return {}, {}
+
+    def on_train_reply(self, env, cid, rnd, update, ctx):
+        """The client's update, after its middleware, becomes its masked input."""
+        return mask_update(update, ctx)
 
     def receive(self, rnd, replies, round_state):
         sa = self._state(round_state)

@@ -1,6 +1,7 @@
-"""``secagg_mask``: the client side of secure aggregation's masked input (Bonawitz et al.
-2017), run as the last middleware of every client so that it masks exactly what would
-otherwise be sent (after ``dp_client_noise``, for distributed DP).
+"""The client side of secure aggregation's masked input (Bonawitz et al. 2017): called by
+the client function on the update after every middleware (``on_train_reply`` of the
+``secagg_route`` phase), so that it masks exactly what would otherwise be sent (after
+``dp_client_noise``, for distributed DP).
 
 The update's tensors (sorted by name, flattened, float64) times the weight w (the example
 count, or 1 with ``weighting: uniform``) are clipped coordinate-wise to [-bound, bound]
@@ -20,7 +21,6 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from fedfm.learners.middleware import PassThrough, register_middleware
 from fedfm.privacy.secagg import fixed_point, record
 from fedfm.privacy.secagg.common import mask_vector
 from fedfm.privacy.secagg.params import SimulatedDropout
@@ -30,41 +30,38 @@ WEIGHT_META = "secagg_weight"
 CARRIERS = (torch.float32, torch.float64)
 
 
-class SecAggMask(PassThrough):
-    name = "secagg_mask"
+def mask_update(update, ctx):
+    """The update as masked words (see the module docstring); ``ctx`` is the client's
+    ``LocalContext`` of this round (its id, round and store)."""
+    cid, rnd = ctx.cid, ctx.round
+    rec = record.load(ctx.store, cid, rnd, None, "secagg mask")
+    bound, frac_bits, bits, uniform, drop = rec["settings"].tolist()
+    frac_bits, bits = int(frac_bits), int(bits)
+    if drop:
+        raise SimulatedDropout(f"client {cid} dropped in phase train (simulated), before sending its masked input")
+    names = sorted(update.payload)
+    bad = [k for k in names if update.payload[k].dtype not in CARRIERS]
+    if bad:
+        raise ValueError(f"secagg: client {cid}: '{bad[0]}' is {update.payload[bad[0]].dtype}; masked words of "
+                         f"{bits} bits travel in float32 or float64 tensors only")
+    w = 1 if uniform else int(update.num_examples)
+    if not 0 < w < 2 ** (bits - 1):
+        raise ValueError(f"secagg: client {cid}: weight {w} outside 1..2^{bits - 1} - 1")
+    flat = np.concatenate([update.payload[k].detach().to(torch.float64).reshape(-1).numpy() for k in names]) * w
+    clipped = int(np.sum(np.abs(flat) > bound))
+    if clipped:
+        log.warning("secagg: client %d round %d: %d of %d coordinates of w * update clipped to +-%g",
+                    cid, rnd, clipped, flat.size, bound)
+    words = np.concatenate([fixed_point.encode(flat, bound, frac_bits, bits), np.array([w], dtype=np.uint32)])
+    u2 = [int(u) for u in rec["u2"].tolist()]
+    s_pks = {u: keys[1] for u, keys in record.roster(rec).items()}
+    masked = (words + mask_vector(cid, record.key(rec, "b"), record.key(rec, "s_sk"), s_pks, u2, words.size, bits))
+    masked &= fixed_point.ring_mask(bits)
+    out, i = {}, 0
+    for k in names:
+        t = update.payload[k]
+        out[k] = torch.from_numpy(masked[i : i + t.numel()].astype(np.float64)).reshape(t.shape).to(t.dtype)
+        i += t.numel()
+    meta = {**update.meta, WEIGHT_META: str(int(masked[-1]))}
+    return replace(update, payload={k: out[k] for k in update.payload}, num_examples=1, meta=meta)
 
-    def after_train(self, update, ctx):
-        cid, rnd = ctx.cid, ctx.round
-        rec = record.load(ctx.store, cid, rnd, None, "secagg_mask")
-        bound, frac_bits, bits, uniform, drop = rec["settings"].tolist()
-        frac_bits, bits = int(frac_bits), int(bits)
-        if drop:
-            raise SimulatedDropout(f"client {cid} dropped in phase train (simulated), before sending its masked input")
-        names = sorted(update.payload)
-        bad = [k for k in names if update.payload[k].dtype not in CARRIERS]
-        if bad:
-            raise ValueError(f"secagg_mask: client {cid}: '{bad[0]}' is {update.payload[bad[0]].dtype}; masked words of "
-                             f"{bits} bits travel in float32 or float64 tensors only")
-        w = 1 if uniform else int(update.num_examples)
-        if not 0 < w < 2 ** (bits - 1):
-            raise ValueError(f"secagg_mask: client {cid}: weight {w} outside 1..2^{bits - 1} - 1")
-        flat = np.concatenate([update.payload[k].detach().to(torch.float64).reshape(-1).numpy() for k in names]) * w
-        clipped = int(np.sum(np.abs(flat) > bound))
-        if clipped:
-            log.warning("secagg_mask: client %d round %d: %d of %d coordinates of w * update clipped to +-%g",
-                        cid, rnd, clipped, flat.size, bound)
-        words = np.concatenate([fixed_point.encode(flat, bound, frac_bits, bits), np.array([w], dtype=np.uint32)])
-        u2 = [int(u) for u in rec["u2"].tolist()]
-        s_pks = {u: keys[1] for u, keys in record.roster(rec).items()}
-        masked = (words + mask_vector(cid, record.key(rec, "b"), record.key(rec, "s_sk"), s_pks, u2, words.size, bits))
-        masked &= fixed_point.ring_mask(bits)
-        out, i = {}, 0
-        for k in names:
-            t = update.payload[k]
-            out[k] = torch.from_numpy(masked[i : i + t.numel()].astype(np.float64)).reshape(t.shape).to(t.dtype)
-            i += t.numel()
-        meta = {**update.meta, WEIGHT_META: str(int(masked[-1]))}
-        return replace(update, payload={k: out[k] for k in update.payload}, num_examples=1, meta=meta)
-
-
-register_middleware("secagg_mask", lambda params: SecAggMask())

@@ -26,7 +26,7 @@ def load(store, cid: int, rnd: int, attempt: int | None, who: str) -> dict[str, 
     rec = store.get(cid, KEY) if store is not None else None
     if rec is None:
         raise RuntimeError(f"{who}: client {cid} holds no secure-aggregation keys for round {rnd} "
-                           "(the run needs exchanges: [{name: secagg, ...}] and the middleware secagg_mask on every client)")
+                           "(the run needs exchanges: [{name: secagg, ...}])")
     got_round, got_attempt = (int(v) for v in rec["round"].tolist())
     if got_round != rnd or (attempt is not None and got_attempt != attempt):
         raise RuntimeError(f"{who}: client {cid} holds secure-aggregation keys of round {got_round} attempt {got_attempt}, "
