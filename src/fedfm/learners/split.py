@@ -50,7 +50,7 @@ from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.local import delta_update
 from fedfm.learners.loop import batches, make_optimizer, planned_steps
-from fedfm.peft.hetero import layer_of
+from fedfm.aggregators.splitfed import client_side  # noqa: F401  (embeddings and layers < cut)
 from fedfm.peft.state import set_state
 from fedfm.runtime.capacity import resolve_size
 
@@ -122,12 +122,6 @@ def split_step(parts: BertParts, batch: dict, cut: int, up: CodecChain, down: Co
     grad, _ = down.decode(back.data, CodecContext("down", rnd, cid, ref, seed=seed))
     h.backward(grad["h"].to(h.dtype))
     return StepResult(float(loss.detach()), sent.nbytes, back.nbytes)
-
-
-def client_side(name: str, cut: int) -> bool:
-    """Whether a trainable tensor lives on the client: embeddings and layers < cut."""
-    layer = layer_of(name)
-    return ".embeddings." in name or (layer is not None and layer < cut)
 
 
 class SplitParams(BaseModel):
