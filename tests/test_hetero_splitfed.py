@@ -138,3 +138,4 @@ def test_without_the_server_context_the_phase_says_what_is_missing(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"round_state.*workbench"):
         SplitFedPhase(1, 2).messages(1, [0], {"instructions": {}, "attempt": 0})
+
