@@ -76,7 +76,8 @@ def test_bytes_per_round_match_the_hand_count(tmp_path):
     # message adds one safetensors header (8-byte length + JSON). Phase 1 asks with a
     # header only; phase 3 sends the last gradient and gets the client-side delta back.
     raw = splitfed_config(tmp_path, 2, [{"name": "a", "count": 1, "profile": {"cut": 1}},
-                                        {"name": "b", "count": 1, "profile": {"cut": 2}}], rounds=1)
+                                        {"name": "b", "count": 1, "profile": {"cut": 2}}], rounds=1,
+                          server_steps=[{"name": "sim_clock", "seconds_per_step": 0.5}])
     rt = local_runtime(from_dict(raw), tmp_path / "run")
     rt.run()
     row = rows(tmp_path / "run")[1]
@@ -118,6 +119,11 @@ def test_bytes_per_round_match_the_hand_count(tmp_path):
     # the train phase carried the client-side weights down, and an empty update up
     assert row["bytes_down"] - sum(p["down"] for p in pb.values()) > sum(model[n].numel() * 4 for c in (0, 1) for n in client[c])
     assert row["bytes_up"] - sum(p["up"] for p in pb.values()) < 2 * 1024
+    # the simulated clock charges each client its phase messages, plus the weights it received
+    weights = sum(model[n].numel() * 4 for c in (0, 1) for n in client[c])
+    assert row["sim_clock.bytes_up.a"] + row["sim_clock.bytes_up.b"] == sum(p["up"] for p in pb.values())
+    assert row["sim_clock.bytes_down.a"] + row["sim_clock.bytes_down.b"] == sum(p["down"] for p in pb.values()) + weights
+    assert row["sim_clock.compute_s_max"] == pytest.approx(2 * 0.5)  # 2 steps at 0.5 s, speed 1
 
 
 def test_config_refuses_what_cannot_work(tmp_path):

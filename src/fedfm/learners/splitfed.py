@@ -203,7 +203,8 @@ class RoundSplit:
     waiting: list[int] = field(default_factory=list)
     act_up: dict[int, int] = field(default_factory=dict)  # activation messages, bytes
     grad_down: dict[int, int] = field(default_factory=dict)  # gradient messages, bytes
-    other: dict[int, int] = field(default_factory=dict)  # the delta reply and gradient-free requests
+    delta_up: dict[int, int] = field(default_factory=dict)  # the client-side delta reply, bytes
+    ask_down: dict[int, int] = field(default_factory=dict)  # requests without a gradient (phase 1), bytes
     client_s: dict[int, float] = field(default_factory=dict)
 
 
@@ -253,7 +254,7 @@ class SplitFedPhase:
             op = "step" if self.k <= total else "end"
             tensors = {"grad": st.grads.pop(cid)} if self.k > 1 else {}
             meta = {"op": op, "step": str(self.k)}
-            _add(st.grad_down if tensors else st.other, cid, wire_size(meta, tensors))
+            _add(st.grad_down if tensors else st.ask_down, cid, wire_size(meta, tensors))
             st.sent[cid] = op
             out[cid] = (meta, tensors)
         return out
@@ -284,7 +285,7 @@ class SplitFedPhase:
                 if sorted(tensors) != sorted(expected) or any(tuple(tensors[n].shape) != tuple(model[n].shape) for n in expected) \
                         or not all(torch.isfinite(t).all() for t in tensors.values()):
                     continue
-                _add(st.other, cid, size)
+                _add(st.delta_up, cid, size)
                 st.deltas[cid] = dict(tensors)
             going_on.append(cid)
         return sorted(going_on)
@@ -301,7 +302,8 @@ class SplitFedPhase:
             steps = st.steps[u.cid]
             up = st.act_up.get(u.cid, 0)
             down = st.grad_down.get(u.cid, 0)
-            delta_up = st.other.get(u.cid, 0)
+            delta_up = st.delta_up.get(u.cid, 0)
+            ask = st.ask_down.get(u.cid, 0)
             metrics = {
                 **u.metrics,
                 "train_loss": sum(copy.losses) / max(len(copy.losses), 1),
@@ -311,7 +313,7 @@ class SplitFedPhase:
                 "split_bytes_up": float(up),
                 "split_bytes_down": float(down),
                 "wire_bytes_up": float(up + delta_up),
-                "wire_bytes_down": float(u.metrics.get("bytes_down", 0.0) + down),
+                "wire_bytes_down": float(u.metrics.get("bytes_down", 0.0) + down + ask),
             }
             out.append(replace(u, payload={**st.deltas[u.cid], **st.half.delta(u.cid)}, metrics=metrics))
         return out
