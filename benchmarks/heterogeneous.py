@@ -154,7 +154,8 @@ def memory_row(overrides: list[str], config: str = "splitfed_multicut") -> dict:
 
     wb = workbench(EXAMPLES / f"{config}.yaml", overrides)
     cuts = list(SPLIT_CUTS) if overrides else [1, 3, 5]
-    return {"label": "memory", "overrides": overrides, "accounts": client_memory(wb, cuts, wb.exp.train.batch_size)}
+    label = "memory" if overrides else "memory_full"
+    return {"label": label, "overrides": overrides, "accounts": client_memory(wb, cuts, wb.exp.train.batch_size)}
 
 
 def comm_seconds(rows: list[dict]) -> float:
@@ -168,9 +169,9 @@ def fmt_acc(accs: list) -> str:
 
 
 def tables(results: list[dict]) -> str:
-    main = [r for r in results if not r["label"].startswith("split") and r["label"] != "memory"]
+    main = [r for r in results if not r["label"].startswith(("split", "memory"))]
     split = [r for r in results if r["label"].startswith("split")]
-    memory = next((r for r in results if r["label"] == "memory"), None)
+    memories = [r for r in results if r["label"].startswith("memory")]
     lora = next((r for r in results if r["label"] == "lora_ceiling"), None)
     out = []
     if main:
@@ -190,19 +191,22 @@ def tables(results: list[dict]) -> str:
                 "`splitfed*`: one exchange phase per step; lossless):", ""]
         rounds = max(len(r["accuracy"]) for r in split)
         head = ["run", "cuts"] + [f"acc r{i}" for i in range(rounds)] + [
-            "loop bytes per round (up+down, all clients)", "split-step bytes per round (phase_bytes)", "sim time s (end)", "wall s"]
+            "link bytes per round (up+down, all clients)", "counted by", "sim time s (end)", "wall s"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in ([lora] if lora else []) + split:
             cuts = "/".join(str(c) for c in r.get("cuts", [])) or "-"
-            loop = r.get("loop_bytes_per_round")
-            loop = f"{loop:,.0f}" if loop is not None and r["label"] != "lora_ceiling" else (
-                f"{(r['bytes_up'] + r['bytes_down']) / max(len(r['accuracy']) - 1, 1):,.0f}" if r["label"] == "lora_ceiling" else "-")
-            phase = r.get("phase_bytes_per_round")
-            phase = f"{phase:,.0f}" if phase else "-"
-            out.append(f"| {r['label']} | {cuts} | {fmt_acc(r['accuracy'])} | {loop} | {phase} | {r['sim_total_s'][-1]:.1f} | {r['wall_s']:.0f} |")
-    if memory:
+            if r["label"] == "lora_ceiling":
+                link, how = (r["bytes_up"] + r["bytes_down"]) / max(len(r["accuracy"]) - 1, 1), "the loop (State payloads)"
+            elif r["label"].startswith("splitfed"):
+                link = r["loop_bytes_per_round"]
+                how = f"the loop: train phase + split phases ({r['phase_bytes_per_round']:,.0f} of it in phase_bytes)"
+            else:
+                link, how = r["split_wire_per_round"], "the learner (activations, gradients, client-side weights; sim_clock)"
+            out.append(f"| {r['label']} | {cuts} | {fmt_acc(r['accuracy'])} | {link:,.0f} | {how} | {r['sim_total_s'][-1]:.1f} | {r['wall_s']:.0f} |")
+    for memory in memories:
         acc = memory["accounts"]
-        out += ["", f"Client training memory of one local step (batch {acc['shape'][0]} x {acc['shape'][1]} tokens; "
+        job = "reduced job, tiny BERT" if memory["label"] == "memory" else "quickstart job, MiniLM-L6"
+        out += ["", f"Client training memory of one local step ({job}; batch {acc['shape'][0]} x {acc['shape'][1]} tokens; "
                 "tensor account, benchmarks/split_memory.py), MB:", ""]
         head = ["client holds", "weights", "grads + AdamW moments", "saved activations", "activations + gradient (link)", "total", "vs whole"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -260,7 +264,7 @@ def main() -> None:
         if "comm_s" not in r and metrics.exists():  # results written before the column existed
             r["comm_s"] = comm_seconds([json.loads(x) for x in metrics.read_text().splitlines()])
         latest[r["label"]] = r
-    results = [latest[k] for k in RUNS + ["memory"] if k in latest]
+    results = [latest[k] for k in RUNS + ["memory", "memory_full"] if k in latest]
     text = tables(results)
     print(text)
     if args.write_doc:

@@ -47,6 +47,10 @@ def test_sim_time_by_hand():
     assert round_clock([phone, server], deadline_s=10.0) == (10.0, [0])  # phone late: ends at the deadline
     assert round_clock([phone, server], deadline_s=30.0) == (pytest.approx(21.5), [])
     assert round_clock([]) == (0.0, [])
+    # split learning: the server's 3 s for the phone are added unscaled: 20 + 3 + 1.5 = 24.5 s
+    from dataclasses import replace
+
+    assert client_seconds(replace(phone, server_s=3.0)) == pytest.approx({"compute": 23.0, "comm": 1.5, "total": 24.5})
 
 
 def test_sim_clock_step_reports_and_drops_late_updates():

@@ -14,7 +14,7 @@ from fedfm.codecs.serialize import to_bytes
 from fedfm.config import ConfigError, from_dict
 from fedfm.core.seeding import derive_seed
 from fedfm.learners.splitfed import batch_items
-from fedfm.peft.state import get_state, set_state
+from fedfm.peft.state import set_state
 from fedfm.runtime.server_context import local_runtime
 
 from conftest import tiny_config
