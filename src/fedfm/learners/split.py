@@ -28,9 +28,9 @@ parts, and the server-side copies, are each averaged across clients every round)
 server-side delta would stay on the server in a deployment, so the round's ``bytes_up``
 overstates the uplink by its size. The cut is the client's profile ``cut`` (or derived
 from ``capacity``, ``runtime/capacity.py``), so clients of several tiers hold several
-cut points (FedSplitX). Not implemented: a server that owns the upper layers and answers
-each step as its own exchange over a transport (Flower): the round loop has no
-multi-exchange rounds yet. The activation and gradient chains are the learner's own
+cut points (FedSplitX). The version whose main server owns the upper layers and answers
+each step as its own exchange over any transport is ``learners/splitfed.py`` (learner and
+exchange ``splitfed``). The activation and gradient chains are the learner's own
 parameters (``act_codecs``, ``grad_codecs``; empty: serialization only, lossless).
 Only BERT-family encoders (``bert.embeddings``, ``bert.encoder.layer``, ``bert.pooler``,
 ``classifier``) are supported; another model raises a ValueError naming its class.
