@@ -9,7 +9,15 @@ configs) one after the other in this process (torch threads 2):
 - ``uniform_weakest``: everyone at the weakest tier's capacity (LoRA rank 2);
 - ``hetlora``, ``flexlora``: per-tier ranks 2/4/8; ``fedra``: per-tier layers 2/4/6;
 - ``lora_ceiling``: LoRA r=8 everywhere, as if every device could afford it;
-- ``split`` (cut 3 for everyone) and ``split_multicut`` (cuts 1/3/5 by tier).
+- ``split`` (cut 3 for everyone) and ``split_multicut`` (cuts 1/3/5 by tier): split steps
+  run inside the client function (learner ``split``);
+- ``splitfed`` (cut 3) and ``splitfed_multicut`` (cuts 1/3/5): SplitFed-V1 over the round's
+  exchange phases (learner and exchange ``splitfed``), one exchange per local step, run on
+  ``runtime/server_context.py``'s loop; their bytes are the loop's own counts.
+
+``--memory`` measures the training memory of one client step (``benchmarks/split_memory.py``:
+the whole model, and a split client at each cut) on the job's model and stores it as the
+row ``memory``.
 
 By default on the REDUCED job (``REDUCED`` and ``reduced_roles`` below): the configs'
 methods and LoRA settings (r=8 model, alpha 16, query+value, AdamW), but a tiny random-init
@@ -37,7 +45,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "heterogeneous"
-RUNS = ["uniform_weakest", "hetlora", "flexlora", "fedra", "lora_ceiling", "split", "split_multicut"]
+RUNS = ["uniform_weakest", "hetlora", "flexlora", "fedra", "lora_ceiling", "split", "split_multicut", "splitfed", "splitfed_multicut"]
+SPLIT_CUTS = (1, 2, 3)  # the reduced job's cuts (4 layers)
 TIERS = ["phone", "laptop", "server"]
 TOY_CSV = ROOT / "runs" / "heterogeneous-toy.csv"
 REDUCED = [
@@ -63,9 +72,13 @@ RANKS = {"uniform_weakest": (2, 2, 2), "lora_ceiling": (8, 8, 8)}
 LINKS = [(0.25, 5), (0.5, 20), (1.0, 100)]
 
 
+# 40 examples per client, batch 8: 5 local steps per round, one exchange each.
+SPLITFED_STEPS = {k: ["exchanges=[{name: splitfed, steps: 5}]"] for k in ("splitfed", "splitfed_multicut")}
+
+
 def reduced_roles(label: str) -> str:
     ranks = RANKS.get(label, (2, 4, 8))
-    layers, cuts = (1, 2, 4), ((2, 2, 2) if label == "split" else (1, 2, 3))
+    layers, cuts = (1, 2, 4), ((2, 2, 2) if label in ("split", "splitfed") else SPLIT_CUTS)
     roles = []
     for tier, r, n, c, (speed, mbps) in zip(TIERS, ranks, layers, cuts, LINKS):
         profile = f"{{rank: {r}, layers: {n}, cut: {c}, speed: {speed}, bandwidth_mbps: {mbps}}}"
@@ -100,10 +113,12 @@ def client_weights_mb(exp, cut: int) -> float:
 def run_one(label: str, overrides: list[str], out: Path) -> dict:
     from fedfm.config import load_config
     from fedfm.runtime import LocalRuntime
+    from fedfm.runtime.server_context import local_runtime
 
     exp = load_config(EXAMPLES / f"{label}.yaml", overrides=overrides)
     t0 = time.perf_counter()
-    LocalRuntime(exp, out / label, progress=False, overwrite=True).run()
+    runtime = local_runtime if label.startswith("splitfed") else LocalRuntime
+    runtime(exp, out / label, progress=False, overwrite=True).run()
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / label / "metrics.jsonl").read_text().splitlines()]
     per_tier = {t: sum(r.get(f"sim_clock.bytes_up.{t}", 0) + r.get(f"sim_clock.bytes_down.{t}", 0) for r in rows) for t in TIERS}
@@ -120,9 +135,27 @@ def run_one(label: str, overrides: list[str], out: Path) -> dict:
     }
     if label.startswith("split"):
         cuts = sorted({int(r.profile["cut"]) for r in exp.federation.roles})
+        result["cuts"] = cuts
         result["split_wire_per_round"] = sum(per_tier.values()) / max(exp.rounds, 1)
         result["client_weights_mb"] = {c: round(client_weights_mb(exp, c), 2) for c in cuts}
+        trained = [r for r in rows[1:] if r.get("clients")]
+        result["loop_bytes_per_round"] = sum(r["bytes_up"] + r["bytes_down"] for r in trained) / max(len(trained), 1)
+        steps = [sum(v["up"] + v["down"] for v in r.get("phase_bytes", {}).values()) for r in trained]
+        result["phase_bytes_per_round"] = sum(steps) / max(len(trained), 1)
     return result
+
+
+def memory_row(overrides: list[str], config: str = "splitfed_multicut") -> dict:
+    """The training memory of one client step: whole model vs a split client at each cut."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from split_memory import client_memory, workbench
+
+    wb = workbench(EXAMPLES / f"{config}.yaml", overrides)
+    cuts = list(SPLIT_CUTS) if overrides else [1, 3, 5]
+    label = "memory" if overrides else "memory_full"
+    return {"label": label, "overrides": overrides, "accounts": client_memory(wb, cuts, wb.exp.train.batch_size)}
 
 
 def comm_seconds(rows: list[dict]) -> float:
@@ -136,8 +169,10 @@ def fmt_acc(accs: list) -> str:
 
 
 def tables(results: list[dict]) -> str:
-    main = [r for r in results if not r["label"].startswith("split")]
+    main = [r for r in results if not r["label"].startswith(("split", "memory"))]
     split = [r for r in results if r["label"].startswith("split")]
+    memories = [r for r in results if r["label"].startswith("memory")]
+    lora = next((r for r in results if r["label"] == "lora_ceiling"), None)
     out = []
     if main:
         rounds = max(len(r["accuracy"]) for r in main)
@@ -152,12 +187,37 @@ def tables(results: list[dict]) -> str:
             pts = ", ".join(f"({s:.1f}, {a:.3f})" for s, a in zip(r["sim_total_s"][1:], r["accuracy"][1:]) if a is not None)
             out.append(f"| {r['label']} | {pts} |")
     if split:
-        out += ["", "Split learning (in-process split steps; lossless chains):", ""]
-        head = ["run", "final acc", "link bytes per round (all clients)", "client weights MB by cut (computed)", "sim time s (end)", "wall s"]
+        out += ["", "Split learning against LoRA on the whole model (`split*`: split steps inside the client function; "
+                "`splitfed*`: one exchange phase per step; lossless):", ""]
+        rounds = max(len(r["accuracy"]) for r in split)
+        head = ["run", "cuts"] + [f"acc r{i}" for i in range(rounds)] + [
+            "link bytes per round (up+down, all clients)", "counted by", "sim time s (end)", "wall s"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in split:
-            mb = ", ".join(f"cut {c}: {v}" for c, v in r["client_weights_mb"].items())
-            out.append(f"| {r['label']} | {r['accuracy'][-1]:.3f} | {r['split_wire_per_round']:,.0f} | {mb} | {r['sim_total_s'][-1]:.1f} | {r['wall_s']:.0f} |")
+        for r in ([lora] if lora else []) + split:
+            cuts = "/".join(str(c) for c in r.get("cuts", [])) or "-"
+            if r["label"] == "lora_ceiling":
+                link, how = (r["bytes_up"] + r["bytes_down"]) / max(len(r["accuracy"]) - 1, 1), "the loop (State payloads)"
+            elif r["label"].startswith("splitfed"):
+                link = r["loop_bytes_per_round"]
+                how = f"the loop: train phase + split phases ({r['phase_bytes_per_round']:,.0f} of it in phase_bytes)"
+            else:
+                link, how = r["split_wire_per_round"], "the learner (activations, gradients, client-side weights; sim_clock)"
+            out.append(f"| {r['label']} | {cuts} | {fmt_acc(r['accuracy'])} | {link:,.0f} | {how} | {r['sim_total_s'][-1]:.1f} | {r['wall_s']:.0f} |")
+    for memory in memories:
+        acc = memory["accounts"]
+        job = "reduced job, tiny BERT" if memory["label"] == "memory" else "quickstart job, MiniLM-L6"
+        out += ["", f"Client training memory of one local step ({job}; batch {acc['shape'][0]} x {acc['shape'][1]} tokens; "
+                "tensor account, benchmarks/split_memory.py), MB:", ""]
+        head = ["client holds", "weights", "grads + AdamW moments", "saved activations", "activations + gradient (link)", "total", "vs whole"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        whole = acc["whole"]["total"]
+        for k, a in acc.items():
+            if k == "shape":
+                continue
+            mb = lambda b: f"{b / 2**20:.3f}"  # noqa: E731
+            name = "the whole model" if k == "whole" else f"embeddings + {k.split()[1]} layer(s)"
+            out.append(f"| {name} | {mb(a['weights'])} | {mb(a['grads'] + a['adam_moments'])} | {mb(a['saved_activations'])} | "
+                       f"{mb(a['io'])} | {mb(a['total'])} | {a['total'] / whole:.2f} |")
     return "\n".join(out)
 
 
@@ -173,20 +233,26 @@ def write_doc(text: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "heterogeneous")
-    ap.add_argument("--only", default="", help="comma-separated runs (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated runs (default: all; 'none': only --memory)")
     ap.add_argument("--full", action="store_true", help="the configs as they are, not the reduced job")
     ap.add_argument("--table", action="store_true", help="print the tables from OUT/results.jsonl, run nothing")
     ap.add_argument("--write-doc", action="store_true", help="write the tables into docs/heterogeneous.md")
+    ap.add_argument("--memory", action="store_true", help="also measure client training memory (the row 'memory')")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "results.jsonl"
     if not args.table:
         torch.set_num_threads(2)
-        labels = [s for s in args.only.split(",") if s] or RUNS
+        labels = [s for s in args.only.split(",") if s and s != "none"] if args.only else RUNS
         if not args.full:
             make_toy_data()
+        if args.memory:
+            r = memory_row([] if args.full else REDUCED + [reduced_roles("splitfed_multicut")])
+            print(json.dumps(r), flush=True)
+            with store.open("a") as f:
+                f.write(json.dumps(r) + "\n")
         for label in labels:
-            overrides = [] if args.full else REDUCED + [reduced_roles(label)]
+            overrides = [] if args.full else REDUCED + [reduced_roles(label)] + SPLITFED_STEPS.get(label, [])
             r = run_one(label, overrides, args.out)
             print(json.dumps(r), flush=True)
             with store.open("a") as f:
@@ -198,7 +264,7 @@ def main() -> None:
         if "comm_s" not in r and metrics.exists():  # results written before the column existed
             r["comm_s"] = comm_seconds([json.loads(x) for x in metrics.read_text().splitlines()])
         latest[r["label"]] = r
-    results = [latest[k] for k in RUNS if k in latest]
+    results = [latest[k] for k in RUNS + ["memory", "memory_full"] if k in latest]
     text = tables(results)
     print(text)
     if args.write_doc:

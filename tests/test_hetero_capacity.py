@@ -47,6 +47,10 @@ def test_sim_time_by_hand():
     assert round_clock([phone, server], deadline_s=10.0) == (10.0, [0])  # phone late: ends at the deadline
     assert round_clock([phone, server], deadline_s=30.0) == (pytest.approx(21.5), [])
     assert round_clock([]) == (0.0, [])
+    # split learning: the server's 3 s for the phone are added unscaled: 20 + 3 + 1.5 = 24.5 s
+    from dataclasses import replace
+
+    assert client_seconds(replace(phone, server_s=3.0)) == pytest.approx({"compute": 23.0, "comm": 1.5, "total": 24.5})
 
 
 def test_sim_clock_step_reports_and_drops_late_updates():
@@ -78,3 +82,34 @@ def test_sim_clock_uses_measured_step_cost_or_says_what_is_missing():
     assert m["sim_time_s"] == pytest.approx(1.0)  # 4 * 0.25 / 1, no bandwidth: comm free
     with pytest.raises(ValueError, match="client 0 reported no measured 'step_s'"):
         SimClock(SimClockParams())([Update(0, {"w": torch.zeros(1)}, 1, {"steps": 4.0})], ctx, {})
+
+
+def test_sim_time_s_in_metrics_jsonl_for_a_hand_built_profile(tmp_path):
+    """Two rounds of plain LoRA on the tiny model, two tiers; ``sim_clock.sim_time_s`` in
+    each metrics.jsonl row is the hand number."""
+    import json
+
+    from fedfm.config import from_dict
+    from fedfm.runtime import LocalRuntime
+
+    from conftest import tiny_config
+
+    roles = [
+        {"name": "phone", "count": 1, "profile": {"speed": 0.25, "bandwidth_mbps": 1}},
+        {"name": "server", "count": 1, "profile": {"speed": 1.0, "bandwidth_mbps": 100}},
+    ]
+    raw = tiny_config(tmp_path, rounds=2, **{"federation.roles": roles, "train.steps": 3,
+                                              "server_steps": [{"name": "sim_clock", "seconds_per_step": 0.5}]})
+    rt = LocalRuntime(from_dict(raw), tmp_path / "run")
+    # The payload, both ways: LoRA r=4 on query+value of 2 layers at hidden 32:
+    # 4 modules * (4*32 + 32*4) = 1,024 floats; the head 2*32 + 2 = 66 floats (the
+    # pooler is frozen); 1,090 floats = 4,360 bytes.
+    assert sum(t.numel() for t in rt.wb.template.values()) == 1090
+    # phone: 3 steps * 0.5 s / 0.25 = 6 s; 2 * 8 * 4,360 bit / 1e6 bit/s = 0.06976 s -> 6.06976 s
+    # server: 1.5 s + 2 * 8 * 4,360 / 1e8 = 1.5006976 s; the round lasts as long as the phone
+    rt.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sim_clock.sim_time_s"] for r in rows[1:]] == [pytest.approx(6.06976)] * 2
+    assert rows[2]["sim_clock.sim_total_s"] == pytest.approx(2 * 6.06976)
+    assert rows[1]["sim_clock.compute_s_max"] == pytest.approx(6.0) and rows[1]["sim_clock.comm_s_max"] == pytest.approx(0.06976)
+    assert rows[1]["sim_clock.bytes_up.phone"] == rows[1]["sim_clock.bytes_down.server"] == 4360

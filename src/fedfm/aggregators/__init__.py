@@ -12,6 +12,7 @@ from fedfm.aggregators import bulyan, centered_clip, clipped_clustering, fedfa, 
 from fedfm.aggregators import zo_payload, fedkseed, fedbpt  # noqa: F401  (non_state_payload step, FedKSeed and FedBPT server halves)
 from fedfm.aggregators import sim_clock  # noqa: F401  (registers sim_clock)
 from fedfm.aggregators import fedra, flexlora, hetlora  # noqa: F401  (server halves of heterogeneous clients)
+from fedfm.aggregators import splitfed  # noqa: F401  (server part of learner splitfed)
 
 __all__ = [
     "Pipeline",

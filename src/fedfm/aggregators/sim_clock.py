@@ -8,7 +8,9 @@ payload's tensor bytes as decoded; down, the client's ``bytes_down`` metric (the
 bytes of the instruction it received, reported by the heterogeneous learners), else the
 same as up. A learner whose link carries more than its payload (split learning: the
 activations and their gradients at every step; its server-side half never travels)
-reports ``wire_bytes_up`` / ``wire_bytes_down``, which replace both. These are raw
+reports ``wire_bytes_up`` / ``wire_bytes_down``, which replace both; SplitFed also reports
+``server_s``, the main server's seconds for that client, added to its compute time
+unscaled (the client waits for the server at every step; the server is not the phone). These are raw
 tensor bytes before the codec chains (split learning: the activation chains' encoded
 bytes): the round loop's encoded counts (``bytes_up``/``bytes_down``) are not visible to a server step.
 
@@ -52,7 +54,8 @@ def timing_of(update: Update, profile: dict, seconds_per_step: float | None) -> 
     m = update.metrics
     up_bytes = int(m.get("wire_bytes_up", payload_bytes(update.payload)))
     down_bytes = int(m.get("wire_bytes_down", m.get("bytes_down", up_bytes)))
-    return ClientTiming(update.cid, int(update.metrics["steps"]), float(step_s), down_bytes, up_bytes, speed, down, up)
+    server_s = float(m.get("server_s", 0.0))  # split learning: the main server's seconds for this client
+    return ClientTiming(update.cid, int(update.metrics["steps"]), float(step_s), down_bytes, up_bytes, speed, down, up, server_s)
 
 
 class SimClock:

@@ -7,5 +7,6 @@ from fedfm.learners import fedprox, feddyn, scaffold  # noqa: F401  (register fe
 from fedfm.learners import delay  # noqa: F401  (registers the 'delay' middleware)
 from fedfm.learners import mezo, fedkseed, fedbpt  # noqa: F401  (register mezo, fedkseed, fedbpt)
 from fedfm.learners import fedra, hetrank, split  # noqa: F401  (register hetlora, flexlora, fedra, split)
+from fedfm.learners import splitfed  # noqa: F401  (registers learner and exchange splitfed)
 
 __all__ = ["Learner", "LocalContext", "build_learner", "learners", "register_learner", "train_loop"]

@@ -39,4 +39,28 @@ def hetero_config_problems(exp) -> list[str]:
             )
     if name == "split" and exp.model.task != "text_classification":
         problems.append(f"learner.name split runs BERT-family sequence classifiers: model.task is {exp.model.task}")
+    problems += splitfed_problems(exp)
+    return problems
+
+
+def splitfed_problems(exp) -> list[str]:
+    """learner ``splitfed`` and exchange ``splitfed`` only work together (learners/splitfed.py)."""
+    names = [str(e.get("name")) for e in exp.exchanges]
+    learner = exp.learner.name == "splitfed"
+    if not learner and "splitfed" not in names:
+        return []
+    if not learner:
+        return [f"exchanges splitfed runs the split steps of learner.name splitfed, not {exp.learner.name}"]
+    if "splitfed" not in names:
+        return ["learner.name splitfed needs its split steps: add exchanges: [{name: splitfed, steps: N}]"]
+    problems = []
+    if names != ["splitfed"]:
+        problems.append(f"exchanges splitfed replaces the round's updates at its end: it cannot run beside {[n for n in names if n != 'splitfed']}")
+    if exp.model.task != "text_classification":
+        problems.append(f"learner.name splitfed runs BERT-family sequence classifiers: model.task is {exp.model.task}")
+    if exp.peft.local:
+        problems.append(f"learner.name splitfed sends every trainable tensor to one half or the other: peft.local {list(exp.peft.local)} must be empty")
+    with_mw = [r.name for r in exp.federation.roles if r.middleware]
+    if with_mw:
+        problems.append(f"learner.name splitfed: client middleware (roles {with_mw}) would only see the train phase's empty update")
     return problems

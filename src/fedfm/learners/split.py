@@ -28,9 +28,9 @@ parts, and the server-side copies, are each averaged across clients every round)
 server-side delta would stay on the server in a deployment, so the round's ``bytes_up``
 overstates the uplink by its size. The cut is the client's profile ``cut`` (or derived
 from ``capacity``, ``runtime/capacity.py``), so clients of several tiers hold several
-cut points (FedSplitX). Not implemented: a server that owns the upper layers and answers
-each step as its own exchange over a transport (Flower): the round loop has no
-multi-exchange rounds yet. The activation and gradient chains are the learner's own
+cut points (FedSplitX). The version whose main server owns the upper layers and answers
+each step as its own exchange over any transport is ``learners/splitfed.py`` (learner and
+exchange ``splitfed``). The activation and gradient chains are the learner's own
 parameters (``act_codecs``, ``grad_codecs``; empty: serialization only, lossless).
 Only BERT-family encoders (``bert.embeddings``, ``bert.encoder.layer``, ``bert.pooler``,
 ``classifier``) are supported; another model raises a ValueError naming its class.
@@ -50,7 +50,7 @@ from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.local import delta_update
 from fedfm.learners.loop import batches, make_optimizer, planned_steps
-from fedfm.peft.hetero import layer_of
+from fedfm.aggregators.splitfed import client_side  # noqa: F401  (embeddings and layers < cut)
 from fedfm.peft.state import set_state
 from fedfm.runtime.capacity import resolve_size
 
@@ -122,12 +122,6 @@ def split_step(parts: BertParts, batch: dict, cut: int, up: CodecChain, down: Co
     grad, _ = down.decode(back.data, CodecContext("down", rnd, cid, ref, seed=seed))
     h.backward(grad["h"].to(h.dtype))
     return StepResult(float(loss.detach()), sent.nbytes, back.nbytes)
-
-
-def client_side(name: str, cut: int) -> bool:
-    """Whether a trainable tensor lives on the client: embeddings and layers < cut."""
-    layer = layer_of(name)
-    return ".embeddings." in name or (layer is not None and layer < cut)
 
 
 class SplitParams(BaseModel):

@@ -19,7 +19,8 @@ client's peak memory against it). A client without a key gets the full model.
 
 The simulated clock (``client_seconds``, ``round_clock``): a client's time is
 
-    compute = steps * seconds_per_step / speed
+    compute = steps * seconds_per_step / speed (+ server_s, the server's own seconds for
+              this client, in split learning)
     comm    = 8 * bytes_down / (down_mbps * 1e6) + 8 * bytes_up / (up_mbps * 1e6)
 
 and a round lasts as long as its slowest sampled client, or ``deadline_s`` where one is
@@ -112,6 +113,7 @@ class ClientTiming:
     speed: float = 1.0
     down_mbps: float | None = None
     up_mbps: float | None = None
+    server_s: float = 0.0  # seconds the server computes for this client (split learning), not scaled by speed
 
 
 def transfer_seconds(nbytes: int, mbps: float | None) -> float:
@@ -121,7 +123,7 @@ def transfer_seconds(nbytes: int, mbps: float | None) -> float:
 
 def client_seconds(t: ClientTiming) -> dict[str, float]:
     """{"compute", "comm", "total"} simulated seconds of one client's round."""
-    compute = t.steps * t.seconds_per_step / t.speed
+    compute = t.steps * t.seconds_per_step / t.speed + t.server_s
     comm = transfer_seconds(t.bytes_down, t.down_mbps) + transfer_seconds(t.bytes_up, t.up_mbps)
     return {"compute": compute, "comm": comm, "total": compute + comm}
 
