@@ -12,8 +12,8 @@ configs) one after the other in this process (torch threads 2):
 - ``split`` (cut 3 for everyone) and ``split_multicut`` (cuts 1/3/5 by tier): split steps
   run inside the client function (learner ``split``);
 - ``splitfed`` (cut 3) and ``splitfed_multicut`` (cuts 1/3/5): SplitFed-V1 over the round's
-  exchange phases (learner and exchange ``splitfed``), one exchange per local step, run on
-  ``runtime/server_context.py``'s loop; their bytes are the loop's own counts.
+  exchange phases (learner and exchange ``splitfed``), one exchange per local step; their
+  bytes are the loop's own counts.
 
 ``--memory`` measures the training memory of one client step (``benchmarks/split_memory.py``:
 the whole model, and a split client at each cut) on the job's model and stores it as the
@@ -95,6 +95,8 @@ def make_toy_data() -> None:
 
     TOY_CSV.parent.mkdir(parents=True, exist_ok=True)
     make_toy_csv(TOY_CSV, n=480)
+
+
 DOC = ROOT / "docs" / "heterogeneous.md"
 BEGIN, END = "<!-- heterogeneous:begin -->", "<!-- heterogeneous:end -->"
 
@@ -113,12 +115,10 @@ def client_weights_mb(exp, cut: int) -> float:
 def run_one(label: str, overrides: list[str], out: Path) -> dict:
     from fedfm.config import load_config
     from fedfm.runtime import LocalRuntime
-    from fedfm.runtime.server_context import local_runtime
 
     exp = load_config(EXAMPLES / f"{label}.yaml", overrides=overrides)
     t0 = time.perf_counter()
-    runtime = local_runtime if label.startswith("splitfed") else LocalRuntime
-    runtime(exp, out / label, progress=False, overwrite=True).run()
+    LocalRuntime(exp, out / label, progress=False, overwrite=True).run()
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / label / "metrics.jsonl").read_text().splitlines()]
     per_tier = {t: sum(r.get(f"sim_clock.bytes_up.{t}", 0) + r.get(f"sim_clock.bytes_down.{t}", 0) for r in rows) for t in TIERS}

@@ -15,7 +15,7 @@ from fedfm.config import ConfigError, from_dict
 from fedfm.core.seeding import derive_seed
 from fedfm.learners.splitfed import batch_items
 from fedfm.peft.state import set_state
-from fedfm.runtime.server_context import local_runtime
+from fedfm.runtime import LocalRuntime
 
 from conftest import tiny_config
 
@@ -42,7 +42,7 @@ def test_one_split_round_is_the_unsplit_sgd_step(tmp_path, cut):
         rounds=1, **{"federation.clients": 1, "train.optimizer": "sgd", "train.lr": 0.5, "train.max_grad_norm": None},
     )
     raw["model"]["config_overrides"].update(NO_DROPOUT)
-    rt = local_runtime(from_dict(raw), tmp_path / "run")
+    rt = LocalRuntime(from_dict(raw), tmp_path / "run")
     init = rt.wb.initial_state()
     rt.run()
     row = rows(tmp_path / "run")[1]
@@ -78,7 +78,7 @@ def test_bytes_per_round_match_the_hand_count(tmp_path):
     raw = splitfed_config(tmp_path, 2, [{"name": "a", "count": 1, "profile": {"cut": 1}},
                                         {"name": "b", "count": 1, "profile": {"cut": 2}}], rounds=1,
                           server_steps=[{"name": "sim_clock", "seconds_per_step": 0.5}])
-    rt = local_runtime(from_dict(raw), tmp_path / "run")
+    rt = LocalRuntime(from_dict(raw), tmp_path / "run")
     rt.run()
     row = rows(tmp_path / "run")[1]
     pb = row["phase_bytes"]
@@ -138,11 +138,3 @@ def test_config_refuses_what_cannot_work(tmp_path):
     raw = splitfed_config(tmp_path, 2, [{"name": "a", "count": 1, "middleware": [{"name": "delay", "seconds": 1}]}])
     with pytest.raises(ConfigError, match="middleware"):
         from_dict(raw)
-
-
-def test_without_the_server_context_the_phase_says_what_is_missing(tmp_path):
-    from fedfm.learners.splitfed import SplitFedPhase
-
-    with pytest.raises(RuntimeError, match=r"round_state.*workbench"):
-        SplitFedPhase(1, 2).messages(1, [0], {"instructions": {}, "attempt": 0})
-

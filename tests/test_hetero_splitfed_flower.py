@@ -8,19 +8,15 @@ import pytest
 import torch
 
 from fedfm.config import from_dict
-from fedfm.runtime.server_context import local_runtime
+from fedfm.runtime import LocalRuntime
 from test_hetero_splitfed import splitfed_config
 
 
-def test_flower_simulation_runs_the_same_split_rounds(tmp_path, monkeypatch):
+def test_flower_simulation_runs_the_same_split_rounds(tmp_path):
     """The same SplitFed job on Flower's simulation runtime: every metrics.jsonl field but
-    wall times (phase bytes included) and the final State are identical to the local run.
-    The server app builds runtime/loop.RoundLoop, replaced here by ServerContextLoop (the
-    core change the phases need, see runtime/server_context.py)."""
+    wall times (phase bytes included) and the final State are identical to the local run."""
     pytest.importorskip("flwr")
-    import fedfm.runtime.loop as loop_module
     from fedfm.runtime.flower.simulation import run_flower_simulation
-    from fedfm.runtime.server_context import ServerContextLoop
     from parity import comparable
 
     roles = [{"name": "a", "count": 1, "profile": {"cut": 1}}, {"name": "b", "count": 1, "profile": {"cut": 2}}]
@@ -28,9 +24,8 @@ def test_flower_simulation_runs_the_same_split_rounds(tmp_path, monkeypatch):
         raw = splitfed_config(tmp_path, 2, roles, rounds=1)
         raw["runtime"] = {"progress": False, "threads": 1, **runtime}
         return from_dict(raw)
-    monkeypatch.setattr(loop_module, "RoundLoop", ServerContextLoop)
     run_flower_simulation(config(backend="flower", flower={"num_cpus": 1}), tmp_path / "flower")
-    local_runtime(config(), tmp_path / "local").run()
+    LocalRuntime(config(), tmp_path / "local").run()
     fl, lo = comparable(tmp_path / "flower" / "metrics.jsonl"), comparable(tmp_path / "local" / "metrics.jsonl")
     assert [r["round"] for r in lo] == [0, 1] and all(r["clients"] == [0, 1] for r in lo[1:])
     assert set(lo[1]["phase_bytes"]) == {"splitfed.1", "splitfed.2", "splitfed.3"}

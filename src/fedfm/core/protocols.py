@@ -78,9 +78,12 @@ class ExchangePhase(Protocol):
     ``client(...)`` on the client, counts the replies in ``bytes_up`` and hands them to
     ``receive``, which returns the clients that go on (a client that does not answer, or
     whose reply ``receive`` refuses, is recorded as failed in that phase). ``round_state``
-    is one dict shared by the phases of one round attempt: what ``receive`` learned, and
-    ``round_state["instructions"][cid]``: plain settings merged into that client's train
-    instruction. A phase after training may replace the accepted updates
+    is one dict shared by the phases of one round attempt: what ``receive`` learned,
+    ``round_state["instructions"][cid]`` (plain settings merged into that client's train
+    instruction), ``round_state["attempt"]``, and the server's context for phases that
+    compute on the server (SplitFed's main server): ``round_state["server_state"]`` (the
+    ``ServerState`` the round started from, not to be mutated) and
+    ``round_state["workbench"]`` (the server's base model). A phase after training may replace the accepted updates
     (``transform``), e.g. by their unmasked sum.
 
     Optional: ``on_train_reply(env, cid, rnd, update, ctx) -> Update``. The client

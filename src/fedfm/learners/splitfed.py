@@ -33,8 +33,8 @@ the U-shaped variant without label sharing; codec chains on the activations (the
 serialized, lossless; learner ``split`` has ``act_codecs``); the client-side delta travels
 in the last phase, not through ``codecs.up``, and client middleware is refused at config
 time (its ``after_train`` would only see the empty train reply). Only BERT-family
-sequence classifiers (``learners/split.py``). The server half needs the server's
-workbench and state in the phases' ``round_state`` (``runtime/server_context.py``).
+sequence classifiers (``learners/split.py``). The server half reads the server's
+workbench and state from the phases' ``round_state`` (the round loop puts them there).
 """
 
 from __future__ import annotations
@@ -209,13 +209,8 @@ class RoundSplit:
 
 
 def server_context(round_state: dict) -> tuple[Any, dict]:
-    missing = [k for k in ("workbench", "server_state") if k not in round_state]
-    if missing:
-        raise RuntimeError(
-            f"exchange splitfed: the round loop passed no {missing} in round_state; the server half needs the "
-            "server's workbench and state (run with runtime/server_context.py's ServerContextLoop until "
-            "runtime/loop.py passes them; see docs/heterogeneous.md)"
-        )
+    """The server's workbench and the round's server state (the round loop puts both in
+    every phase's ``round_state``)."""
     return round_state["workbench"], round_state["server_state"]
 
 
