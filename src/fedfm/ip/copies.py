@@ -31,6 +31,7 @@ shapes (HetLoRA, FlexLoRA, FedRA) are refused at config time.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -51,6 +52,7 @@ class ClientWatermarkParams(BaseModel):
     owner_key: str | None = Field(None, min_length=1, description="the WAFFLE key, trained into every copy too (keeps the owner's watermark)")
     owner_key_env: str | None = Field(None, min_length=1, description="environment variable holding the WAFFLE key")
     trigger_size: int = Field(50, ge=1, description="trigger examples per client key")
+    owner_trigger_size: int | None = Field(None, ge=1, description="trigger examples of the owner's key (default: trigger_size; give the waffle step's)")
     trigger_length: int = Field(12, ge=1, description="random tokens per trigger sentence or prompt")
     continuation: int = Field(4, ge=1, description="causal LM only: fixed continuation tokens per prompt")
     threshold: float = Field(0.98, gt=0, le=1, description="stop once the copy answers this share of its triggers")
@@ -102,7 +104,8 @@ class ClientWatermark:
             spec = p.spec(wb.exp.model.task, wb.exp.model.num_labels)
             own = trigger_set(client_key(secret(p.key, p.key_env, "client_watermark"), cid), spec, wb.tokenizer)
             owner = p.owner_key is not None or p.owner_key_env is not None
-            extra = trigger_set(secret(p.owner_key, p.owner_key_env, "client_watermark owner"), spec, wb.tokenizer) if owner else []
+            owner_spec = replace(spec, size=p.owner_trigger_size or p.trigger_size)
+            extra = trigger_set(secret(p.owner_key, p.owner_key_env, "client_watermark owner"), owner_spec, wb.tokenizer) if owner else []
             self._triggers[cid] = own + extra
         return self._triggers[cid]
 
