@@ -10,8 +10,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from conftest import tiny_config
+from fedfm.cli import app
 from fedfm.config import ConfigError, from_dict
 from fedfm.core.types import MODEL, unflatten_groups
 from fedfm.ip import TriggerSpec, trace, trigger_set, verdict
@@ -107,6 +109,12 @@ def test_each_client_receives_its_own_copy_and_is_traced(run):
         received[cid] = got
     k = next(iter(received[0]))
     assert not torch.equal(received[0][k], received[1][k])
+    # The command line reads the trigger spec of the run's client_watermark step (16 x 8).
+    leaked = out / "server" / "mirror" / "5" / "down_last.safetensors"
+    done = CliRunner().invoke(app, ["watermark", "trace", str(leaked), "--config", str(out / "config.yaml"),
+                                    "--key", MASTER, "--clients", str(CLIENTS)])
+    assert done.exit_code == 0, done.output
+    assert "suspect: client 5" in done.output
     # The global model the server keeps (and evaluates, and writes) carries no client key.
     glob = {**template, **load_file(str(out / "final.safetensors"))}
     assert trace(base, glob, MASTER, range(CLIENTS), SPEC).p_value > 1e-3
