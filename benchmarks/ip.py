@@ -3,16 +3,18 @@
     PYTHONPATH=src nice -n 10 python benchmarks/ip.py [--out runs/ip] [--threads 1] [--no-doc]
         [-o federation.examples_per_client=250 -o federation.test_examples=1000 -o rounds=3]
 
-The job is examples/ip/waffle.yaml (the quickstart with the ``waffle`` server step),
-reduced by ``JOB`` (8 clients x 96 reviews cut to 32 tokens, 300 test reviews, 2 rounds) unless ``-o``
-overrides say otherwise. One Workbench (one MiniLM in memory) serves everything:
+The job is examples/ip/client_copies.yaml (the quickstart with the ``waffle`` and
+``client_watermark`` server steps), reduced by ``JOB`` unless ``-o`` overrides say
+otherwise. One Workbench (one MiniLM in memory) serves everything:
 
-1. the job without and with WAFFLE (``server_steps: []`` vs the example's step): final
-   clean accuracy, per-round watermark accuracy and steps, and the watermark accuracy and
-   binomial p-value of both final models on the owner's key;
-2. client-unique copies (DUW-inspired): each of the 8 clients' copy of the watermarked
-   final model fine-tuned on its own trigger set; server time, steps and bytes per copy,
-   the copy's clean accuracy, and ``trace`` over the 8 client keys for every copy;
+1. the job without any step (``server_steps: []``) and with both: final clean accuracy,
+   per-round WAFFLE accuracy and steps, the ``client_watermark`` figures per round (the
+   copies' accuracy on their trigger sets, steps, server seconds per client, downlink
+   bytes), and the watermark accuracy and binomial p-value of both final global models on
+   the owner's key;
+2. the client-unique copies the round loop built after the last round (the final
+   checkpoint's global model plus each client's offset, what each client is sent next):
+   ``trace`` over the 8 client keys for every copy, the copy's clean accuracy and owner key;
 3. the thief (client ``THIEF``) attacks its copy: fine-tuning on clean data (every
    client's training reviews: as much as the whole reduced federation) for 1 and 3 epochs
    with the job's train settings, int8 / int4 quantization and top-k pruning through
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import fnmatch
 import os
 import sys
 import time
@@ -40,17 +41,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedfm.codecs import Payload, to_bytes  # noqa: E402
 from fedfm.config import from_dict  # noqa: E402
-from fedfm.ip import Base, WaffleParams, client_copy, trace, trigger_set, verdict  # noqa: E402
+from fedfm.core.types import unflatten_groups  # noqa: E402
+from fedfm.ip import Base, ClientWatermarkParams, WaffleParams, trace, trigger_set, verdict  # noqa: E402
+from fedfm.ip.copies import copy_of  # noqa: E402
 from fedfm.ip.loading import trigger_spec  # noqa: E402
 from fedfm.ip.removal import codec_roundtrip, fine_tune  # noqa: E402
 from fedfm.peft import set_state  # noqa: E402
 from fedfm.runtime import LocalRuntime  # noqa: E402
 from fedfm.runtime.outputs import read_metrics  # noqa: E402
 from fedfm.runtime.workbench import Workbench  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
-CONFIG = ROOT / "examples" / "ip" / "waffle.yaml"
+CONFIG = ROOT / "examples" / "ip" / "client_copies.yaml"
 # 32 reviews per client and 200 test reviews proved too small: the test set was 82% positive
 # and the model learned only that (accuracy 0.82 = the majority rate); see docs/ip.md.
 JOB = ["federation.examples_per_client=96", "federation.test_examples=300", "data.max_length=32", "rounds=2"]
@@ -74,9 +77,19 @@ def experiments(overrides: list[str]):
 
 
 def run_job(exp, out: Path, wb) -> tuple[dict, list[dict], dict]:
-    rt = LocalRuntime(exp, out, progress=False, workbench=wb)
+    rt = LocalRuntime(exp, out, progress=False, workbench=wb, overwrite=True)
     summary = rt.run()
     return summary, read_metrics(out / "metrics.jsonl"), wb.full_state(rt.final_state)
+
+
+def last_copies(out: Path, wb, cids) -> dict[int, dict]:
+    """Each client's copy after the last round: the final checkpoint's global model plus
+    the client's offset (``ip/copies.py``), completed to a full State."""
+    d = sorted((out / "checkpoints").glob("round-*"))[-1]
+    model = load_file(str(d / "state.safetensors"))
+    groups = unflatten_groups(load_file(str(d / "algorithm.safetensors")))
+    offsets = next(g for name, g in groups.items() if name.endswith("client_watermark"))
+    return {cid: wb.full_state(copy_of(cid, model, offsets)) for cid in cids}
 
 
 def fmt_p(p: float) -> str:
@@ -92,13 +105,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = JOB + [f"runtime.threads={args.threads}"] + args.overrides
-    os.environ["FEDFM_WATERMARK_KEY"] = OWNER_KEY  # the example reads its key from here
+    os.environ["FEDFM_WATERMARK_KEY"] = OWNER_KEY  # the example reads its keys from here
+    os.environ["FEDFM_CLIENT_MASTER_KEY"] = MASTER_KEY
     t_start = time.perf_counter()
     exp_plain, exp_wm = experiments(overrides)
     wb = Workbench(exp_wm)
     base = Base(wb.model, wb.task, exp_wm.model.task, wb.tokenizer)
     spec = trigger_spec(exp_wm)
-    step = next(s for s in exp_wm.server_steps if s["name"] == "waffle")
+    cspec = trigger_spec(exp_wm, steps=("client_watermark",))
+    waffle = WaffleParams(**{k: v for k, v in next(s for s in exp_wm.server_steps if s["name"] == "waffle").items() if k != "name"})
+    copies_p = ClientWatermarkParams(**{k: v for k, v in next(s for s in exp_wm.server_steps if s["name"] == "client_watermark").items() if k != "name"})
     owner_triggers = trigger_set(OWNER_KEY, spec, wb.tokenizer)
     cids = list(range(exp_wm.federation.clients))
 
@@ -108,34 +124,38 @@ def main() -> None:
 
     test_labels = [b["labels"] for b in wb.eval_batches()]
     majority = max(torch.bincount(torch.cat(test_labels)).tolist()) / sum(len(t) for t in test_labels)
-    print(f"majority-class rate of the test set: {majority:.4f}")
-    s_plain, _, plain = run_job(exp_plain, args.out / "plain", wb)
-    s_wm, rows_wm, marked = run_job(exp_wm, args.out / "waffle", wb)
+    print(f"majority-class rate of the test set: {majority:.4f}", flush=True)
+    s_plain, rows_plain, plain = run_job(exp_plain, args.out / "plain", wb)
+    print(f"plain run: {s_plain['final']['accuracy']:.4f}", flush=True)
+    s_wm, rows_wm, marked = run_job(exp_wm, args.out / "watermarked", wb)
     acc_plain, acc_wm = s_plain["final"]["accuracy"], s_wm["final"]["accuracy"]
     v_plain, v_wm = owner(plain), owner(marked)
-    per_round = [(r["round"], r["waffle.wm_accuracy"], r["waffle.steps"], r["waffle.seconds"]) for r in rows_wm if "waffle.steps" in r]
-    print(f"clean accuracy: without WAFFLE {acc_plain:.4f}, with {acc_wm:.4f}")
-    print(f"owner key on the watermarked model: {v_wm.hits}/{v_wm.total}, p {v_wm.p_value:.2e}; on the plain one: {v_plain.hits}/{v_plain.total}, p {v_plain.p_value:.3g}")
-    print("WAFFLE per round (round, wm accuracy, steps, seconds):", per_round)
+    per_round = [
+        (r["round"], r["waffle.wm_accuracy"], r["waffle.steps"], r["waffle.seconds"], r["client_watermark.min_accuracy"],
+         r["client_watermark.mean_accuracy"], r["client_watermark.steps"], r["client_watermark.seconds_per_client"],
+         r["bytes_down"], rp["bytes_down"])
+        for r, rp in zip(rows_wm, rows_plain) if "waffle.steps" in r
+    ]
+    print(f"clean accuracy: without watermarks {acc_plain:.4f}, with {acc_wm:.4f}")
+    print(f"owner key on the watermarked global model: {v_wm.hits}/{v_wm.total}, p {v_wm.p_value:.2e}; on the plain one: {v_plain.hits}/{v_plain.total}, p {v_plain.p_value:.3g}")
+    print("per round (round, waffle acc, steps, s, copies min acc, mean acc, steps, s/client, bytes down, plain bytes down):", per_round, flush=True)
 
-    settings = WaffleParams(**{k: v for k, v in step.items() if k != "name"}).settings()  # the copies embed as WAFFLE does
-    copies, costs, traced, clean_copies = {}, [], 0, []
-    shared_names = {k for k in marked if not any(fnmatch.fnmatchcase(k, p) for p in exp_wm.peft.local)}
-    for cid in cids:
-        res = client_copy(base, marked, MASTER_KEY, cid, spec, settings, seed=exp_wm.seed)
-        copies[cid] = res.state
-        nbytes = len(to_bytes(Payload({k: res.state[k] for k in sorted(shared_names)})))
-        found = trace(base, res.state, MASTER_KEY, cids, spec)
+    copies = last_copies(args.out / "watermarked", wb, cids)
+    rows, traced = [], 0
+    for cid, state in copies.items():
+        found = trace(base, state, MASTER_KEY, cids, cspec)
         traced += int(found.suspect == cid)
-        clean = wb.evaluate(res.state)["accuracy"]
-        clean_copies.append(clean)
-        costs.append((cid, res.steps, res.seconds, nbytes, res.accuracy, found.suspect, found.p_value, clean))
-        print(f"client {cid}: {res.steps} steps, {res.seconds:.1f} s, {nbytes:,} B, own wm {res.accuracy:.2f}, "
-              f"traced to {found.suspect} (p {found.p_value:.2e}), clean accuracy {clean:.4f}")
+        others = max(v.hits for c, v in found.verdicts.items() if c != cid)
+        clean = wb.evaluate(state)["accuracy"]
+        v = owner(state)
+        rows.append((cid, found.verdicts[cid], others, found.suspect, found.p_value, v, clean))
+        print(f"client {cid}: own key {found.verdicts[cid].hits}/{found.verdicts[cid].total}, best other {others}, traced to "
+              f"{found.suspect} (p {found.p_value:.2e}), owner {v.hits}/{v.total}, clean {clean:.4f}", flush=True)
     trace_acc = traced / len(cids)
-    print(f"tracing accuracy over {len(cids)} clients: {trace_acc:.3f}")
+    print(f"tracing accuracy over {len(cids)} clients: {trace_acc:.3f}", flush=True)
 
-    leaked = copies[THIEF]
+    thief = THIEF if THIEF in copies else cids[-1]
+    leaked = copies[thief]
     thief_data = [e for c in cids for e in wb.examples(c)]
     attacked = {"none (the leaked copy)": leaked}
     for epochs in (1, 3):
@@ -148,56 +168,63 @@ def main() -> None:
     for name, state in attacked.items():
         clean = wb.evaluate(state)["accuracy"]
         v = owner(state)
-        found = trace(base, state, MASTER_KEY, cids, spec)
-        own = found.verdicts[THIEF]
+        found = trace(base, state, MASTER_KEY, cids, cspec)
+        own = found.verdicts[thief]
         attack_rows.append((name, clean, v, own, found.suspect))
         print(f"{name}: clean {clean:.4f}, WAFFLE {v.accuracy:.2f} (p {v.p_value:.2e}), thief key {own.accuracy:.2f} "
-              f"(p {own.p_value:.2e}), traced to {found.suspect}")
+              f"(p {own.p_value:.2e}), traced to {found.suspect}", flush=True)
     wall = time.perf_counter() - t_start
     print(f"total wall {wall:.0f} s")
     if not args.no_doc:
-        write_doc(args, overrides, exp_wm, spec, settings, acc_plain, acc_wm, v_plain, v_wm, per_round, costs,
-                  trace_acc, clean_copies, attack_rows, len(thief_data), wall, majority)
+        write_doc(args, overrides, exp_wm, spec, waffle, copies_p, acc_plain, acc_wm, v_plain, v_wm, per_round, rows,
+                  trace_acc, attack_rows, len(thief_data), wall, majority, thief)
 
 
-def write_doc(args, overrides, exp, spec, settings, acc_plain, acc_wm, v_plain, v_wm, per_round, costs, trace_acc,
-              clean_copies, attack_rows, n_thief, wall, majority) -> None:
+def write_doc(args, overrides, exp, spec, waffle, copies_p, acc_plain, acc_wm, v_plain, v_wm, per_round, rows,
+              trace_acc, attack_rows, n_thief, wall, majority, thief) -> None:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "PYTHONPATH=src nice -n 10 python benchmarks/ip.py" + "".join(f" -o {o}" for o in args.overrides)
+    cleans = [r[6] for r in rows]
     lines = [
         START,
         f"Measured {when} on the shared 2-core CPU machine ({args.threads} torch thread), total wall {wall:.0f} s:",
         "",
         f"```bash\n{cmd}\n```",
         "",
-        f"Job: examples/ip/waffle.yaml with `{' '.join(overrides)}`: {exp.federation.clients} clients, "
+        f"Job: examples/ip/client_copies.yaml with `{' '.join(overrides)}`: {exp.federation.clients} clients, "
         f"{exp.rounds} rounds. Trigger sets: {spec.size} sentences of {spec.length} random tokens, "
-        f"{spec.num_labels} labels (chance {1 / spec.num_labels:g}); embedding: threshold {settings.threshold}, "
-        f"budget {settings.max_steps} steps, AdamW lr {settings.lr}, batch {settings.batch_size}, "
-        f"frozen {list(settings.freeze)}.",
+        f"{spec.num_labels} labels (chance {1 / spec.num_labels:g}). WAFFLE: threshold {waffle.threshold}, budget "
+        f"{waffle.max_steps} steps, AdamW lr {waffle.lr}. Copies: {copies_p.trigger_size} client triggers + the owner's "
+        f"{copies_p.owner_trigger_size or copies_p.trigger_size}, threshold {copies_p.threshold}, budget {copies_p.max_steps} steps per client per round, "
+        f"AdamW lr {copies_p.lr}, batch {copies_p.batch_size}, frozen {copies_p.freeze}.",
         "",
         f"The test set's majority class is {majority:.1%} of it (a constant prediction scores {majority:.4f}).",
         "",
-        "| model | clean accuracy | owner-key watermark accuracy | p-value |",
+        "| global model | clean accuracy | owner-key watermark accuracy | p-value |",
         "|---|---:|---:|---:|",
-        f"| without WAFFLE | {acc_plain:.4f} | {v_plain.accuracy:.2f} ({v_plain.hits}/{v_plain.total}) | {fmt_p(v_plain.p_value)} |",
-        f"| with WAFFLE | {acc_wm:.4f} | {v_wm.accuracy:.2f} ({v_wm.hits}/{v_wm.total}) | {fmt_p(v_wm.p_value)} |",
+        f"| without watermarks | {acc_plain:.4f} | {v_plain.accuracy:.2f} ({v_plain.hits}/{v_plain.total}) | {fmt_p(v_plain.p_value)} |",
+        f"| with WAFFLE and client copies | {acc_wm:.4f} | {v_wm.accuracy:.2f} ({v_wm.hits}/{v_wm.total}) | {fmt_p(v_wm.p_value)} |",
         "",
-        "WAFFLE per round (metrics.jsonl `waffle.*`): "
-        + "; ".join(f"round {r}: accuracy {a:.2f} after {s} steps, {sec:.1f} s" for r, a, s, sec in per_round) + ".",
+        "Per round (metrics.jsonl `waffle.*`, `client_watermark.*`, `bytes_down`):",
         "",
-        f"Client-unique copies of the watermarked final model: **tracing accuracy {trace_acc:.0%}** over "
-        f"{len(costs)} clients; clean accuracy of the copies {min(clean_copies):.4f} to {max(clean_copies):.4f} "
-        f"(mean {sum(clean_copies) / len(clean_copies):.4f}).",
-        "",
-        "| client | steps | server time (s) | bytes of its copy | own-key accuracy | traced to | p-value | clean accuracy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| round | WAFFLE accuracy | WAFFLE steps | WAFFLE s | copies: min / mean trigger accuracy | copies: steps (all clients) | server s per client | bytes down | bytes down without steps |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for cid, steps, sec, nbytes, acc, suspect, p, clean in costs:
-        lines.append(f"| {cid} | {steps} | {sec:.1f} | {nbytes:,} | {acc:.2f} | {suspect} | {fmt_p(p)} | {clean:.4f} |")
+    for r, wa, ws, wsec, cmin, cmean, csteps, cps, bd, bdp in per_round:
+        lines.append(f"| {r} | {wa:.2f} | {ws} | {wsec:.1f} | {cmin:.2f} / {cmean:.2f} | {csteps} | {cps:.1f} | {bd:,} | {bdp:,} |")
     lines += [
         "",
-        f"The thief (client {THIEF}) attacks its copy; fine-tuning uses the job's train settings on "
+        f"The copies sent after the last round: **tracing accuracy {trace_acc:.0%}** over {len(rows)} clients; "
+        f"clean accuracy of the copies {min(cleans):.4f} to {max(cleans):.4f} (mean {sum(cleans) / len(cleans):.4f}).",
+        "",
+        "| client | own-key hits | best other client's hits | traced to | p-value | owner-key hits | clean accuracy |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cid, own, others, suspect, p, v, clean in rows:
+        lines.append(f"| {cid} | {own.hits}/{own.total} | {others} | {suspect} | {fmt_p(p)} | {v.hits}/{v.total} | {clean:.4f} |")
+    lines += [
+        "",
+        f"The thief (client {thief}) attacks its copy; fine-tuning uses the job's train settings on "
         f"{n_thief} clean reviews (every client's training set).",
         "",
         "| attack | clean accuracy | WAFFLE watermark accuracy | p-value | thief's key accuracy | p-value | traced to |",

@@ -110,11 +110,39 @@ def test_encode_plain_labels_answers_only(llm_dir):
         task.encode(pd.DataFrame({"text": ["x"]}), tok, 48)
 
 
+@pytest.mark.parametrize("tuner", [("full", {}), ("salience", {"fraction": 0.25, "target_modules": ["q_proj", "v_proj"]})])
+def test_reference_without_adapters_is_the_initial_state(llm_dir, tuner):
+    task, model, tok = build(llm_dir, tuner)
+    batch = task.collate(task.encode(PAIRS, tok, 48), tok)
+    initial = get_state(model)
+    task.bind_initial(model, initial)  # what the workbench does once, with its template
+    assert task.objective.initial is initial  # held, not copied
+    # train-like change: every trainable weight moves, so the policy differs from the start
+    gen = torch.Generator().manual_seed(1)
+    set_state(model, {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in initial.items()})
+    moved = get_state(model)
+    _, plain, _ = build(llm_dir)  # the same base weights, never changed
+    plain.eval()
+    model.eval()
+    with torch.no_grad():
+        base = logps(plain, batch)
+        policy = logps(model, batch)
+    ref = reference_logps(model, batch, task.objective.initial)
+    assert torch.allclose(ref, base, atol=1e-5), (ref, base)
+    assert not torch.allclose(policy, base, atol=1e-3)
+    after = get_state(model)  # the reference pass substituted the weights without writing them
+    assert all(torch.equal(after[k], moved[k]) for k in moved)
+    # the loss trains the policy: gradients reach the trainable weights, the reference has none
+    model.train()
+    task.loss(model, batch).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # without a bound initial State, a model without adapters has no reference: refused
+    task.objective.initial = None
+    with pytest.raises(ValueError, match="no initial State was bound"):
+        task.loss(model, batch)
+
+
 def test_dpo_refused_where_it_cannot_work(tmp_path):
-    raw = dpo_config(tmp_path)
-    raw["peft"] = {"method": "bitfit"}
-    with pytest.raises(ConfigError, match="no adapter to disable"):
-        from_dict(raw)
     raw = dpo_config(tmp_path)
     raw["model"]["objective"]["beta"] = 0
     with pytest.raises(ConfigError, match="model.objective.beta"):
@@ -168,6 +196,17 @@ def test_federated_dpo_run_reports_rewards(tmp_path):
     assert last["rejected_logp"] < first["rejected_logp"]
     generations = [json.loads(g) for g in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 4 and {"prompt", "chosen", "rejected", "generation"} <= set(generations[0])
+
+
+def test_federated_dpo_with_full_fine_tuning(tmp_path):
+    raw = dpo_config(tmp_path)
+    raw.update(rounds=1, peft={"method": "full"})
+    raw["train"] = {**raw.get("train", {}), "lr": 1e-3}
+    LocalRuntime(from_dict(raw), tmp_path / "run").run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # round 0: the policy is the initial model, which is the reference: rewards exactly 0
+    assert rows[0]["reward_margin"] == 0.0 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[1]["clients"] == [0, 1] and rows[1]["reward_margin"] != 0.0
 
 
 def test_dpo_composes_with_learner_codec_and_aggregator(tmp_path):

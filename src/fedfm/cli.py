@@ -352,12 +352,12 @@ def _secret(key: str | None, key_env: str | None) -> str:
     return value
 
 
-def _suspect(model: Path, config: Path | None, size, length, cont):
+def _suspect(model: Path, config: Path | None, size, length, cont, steps=("waffle",)):
     from fedfm.ip.loading import load_suspect, trigger_spec
 
     try:
         exp, base, state = load_suspect(model, config)
-        return base, state, trigger_spec(exp, size, length, cont)
+        return base, state, trigger_spec(exp, size, length, cont, steps)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
@@ -410,7 +410,7 @@ def watermark_trace(
         console.print("[red]error:[/] give either --keys K0 --keys K1 ... or --key MASTER --clients N")
         raise typer.Exit(2)
     labelled = dict(enumerate(keys)) if keys else {c: client_key(key, c) for c in range(clients)}
-    base, state, spec = _suspect(model, config, trigger_size, trigger_length, continuation)
+    base, state, spec = _suspect(model, config, trigger_size, trigger_length, continuation, ("client_watermark", "waffle"))
     result = trace_keys(base, state, labelled, spec)
     table = Table(title=f"watermark of each client on {model}")
     for col in ("client", "hits", "accuracy", "p-value"):

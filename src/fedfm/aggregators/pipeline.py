@@ -18,11 +18,17 @@ of the same kind do not collide), checkpointed with the rest, and its metrics go
 metrics.jsonl under ``<name>.<key>``. Steps are listed in YAML under ``server_steps``:
 ``server_steps: [{name: clip_updates, max_norm: 1.0}]``, and added with
 ``register_server_step(name, factory, params)``.
+
+Per-client broadcasts: a step may also have ``client_state(cid, model, own) -> State``
+(``own`` = its server-state group); ``FedAlgorithm.configure`` then sends each client the
+State that hook returns instead of the global one (``per_client``). Used by
+``ip/copies.py`` (client-unique watermarked copies); the State must keep the global
+State's names and shapes, since the client's update is a delta against what it received.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel
@@ -84,3 +90,14 @@ class Pipeline:
             for k, v in (m or {}).items():
                 metrics[f"{p.step.name}.{k}"] = v
         return value
+
+    def per_client(self, instructions: dict[int, Any], server_state: ServerState) -> dict[int, Any]:
+        """Each instruction's State passed through the ``client_state`` hook of every step
+        that has one, in config order (see the module docstring)."""
+        for p in self.placed:
+            hook = getattr(p.step, "client_state", None)
+            if hook is None:
+                continue
+            own = server_state.get(p.group, {})
+            instructions = {cid: replace(inst, state=hook(cid, inst.state, own)) for cid, inst in instructions.items()}
+        return instructions

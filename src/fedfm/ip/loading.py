@@ -70,13 +70,15 @@ def load_suspect(model: str | Path, config: str | Path | None = None):
     return exp, base, complete(template, load_file(str(weights)), str(weights))
 
 
-def trigger_spec(exp, size: int | None = None, length: int | None = None, continuation: int | None = None):
-    """The trigger spec of the run's ``waffle`` step (its parameters, else the defaults),
-    each given value replacing the configured one."""
+def trigger_spec(exp, size: int | None = None, length: int | None = None, continuation: int | None = None,
+                 steps: tuple[str, ...] = ("waffle",)):
+    """The trigger spec of the run's first configured step among ``steps`` (``waffle``, or
+    ``client_watermark`` when tracing): its parameters, else the defaults, each given value
+    replacing the configured one."""
     from fedfm.ip.trigger import TriggerSpec
     from fedfm.ip.waffle import WaffleParams
 
-    configured = next((s for s in exp.server_steps if s.get("name") == "waffle"), None)
+    configured = next((s for name in steps for s in exp.server_steps if s.get("name") == name), None)
     fields = {k: v for k, v in (configured or {}).items() if k in ("trigger_size", "trigger_length", "continuation")}
     defaults = WaffleParams(key="-", **fields)
     return TriggerSpec(

@@ -10,10 +10,9 @@ client's copy is the broadcast State fine-tuned on the client's own trigger set 
 ``trace`` queries a leaked model with every client's trigger set and names the client
 whose set it answers best, with that set's binomial p-value against chance.
 
-Both are pure functions of (State, base model, keys): the caller owns the model. Sending a
-different State to every client needs a per-client ``configure`` in the round loop's
-algorithm (see docs/ip.md); until then the copies are built and traced offline
-(benchmarks/ip.py).
+Both are pure functions of (State, base model, keys): the caller owns the model. The
+``client_watermark`` server step (``copies.py``) builds the copies in the round loop and
+sends each client its own (docs/ip.md).
 """
 
 from __future__ import annotations

@@ -36,6 +36,16 @@ from fedfm.ip.trigger import TriggerSpec, trigger_set
 WAFFLE_TAG = 0xAFF1E
 
 
+def secret(key: str | None, key_env: str | None, where: str) -> str:
+    """The key given in the config, else the value of the environment variable ``key_env``."""
+    if key is not None:
+        return key
+    value = os.environ.get(key_env or "", "")
+    if not value:
+        raise ValueError(f"server_steps {where}: environment variable {key_env} (key_env) is not set or empty")
+    return value
+
+
 class WaffleParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str | None = Field(None, min_length=1, description="secret watermark key (ends up in config.yaml; see key_env)")
@@ -59,12 +69,7 @@ class WaffleParams(BaseModel):
         return self
 
     def secret(self) -> str:
-        if self.key is not None:
-            return self.key
-        value = os.environ.get(self.key_env, "")
-        if not value:
-            raise ValueError(f"server_steps waffle: environment variable {self.key_env} (key_env) is not set or empty")
-        return value
+        return secret(self.key, self.key_env, "waffle")
 
     def spec(self, task: str, num_labels: int) -> TriggerSpec:
         return TriggerSpec(task, self.trigger_size, self.trigger_length, num_labels, self.continuation)
@@ -120,11 +125,17 @@ def waffle_config_problems(exp) -> list[str]:
 
     from fedfm.ip.trigger import KINDS
 
+    from fedfm.aggregators.server_part import server_parts
+
     problems = []
     for i, spec in enumerate(exp.server_steps):
-        if not isinstance(spec, dict) or spec.get("name") != "waffle":
+        if not isinstance(spec, dict) or spec.get("name") not in ("waffle", "client_watermark"):
             continue
-        where = f"server_steps[{i}] (waffle)"
+        where = f"server_steps[{i}] ({spec['name']})"
+        if spec["name"] == "client_watermark" and exp.learner.name in server_parts.names() \
+                and hasattr(server_parts.get(exp.learner.name).obj, "instruction"):
+            problems.append(f"{where}: learner '{exp.learner.name}' sends each client a State of its own shape; "
+                            "client-unique copies need the global State's shapes")
         if exp.model.task not in KINDS:
             problems.append(f"{where}: trigger sets exist for tasks {KINDS}, not model.task '{exp.model.task}'")
             continue

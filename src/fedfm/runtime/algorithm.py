@@ -116,7 +116,8 @@ class FedAlgorithm:
             self.issued = dict(out)  # the server checks this attempt's replies only
             return out
         groups = self.server.broadcast(server_state) if self.server is not None else {}
-        return {c.cid: Instruction(round=rnd, cid=c.cid, state=server_state[MODEL], broadcast=dict(groups)) for c in clients}
+        out = {c.cid: Instruction(round=rnd, cid=c.cid, state=server_state[MODEL], broadcast=dict(groups)) for c in clients}
+        return self.pipeline.per_client(out, server_state)  # steps' per-client States (ip/copies.py)
 
     def payload_spec(self, cid: int, shared: State) -> State:
         """Names, shapes and dtypes the server accepts from client ``cid``, given the

@@ -154,6 +154,13 @@ class CausalLM:
         count_build()
         return model, tokenizer
 
+    def bind_initial(self, model: torch.nn.Module, initial: Any) -> None:
+        """The tuned model and its initial trainable State, once (``runtime/workbench.py``):
+        passed to the objective (DPO's reference for tuners without peft adapters)."""
+        hook = getattr(self.objective, "bind_initial", None)
+        if hook is not None:
+            hook(model, initial)
+
     def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
         check_max_length(max_length, getattr(self, "max_positions", None))
         if self.objective is not None:

@@ -13,12 +13,20 @@ where log pi(y|x) is the summed log-probability of the answer tokens under the t
 model and ref is the reference model. The implicit rewards are
 ``beta * (log pi - log ref)`` of each answer.
 
-The reference model is the base model with the adapters switched off (peft's
-``disable_adapter()`` context manager), so no second copy of the model is held; it is
-therefore the model every run starts from, fixed across rounds, as in DPO. Tuners that
-are not peft adapters (``bitfit``, ``full``, ``salience``, the hand-written ``adapter``)
-change or wrap the base weights themselves and have no switch to the base model: they
-are refused at config time.
+The reference model is the model every run starts from, fixed across rounds, as in DPO,
+and no second copy of the base model is held for it:
+
+- peft adapters (``REFERENCE_TUNERS``): the base model with the adapters switched off
+  (peft's ``disable_adapter()`` context manager);
+- every other tuner (``full``, ``bitfit``, ``salience``, the hand-written ``adapter``, ...),
+  which changes or wraps the base weights itself: the model's initial trainable State
+  re-applied for the reference pass only, through ``torch.func.functional_call`` (the
+  parameters are substituted in the forward pass; the model is not modified). That State is
+  the workbench's template (``runtime/workbench.py`` hands it over once through
+  ``bind_initial``), which the workbench holds anyway: for ``full`` it is a float32 CPU copy
+  of every weight, the one copy a full fine-tune already costs; no further copy is made
+  unless the model lives on another device or dtype, where each reference pass converts
+  the tensors it substitutes (a temporary copy per batch).
 
 Written here rather than taken from TRL's ``DPOTrainer``: the trainer owns its training
 loop, model copies and data collation, while fedfm's learners own the loop; the loss
@@ -52,9 +60,10 @@ from fedfm.tasks.causal_lm import (
     join_cut,
     render_prompt,
 )
+from fedfm.core.types import State
 from fedfm.tasks.objectives import register_objective
 
-# Tuners whose model is a peft model with ``disable_adapter()``.
+# Tuners whose model is a peft model with ``disable_adapter()``; the others use the initial State.
 REFERENCE_TUNERS = ("lora", "ffa_lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
 
 
@@ -118,9 +127,22 @@ def logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return answer_logps(logits, batch["labels"])
 
 
-def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad(), reference_model(model):
-        return logps(model, batch)
+def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], initial: State | None = None) -> torch.Tensor:
+    """(2B,) answer log-probabilities under the reference: the base model with the peft
+    adapters disabled, or, for a model without adapters, the model with its trainable
+    parameters replaced by ``initial`` (its initial trainable State) for this pass only."""
+    if getattr(model, "disable_adapter", None) is not None or initial is None:
+        with torch.no_grad(), reference_model(model):
+            return logps(model, batch)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(initial) - set(params))
+    if unknown:
+        raise KeyError(f"model.objective dpo: the initial State names {unknown[:3]}, which the model does not have")
+    swapped = {k: v.to(params[k].device, params[k].dtype) for k, v in initial.items()}
+    with torch.no_grad():
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = torch.func.functional_call(model, swapped, (), kwargs, tie_weights=True, strict=False).logits
+    return answer_logps(logits, batch["labels"])
 
 
 class DPO:
@@ -128,15 +150,12 @@ class DPO:
 
     def __init__(self, params: DpoParams):
         self.params = params
+        self.initial: State | None = None  # the reference State of a model without peft adapters
 
-    @staticmethod
-    def config_problem(exp) -> str | None:
-        if exp.peft.method not in REFERENCE_TUNERS:
-            return (
-                f"model.objective dpo: the reference model is the base model with the peft adapters disabled; "
-                f"peft.method '{exp.peft.method}' has no adapter to disable (use one of {list(REFERENCE_TUNERS)})"
-            )
-        return None
+    def bind_initial(self, model: torch.nn.Module, initial: State) -> None:
+        """Remember the model's initial trainable State (the workbench's template, not
+        copied): the reference of tuners that have no adapter to disable."""
+        self.initial = initial if getattr(model, "disable_adapter", None) is None else None
 
     def _encode_one(self, tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
         if self.params.format == "chat":
@@ -166,7 +185,12 @@ class DPO:
 
     def pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         policy = logps(model, batch)  # (2B,)
-        ref = reference_logps(model, batch)  # (2B,)
+        if self.initial is None and getattr(model, "disable_adapter", None) is None:
+            raise ValueError(
+                "model.objective dpo: the model has no peft adapter to disable and no initial State was bound "
+                "(bind_initial; the workbench does it when it builds the model)"
+            )
+        ref = reference_logps(model, batch, self.initial)  # (2B,)
         b = policy.shape[0] // 2
         losses, rc, rr = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], self.params.beta)
         return losses, rc, rr, policy[:b], policy[b:]

@@ -1,0 +1,147 @@
+"""``client_watermark``: every client receives its own watermarked copy of the global model.
+
+DUW-inspired (Yu, Wei, Zhou, Tang, Qin and Xu 2023, "Who Leaked the Model? Tracking IP
+Infringers in Accountable Federated Learning"): the server gives each client a copy that
+carries a key of its own, so that a leaked copy names the client it came from
+(``unique.trace``, ``fedfm watermark trace``). DUW embeds the keys with a decoder trained
+on the server; that decoder is NOT implemented. Here a client's copy is the global model
+fine-tuned on the client's own trigger set (key ``trigger.client_key(master, cid)``), with
+the same embedding as WAFFLE (``embed.py``), optionally together with the owner's WAFFLE
+trigger set (``owner_key``/``owner_key_env``) so the copy keeps the federation's watermark.
+
+How it reaches the clients: this is a server step at stage ``model``. After each
+aggregation (and after ``waffle``, if listed before it) it embeds every client's key into
+the new global State and keeps, per client, the *offset* ``copy - global`` in its own
+server-state group (``step.<i>.client_watermark``, entries ``<cid>/<name>``; checkpointed,
+so a resumed run sends the same copies). Its ``client_state(cid, model, own)`` hook gives
+``global + offset``: ``FedAlgorithm.configure`` asks every step that has that hook for each
+client's State (``aggregators/pipeline.Pipeline.per_client``). The next round's embedding
+starts from the new global plus the client's previous offset, so after the first round it
+usually needs few steps. The global model itself (evaluated, checkpointed, final.safetensors)
+carries no client key; a client's update is a delta against the copy it received, so its
+key does not flow back into the aggregate.
+
+Limits, stated: round 1's broadcast is the initial State (before any federated training)
+and goes out unmarked, because no aggregation has run yet; every client's copy is rebuilt
+each round (``federation.clients`` embeddings, not only the sampled clients'), and the
+server state holds ``federation.clients`` offsets of the shared State's size. Per-client
+shapes (HetLoRA, FlexLoRA, FedRA) are refused at config time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedfm.aggregators.pipeline import register_server_step
+from fedfm.core.seeding import derive_seed
+from fedfm.core.types import State
+from fedfm.ip.embed import EmbedSettings, embed
+from fedfm.ip.trigger import TriggerSpec, client_key, trigger_set
+from fedfm.ip.waffle import WaffleParams, secret
+
+COPY_TAG = 0xC0B1
+
+
+class ClientWatermarkParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str | None = Field(None, min_length=1, description="secret master key of the client keys (ends up in config.yaml; see key_env)")
+    key_env: str | None = Field(None, min_length=1, description="environment variable holding the master key")
+    owner_key: str | None = Field(None, min_length=1, description="the WAFFLE key, trained into every copy too (keeps the owner's watermark)")
+    owner_key_env: str | None = Field(None, min_length=1, description="environment variable holding the WAFFLE key")
+    trigger_size: int = Field(50, ge=1, description="trigger examples per client key")
+    owner_trigger_size: int | None = Field(None, ge=1, description="trigger examples of the owner's key (default: trigger_size; give the waffle step's)")
+    trigger_length: int = Field(12, ge=1, description="random tokens per trigger sentence or prompt")
+    continuation: int = Field(4, ge=1, description="causal LM only: fixed continuation tokens per prompt")
+    threshold: float = Field(0.98, gt=0, le=1, description="stop once the copy answers this share of its triggers")
+    max_steps: int = Field(100, ge=0, description="step budget per client per round")
+    lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding")
+    batch_size: int = Field(16, ge=1, description="trigger examples per step")
+    freeze: list[str] = Field(
+        default_factory=lambda: list(WaffleParams.model_fields["freeze"].default_factory()),
+        description="fnmatch patterns of trainable names left unchanged (default: the task head; see ip/embed.py)",
+    )
+
+    @model_validator(mode="after")
+    def _keys(self):
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key or key_env")
+        if self.owner_key is not None and self.owner_key_env is not None:
+            raise ValueError("give at most one of owner_key or owner_key_env")
+        return self
+
+    def spec(self, task: str, num_labels: int) -> TriggerSpec:
+        return TriggerSpec(task, self.trigger_size, self.trigger_length, num_labels, self.continuation)
+
+    def settings(self) -> EmbedSettings:
+        return EmbedSettings(self.threshold, self.max_steps, self.lr, self.batch_size, tuple(self.freeze))
+
+
+def offset_key(cid: int, name: str) -> str:
+    return f"{cid}/{name}"
+
+
+def copy_of(cid: int, model: State, offsets: State) -> State:
+    """Client ``cid``'s copy: ``model + offset`` where the step holds an offset, else ``model``."""
+    if offset_key(cid, next(iter(model))) not in offsets:
+        return model
+    return {k: v + offsets[offset_key(cid, k)].to(v.dtype) for k, v in model.items()}
+
+
+class ClientWatermark:
+    name = "client_watermark"
+    stage = "model"
+
+    def __init__(self, params: ClientWatermarkParams):
+        self.params = params
+        self._triggers: dict[int, list[dict]] = {}
+
+    def triggers(self, wb, cid: int) -> list[dict]:
+        if cid not in self._triggers:
+            p = self.params
+            spec = p.spec(wb.exp.model.task, wb.exp.model.num_labels)
+            own = trigger_set(client_key(secret(p.key, p.key_env, "client_watermark"), cid), spec, wb.tokenizer)
+            owner = p.owner_key is not None or p.owner_key_env is not None
+            owner_spec = replace(spec, size=p.owner_trigger_size or p.trigger_size)
+            extra = trigger_set(secret(p.owner_key, p.owner_key_env, "client_watermark owner"), owner_spec, wb.tokenizer) if owner else []
+            self._triggers[cid] = own + extra
+        return self._triggers[cid]
+
+    def __call__(self, model_state: State, ctx, state: State):
+        wb = ctx.workbench
+        if wb is None:
+            raise ValueError("server step client_watermark needs the base model (RoundContext.workbench), and this round has none")
+        start = time.perf_counter()
+        offsets: State = {}
+        accuracies, steps = [], 0
+        for cid in range(ctx.num_clients):
+            result = embed(
+                wb.model, wb.task, wb.exp.model.task, wb.tokenizer,
+                wb.full_state(copy_of(cid, model_state, state)),
+                self.triggers(wb, cid),
+                self.params.settings(),
+                seed=derive_seed(ctx.seed, ctx.round, cid, COPY_TAG),
+                train_names=set(model_state),
+            )
+            for k, v in model_state.items():
+                offsets[offset_key(cid, k)] = result.state[k].to(v.dtype) - v
+            accuracies.append(result.accuracy)
+            steps += result.steps
+        seconds = time.perf_counter() - start
+        metrics = {
+            "min_accuracy": min(accuracies),
+            "mean_accuracy": sum(accuracies) / len(accuracies),
+            "steps": steps,
+            "seconds": round(seconds, 3),
+            "seconds_per_client": round(seconds / max(ctx.num_clients, 1), 3),
+        }
+        return model_state, offsets, metrics
+
+    def client_state(self, cid: int, model: State, own: State) -> State:
+        """The State client ``cid`` is sent (``Pipeline.per_client``)."""
+        return copy_of(cid, model, own)
+
+
+register_server_step("client_watermark", ClientWatermark, ClientWatermarkParams)

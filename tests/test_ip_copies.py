@@ -1,0 +1,143 @@
+"""client_watermark in the round loop: each of 8 tiny clients receives its own watermarked
+copy (through the delta downlink), tracing names the client a received copy came from, the
+copy keeps the owner's key, the global model carries no client key, and a resumed run
+sends the same copies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from fedfm.cli import app
+from fedfm.config import ConfigError, from_dict
+from fedfm.core.types import MODEL, unflatten_groups
+from fedfm.ip import TriggerSpec, trace, trigger_set, verdict
+from fedfm.ip.copies import copy_of
+from fedfm.ip.loading import build_base
+from fedfm.peft import set_state
+from fedfm.runtime import LocalRuntime
+from fedfm.runtime.algorithm import build_algorithm
+from fedfm.runtime.store import ClientStore
+
+MASTER = "federation-master-key"
+OWNER = "owner-key"
+CLIENTS = 8
+# 16 triggers per client, 4 labels: a copy answers its own set 16/16 (p = 4**-16 = 2.3e-10)
+# and the other clients' sets near chance (1/4 of 16 = 4). The tiny model learns the
+# triggers through LoRA and its head together (freeze: []).
+STEP = {"name": "client_watermark", "key": MASTER, "owner_key": OWNER, "trigger_size": 16, "trigger_length": 8,
+        "threshold": 1.0, "max_steps": 300, "lr": 0.03, "freeze": []}
+SPEC = TriggerSpec("text_classification", size=16, length=8, num_labels=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def copies_config(tmp_path, **over):
+    return tiny_config(tmp_path, **{
+        "model.num_labels": 4, "federation.clients": CLIENTS, "server_steps": [dict(STEP)], "train.epochs": 1,
+        "codecs.down": [{"delta": True}], "server.keep_checkpoints": 2, **over})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("copies")
+    raw = copies_config(tmp)
+    out = tmp / "run"
+    LocalRuntime(from_dict(raw), out).run()
+    return tmp, raw, out
+
+
+def round_state(out, rnd):
+    d = out / "checkpoints" / f"round-{rnd:06d}"
+    return {MODEL: load_file(str(d / "state.safetensors")), **unflatten_groups(load_file(str(d / "algorithm.safetensors")))}
+
+
+def test_each_client_receives_its_own_copy_and_is_traced(run):
+    tmp, raw, out = run
+    exp = from_dict(raw)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        # every copy answers at least 30 of its 32 triggers (16 its own, 16 the owner's)
+        assert row["client_watermark.min_accuracy"] >= 30 / 32, row
+        assert row["client_watermark.seconds_per_client"] > 0
+    # Same shapes for every client, lossless delta: the downlink bytes of rounds 1 (full
+    # State, flag 0) and 2 (a per-client difference, flag 1) are the same size.
+    assert rows[1]["bytes_down"] == rows[2]["bytes_down"] > 0
+
+    base, template = build_base(exp)
+    after1 = round_state(out, 1)
+    group = next(g for g in after1 if g.endswith("client_watermark"))
+    assert len(after1[group]) == CLIENTS * len(after1[MODEL])  # one offset per client and shared name
+    algo = build_algorithm(exp)
+    owner = trigger_set(OWNER, SPEC, base.tokenizer)
+    received = {}
+    clients = ClientStore(out / "clients")
+    for cid in range(CLIENTS):
+        # What client cid rebuilt from round 2's delta broadcast (its store's write of round
+        # 2, settled as the server's next message would) is round 1's global model plus its
+        # own offset ...
+        clients.settle(cid, "r2a0", True)
+        got = clients.get(cid, "down_last")
+        mirror = load_file(str(out / "server" / "mirror" / str(cid) / "down_last.safetensors"))
+        want = copy_of(cid, after1[MODEL], after1[group])
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], mirror[k])  # the server's mirror of the client's reconstruction
+            assert torch.allclose(got[k], want[k], atol=1e-6)
+        # ... which configure issues, and which names client cid among the 8.
+        issued = algo.configure(3, after1, [c for c in _clients(exp)])[cid].state
+        assert all(torch.equal(issued[k], want[k]) for k in want)
+        full = {**template, **got}
+        found = trace(base, full, MASTER, range(CLIENTS), SPEC)
+        # >= 14 of 16: p = P[Binomial(16, 1/4) >= 14] = 2.6e-7 at most
+        assert found.suspect == cid and found.verdicts[cid].hits >= 14
+        assert found.p_value < 3e-7
+        assert max(v.hits for c, v in found.verdicts.items() if c != cid) <= 10
+        set_state(base.model, full)
+        assert verdict(base.task, SPEC, base.model, base.tokenizer, owner).hits >= 14  # the owner's key too
+        received[cid] = got
+    k = next(iter(received[0]))
+    assert not torch.equal(received[0][k], received[1][k])
+    # The command line reads the trigger spec of the run's client_watermark step (16 x 8).
+    leaked = out / "server" / "mirror" / "5" / "down_last.safetensors"
+    done = CliRunner().invoke(app, ["watermark", "trace", str(leaked), "--config", str(out / "config.yaml"),
+                                    "--key", MASTER, "--clients", str(CLIENTS)])
+    assert done.exit_code == 0, done.output
+    assert "suspect: client 5" in done.output
+    # The global model the server keeps (and evaluates, and writes) carries no client key.
+    glob = {**template, **load_file(str(out / "final.safetensors"))}
+    assert trace(base, glob, MASTER, range(CLIENTS), SPEC).p_value > 1e-3
+
+
+def test_resumed_run_sends_the_same_copies(run, tmp_path):
+    _, raw, out = run
+    one = tmp_path / "one"
+    LocalRuntime(from_dict({**raw, "rounds": 1}), one).run()
+    LocalRuntime(from_dict(raw), one, resume=True).run()  # round 2 from round 1's checkpoint
+    for cid in (0, 5):
+        a = load_file(str(out / "server" / "mirror" / str(cid) / "down_last.safetensors"))
+        b = load_file(str(one / "server" / "mirror" / str(cid) / "down_last.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_per_client_shapes_are_refused(tmp_path):
+    raw = copies_config(tmp_path, **{"learner": {"name": "hetlora"}})
+    with pytest.raises(ConfigError, match="client_watermark.*own shape"):
+        from_dict(raw)
+
+
+def _clients(exp):
+    from fedfm.core.types import ClientSpec
+
+    return [ClientSpec(cid=c, indices=[]) for c in range(exp.federation.clients)]
