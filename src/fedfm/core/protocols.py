@@ -105,6 +105,10 @@ class ExchangePhase(Protocol):
 
 
 class ServerStep(Protocol):
+    """Optional: ``client_state(cid, model, own_group) -> State``: the State this client
+    is sent instead of the global model (per-client watermarked copies, ``ip/copies.py``);
+    ``Pipeline.per_client`` applies it in config order when the round is configured."""
+
     name: str
     stage: Stage
 
