@@ -85,3 +85,45 @@ def test_loss_threshold_attack_finds_overfitted_members(tmp_path):
     after = loss_threshold_attack(wb, trained, members, nonmembers)
     assert after["auc"] > 0.8 and after["auc"] > before["auc"]
     assert 0.0 <= after["tpr_at_1pct_fpr"] <= 1.0
+
+
+def full_ft_update(tmp_path, examples_of, method="full"):
+    raw = tiny_config(tmp_path, **{"train.optimizer": "sgd", "train.lr": 0.1,
+                                   "train.max_grad_norm": None, "train.steps": 1, "train.batch_size": 2})
+    if method == "full":
+        raw["peft"] = {"method": "full"}
+    exp = from_dict(raw)
+    wb = Workbench(exp)
+    batch = examples_of(wb)
+    ctx = wb.context(0, 1)
+    ctx.examples = batch
+    return wb, batch, LocalLearner().local_update(Instruction(1, 0, wb.initial_state()), ctx)
+
+
+def test_token_set_of_a_two_example_batch_from_the_embedding_update(tmp_path):
+    from fedfm.attacks.token_recovery import batch_tokens, embedding_name, precision_recall, recover_tokens
+
+    wb, batch, upd = full_ft_update(tmp_path, lambda wb: wb.examples(0)[:2])
+    texts = wb.federation.frame.iloc[list(wb.clients[0].indices[:2])]["text"].tolist()
+    # By hand: "the film was w1 w2 w3 w4" for each example, every word one WordPiece of
+    # MiniLM's vocabulary, plus [CLS] and [SEP]: the batch's distinct tokens are
+    # {[CLS], [SEP], the, film, was} (5, shared) + the distinct sentiment words of both.
+    words = {w for t in texts for w in t.split()[3:]}
+    hand = {wb.tokenizer.convert_tokens_to_ids(w) for w in ["[CLS]", "[SEP]", "the", "film", "was", *words]}
+    assert len(hand) == 5 + len(words) and wb.tokenizer.unk_token_id not in hand
+    assert batch_tokens(wb, batch) == hand
+    assert embedding_name(upd.payload) is not None
+    got = recover_tokens(upd.payload)
+    assert got == hand, (texts, sorted(wb.tokenizer.convert_ids_to_tokens(sorted(got))))
+    assert precision_recall(got, hand) == {"precision": 1.0, "recall": 1.0, "recovered": len(hand), "true": len(hand)}
+
+
+def test_lora_update_has_no_embedding_rows(tmp_path):
+    from fedfm.attacks.token_recovery import batch_tokens, embedding_name, precision_recall, recover_tokens
+
+    wb, batch, upd = full_ft_update(tmp_path, lambda wb: wb.examples(0)[:2], method="lora")
+    assert embedding_name(upd.payload) is None and recover_tokens(upd.payload) == set()
+    pr = precision_recall(set(), batch_tokens(wb, batch))
+    assert pr["recall"] == 0.0 and pr["recovered"] == 0
+    # precision/recall by hand: 2 of 3 recovered ids are true, 2 of 4 true ids recovered
+    assert precision_recall({1, 2, 9}, {1, 2, 3, 4}) == {"precision": 2 / 3, "recall": 0.5, "recovered": 3, "true": 4}
