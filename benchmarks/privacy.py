@@ -3,7 +3,7 @@
 offline LiRA beside the loss threshold, token recovery from the word-embedding update (full
 fine-tuning vs LoRA), and the cost of secure aggregation per round.
 
-    PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy [--write-doc]
+    PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy [--write-doc] [--attacks-only]
 
 The reduced job (not the quickstart): the tiny random-init BERT of the tests (hidden 32,
 2 layers, MiniLM's tokenizer), LoRA r=4 on query/value plus the head, the toy sentiment
@@ -246,7 +246,7 @@ def secagg_rows(lengths: dict[str, int], n: int = 8, dropped: int = 2) -> list[d
     return rows
 
 
-def table(dp: list[dict], labels: list[dict], sa: list[dict], mia: list[dict] | None = None, tokens: list[dict] | None = None) -> str:
+def table(dp: list[dict], labels: list[dict], sa: list[dict]) -> str:
     lines = ["| setting | target epsilon | clip | accuracy | epsilon spent | membership AUC | TPR@1%FPR | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in dp:
@@ -255,12 +255,6 @@ def table(dp: list[dict], labels: list[dict], sa: list[dict], mia: list[dict] | 
                      f"{r['tpr_at_1pct_fpr']:.3f} | {r['wall_s']:.1f} |")
     lines += ["", "| update seen by the attacker | fraction of labels recovered (iDLG, one example, one step) |", "|---|---|"]
     lines += [f"| {r['noise']} | {r['label_accuracy']:.2f} (of {r['n']}) |" for r in labels]
-    if mia:
-        lines += ["", "| membership attack on the non-private run | reference models | AUC | TPR@1%FPR | wall s (references) |", "|---|---|---|---|---|"]
-        lines += [f"| {r['attack']} | {r['references']} | {r['auc']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | {r['wall_s']:.1f} |" for r in mia]
-    if tokens:
-        lines += ["", "| update seen by the attacker (client 0) | tokens recovered | true tokens | precision | recall |", "|---|---|---|---|---|"]
-        lines += [f"| {r['update']} | {r['recovered']} | {r['true']} | {r['precision']:.3f} | {r['recall']:.3f} |" for r in tokens]
     lines += ["", "| payload | d | clients | dropped | bytes up (all phases) | bytes down | plain float32 up | SecAgg wall s | plain fixed-point sum s |",
               "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['payload']} | {r['d']} | {r['clients']} | {r['dropped']} | {r['bytes_up']:,} | {r['bytes_down']:,} | "
@@ -268,35 +262,61 @@ def table(dp: list[dict], labels: list[dict], sa: list[dict], mia: list[dict] | 
     return "\n".join(lines)
 
 
+def attack_table(mia: list[dict], tokens: list[dict]) -> str:
+    lines = ["| membership attack on the non-private run | reference models | AUC | TPR@1%FPR | wall s (reference runs) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['attack']} | {r['references']} | {r['auc']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | {r['wall_s']:.1f} |" for r in mia]
+    lines += ["", "| update seen by the attacker (client 0) | tokens recovered | true tokens | precision | recall |", "|---|---|---|---|---|"]
+    lines += [f"| {r['update']} | {r['recovered']} | {r['true']} | {r['precision']:.3f} | {r['recall']:.3f} |" for r in tokens]
+    return "\n".join(lines)
+
+
+def write_block(marker: str, text: str) -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "privacy.md"
+    body = doc.read_text()
+    pattern = rf"<!-- {marker} -->.*<!-- /{marker} -->"
+    if not re.search(pattern, body, flags=re.S):
+        raise SystemExit(f"docs/privacy.md has no <!-- {marker} --> block")
+    doc.write_text(re.sub(pattern, lambda m: f"<!-- {marker} -->\n{text}\n<!-- /{marker} -->", body, flags=re.S))
+    print(f"wrote the {marker} block of {doc}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/privacy")
     ap.add_argument("--write-doc", action="store_true")
     ap.add_argument("--skip-sample", action="store_true", help="leave out the DP-SGD rows (one backward pass per example: slow)")
+    ap.add_argument("--attacks-only", action="store_true", help="only the non-private run, offline LiRA and token recovery (the attacks block)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "toy.csv"
     toy_csv(csv)
     torch.set_num_threads(2)
-    dp, wb = privacy_rows(csv, out, not args.skip_sample)
-    labels = label_rows(wb)
-    mia = lira_rows(csv, wb, out)
-    tokens = token_rows(csv, out)
-    lora_d = sum(v.numel() for v in wb.template.values())
-    sa = secagg_rows({"tiny LoRA (this job)": lora_d, "MiniLM LoRA r=8 + head (quickstart size)": 74_498})
-    text = table(dp, labels, sa, mia, tokens)
     import resource
 
+    if args.attacks_only:
+        wb = Workbench(from_dict(base(csv)))
+        print(run(base(csv), wb, out / "client_epsinf", keep=TARGET), flush=True)
+        text = attack_table(lira_rows(csv, wb, out), token_rows(csv, out))
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        text += f"\n\n(attacks-only process CPU time: {cpu.ru_utime + cpu.ru_stime:.0f} s)"
+        print(text)
+        if args.write_doc:
+            write_block("attacks", text)
+        return
+    dp, wb = privacy_rows(csv, out, not args.skip_sample)
+    labels = label_rows(wb)
+    attacks = attack_table(lira_rows(csv, wb, out), token_rows(csv, out))
+    lora_d = sum(v.numel() for v in wb.template.values())
+    sa = secagg_rows({"tiny LoRA (this job)": lora_d, "MiniLM LoRA r=8 + head (quickstart size)": 74_498})
+    text = table(dp, labels, sa)
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     text += f"\n\n(benchmark process CPU time: {cpu.ru_utime + cpu.ru_stime:.0f} s)"
     print(text)
+    print(attacks)
     if args.write_doc:
-        doc = Path(__file__).resolve().parent.parent / "docs" / "privacy.md"
-        body = doc.read_text()
-        new = re.sub(r"<!-- table -->.*<!-- /table -->", lambda m: f"<!-- table -->\n{text}\n<!-- /table -->", body, flags=re.S)
-        doc.write_text(new)
-        print(f"wrote {doc}", file=sys.stderr)
+        write_block("table", text)
+        write_block("attacks", attacks)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,51 @@ def test_loopback_tls_registered_nodes_train_impersonator_and_unregistered_refus
     assert rows[-1]["clients"] == [0, 1]  # the registered, correctly bound nodes trained
     failed = rows[-1]["failed"]
     assert [f["cid"] for f in failed] == [2] and "no admitted node" in failed[0]["error"]
+
+
+def test_transport_admits_by_key_and_fails_the_unserved_client(tmp_path, monkeypatch):
+    """FlowerTransport.discover/exchange on a stand-in Grid: three nodes (keys of clients
+    0 and 1 claiming themselves, client 2's key claiming 0); client 2 gets a failed reply
+    and nodes.jsonl holds the three verdicts."""
+    pytest.importorskip("flwr")
+    from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives import serialization as ser
+
+    from fedfm.config import FlowerConfig
+    from fedfm.core.protocols import Envelope
+    from fedfm.runtime.flower.payload import CONFIG_KEY
+    from fedfm.runtime.flower import transport as transport_module
+    from fedfm.runtime.flower.transport import FlowerTransport
+
+    # a Flower Message needs a running ServerApp; the stand-in Grid reads only these fields
+    monkeypatch.setattr(transport_module, "message", lambda conf, data, node, kind: SimpleNamespace(
+        metadata=SimpleNamespace(dst_node_id=node, message_type=kind)))
+
+    pubs = [generate_node_key(tmp_path, f"k{c}")[1] for c in range(3)]
+    pem = [ser.load_ssh_public_key(p.read_bytes()).public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo) for p in pubs]
+    claims = {100: 0, 101: 1, 102: 0}  # node 102 holds client 2's key
+    keys = {100: pem[0], 101: pem[1], 102: pem[2]}
+
+    class Grid:
+        def get_nodes(self):
+            return [SimpleNamespace(node_id=n, public_key=k) for n, k in keys.items()]
+
+        def send_and_receive(self, messages, timeout=None):
+            out = []
+            for m in messages:
+                node = m.metadata.dst_node_id
+                assert m.metadata.message_type == "query", "only the client-id query reaches a node here"
+                out.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
+                                           content={CONFIG_KEY: {"cid": claims[node]}}))
+            return out
+
+    cfg = FlowerConfig(mode="deployment", wait_for_nodes_s=1, nodes={c: str(p) for c, p in enumerate(pubs)})
+    tr = FlowerTransport(Grid(), 3, cfg, "deployment", record=tmp_path / "nodes.jsonl")
+    assert tr.discover() == {0: 100, 1: 101}
+    tr.nodes = {0: 100, 1: 101}
+    replies = tr.exchange([Envelope(2, "train", {}, b"")])
+    assert replies[2].error.startswith("no admitted node serves client 2")
+    rows = [json.loads(line) for line in (tmp_path / "nodes.jsonl").read_text().splitlines()]
+    assert [(r["node_id"], r["admitted"]) for r in rows] == [(100, True), (101, True), (102, False)]
+    assert rows[2]["reason"] == "impersonation: its key is bound to client 2, it claims client 0"

@@ -164,9 +164,8 @@ def register_command(flwr: str, public_key: str | Path, superlink: str | None) -
 
 def register_keys(public_keys: Mapping[int, str | Path], superlink: str | None, env: dict[str, str] | None = None) -> dict[int, int]:
     """Register every node's public key on the SuperLink; returns cid -> Flower node id.
-    Raises with Flower's message when a registration fails (e.g. the key is already
-    registered, or the SuperLink runs without ``--enable-supernode-auth`` and refuses
-    Control-API registration)."""
+    Raises with Flower's output when a registration fails (e.g. the key is already
+    registered, or the connection is wrong)."""
     from fedfm.runtime.flower.deployment import flower_bin, flower_env
 
     out = {}
