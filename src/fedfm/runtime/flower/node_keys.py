@@ -26,7 +26,10 @@ Two layers, each enforcing a different thing:
 Without layer 1 (SuperNodes self-register their own keys) layer 2 still refuses unbound
 keys and impersonation, but then anyone can make the SuperLink *accept a connection*; with
 both, an unregistered node cannot even connect. What neither layer can tell apart: a node
-that holds a stolen private key of client ``c`` is client ``c``.
+that holds a stolen private key of client ``c`` is client ``c``. Read in Flower 1.42's
+source, not tested here: the SuperLink checks that a reply answers a message sent to the
+node named as its source, but not that this source is the node that pushed it; a forged
+reply would need the id of a message sent to the other node, which only that node pulls.
 
 Keys are EC P-384 in OpenSSH format (what ``flwr supernode register`` and
 ``flower-supernode`` read), written with ``cryptography``.
