@@ -1,13 +1,16 @@
 """Privacy figures on a REDUCED job: accuracy and membership inference at several epsilons
 (client-level DP-FedAvg and sample-level DP-SGD), label recovery with and without noise,
-and the cost of secure aggregation per round.
+offline LiRA beside the loss threshold, token recovery from the word-embedding update (full
+fine-tuning vs LoRA), and the cost of secure aggregation per round.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy [--write-doc]
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy --secagg-rounds-only [--write-doc]
+    PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy --attacks-only [--write-doc]
 
 ``--secagg-rounds-only`` runs only the rounds with and without secure aggregation
 (``exchanges: secagg``) on the same job and writes only their table (bytes and wall time
-per phase).
+per phase); ``--attacks-only`` only the non-private run, offline LiRA and token recovery
+(the attacks block).
 
 The reduced job (not the quickstart): the tiny random-init BERT of the tests (hidden 32,
 2 layers, MiniLM's tokenizer), LoRA r=4 on query/value plus the head, the toy sentiment
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -33,7 +37,9 @@ import pandas as pd
 import torch
 
 from fedfm.attacks.label_recovery import head_bias_name, single_label
+from fedfm.attacks.lira import offline_lira_attack
 from fedfm.attacks.membership import loss_threshold_attack
+from fedfm.attacks.token_recovery import batch_tokens, precision_recall, recover_tokens
 from fedfm.config import from_dict
 from fedfm.core.types import Instruction
 from fedfm.learners.local import LocalLearner
@@ -50,6 +56,7 @@ from fedfm.runtime.workbench import Workbench
 DELTA = 1e-5
 EPSILONS = [math.inf, 8.0, 4.0, 1.0]
 CLIENT_CLIP, SAMPLE_CLIP = 0.5, 1.0
+TARGET: dict = {}  # the non-private run's final state: the target of offline LiRA
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
 
 
@@ -77,10 +84,12 @@ def base(csv: Path) -> dict:
     }
 
 
-def run(raw: dict, wb: Workbench, out: Path) -> dict:
+def run(raw: dict, wb: Workbench, out: Path, keep: dict | None = None) -> dict:
     t0 = time.perf_counter()
     rt = LocalRuntime(from_dict(raw), out, workbench=wb, overwrite=True)
     rt.run()
+    if keep is not None:
+        keep["state"] = rt.final_state
     rows = read_metrics(out / "metrics.jsonl")
     members = wb.examples(0)
     test = wb._rows(wb.federation.test_indices.tolist())[: len(members)]
@@ -99,7 +108,7 @@ def privacy_rows(csv: Path, out: Path, sample: bool) -> list[dict]:
         if eps < math.inf:
             raw["server_steps"] = [{"name": "dp_clip", "clip_norm": CLIENT_CLIP},
                                    {"name": "dp_noise", "target_epsilon": eps, "delta": DELTA}]
-        r = run(raw, wb, out / f"client_eps{eps}")
+        r = run(raw, wb, out / f"client_eps{eps}", keep=TARGET if eps == math.inf else None)
         rows.append({"setting": "client-level DP-FedAvg", "target": eps, "clip": CLIENT_CLIP, **r})
         print(rows[-1], flush=True)
     if not sample:
@@ -119,6 +128,46 @@ def privacy_rows(csv: Path, out: Path, sample: bool) -> list[dict]:
         rows.append({"setting": f"sample-level DP-SGD (sigma {sigma:.3f})", "target": eps, "clip": SAMPLE_CLIP, **r})
         print(rows[-1], flush=True)
     return rows, wb
+
+
+REFERENCES = 4
+
+
+def lira_rows(csv: Path, wb: Workbench, out: Path) -> list[dict]:
+    """Loss threshold vs offline LiRA against the non-private run of the reduced job.
+    Candidates: client 0's training examples (members) vs as many test examples. Reference
+    (OUT) models: the same recipe (4 clients by group, 2 rounds, ...) on a random half of
+    the population (the rows of clients 1-3: no candidate), seeds 1..REFERENCES."""
+    members = wb.examples(0)
+    test = wb._rows(wb.federation.test_indices.tolist())[: len(members)]
+    members = members[: len(test)]
+    taken = set(wb.clients[0].indices) | set(wb.federation.test_indices.tolist())
+    frame = wb.federation.frame
+    population = frame.iloc[[i for i in range(len(frame)) if i not in taken]]
+    refs = []
+    t0 = time.perf_counter()
+    for k in range(1, REFERENCES + 1):
+        half = population.sample(frac=0.5, random_state=k)  # the references differ by their data
+        path = out / f"population_{k}.csv"
+        half[["text", "label", "group"]].to_csv(path, index=False)
+        raw = base(path)  # seed 0 as the target: the same (random-init) base model and LoRA init
+        raw["federation"]["test_examples"] = 8
+        ref_wb = Workbench(from_dict(raw))
+        mine, theirs = wb.model.state_dict(), ref_wb.model.state_dict()
+        same = all(torch.equal(mine[n], theirs[n]) for n in mine if "lora" not in n and "classifier" not in n)
+        assert same, "reference run's base model differs from the target's"
+        rt = LocalRuntime(from_dict(raw), out / f"reference_{k}", workbench=ref_wb, overwrite=True)
+        rt.run()
+        refs.append(rt.final_state)
+    wall = time.perf_counter() - t0
+    loss = loss_threshold_attack(wb, TARGET["state"], members, test)
+    rows = [{"attack": "loss threshold", **loss, "references": 0, "wall_s": 0.0}]
+    for fixed in (False, True):
+        r = offline_lira_attack(wb, TARGET["state"], refs, members, test, fixed_variance=fixed)
+        name = "offline LiRA, " + ("global variance" if fixed else "per-example variance")
+        rows.append({"attack": name, **r, "wall_s": wall})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def label_rows(wb: Workbench, n: int = 30) -> list[dict]:
@@ -145,6 +194,36 @@ def label_rows(wb: Workbench, n: int = 30) -> list[dict]:
         out.append({"noise": name, "label_accuracy": hits / n, "n": n})
         print(out[-1], flush=True)
     return out
+
+
+def token_rows(csv: Path, out: Path) -> list[dict]:
+    """Token recovery from the word-embedding rows of client 0's update on the reduced job
+    with full fine-tuning (one batch of 8 after one SGD step; its whole first round: 2
+    epochs of AdamW, lr 0.05), the same with a distributed-DP share, and LoRA q/v."""
+    raw = base(csv)
+    raw["peft"] = {"method": "full"}
+    full_wb = Workbench(from_dict(raw))
+    lora_wb = Workbench(from_dict(base(csv)))
+    rows = []
+
+    def one(name, wb, examples, train, noise=False):
+        ctx = wb.context(0, 1)
+        ctx.examples = examples
+        ctx.train = wb.exp.train.model_copy(update=train)
+        upd = LocalLearner().local_update(Instruction(1, 0, wb.initial_state()), ctx)
+        if noise:
+            upd = DpClientNoise(DpClientNoiseParams(clip_norm=0.5, noise_multiplier=1.0, clients_per_round=4)).after_train(upd, ctx)
+        pr = precision_recall(recover_tokens(upd.payload), batch_tokens(wb, examples))
+        rows.append({"update": name, **pr})
+        print(rows[-1], flush=True)
+
+    sgd = {"optimizer": "sgd", "lr": 0.1, "steps": 1, "batch_size": 8, "max_grad_norm": None}
+    ex = full_wb.examples(0)
+    one("full FT, one batch of 8, one SGD step", full_wb, ex[:8], sgd)
+    one("full FT, client 0's round (2 epochs AdamW, all its examples)", full_wb, ex, {})
+    one("full FT, same round + distributed-DP share sigma 1, C 0.5, m 4", full_wb, ex, {}, noise=True)
+    one("LoRA q/v + head, same round", lora_wb, lora_wb.examples(0), {})
+    return rows
 
 
 def secagg_rows(lengths: dict[str, int], n: int = 8, dropped: int = 2) -> list[dict]:
@@ -287,12 +366,21 @@ def table(dp: list[dict], labels: list[dict], sa: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def attack_table(mia: list[dict], tokens: list[dict]) -> str:
+    lines = ["| membership attack on the non-private run | reference models | AUC | TPR@1%FPR | wall s (reference runs) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['attack']} | {r['references']} | {r['auc']:.3f} | {r['tpr_at_1pct_fpr']:.3f} | {r['wall_s']:.1f} |" for r in mia]
+    lines += ["", "| update seen by the attacker (client 0) | tokens recovered | true tokens | precision | recall |", "|---|---|---|---|---|"]
+    lines += [f"| {r['update']} | {r['recovered']} | {r['true']} | {r['precision']:.3f} | {r['recall']:.3f} |" for r in tokens]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/privacy")
     ap.add_argument("--write-doc", action="store_true")
     ap.add_argument("--skip-sample", action="store_true", help="leave out the DP-SGD rows (one backward pass per example: slow)")
     ap.add_argument("--secagg-rounds-only", action="store_true", help="only the rounds with and without secure aggregation")
+    ap.add_argument("--attacks-only", action="store_true", help="only the non-private run, offline LiRA and token recovery (the attacks block)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,23 +395,30 @@ def main() -> None:
         if args.write_doc:
             write_block("secagg-rounds", text)
         return
+    if args.attacks_only:
+        wb = Workbench(from_dict(base(csv)))
+        print(run(base(csv), wb, out / "client_epsinf", keep=TARGET), flush=True)
+        text = attack_table(lira_rows(csv, wb, out), token_rows(csv, out))
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        text += f"\n\n(attacks-only process CPU time: {cpu.ru_utime + cpu.ru_stime:.0f} s)"
+        print(text)
+        if args.write_doc:
+            write_block("attacks", text)
+        return
     dp, wb = privacy_rows(csv, out, not args.skip_sample)
     labels = label_rows(wb)
+    attacks = attack_table(lira_rows(csv, wb, out), token_rows(csv, out))
     lora_d = sum(v.numel() for v in wb.template.values())
     sa = secagg_rows({"tiny LoRA (this job)": lora_d, "MiniLM LoRA r=8 + head (quickstart size)": 74_498})
     rounds_text = secagg_round_table(secagg_round_rows(csv, out / "secagg_rounds", wb))
     text = table(dp, labels, sa)
-    import resource
-
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     text += f"\n\n(benchmark process CPU time: {cpu.ru_utime + cpu.ru_stime:.0f} s)"
     print(text)
+    print(attacks)
     if args.write_doc:
-        doc = Path(__file__).resolve().parent.parent / "docs" / "privacy.md"
-        body = doc.read_text()
-        new = re.sub(r"<!-- table -->.*<!-- /table -->", lambda m: f"<!-- table -->\n{text}\n<!-- /table -->", body, flags=re.S)
-        doc.write_text(new)
-        print(f"wrote {doc}", file=sys.stderr)
+        write_block("table", text)
+        write_block("attacks", attacks)
         write_block("secagg-rounds", rounds_text)
 
 

@@ -85,3 +85,93 @@ def test_loss_threshold_attack_finds_overfitted_members(tmp_path):
     after = loss_threshold_attack(wb, trained, members, nonmembers)
     assert after["auc"] > 0.8 and after["auc"] > before["auc"]
     assert 0.0 <= after["tpr_at_1pct_fpr"] <= 1.0
+
+
+def full_ft_update(tmp_path, examples_of, method="full"):
+    raw = tiny_config(tmp_path, **{"train.optimizer": "sgd", "train.lr": 0.1,
+                                   "train.max_grad_norm": None, "train.steps": 1, "train.batch_size": 2})
+    if method == "full":
+        raw["peft"] = {"method": "full"}
+    exp = from_dict(raw)
+    wb = Workbench(exp)
+    batch = examples_of(wb)
+    ctx = wb.context(0, 1)
+    ctx.examples = batch
+    return wb, batch, LocalLearner().local_update(Instruction(1, 0, wb.initial_state()), ctx)
+
+
+def test_token_set_of_a_two_example_batch_from_the_embedding_update(tmp_path):
+    from fedfm.attacks.token_recovery import batch_tokens, embedding_name, precision_recall, recover_tokens
+
+    wb, batch, upd = full_ft_update(tmp_path, lambda wb: wb.examples(0)[:2])
+    texts = wb.federation.frame.iloc[list(wb.clients[0].indices[:2])]["text"].tolist()
+    # By hand: "the film was w1 w2 w3 w4" for each example, every word one WordPiece of
+    # MiniLM's vocabulary, plus [CLS] and [SEP]: the batch's distinct tokens are
+    # {[CLS], [SEP], the, film, was} (5, shared) + the distinct sentiment words of both.
+    words = {w for t in texts for w in t.split()[3:]}
+    hand = {wb.tokenizer.convert_tokens_to_ids(w) for w in ["[CLS]", "[SEP]", "the", "film", "was", *words]}
+    assert len(hand) == 5 + len(words) and wb.tokenizer.unk_token_id not in hand
+    assert batch_tokens(wb, batch) == hand
+    assert embedding_name(upd.payload) is not None
+    got = recover_tokens(upd.payload)
+    assert got == hand, (texts, sorted(wb.tokenizer.convert_ids_to_tokens(sorted(got))))
+    assert precision_recall(got, hand) == {"precision": 1.0, "recall": 1.0, "recovered": len(hand), "true": len(hand)}
+
+
+def test_lora_update_has_no_embedding_rows(tmp_path):
+    from fedfm.attacks.token_recovery import batch_tokens, embedding_name, precision_recall, recover_tokens
+
+    wb, batch, upd = full_ft_update(tmp_path, lambda wb: wb.examples(0)[:2], method="lora")
+    assert embedding_name(upd.payload) is None and recover_tokens(upd.payload) == set()
+    pr = precision_recall(set(), batch_tokens(wb, batch))
+    assert pr["recall"] == 0.0 and pr["recovered"] == 0
+    # precision/recall by hand: 2 of 3 recovered ids are true, 2 of 4 true ids recovered
+    assert precision_recall({1, 2, 9}, {1, 2, 3, 4}) == {"precision": 2 / 3, "recall": 0.5, "recovered": 3, "true": 4}
+
+
+def test_offline_lira_by_hand():
+    from fedfm.attacks.lira import logit_scale, offline_scores
+
+    # phi = z_y - logsumexp(other logits): [2, 0] label 0 -> 2 (= log(p/(1-p)), p = e^2/(e^2+1));
+    # [1, 0] label 1 -> 0 - 1 = -1; [1, 0, 0] label 0 -> 1 - log(e^0 + e^0) = 1 - log 2
+    assert logit_scale(np.array([[2.0, 0.0], [1.0, 0.0]]), [0, 1]) == pytest.approx([2.0, -1.0])
+    assert logit_scale(np.array([[1.0, 0.0, 0.0]]), [0]) == pytest.approx([1 - np.log(2)])
+    # candidate A: OUT confidences 1, 2, 3 -> mu 2, sigma sqrt(2/3) = 0.8165 (ddof 0); observed 3:
+    #   z = 1 / 0.8165 = 1.2247, Phi(1.2247) = 0.889664
+    # candidate B: OUT 0, 0.5, 1 -> mu 0.5, sigma sqrt(1/6) = 0.4082; observed 0: z = -1.2247, Phi = 0.110336
+    ref = np.array([[1.0, 0.0], [2.0, 0.5], [3.0, 1.0]])
+    assert offline_scores(np.array([3.0, 0.0]), ref) == pytest.approx([0.889664, 0.110336], abs=1e-6)
+    # fixed variance: pooled sigma^2 = (1 + 0 + 1 + 0.25 + 0 + 0.25) / 6 = 2.5/6, sigma 0.6455:
+    #   A: z = 1 / 0.6455 = 1.5492, Phi = 0.939332; B: z = -0.5 / 0.6455 = -0.7746, Phi = 0.219289
+    assert offline_scores(np.array([3.0, 0.0]), ref, fixed_variance=True) == pytest.approx([0.939332, 0.219289], abs=1e-6)
+    with pytest.raises(ValueError, match="1 reference model"):
+        offline_scores(np.array([3.0]), np.array([[1.0]]))
+    with pytest.raises(ValueError, match="must be"):
+        offline_scores(np.array([3.0, 0.0]), np.array([[1.0, 2.0, 3.0]]))
+
+
+def test_offline_lira_separates_members_on_an_overfit_tiny_model(tmp_path):
+    # Target: 16 examples with random labels memorised in 25 full-batch AdamW steps.
+    # Reference (OUT) models: the same recipe on 4 other random 16-example draws from the
+    # population (client 0's examples after the first 16), which holds no candidate.
+    from fedfm.attacks.lira import offline_lira_attack
+
+    exp = from_dict(tiny_config(tmp_path, **{"train.lr": 0.05, "train.steps": 25, "train.batch_size": 16}))
+    wb = Workbench(exp)
+    rng = np.random.default_rng(0)
+    relabel = lambda es: [{**e, "label": int(rng.integers(0, 2))} for e in es]  # noqa: E731
+    members, nonmembers = relabel(wb.examples(0)[:16]), relabel(wb.examples(1)[:16])
+    population = wb.examples(0)[16:]
+
+    def train(examples, k):
+        ctx = wb.context(0, k + 1)
+        ctx.examples = examples
+        upd = LocalLearner().local_update(Instruction(k + 1, 0, wb.initial_state()), ctx)
+        return {n: v + upd.payload[n] for n, v in wb.initial_state().items()}
+
+    target = train(members, 0)
+    refs = [train(relabel([population[i] for i in rng.choice(len(population), 16, replace=False)]), k + 1) for k in range(4)]
+    got = offline_lira_attack(wb, target, refs, members, nonmembers)
+    assert got["references"] == 4 and got["auc"] > 0.8, got
+    fixed = offline_lira_attack(wb, target, refs, members, nonmembers, fixed_variance=True)
+    assert fixed["auc"] > 0.8, fixed

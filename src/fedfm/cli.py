@@ -222,6 +222,51 @@ def flower_submit(
     raise typer.Exit(done.returncode)
 
 
+@flower_app.command("keys")
+def flower_keys(
+    out: Annotated[Path, typer.Option(help="directory for node-<cid> (private) and node-<cid>.pub")],
+    clients: Annotated[int, typer.Option(help="how many client ids (0..clients-1)")],
+):
+    """Make one SuperNode key pair per client (EC P-384, OpenSSH) and print the
+    runtime.flower.nodes block that binds each client id to its public key."""
+    from fedfm.runtime.flower.node_keys import generate_node_key
+
+    console.print("runtime:\n  flower:\n    nodes:")
+    for cid in range(clients):
+        _, public = generate_node_key(out, f"node-{cid}")
+        console.print(f"      {cid}: {public.resolve()}")
+
+
+@flower_app.command("register")
+def flower_register(
+    config: Path,
+    superlink: Annotated[Optional[str], typer.Option(help="connection name (default: runtime.flower.superlink)")] = None,
+    override: Overrides = None,
+):
+    """Register every public key of runtime.flower.nodes on the SuperLink (`flwr supernode
+    register`; the SuperLink runs with --enable-supernode-auth) and print the node ids."""
+    import tempfile
+
+    exp = _load(config, override)
+    from fedfm.runtime.flower.node_keys import key_text, register_keys
+
+    if not exp.runtime.flower.nodes:
+        console.print("[red]error:[/] runtime.flower.nodes is empty: nothing to register")
+        raise typer.Exit(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for cid, value in exp.runtime.flower.nodes.items():
+            files[cid] = Path(tmp) / f"node-{cid}.pub"
+            files[cid].write_text(key_text(value) + "\n")
+        try:
+            ids = register_keys(files, superlink or exp.runtime.flower.superlink)
+        except RuntimeError as exc:
+            console.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+    for cid, node in ids.items():
+        console.print(f"client {cid}: node {node}")
+
+
 @data_app.command("describe")
 def data_describe(config: Path, override: Overrides = None):
     """Print one row per client: size, groups and label histogram; the label-to-id mapping

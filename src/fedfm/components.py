@@ -90,6 +90,9 @@ def combination_problems(exp) -> list[str]:
     from fedfm.privacy.checks import privacy_problems
 
     problems += privacy_problems(exp)
+    from fedfm.runtime.flower.node_keys import config_problems as node_key_problems
+
+    problems += node_key_problems(exp)
     problems += objective_problems(exp)
     from fedfm.ip.waffle import waffle_config_problems
 

@@ -253,6 +253,11 @@ class FlowerConfig(Strict):
     round_timeout_s: float = Field(3600.0, gt=0)  # replies not back by then are dropped
     keep_model: bool = True  # cache the loaded base model in a long-lived ClientApp process
     verbose: bool = False
+    nodes: dict[int, str] | None = Field(
+        None,
+        description="deployment: fedfm client id -> that SuperNode's public key (an OpenSSH EC key file, "
+        "or the key line itself); a node is admitted only for the client its key is bound to (runtime/flower/node_keys.py)",
+    )
 
 
 class RuntimeConfig(Strict):

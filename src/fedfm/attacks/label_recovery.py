@@ -10,7 +10,7 @@ p_bar the mean predicted distribution, estimated by the attacker from the global
 on data of its own. Both are computed from the delta of the head bias only, which every
 PEFT method of fedfm trains and sends (the head is trainable under LoRA too).
 
-Not implemented: recovering the tokens of a batch from the word-embedding gradient.
+The tokens of a batch, from the word-embedding rows of the update: ``token_recovery``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ attack: ROC AUC and the true-positive rate at a low false-positive rate (Carlini
 
 The attacker scores each candidate example by minus the federated model's loss on it (a
 training example tends to have a lower loss) and calls it a member above a threshold.
-The calibrated attack of the issue (reference models, offline LiRA) is not implemented.
+The calibrated attack (reference models, offline LiRA) is ``attacks/lira.py``.
 
 ``roc_auc`` and ``tpr_at_fpr`` are pure functions of the two score lists; scores are
 "higher means member".

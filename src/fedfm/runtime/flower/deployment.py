@@ -9,6 +9,9 @@ owner starts its own SuperNode); these helpers build what those commands need:
   default, ``--insecure`` only when asked (loopback demos);
 - ``write_connection``: a SuperLink connection in the Flower Configuration
   (``$FLWR_HOME/config.toml``) that ``flwr run`` reads;
+- node keys (``node_keys``): ``supernode_auth`` / ``auth_key`` start the SuperLink with
+  Flower's SuperNode authentication and a SuperNode with its key; ``runtime.flower.nodes``
+  binds each client id to its node's key (its key text travels in the run config);
 - ``submit``: ``flwr run`` on the shipped app (``app/pyproject.toml``) with the
   experiment passed through the run config (keys ``experiment`` and ``out``).
 """
@@ -87,8 +90,12 @@ def _tls_args(certs: dict[str, str] | None, insecure: bool, flags: dict[str, str
     return [arg for key, flag in flags.items() for arg in (flag, str(certs[key]))]
 
 
-def superlink_command(port: int, certs: dict[str, str] | None = None, insecure: bool = False, host: str = "127.0.0.1") -> list[str]:
-    """``flower-superlink``: Fleet, Control and Runtime APIs on ``host:port`` (Flower 1.42)."""
+def superlink_command(port: int, certs: dict[str, str] | None = None, insecure: bool = False, host: str = "127.0.0.1", supernode_auth: bool = False) -> list[str]:
+    """``flower-superlink``: Fleet, Control and Runtime APIs on ``host:port`` (Flower 1.42).
+    ``supernode_auth``: only SuperNodes whose public keys were registered with ``flwr
+    supernode register`` may connect (``--enable-supernode-auth``; Flower requires TLS)."""
+    if supernode_auth and insecure:
+        raise ValueError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with --insecure)")
     tls = _tls_args(certs, insecure, {"ca": "--ssl-ca-certfile", "cert": "--ssl-certfile", "key": "--ssl-keyfile"})
     return [
         flower_bin("flower-superlink"),
@@ -96,6 +103,7 @@ def superlink_command(port: int, certs: dict[str, str] | None = None, insecure: 
         "--host", host,
         "--port", str(port),
         "--disable-runtime-dependency-installation",
+        *(["--enable-supernode-auth"] if supernode_auth else []),
     ]  # fmt: skip
 
 
@@ -107,8 +115,11 @@ def supernode_command(
     ca: str | Path | None = None,
     insecure: bool = False,
     store_dir: str | Path | None = None,
+    auth_key: str | Path | None = None,
 ) -> list[str]:
-    """``flower-supernode`` for one data owner; its node config names the client and its data."""
+    """``flower-supernode`` for one data owner; its node config names the client and its data.
+    ``auth_key``: the node's private key (OpenSSH EC, ``fedfm flower keys``), with which it
+    signs every request to the SuperLink (``--auth-supernode-private-key``)."""
     node = [f"cid={int(cid)}"]
     if data_path is not None:
         node.append(f'data-path="{Path(data_path).resolve()}"')
@@ -123,6 +134,7 @@ def supernode_command(
         "--superlink", superlink,
         "--port", str(port),
         "--node-config", " ".join(node),
+        *(["--auth-supernode-private-key", str(Path(auth_key).expanduser().resolve())] if auth_key else []),
     ]  # fmt: skip
 
 
@@ -158,6 +170,11 @@ def run_config_file(exp, out: str | Path, path: str | Path, resume: bool = False
     if exp.data.path and Path(exp.data.path).expanduser().exists():
         exp = exp.model_copy(deep=True)
         exp.data.path = str(Path(exp.data.path).expanduser().resolve())  # the ServerApp runs elsewhere
+    if exp.runtime.flower.nodes:  # the ServerApp gets the bound keys themselves, not paths on this machine
+        from fedfm.runtime.flower.node_keys import key_text
+
+        exp = exp.model_copy(deep=True)
+        exp.runtime.flower.nodes = {cid: key_text(v) for cid, v in exp.runtime.flower.nodes.items()}
     path = Path(path)
     body = {"experiment": experiment_text(exp), "out": str(Path(out).resolve()), "resume": bool(resume), "overwrite": bool(overwrite)}
     path.write_text(tomli_w.dumps(body))

@@ -3,7 +3,9 @@
 For demos, tests and the loopback benchmark. Every process is started here on a free
 port of 127.0.0.1 and stopped by its PID (its own children, such as ``flower-superexec``,
 first), also when the run fails. TLS with freshly made certificates unless
-``insecure=True``.
+``insecure=True``. ``supernode_auth=True`` starts the SuperLink with Flower's SuperNode
+authentication, registers the public keys in ``register`` (``flwr supernode register``)
+and starts each SuperNode with its private key from ``keys``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class Loopback:
     insecure: bool = False
     name: str = "fedfm-loopback"
     procs: list[subprocess.Popen] = field(default_factory=list)
+    supernode_auth: bool = False  # --enable-supernode-auth: only registered keys may connect
+    keys: list[Path | None] | None = None  # each SuperNode's private key (node_keys.generate_node_key)
+    register: list[Path] = field(default_factory=list)  # public keys to register before the nodes start
 
     def __enter__(self) -> "Loopback":
         try:
@@ -101,14 +106,25 @@ class Loopback:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         link_log = self.workdir / "superlink.log"
-        link = self._spawn(superlink_command(port, self.certs, self.insecure), link_log)
+        link = self._spawn(superlink_command(port, self.certs, self.insecure, supernode_auth=self.supernode_auth), link_log)
         wait_for_port(port, 120, link, link_log)
         ca = None if self.certs is None else self.certs["ca"]
-        for cid, data in enumerate(self.data_paths):
-            store = self.workdir / f"store-{cid}"
-            cmd = supernode_command(self.address, cid, data, free_port(), ca=ca, insecure=self.insecure, store_dir=store)
-            self._spawn(cmd, self.workdir / f"supernode-{cid}.log")
         write_connection(self.flwr_home, self.name, self.address, ca=ca, insecure=self.insecure)
+        if self.register:
+            from fedfm.runtime.flower.node_keys import register_keys
+
+            self.node_ids = register_keys(dict(enumerate(self.register)), self.name, self.env)
+        keys = self.keys or [None] * len(self.data_paths)
+        for cid, (data, key) in enumerate(zip(self.data_paths, keys, strict=True)):
+            self.add_node(cid, data, key)
+
+    def add_node(self, cid: int, data: Path | None, key: Path | None = None, label: str | None = None) -> subprocess.Popen:
+        """Start one more SuperNode that says it serves ``cid`` (tests: an impersonator)."""
+        label = label or str(cid)
+        ca = None if self.certs is None else self.certs["ca"]
+        store = self.workdir / f"store-{label}"
+        cmd = supernode_command(self.address, cid, data, free_port(), ca=ca, insecure=self.insecure, store_dir=store, auth_key=key)
+        return self._spawn(cmd, self.workdir / f"supernode-{label}.log")
 
     def stop(self) -> None:
         for proc in reversed(self.procs):  # SuperNodes first, the SuperLink last

@@ -50,7 +50,7 @@ def make_server_app(defaults: dict[str, Any] | None = None, result: dict[str, An
             torch.set_num_threads(exp.runtime.threads)
         out = str(settings.get("out") or "") or str(Path("runs") / exp.name)
         mode = exp.runtime.flower.mode
-        transport = FlowerTransport(grid, exp.federation.clients, exp.runtime.flower, mode)
+        transport = FlowerTransport(grid, exp.federation.clients, exp.runtime.flower, mode, record=Path(out) / "nodes.jsonl")
         loop = RoundLoop(
             exp, out, transport, Workbench(exp, server_only=True),
             resume=truthy(settings.get("resume", False)),
