@@ -6,6 +6,9 @@ tokenized lazily, per client, the first time that client is asked for them (and 
 a server that never trains (Flower's SuperLink side) encodes only the test set, and a
 federation of 1,000 clients costs memory only for the clients that were sampled.
 
+The model lives on ``runtime.device`` (runtime/device.py); evaluation runs under
+``torch.inference_mode`` in batches sorted by length (``eval.sort_by_length``).
+
 Client profiles (``federation.roles``) and each client's own held-out slice
 (``federation.client_holdout``) are filled in here, identically in every process.
 """
@@ -24,6 +27,7 @@ from fedfm.core.types import State
 from fedfm.data import Federation, build_federation, load_source, resolve_labels
 from fedfm.learners.base import LocalContext
 from fedfm.peft import apply_tuner, get_state, set_state
+from fedfm.runtime.device import DeviceTask, resolve_device
 from fedfm.runtime.roles import apply_profiles
 from fedfm.tasks import build_task
 from fedfm.tasks.limits import check_max_length, position_limit
@@ -55,11 +59,15 @@ class Workbench:
             resolve_labels(exp, self.federation)  # model.num_labels checked (or inferred) before the model loads
         apply_profiles(self.federation.clients, exp.federation.roles, exp.seed)
         split_holdout(self.federation.clients, exp.federation.client_holdout, exp.seed)
+        self.device = resolve_device(exp.runtime.device)  # before the (slow) model load
         self.task = build_task(exp.model.task)
         model, self.tokenizer = self.task.build(exp.model, exp.seed)
         check_max_length(exp.data.max_length, position_limit(model.config))  # before any encoding or training
         torch.manual_seed(derive_seed(exp.seed, 0xADA))
         self.model = apply_tuner(model, exp.peft, exp.model.task)
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+            self.task = DeviceTask(self.task, self.device)
         self.model.eval()
         self.fingerprint = fingerprint(self.model)
         self.template: State = get_state(self.model)  # the initial trainable State (values kept)
@@ -102,8 +110,11 @@ class Workbench:
         )
 
     def batches(self, items: list[dict]) -> list[dict[str, torch.Tensor]]:
-        """Evaluation batches, sorted by length so padding is minimal."""
-        items = sorted(items, key=lambda e: len(e["input_ids"]))
+        """Evaluation batches, sorted by length so padding is minimal (``eval.sort_by_length``;
+        off: in the given order). Metrics are sums over examples, so the order only changes
+        the padding of each batch and the order of the float sum."""
+        if self.exp.eval.sort_by_length:
+            items = sorted(items, key=lambda e: len(e["input_ids"]))
         bs = self.exp.eval.batch_size
         return [self.task.collate(items[i : i + bs], self.tokenizer) for i in range(0, len(items), bs)]
 
@@ -118,6 +129,10 @@ class Workbench:
         return {**self.template, **state} if set(state) != set(self.template) else state
 
     def evaluate(self, state: State, batches: list[dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
+        """Metrics of ``state`` under ``torch.inference_mode`` (the same math as no_grad;
+        the batches are built outside it, so they stay usable for training)."""
         set_state(self.model, self.full_state(state))
         self.model.eval()
-        return self.task.evaluate(self.model, self.eval_batches() if batches is None else batches)
+        batches = self.eval_batches() if batches is None else batches
+        with torch.inference_mode():
+            return self.task.evaluate(self.model, batches)
