@@ -31,6 +31,7 @@ CUDA cannot be used in a forked process, so ``processes`` needs ``runtime.device
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -90,6 +91,8 @@ class _Slot:
     """One worker process, its end of the pipe and the envelope it is serving."""
 
     def __init__(self, env: ClientEnv, threads: int):
+        gc.collect()
+        gc.freeze()  # the parent's objects leave the collector's lists: the child's GC never writes their pages
         ctx = mp.get_context("fork")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(env, child, threads), daemon=True)
