@@ -76,6 +76,12 @@ def combination_problems(exp) -> list[str]:
     from fedfm.tasks.objectives import objective_problems
 
     problems = []
+    from fedfm.learners.speed import speed_problem
+    from fedfm.runtime.concurrent import transport_problem
+
+    for problem in (speed_problem(exp), transport_problem(exp)):
+        if problem is not None:
+            problems.append(problem)
     reason = check_roles(exp.federation.roles, exp.federation.clients)
     if reason is not None:
         problems.append(f"federation.roles: {reason}")

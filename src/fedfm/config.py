@@ -185,6 +185,12 @@ class TrainConfig(Strict):
     steps: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    # Speed switches (docs/speed.md): bf16 autocast of the forward pass (changes the
+    # float math), torch.compile of the model (same math up to kernel fusion), and
+    # length-bucketed batches (changes which examples share a batch).
+    autocast: Literal["bf16"] | None = Field(None, description="bf16: run forward passes under torch.autocast(bfloat16)")
+    compile: bool = Field(False, description="torch.compile the model for training; compile time is logged")
+    bucket_by_length: bool = Field(False, description="batch examples of similar length together (changes batch composition)")
 
 
 class CodecsConfig(Strict):
@@ -198,6 +204,7 @@ class EvalConfig(Strict):
     # Per-client evaluation on each client's own held-out slice (federation.client_holdout),
     # run on the clients through the transport: none, the round's sampled clients, or all.
     clients: Literal["none", "sampled", "all"] = "none"
+    sort_by_length: bool = Field(True, description="evaluation batches of similar length (less padding); metrics are order-free sums")
 
 
 class StragglerConfig(Strict):
@@ -263,6 +270,12 @@ class FlowerConfig(Strict):
 class RuntimeConfig(Strict):
     backend: Literal["local", "flower"] = "local"
     threads: int | None = Field(None, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the base model trains and evaluates (auto: cuda if available)")
+    # The local backend's transport (runtime/concurrent.py): one client at a time, or
+    # several at once in worker processes forked after the base model is loaded.
+    transport: Literal["sequential", "processes"] = "sequential"
+    workers: int | None = Field(None, ge=1, description="worker processes (processes transport); default: CPU cores // threads_per_worker")
+    threads_per_worker: int = Field(1, ge=1, description="torch threads in each worker process")
     progress: bool = True
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
 

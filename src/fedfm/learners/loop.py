@@ -4,15 +4,23 @@ AdamW or SGD, a number of epochs or of steps, batches with dynamic padding, grad
 clipping, and an optional extra loss term (FedProx's proximal term, FedDyn's linear term)
 or gradient correction (SCAFFOLD) supplied by the learner. Seeded: the same
 (seed, round, client) always gives the same batches and dropout masks.
+
+Speed switches (learners/speed.py, all off by default): ``train.autocast``,
+``train.compile``, ``train.bucket_by_length``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable
 
 import torch
 
 from fedfm.learners.base import LocalContext
+from fedfm.learners.speed import autocast, bucketed, compiled
+
+log = logging.getLogger("fedfm.learners")
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
@@ -41,6 +49,10 @@ def train_loop(
     cfg = ctx.train
     model = ctx.model
     params = [p for p in model.parameters() if p.requires_grad]
+    forward, fresh = compiled(model) if getattr(cfg, "compile", False) else (model, False)
+    mode = getattr(cfg, "autocast", None)
+    make_batches = bucketed if getattr(cfg, "bucket_by_length", False) else batches
+    compile_s = None
     opt = make_optimizer(params, cfg)
     gen = torch.Generator().manual_seed(ctx.seed)
     torch.manual_seed(ctx.seed)  # dropout masks
@@ -48,9 +60,11 @@ def train_loop(
     model.train()
     step, seen, loss_sum = 0, 0, 0.0
     while step < total:
-        for items in batches(ctx.examples, cfg.batch_size, gen):
+        for items in make_batches(ctx.examples, cfg.batch_size, gen):
+            t0 = time.perf_counter()
             batch = ctx.task.collate(items, ctx.tokenizer)
-            loss = ctx.task.loss(model, batch)
+            with autocast(model, mode):
+                loss = ctx.task.loss(forward, batch)
             objective = loss + extra_loss() if extra_loss is not None else loss
             opt.zero_grad(set_to_none=True)
             objective.backward()
@@ -59,6 +73,9 @@ def train_loop(
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
+            if fresh and step == 0:
+                compile_s = time.perf_counter() - t0
+                log.info("torch.compile: first training step (compilation included) took %.2f s", compile_s)
             step += 1
             seen += len(items)
             loss_sum += loss.item()
@@ -67,4 +84,7 @@ def train_loop(
             if step >= total:
                 break
     model.eval()
-    return {"train_loss": loss_sum / max(step, 1), "steps": float(step), "examples_seen": float(seen)}
+    out = {"train_loss": loss_sum / max(step, 1), "steps": float(step), "examples_seen": float(seen)}
+    if compile_s is not None:
+        out["compile_s"] = compile_s
+    return out

@@ -4,6 +4,10 @@ with ONE base model in memory for the server's evaluation and every client's tra
 Client state (SCAFFOLD's c_i, error-feedback residuals, what each client last received,
 local parameters) lives in the disk-backed client store under ``DIR/clients``, exactly as
 it would on the data owners' machines.
+
+``runtime.transport`` picks the transport: ``sequential`` (runtime/transport.py, one
+client at a time) or ``processes`` (runtime/concurrent.py, several clients at once in
+worker processes forked after the model is loaded).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 
 from fedfm.runtime.algorithm import build_algorithm
 from fedfm.runtime.client import ClientEnv
+from fedfm.runtime.concurrent import ProcessTransport
 from fedfm.runtime.loop import ResumeError, RoundLoop
 from fedfm.runtime.progress import RunProgress
 from fedfm.runtime.sampling import sample_clients
@@ -36,7 +41,12 @@ class LocalRuntime:
         self.prog = RunProgress(exp.rounds, enabled)
         self.env = ClientEnv.build(exp, self.wb, build_algorithm(exp), ClientStore(self.out / "clients"))
         self.env.on_step = self.prog.step
-        self.transport = InProcessTransport(self.env, on_start=self.prog.start_client, on_end=self.prog.end_client)
+        rt = exp.runtime
+        if rt.transport == "processes":
+            self.transport = ProcessTransport(self.env, rt.workers, rt.threads_per_worker,
+                                              on_start=self.prog.start_client, on_end=self.prog.end_client)
+        else:
+            self.transport = InProcessTransport(self.env, on_start=self.prog.start_client, on_end=self.prog.end_client)
         self.loop = RoundLoop(exp, self.out, self.transport, self.wb, resume=resume, overwrite=overwrite,
                               progress=self.prog, backend="local")
         self.store = self.env.store
@@ -47,7 +57,10 @@ class LocalRuntime:
         return self.loop.final_state
 
     def run(self) -> dict[str, Any]:
-        return self.loop.run()
+        try:
+            return self.loop.run()
+        finally:
+            self.transport.close()  # worker processes, if any
 
 
 def run_local(exp, out: str | Path, progress: bool | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:

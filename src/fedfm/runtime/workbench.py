@@ -9,6 +9,9 @@ once to compute the seeded partition (client sizes, profiles, the test rows), th
 the text of every client row: it holds and encodes only the test set, and asking it for
 a client's examples is an error.
 
+The model lives on ``runtime.device`` (runtime/device.py); evaluation runs under
+``torch.inference_mode`` in batches sorted by length (``eval.sort_by_length``).
+
 Client profiles (``federation.roles``) and each client's own held-out slice
 (``federation.client_holdout``) are filled in here, identically in every process.
 """
@@ -27,6 +30,7 @@ from fedfm.core.types import State
 from fedfm.data import Federation, build_federation, load_source, resolve_labels
 from fedfm.learners.base import LocalContext
 from fedfm.peft import apply_tuner, get_state, set_state
+from fedfm.runtime.device import DeviceTask, resolve_device
 from fedfm.runtime.roles import apply_profiles
 from fedfm.tasks import build_task
 from fedfm.tasks.limits import check_max_length, position_limit
@@ -74,6 +78,7 @@ class Workbench:
         split_holdout(self.federation.clients, exp.federation.client_holdout, exp.seed)
         if server_only:
             drop_client_text(self.federation)
+        self.device = resolve_device(exp.runtime.device)  # before the (slow) model load
         self.task = build_task(exp.model.task)
         model, self.tokenizer = self.task.build(exp.model, exp.seed)
         check_max_length(exp.data.max_length, position_limit(model.config))  # before any encoding or training
@@ -83,6 +88,9 @@ class Workbench:
             load_init(model, exp.model.init_from)
         torch.manual_seed(derive_seed(exp.seed, 0xADA))
         self.model = apply_tuner(model, exp.peft, exp.model.task)
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+            self.task = DeviceTask(self.task, self.device)
         self.model.eval()
         self.fingerprint = fingerprint(self.model)
         self.template: State = get_state(self.model)  # the initial trainable State (values kept)
@@ -134,8 +142,11 @@ class Workbench:
         )
 
     def batches(self, items: list[dict]) -> list[dict[str, torch.Tensor]]:
-        """Evaluation batches, sorted by length so padding is minimal."""
-        items = sorted(items, key=lambda e: len(e["input_ids"]))
+        """Evaluation batches, sorted by length so padding is minimal (``eval.sort_by_length``;
+        off: in the given order). Metrics are sums over examples, so the order only changes
+        the padding of each batch and the order of the float sum."""
+        if self.exp.eval.sort_by_length:
+            items = sorted(items, key=lambda e: len(e["input_ids"]))
         bs = self.exp.eval.batch_size
         return [self.task.collate(items[i : i + bs], self.tokenizer) for i in range(0, len(items), bs)]
 
@@ -150,6 +161,10 @@ class Workbench:
         return {**self.template, **state} if set(state) != set(self.template) else state
 
     def evaluate(self, state: State, batches: list[dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
+        """Metrics of ``state`` under ``torch.inference_mode`` (the same math as no_grad;
+        the batches are built outside it, so they stay usable for training)."""
         set_state(self.model, self.full_state(state))
         self.model.eval()
-        return self.task.evaluate(self.model, self.eval_batches() if batches is None else batches)
+        batches = self.eval_batches() if batches is None else batches
+        with torch.inference_mode():
+            return self.task.evaluate(self.model, batches)

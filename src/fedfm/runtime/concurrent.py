@@ -1,0 +1,198 @@
+"""The process-concurrent in-process transport: several clients trained at once.
+
+``runtime.transport: processes`` with ``runtime.workers`` and
+``runtime.threads_per_worker``. Worker processes are forked from the parent the first
+time the transport is used, that is AFTER the workbench has loaded the base model: they
+share its weights copy-on-write (the frozen weights are never written, so their pages
+stay shared; only the trainable State, the encoded examples of the clients a worker
+served and the optimizer state are private). There is never one model copy per worker.
+
+Each worker runs the one client function (``runtime/client.py`` ``handle``) with
+``torch.set_num_threads(threads_per_worker)`` and sends back the reply. A client's
+training depends only on its message, its seed and its store on disk, so the replies
+are bit-identical to the sequential transport's at the same thread count per client
+(``runtime.threads`` equal to ``threads_per_worker``); the loop reads them in the
+order it sent them, so aggregation sums in the same order too.
+
+A client that raises is a failed reply, as in the sequential transport. A worker that
+dies (``os._exit``, a signal, the kernel's OOM killer) is a failed reply for the client it
+was serving, naming the exit code; a fresh worker is forked in its place and the round
+goes on. The client store lives on disk (runtime/store.py): every message re-establishes
+its client's staging tag, so a client can be served by any worker in any phase.
+
+Written here, not with ``multiprocessing.Pool`` or ``concurrent.futures``: a Pool hangs
+on a worker that dies mid-task, and ``ProcessPoolExecutor`` turns one dead worker into a
+``BrokenProcessPool`` for every outstanding task, where a dead worker must fail exactly
+one client.
+
+CUDA cannot be used in a forked process, so ``processes`` needs ``runtime.device: cpu``
+(refused at config time otherwise).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing as mp
+import os
+import signal
+from multiprocessing.connection import Connection, wait
+from typing import Callable, Sequence
+
+from fedfm.core.protocols import Envelope, Reply
+from fedfm.runtime.client import ClientEnv, handle
+
+log = logging.getLogger("fedfm.runtime")
+
+
+def transport_problem(exp) -> str | None:
+    """``runtime.transport: processes`` settings that cannot work; None when fine."""
+    rt = exp.runtime
+    if rt.transport != "processes":
+        return None
+    if rt.backend != "local":
+        return f"runtime.transport: processes is the local backend's transport; runtime.backend is '{rt.backend}'"
+    if rt.device != "cpu":
+        return (f"runtime.transport: processes needs runtime.device: cpu (got '{rt.device}'): "
+                "CUDA cannot be used in forked worker processes")
+    if "fork" not in mp.get_all_start_methods():
+        return "runtime.transport: processes needs the 'fork' start method, which this platform lacks"
+    return None
+
+
+def default_workers(threads_per_worker: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // threads_per_worker)
+
+
+def _worker(env: ClientEnv, conn: Connection, threads: int) -> None:
+    """A worker's life: answer envelopes until the parent closes the pipe."""
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    torch.set_num_threads(threads)
+    env.on_step = None  # progress bars are the parent's
+    while True:
+        try:
+            envelope = conn.recv()
+        except (EOFError, OSError):
+            return
+        if envelope is None:
+            return
+        try:
+            data, info = handle(env, envelope)
+            reply = Reply(envelope.cid, data=data, info=info)
+        except Exception as exc:  # a client's failure never stops the round
+            reply = Reply(envelope.cid, error=f"{type(exc).__name__}: {exc}")
+        conn.send(reply)
+
+
+class _Slot:
+    """One worker process, its end of the pipe and the envelope it is serving."""
+
+    def __init__(self, env: ClientEnv, threads: int):
+        gc.collect()
+        gc.freeze()  # the parent's objects leave the collector's lists: the child's GC never writes their pages
+        ctx = mp.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(env, child, threads), daemon=True)
+        self.proc.start()
+        child.close()
+        self.busy: Envelope | None = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+class ProcessTransport:
+    name = "local"
+
+    def __init__(
+        self,
+        env: ClientEnv,
+        workers: int | None = None,
+        threads_per_worker: int = 1,
+        on_start: Callable[[int], None] | None = None,
+        on_end: Callable[[], None] | None = None,
+    ):
+        self.env = env
+        self.threads = threads_per_worker
+        self.workers = workers or default_workers(threads_per_worker)
+        self.on_start, self.on_end = on_start, on_end
+        self.slots: list[_Slot] = []
+        self.restarts = 0  # workers forked again after one died
+
+    def _ensure(self) -> None:
+        """Fork the workers now (after the model is loaded), and again for any that died."""
+        for i, slot in enumerate(self.slots):
+            if slot.busy is None and not slot.proc.is_alive():
+                slot.proc.join()
+                slot.conn.close()
+                self.slots[i] = _Slot(self.env, self.threads)
+                self.restarts += 1
+        while len(self.slots) < self.workers:
+            self.slots.append(_Slot(self.env, self.threads))
+
+    def _finish(self, slot: _Slot, reply: Reply, replies: dict[int, Reply]) -> None:
+        replies[slot.busy.cid] = reply
+        slot.busy = None
+        if self.on_end is not None:
+            self.on_end()
+
+    def exchange(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> dict[int, Reply]:
+        replies: dict[int, Reply] = {}
+        queue = list(envelopes)
+        while queue or any(s.busy is not None for s in self.slots):
+            self._ensure()
+            for slot in self.slots:
+                if slot.busy is None and queue:
+                    envelope = queue.pop(0)
+                    if self.on_start is not None:
+                        self.on_start(envelope.cid)
+                    slot.busy = envelope
+                    try:
+                        slot.conn.send(envelope)
+                    except (OSError, ValueError) as exc:
+                        self._finish(slot, Reply(envelope.cid, error=f"worker unreachable: {exc}"), replies)
+            busy = [s for s in self.slots if s.busy is not None]
+            if busy:
+                ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy])
+                for slot in busy:
+                    if slot.conn in ready or slot.proc.sentinel in ready:
+                        self._collect(slot, replies)
+        return replies
+
+    def _collect(self, slot: _Slot, replies: dict[int, Reply]) -> None:
+        """The reply of ``slot``'s client, or a failed reply if its worker died."""
+        try:
+            if slot.conn.poll():
+                self._finish(slot, slot.conn.recv(), replies)
+                return
+        except Exception:  # EOF or a half-written reply: the worker died while sending
+            pass
+        if slot.proc.is_alive():
+            return  # woken by the pipe with nothing to read yet
+        slot.proc.join()
+        code = slot.proc.exitcode
+        cid = slot.busy.cid
+        log.warning("worker process %d serving client %d died (exit code %s); forking a new one", slot.proc.pid, cid, code)
+        self._finish(slot, Reply(cid, error=f"worker process died while serving the client (exit code {code})"), replies)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.stop()
+        self.slots = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,124 @@
+"""The processes transport (runtime/concurrent.py) against the sequential one."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedfm.config import ConfigError, from_dict
+from fedfm.learners.middleware import register_middleware
+from fedfm.runtime.concurrent import ProcessTransport
+from fedfm.runtime.local import LocalRuntime
+from fedfm.runtime.transport import InProcessTransport
+
+PARENT = os.getpid()
+
+
+class ExitInWorker:
+    """Kills the worker process serving this client in round 1 (never the test process)."""
+
+    def __init__(self, params=None):
+        pass
+
+    def before_train(self, examples, ctx):
+        if ctx.round == 1 and os.getpid() != PARENT:
+            os._exit(3)
+        return examples
+
+    def after_train(self, update, ctx):
+        return update
+
+
+class RaiseInRoundOne(ExitInWorker):
+    def before_train(self, examples, ctx):
+        if ctx.round == 1:
+            raise RuntimeError("client refuses round 1")
+        return examples
+
+
+register_middleware("test_exit_in_worker", ExitInWorker)
+register_middleware("test_raise_round_one", RaiseInRoundOne)
+
+
+def _rows(out) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:  # wall times and the process's own peak memory differ by nature
+        for k in ("wall_s", "peak_rss_mb"):
+            r.pop(k, None)
+    return rows
+
+
+def _store_bytes(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.safetensors"))}
+
+
+def test_processes_match_sequential_bit_for_bit(tmp_path):
+    # Client-local parameters (peft.local -> the client store on disk), per-client eval
+    # (the evaluate phase reads the store's accepted writes) and 3 clients on 2 workers.
+    over = {
+        "federation.clients": 3,
+        "federation.client_holdout": 0.2,
+        "eval.clients": "all",
+        "peft.local": ["*classifier.*"],
+        "runtime.threads": 1,
+    }
+    seq = LocalRuntime(from_dict(tiny_config(tmp_path, **over)), tmp_path / "seq")
+    assert isinstance(seq.transport, InProcessTransport)
+    seq.run()
+    par = LocalRuntime(from_dict(tiny_config(tmp_path, **over, **{
+        "runtime.transport": "processes", "runtime.workers": 2, "runtime.threads_per_worker": 1})), tmp_path / "par")
+    assert isinstance(par.transport, ProcessTransport)
+    par.run()
+    assert par.transport.slots == []  # closed after the run
+    for k, v in seq.final_state.items():
+        assert torch.equal(v, par.final_state[k]), k
+    assert _rows(tmp_path / "seq") == _rows(tmp_path / "par")  # updates' loss, bytes, accuracy, client eval
+    seq_store, par_store = _store_bytes(tmp_path / "seq" / "clients"), _store_bytes(tmp_path / "par" / "clients")
+    assert seq_store and seq_store == par_store  # settled local_state files, byte for byte
+
+
+def test_dead_worker_is_a_failed_client_and_the_pool_recovers(tmp_path):
+    raw = tiny_config(tmp_path, **{
+        "federation.clients": 3,
+        "federation.roles": [{"name": "crasher", "cids": [0], "middleware": [{"name": "test_exit_in_worker"}]}],
+        "runtime.transport": "processes", "runtime.workers": 2,
+    })
+    rt = LocalRuntime(from_dict(raw), tmp_path / "run")
+    summary = rt.run()
+    rows = _rows(tmp_path / "run")
+    r1, r2 = rows[1], rows[2]
+    assert [f["cid"] for f in r1["failed"]] == [0]
+    assert "worker process died" in r1["failed"][0]["error"] and "exit code 3" in r1["failed"][0]["error"]
+    assert r1["clients"] == [1, 2]
+    assert r2["failed"] == [] and r2["clients"] == [0, 1, 2]  # a fresh worker served client 0
+    assert rt.transport.restarts == 1
+    assert summary["failed"] == 1 and summary["final"]["accuracy"] is not None
+
+
+def test_client_exception_in_worker_is_a_failed_client(tmp_path):
+    raw = tiny_config(tmp_path, **{
+        "rounds": 1,
+        "federation.roles": [{"name": "refuser", "cids": [1], "middleware": [{"name": "test_raise_round_one"}]}],
+        "runtime.transport": "processes", "runtime.workers": 2,
+    })
+    rt = LocalRuntime(from_dict(raw), tmp_path / "run")
+    rt.run()
+    row = _rows(tmp_path / "run")[1]
+    assert row["failed"] == [{"cid": 1, "error": "RuntimeError: client refuses round 1"}]
+    assert rt.transport.restarts == 0  # the worker lived on
+
+
+@pytest.mark.parametrize("over, key", [
+    ({"runtime.transport": "threads"}, "runtime.transport"),
+    ({"runtime.workers": 0}, "runtime.workers"),
+    ({"runtime.threads_per_worker": 0}, "runtime.threads_per_worker"),
+    ({"runtime.transport": "processes", "runtime.device": "cuda"}, "runtime.transport: processes needs runtime.device: cpu"),
+    ({"runtime.transport": "processes", "runtime.backend": "flower"}, "runtime.transport: processes is the local backend's"),
+])
+def test_transport_config_is_checked(tmp_path, over, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        from_dict(tiny_config(tmp_path, **over))
