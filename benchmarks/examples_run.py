@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/examples_run.py                 # reduced: 1 round, 16 examples per client, 2 local steps
     PYTHONPATH=src python benchmarks/examples_run.py --full          # each example exactly as written
     PYTHONPATH=src python benchmarks/examples_run.py --only 'robustness/*' --only quickstart.yaml
+    PYTHONPATH=src python benchmarks/examples_run.py --skip 'llm/*' --jobs 6 -o runtime.threads=2
 
 An example whose header says to build its data first (a commented ``python -m
 fedfm.data.builders ...`` command, as in examples/llm/) has that command run once before it,
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +78,7 @@ def build_data(example: Path) -> str:
     return ""
 
 
-def run_one(example: Path, full: bool, timeout: float) -> dict:
+def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None = None) -> dict:
     problem = build_data(example)
     if problem:
         return {"example": str(example.relative_to(ROOT / "examples")), "ok": False, "wall_s": 0.0,
@@ -84,9 +86,8 @@ def run_one(example: Path, full: bool, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedfm", "run", str(example), "--out", str(out), "--no-progress"]
-        if not full:
-            for o in REDUCED:
-                cmd += ["-o", o]
+        for o in ([] if full else REDUCED) + list(extra or []):
+            cmd += ["-o", o]
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -105,17 +106,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="run each example unchanged (slow)")
     ap.add_argument("--only", action="append", help="glob on the path under examples/, e.g. 'robustness/*' (repeatable)")
+    ap.add_argument("--skip", action="append", default=[], help="glob of examples to leave out (repeatable)")
+    ap.add_argument("--jobs", type=int, default=1, help="examples run at once, each in its own process")
+    ap.add_argument("-o", "--override", action="append", default=[], help="extra dotted override for every example")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per example")
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
     args = ap.parse_args()
     examples = [p for p in sorted((ROOT / "examples").rglob("*.yaml"))
-                if any(fnmatch.fnmatch(str(p.relative_to(ROOT / "examples")), g) for g in args.only or ["*"])]
+                if any(fnmatch.fnmatch(str(p.relative_to(ROOT / "examples")), g) for g in args.only or ["*"])
+                and not any(fnmatch.fnmatch(str(p.relative_to(ROOT / "examples")), g) for g in args.skip)]
+    for example in examples:  # data builds once, before any example runs
+        build_data(example)
     rows = []
-    for example in examples:
-        r = run_one(example, args.full, args.timeout)
-        rows.append(r)
-        status = "ok  " if r["ok"] else "FAIL"
-        print(f"{status} {r['example']:<46} {r['wall_s']:>7.1f}s  metric={r['metric']}  up={r['bytes_up']}  {r['error']}", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_one, example, args.full, args.timeout, args.override) for example in examples]
+        for future in as_completed(futures):
+            r = future.result()
+            rows.append(r)
+            status = "ok  " if r["ok"] else "FAIL"
+            print(f"{status} {r['example']:<46} {r['wall_s']:>7.1f}s  metric={r['metric']}  up={r['bytes_up']}  {r['error']}", flush=True)
+    rows.sort(key=lambda r: r["example"])
     failed = [r["example"] for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)}/{len(rows)} examples ran" + (f"; failed: {', '.join(failed)}" if failed else ""))
     if args.json:
