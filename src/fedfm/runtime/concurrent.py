@@ -65,12 +65,23 @@ def default_workers(threads_per_worker: int) -> int:
     return max(1, cores // threads_per_worker)
 
 
+def hide_cuda(torch) -> None:
+    """CUDA cannot be used in a forked child once the parent touched the driver (libraries
+    call ``torch.cuda.is_available()`` on import); a CPU worker that then asks for CUDA
+    state (``torch.random.fork_rng``, seeding helpers) fails with "CUDA error:
+    initialization error". Workers train on the CPU only (the processes transport refuses
+    ``runtime.device: cuda``), so CUDA is made to look absent in them."""
+    torch.cuda.is_available = lambda: False
+    torch.cuda.device_count = lambda: 0
+
+
 def _worker(env: ClientEnv, conn: Connection, threads: int) -> None:
     """A worker's life: answer envelopes until the parent closes the pipe."""
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     torch.set_num_threads(threads)
+    hide_cuda(torch)
     env.on_step = None  # progress bars are the parent's
     while True:
         try:
