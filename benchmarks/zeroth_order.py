@@ -2,7 +2,13 @@
 table into docs/zeroth_order.md (between the ``zo-table`` markers).
 
     PYTHONPATH=src nice -n 10 python benchmarks/zeroth_order.py --out runs/zeroth_order \
-        [--methods lora,mezo,fedmezo,fedkseed,fedbpt] [--rounds 5] [--no-rss] [--table]
+        [--job tiny|minilm] [--methods lora,mezo,fedmezo,fedkseed,fedbpt] [--rounds 5] \
+        [--clients N] [--examples N] [--test-examples N] [--no-rss] [--table]
+
+``--job minilm`` keeps each example config's model and data (MiniLM, Rotten Tomatoes) and
+only sets the federation size (``--clients``, ``--examples`` per client, ``--test-examples``)
+and the rounds: the full run is ``--job minilm --clients 8 --examples 250
+--test-examples 1000 --rounds 10``; a reduced one fits a small CPU budget.
 
 The reduced job (``tiny_job``): the tiny random-init BERT of tests/conftest.py (hidden
 32, 2 layers, MiniLM's tokenizer) on its toy sentiment CSV (written to OUT/toy.csv), 4
@@ -88,23 +94,34 @@ NOTES = {
 
 
 CHILD = r"""
-import json, resource, sys
+import json, resource, sys, tempfile
+from types import SimpleNamespace
 import torch
 from fedfm.config import load_config
-from fedfm.core.types import MODEL, Instruction
+from fedfm.core.types import MODEL
 from fedfm.runtime.algorithm import build_algorithm
+from fedfm.runtime.store import ClientStore
 from fedfm.runtime.workbench import Workbench
 exp = load_config(sys.argv[2])
 torch.set_num_threads(2)
 wb = Workbench(exp)
 out = {"after_build_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 if sys.argv[1] == "inference":
-    wb.evaluate(wb.initial_state())
-else:
+    wb.evaluate(wb.template)
+else:  # what one client does in round 1: the exchange phases, then local_update
     algo = build_algorithm(exp)
-    state = wb.initial_state()
-    groups = algo.server.broadcast({MODEL: state, **algo.server.init(state)}) if algo.server is not None else {}
-    update = algo.local_update(Instruction(1, 0, state, broadcast=groups), wb.context(0, 1))
+    ss = {MODEL: wb.template, **(algo.server.init(wb.template) if algo.server is not None else {})}
+    client = wb.clients[0]
+    inst = algo.configure(1, ss, [client])[client.cid]
+    store = ClientStore(tempfile.mkdtemp())
+    store.stage(client.cid, "r1a0")
+    env = SimpleNamespace(store=store, wb=wb, algo=algo)
+    round_state = {"instructions": {}, "attempt": 0, "server_state": ss}
+    for phase in algo.phases_at("before_train"):
+        meta, tensors = phase.messages(1, [client.cid], round_state)[client.cid]
+        phase.receive(1, {client.cid: phase.client(env, client.cid, 1, meta, tensors)}, round_state)
+    algo.down_reference(client.cid, wb.template)
+    update = algo.local_update(inst, wb.context(client.cid, 1, store=store))
     out["metrics"] = update.metrics
 out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("RESULT " + json.dumps(out))
@@ -122,14 +139,31 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+JOB: dict = {"name": "tiny", "clients": None, "examples": None, "test_examples": None}
+
+
+def minilm_job(label: str) -> dict:
+    """The example configs' own model and data, with the federation size of the options."""
+    fed = {"clients": JOB["clients"] or 2, "partitioner": {"name": "iid"}, "examples_per_client": JOB["examples"] or 16,
+           "test_examples": JOB["test_examples"] or 64}
+    if label == "mezo":
+        fed["clients"] = 1
+        fed["examples_per_client"] = (JOB["examples"] or 16) * (JOB["clients"] or 2)
+    return {"federation": fed, "eval": {"batch_size": 32}, "runtime": {"threads": 2, "progress": False}}
+
+
 def write_config(label: str, rounds: int, out: Path) -> Path:
     import yaml
 
-    csv = out / "toy.csv"
-    if not csv.exists():
-        make_toy_csv(csv)
     example, changes = METHODS[label]
-    raw = merge(merge(yaml.safe_load(example.read_text()), tiny_job(csv)), changes)
+    if JOB["name"] == "minilm":
+        changes = {k: v for k, v in changes.items() if k != "federation"}
+        raw = merge(merge(yaml.safe_load(example.read_text()), changes), minilm_job(label))
+    else:
+        csv = out / "toy.csv"
+        if not csv.exists():
+            make_toy_csv(csv)
+        raw = merge(merge(yaml.safe_load(example.read_text()), tiny_job(csv)), changes)
     raw.update(name=f"zo-{label}", rounds=rounds)
     path = out / f"{label}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -214,8 +248,10 @@ def table(results: dict[str, dict]) -> str:
 
 
 def write_doc(text: str) -> None:
+    """Between ``<!-- zo-table:start/end -->`` (tiny job) or ``zo-table-minilm`` markers."""
     doc = DOC.read_text()
-    new = re.sub(r"(<!-- zo-table:start -->\n).*?(<!-- zo-table:end -->)", lambda m: m.group(1) + text + "\n" + m.group(2),
+    tag = "zo-table" if JOB["name"] == "tiny" else f"zo-table-{JOB['name']}"
+    new = re.sub(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", lambda m: m.group(1) + text + "\n" + m.group(2),
                  doc, flags=re.S)
     DOC.write_text(new)
 
@@ -225,9 +261,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "zeroth_order")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--job", choices=["tiny", "minilm"], default="tiny", help="tiny random-init BERT, or the examples' MiniLM job")
+    ap.add_argument("--clients", type=int, default=None, help="minilm job: clients (default 2; MeZO: one client with all data)")
+    ap.add_argument("--examples", type=int, default=None, help="minilm job: examples per client (default 16)")
+    ap.add_argument("--test-examples", type=int, default=None, help="minilm job: test examples (default 64)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--table", action="store_true", help="rewrite the doc table from OUT/results.jsonl only")
     args = ap.parse_args()
+    JOB.update(name=args.job, clients=args.clients, examples=args.examples, test_examples=args.test_examples)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.jsonl"
     if not args.table:

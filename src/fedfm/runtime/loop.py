@@ -187,7 +187,8 @@ class RoundLoop:
                 rlog.note("dropped", c.cid, attempt, reason=verdict.reason)
                 del broadcasts[c.cid]
         participants, contacted = list(broadcasts), set()
-        round_state: dict[str, Any] = {"instructions": {}, "attempt": attempt}
+        # the phases see the server state this round started from (read only; e.g. FedKSeed's history)
+        round_state: dict[str, Any] = {"instructions": {}, "attempt": attempt, "server_state": server_state}
         for phase in self.algo.phases_at("before_train"):
             participants = self._phase(rnd, attempt, phase, participants, round_state, rlog, contacted)
         envelopes = []
