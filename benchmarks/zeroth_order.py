@@ -111,6 +111,11 @@ if sys.argv[1] == "inference":
 else:  # what one client does in round 1: the exchange phases, then local_update
     algo = build_algorithm(exp)
     ss = {MODEL: wb.template, **(algo.server.init(wb.template) if algo.server is not None else {})}
+    if "fedkseed.history" in ss:  # a round-2 client: it replays one row of `steps` seeds from the base
+        p = algo.learner.params
+        row = torch.zeros(1, p.num_seeds)
+        row[0, torch.randperm(p.num_seeds, generator=torch.Generator().manual_seed(0))[: p.steps]] = 1e-4
+        ss["fedkseed.history"] = {"coef": row}
     client = wb.clients[0]
     inst = algo.configure(1, ss, [client])[client.cid]
     store = ClientStore(tempfile.mkdtemp())
@@ -139,7 +144,7 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-JOB: dict = {"name": "tiny", "clients": None, "examples": None, "test_examples": None}
+JOB: dict = {"name": "tiny", "clients": None, "examples": None, "test_examples": None, "zo_steps": None}
 
 
 def minilm_job(label: str) -> dict:
@@ -164,28 +169,37 @@ def write_config(label: str, rounds: int, out: Path) -> Path:
         if not csv.exists():
             make_toy_csv(csv)
         raw = merge(merge(yaml.safe_load(example.read_text()), tiny_job(csv)), changes)
+    if JOB["zo_steps"] and label != "lora":
+        raw["learner"]["generations" if label == "fedbpt" else "steps"] = JOB["zo_steps"]
     raw.update(name=f"zo-{label}", rounds=rounds)
     path = out / f"{label}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
-def run_method(label: str, rounds: int, out: Path) -> dict:
+def run_method(label: str, rounds: int, out: Path, reuse: bool = False) -> dict:
     config = write_config(label, rounds, out)
     run_dir = out / label
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
     cmd = [sys.executable, "-m", "fedfm", "run", str(config), "--out", str(run_dir), "--no-progress"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        said = (proc.stdout + proc.stderr).strip().splitlines() or ["failed"]
-        return {"label": label, "error": said[-1], "wall_s": wall}
+    if reuse and (run_dir / "summary.json").exists():  # a finished run of this config: read it again
+        wall = json.loads((run_dir / "summary.json").read_text()).get("wall_s")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            said = (proc.stdout + proc.stderr).strip().splitlines() or ["failed"]
+            return {"label": label, "error": said[-1], "wall_s": wall}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows[1:] if r.get("clients")]
     client_rounds = sum(len(r["clients"]) for r in trained)
+    note = NOTES[label]
+    if JOB["zo_steps"] and label != "lora":
+        note += f"; {'generations' if label == 'fedbpt' else 'steps'} set to {JOB['zo_steps']}"
     return {
         "label": label,
+        "note": note,
         "command": " ".join(cmd[1:]),
         "config": str(config),
         "accuracy": [r.get("accuracy") for r in rows],
@@ -241,7 +255,7 @@ def table(results: dict[str, dict]) -> str:
         if "rss_train_mb" in r:
             rss = f"{r['rss_train_mb']:.0f} / {r['rss_inference_mb']:.0f}"
             ratio = f"{r['rss_train_mb'] / r['rss_inference_mb']:.2f}x"
-        lines.append(f"| {label} | {NOTES[label]} | {accs} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
+        lines.append(f"| {label} | {r.get('note', NOTES[label])} | {accs} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
                      f"| {r.get('forward_per_step', '-')} "
                      f"| {rss} | {ratio} | {rounds_to(target, r['accuracy'])} |")
     return "\n".join(lines)
@@ -265,21 +279,26 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=None, help="minilm job: clients (default 2; MeZO: one client with all data)")
     ap.add_argument("--examples", type=int, default=None, help="minilm job: examples per client (default 16)")
     ap.add_argument("--test-examples", type=int, default=None, help="minilm job: test examples (default 64)")
+    ap.add_argument("--zo-steps", type=int, default=None, help="override the zeroth-order steps (FedBPT: generations) per round")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    ap.add_argument("--reuse", action="store_true", help="read a finished run of the same config instead of running it again")
     ap.add_argument("--table", action="store_true", help="rewrite the doc table from OUT/results.jsonl only")
     args = ap.parse_args()
-    JOB.update(name=args.job, clients=args.clients, examples=args.examples, test_examples=args.test_examples)
+    JOB.update(name=args.job, clients=args.clients, examples=args.examples, test_examples=args.test_examples,
+               zo_steps=args.zo_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.jsonl"
     if not args.table:
         for label in [m for m in args.methods.split(",") if m]:
             if label not in METHODS:
                 raise SystemExit(f"unknown method '{label}'; known: {', '.join(METHODS)}")
-            res = run_method(label, args.rounds, args.out)
+            res = run_method(label, args.rounds, args.out, reuse=args.reuse)
+            with open(path, "a") as f:  # recorded before the RSS processes, again with them
+                f.write(json.dumps(res) + "\n")
             if "error" not in res and not args.no_rss:
                 res.update(measure_rss(label, args.rounds, args.out))
-            with open(path, "a") as f:
-                f.write(json.dumps(res) + "\n")
+                with open(path, "a") as f:
+                    f.write(json.dumps(res) + "\n")
             print(json.dumps(res), flush=True)
     results: dict[str, dict] = {}
     for line in path.read_text().splitlines() if path.exists() else []:

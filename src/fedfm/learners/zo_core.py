@@ -17,8 +17,8 @@ module's forward only and puts the stored tensor back after it, so the stored pa
 are never written during the two evaluations and are bit-identical when the update is
 applied. Memory stays at inference level plus one module's perturbed copy, built in the
 buffer of its ``z`` (the same peak as in-place MeZO, which also draws each parameter's
-``z`` whole). A
-parameter that some code reads outside its own module's forward is refused with its name.
+``z`` whole). A parameter that some code reads outside its own module's forward is
+refused with its name.
 The evaluations run in eval mode (no dropout), so both see the same function.
 
 Written by hand: no maintained library implements MeZO's seeded, storage-free estimate.
