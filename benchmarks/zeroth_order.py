@@ -255,7 +255,8 @@ def table(results: dict[str, dict]) -> str:
         if "rss_train_mb" in r:
             rss = f"{r['rss_train_mb']:.0f} / {r['rss_inference_mb']:.0f}"
             ratio = f"{r['rss_train_mb'] / r['rss_inference_mb']:.2f}x"
-        lines.append(f"| {label} | {r.get('note', NOTES[label])} | {accs} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
+        note = r.get("note", NOTES[label]) + (f" (run of {r['measured']})" if "measured" in r else "")
+        lines.append(f"| {label} | {note} | {accs} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
                      f"| {r.get('forward_per_step', '-')} "
                      f"| {rss} | {ratio} | {rounds_to(target, r['accuracy'])} |")
     return "\n".join(lines)
