@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedfm.aggregators.fedkseed import GRADS, SEEDS, round_coefficients
-from fedfm.aggregators.fedkseed_sync import HistoryRows, KnownRows
+from fedfm.aggregators.fedkseed_sync import HistoryRows, KnownRows, sparse_rows
 from fedfm.aggregators.zo_replay import replay, round_delta, seed_pool
 from fedfm.codecs import CodecChain, CodecContext
 from fedfm.config import ConfigError, from_dict
@@ -104,20 +104,25 @@ def test_downlink_and_phase_bytes_by_hand(run):
     # No State travels down. Per client-round (K = 16 seeds, 2 clients, both every round):
     #   fedkseed_known   down: empty payload "{}" padded to 8          -> 8 + 8 = 16 B
     #                    up:   rows int64 (1,)                         -> 8 + 64 + 8 = 80 B
-    #   fedkseed_history down: the unseen rows, K float32 each: round 1 none (0, 16),
-    #                          round 2 the one row of round 1 (1, 16)  -> 8 + header + 64 * rows
+    #   fedkseed_history down: the unseen rows' nonzero entries, index int32 + coef float32
+    #                          (8 B each): round 1 none, round 2 the nnz of round 1's row
+    #                          (at most 2 clients x 3 steps = 6)      -> 8 + header + 8 * nnz
     #                    up:   empty                                   -> 16 B
     #   train broadcast: no tensors, metadata {"round": "r"}           -> 8 + 32 = 40 B
     #   (the cached model holds the round's start, so a client taking part every round is sent one row)
-    _, out = run
+    rt, out = run
+    history = rt.loop.server_state["fedkseed.history"]["coef"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     known_up = '{"rows":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}'
     assert 8 + pad8(len(known_up)) + 8 == 80
     for r in rows[1:]:
         n = r["round"] - 1
-        head = ('{"__metadata__":{"since":"0"},"coef":{"dtype":"F32","shape":[%d,16],"data_offsets":[0,%d]}}'
-                % (n, 64 * n)).replace('"since":"0"', '"since":"%d"' % 0)
-        history_down = 8 + pad8(len(head)) + 64 * n
+        nnz = int((history[:n] != 0).sum())
+        assert nnz <= 6 * n
+        # since 0 in both rounds: the cache of round 1 holds the model before any row
+        head = ('{"__metadata__":{"rows":"%d","since":"0"},"coef":{"dtype":"F32","shape":[%d],"data_offsets":[0,%d]},'
+                '"index":{"dtype":"I32","shape":[%d],"data_offsets":[%d,%d]}}' % (n, nnz, 4 * nnz, nnz, 4 * nnz, 8 * nnz))
+        history_down = 8 + pad8(len(head)) + 8 * nnz
         assert len(r["clients"]) == 2
         assert r["phase_bytes"]["fedkseed_known"] == {"down": 2 * 16, "up": 2 * 80}
         assert r["phase_bytes"]["fedkseed_history"] == {"down": 2 * history_down, "up": 2 * 16}
@@ -137,7 +142,7 @@ def test_fresh_client_rebuilds_the_server_model_from_the_history(run, tmp_path):
     store.stage(1, "r3a0")
     env = SimpleNamespace(store=store, wb=rt.wb, algo=rt.loop.algo)
     assert KnownRows(params).client(env, 1, 3, {}, {})[1]["rows"].tolist() == [0]
-    HistoryRows(params).client(env, 1, 3, {"since": "0"}, {"coef": history})
+    HistoryRows(params).client(env, 1, 3, *sparse_rows(history, 0))
     rebuilt = store.get(1, "fedkseed_model")
     assert all(torch.equal(rebuilt[k], ss[MODEL][k]) for k in ss[MODEL])
     # from its last known round: the cached model after round 1, sent only round 2's row
@@ -147,11 +152,11 @@ def test_fresh_client_rebuilds_the_server_model_from_the_history(run, tmp_path):
     store2.stage(1, "r3a0")
     env2 = SimpleNamespace(store=store2, wb=rt.wb, algo=rt.loop.algo)
     assert KnownRows(params).client(env2, 1, 3, {}, {})[1]["rows"].tolist() == [1]
-    HistoryRows(params).client(env2, 1, 3, {"since": "1"}, {"coef": history[1:]})
+    HistoryRows(params).client(env2, 1, 3, *sparse_rows(history[1:], 1))
     again = store2.get(1, "fedkseed_model")
     assert all(torch.equal(again[k], ss[MODEL][k]) for k in ss[MODEL])
     with pytest.raises(ValueError, match="its cache holds 2 rows"):
-        HistoryRows(params).client(env2, 1, 3, {"since": "1"}, {"coef": history[1:]})
+        HistoryRows(params).client(env2, 1, 3, *sparse_rows(history[1:], 1))
     # the round-3 instruction carries no State: the learner trains from the rebuilt model
     learner = build_learner(rt.exp.learner)
     ctx = rt.wb.context(1, 3, store=store)

@@ -11,8 +11,11 @@ added to every round by the server half, no ``exchanges:`` entry is needed):
    ``rows`` int64 (1,), the number of history rows its cached model already includes
    (0 without a cache: ``cache: false``, a fresh client, or a cache the server cannot
    continue, e.g. longer than its history).
-2. ``fedkseed_history``: the server sends ``coef`` = the history rows ``[rows:]``
-   ((new rows, K) float32, meta ``since``); the client replays them
+2. ``fedkseed_history``: the server sends the history rows ``[rows:]`` sparse: their
+   nonzero entries as ``index`` int32 (flat position ``row * K + seed``) and ``coef``
+   float32, with meta ``since`` and ``rows`` (a round's row has at most steps x clients
+   nonzeros, so 8 B each instead of K x 4 B a row); the client rebuilds the dense rows
+   (exactly: the zeros are skipped by the replay anyway) and replays them
    (``aggregators/zo_replay.replay``) onto its cached model, or onto the base State when
    ``since`` is 0, and stages the result in its client store (``fedkseed_model``, with
    ``fedkseed_round`` = {round, rows}); the learner trains from it. The store's writes
@@ -21,8 +24,7 @@ added to every round by the server half, no ``exchanges:`` entry is needed):
 
 Every client rebuilds the server's model bit for bit (the replay repeats the server's
 operations), so a fresh client receives the whole history and an up-to-date one only the
-rows since. Rows are sent dense (K float32 each); a round row has at most steps x clients
-nonzero entries, so a sparse row format would shrink it further (not done).
+rows since.
 """
 
 from __future__ import annotations
@@ -89,12 +91,10 @@ class HistoryRows(_Phase):
     def messages(self, rnd: int, participants: list[int], round_state: dict) -> dict[int, tuple[dict[str, str], State]]:
         history = round_state["server_state"][GROUP]["coef"]
         known = round_state.get(KNOWN, {})
-        return {cid: ({"since": str(known.get(cid, 0))}, {"coef": history[known.get(cid, 0):]}) for cid in participants}
+        return {cid: sparse_rows(history[known.get(cid, 0):], known.get(cid, 0)) for cid in participants}
 
     def client(self, env: Any, cid: int, rnd: int, meta: dict[str, str], tensors: State) -> tuple[dict[str, str], State]:
-        since, rows = int(meta["since"]), tensors["coef"]
-        if rows.ndim != 2 or rows.shape[1] != self.params.num_seeds:
-            raise ValueError(f"fedkseed: client {cid} got history rows of shape {tuple(rows.shape)}, expected (n, {self.params.num_seeds})")
+        since, rows = int(meta["since"]), dense_rows(meta, tensors, self.params.num_seeds, cid)
         if since > 0:
             if cached_rows(env.store, cid) != since:
                 raise ValueError(f"fedkseed: client {cid} was sent the history from row {since}, but its cache holds "
@@ -106,6 +106,23 @@ class HistoryRows(_Phase):
         env.store.put(cid, MODEL_KEY, model)
         env.store.put(cid, ROUND_KEY, {"round": torch.tensor([rnd]), "rows": torch.tensor([since + rows.shape[0]])})
         return {}, {}
+
+
+def sparse_rows(rows: torch.Tensor, since: int) -> tuple[dict[str, str], State]:
+    """(meta, tensors) of history rows: their nonzero entries, flat index int32 and value."""
+    flat = rows.reshape(-1)
+    index = torch.nonzero(flat).flatten()
+    return {"since": str(since), "rows": str(rows.shape[0])}, {"index": index.to(torch.int32), "coef": flat[index].to(torch.float32)}
+
+
+def dense_rows(meta: dict[str, str], tensors: State, num_seeds: int, cid: int) -> torch.Tensor:
+    """The inverse of ``sparse_rows``: (rows, K) float32, checked."""
+    n, index, coef = int(meta["rows"]), tensors["index"].to(torch.int64).reshape(-1), tensors["coef"].reshape(-1)
+    if index.numel() != coef.numel() or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= n * num_seeds)):
+        raise ValueError(f"fedkseed: client {cid} got a sparse history that does not fit {n} rows of {num_seeds} seeds")
+    dense = torch.zeros(n * num_seeds, dtype=torch.float32)
+    dense[index] = coef.to(torch.float32)
+    return dense.view(n, num_seeds)
 
 
 def sync_phases(params) -> list:
