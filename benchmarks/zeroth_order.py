@@ -2,7 +2,13 @@
 table into docs/zeroth_order.md (between the ``zo-table`` markers).
 
     PYTHONPATH=src nice -n 10 python benchmarks/zeroth_order.py --out runs/zeroth_order \
-        [--methods lora,mezo,fedmezo,fedkseed,fedbpt] [--rounds 5] [--no-rss] [--table]
+        [--job tiny|minilm] [--methods lora,mezo,fedmezo,fedkseed,fedbpt] [--rounds 5] \
+        [--clients N] [--examples N] [--test-examples N] [--no-rss] [--table]
+
+``--job minilm`` keeps each example config's model and data (MiniLM, Rotten Tomatoes) and
+only sets the federation size (``--clients``, ``--examples`` per client, ``--test-examples``)
+and the rounds: the full run is ``--job minilm --clients 8 --examples 250
+--test-examples 1000 --rounds 10``; a reduced one fits a small CPU budget.
 
 The reduced job (``tiny_job``): the tiny random-init BERT of tests/conftest.py (hidden
 32, 2 layers, MiniLM's tokenizer) on its toy sentiment CSV (written to OUT/toy.csv), 4
@@ -88,23 +94,39 @@ NOTES = {
 
 
 CHILD = r"""
-import json, resource, sys
+import json, resource, sys, tempfile
+from types import SimpleNamespace
 import torch
 from fedfm.config import load_config
-from fedfm.core.types import MODEL, Instruction
+from fedfm.core.types import MODEL
 from fedfm.runtime.algorithm import build_algorithm
+from fedfm.runtime.store import ClientStore
 from fedfm.runtime.workbench import Workbench
 exp = load_config(sys.argv[2])
 torch.set_num_threads(2)
 wb = Workbench(exp)
 out = {"after_build_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 if sys.argv[1] == "inference":
-    wb.evaluate(wb.initial_state())
-else:
+    wb.evaluate(wb.template)
+else:  # what one client does in round 1: the exchange phases, then local_update
     algo = build_algorithm(exp)
-    state = wb.initial_state()
-    groups = algo.server.broadcast({MODEL: state, **algo.server.init(state)}) if algo.server is not None else {}
-    update = algo.local_update(Instruction(1, 0, state, broadcast=groups), wb.context(0, 1))
+    ss = {MODEL: wb.template, **(algo.server.init(wb.template) if algo.server is not None else {})}
+    if "fedkseed.history" in ss:  # a round-2 client: it replays one row of `steps` seeds from the base
+        p = algo.learner.params
+        row = torch.zeros(1, p.num_seeds)
+        row[0, torch.randperm(p.num_seeds, generator=torch.Generator().manual_seed(0))[: p.steps]] = 1e-4
+        ss["fedkseed.history"] = {"coef": row}
+    client = wb.clients[0]
+    inst = algo.configure(1, ss, [client])[client.cid]
+    store = ClientStore(tempfile.mkdtemp())
+    store.stage(client.cid, "r1a0")
+    env = SimpleNamespace(store=store, wb=wb, algo=algo)
+    round_state = {"instructions": {}, "attempt": 0, "server_state": ss}
+    for phase in algo.phases_at("before_train"):
+        meta, tensors = phase.messages(1, [client.cid], round_state)[client.cid]
+        phase.receive(1, {client.cid: phase.client(env, client.cid, 1, meta, tensors)}, round_state)
+    algo.down_reference(client.cid, wb.template)
+    update = algo.local_update(inst, wb.context(client.cid, 1, store=store))
     out["metrics"] = update.metrics
 out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("RESULT " + json.dumps(out))
@@ -122,36 +144,62 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+JOB: dict = {"name": "tiny", "clients": None, "examples": None, "test_examples": None, "zo_steps": None}
+
+
+def minilm_job(label: str) -> dict:
+    """The example configs' own model and data, with the federation size of the options."""
+    fed = {"clients": JOB["clients"] or 2, "partitioner": {"name": "iid"}, "examples_per_client": JOB["examples"] or 16,
+           "test_examples": JOB["test_examples"] or 64}
+    if label == "mezo":
+        fed["clients"] = 1
+        fed["examples_per_client"] = (JOB["examples"] or 16) * (JOB["clients"] or 2)
+    return {"federation": fed, "eval": {"batch_size": 32}, "runtime": {"threads": 2, "progress": False}}
+
+
 def write_config(label: str, rounds: int, out: Path) -> Path:
     import yaml
 
-    csv = out / "toy.csv"
-    if not csv.exists():
-        make_toy_csv(csv)
     example, changes = METHODS[label]
-    raw = merge(merge(yaml.safe_load(example.read_text()), tiny_job(csv)), changes)
+    if JOB["name"] == "minilm":
+        changes = {k: v for k, v in changes.items() if k != "federation"}
+        raw = merge(merge(yaml.safe_load(example.read_text()), changes), minilm_job(label))
+    else:
+        csv = out / "toy.csv"
+        if not csv.exists():
+            make_toy_csv(csv)
+        raw = merge(merge(yaml.safe_load(example.read_text()), tiny_job(csv)), changes)
+    if JOB["zo_steps"] and label != "lora":
+        raw["learner"]["generations" if label == "fedbpt" else "steps"] = JOB["zo_steps"]
     raw.update(name=f"zo-{label}", rounds=rounds)
     path = out / f"{label}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
-def run_method(label: str, rounds: int, out: Path) -> dict:
+def run_method(label: str, rounds: int, out: Path, reuse: bool = False) -> dict:
     config = write_config(label, rounds, out)
     run_dir = out / label
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
     cmd = [sys.executable, "-m", "fedfm", "run", str(config), "--out", str(run_dir), "--no-progress"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        said = (proc.stdout + proc.stderr).strip().splitlines() or ["failed"]
-        return {"label": label, "error": said[-1], "wall_s": wall}
+    if reuse and (run_dir / "summary.json").exists():  # a finished run of this config: read it again
+        wall = json.loads((run_dir / "summary.json").read_text()).get("wall_s")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            said = (proc.stdout + proc.stderr).strip().splitlines() or ["failed"]
+            return {"label": label, "error": said[-1], "wall_s": wall}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows[1:] if r.get("clients")]
     client_rounds = sum(len(r["clients"]) for r in trained)
+    note = NOTES[label]
+    if JOB["zo_steps"] and label != "lora":
+        note += f"; {'generations' if label == 'fedbpt' else 'steps'} set to {JOB['zo_steps']}"
     return {
         "label": label,
+        "note": note,
         "command": " ".join(cmd[1:]),
         "config": str(config),
         "accuracy": [r.get("accuracy") for r in rows],
@@ -207,15 +255,18 @@ def table(results: dict[str, dict]) -> str:
         if "rss_train_mb" in r:
             rss = f"{r['rss_train_mb']:.0f} / {r['rss_inference_mb']:.0f}"
             ratio = f"{r['rss_train_mb'] / r['rss_inference_mb']:.2f}x"
-        lines.append(f"| {label} | {NOTES[label]} | {accs} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
+        note = r.get("note", NOTES[label]) + (f" (run of {r['measured']})" if "measured" in r else "")
+        lines.append(f"| {label} | {note} | {accs} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
                      f"| {r.get('forward_per_step', '-')} "
                      f"| {rss} | {ratio} | {rounds_to(target, r['accuracy'])} |")
     return "\n".join(lines)
 
 
 def write_doc(text: str) -> None:
+    """Between ``<!-- zo-table:start/end -->`` (tiny job) or ``zo-table-minilm`` markers."""
     doc = DOC.read_text()
-    new = re.sub(r"(<!-- zo-table:start -->\n).*?(<!-- zo-table:end -->)", lambda m: m.group(1) + text + "\n" + m.group(2),
+    tag = "zo-table" if JOB["name"] == "tiny" else f"zo-table-{JOB['name']}"
+    new = re.sub(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", lambda m: m.group(1) + text + "\n" + m.group(2),
                  doc, flags=re.S)
     DOC.write_text(new)
 
@@ -225,20 +276,30 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "zeroth_order")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--job", choices=["tiny", "minilm"], default="tiny", help="tiny random-init BERT, or the examples' MiniLM job")
+    ap.add_argument("--clients", type=int, default=None, help="minilm job: clients (default 2; MeZO: one client with all data)")
+    ap.add_argument("--examples", type=int, default=None, help="minilm job: examples per client (default 16)")
+    ap.add_argument("--test-examples", type=int, default=None, help="minilm job: test examples (default 64)")
+    ap.add_argument("--zo-steps", type=int, default=None, help="override the zeroth-order steps (FedBPT: generations) per round")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    ap.add_argument("--reuse", action="store_true", help="read a finished run of the same config instead of running it again")
     ap.add_argument("--table", action="store_true", help="rewrite the doc table from OUT/results.jsonl only")
     args = ap.parse_args()
+    JOB.update(name=args.job, clients=args.clients, examples=args.examples, test_examples=args.test_examples,
+               zo_steps=args.zo_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.jsonl"
     if not args.table:
         for label in [m for m in args.methods.split(",") if m]:
             if label not in METHODS:
                 raise SystemExit(f"unknown method '{label}'; known: {', '.join(METHODS)}")
-            res = run_method(label, args.rounds, args.out)
+            res = run_method(label, args.rounds, args.out, reuse=args.reuse)
+            with open(path, "a") as f:  # recorded before the RSS processes, again with them
+                f.write(json.dumps(res) + "\n")
             if "error" not in res and not args.no_rss:
                 res.update(measure_rss(label, args.rounds, args.out))
-            with open(path, "a") as f:
-                f.write(json.dumps(res) + "\n")
+                with open(path, "a") as f:
+                    f.write(json.dumps(res) + "\n")
             print(json.dumps(res), flush=True)
     results: dict[str, dict] = {}
     for line in path.read_text().splitlines() if path.exists() else []:

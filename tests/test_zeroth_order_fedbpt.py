@@ -3,10 +3,12 @@ step sizes (checked by hand) and moves the prompt along the fixed projection."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from fedfm.aggregators.fedbpt import FedBPTServer, projection, prompt_name
+from fedfm.aggregators.fedbpt import FedBPTServer, projection, prompt_name, prompt_of
 from fedfm.aggregators.zo_payload import WEIGHT
 from fedfm.config import from_dict
 from fedfm.core.types import MODEL
@@ -82,9 +84,10 @@ def test_server_averages_means_and_step_sizes_by_hand():
     expected = (a @ torch.tensor([0.25, 1.5])).view(3, 2)
     assert torch.allclose(delta["prompt_encoder.default.embedding.weight"], expected, atol=1e-7)
     assert torch.equal(delta["head"], torch.zeros(2))
-    # the step size travels to clients as the broadcast group
+    # the mean and step size travel to clients as the broadcast group, not the State
     ss2 = {**ss, **groups}
-    assert float(server.broadcast(ss2)["fedbpt_sigma"]["head"][0]) == 0.875
+    sent = server.broadcast(ss2)["fedbpt"]
+    assert sorted(sent) == ["mean", "sigma"] and sent["sigma"].tolist() == [0.875]
 
 
 def test_a_run_moves_only_the_prompt_along_the_projection(run):
@@ -98,3 +101,22 @@ def test_a_run_moves_only_the_prompt_along_the_projection(run):
     for k, v in ss[MODEL].items():
         if k != name:
             assert torch.equal(v, run.wb.template[k])  # the head is never tuned
+
+
+def test_downlink_is_the_mean_and_step_size_by_hand(run):
+    # No State travels down: per client-round the broadcast is mean (d = 8 float32) and sigma
+    # (1 float32): 36 B of data, 8 B of header length and this header JSON padded to 8:
+    header = ('{"__metadata__":{"round":"1"},'
+              '"fedbpt/mean":{"dtype":"F32","shape":[8],"data_offsets":[0,32]},'
+              '"fedbpt/sigma":{"dtype":"F32","shape":[1],"data_offsets":[32,36]}}')
+    size = 8 + len(header) + (-len(header)) % 8 + 36
+    assert size == 8 + 160 + 36
+    rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows[1:]:
+        assert r["bytes_down"] == len(r["clients"]) * size == 2 * 204
+    # the client's rebuilt prompt p0 + A m is the server's up to one float32 rounding
+    ss = run.loop.server_state
+    name = prompt_name(ss[MODEL])
+    a = projection(run.wb.template[name].numel(), 8, 0, 0.05)
+    client = prompt_of(run.wb.template[name], a, ss["fedbpt.dist"]["mean"])
+    assert torch.allclose(client, ss[MODEL][name], rtol=0, atol=1e-6)

@@ -1,15 +1,18 @@
-"""FedKSeed: hand-checked coefficients and payload bytes; the server's model is the replay of
-its checkpointed history, and a freshly started client rebuilds it bit for bit."""
+"""FedKSeed: hand-checked coefficients and payload bytes (up and down); the server's model is
+the replay of its checkpointed history, and a freshly started client rebuilds it bit for
+bit from the history rows it is sent."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedfm.aggregators.fedkseed import GRADS, SEEDS, history_group, round_coefficients
+from fedfm.aggregators.fedkseed import GRADS, SEEDS, round_coefficients
+from fedfm.aggregators.fedkseed_sync import HistoryRows, KnownRows, sparse_rows
 from fedfm.aggregators.zo_replay import replay, round_delta, seed_pool
 from fedfm.codecs import CodecChain, CodecContext
 from fedfm.config import ConfigError, from_dict
@@ -93,28 +96,75 @@ def test_server_model_is_the_replay_of_its_checkpointed_history(run):
         assert r["bytes_up"] / len(r["clients"]) < 1024
 
 
+def pad8(n: int) -> int:
+    return n + (-n) % 8
+
+
+def test_downlink_and_phase_bytes_by_hand(run):
+    # No State travels down. Per client-round (K = 16 seeds, 2 clients, both every round):
+    #   fedkseed_known   down: empty payload "{}" padded to 8          -> 8 + 8 = 16 B
+    #                    up:   rows int64 (1,)                         -> 8 + 64 + 8 = 80 B
+    #   fedkseed_history down: the unseen rows' nonzero entries, index int32 + coef float32
+    #                          (8 B each): round 1 none, round 2 the nnz of round 1's row
+    #                          (at most 2 clients x 3 steps = 6)      -> 8 + header + 8 * nnz
+    #                    up:   empty                                   -> 16 B
+    #   train broadcast: no tensors, metadata {"round": "r"}           -> 8 + 32 = 40 B
+    #   (the cached model holds the round's start, so a client taking part every round is sent one row)
+    rt, out = run
+    history = rt.loop.server_state["fedkseed.history"]["coef"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    known_up = '{"rows":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}'
+    assert 8 + pad8(len(known_up)) + 8 == 80
+    for r in rows[1:]:
+        n = r["round"] - 1
+        nnz = int((history[:n] != 0).sum())
+        assert nnz <= 6 * n
+        # since 0 in both rounds: the cache of round 1 holds the model before any row
+        head = ('{"__metadata__":{"rows":"%d","since":"0"},"coef":{"dtype":"F32","shape":[%d],"data_offsets":[0,%d]},'
+                '"index":{"dtype":"I32","shape":[%d],"data_offsets":[%d,%d]}}' % (n, nnz, 4 * nnz, nnz, 4 * nnz, 8 * nnz))
+        history_down = 8 + pad8(len(head)) + 8 * nnz
+        assert len(r["clients"]) == 2
+        assert r["phase_bytes"]["fedkseed_known"] == {"down": 2 * 16, "up": 2 * 80}
+        assert r["phase_bytes"]["fedkseed_history"] == {"down": 2 * history_down, "up": 2 * 16}
+        assert len('{"__metadata__":{"round":"1"}}') == 30  # padded to 32
+        assert r["bytes_down"] == 2 * (16 + history_down + 40)
+        # up: the two phases' replies plus the update (2 x 12 B a step plus its header, see above)
+        update_up = r["bytes_up"] - 2 * (80 + 16)
+        assert 2 * (8 + 12 * STEPS) < update_up < 2 * 1024
+
+
 def test_fresh_client_rebuilds_the_server_model_from_the_history(run, tmp_path):
     rt, _ = run
     ss = rt.loop.server_state
-    learner = build_learner(rt.exp.learner)  # a new process: nothing cached
-    store = ClientStore(tmp_path / "store")
-    ctx = rt.wb.context(1, 3, store=store)
-    ctx.extras["base_state"] = rt.wb.initial_state()
-    history = history_group(ss)["fedkseed_history"]["coef"]
-    rebuilt = learner.rebuild(ctx, history)
+    history = ss["fedkseed.history"]["coef"]
+    params = build_learner(rt.exp.learner).params
+    store = ClientStore(tmp_path / "store")  # a new process: nothing cached
+    store.stage(1, "r3a0")
+    env = SimpleNamespace(store=store, wb=rt.wb, algo=rt.loop.algo)
+    assert KnownRows(params).client(env, 1, 3, {}, {})[1]["rows"].tolist() == [0]
+    HistoryRows(params).client(env, 1, 3, *sparse_rows(history, 0))
+    rebuilt = store.get(1, "fedkseed_model")
     assert all(torch.equal(rebuilt[k], ss[MODEL][k]) for k in ss[MODEL])
-    # from its last known round: cache the model after round 1, replay only round 2
-    first = replay(rt.wb.initial_state(), history[:1], seed_pool(0, K))
-    store.put(1, "fedkseed_model", first)
-    store.put(1, "fedkseed_round", {"round": torch.tensor(1)})
-    ctx.extras.pop("base_state")  # the cache alone must suffice
-    again = learner.rebuild(ctx, history)
+    # from its last known round: the cached model after round 1, sent only round 2's row
+    store2 = ClientStore(tmp_path / "store2")
+    store2.put(1, "fedkseed_model", replay(rt.wb.initial_state(), history[:1], seed_pool(0, K)))
+    store2.put(1, "fedkseed_round", {"round": torch.tensor([2]), "rows": torch.tensor([1])})
+    store2.stage(1, "r3a0")
+    env2 = SimpleNamespace(store=store2, wb=rt.wb, algo=rt.loop.algo)
+    assert KnownRows(params).client(env2, 1, 3, {}, {})[1]["rows"].tolist() == [1]
+    HistoryRows(params).client(env2, 1, 3, *sparse_rows(history[1:], 1))
+    again = store2.get(1, "fedkseed_model")
     assert all(torch.equal(again[k], ss[MODEL][k]) for k in ss[MODEL])
-    # a round-3 instruction carrying the history instead of the State trains from that model
-    inst = Instruction(round=3, cid=1, state={}, broadcast=history_group(ss))
-    update = learner.local_update(inst, ctx)
+    with pytest.raises(ValueError, match="its cache holds 2 rows"):
+        HistoryRows(params).client(env2, 1, 3, *sparse_rows(history[1:], 1))
+    # the round-3 instruction carries no State: the learner trains from the rebuilt model
+    learner = build_learner(rt.exp.learner)
+    ctx = rt.wb.context(1, 3, store=store)
+    update = learner.local_update(Instruction(round=3, cid=1, state={}), ctx)
     assert update.payload[SEEDS].dtype == torch.int64 and update.payload[SEEDS].shape == (STEPS,)
     assert update.metrics["forward_passes"] == 2 * STEPS
+    with pytest.raises(ValueError, match="no model rebuilt for round 4"):
+        learner.local_update(Instruction(round=4, cid=1, state={}), rt.wb.context(1, 4, store=store))
 
 
 def test_round_delta_is_the_weighted_sum_of_directions():

@@ -12,15 +12,18 @@ server averages both, weighted by the clients' example counts, as the paper does
 
     m <- m + sum_i w_i dm_i,     sigma <- sum_i w_i sigma_i,
 
-and moves the prompt by ``A sum_i w_i dm_i`` (the pseudo-gradient; every other trainable
-entry, e.g. the frozen classification head, gets zero). Covariance matrices are not
-aggregated: each client starts CMA-ES from the identity, as in FedBPT.
+and sets the prompt to ``p_0 + A m`` (the pseudo-gradient is that minus the current
+prompt, so rounding does not accumulate; every other trainable entry, e.g. the frozen
+classification head, gets zero). Covariance matrices are not aggregated: each client starts
+CMA-ES from the identity, as in FedBPT.
 
-The step size reaches the clients as the broadcast group ``fedbpt_sigma``. The round loop
-decodes broadcast groups against the State's names and shapes, so for now that group is
-the State's names filled with ``sigma`` (it doubles the downlink of a small prompt State)
-until a group may carry its own shapes (docs/zeroth_order.md, "What the round loop needs").
-Payloads reach this half through the ``non_state_payload`` step.
+The server sends no State (``sends_state = False``): the broadcast group ``fedbpt`` holds
+only ``mean`` (d,) and ``sigma`` (1,), and the client rebuilds its State as the base
+trainable State with the prompt ``p_0 + A m`` (``prompt_of``, the same operations as the
+server's; equal to the server's prompt up to one float32 rounding of the subtraction and
+addition that apply the pseudo-gradient). ``p_0`` (the initial prompt) is kept in the group
+too, so the server needs no other copy. Payloads reach this half through the
+``non_state_payload`` step.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ServerState, State
 
 GROUP = "fedbpt.dist"
-BROADCAST = "fedbpt_sigma"
+BROADCAST = "fedbpt"
+P0 = "p0"
 MEAN, SIGMA = "mean", "sigma"
 PROJECTION_TAG = 0xB27
 
@@ -54,13 +58,14 @@ def projection(numel: int, dim: int, seed: int, std: float) -> torch.Tensor:
     return torch.randn((numel, dim), generator=g, dtype=torch.float32) * (std / dim**0.5)
 
 
-def sigma_of(group: State) -> float:
-    """The step size from a ``fedbpt_sigma`` broadcast group (every entry holds it)."""
-    return float(next(iter(group.values())).reshape(-1)[0])
+def prompt_of(p0: torch.Tensor, a: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The prompt ``p_0 + A m`` (float32), computed alike on the server and the client."""
+    return (p0.to(torch.float32).reshape(-1) + a @ mean.to(torch.float32)).view(p0.shape)
 
 
 class FedBPTServer:
     broadcast_groups = (BROADCAST,)
+    sends_state = False
 
     def __init__(self, params, num_clients: int):
         self.params = params
@@ -72,12 +77,15 @@ class FedBPTServer:
         return self._a
 
     def init(self, model: State) -> ServerState:
-        prompt_name(model)
-        return {GROUP: {MEAN: torch.zeros(self.params.dim), SIGMA: torch.tensor([self.params.sigma0])}}
+        p0 = model[prompt_name(model)].detach().clone().to(torch.float32)
+        return {GROUP: {MEAN: torch.zeros(self.params.dim), SIGMA: torch.tensor([self.params.sigma0]), P0: p0}}
 
     def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        sigma = float(server_state[GROUP][SIGMA][0])
-        return {BROADCAST: {k: torch.full_like(v, sigma) for k, v in server_state[MODEL].items()}}
+        dist = server_state[GROUP]
+        return {BROADCAST: {MEAN: dist[MEAN], SIGMA: dist[SIGMA]}}
+
+    def broadcast_reference(self, cid: int, shared: State) -> dict[str, State]:
+        return {BROADCAST: {MEAN: torch.zeros(self.params.dim), SIGMA: torch.zeros(1)}}
 
     def payload_spec(self, shared: State) -> State:
         return {MEAN: torch.zeros(self.params.dim), SIGMA: torch.zeros(1)}
@@ -88,11 +96,13 @@ class FedBPTServer:
         shift = sum(wi * p[MEAN].to(torch.float64) for wi, p in zip(w.tolist(), payloads))
         sigma = sum(wi * float(p[SIGMA][0]) for wi, p in zip(w.tolist(), payloads))
         dist = server_state[GROUP]
-        new = {MEAN: (dist[MEAN].to(torch.float64) + shift).to(torch.float32), SIGMA: torch.tensor([sigma], dtype=torch.float32)}
+        mean = (dist[MEAN].to(torch.float64) + shift).to(torch.float32)
+        new = {MEAN: mean, SIGMA: torch.tensor([sigma], dtype=torch.float32), P0: dist[P0]}
         model = server_state[MODEL]
         name = prompt_name(model)
         delta = {k: torch.zeros_like(v) for k, v in model.items()}
-        delta[name] = (self.matrix(model[name]) @ shift.to(torch.float32)).view_as(model[name])
+        target = prompt_of(dist[P0], self.matrix(model[name]), mean)
+        delta[name] = (target - model[name].to(torch.float32)).to(model[name].dtype)
         return {GROUP: new}, delta
 
 

@@ -15,10 +15,9 @@ the replay of its history from the base model, bit for bit. The payloads reach t
 through the ``non_state_payload`` step (``aggregators/zo_payload.py``), which also carries
 each client's example count.
 
-``history_group(server_state)`` is the broadcast a client replays from
-(``fedkseed_history``); ``broadcast`` returns nothing for now, because the round loop
-decodes every broadcast group against the State's names and shapes
-(docs/zeroth_order.md, "What the round loop needs").
+The server sends no State (``sends_state = False``) and broadcasts nothing beside it: a
+client gets the history rows it has not seen through the two exchange phases this half
+adds to every round (``phases``, ``aggregators/fedkseed_sync.py``) and replays them.
 """
 
 from __future__ import annotations
@@ -27,14 +26,13 @@ from typing import Sequence
 
 import torch
 
+from fedfm.aggregators.fedkseed_sync import GROUP, sync_phases
 from fedfm.aggregators.server_part import register_server_part
 from fedfm.aggregators.zo_payload import weights_of
 from fedfm.aggregators.zo_replay import round_delta, seed_pool
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ServerState, State
 
-GROUP = "fedkseed.history"
-BROADCAST = "fedkseed_history"
 SEEDS, GRADS = "seeds", "grads"
 
 
@@ -53,13 +51,9 @@ def round_coefficients(payloads: Sequence[State], weights: Sequence[float], num_
     return (-lr * acc).to(torch.float32)
 
 
-def history_group(server_state: ServerState) -> dict[str, State]:
-    """The broadcast a client rebuilds the model from: the whole coefficient history."""
-    return {BROADCAST: {"coef": server_state[GROUP]["coef"]}}
-
-
 class FedKSeedServer:
     broadcast_groups: tuple[str, ...] = ()
+    sends_state = False
 
     def __init__(self, params, num_clients: int):
         self.params = params
@@ -70,6 +64,12 @@ class FedKSeedServer:
 
     def broadcast(self, server_state: ServerState) -> dict[str, State]:
         return {}
+
+    def broadcast_reference(self, cid: int, shared: State) -> dict[str, State]:
+        return {}
+
+    def phases(self) -> list:
+        return sync_phases(self.params)
 
     def payload_spec(self, shared: State) -> State:
         steps = self.params.steps

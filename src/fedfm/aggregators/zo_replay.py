@@ -58,10 +58,21 @@ def apply_delta_like_sgd(state: State, delta: State) -> State:
     return {k: state[k] + 1.0 * delta[k].to(state[k].dtype) for k in state}
 
 
-def replay(state: State, history: torch.Tensor, pool: list[int]) -> State:
-    """Apply the rows of ``history`` ((rounds, K) coefficients) to ``state`` in order."""
+def replay(state: State, history: torch.Tensor, pool: list[int], in_place: bool = False) -> State:
+    """Apply the rows of ``history`` ((rounds, K) coefficients) to ``state`` in order,
+    bit for bit as the server did (per parameter: ``x + 1.0 * D(c)[x]``, D accumulated in
+    ascending seed order). One parameter's ``D`` and one direction tensor are held at a
+    time; ``in_place`` updates ``state``'s tensors instead of copies."""
     if history.ndim != 2 or history.shape[1] != len(pool):
         raise ValueError(f"history has shape {tuple(history.shape)}, expected (rounds, {len(pool)})")
+    if not in_place:
+        state = {k: v.clone() for k, v in state.items()}
+    names = sorted(state)
     for row in history:
-        state = apply_delta_like_sgd(state, round_delta(row, pool, state))
+        seeds = torch.nonzero(row).flatten().tolist()
+        for i, n in enumerate(names):
+            d = torch.zeros(tuple(state[n].shape), dtype=torch.float32)
+            for k in seeds:
+                d.add_(param_noise(state[n].shape, pool[k], i), alpha=float(row[k]))
+            state[n].add_(1.0 * d.to(state[n].dtype))
     return state

@@ -4,7 +4,9 @@ for Language-Model-as-a-Service").
 
 The client never sees weights or gradients. ``local_update`` has two halves:
 
-- the provider's: load the global State into the one base model and wrap it in an
+- the provider's: rebuild the global State (the base trainable State with the prompt
+  ``p_0 + A m``, from the broadcast mean ``m``; the server sends no State), load it into
+  the one base model and wrap it in an
   ``InferenceAPI`` (``learners/blackbox_api.py``) that returns only the loss or the logits
   for given prompt embeddings;
 - the client's (``search``): given only that API, its own batches, the current prompt, the
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.fedbpt import BROADCAST, MEAN, SIGMA, projection, prompt_name, sigma_of
+from fedfm.aggregators.fedbpt import BROADCAST, MEAN, SIGMA, projection, prompt_name, prompt_of
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
@@ -81,16 +83,21 @@ class FedBPTLearner:
         if not ctx.examples:
             raise ValueError(f"fedbpt: client {ctx.cid} has no training examples")
         p = self.params
-        name = prompt_name(instruction.state)
+        base = ctx.extras.get("base_state")
+        group = instruction.broadcast.get(BROADCAST)
+        if base is None or group is None:
+            raise ValueError(f"fedbpt: client {ctx.cid} needs the base State (ctx.extras['base_state']) and the "
+                             f"'{BROADCAST}' broadcast group (mean, sigma) to rebuild the prompt")
+        name = prompt_name(base)
+        if self._a is None:
+            self._a = projection(base[name].numel(), p.dim, p.projection_seed, p.projection_std)
+        state = {**base, **instruction.state, name: prompt_of(base[name], self._a, group[MEAN]).to(base[name].dtype)}
         # the provider's side: the model stays behind the API
-        set_state(ctx.model, instruction.state)
+        set_state(ctx.model, state)
         api = make_inference_api(ctx.model, ctx.task, name)
         # the client's side
-        start = instruction.state[name].to(torch.float32)
-        if self._a is None:
-            self._a = projection(start.numel(), p.dim, p.projection_seed, p.projection_std)
-        group = instruction.broadcast.get(BROADCAST)
-        sigma = sigma_of(group) if group else p.sigma0
+        start = state[name].to(torch.float32)
+        sigma = float(group[SIGMA].reshape(-1)[0])
         batches = cycle_batches(ctx, torch.Generator().manual_seed(ctx.seed))
         shift, sigma_out, metrics = search(api, batches, start, self._a, sigma, p, derive_seed(ctx.seed, CMA_TAG))
         payload = {MEAN: torch.tensor(shift, dtype=torch.float32), SIGMA: torch.tensor([sigma_out], dtype=torch.float32)}

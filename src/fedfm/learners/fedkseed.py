@@ -9,14 +9,13 @@ sends only the pairs (seed index, projected-gradient scalar): the payload is two
 safetensors header, whatever the model's size.
 
 The current model is a function of the history: ``w_r = w_{r-1} + D(c_r)``, c_r the
-server's per-seed coefficient row of round r (``aggregators/fedkseed.py``). A client
-given the history in the broadcast group ``fedkseed_history`` (entry ``coef``, (rounds,
-K)) rebuilds the model by replaying it, from its last known round (the model and round it
-cached in its client store when ``cache`` is on; off by default while the loop still sends
-the State, since the cache is a full copy of it per client) or from the base model
-(``LocalContext.extras['base_state']``), bit-identically to the server. Until the round
-loop can broadcast a group shaped unlike the State (docs/zeroth_order.md), the loop sends
-the State itself and the client starts from it.
+server's per-seed coefficient row of round r (``aggregators/fedkseed.py``). The server
+sends no State: before training, the exchange phases of ``aggregators/fedkseed_sync.py``
+send the client the history rows it has not seen (all of them to a fresh client), and the
+client replays them onto its cached model or the base State, bit-identically to the
+server, into its client store; ``local_update`` trains from that model. ``cache`` keeps
+it (a full copy of the trainable State per client, on disk) so that the next round needs
+only the newer rows; without it every round replays the whole history from the base.
 
 Not implemented: the paper's non-uniform seed sampling by score (its FedKSeed-Pro);
 seeds are drawn uniformly.
@@ -27,17 +26,16 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.fedkseed import BROADCAST, GRADS, SEEDS
-from fedfm.aggregators.zo_replay import replay, seed_pool
+from fedfm.aggregators.fedkseed import GRADS, SEEDS
+from fedfm.aggregators.fedkseed_sync import MODEL_KEY, ROUND_KEY
+from fedfm.aggregators.zo_replay import seed_pool
 from fedfm.core.seeding import derive_seed
-from fedfm.core.types import Instruction, State, Update
+from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.zo_core import zo_train
 from fedfm.peft.state import set_state
 
 SAMPLE_TAG = 0x5A3
-MODEL_KEY = "fedkseed_model"
-ROUND_KEY = "fedkseed_round"
 
 
 class FedKSeedParams(BaseModel):
@@ -49,8 +47,8 @@ class FedKSeedParams(BaseModel):
     pool_seed: int = Field(0, description="derives the K pool seeds, shared by every client and the server")
     cache: bool = Field(
         False,
-        description="keep the model a round started from, and that round, in the client store, to replay only newer "
-        "rounds; useful once the loop sends the history instead of the State (a full copy of the State per client)",
+        description="keep the model a round started from in the client store (a full copy of the trainable State per "
+        "client, on disk), so the next round is sent and replays only the newer history rows",
     )
 
 
@@ -59,36 +57,23 @@ class FedKSeedLearner:
         self.params = params
         self.pool = seed_pool(params.pool_seed, params.num_seeds)
 
-    def rebuild(self, ctx: LocalContext, history: torch.Tensor) -> State:
-        """The model after ``len(history)`` rounds: replayed from the cached round or the base."""
-        start, state = 0, None
-        if self.params.cache and ctx.store is not None:
-            cached, tag = ctx.store.get(ctx.cid, MODEL_KEY), ctx.store.get(ctx.cid, ROUND_KEY)
-            if cached is not None and tag is not None and int(tag["round"]) <= history.shape[0]:
-                start, state = int(tag["round"]), cached
-        if state is None:
-            base = ctx.extras.get("base_state")
-            if base is None:
-                raise ValueError(
-                    f"fedkseed: client {ctx.cid} has no cached model and no base State "
-                    "(LocalContext.extras['base_state']) to replay the history from"
-                )
-            state = {k: v.clone() for k, v in base.items()}
-        return replay(state, history[start:], self.pool)
+    def start_state(self, instruction: Instruction, ctx: LocalContext):
+        """The model this round starts from, rebuilt by the ``fedkseed_history`` phase."""
+        tag = ctx.store.get(ctx.cid, ROUND_KEY) if ctx.store is not None else None
+        if tag is None or int(tag["round"].reshape(-1)[0]) != instruction.round:
+            raise ValueError(
+                f"fedkseed: client {ctx.cid} holds no model rebuilt for round {instruction.round}: the "
+                "fedkseed_known/fedkseed_history exchange phases did not run before training"
+            )
+        state = ctx.store.get(ctx.cid, MODEL_KEY)
+        if not self.params.cache:
+            ctx.store.delete(ctx.cid, MODEL_KEY)
+            ctx.store.delete(ctx.cid, ROUND_KEY)
+        return {**state, **instruction.state}  # instruction.state: only the client's local (peft.local) entries
 
     def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
         p = self.params
-        group = instruction.broadcast.get(BROADCAST)
-        if group is not None:
-            history = group["coef"]
-            state = self.rebuild(ctx, history)
-            known = history.shape[0]
-        else:
-            state, known = instruction.state, instruction.round - 1
-        if p.cache and ctx.store is not None:
-            ctx.store.put(ctx.cid, MODEL_KEY, state)
-            ctx.store.put(ctx.cid, ROUND_KEY, {"round": torch.tensor(known, dtype=torch.int64)})
-        set_state(ctx.model, state)
+        set_state(ctx.model, self.start_state(instruction, ctx))
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, SAMPLE_TAG))
         idx = torch.randint(p.num_seeds, (p.steps,), generator=gen, dtype=torch.int64)
         grads, metrics = zo_train(ctx, p.steps, p.eps, p.lr, lambda t: self.pool[int(idx[t])])

@@ -15,9 +15,10 @@ the changed entries). Here the perturbation is applied out of place instead: a f
 pre-hook on each module that owns a trainable parameter swaps in ``x + eps z`` for that
 module's forward only and puts the stored tensor back after it, so the stored parameters
 are never written during the two evaluations and are bit-identical when the update is
-applied. Memory stays at inference level plus one module's perturbed copy and its ``z``
-(the same peak as in-place MeZO, which also draws each parameter's ``z`` whole). A
-parameter that some code reads outside its own module's forward is refused with its name.
+applied. Memory stays at inference level plus one module's perturbed copy, built in the
+buffer of its ``z`` (the same peak as in-place MeZO, which also draws each parameter's
+``z`` whole). A parameter that some code reads outside its own module's forward is
+refused with its name.
 The evaluations run in eval mode (no dropout), so both see the same function.
 
 Written by hand: no maintained library implements MeZO's seeded, storage-free estimate.
@@ -54,7 +55,7 @@ def perturbed(model: torch.nn.Module, seed: int, scale: float) -> Iterator[None]
             for p in owned:
                 z = param_noise(p.shape, seed, index[id(p)]).to(p.device, p.dtype)
                 saved.setdefault(id(p), []).append(p.data)
-                p.data = p.data + scale * z
+                p.data = z.mul_(scale).add_(p.data)  # x + scale z, in z's buffer: one extra tensor
                 fired.add(id(p))
 
         def post(module, args, output):

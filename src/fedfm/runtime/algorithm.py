@@ -29,6 +29,16 @@ issued; ``combine_updates(server_state, updates, rule, rule_params, ctx)`` repla
 "deltas over the global names -> rule -> combine" for payloads of different shapes. The
 last instruction issued to (server side) or received by (client side) each client is
 remembered, so ``payload_spec(cid, shared)`` keeps its signature.
+
+Broadcasts without the State (FedKSeed, FedBPT). A server part with ``sends_state = False``
+gets instructions with an empty ``state``: only its broadcast groups travel, shaped as its
+``broadcast_reference(cid, shared)`` declares (else each group is shaped like the State),
+and the client rebuilds its State from what it holds (its store, the base model) plus the
+broadcast. Such a learner finds the base trainable State in ``ctx.extras["base_state"]``:
+the template this end's ``down_reference`` was given (the workbench's), which every end
+computes from the same base model. A server part may also add exchange phases of its own
+(``phases()``, ``core.protocols.ExchangePhase``), e.g. FedKSeed's history sync, whose
+messages need not be shaped like anything declared in advance.
 """
 
 from __future__ import annotations
@@ -72,6 +82,7 @@ class FedAlgorithm:
         self.profiles = dict(profiles or {})  # cid -> ClientSpec.profile (runtime/roles.py)
         self.seed = seed
         self.issued: dict[int, Instruction] = {}  # last instruction per client (per-client shapes)
+        self.base: State | None = None  # the base trainable State, for learners sent no State
 
     def phases_at(self, when: str) -> list:
         return [p for p in self.phases if p.when == when]
@@ -84,6 +95,11 @@ class FedAlgorithm:
 
     def _hook(self, name: str):
         return getattr(self.server, name, None) if self.server is not None else None
+
+    @property
+    def sends_state(self) -> bool:
+        """False when the server half sends only its broadcast groups (no State)."""
+        return bool(getattr(self.server, "sends_state", True)) if self.server is not None else True
 
     # -- shared and local names ----------------------------------------------------------
 
@@ -116,7 +132,8 @@ class FedAlgorithm:
             self.issued = dict(out)  # the server checks this attempt's replies only
             return out
         groups = self.server.broadcast(server_state) if self.server is not None else {}
-        out = {c.cid: Instruction(round=rnd, cid=c.cid, state=server_state[MODEL], broadcast=dict(groups)) for c in clients}
+        state = server_state[MODEL] if self.sends_state else {}
+        out = {c.cid: Instruction(round=rnd, cid=c.cid, state=state, broadcast=dict(groups)) for c in clients}
         return self.pipeline.per_client(out, server_state)  # steps' per-client States (ip/copies.py)
 
     def payload_spec(self, cid: int, shared: State) -> State:
@@ -130,13 +147,19 @@ class FedAlgorithm:
         return self.server.payload_spec(shared) if self.server is not None else shared
 
     def down_reference(self, cid: int, template: State) -> State:
-        """What client ``cid`` receives: the shared State and each broadcast group (entries
-        ``<group>/<name>`` shaped like the State's), computed alike on both ends."""
+        """What client ``cid`` receives: the shared State (unless the server half sends none)
+        and each broadcast group (entries ``<group>/<name>``, shaped as the server half's
+        ``broadcast_reference`` declares, else like the State's), computed alike on both ends."""
+        self.base = template
         shared, _ = self.split(template)
         per_client = self._hook("client_reference")
         if per_client is not None:
             shared = per_client(cid, self.profiles.get(cid, {}), shared)
-        ref = dict(shared)
+        ref = dict(shared) if self.sends_state else {}
+        own = self._hook("broadcast_reference")
+        if own is not None:
+            ref.update({f"{g}/{k}": v for g, tensors in own(cid, shared).items() for k, v in tensors.items()})
+            return ref
         for group in self.server.broadcast_groups if self.server is not None else ():
             ref.update({f"{group}/{k}": v for k, v in shared.items()})
         return ref
@@ -171,6 +194,8 @@ class FedAlgorithm:
 
     def local_update(self, instruction: Instruction, ctx) -> Update:
         self.issued = {instruction.cid: instruction}  # the client function asks its payload_spec next
+        if not self.sends_state and self.base is not None:
+            ctx.extras.setdefault("base_state", self.base)
         return self.learner.local_update(instruction, ctx)
 
 
@@ -180,16 +205,18 @@ def build_algorithm(exp) -> FedAlgorithm:
 
     learner_params_model = learners.parse(exp.learner.name, exp.learner.params(), "learner")
     spec, so = exp.aggregator, exp.server_optimizer
+    server_part = build_server_part(exp.learner.name, learner_params_model, exp.federation.clients)
+    own_phases = list(server_part.phases()) if hasattr(server_part, "phases") else []
     return FedAlgorithm(
         learner=build_learner(exp.learner),
         rule=aggregators.get(spec.rule).obj,
         rule_params=aggregators.parse(spec.rule, spec.params(), "aggregator"),
         optimizer=server_optimizers.get(so.name).obj,
         optimizer_params=server_optimizers.parse(so.name, so.params(), "server_optimizer"),
-        server_part=build_server_part(exp.learner.name, learner_params_model, exp.federation.clients),
+        server_part=server_part,
         pipeline=Pipeline.from_specs(exp.server_steps),
         local_patterns=exp.peft.local,
-        phases=build_phases(exp.exchanges),
+        phases=[*build_phases(exp.exchanges), *own_phases],
         profiles=client_profiles(exp),
         seed=exp.seed,
     )

@@ -187,6 +187,8 @@ class RoundLoop:
                 rlog.note("dropped", c.cid, attempt, reason=verdict.reason)
                 del broadcasts[c.cid]
         participants, contacted = list(broadcasts), set()
+        # the phases see the server state this round started from (read only; FedKSeed's history,
+        # SplitFed's main server) and the server's workbench
         round_state: dict[str, Any] = {"instructions": {}, "attempt": attempt, "server_state": server_state, "workbench": self.wb}
         for phase in self.algo.phases_at("before_train"):
             participants = self._phase(rnd, attempt, phase, participants, round_state, rlog, contacted)
