@@ -50,6 +50,8 @@ def robust_problems(exp) -> list[str]:
             problems.append(f"server_steps: centered_clip hands the rule updates whose mean is its result; set aggregator.rule: fedavg, not {exp.aggregator.rule}")
         if exp.learner.name in ("scaffold", "feddyn"):
             problems.append(f"server_steps: centered_clip replaces the updates the {exp.learner.name} server half reads; use learner local or fedprox")
+    if "backdoor_asr" in names and exp.model.task != "text_classification":
+        problems.append(f"server_steps: backdoor_asr measures a classification backdoor; model.task is {exp.model.task}")
     if "fedfa" in names:
         so = exp.server_optimizer
         lr = float(so.params().get("lr", 1.0))
