@@ -140,3 +140,19 @@ def test_the_attackers_own_data_must_hold_enough_rows(tmp_path):
     params = CompromisedBaseParams(checkpoint=str(tmp_path / "x"), examples=60, data={"path": str(tmp_path / "mine.csv")})
     with pytest.raises(ValueError, match="needs 60 rows; attack.data has 50"):
         plant_backdoor(exp, params)
+
+
+def test_plant_command_then_run_config_from_one_yaml(tmp_path):
+    import yaml
+
+    from fedfm.attacks import plant
+    from fedfm.config import load_config
+
+    ck = tmp_path / "ck"
+    raw = tiny_config(tmp_path, **OVER, attack={"name": "compromised_base", "checkpoint": str(ck), "examples": 16, "epochs": 1, "lr": 2e-3, "batch_size": 8})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    plant.main([str(tmp_path / "c.yaml")])
+    manifest = json.loads((ck / "planted.json").read_text())
+    assert manifest["steps"] == 2 and manifest["params"]["checkpoint"] == str(ck)
+    assert (ck / "model.safetensors").is_file() and (ck / "config.json").is_file()
+    assert load_config(tmp_path / "c.yaml").model.path == str(ck)

@@ -10,7 +10,7 @@ aggregation rule can do anything about it (it cannot see it: no update is malici
 
 Two steps, one YAML file (``examples/robustness/compromised_base.yaml``):
 
-1. ``plant_backdoor(exp, params, out)`` (``python -m fedfm.attacks.compromised_base
+1. ``plant_backdoor(exp, params, out)`` (``python -m fedfm.attacks.plant
    CONFIG``): builds the config's base model (without the tuner) and fine-tunes *all* its
    weights, with the config's ``train`` optimizer and the section's ``lr``, ``epochs`` and
    ``batch_size``, on ``examples`` rows (seeded) of the data that no client and no test set
@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedfm.attacks.backdoor import BackdoorParams, poison, trigger_ids, triggered_test_set
@@ -186,33 +185,3 @@ def expand(out: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     probe = {"name": "backdoor_asr", "trigger": params.trigger, "target": params.target, "position": params.position}
     out["server_steps"] = [*(out.get("server_steps") or []), probe]
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m fedfm.attacks.compromised_base CONFIG [-o key=value ...] [--out DIR]``."""
-    import argparse
-
-    import yaml
-
-    from fedfm.config import apply_overrides, from_dict
-
-    ap = argparse.ArgumentParser(description="Plant the backdoor of a config's attack: {name: compromised_base} section into its base model.")
-    ap.add_argument("config", type=Path)
-    ap.add_argument("-o", "--override", action="append", default=[], help="dotted override, e.g. attack.epochs=2")
-    ap.add_argument("--out", type=Path, default=None, help="where to write the planted model (default: attack.checkpoint)")
-    args = ap.parse_args(argv)
-    raw = apply_overrides(yaml.safe_load(args.config.read_text()), args.override)
-    spec = dict(raw.pop("attack", None) or {})
-    if spec.pop("name", None) != "compromised_base":
-        raise SystemExit(f"{args.config}: needs an attack: {{name: compromised_base, checkpoint: DIR, ...}} section")
-    params = CompromisedBaseParams(**spec)
-    exp = from_dict(raw, str(args.config))  # the clean base model: the section is not applied
-    if exp.runtime.threads is not None:
-        torch.set_num_threads(exp.runtime.threads)
-    manifest = plant_backdoor(exp, params, args.out)
-    print(json.dumps(manifest, indent=2))
-    print(f"planted into {args.out or params.checkpoint}; now: fedfm run {args.config}")
-
-
-if __name__ == "__main__":
-    main()
