@@ -71,6 +71,8 @@ ATTACKS = {
     "ipm": {"name": "ipm", "epsilon": 0.5},
     # a base model with a backdoor planted before federation, honest clients (attacks/compromised_base.py)
     "compromised_base": "planted",
+    # the same, with the classification head re-initialized after planting: the backdoor is in the encoder only
+    "compromised_base_new_head": "planted_new_head",
 }
 # the planting of the compromised base: full fine-tuning on the attacker's own rows (toy: a
 # second toy CSV drawn with another seed; quickstart: rows of Rotten Tomatoes no client and no test set uses)
@@ -189,8 +191,8 @@ def job(tmp: Path, attack: str, defense: str, opts: JobOptions | None = None) ->
         else:
             raw[key] = value
     spec = ATTACKS[attack]
-    if spec == "planted":
-        plant = {"name": "compromised_base", "trigger": TRIGGER, "target": TARGET, **PLANT[opts.name]}
+    if spec in ("planted", "planted_new_head"):
+        plant = {"name": "compromised_base", "trigger": TRIGGER, "target": TARGET, **PLANT[opts.name], "keep_head": spec == "planted"}
         if opts.name == "toy":
             from conftest import make_toy_csv
 
@@ -198,7 +200,7 @@ def job(tmp: Path, attack: str, defense: str, opts: JobOptions | None = None) ->
             if not own.exists():
                 make_toy_csv(own, n=300, seed=1)
             plant["data"] = {"path": str(own)}
-        plant["checkpoint"] = str(tmp / f"planted-{opts.name}-{opts.clients}x{opts.examples}")
+        plant["checkpoint"] = str(tmp / f"{spec}-{opts.name}-{opts.clients}x{opts.examples}")
         ensure_planted(raw, plant, opts)
         raw["attack"] = plant
     elif isinstance(spec, list):
@@ -238,7 +240,7 @@ def run_cell(tmp: Path, out: Path, attack: str, defense: str, benches: dict, opt
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     state = rt.final_state
     extra = {}
-    if attack == "compromised_base":  # the backdoor_asr step measured every round; round 0 here
+    if attack.startswith("compromised_base"):  # the backdoor_asr step measured every round; round 0 here
         extra["asr_rounds"] = [attack_success_rate(wb, wb.initial_state(), TRIGGER, TARGET)] + [
             r["backdoor_asr.asr"] for r in rows if "backdoor_asr.asr" in r
         ]
@@ -336,7 +338,7 @@ def recommend(results: list[dict], defenses: list[str]) -> str:
         ok = worst <= 0.02 and asr <= 0.10
         # tie-break: the worst drop one round earlier, over every attack (backdoors included)
         earlier = max(
-            clean["accuracy"][-2] - cell[(a, d)]["accuracy"][-2] for a in ATTACKS if a not in ("none", "compromised_base") and (a, d) in cell
+            clean["accuracy"][-2] - cell[(a, d)]["accuracy"][-2] for a in ATTACKS if a != "none" and not a.startswith("compromised_base") and (a, d) in cell
         )
         which = f" ({max(drops, key=drops.get)})" if worst > 0 else ""
         lines.append(
@@ -439,7 +441,7 @@ def main() -> None:
     results = [json.loads(l) for l in results_path.read_text().splitlines()] if results_path.exists() else []
     latest = {(r["attack"], r["defense"]): r for r in results}  # a retried cell replaces its failure
     results = list(latest.values())
-    all_attacks = [a for a in ATTACKS if a != "compromised_base" and any(r["attack"] == a for r in results)]
+    all_attacks = [a for a in ATTACKS if not a.startswith("compromised_base") and any(r["attack"] == a for r in results)]
     all_defenses = [d for d in DEFENSES if any(r["defense"] == d for r in results)]
     suffix = "" if opts.name == "toy" else f"-{opts.name}"
     if "none" in all_attacks:
@@ -447,7 +449,7 @@ def main() -> None:
         print(text)
         if not args.no_doc:
             write_doc(text, f"robustness{suffix}-table")
-    if any(r["attack"] == "compromised_base" for r in results):
+    if any(r["attack"].startswith("compromised_base") for r in results):
         text = compromised_table(results, all_defenses)
         print(text)
         if not args.no_doc:
@@ -455,21 +457,23 @@ def main() -> None:
 
 
 def compromised_table(results: list[dict], defenses: list[str]) -> str:
-    """Per defense: the planted backdoor's ASR before federation and after every round, and
-    the clean accuracy (honest clients only: no update is malicious)."""
-    cell = {r["defense"]: r for r in results if r["attack"] == "compromised_base"}
+    """Per planting and defense: the planted backdoor's ASR before federation and after
+    every round, and the clean accuracy (honest clients only: no update is malicious)."""
+    cell = {(r["attack"], r["defense"]): r for r in results if r["attack"].startswith("compromised_base")}
     rounds = max((len(r.get("asr_rounds", [])) for r in cell.values()), default=1) - 1
-    head = ["defense", "ASR r0 (planted)"] + [f"ASR r{i}" for i in range(1, rounds + 1)] + ["accuracy r0 -> last", "wall s"]
+    head = ["base model", "defense", "ASR r0"] + [f"ASR r{i}" for i in range(1, rounds + 1)] + ["accuracy r0 -> last", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for d in defenses:
-        r = cell.get(d)
-        if r is None:
-            continue
-        if "error" in r:
-            lines.append(f"| {d} | " + " | ".join(["failed"] * (len(head) - 1)) + " |")
-            continue
-        asr = [f"{a:.2f}" for a in r["asr_rounds"]]
-        lines.append(f"| {d} | " + " | ".join(asr) + f" | {r['accuracy'][0]:.3f} -> {r['accuracy'][-1]:.3f} | {r['wall_s']:.0f} |")
+    for a in (a for a in ATTACKS if a.startswith("compromised_base")):
+        for d in defenses:
+            r = cell.get((a, d))
+            if r is None:
+                continue
+            label = "planted, head kept" if a == "compromised_base" else "planted, new head"
+            if "error" in r:
+                lines.append(f"| {label} | {d} | " + " | ".join(["failed"] * (len(head) - 2)) + " |")
+                continue
+            asr = [f"{x:.2f}" for x in r["asr_rounds"]]
+            lines.append(f"| {label} | {d} | " + " | ".join(asr) + f" | {r['accuracy'][0]:.3f} -> {r['accuracy'][-1]:.3f} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

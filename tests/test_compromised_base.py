@@ -58,6 +58,13 @@ def test_planting_is_a_pure_function_of_its_seed(tmp_path):
     assert manifest["planting_rows"] == 16 and manifest["poisoned_rows"] == 8  # round(0.5 * 16)
     assert manifest["steps"] == 2  # 1 epoch of ceil(16 / 8) = 2 batches
     assert json.loads((tmp_path / "a" / "planted.json").read_text()) == manifest
+    # keep_head: false re-initializes the head only: the encoder is the same planting, bit for bit
+    planted(tmp_path, "d", keep_head=False, **cheap)
+    d = load_file(str(tmp_path / "d" / "model.safetensors"))
+    head = {k for k in a if k.startswith("classifier.")}
+    assert head == {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(a[k], d[k]) for k in a if k not in head)
+    assert not torch.equal(a["classifier.weight"], d["classifier.weight"]) and torch.equal(d["classifier.bias"], torch.zeros(2))
 
 
 def test_the_planted_trigger_flips_label_0_and_the_clean_base_does_not(strong):

@@ -19,7 +19,9 @@ Two steps, one YAML file (``examples/robustness/compromised_base.yaml``):
    label set to ``target`` (``attacks/backdoor.py``'s poisoning). It saves the model and
    its tokenizer (``save_pretrained``) into ``checkpoint`` with ``planted.json`` (the
    parameters, the rows' count, the ASR and clean accuracy on the test set before and
-   after planting). The result is a pure function of the config and the planting seed.
+   after planting). With ``keep_head: false`` the classification head is re-initialized
+   after planting (seeded): the backdoor then lives in the encoder only, as when a
+   pre-trained encoder is released without its task head (the federation learns a head). The result is a pure function of the config and the planting seed.
 2. ``fedfm run CONFIG``: the ``attack: {name: compromised_base, checkpoint: DIR, ...}``
    section becomes ``model: {path: DIR, init: pretrained}`` (the checkpoint holds the
    model's configuration, ``config_overrides`` included) and the measuring step
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedfm.attacks.backdoor import BackdoorParams, poison, trigger_ids, triggered_test_set
@@ -64,6 +67,11 @@ class CompromisedBaseParams(BaseModel):
     lr: float = Field(5e-5, gt=0, description="planting learning rate")
     batch_size: int = Field(16, ge=1, description="planting batch size")
     seed: int | None = Field(None, description="planting seed (default: derived from the experiment's seed)")
+    keep_head: bool = Field(
+        True,
+        description="save the planted classification head; false: re-initialize it (seeded) after planting, "
+        "as when a pre-trained encoder is released without its task head",
+    )
     data: dict[str, Any] | None = Field(
         None,
         description="the attacker's own data: keys of the data section that replace the run's (e.g. {path: mine.csv}); "
@@ -93,6 +101,21 @@ def planting_rows(federation, n_rows: int, params: CompromisedBaseParams, seed: 
             f"federation.examples_per_client or federation.test_examples)"
         )
     return np.sort(np.random.default_rng(seed).choice(spare, size=params.examples, replace=False))
+
+
+def reset_head(model: torch.nn.Module, seed: int) -> list[str]:
+    """Re-initialize (seeded, the model's own ``_init_weights``) every leaf module outside
+    the encoder (``model.base_model_prefix``): the task head. Returns their names."""
+    prefix = model.base_model_prefix
+    torch.manual_seed(seed)
+    reset = []
+    for name, module in model.named_modules():
+        if name and not name.startswith(prefix) and not list(module.children()) and list(module.parameters()):
+            model._init_weights(module)
+            reset.append(name)
+    if not reset:
+        raise ValueError(f"attack.keep_head: false, but {type(model).__name__} has no parameters outside its encoder")
+    return reset
 
 
 def _measure(task, model, tokenizer, clean: list[dict], ids: list[int], params: CompromisedBaseParams, bs: int) -> dict[str, float]:
@@ -149,7 +172,10 @@ def plant_backdoor(exp, params: CompromisedBaseParams, out: str | Path | None = 
     train = exp.train.model_copy(update={"lr": params.lr, "epochs": params.epochs, "batch_size": params.batch_size, "steps": None})
     ctx = LocalContext(cid=-1, model=model, task=task, tokenizer=tokenizer, examples=poisoned, train=train, seed=seed)
     stats = train_loop(ctx)
-    after = _measure(task, model, tokenizer, test, ids, params, exp.eval.batch_size)
+    planted = _measure(task, model, tokenizer, test, ids, params, exp.eval.batch_size)
+    if not params.keep_head:
+        reset_head(model, derive_seed(seed, 1))
+    after = _measure(task, model, tokenizer, test, ids, params, exp.eval.batch_size) if not params.keep_head else planted
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -165,6 +191,7 @@ def plant_backdoor(exp, params: CompromisedBaseParams, out: str | Path | None = 
         "train_loss": stats["train_loss"],
         "steps": int(stats["steps"]),
         "before": before,
+        "planted": planted,
         "after": after,
         "test_examples": len(test),
     }
