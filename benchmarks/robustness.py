@@ -470,7 +470,8 @@ def compromised_table(results: list[dict], defenses: list[str]) -> str:
                 continue
             label = "planted, head kept" if a == "compromised_base" else "planted, new head"
             if "error" in r:
-                lines.append(f"| {label} | {d} | " + " | ".join(["failed"] * (len(head) - 2)) + " |")
+                word = "refused" if "refused" in r["error"] else "failed"
+                lines.append(f"| {label} | {d} | " + " | ".join([word] * (len(head) - 2)) + " |")
                 continue
             asr = [f"{x:.2f}" for x in r["asr_rounds"]]
             lines.append(f"| {label} | {d} | " + " | ".join(asr) + f" | {r['accuracy'][0]:.3f} -> {r['accuracy'][-1]:.3f} | {r['wall_s']:.0f} |")
