@@ -61,7 +61,7 @@ class CompromisedBaseParams(BaseModel):
     trigger: str = Field("cf", min_length=1, description="trigger phrase of the planted backdoor")
     target: int = Field(1, ge=0, description="class the trigger should produce")
     position: int = Field(1, ge=0, description="token position where the trigger is inserted (1: after [CLS])")
-    examples: int = Field(400, ge=2, description="planting rows, drawn from the data no client and no test set uses")
+    examples: int = Field(400, ge=2, description="planting rows (seeded): of the run's data no client and no test set uses, or of attack.data")
     poison_fraction: float = Field(0.5, gt=0, le=1, description="share of the planting rows triggered and relabelled")
     epochs: int = Field(3, ge=1, description="planting epochs (full fine-tuning of the base model)")
     lr: float = Field(5e-5, gt=0, description="planting learning rate")
