@@ -78,7 +78,7 @@ ATTACKS = {
 # second toy CSV drawn with another seed; quickstart: rows of Rotten Tomatoes no client and no test set uses)
 PLANT = {
     "toy": {"examples": 200, "epochs": 4, "lr": 2e-3, "batch_size": 8},
-    "quickstart": {"examples": 400, "epochs": 2, "lr": 5e-5, "batch_size": 16},
+    "quickstart": {"examples": 400, "epochs": 3, "lr": 2e-4, "batch_size": 16},
 }
 
 DEFENSES = {
