@@ -1,21 +1,35 @@
-"""The attack x defense matrix on a reduced job; writes the table of docs/robustness.md.
+"""The attack x defense matrix on a reduced job; writes the tables of docs/robustness.md.
 
-    PYTHONPATH=src python benchmarks/robustness.py [--attacks none,alie] [--defenses fedavg,krum]
-        [--out runs/robustness] [--table]
+    PYTHONPATH=src python benchmarks/robustness.py [--job toy|quickstart] [--attacks none,alie]
+        [--defenses fedavg,krum] [--rounds R] [--clients C] [--examples E] [--test-examples T]
+        [--device cuda] [--threads N] [--bound B] [--out DIR] [--table] [--no-doc] [--rule-times]
 
-The job (``job()``): the tiny random-init BERT of tests/conftest.py (2 layers, hidden 32,
-MiniLM's tokenizer) with LoRA r=4 on query/value, on the toy sentiment CSV of
-``make_toy_csv`` (600 rows, separable by word choice), 12 clients (iid), 120 test
-examples, ROUNDS rounds of one local epoch (AdamW lr 0.05, batch 8), every client every
-round. Attackers: 20% of the clients (2 of 12, drawn by the seed), through the
-``attack:`` section. Each cell runs in this process (one workbench per attack row: the
-roles decide who attacks) and records the clean accuracy after every round (the table shows
-the final one and, in brackets, the one a round earlier), the backdoor attack
-success rate (ASR: triggered test examples whose label is not the target, classified as
-the target; measured in every cell) and the wall time. Results accumulate in
-OUT/results.jsonl (a cell already there is skipped); ``--table`` rebuilds the table and
-the doc section from it. The aggregation time of each rule alone is measured on 12
-random updates shaped like MiniLM's LoRA r=8 State (``--rule-times``).
+Jobs (``JOBS``):
+
+- ``toy`` (default): the tiny random-init BERT of tests/conftest.py (2 layers, hidden 32,
+  MiniLM's tokenizer) with LoRA r=4 on query/value, on the toy sentiment CSV of
+  ``make_toy_csv`` (600 rows, separable by word choice), 12 clients (iid), 120 test
+  examples, 4 rounds of one local epoch (AdamW lr 0.05, batch 8).
+- ``quickstart``: examples/quickstart.yaml (all-MiniLM-L6-v2 + LoRA r=8 on Rotten
+  Tomatoes, clients split by movie) with ``--rounds`` (3), ``--clients`` (8),
+  ``--examples`` per client (250) and ``--test-examples`` (1000); the defaults are the
+  quickstart itself. ``--device`` is written to ``runtime.device`` of every run only when
+  given (the key of the speed work; a CPU run needs nothing new).
+
+Every client every round. Attackers: 20% of the clients (``max(1, round(0.2 n))``, drawn by
+the seed), through the ``attack:`` section; the rules are told that f. Each cell runs in
+this process (one workbench per attack row: the roles decide who attacks) and records the
+clean accuracy after every round (the table shows the final one and, in brackets, the one
+a round earlier), the backdoor attack success rate (ASR: triggered test examples whose
+label is not the target, classified as the target; measured in every cell) and the wall
+time. The FedAvg cells also log the mean update norm (``clip_updates`` at a bound no update
+reaches); on the quickstart job the no-attack one sets ``norm_bound``'s and
+``centered_clip``'s bound unless ``--bound`` is given. The ``compromised_base`` row plants a
+backdoor into the base model once (``attacks/compromised_base.py``) and federates honestly
+from it under every defense, recording the ASR before federation and after every round.
+Results accumulate in OUT/results.jsonl (a cell already there is skipped); ``--table``
+rebuilds the tables and the doc sections from it. The aggregation time of each rule alone
+is measured on 12 random updates shaped like MiniLM's LoRA r=8 State (``--rule-times``).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import datetime as dt
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +51,7 @@ ROUNDS = 4
 CLIENTS = 12
 F = 2  # attackers per round the rules are told to tolerate (20% of 12, every client every round)
 TRIGGER, TARGET = "cf", 1
+NORM_PROBE = 1e12  # clip_updates at this bound changes nothing and logs the mean update norm
 BOUND = 4.0  # norm_bound max_norm and centered_clip tau: about the honest update norm of this job (3.6-5.2, see docs)
 
 ATTACKS = {
@@ -53,6 +69,16 @@ ATTACKS = {
     ],
     "alie": {"name": "alie"},
     "ipm": {"name": "ipm", "epsilon": 0.5},
+    # a base model with a backdoor planted before federation, honest clients (attacks/compromised_base.py)
+    "compromised_base": "planted",
+    # the same, with the classification head re-initialized after planting: the backdoor is in the encoder only
+    "compromised_base_new_head": "planted_new_head",
+}
+# the planting of the compromised base: full fine-tuning on the attacker's own rows (toy: a
+# second toy CSV drawn with another seed; quickstart: rows of Rotten Tomatoes no client and no test set uses)
+PLANT = {
+    "toy": {"examples": 200, "epochs": 4, "lr": 2e-3, "batch_size": 8},
+    "quickstart": {"examples": 400, "epochs": 3, "lr": 2e-4, "batch_size": 16},
 }
 
 DEFENSES = {
@@ -73,7 +99,8 @@ DEFENSES = {
 UNTARGETED = ["sign_flip", "gaussian_noise", "scaling", "label_flip", "alie", "ipm"]
 
 
-def job(tmp: Path, attack: str, defense: str) -> dict:
+def toy_raw(tmp: Path, opts: "JobOptions") -> dict:
+    """The tiny random-init BERT on the toy CSV (the default job)."""
     from conftest import make_toy_csv, tiny_config
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -81,36 +108,126 @@ def job(tmp: Path, attack: str, defense: str) -> dict:
     if not csv.exists():
         make_toy_csv(csv, n=600)
     over = {
-        "rounds": ROUNDS,
-        "federation.clients": CLIENTS,
+        "rounds": opts.rounds,
+        "federation.clients": opts.clients,
         "federation.partitioner": {"name": "iid"},
-        "federation.test_examples": 120,
+        "federation.test_examples": opts.test_examples,
         "train.lr": 0.05,
         "train.epochs": 1,
         "server.checkpoint": False,
-        "runtime.threads": 1,
+        "runtime.threads": opts.threads,
     }
-    raw = tiny_config(tmp, **over)
-    patch = DEFENSES[defense]
+    if opts.examples is not None:
+        over["federation.examples_per_client"] = opts.examples
+    return tiny_config(tmp, **over)
+
+
+def quickstart_raw(tmp: Path, opts: "JobOptions") -> dict:
+    """examples/quickstart.yaml (MiniLM + LoRA r=8 on Rotten Tomatoes, natural partition by
+    movie) with the job's rounds, clients, examples per client and test examples."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    raw["rounds"] = opts.rounds
+    raw["federation"].update(clients=opts.clients, test_examples=opts.test_examples)
+    if opts.examples is not None:
+        raw["federation"]["examples_per_client"] = opts.examples
+    raw["server"] = {"checkpoint": False}
+    raw["runtime"] = {"progress": False, "threads": opts.threads}
+    return raw
+
+
+@dataclass
+class JobOptions:
+    name: str = "toy"
+    rounds: int = ROUNDS
+    clients: int = CLIENTS
+    examples: int | None = None  # per client; None: the job's own (toy: all rows; quickstart: 250)
+    test_examples: int = 120
+    threads: int = 1
+    device: str | None = None  # runtime.device, set only when given
+    bound: float = BOUND  # norm_bound max_norm and centered_clip tau: about the honest update norm
+
+    @property
+    def f(self) -> int:
+        """Attackers per round the rules are told to tolerate: the role's size (20%,
+        runtime/roles.py rounds it: max(1, round(0.2 n)))."""
+        return max(1, int(round(0.2 * self.clients)))
+
+
+JOBS = {"toy": toy_raw, "quickstart": quickstart_raw}
+JOB_DEFAULTS = {
+    "toy": dict(rounds=ROUNDS, clients=CLIENTS, examples=None, test_examples=120),
+    "quickstart": dict(rounds=3, clients=8, examples=250, test_examples=1000),
+}
+
+
+def defense_patch(defense: str, opts: JobOptions) -> dict:
+    """DEFENSES[defense] with f (and Multi-Krum's m) set from the job's attackers."""
+    patch = json.loads(json.dumps(DEFENSES[defense]))
+    agg = patch.get("aggregator")
+    if agg is not None and "f" in agg:
+        agg["f"] = opts.f
+        if agg["rule"] == "multi_krum":
+            agg["m"] = opts.clients - 2 * opts.f
+    for step in patch.get("server_steps", []):
+        for key in ("tau", "max_norm"):
+            if key in step:
+                step[key] = opts.bound
+    if defense == "fedavg":  # logs the honest update norms (clip_updates.mean_norm); a bound no update reaches
+        patch["server_steps"] = [{"name": "clip_updates", "max_norm": NORM_PROBE}]
+    return patch
+
+
+def job(tmp: Path, attack: str, defense: str, opts: JobOptions | None = None) -> dict:
+    opts = opts or JobOptions()
+    raw = JOBS[opts.name](tmp, opts)
+    if opts.device is not None:  # runtime.device (the speed work); only when asked, so CPU runs need nothing new
+        raw.setdefault("runtime", {})["device"] = opts.device
+    patch = defense_patch(defense, opts)
     for key, value in patch.items():
         if key == "server_steps":
             raw["server_steps"] = list(raw.get("server_steps", [])) + value
         else:
             raw[key] = value
     spec = ATTACKS[attack]
-    if isinstance(spec, list):
+    if spec in ("planted", "planted_new_head"):
+        plant = {"name": "compromised_base", "trigger": TRIGGER, "target": TARGET, **PLANT[opts.name], "keep_head": spec == "planted"}
+        if opts.name == "toy":
+            from conftest import make_toy_csv
+
+            own = tmp / "attacker.csv"
+            if not own.exists():
+                make_toy_csv(own, n=300, seed=1)
+            plant["data"] = {"path": str(own)}
+        plant["checkpoint"] = str(tmp / f"{spec}-{opts.name}-{opts.clients}x{opts.examples}")
+        ensure_planted(raw, plant, opts)
+        raw["attack"] = plant
+    elif isinstance(spec, list):
         raw["federation"]["roles"] = [{"name": "attacker", "fraction": 0.2, "middleware": spec}]
     elif spec is not None:
         raw["attack"] = {**spec, "fraction": 0.2}
     return raw
 
 
-def run_cell(tmp: Path, out: Path, attack: str, defense: str, benches: dict) -> dict:
+def ensure_planted(raw: dict, plant: dict, opts: JobOptions) -> None:
+    """Plant the backdoor into the job's base model once (attacks/compromised_base.py)."""
+    from fedfm.attacks.compromised_base import MANIFEST, CompromisedBaseParams, plant_backdoor
+    from fedfm.config import from_dict
+
+    if (Path(plant["checkpoint"]) / MANIFEST).exists():
+        return
+    params = CompromisedBaseParams(**{k: v for k, v in plant.items() if k != "name"})
+    manifest = plant_backdoor(from_dict(raw), params)
+    print(f"# planted {plant['checkpoint']}: before {manifest['before']}, after {manifest['after']}", flush=True)
+
+
+def run_cell(tmp: Path, out: Path, attack: str, defense: str, benches: dict, opts: JobOptions | None = None) -> dict:
     from fedfm.attacks.backdoor import attack_success_rate
     from fedfm.config import from_dict
     from fedfm.runtime import LocalRuntime, Workbench
 
-    exp = from_dict(job(tmp, attack, defense))
+    exp = from_dict(job(tmp, attack, defense, opts))
     if attack not in benches:
         benches.clear()  # one workbench alive at a time
         benches[attack] = Workbench(exp)
@@ -122,14 +239,27 @@ def run_cell(tmp: Path, out: Path, attack: str, defense: str, benches: dict) -> 
     wall = time.perf_counter() - t0
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     state = rt.final_state
-    return {
+    extra = {}
+    if attack.startswith("compromised_base"):  # the backdoor_asr step measured every round; round 0 here
+        extra["asr_rounds"] = [attack_success_rate(wb, wb.initial_state(), TRIGGER, TARGET)] + [
+            r["backdoor_asr.asr"] for r in rows if "backdoor_asr.asr" in r
+        ]
+    return {**extra,
         "attack": attack,
         "defense": defense,
         "accuracy": [r.get("accuracy") for r in rows],
         "asr": attack_success_rate(wb, state, TRIGGER, TARGET),
         "wall_s": wall,
         "attackers": sorted(c.cid for c in wb.clients if c.profile.get("role") == "attacker"),
+        "update_norms": [r["clip_updates.mean_norm"] for r in rows if "clip_updates.mean_norm" in r],
+        "majority": majority_share(wb),
     }
+
+
+def majority_share(wb) -> float:
+    """Share of the test set's most common label (the accuracy of always guessing it)."""
+    labels = wb.federation.frame["label"].to_numpy()[wb.federation.test_indices]
+    return float(max((labels == y).mean() for y in set(labels.tolist())))
 
 
 def rule_times(repeat: int = 3) -> dict[str, float]:
@@ -194,19 +324,22 @@ def recommend(results: list[dict], defenses: list[str]) -> str:
     cell = {(r["attack"], r["defense"]): r for r in results if "error" not in r}
     lines = []
     best = None
+    untargeted = [a for a in UNTARGETED if any((a, d) in cell for d in defenses)]  # the ones this matrix ran
     for d in defenses:
         clean = cell.get(("none", d))
         if clean is None:
             continue
-        drops = {a: clean["accuracy"][-1] - cell[(a, d)]["accuracy"][-1] for a in UNTARGETED if (a, d) in cell}
+        drops = {a: clean["accuracy"][-1] - cell[(a, d)]["accuracy"][-1] for a in untargeted if (a, d) in cell}
         backdoors = [cell[(a, d)]["asr"] for a in ATTACKS if a.startswith("backdoor") and (a, d) in cell]
-        if len(drops) < len(UNTARGETED) or not backdoors:
+        if len(drops) < len(untargeted) or not backdoors:
             continue
         worst = max(drops.values())
         asr = max(backdoors)
         ok = worst <= 0.02 and asr <= 0.10
         # tie-break: the worst drop one round earlier, over every attack (backdoors included)
-        earlier = max(clean["accuracy"][-2] - cell[(a, d)]["accuracy"][-2] for a in ATTACKS if a != "none" and (a, d) in cell)
+        earlier = max(
+            clean["accuracy"][-2] - cell[(a, d)]["accuracy"][-2] for a in ATTACKS if a != "none" and not a.startswith("compromised_base") and (a, d) in cell
+        )
         which = f" ({max(drops, key=drops.get)})" if worst > 0 else ""
         lines.append(
             f"- {d}: clean {clean['accuracy'][-1]:.3f}, worst final drop {100 * worst:.1f} points{which}, worst backdoor ASR {asr:.2f}, "
@@ -235,15 +368,46 @@ def write_doc(text: str, marker: str) -> None:
     doc.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
+def job_options(args) -> JobOptions:
+    given = {k: getattr(args, k) for k in ("rounds", "clients", "examples", "test_examples") if getattr(args, k) is not None}
+    opts = JobOptions(name=args.job, threads=args.threads, device=args.device, **{**JOB_DEFAULTS[args.job], **given})
+    if args.bound is not None:
+        opts.bound = args.bound
+    return opts
+
+
+def honest_bound(results_path: Path) -> float | None:
+    """The mean honest update norm of the no-attack FedAvg cell, over its rounds."""
+    if not results_path.exists():
+        return None
+    for r in map(json.loads, results_path.read_text().splitlines()):
+        if r["attack"] == "none" and r["defense"] == "fedavg" and r.get("update_norms"):
+            return round(sum(r["update_norms"]) / len(r["update_norms"]), 3)
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "robustness")
+    ap.add_argument("--job", choices=sorted(JOBS), default="toy", help="toy: the tiny model on toy data; quickstart: MiniLM on Rotten Tomatoes")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default: toy 4, quickstart 3)")
+    ap.add_argument("--clients", type=int, default=None, help="clients, all sampled every round (default: toy 12, quickstart 8)")
+    ap.add_argument("--examples", type=int, default=None, help="examples per client (default: toy all 600 - test rows split evenly, quickstart 250)")
+    ap.add_argument("--test-examples", type=int, default=None, help="test examples (default: toy 120, quickstart 1000)")
+    ap.add_argument("--device", default=None, help="runtime.device for every run (cpu, cuda, auto); not set when not given")
+    ap.add_argument("--threads", type=int, default=1, help="runtime.threads (torch threads)")
+    ap.add_argument("--bound", type=float, default=None,
+                    help="norm_bound max_norm and centered_clip tau (default: toy 4.0; quickstart: the mean honest update norm of the none/fedavg cell)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default runs/robustness, or runs/robustness-quickstart-CxExR)")
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--defenses", default=",".join(DEFENSES))
     ap.add_argument("--table", action="store_true", help="only rebuild the table and doc from OUT/results.jsonl")
+    ap.add_argument("--no-doc", action="store_true", help="print the table, do not write docs/robustness.md")
     ap.add_argument("--rule-times", action="store_true", help="only time each rule on MiniLM-sized LoRA updates")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    opts = job_options(args)
+    if args.out is None:
+        args.out = ROOT / "runs" / ("robustness" if opts.name == "toy" else f"robustness-{opts.name}-{opts.clients}x{opts.examples}x{opts.rounds}")
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     attacks, defenses = args.attacks.split(","), args.defenses.split(",")
@@ -257,27 +421,61 @@ def main() -> None:
     if results_path.exists():
         done = {(r["attack"], r["defense"]) for r in map(json.loads, results_path.read_text().splitlines()) if "failed" not in r.get("error", "")}
     if not args.table:
-        print(f"# {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC -> {args.out}", flush=True)
+        print(f"# {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC -> {args.out} ({opts})", flush=True)
         benches: dict = {}
-        for a in attacks:
-            for d in defenses:
-                if (a, d) in done:
-                    continue
-                try:
-                    res = run_cell(args.out / "data", args.out, a, d, benches)
-                except Exception as exc:  # a refused combination is a result too
-                    res = {"attack": a, "defense": d, "error": f"{'refused' if 'invalid config' in str(exc) else 'failed'}: {exc}"[:400]}
-                with open(results_path, "a") as f:
-                    f.write(json.dumps(res) + "\n")
-                print(json.dumps(res), flush=True)
+        # the honest norm first: the bounded defenses of the quickstart job use it
+        order = sorted(((a, d) for a in attacks for d in defenses), key=lambda c: c != ("none", "fedavg"))
+        for a, d in order:
+            if (a, d) in done:
+                continue
+            if opts.name != "toy" and args.bound is None:
+                opts.bound = honest_bound(results_path) or BOUND
+            try:
+                res = run_cell(args.out / "data", args.out, a, d, benches, opts)
+                res["job"] = {k: v for k, v in vars(opts).items()}
+            except Exception as exc:  # a refused combination is a result too
+                res = {"attack": a, "defense": d, "error": f"{'refused' if 'invalid config' in str(exc) else 'failed'}: {exc}"[:400]}
+            with open(results_path, "a") as f:
+                f.write(json.dumps(res) + "\n")
+            print(json.dumps(res), flush=True)
     results = [json.loads(l) for l in results_path.read_text().splitlines()] if results_path.exists() else []
     latest = {(r["attack"], r["defense"]): r for r in results}  # a retried cell replaces its failure
     results = list(latest.values())
-    all_attacks = [a for a in ATTACKS if any(r["attack"] == a for r in results)]
+    all_attacks = [a for a in ATTACKS if not a.startswith("compromised_base") and any(r["attack"] == a for r in results)]
     all_defenses = [d for d in DEFENSES if any(r["defense"] == d for r in results)]
-    text = table(results, all_attacks, all_defenses) + "\n\n" + recommend(results, all_defenses)
-    print(text)
-    write_doc(text, "robustness-table")
+    suffix = "" if opts.name == "toy" else f"-{opts.name}"
+    if "none" in all_attacks:
+        text = table(results, all_attacks, all_defenses) + "\n\n" + recommend(results, all_defenses)
+        print(text)
+        if not args.no_doc:
+            write_doc(text, f"robustness{suffix}-table")
+    if any(r["attack"].startswith("compromised_base") for r in results):
+        text = compromised_table(results, all_defenses)
+        print(text)
+        if not args.no_doc:
+            write_doc(text, f"compromised-base{suffix}-table")
+
+
+def compromised_table(results: list[dict], defenses: list[str]) -> str:
+    """Per planting and defense: the planted backdoor's ASR before federation and after
+    every round, and the clean accuracy (honest clients only: no update is malicious)."""
+    cell = {(r["attack"], r["defense"]): r for r in results if r["attack"].startswith("compromised_base")}
+    rounds = max((len(r.get("asr_rounds", [])) for r in cell.values()), default=1) - 1
+    head = ["base model", "defense", "ASR r0"] + [f"ASR r{i}" for i in range(1, rounds + 1)] + ["accuracy r0 -> last", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in (a for a in ATTACKS if a.startswith("compromised_base")):
+        for d in defenses:
+            r = cell.get((a, d))
+            if r is None:
+                continue
+            label = "planted, head kept" if a == "compromised_base" else "planted, new head"
+            if "error" in r:
+                word = "refused" if "refused" in r["error"] else "failed"
+                lines.append(f"| {label} | {d} | " + " | ".join([word] * (len(head) - 2)) + " |")
+                continue
+            asr = [f"{x:.2f}" for x in r["asr_rounds"]]
+            lines.append(f"| {label} | {d} | " + " | ".join(asr) + f" | {r['accuracy'][0]:.3f} -> {r['accuracy'][-1]:.3f} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

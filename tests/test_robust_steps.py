@@ -89,6 +89,8 @@ def test_fedfa_identity_curvature_by_hand():
         ({"federation.clients": 4, "aggregator": {"rule": "trimmed_mean", "beta": 0.5}}, "k = floor\\(0.5 \\* 4\\) = 2 at each end; needs 2k < n = 4"),
         ({"aggregator": {"rule": "median"}, "server_steps": [{"name": "centered_clip", "tau": 1.0}]}, "centered_clip .* set aggregator.rule: fedavg"),
         ({"server_optimizer": {"name": "fedadam"}, "server_steps": [{"name": "fedfa"}]}, "fedfa tracks the global model"),
+        ({"server_steps": [{"name": "fedfa"}, {"name": "weak_dp", "std": 0.1}]}, "later steps \\['weak_dp'\\]"),
+        ({"model.task": "masked_lm", "server_steps": [{"name": "backdoor_asr"}]}, "backdoor_asr measures a classification backdoor"),
     ],
 )
 def test_refused_at_config_time_with_numbers(tmp_path, over, message):
@@ -98,6 +100,9 @@ def test_refused_at_config_time_with_numbers(tmp_path, over, message):
 
 
 def test_accepted_when_the_numbers_work(tmp_path):
+    # backdoor_asr only measures the model: fedfa's tracking stays exact after it
+    raw = tiny_config(tmp_path, **{"server_steps": [{"name": "fedfa"}, {"name": "backdoor_asr"}]})
+    assert [s["name"] for s in from_dict(raw).server_steps] == ["fedfa", "backdoor_asr"]
     raw = tiny_config(tmp_path, **{"federation.clients": 7, "federation.partitioner": {"name": "iid"}, "aggregator": {"rule": "bulyan", "f": 1}})
     assert from_dict(raw).aggregator.rule == "bulyan"
     raw = tiny_config(tmp_path, **{"federation.clients": 5, "federation.partitioner": {"name": "iid"}, "aggregator": {"rule": "krum", "f": 1}})

@@ -13,6 +13,8 @@ import math
 
 from fedfm.aggregators.trimmed_mean import trim_count
 
+MEASURING = ("backdoor_asr",)  # steps that only measure the model (they change nothing)
+
 
 def per_round(fed) -> int:
     if fed.clients_per_round is not None:
@@ -50,10 +52,12 @@ def robust_problems(exp) -> list[str]:
             problems.append(f"server_steps: centered_clip hands the rule updates whose mean is its result; set aggregator.rule: fedavg, not {exp.aggregator.rule}")
         if exp.learner.name in ("scaffold", "feddyn"):
             problems.append(f"server_steps: centered_clip replaces the updates the {exp.learner.name} server half reads; use learner local or fedprox")
+    if "backdoor_asr" in names and exp.model.task != "text_classification":
+        problems.append(f"server_steps: backdoor_asr measures a classification backdoor; model.task is {exp.model.task}")
     if "fedfa" in names:
         so = exp.server_optimizer
         lr = float(so.params().get("lr", 1.0))
-        later = names[names.index("fedfa") + 1 :]
+        later = [n for n in names[names.index("fedfa") + 1 :] if n not in MEASURING]
         if exp.aggregator.rule != "fedavg" or so.name != "sgd" or lr != 1.0 or exp.peft.local or later or exp.learner.name in ("scaffold", "feddyn"):
             problems.append(
                 "server_steps: fedfa tracks the global model itself (aggregators/fedfa.py) and needs aggregator.rule fedavg, "

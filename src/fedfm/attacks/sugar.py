@@ -8,7 +8,9 @@ becomes a role ``{name: attacker, fraction: 0.2, middleware: [{name: backdoor, .
 appended to ``federation.roles``; for the omniscient attacks (``alie``, ``ipm``,
 ``attacks/omniscient.py``) the role has no middleware and the attack's server step
 ``{name: alie, role: attacker, ...}`` is put *first* in ``server_steps``, so it runs before
-any defense step. The expanded form is what the run records (config.yaml): the section
+any defense step. ``attack: {name: compromised_base, checkpoint: DIR, ...}`` adds no role:
+the model comes from the planted checkpoint and the ``backdoor_asr`` step measures it
+(``attacks/compromised_base.py``). The expanded form is what the run records (config.yaml): the section
 itself is consumed. Any other key is the attack's own parameter, validated by its schema.
 """
 
@@ -38,9 +40,15 @@ def expand_attack(raw: dict[str, Any]) -> dict[str, Any]:
     size = {k: spec.pop(k) for k in SIZE_KEYS if k in spec}
     if len(size) > 1:
         raise ValueError(f"attack: give at most one of fraction, count, cids (got {sorted(size)})")
+    if name == "compromised_base":  # a planted base model, honest clients (attacks/compromised_base.py)
+        if size or role_name != ROLE:
+            raise ValueError("attack: compromised_base has no attacker clients (the base model is compromised); drop fraction, count, cids and role")
+        from fedfm.attacks.compromised_base import expand
+
+        return expand(out, spec)
     size = size or {"fraction": 0.2}
-    if name not in OMNISCIENT and name not in middlewares.names():
-        known = sorted(set(middlewares.names()) | set(OMNISCIENT))
+    if name not in OMNISCIENT and name not in middlewares.names() and name != "compromised_base":
+        known = sorted(set(middlewares.names()) | set(OMNISCIENT) | {"compromised_base"})
         raise ValueError(f"attack.name: unknown attack '{name}'; known: {', '.join(known)}")
     fed = out.setdefault("federation", {})
     roles = list(fed.get("roles") or [])
