@@ -10,6 +10,11 @@ fedfm.data.builders ...`` command, as in examples/llm/) has that command run onc
 unless its ``--out`` file exists. Examples that need a Debian package (fortunes) say so in
 their header and fail with the package's name when it is missing.
 
+Examples whose keys come from the environment (``key_env``: FEDFM_WATERMARK_KEY,
+FEDFM_CLIENT_MASTER_KEY) get a fixed demonstration key when the variable is unset.
+Deployment-mode examples (``runtime.flower.mode: deployment``) need a SuperLink and
+SuperNodes (docs/distributed.md) and are listed as skipped.
+
 Each example runs in its own `fedfm run` process (its own peak memory, a crash is one
 failed row, not a stopped script) into a temporary directory. The reduced mode only
 shortens the job (rounds, examples per client, test examples, steps); every other key,
@@ -22,12 +27,15 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 REDUCED = [
@@ -78,11 +86,23 @@ def build_data(example: Path) -> str:
     return ""
 
 
+DEMO_KEYS = {"FEDFM_WATERMARK_KEY": "examples-run-owner-key", "FEDFM_CLIENT_MASTER_KEY": "examples-run-master-key"}
+
+
+def needs_deployment(example: Path) -> bool:
+    runtime = (yaml.safe_load(example.read_text()) or {}).get("runtime") or {}
+    return runtime.get("backend") == "flower" and (runtime.get("flower") or {}).get("mode") == "deployment"
+
+
 def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None = None) -> dict:
+    name = str(example.relative_to(ROOT / "examples"))
+    if needs_deployment(example):
+        return {"example": name, "ok": True, "skipped": True, "wall_s": 0.0, "metric": None, "bytes_up": None,
+                "error": "deployment mode: needs a SuperLink and SuperNodes (docs/distributed.md)"}
     problem = build_data(example)
     if problem:
-        return {"example": str(example.relative_to(ROOT / "examples")), "ok": False, "wall_s": 0.0,
-                "metric": None, "bytes_up": None, "error": problem}
+        return {"example": name, "ok": False, "wall_s": 0.0, "metric": None, "bytes_up": None, "error": problem}
+    env = {**DEMO_KEYS, **os.environ}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedfm", "run", str(example), "--out", str(out), "--no-progress"]
@@ -90,7 +110,7 @@ def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None =
             cmd += ["-o", o]
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
             code, log = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired:
             code, log = -1, f"timed out after {timeout:.0f} s"
@@ -98,7 +118,7 @@ def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None =
         row = last_row(out)
     error = "" if code == 0 else (log.strip().splitlines() or ["(no output)"])[-1][:160]
     metric = row.get("accuracy", row.get("perplexity"))
-    return {"example": str(example.relative_to(ROOT / "examples")), "ok": code == 0, "wall_s": round(wall, 1),
+    return {"example": name, "ok": code == 0, "wall_s": round(wall, 1),
             "metric": metric, "bytes_up": row.get("bytes_up"), "error": error}
 
 
@@ -123,11 +143,13 @@ def main() -> int:
         for future in as_completed(futures):
             r = future.result()
             rows.append(r)
-            status = "ok  " if r["ok"] else "FAIL"
+            status = "skip" if r.get("skipped") else "ok  " if r["ok"] else "FAIL"
             print(f"{status} {r['example']:<46} {r['wall_s']:>7.1f}s  metric={r['metric']}  up={r['bytes_up']}  {r['error']}", flush=True)
     rows.sort(key=lambda r: r["example"])
     failed = [r["example"] for r in rows if not r["ok"]]
-    print(f"{len(rows) - len(failed)}/{len(rows)} examples ran" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    skipped = [r["example"] for r in rows if r.get("skipped")]
+    print(f"{len(rows) - len(failed) - len(skipped)}/{len(rows)} examples ran" + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 1 if failed else 0
