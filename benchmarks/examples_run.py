@@ -5,8 +5,9 @@
     PYTHONPATH=src python benchmarks/examples_run.py --only 'robustness/*' --only quickstart.yaml
     PYTHONPATH=src python benchmarks/examples_run.py --skip 'llm/*' --jobs 6 -o runtime.threads=2
 
-An example whose header says to build its data first (a commented ``python -m
-fedfm.data.builders ...`` command, as in examples/llm/) has that command run once before it,
+An example whose header says to prepare something first (a commented ``python -m
+fedfm.data.builders ...`` command, as in examples/llm/, or ``python -m fedfm.attacks.plant
+...``, examples/robustness/compromised_base.yaml) has that command run once before it,
 unless its ``--out`` file exists. Examples that need a Debian package (fortunes) say so in
 their header and fail with the package's name when it is missing.
 
@@ -54,15 +55,21 @@ def last_row(out: Path) -> dict:
     return rows[-1] if rows else {}
 
 
+PREPARE = ("python -m fedfm.data.builders", "python -m fedfm.attacks.plant")
+
+
 def build_commands(example: Path) -> list[list[str]]:
-    """The ``python -m fedfm.data.builders ...`` commands in the example's header comment."""
+    """The preparation commands in the example's header comment: ``python -m
+    fedfm.data.builders ...`` (data files) and ``python -m fedfm.attacks.plant ...`` (a
+    compromised base model)."""
     commands, current = [], None
     for line in example.read_text().splitlines():
         if not line.startswith("#"):
             break
         text = line.lstrip("#").strip()
-        if current is None and text.startswith("python -m fedfm.data.builders"):
-            current = text
+        start = min((text.find(p) for p in PREPARE if p in text), default=-1)
+        if current is None and start >= 0:
+            current = text[start:]
         elif current is not None:
             current += " " + text
         else:
