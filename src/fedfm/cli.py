@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedfm.cli_watermark import watermark_app
 from fedfm.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning with foundation models.")
@@ -17,6 +18,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect the data of an experi
 app.add_typer(data_app, name="data")
 flower_app = typer.Typer(no_args_is_help=True, help="Run experiments on Flower (see docs/distributed.md).")
 app.add_typer(flower_app, name="flower")
+app.add_typer(watermark_app, name="watermark")
 console = Console()
 
 Overrides = Annotated[Optional[list[str]], typer.Option("--override", "-o", help="dotted override, e.g. train.lr=1e-3")]
@@ -376,95 +378,3 @@ def _type_name(annotation) -> str:
 
 
 # -- fedfm watermark: verify ownership of a model, trace a leaked one (fedfm.ip, docs/ip.md) --
-watermark_app = typer.Typer(no_args_is_help=True, help="Verify a model's watermark and trace a leaked one (docs/ip.md).")
-app.add_typer(watermark_app, name="watermark")
-WmConfig = Annotated[Optional[Path], typer.Option(help="config.yaml of the run (default: the one beside the weights)")]
-WmSize = Annotated[Optional[int], typer.Option(help="trigger examples (default: the run's waffle step, else 50)")]
-WmLength = Annotated[Optional[int], typer.Option(help="random tokens per trigger (default: the run's waffle step, else 12)")]
-WmCont = Annotated[Optional[int], typer.Option(help="causal LM: continuation tokens (default: the run's waffle step, else 4)")]
-
-
-def _secret(key: str | None, key_env: str | None) -> str:
-    import os
-
-    if (key is None) == (key_env is None):
-        console.print("[red]error:[/] give exactly one of --key or --key-env")
-        raise typer.Exit(2)
-    value = key if key is not None else os.environ.get(key_env, "")
-    if not value:
-        console.print(f"[red]error:[/] environment variable {key_env} (--key-env) is not set or empty")
-        raise typer.Exit(2)
-    return value
-
-
-def _suspect(model: Path, config: Path | None, size, length, cont, steps=("waffle",)):
-    from fedfm.ip.loading import load_suspect, trigger_spec
-
-    try:
-        exp, base, state = load_suspect(model, config)
-        return base, state, trigger_spec(exp, size, length, cont, steps)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-
-
-@watermark_app.command("verify")
-def watermark_verify(
-    model: Annotated[Path, typer.Argument(help="a run directory, or a .safetensors file beside its config.yaml")],
-    key: Annotated[Optional[str], typer.Option(help="the secret watermark key")] = None,
-    key_env: Annotated[Optional[str], typer.Option(help="environment variable holding the key")] = None,
-    config: WmConfig = None,
-    trigger_size: WmSize = None,
-    trigger_length: WmLength = None,
-    continuation: WmCont = None,
-    alpha: Annotated[float, typer.Option(help="largest p-value that counts as verified")] = 1e-6,  # ip.waffle.DEFAULT_ALPHA
-):
-    """Watermark accuracy on the key's trigger set and its binomial p-value against chance.
-
-    Exit status 0 when verified (p < alpha), 1 when not."""
-    from fedfm.ip import trigger_set, verdict
-    from fedfm.peft import set_state
-
-    secret = _secret(key, key_env)
-    base, state, spec = _suspect(model, config, trigger_size, trigger_length, continuation)
-    set_state(base.model, state)
-    v = verdict(base.task, spec, base.model, base.tokenizer, trigger_set(secret, spec, base.tokenizer))
-    ok = v.verified(alpha)
-    console.print(
-        f"watermark accuracy {v.accuracy:.4f} ({v.hits}/{v.total}), chance {v.chance:.4g}, "
-        f"p-value {v.p_value:.3g}: " + ("[green]verified[/]" if ok else "[yellow]not verified[/]") + f" (alpha {alpha:g})"
-    )
-    raise typer.Exit(0 if ok else 1)
-
-
-@watermark_app.command("trace")
-def watermark_trace(
-    model: Annotated[Path, typer.Argument(help="the leaked model: a run directory or a .safetensors file")],
-    keys: Annotated[Optional[list[str]], typer.Option("--keys", help="one client key per option, client ids 0, 1, ...")] = None,
-    key: Annotated[Optional[str], typer.Option(help="master key: client keys are derived from it (with --clients)")] = None,
-    clients: Annotated[Optional[int], typer.Option(help="number of clients, ids 0..N-1 (with --key)")] = None,
-    config: WmConfig = None,
-    trigger_size: WmSize = None,
-    trigger_length: WmLength = None,
-    continuation: WmCont = None,
-):
-    """Name the client whose key the leaked model answers best, with every client's figures."""
-    from fedfm.ip import client_key, trace_keys
-
-    if bool(keys) == (key is not None) or (key is not None) != (clients is not None):
-        console.print("[red]error:[/] give either --keys K0 --keys K1 ... or --key MASTER --clients N")
-        raise typer.Exit(2)
-    labelled = dict(enumerate(keys)) if keys else {c: client_key(key, c) for c in range(clients)}
-    base, state, spec = _suspect(model, config, trigger_size, trigger_length, continuation, ("client_watermark", "waffle"))
-    result = trace_keys(base, state, labelled, spec)
-    table = Table(title=f"watermark of each client on {model}")
-    for col in ("client", "hits", "accuracy", "p-value"):
-        table.add_column(col, justify="right")
-    for cid, v in result.verdicts.items():
-        table.add_row(str(cid), f"{v.hits}/{v.total}", f"{v.accuracy:.4f}", f"{v.p_value:.3g}")
-    console.print(table)
-    console.print(f"suspect: client {result.suspect} (p-value {result.p_value:.3g})")
-
-
-if __name__ == "__main__":
-    app()

@@ -1,4 +1,4 @@
-"""The experiment schema: pydantic models, YAML loading and dotted overrides.
+"""The experiment schema: pydantic models and YAML loading (dotted overrides: ``overrides.py``).
 
 Every section is strict (an unknown key is an error). Sections that name a registered
 component (``peft.method``, ``aggregator.rule``, ``federation.partitioner.name``,
@@ -9,16 +9,15 @@ the message names the key, e.g. ``peft.r: Input should be greater than 0``.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedfm.overrides import ConfigError, apply_overrides, blame, format_errors, parse_override
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key (and the file)."""
+__all__ = ["ConfigError", "Experiment", "apply_overrides", "from_dict", "load_config", "parse_override"]
 
 
 class Strict(BaseModel):
@@ -342,83 +341,6 @@ class Experiment(Strict):
 # -- loading -----------------------------------------------------------------------
 
 
-def _format_errors(exc: ValidationError) -> list[str]:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        lines.append(f"  {loc or '(top level)'}: {err['msg']}")
-    return lines
-
-
-def _override_key(text: str) -> str:
-    return ".".join(p for p in text.split("=", 1)[0].strip().split(".") if p)
-
-
-def _blame(lines: list[str], overrides: list[str], source: str) -> str:
-    """The error text, each line that a ``-o`` override caused marked with that override.
-
-    When every line comes from an override, the header names the overrides, not the file:
-    the file is fine, the command line is not.
-    """
-    marked, blamed, used = [], 0, []
-    for line in lines:
-        key = line.strip().split(":", 1)[0].strip()
-        hits = [
-            o for o in overrides
-            if key and (key == _override_key(o) or key.startswith(_override_key(o) + ".")
-                        or _override_key(o).startswith(key + "."))
-        ]
-        if hits:
-            blamed += 1
-            used += [o for o in hits if o not in used]
-            line += " (from " + ", ".join(f"-o {o}" for o in hits) + ")"
-        marked.append(line)
-    if lines and blamed == len(lines):
-        header = "invalid override " + ", ".join(f"-o {o}" for o in used) + f" (config {source})"
-    else:
-        header = f"invalid config {source}"
-    return header + ":\n" + "\n".join(marked)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=1e-3`` -> (["train", "lr"], 0.001); values are parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': the value is not valid YAML: {exc}") from None
-    return parts, value
-
-
-# A model source given on the command line replaces the other one from the file.
-_EXCLUSIVE = {("model", "path"): ("model", "package"), ("model", "package"): ("model", "path")}
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    out = copy.deepcopy(raw)
-    keys = [tuple(parse_override(t)[0]) for t in overrides]
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = out
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override '{text}': {'.'.join(parts[: i + 1])} is not a section")
-            node = nxt
-        node[parts[-1]] = value
-        other = _EXCLUSIVE.get(tuple(parts))
-        if other is not None and value is not None and other not in keys:
-            node[other[-1]] = None  # -o model.path=DIR: the file's model.package no longer applies
-    return out
-
-
 def from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Experiment:
     """Validate a raw mapping (plus overrides) into an Experiment, components included."""
     if not isinstance(raw, dict):
@@ -428,7 +350,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] 
     try:
         exp = Experiment(**raw)
     except ValidationError as exc:
-        raise ConfigError(_blame(_format_errors(exc), overrides, source)) from None
+        raise ConfigError(blame(format_errors(exc), overrides, source)) from None
     from fedfm.components import validate_components
     from fedfm.plugins import PluginError, load_plugins, plugin_path
 
@@ -442,7 +364,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] 
         validate_components(exp, source)
     except ConfigError as exc:
         lines = str(exc).split("\n")[1:]  # below the "invalid config SOURCE:" header
-        raise ConfigError(_blame(lines, overrides, source)) from None
+        raise ConfigError(blame(lines, overrides, source)) from None
     return exp
 
 
