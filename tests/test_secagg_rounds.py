@@ -143,6 +143,9 @@ def test_too_many_dropouts_fail_the_round_and_the_next_round_runs(tmp_path, capl
         _, rows = run(raw, tmp_path / "run")
     assert rows[1]["clients"] == [] and rows[1]["skipped"] and rows[1]["loss"] == rows[0]["loss"]  # model unchanged
     assert "1 masked inputs arrived, fewer than the threshold t = 2" in caplog.text
+    reasons = {k: v for k, v in rows[1].items() if k.endswith(".failed")}  # the reason is in the row too
+    assert len(reasons) == 1 and "1 masked inputs arrived, fewer than the threshold t = 2" in next(iter(reasons.values()))
+    assert not any(k.endswith(".failed") for k in rows[2])
     assert rows[2]["clients"] == [0, 1, 2] and rows[2]["failed"] == [] and rows[2]["loss"] != rows[0]["loss"]
 
 

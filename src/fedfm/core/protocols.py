@@ -89,7 +89,10 @@ class ExchangePhase(Protocol):
     Optional: ``on_train_reply(env, cid, rnd, update, ctx) -> Update``. The client
     function calls it, for every phase that defines it and in phase order, on the client's
     update after its middleware and before encoding (secure aggregation masks the update
-    there, so that no role or middleware has to ask for it).
+    there, so that no role or middleware has to ask for it). Optional:
+    ``metrics(round_state) -> dict``: what the phase reports into the round's row of
+    metrics.jsonl as ``<phase name>.<key>``, read after its ``receive`` (and ``transform``),
+    e.g. why secure aggregation failed.
     """
 
     name: str

@@ -26,7 +26,6 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from fedfm.runtime.faults import judge_client
 from fedfm.runtime.outputs import RunWriter, run_summary
 from fedfm.runtime.progress import RunProgress
 from fedfm.runtime.receive import receive_update
+from fedfm.runtime.roundlog import RoundLog
 from fedfm.runtime.rundir import drop_replaced, merge_wall_time
 from fedfm.runtime.sampling import sample_clients
 from fedfm.runtime.store import ClientStore, round_tag
@@ -57,34 +57,6 @@ AGGREGATE_TAG = 0xA66
 
 class ResumeError(ValueError):
     """A run directory that cannot be resumed (or started) with this config."""
-
-
-@dataclass
-class RoundLog:
-    """What happened to the sampled clients of one round, over all its attempts."""
-
-    sampled: list[int] = field(default_factory=list)
-    dropped: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    attempts: int = 0
-    up_stages: dict[str, int] = field(default_factory=dict)
-    phase_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def note(self, kind: str, cid: int, attempt: int, **info: Any) -> None:
-        entry = {"cid": cid, **info}
-        if attempt:
-            entry["attempt"] = attempt
-        getattr(self, kind).append(entry)
-
-    def add_stages(self, info: dict[str, float]) -> None:
-        stages = {k[len("stage."):]: int(v) for k, v in info.items() if k.startswith("stage.")}
-        for k, v in stages.items():
-            self.up_stages[k] = self.up_stages.get(k, 0) + v
-        if stages:
-            self.up_stages["payloads"] = self.up_stages.get("payloads", 0) + 1
 
 
 def worst_decile(values: list[float]) -> float:
@@ -163,6 +135,7 @@ class RoundLoop:
             if phase.when == "before_train":  # after training, the phase decides what its failures mean
                 self.outcomes[e.cid] = (round_tag(rnd, attempt), False)
         going_on = list(phase.receive(rnd, got, round_state))
+        rlog.phase_report(phase, round_state)
         for cid in sorted(set(got) - set(going_on)):
             rlog.note("failed", cid, attempt, error=f"refused by the server in phase {phase.name}", phase=phase.name)
             if phase.when == "before_train":
@@ -221,6 +194,7 @@ class RoundLoop:
         for phase in self.algo.phases_at("after_train"):
             going_on = set(self._phase(rnd, attempt, phase, [u.cid for u in accepted], round_state, rlog, contacted))
             accepted = phase.transform([u for u in accepted if u.cid in going_on], round_state)
+            rlog.phase_report(phase, round_state)
         return accepted, [e.cid for e in envelopes]
 
     def _round(self, rnd: int, server_state: ServerState) -> tuple[ServerState, dict[str, Any]]:
@@ -259,6 +233,7 @@ class RoundLoop:
             "rejected": rlog.rejected,
             "attempts": rlog.attempts,
             "skipped": skipped,
+            **rlog.phase_metrics,
             **{k: v for k, v in agg_metrics.items() if k != "aggregated"},
         }
         row["codec_bytes"] = {"up": rlog.up_stages, "down": self.down.take_totals()}

@@ -108,10 +108,15 @@ class _Phase:
     def _fail(self, rnd: int, round_state: dict, reason: str) -> list:
         sa = self._state(round_state)
         if "failed" not in sa:
-            sa["failed"] = reason
+            sa["failed"], sa["failed_in"] = reason, self.name
             log.warning("round %d attempt %d: secure aggregation failed in %s: %s; the round aggregates nothing",
                         rnd, round_state.get("attempt", 0), self.name, reason)
         return []
+
+    def metrics(self, round_state: dict) -> dict[str, Any]:
+        """``<phase>.failed`` in the round's row: why secure aggregation failed in this phase."""
+        sa = self._state(round_state)
+        return {"failed": sa["failed"]} if sa.get("failed_in") == self.name else {}
 
     def _drop(self, env, cid: int, rnd: int, attempt: int) -> None:
         if simulated_drop(self.p, self.step, env.exp.seed, rnd, attempt, cid):
