@@ -67,3 +67,13 @@ def make_toy_csv(path, n: int = 240, seed: int = 0) -> None:
 @pytest.fixture
 def tiny(tmp_path):
     return tiny_config(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train faster on one thread than on two busy ones (opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -35,12 +35,7 @@ STEP = {"name": "client_watermark", "key": MASTER, "owner_key": OWNER, "trigger_
 SPEC = TriggerSpec("text_classification", size=16, length=8, num_labels=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def copies_config(tmp_path, **over):

@@ -25,12 +25,7 @@ SPEC = TriggerSpec("text_classification", size=16, length=8, num_labels=4)
 SETTINGS = EmbedSettings(threshold=1.0, max_steps=150, lr=0.05, batch_size=16, freeze=())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

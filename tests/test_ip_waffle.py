@@ -27,13 +27,7 @@ WAFFLE = {"name": "waffle", "key": "owner-key", "trigger_size": 16, "trigger_len
           "threshold": 1.0, "max_steps": 120, "lr": 0.05, "freeze": []}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread than on two busy ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def waffle_config(tmp_path, **over):
