@@ -8,7 +8,7 @@ Jobs (``JOBS``):
 
 - ``toy`` (default): the tiny random-init BERT of tests/conftest.py (2 layers, hidden 32,
   MiniLM's tokenizer) with LoRA r=4 on query/value, on the toy sentiment CSV of
-  ``make_toy_csv`` (600 rows, separable by word choice), 12 clients (iid), 120 test
+  ``make_toy_csv`` (600 rows, separable by word choice), 15 clients (iid; 3 attackers), 120 test
   examples, 4 rounds of one local epoch (AdamW lr 0.05, batch 8).
 - ``quickstart``: examples/quickstart.yaml (all-MiniLM-L6-v2 + LoRA r=8 on Rotten
   Tomatoes, clients split by movie) with ``--rounds`` (3), ``--clients`` (8),
@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 ROUNDS = 4
-CLIENTS = 12
-F = 2  # attackers per round the rules are told to tolerate (20% of 12, every client every round)
+CLIENTS = 15  # 3 attackers: exactly 20%; Bulyan with f=3 needs n >= 15
+F = 3  # placeholder: defense_patch sets f from the job (20% of 15 for the toy job)
 TRIGGER, TARGET = "cf", 1
 NORM_PROBE = 1e12  # clip_updates at this bound changes nothing and logs the mean update norm
 BOUND = 4.0  # norm_bound max_norm and centered_clip tau: about the honest update norm of this job (3.6-5.2, see docs)
@@ -147,6 +147,7 @@ class JobOptions:
     threads: int = 1
     device: str | None = None  # runtime.device, set only when given
     bound: float = BOUND  # norm_bound max_norm and centered_clip tau: about the honest update norm
+    seed: int = 0  # the run's seed: attackers, partition, initialisation, batch order
 
     @property
     def f(self) -> int:
@@ -182,6 +183,7 @@ def defense_patch(defense: str, opts: JobOptions) -> dict:
 def job(tmp: Path, attack: str, defense: str, opts: JobOptions | None = None) -> dict:
     opts = opts or JobOptions()
     raw = JOBS[opts.name](tmp, opts)
+    raw["seed"] = opts.seed
     if opts.device is not None:  # runtime.device (the speed work); only when asked, so CPU runs need nothing new
         raw.setdefault("runtime", {})["device"] = opts.device
     patch = defense_patch(defense, opts)
@@ -200,7 +202,7 @@ def job(tmp: Path, attack: str, defense: str, opts: JobOptions | None = None) ->
             if not own.exists():
                 make_toy_csv(own, n=300, seed=1)
             plant["data"] = {"path": str(own)}
-        plant["checkpoint"] = str(tmp / f"{spec}-{opts.name}-{opts.clients}x{opts.examples}")
+        plant["checkpoint"] = str(tmp / f"{spec}-{opts.name}-{opts.clients}x{opts.examples}" + (f"-seed{opts.seed}" if opts.seed else ""))
         ensure_planted(raw, plant, opts)
         raw["attack"] = plant
     elif isinstance(spec, list):
@@ -228,11 +230,12 @@ def run_cell(tmp: Path, out: Path, attack: str, defense: str, benches: dict, opt
     from fedfm.runtime import LocalRuntime, Workbench
 
     exp = from_dict(job(tmp, attack, defense, opts))
-    if attack not in benches:
+    key = (attack, exp.seed)  # the roles (who attacks) depend on both
+    if key not in benches:
         benches.clear()  # one workbench alive at a time
-        benches[attack] = Workbench(exp)
-    wb = benches[attack]
-    run_dir = out / attack / defense
+        benches[key] = Workbench(exp)
+    wb = benches[key]
+    run_dir = out / attack / defense / f"seed{exp.seed}" if exp.seed else out / attack / defense
     t0 = time.perf_counter()
     rt = LocalRuntime(exp, run_dir, progress=False, workbench=wb, overwrite=True)
     rt.run()
@@ -247,6 +250,7 @@ def run_cell(tmp: Path, out: Path, attack: str, defense: str, benches: dict, opt
     return {**extra,
         "attack": attack,
         "defense": defense,
+        "seed": exp.seed,
         "accuracy": [r.get("accuracy") for r in rows],
         "asr": attack_success_rate(wb, state, TRIGGER, TARGET),
         "wall_s": wall,
@@ -254,6 +258,32 @@ def run_cell(tmp: Path, out: Path, attack: str, defense: str, benches: dict, opt
         "update_norms": [r["clip_updates.mean_norm"] for r in rows if "clip_updates.mean_norm" in r],
         "majority": majority_share(wb),
     }
+
+
+def merge_seeds(results: list[dict]) -> list[dict]:
+    """One row per (attack, defense): the mean over its seeds of every per-round accuracy,
+    the ASRs and the wall time (a cell refused or failed for any seed stays an error row).
+    ``seeds`` counts them; ``final_min`` is the lowest final accuracy over the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["attack"], r["defense"]), []).append(r)
+    merged = []
+    for rows in groups.values():
+        bad = [r for r in rows if "error" in r]
+        if bad or len(rows) == 1:
+            merged.append(bad[0] if bad else {**rows[0], "seeds": 1, "final_min": rows[0]["accuracy"][-1]})
+            continue
+        n = len(rows)
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        out = {**rows[0], "seeds": n, "seed": [r["seed"] for r in rows]}
+        out["accuracy"] = [mean(col) for col in zip(*(r["accuracy"] for r in rows))]
+        out["asr"] = mean([r["asr"] for r in rows])
+        out["wall_s"] = mean([r["wall_s"] for r in rows])
+        out["final_min"] = min(r["accuracy"][-1] for r in rows)
+        if all("asr_rounds" in r for r in rows):
+            out["asr_rounds"] = [mean(col) for col in zip(*(r["asr_rounds"] for r in rows))]
+        merged.append(out)
+    return merged
 
 
 def majority_share(wb) -> float:
@@ -390,7 +420,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--job", choices=sorted(JOBS), default="toy", help="toy: the tiny model on toy data; quickstart: MiniLM on Rotten Tomatoes")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default: toy 4, quickstart 3)")
-    ap.add_argument("--clients", type=int, default=None, help="clients, all sampled every round (default: toy 12, quickstart 8)")
+    ap.add_argument("--clients", type=int, default=None, help="clients, all sampled every round (default: toy 15, quickstart 8)")
     ap.add_argument("--examples", type=int, default=None, help="examples per client (default: toy all 600 - test rows split evenly, quickstart 250)")
     ap.add_argument("--test-examples", type=int, default=None, help="test examples (default: toy 120, quickstart 1000)")
     ap.add_argument("--device", default=None, help="runtime.device for every run (cpu, cuda, auto); not set when not given")
@@ -398,6 +428,7 @@ def main() -> None:
     ap.add_argument("--bound", type=float, default=None,
                     help="norm_bound max_norm and centered_clip tau (default: toy 4.0; quickstart: the mean honest update norm of the none/fedavg cell)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default runs/robustness, or runs/robustness-quickstart-CxExR)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds; with several, the tables show the mean over them")
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--defenses", default=",".join(DEFENSES))
     ap.add_argument("--table", action="store_true", help="only rebuild the table and doc from OUT/results.jsonl")
@@ -411,6 +442,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     attacks, defenses = args.attacks.split(","), args.defenses.split(",")
+    seeds = [int(x) for x in args.seeds.split(",")]
     if args.rule_times:
         times = rule_times()
         lines = ["| rule | ms per aggregation |", "|---|---|"] + [f"| {k} | {1000 * v:.1f} |" for k, v in times.items()]
@@ -419,33 +451,35 @@ def main() -> None:
         return
     done = set()
     if results_path.exists():
-        done = {(r["attack"], r["defense"]) for r in map(json.loads, results_path.read_text().splitlines()) if "failed" not in r.get("error", "")}
+        done = {(r["attack"], r["defense"], r.get("seed", 0)) for r in map(json.loads, results_path.read_text().splitlines()) if "failed" not in r.get("error", "")}
     if not args.table:
         print(f"# {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC -> {args.out} ({opts})", flush=True)
         benches: dict = {}
         # the honest norm first: the bounded defenses of the quickstart job use it
-        order = sorted(((a, d) for a in attacks for d in defenses), key=lambda c: c != ("none", "fedavg"))
-        for a, d in order:
-            if (a, d) in done:
+        order = sorted(((a, d, s) for s in seeds for a in attacks for d in defenses), key=lambda c: (c[2], c[:2] != ("none", "fedavg")))
+        for a, d, s in order:
+            if (a, d, s) in done:
                 continue
+            opts.seed = s
             if opts.name != "toy" and args.bound is None:
                 opts.bound = honest_bound(results_path) or BOUND
             try:
                 res = run_cell(args.out / "data", args.out, a, d, benches, opts)
                 res["job"] = {k: v for k, v in vars(opts).items()}
             except Exception as exc:  # a refused combination is a result too
-                res = {"attack": a, "defense": d, "error": f"{'refused' if 'invalid config' in str(exc) else 'failed'}: {exc}"[:400]}
+                res = {"attack": a, "defense": d, "seed": s, "error": f"{'refused' if 'invalid config' in str(exc) else 'failed'}: {exc}"[:400]}
             with open(results_path, "a") as f:
                 f.write(json.dumps(res) + "\n")
             print(json.dumps(res), flush=True)
     results = [json.loads(l) for l in results_path.read_text().splitlines()] if results_path.exists() else []
-    latest = {(r["attack"], r["defense"]): r for r in results}  # a retried cell replaces its failure
-    results = list(latest.values())
+    latest = {(r["attack"], r["defense"], r.get("seed", 0)): r for r in results}  # a retried cell replaces its failure
+    results = merge_seeds(list(latest.values()))
     all_attacks = [a for a in ATTACKS if not a.startswith("compromised_base") and any(r["attack"] == a for r in results)]
     all_defenses = [d for d in DEFENSES if any(r["defense"] == d for r in results)]
     suffix = "" if opts.name == "toy" else f"-{opts.name}"
     if "none" in all_attacks:
-        text = table(results, all_attacks, all_defenses) + "\n\n" + recommend(results, all_defenses)
+        n_seeds = max(r.get("seeds", 1) for r in results)
+        text = (f"Every cell: the mean over {n_seeds} seeds ({args.seeds}).\n\n" if n_seeds > 1 else "") + table(results, all_attacks, all_defenses) + "\n\n" + recommend(results, all_defenses)
         print(text)
         if not args.no_doc:
             write_doc(text, f"robustness{suffix}-table")

@@ -39,7 +39,22 @@ def test_device_and_bound_reach_the_config():
 
 @pytest.mark.parametrize("defense", ["krum", "multi_krum", "bulyan"])
 def test_toy_job_is_the_documented_one(tmp_path, defense):
-    # 12 clients: f = round(2.4) = 2, m = 12 - 4 = 8 (the table in docs/robustness.md)
+    # 15 clients: f = round(3.0) = 3 (exactly 20%), m = 15 - 6 = 9 (the table in docs/robustness.md)
     raw = bench.job(tmp_path, "none", defense)
-    assert raw["aggregator"]["f"] == 2 and raw["federation"]["clients"] == 12 and raw["rounds"] == 4
-    assert raw["aggregator"].get("m", 8) == 8
+    assert raw["aggregator"]["f"] == 3 and raw["federation"]["clients"] == 15 and raw["rounds"] == 4
+    assert raw["aggregator"].get("m", 9) == 9
+
+
+def test_seeds_merge_into_means():
+    rows = [
+        {"attack": "alie", "defense": "median", "seed": 0, "accuracy": [0.5, 0.8, 0.9], "asr": 0.0, "wall_s": 2.0},
+        {"attack": "alie", "defense": "median", "seed": 1, "accuracy": [0.5, 0.6, 0.7], "asr": 0.1, "wall_s": 4.0},
+        {"attack": "none", "defense": "krum", "seed": 0, "error": "refused: n too small"},
+        {"attack": "none", "defense": "krum", "seed": 1, "accuracy": [0.5], "asr": 0.0, "wall_s": 1.0},
+    ]
+    merged = {(r["attack"], r["defense"]): r for r in bench.merge_seeds(rows)}
+    m = merged[("alie", "median")]
+    # means by hand: (0.8 + 0.6) / 2 = 0.7, (0.9 + 0.7) / 2 = 0.8; ASR 0.05; wall 3.0; the worst seed's final 0.7
+    assert m["accuracy"] == pytest.approx([0.5, 0.7, 0.8]) and m["asr"] == pytest.approx(0.05)
+    assert m["wall_s"] == 3.0 and m["seeds"] == 2 and m["final_min"] == 0.7
+    assert "error" in merged[("none", "krum")]  # refused for one seed: the cell is refused
