@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=None, help="rewrite the results block of this doc")
     ap.add_argument("-o", "--override", action="append", default=[], help="override passed to every run")
     ap.add_argument("--table", action="store_true", help="only print (and --doc write) the table of OUT/results.jsonl")
-    ap.add_argument("--part", choices=["personalize", "multidomain", "dapt_chain"], default="personalize")
+    ap.add_argument("--part", choices=["personalize", "multidomain", "dapt_chain", "grouped"], default="personalize")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.part != "personalize":
@@ -212,6 +212,7 @@ PARTS = {  # part: (labels, run one, table, results file, job overrides)
                     parts.multidomain_table, "multidomain.jsonl", parts.REDUCED_MD),
     "dapt_chain": (["no DAPT", "with DAPT (ffdapt, layers 0-2 + embeddings frozen)"], parts.run_dapt_chain,
                    parts.dapt_chain_table, "dapt_chain.jsonl", parts.REDUCED_DAPT),
+    "grouped": (list(parts.GROUPED), parts.run_grouped, parts.grouped_table, "grouped.jsonl", parts.REDUCED_GROUPED),
 }
 
 
