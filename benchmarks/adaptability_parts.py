@@ -161,6 +161,7 @@ GROUPED = {  # label: (K, server step): IFCA on clients grouped by corpus (by_do
     "ifca k=1 (fedavg); update clusters k=2 after round 2": (
         1, {"name": "cluster_report", "source": "updates", "k": 2, "warmup": 2, "truth_column": "domain"}),
     "ifca k=2 (lowest loss)": (2, {"name": "cluster_report", "truth_column": "domain"}),
+    "given clusters k=2 (the corpus column)": (2, {"name": "cluster_report", "truth_column": "domain"}),
 }
 
 
@@ -175,9 +176,17 @@ def run_grouped(label: str, out: Path) -> dict:
     k, step = GROUPED[label]
     raw = raw_config("ifca", REDUCED_GROUPED + [f"learner.k={k}"])
     raw["server_steps"] = [step]
+    if label.startswith("given"):  # FedLFC-style: the cluster of a client is its corpus (assign: profile)
+        from fedfm.personalize.ifca import roles_for_clusters
+        from fedfm.runtime.workbench import Workbench
+
+        wb = Workbench(from_dict(raw, "ifca"))
+        raw["federation"]["roles"] = roles_for_clusters(clusters_from_column(wb.federation.frame, wb.clients, "domain"))
+        raw["learner"]["assign"] = "profile"
+        del wb
     exp = from_dict(raw, "ifca")
     t0 = time.perf_counter()
-    rt = LocalRuntime(exp, out / f"grouped-k{k}", overwrite=True)
+    rt = LocalRuntime(exp, out / f"grouped-{'given' if label.startswith('given') else 'k'}{k}", overwrite=True)
     rt.run()
     ss = rt.loop.server_state
     found = next(g["assign"] for name, g in ss.items() if name.endswith(".cluster_report")).tolist()
