@@ -24,8 +24,10 @@ accuracy on the test texts before and after. ``--doc`` rewrites the block betwee
 markers of docs/adaptability.md; results accumulate in OUT/results.jsonl (``--table``
 re-renders them without running).
 
-``--part multidomain`` (FedAPT against a single shared prompt, per domain) and ``--part
-dapt_chain`` (fine-tuning with and without a DAPT stage at equal rounds) run the jobs of
+``--part multidomain`` (FedAPT and DiPrompT-inspired prompts against a single shared prompt,
+per domain), ``--part dapt_chain`` (fine-tuning with and without a DAPT stage at equal
+rounds) and ``--part grouped`` (IFCA K = 1 against K = 2 and the given clusters on clients
+grouped by corpus: purity and per-client accuracy) run the jobs of
 ``benchmarks/adaptability_parts.py`` (their own overrides, results files and doc blocks).
 """
 

@@ -7,7 +7,16 @@ for every input, and the domain loss is 0). The politics corpus, 4 clients (0, 2
 convention passages; 1, 3: 2016 debate statements), whole speakers per client, label the
 party. Per-domain accuracy of the final global model on the test rows of each domain
 (whole speakers no client owns) and on the clients' own held-out slices pooled per domain,
-plus the share of test inputs whose adaptive-network argmax is their own domain's key.
+plus the share of test inputs whose adaptive-network argmax is their own domain's key. The
+DiPrompT-inspired row runs ``examples/adaptability/diprompt.yaml`` on the same job (no
+roles: latent domains) and reports the purity of its dynamic query on the test inputs
+against their true domain and the accuracy of the global prompt alone.
+
+``--part grouped`` (REDUCED_GROUPED): ``examples/adaptability/ifca.yaml`` on the politics
+corpus with 8 clients grouped by corpus (``by_domain``): K = 1 (FedAvg, whose updates
+``cluster_report`` clusters after round 2), K = 2 (IFCA's lowest loss) and K = 2 given by
+the corpus column (``assign: profile``); per-client accuracy with each client's cluster
+model, purity against the corpus and against each client's majority party.
 
 ``--part dapt_chain`` (REDUCED_DAPT): party classification of 2012 convention passages with
 LoRA, started from MiniLM (no DAPT, R1 + R2 rounds) or from the final State of R1 rounds
