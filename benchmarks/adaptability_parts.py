@@ -55,8 +55,9 @@ MULTIDOMAIN = {  # label: overrides of examples/adaptability/fedapt.yaml (or the
     "single shared prompt (fedapt code, K=1)": ["peft.num_domains=1"],
     "fedapt K=2 (a key per domain)": [],
     "diprompt-inspired M=2 (global + 2 latent domain prompts)": [],
+    "diprompt-inspired M=2, assign: client (one domain prompt per client and round)": ["learner.assign=client"],
 }
-CONFIG = {"diprompt-inspired M=2 (global + 2 latent domain prompts)": "diprompt"}
+CONFIG = {label: "diprompt" for label in MULTIDOMAIN if label.startswith("diprompt")}
 R1, R2 = 2, 2
 REDUCED_DAPT = [
     "federation.clients=4",
