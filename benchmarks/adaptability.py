@@ -24,8 +24,10 @@ accuracy on the test texts before and after. ``--doc`` rewrites the block betwee
 markers of docs/adaptability.md; results accumulate in OUT/results.jsonl (``--table``
 re-renders them without running).
 
-``--part multidomain`` (FedAPT against a single shared prompt, per domain) and ``--part
-dapt_chain`` (fine-tuning with and without a DAPT stage at equal rounds) run the jobs of
+``--part multidomain`` (FedAPT and DiPrompT-inspired prompts against a single shared prompt,
+per domain), ``--part dapt_chain`` (fine-tuning with and without a DAPT stage at equal
+rounds) and ``--part grouped`` (IFCA K = 1 against K = 2 and the given clusters on clients
+grouped by corpus: purity and per-client accuracy) run the jobs of
 ``benchmarks/adaptability_parts.py`` (their own overrides, results files and doc blocks).
 """
 
@@ -181,7 +183,7 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=None, help="rewrite the results block of this doc")
     ap.add_argument("-o", "--override", action="append", default=[], help="override passed to every run")
     ap.add_argument("--table", action="store_true", help="only print (and --doc write) the table of OUT/results.jsonl")
-    ap.add_argument("--part", choices=["personalize", "multidomain", "dapt_chain"], default="personalize")
+    ap.add_argument("--part", choices=["personalize", "multidomain", "dapt_chain", "grouped"], default="personalize")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.part != "personalize":
@@ -212,6 +214,7 @@ PARTS = {  # part: (labels, run one, table, results file, job overrides)
                     parts.multidomain_table, "multidomain.jsonl", parts.REDUCED_MD),
     "dapt_chain": (["no DAPT", "with DAPT (ffdapt, layers 0-2 + embeddings frozen)"], parts.run_dapt_chain,
                    parts.dapt_chain_table, "dapt_chain.jsonl", parts.REDUCED_DAPT),
+    "grouped": (list(parts.GROUPED), parts.run_grouped, parts.grouped_table, "grouped.jsonl", parts.REDUCED_GROUPED),
 }
 
 

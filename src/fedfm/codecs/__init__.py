@@ -19,6 +19,7 @@ from fedfm.codecs.base import (
 from fedfm.codecs.chain import CodecChain, Encoded
 from fedfm.codecs.serialize import from_bytes, to_bytes
 from fedfm.codecs import cast, compact, downlink, integrity, quantize, sparsify  # noqa: F401  (registers stages)
+from fedfm.codecs import skip_zero  # noqa: F401  (registers skip_zero)
 
 __all__ = [
     "CodecChain",

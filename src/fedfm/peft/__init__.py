@@ -6,6 +6,7 @@ from fedfm.peft import full, lora  # noqa: F401  (register tuners)
 from fedfm.peft import adapters, bitfit, ffa_lora, ia3, prompt, salience  # noqa: F401  (register tuners)
 from fedfm.peft import dual_adapter, ffdapt, personal_prompt  # noqa: F401  (register dual_adapter, ffdapt, personal_prompt)
 from fedfm.peft import fedapt  # noqa: F401  (registers fedapt)
+from fedfm.peft import diprompt  # noqa: F401  (registers diprompt)
 
 __all__ = [
     "apply_tuner",
