@@ -17,7 +17,8 @@ so a resumed run sends the same copies). Its ``client_state(cid, model, own)`` h
 ``global + offset``: ``FedAlgorithm.configure`` asks every step that has that hook for each
 client's State (``aggregators/pipeline.Pipeline.per_client``). The next round's embedding
 starts from the new global plus the client's previous offset, so after the first round it
-usually needs few steps. The global model itself (evaluated, checkpointed, final.safetensors)
+usually needs few steps. ``preserve`` (off by default) adds waffle's distillation on
+public text to every copy's embedding (``ip/preserve.py``). The global model itself (evaluated, checkpointed, final.safetensors)
 carries no client key; a client's update is a delta against the copy it received, so its
 key does not flow back into the aggregate.
 
@@ -39,6 +40,7 @@ from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import State
 from fedfm.ip.embed import EmbedSettings, embed
+from fedfm.ip.preserve import PreserveParams, build_preserver
 from fedfm.ip.trigger import TriggerSpec, client_key, trigger_set
 from fedfm.ip.waffle import WaffleParams, secret
 
@@ -59,6 +61,9 @@ class ClientWatermarkParams(BaseModel):
     max_steps: int = Field(100, ge=0, description="step budget per client per round")
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding")
     batch_size: int = Field(16, ge=1, description="trigger examples per step")
+    preserve: PreserveParams | None = Field(
+        None, description="distillation on public text during each copy's embedding (ip/preserve.py): {data: {source: ...}, weight}"
+    )
     freeze: list[str] = Field(
         default_factory=lambda: list(WaffleParams.model_fields["freeze"].default_factory()),
         description="fnmatch patterns of trainable names left unchanged (default: the task head; see ip/embed.py)",
@@ -97,6 +102,7 @@ class ClientWatermark:
     def __init__(self, params: ClientWatermarkParams):
         self.params = params
         self._triggers: dict[int, list[dict]] = {}
+        self._preserver = None
 
     def triggers(self, wb, cid: int) -> list[dict]:
         if cid not in self._triggers:
@@ -115,13 +121,16 @@ class ClientWatermark:
             raise ValueError("server step client_watermark needs the base model (RoundContext.workbench), and this round has none")
         start = time.perf_counter()
         offsets: State = {}
-        accuracies, steps = [], 0
+        accuracies, steps, kls = [], 0, []
+        if self._preserver is None and self.params.preserve is not None:
+            self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, COPY_TAG))
+        settings = replace(self.params.settings(), preserve=self._preserver)
         for cid in range(ctx.num_clients):
             result = embed(
                 wb.model, wb.task, wb.exp.model.task, wb.tokenizer,
                 wb.full_state(copy_of(cid, model_state, state)),
                 self.triggers(wb, cid),
-                self.params.settings(),
+                settings,
                 seed=derive_seed(ctx.seed, ctx.round, cid, COPY_TAG),
                 train_names=set(model_state),
             )
@@ -129,6 +138,8 @@ class ClientWatermark:
                 offsets[offset_key(cid, k)] = result.state[k].to(v.dtype) - v
             accuracies.append(result.accuracy)
             steps += result.steps
+            if result.preserve_kl is not None:
+                kls.append(result.preserve_kl)
         seconds = time.perf_counter() - start
         metrics = {
             "min_accuracy": min(accuracies),
@@ -137,6 +148,8 @@ class ClientWatermark:
             "seconds": round(seconds, 3),
             "seconds_per_client": round(seconds / max(ctx.num_clients, 1), 3),
         }
+        if kls:
+            metrics["preserve_kl_mean"] = sum(kls) / len(kls)
         return model_state, offsets, metrics
 
     def client_state(self, cid: int, model: State, own: State) -> State:

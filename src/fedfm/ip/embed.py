@@ -17,6 +17,9 @@ model of a first, too small reduced job (whose test accuracy 0.82 was its majori
 rate): through LoRA and the head at lr 1e-3 the test accuracy fell to 0.365 (56 steps);
 through LoRA alone at lr 5e-3 it stayed at 0.815 (20 steps).
 
+With ``settings.preserve`` (``ip/preserve.py``) every step adds a KL term on public text
+that holds the model's outputs there at their values before the embedding.
+
 It runs on the one base model in place: it loads ``full_state``, trains, and returns the
 trained State (every trainable name). Dropout is on during training, as in any fine-tune;
 the accuracy is measured in eval mode. Randomness (batch order, dropout) comes from
@@ -54,6 +57,7 @@ class EmbedSettings:
     lr: float = 5e-3
     batch_size: int = 16
     freeze: tuple[str, ...] = HEAD_PATTERNS  # fnmatch patterns of names left unchanged
+    preserve: Any = None  # ip.preserve.Preserver: a KL term on public text at every step (None: triggers alone)
 
 
 @dataclass
@@ -62,6 +66,7 @@ class EmbedResult:
     accuracy: float  # watermark accuracy when it stopped
     steps: int
     seconds: float
+    preserve_kl: float | None = None  # the KL term (unweighted) of the last step, when preserve is on
 
 
 def embed(
@@ -96,17 +101,25 @@ def embed(
         hits, total = count_hits(task, task_name, model, tokenizer, triggers)
         return hits / max(total, 1)
 
-    acc, steps = accuracy(), 0
+    acc, steps, kl = accuracy(), 0, None
     if acc >= settings.threshold or settings.max_steps == 0:
         return EmbedResult(get_state(model), acc, 0, time.perf_counter() - start)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    keep = settings.preserve
+    if keep is not None:
+        keep.start(model, [n for n, _ in named if n in chosen])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout masks
         gen = torch.Generator().manual_seed(seed)
+        public = torch.Generator().manual_seed(seed + 1)  # the public batches
         while acc < settings.threshold and steps < settings.max_steps:
             model.train()
             for items in batches(triggers, settings.batch_size, gen):
                 loss = task.loss(model, task.collate(items, tokenizer))
+                if keep is not None:
+                    term = keep.loss(model, task, tokenizer, public)
+                    kl = float(term.detach()) / keep.weight
+                    loss = loss + term
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -117,4 +130,4 @@ def embed(
     for _, p in named:
         p.grad = None
     model.eval()
-    return EmbedResult(get_state(model), acc, steps, time.perf_counter() - start)
+    return EmbedResult(get_state(model), acc, steps, time.perf_counter() - start, kl)

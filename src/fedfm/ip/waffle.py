@@ -10,6 +10,9 @@ for classification, random prompts with fixed continuations for causal LMs), met
 ``waffle.wm_accuracy`` (after the step), ``waffle.steps`` and ``waffle.seconds`` per round.
 Not implemented: the paper's pre-training of the initial model on the trigger set before
 round 1 (here round 1's step embeds it) and its image-specific "WAFFLEPattern" triggers.
+Added, off by default: ``preserve``, a distillation term on public text that holds the
+model's outputs on natural text while the triggers are learned (``ip/preserve.py``; not in
+the paper; on the quickstart job WAFFLE alone cost 15 points of test accuracy, docs/ip.md).
 
 The key is given as ``key`` (it is then written into the run's config.yaml) or, to keep it
 out of every file, as ``key_env``, the name of an environment variable of the server
@@ -24,6 +27,7 @@ ones by the attention layers.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +35,7 @@ from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import State
 from fedfm.ip.embed import HEAD_PATTERNS, EmbedSettings, embed
+from fedfm.ip.preserve import PreserveParams, build_preserver
 from fedfm.ip.trigger import TriggerSpec, trigger_set
 
 WAFFLE_TAG = 0xAFF1E
@@ -57,6 +62,9 @@ class WaffleParams(BaseModel):
     max_steps: int = Field(100, ge=0, description="step budget per round")
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding")
     batch_size: int = Field(16, ge=1, description="trigger examples per step")
+    preserve: PreserveParams | None = Field(
+        None, description="distillation on public text during the embedding (ip/preserve.py; not in the paper): {data: {source: ...}, weight}"
+    )
     freeze: list[str] = Field(
         default_factory=lambda: list(HEAD_PATTERNS),
         description="fnmatch patterns of trainable names the step leaves unchanged (default: the task head; see ip/embed.py)",
@@ -85,6 +93,7 @@ class Waffle:
     def __init__(self, params: WaffleParams):
         self.params = params
         self._triggers: list[dict] | None = None
+        self._preserver = None
 
     def triggers(self, wb) -> list[dict]:
         if self._triggers is None:
@@ -96,6 +105,8 @@ class Waffle:
         wb = ctx.workbench
         if wb is None:
             raise ValueError("server step waffle needs the base model (RoundContext.workbench), and this round has none")
+        if self._preserver is None and self.params.preserve is not None:
+            self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, WAFFLE_TAG))
         result = embed(
             wb.model,
             wb.task,
@@ -103,12 +114,14 @@ class Waffle:
             wb.tokenizer,
             wb.full_state(model_state),
             self.triggers(wb),
-            self.params.settings(),
+            replace(self.params.settings(), preserve=self._preserver),
             seed=derive_seed(ctx.seed, ctx.round, WAFFLE_TAG),
             train_names=set(model_state),
         )
         shared = {k: result.state[k].to(v.dtype) for k, v in model_state.items()}
         metrics = {"wm_accuracy": result.accuracy, "steps": result.steps, "seconds": round(result.seconds, 3)}
+        if result.preserve_kl is not None:
+            metrics["preserve_kl"] = result.preserve_kl
         return shared, state, metrics
 
 

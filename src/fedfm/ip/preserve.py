@@ -1,0 +1,123 @@
+"""Utility preservation while a watermark is embedded: distillation on public text.
+
+Embedding a trigger set (``ip/embed.py``) teaches the model random labels for random-token
+sentences, and the tuner's parameters that learn them are the ones the task uses: on the
+quickstart job, embedding 50 triggers into the final model (test accuracy 0.786) through
+LoRA alone cost 14 to 27 points of test accuracy (AdamW lr 1e-3 / 5e-3; docs/ip.md). The
+server has no client data, but it can have public, unlabeled text. ``preserve`` adds to the
+embedding loss, at every step, ``weight * KL(p_before || p_now)`` on a batch of that text:
+the model's output distribution on natural text is held at what it was before the step
+(``p_before``: the State the embedding started from, in eval mode; ``p_now``: the model
+being trained), while the triggers are learned. For classification the distributions are
+the class probabilities; for a causal LM the next-token distributions at every non-padding
+position.
+
+This is not part of WAFFLE (Tekgul et al. 2021), whose server re-trains on the trigger set
+alone; it is a knowledge-distillation regularizer of the kind DUW (Yu et al. 2023) uses to
+keep utility while it embeds client keys (there with the server's own data). With it,
+``waffle`` is "WAFFLE with public-text distillation"; without it (the default), WAFFLE's
+re-training as the paper has it.
+
+The text comes from any fedfm data source (``data:`` as in the run's own ``data``
+section: ``{source: fortunes, options: {languages: [en]}}``, ``{source: file, path:
+public.csv}``); only its text column is used. It must be text the server may hold, never a
+client's. The reference distributions are computed per step with ``torch.func.functional_call``
+on the starting values of the trained names, so nothing the size of the vocabulary is
+stored. Written by hand: no library offers distillation inside a trigger-set embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedfm.core.types import State
+
+
+class PreserveParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: dict[str, Any] = Field(..., description="public text, as a data section: {source: fortunes, options: {...}} or {source: file, path: ...}")
+    examples: int = Field(512, ge=1, description="public texts drawn (seeded) from the source")
+    weight: float = Field(5.0, gt=0, description="weight of the KL term against the trigger loss")
+    batch_size: int = Field(16, ge=1, description="public texts per embedding step")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from fedfm.config import DataConfig
+        from fedfm.data.sources import sources
+
+        cfg = DataConfig(**value)
+        if cfg.source not in sources.names():
+            raise ValueError(f"preserve.data.source '{cfg.source}' is not a data source; known: {sorted(sources.names())}")
+        return value
+
+
+def kl_to_reference(old_logits: torch.Tensor, new_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean ``KL(softmax(old) || softmax(new))`` over the rows of (B, C) logits, or over the
+    positions of (B, T, V) logits where ``mask`` (B, T) is 1."""
+    old_lp = F.log_softmax(old_logits.float(), dim=-1)
+    new_lp = F.log_softmax(new_logits.float(), dim=-1)
+    per = (old_lp.exp() * (old_lp - new_lp)).sum(-1)  # (B,) or (B, T)
+    if per.dim() == 1:
+        return per.mean()
+    weights = mask.to(per.dtype) if mask is not None else torch.ones_like(per)
+    return (per * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def public_examples(params: PreserveParams, task: Any, tokenizer: Any, seed: int) -> list[dict[str, Any]]:
+    """``params.examples`` texts of the public source, drawn with ``seed``, encoded by the task."""
+    import numpy as np
+    import pandas as pd
+
+    from fedfm.config import DataConfig
+    from fedfm.data.sources import load_source
+
+    cfg = DataConfig(**params.data)
+    frame = load_source(cfg)
+    texts = [t for t in frame["text"].astype(str).tolist() if t.strip()]
+    if not texts:
+        raise ValueError(f"preserve.data (source '{cfg.source}'): no non-empty text")
+    order = np.random.default_rng(seed).permutation(len(texts))[: params.examples]
+    picked = pd.DataFrame({"text": [texts[i] for i in order], "label": [0] * len(order)})
+    return task.encode(picked, tokenizer, cfg.max_length)
+
+
+@dataclass
+class Preserver:
+    """The KL term of one embedding: the public examples and the reference values."""
+
+    examples: list[dict[str, Any]]
+    weight: float
+    batch_size: int
+    reference: State | None = None  # the trained names' values when the embedding started
+
+    def start(self, model: torch.nn.Module, names: list[str]) -> None:
+        params = dict(model.named_parameters())
+        self.reference = {n: params[n].detach().clone() for n in names}
+
+    def loss(self, model: torch.nn.Module, task: Any, tokenizer: Any, generator: torch.Generator) -> torch.Tensor:
+        """``weight * KL(reference || model)`` on a seeded batch of public examples."""
+        if self.reference is None:
+            raise RuntimeError("Preserver.loss before Preserver.start")
+        idx = torch.randint(len(self.examples), (min(self.batch_size, len(self.examples)),), generator=generator).tolist()
+        batch = task.collate([self.examples[i] for i in idx], tokenizer)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            old = torch.func.functional_call(model, self.reference, args=(), kwargs=inputs, strict=False).logits
+        model.train(training)
+        new = model(**inputs).logits
+        mask = batch["attention_mask"] if new.dim() == 3 else None
+        return self.weight * kl_to_reference(old, new, mask)
+
+
+def build_preserver(params: PreserveParams | None, task: Any, tokenizer: Any, seed: int) -> Preserver | None:
+    if params is None:
+        return None
+    return Preserver(public_examples(params, task, tokenizer, seed), params.weight, params.batch_size)

@@ -1,0 +1,83 @@
+"""Distillation on public text while a watermark is embedded (ip/preserve.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from conftest import make_toy_csv, tiny_config
+from fedfm.config import from_dict
+from fedfm.ip import EmbedSettings, TriggerSpec, embed, trigger_set
+from fedfm.ip.loading import build_base
+from fedfm.ip.preserve import PreserveParams, build_preserver, kl_to_reference
+from fedfm.runtime import LocalRuntime
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def test_kl_by_hand():
+    # old softmax([0, 0]) = (0.5, 0.5); new softmax([ln 9, 0]) = (0.9, 0.1):
+    # KL = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.5 (-0.587787) + 0.5 (1.609438) = 0.510826
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[math.log(9.0), 0.0]])
+    assert kl_to_reference(old, new).item() == pytest.approx(0.510826, abs=1e-6)
+    assert kl_to_reference(old, old).item() == pytest.approx(0.0, abs=1e-7)
+    # (B, T, V) logits: the masked position (a huge difference) does not count; the mean is
+    # over the one valid position, 0.510826.
+    old3 = torch.zeros(1, 2, 2)
+    new3 = torch.tensor([[[math.log(9.0), 0.0], [50.0, -50.0]]])
+    assert kl_to_reference(old3, new3, torch.tensor([[1, 0]])).item() == pytest.approx(0.510826, abs=1e-6)
+
+
+def test_unknown_public_source_is_refused_by_name():
+    with pytest.raises(ValidationError, match="preserve.data.source 'no_such_corpus' is not a data source"):
+        PreserveParams(data={"source": "no_such_corpus"})
+    with pytest.raises(ValidationError, match="weight"):
+        PreserveParams(data={"source": "file", "path": "x.csv"}, weight=0)
+
+
+def test_preserve_holds_the_outputs_on_public_text(tmp_path):
+    public = tmp_path / "public.csv"
+    make_toy_csv(public, n=64, seed=3)
+    exp = from_dict(tiny_config(tmp_path, **{"model.num_labels": 4}))
+    base, template = build_base(exp)
+    spec = TriggerSpec("text_classification", size=16, length=8, num_labels=4)
+    trig = trigger_set("k", spec, base.tokenizer)
+    params = PreserveParams(data={"source": "file", "path": str(public)}, examples=32, weight=5.0, batch_size=32)
+
+    def public_kl(state) -> float:  # KL(template || state) on all 32 public texts, eval mode
+        keeper = build_preserver(params, base.task, base.tokenizer, seed=0)
+        from fedfm.peft import set_state
+
+        set_state(base.model, state)
+        names = [n for n, p in base.model.named_parameters() if p.requires_grad]
+        keeper.reference = {n: template[n] for n in names}
+        base.model.eval()
+        with torch.no_grad():
+            # a generator that draws every example: batch_size 32 of 32 (with replacement)
+            return float(keeper.loss(base.model, base.task, base.tokenizer, torch.Generator().manual_seed(1))) / params.weight
+
+    plain = embed(base.model, base.task, spec.task, base.tokenizer, template, trig, EmbedSettings(1.01, 30, 0.05, 16, ()), seed=0)
+    keeper = build_preserver(params, base.task, base.tokenizer, seed=0)
+    kept = embed(base.model, base.task, spec.task, base.tokenizer, template, trig,
+                 EmbedSettings(1.01, 30, 0.05, 16, (), preserve=keeper), seed=0)
+    # threshold 1.01: both spend the whole budget
+    assert plain.steps == kept.steps == 30 and plain.preserve_kl is None and kept.preserve_kl is not None
+    # the same trigger steps; with the KL term the outputs on public text moved less
+    assert public_kl(kept.state) < 0.5 * public_kl(plain.state)
+    assert len(keeper.examples) == 32
+
+
+def test_waffle_step_with_preserve_reports_the_kl(tmp_path):
+    public = tmp_path / "public.csv"
+    make_toy_csv(public, n=40, seed=5)
+    waffle = {"name": "waffle", "key": "owner-key", "trigger_size": 16, "trigger_length": 8, "threshold": 1.0,
+              "max_steps": 6, "lr": 0.05, "freeze": [], "preserve": {"data": {"source": "file", "path": str(public)}, "examples": 16}}
+    run = tmp_path / "run"
+    LocalRuntime(from_dict(tiny_config(tmp_path, **{"model.num_labels": 4, "server_steps": [waffle], "rounds": 1})), run).run()
+    row = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1]
+    assert row["waffle.steps"] == 6 and row["waffle.preserve_kl"] >= 0.0
