@@ -13,11 +13,19 @@ compute their trainable part PER EXAMPLE from tensors given with ``bind(states, 
 - ``idx``: ``(N,)`` long tensor, example ``n`` of the batch uses ``states[idx[n]]``.
 
 For a LoRA layer with frozen weight ``W`` and factors ``A_k (r, in)``, ``B_k (out, r)``:
-``y[n] = x[n] @ W^T + scale * (dropout(x[n]) @ A[idx[n]]^T) @ B[idx[n]]^T``, with the
-``K`` adapters' factors stacked to ``(K, r, in)`` / ``(K, out, r)``, gathered per example
-(``index_select``) and applied with two batched matmuls (``torch.bmm``). A trainable head
-``Linear``: ``y[n] = x[n] @ W[idx[n]]^T + b[idx[n]]``. The frozen base model runs once on
-the whole batch. Outside the context the model is the plain peft model again.
+``y[n] = x[n] @ W^T + scale * (dropout(x[n]) @ A[idx[n]]^T) @ B[idx[n]]^T``; a trainable
+head ``Linear``: ``y[n] = x[n] @ W[idx[n]]^T + b[idx[n]]``. The frozen base model runs once
+on the whole batch. Two ways to compute the per-example terms, picked by ``idx``:
+
+- examples grouped by adapter (``idx`` non-decreasing, as ``learners/multi_lora.py``
+  builds its batches): one pair of matmuls per adapter on its contiguous segment of the
+  batch (``F.linear`` on a slice, the same ops as peft's own forward), concatenated: the
+  segmented form of Punica's SGMV kernel, without copies of the weights;
+- any other ``idx``: the ``K`` adapters' tensors stacked to ``(K, r, in)`` /
+  ``(K, out, r)``, gathered per example (``index_select``) and applied with batched
+  matmuls (``torch.bmm``).
+
+Outside the context the model is the plain peft model again.
 
 Written here rather than taken from peft: peft's mixed-adapter batches
 (``model(..., adapter_names=[...])``) refuse training mode ("Cannot pass `adapter_names`
@@ -36,6 +44,7 @@ import types
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 ADAPTER = "default"
 
@@ -52,6 +61,22 @@ def gather_linear(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, bias
     if bias is not None:
         y = y + bias.index_select(0, idx).unsqueeze(1)
     return y.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def segments_of(idx: torch.Tensor, k: int) -> list[tuple[int, int]] | None:
+    """``[(start, end)]`` of adapter ``0..k-1`` when ``idx`` holds each adapter's examples
+    contiguously and in order (every adapter at least once); None otherwise."""
+    values = idx.tolist()
+    bounds, start = [], 0
+    for a in range(k):
+        end = start
+        while end < len(values) and values[end] == a:
+            end += 1
+        if end == start:
+            return None
+        bounds.append((start, end))
+        start = end
+    return bounds if start == len(values) else None
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
@@ -90,8 +115,10 @@ class AdapterBatch:
         if missing:
             raise NotImplementedError(f"batched adapters: {missing} are frozen while their partner is trained")
         self.modules = modules
+        self.states: list[dict[str, torch.Tensor]] = []
         self.stacked: dict[str, torch.Tensor] = {}
         self.idx: torch.Tensor | None = None
+        self.bounds: list[tuple[int, int]] | None = None
 
     @staticmethod
     def _check_lora(layer: str, mod, name: str) -> None:
@@ -106,39 +133,57 @@ class AdapterBatch:
         """The adapters of the next forward: ``states[k]`` serves the examples with ``idx == k``."""
         if not states:
             raise ValueError("batched adapters: no adapter given")
-        self.stacked = {n: torch.stack([s[n] for s in states]) for n in self.names}  # (K, *shape), differentiable
-        self.idx = idx
+        self.states, self.idx = list(states), idx
+        self.bounds = segments_of(idx, len(self.states))
+        self.stacked = {} if self.bounds is not None else {n: torch.stack([s[n] for s in states]) for n in self.names}  # (K, *shape)
 
-    def _lora_forward(self, mod, a_name: str, b_name: str):
+    def check(self, x: torch.Tensor, where: str) -> None:
+        if self.idx is None:
+            raise RuntimeError("batched adapters: bind(states, idx) before the forward pass")
+        if x.shape[0] != self.idx.shape[0]:
+            raise RuntimeError(f"batched adapters: the input of '{where}' has first dimension {x.shape[0]}, "
+                               f"not the batch of {self.idx.shape[0]} examples")
+
+    def _lora_forward(self, mod, a_name: str, b_name: str, layer_name: str):
         batch = self
 
         def forward(_self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            batch.check(x, layer_name)
             result = mod.base_layer(x, *args, **kwargs)
-            a, b = batch.stacked[a_name], batch.stacked[b_name]
-            h = mod.lora_dropout[ADAPTER](x).to(a.dtype)
-            return result + lora_delta(h, a, b, batch.idx, mod.scaling[ADAPTER]).to(result.dtype)
+            scale = mod.scaling[ADAPTER]
+            h = mod.lora_dropout[ADAPTER](x)
+            if batch.bounds is None:
+                a, b = batch.stacked[a_name], batch.stacked[b_name]
+                return result + lora_delta(h.to(a.dtype), a, b, batch.idx, scale).to(result.dtype)
+            parts = [F.linear(F.linear(h[s:e].to(st[a_name].dtype), st[a_name]), st[b_name]) * scale
+                     for (s, e), st in zip(batch.bounds, batch.states)]
+            return result + torch.cat(parts).to(result.dtype)
 
         return forward
 
-    def _head_forward(self, w_name: str, b_name: str | None):
+    def _head_forward(self, w_name: str, b_name: str | None, owner: str):
         batch = self
 
         def forward(_self, x: torch.Tensor) -> torch.Tensor:
-            bias = batch.stacked[b_name] if b_name is not None else None
-            return gather_linear(x, batch.stacked[w_name], batch.idx, bias)
+            batch.check(x, owner)
+            if batch.bounds is None:
+                bias = batch.stacked[b_name] if b_name is not None else None
+                return gather_linear(x, batch.stacked[w_name], batch.idx, bias)
+            return torch.cat([F.linear(x[s:e], st[w_name], st[b_name] if b_name is not None else None)
+                              for (s, e), st in zip(batch.bounds, batch.states)])
 
         return forward
 
     def __enter__(self) -> "AdapterBatch":
         for layer, (a, b) in self.lora.items():
             mod = self.modules[layer]
-            mod.forward = types.MethodType(self._lora_forward(mod, a, b), mod)
+            mod.forward = types.MethodType(self._lora_forward(mod, a, b, layer), mod)
         for owner, (w, b) in self.heads.items():
             mod = self.modules[owner]
-            mod.forward = types.MethodType(self._head_forward(w, b), mod)
+            mod.forward = types.MethodType(self._head_forward(w, b, owner), mod)
         return self
 
     def __exit__(self, *exc) -> None:
         for name in [*self.lora, *self.heads]:
             self.modules[name].__dict__.pop("forward", None)  # back to the class's forward
-        self.stacked, self.idx = {}, None
+        self.states, self.stacked, self.idx, self.bounds = [], {}, None, None
