@@ -16,6 +16,7 @@ from fedfm.learners.middleware import register_middleware
 from fedfm.learners.multi_lora import train_jointly
 from fedfm.peft.multi_lora import AdapterBatch, gather_linear, lora_delta, segments_of
 from fedfm.runtime.batched import BatchedTransport
+from fedfm.runtime.batched_eval import evaluate_jointly
 from fedfm.runtime.local import LocalRuntime
 from fedfm.runtime.transport import InProcessTransport
 from fedfm.runtime.workbench import Workbench
@@ -179,6 +180,24 @@ def test_joint_updates_match_sequential_updates(tmp_path, optimizer):
     assert sequential[0].metrics["steps"] == 4.0 < min(u.metrics["steps"] for u in sequential[1:])
 
 
+def test_joint_evaluation_matches_per_client_evaluation(tmp_path):
+    # Three personalized models (the template with each client's own perturbation) on
+    # held-out lists of 5, 12 and 3 examples (eval batches of 4: 2, 3 and 1 batches, so
+    # clients drop out of later joint passes).
+    wb = Workbench(from_dict(tiny_config(tmp_path, **{"eval.batch_size": 4})))
+    gen = torch.Generator().manual_seed(0)
+    states = [{k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in wb.initial_state().items()} for _ in range(3)]
+    pool = wb.examples(0)
+    items = [pool[:5], pool[5:17], pool[17:20]]
+    joint = evaluate_jointly(wb, states, items)
+    for state, its, got in zip(states, items, joint):
+        want = wb.evaluate(state, wb.batches(its))
+        assert set(got) == set(want) == {"loss", "accuracy"}
+        assert got["accuracy"] == want["accuracy"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert len({round(m["loss"], 6) for m in joint}) == 3  # three different models were evaluated
+
+
 # -- the transport in a run -------------------------------------------------------------------
 
 
@@ -214,6 +233,7 @@ def test_batched_run_matches_sequential_run(tmp_path):
     assert isinstance(bat.transport, BatchedTransport)
     bat.run()
     assert bat.transport.chunks == [[0, 1], [2], [0, 1], [2]]  # 2 rounds
+    assert bat.transport.eval_chunks and all(c in ([0, 1], [2]) for c in bat.transport.eval_chunks)
     for k, v in seq.final_state.items():
         assert torch.allclose(v, bat.final_state[k], rtol=0, atol=ATOL), k
     rows_seq, rows_bat = _rows(tmp_path / "seq"), _rows(tmp_path / "bat")

@@ -73,29 +73,35 @@ class _Client:
     trained: State = field(default_factory=dict)
 
 
-def _slice(batch: dict[str, Any], start: int, end: int, n: int) -> dict[str, Any]:
+def slice_batch(batch: dict[str, Any], start: int, end: int, n: int) -> dict[str, Any]:
     return {k: v[start:end] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v for k, v in batch.items()}
 
 
-def joint_losses(task, model, batch: dict[str, Any], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """One forward of ``model`` on ``batch`` (through the task's own ``loss``, which calls the
-    model once), then each span's mean loss by the task's ``loss`` on its slice of the
-    outputs and of the batch."""
-    n = spans[-1][1]
+def forward_once(task, model, batch: dict[str, Any]) -> Any:
+    """The model's output on ``batch``, from the one forward the task's own ``loss`` makes
+    (the whole-batch loss it returns is not used)."""
     seen: dict[str, Any] = {}
 
     def record(*args, **kwargs):
         seen["out"] = model(*args, **kwargs)
         return seen["out"]
 
-    task.loss(record, batch)  # the one forward; the whole-batch mean it returns is not used
-    out = seen["out"]
-    losses = []
-    for start, end in spans:
-        part = SimpleNamespace(**{k: v[start:end] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-                                  for k, v in out.items()})
-        losses.append(task.loss(lambda *a, _p=part, **k: _p, _slice(batch, start, end, n)))
-    return losses
+    task.loss(record, batch)
+    return seen["out"]
+
+
+def slice_output(out: Any, start: int, end: int, n: int) -> SimpleNamespace:
+    """Rows ``start:end`` of every batch-first tensor of a model output (``.logits`` etc.)."""
+    return SimpleNamespace(**{k: v[start:end] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                              for k, v in out.items()})
+
+
+def joint_losses(task, model, batch: dict[str, Any], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """One forward of ``model`` on ``batch``, then each span's mean loss by the task's
+    ``loss`` on its slice of the outputs and of the batch."""
+    n = spans[-1][1]
+    out = forward_once(task, model, batch)
+    return [task.loss(lambda *a, _p=slice_output(out, s, e, n), **k: _p, slice_batch(batch, s, e, n)) for s, e in spans]
 
 
 def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]]) -> list[tuple[Update, State]]:

@@ -10,18 +10,20 @@ step over the concatenation of their batches, each example with its client's LoR
 adapter: multi-adapter batching as in S-LoRA / Punica, Sheng et al. 2024 / Chen et al.
 2024), and each update goes through the client function's second half (``finish_train``:
 local part to the store, ``after_train`` middleware, exchange-phase hooks, uplink codec
-chain). Every other phase (``evaluate``, extra exchange phases) is answered exactly as by
-the in-process transport (``client.handle``, one client at a time).
+chain). The ``evaluate`` messages of per-client evaluation (``eval.clients``) are taken
+in chunks of ``K`` too: the ``K`` clients' personalized models (shared State plus each
+one's local part) are evaluated together, one forward pass per batch
+(``runtime/batched_eval.py``). Every other phase (extra exchange phases) is answered
+exactly as by the in-process transport (``client.handle``, one client at a time).
 
 Failures: a client whose preparation or finishing raises is a failed reply for that client
-only. An exception inside the joint training step fails EVERY client of its chunk (they
-share the step); each failed reply says so and names the chunk's clients. Nothing falls
-back to sequential training.
+only. An exception inside the joint training step (or joint evaluation pass) fails EVERY
+client of its chunk (they share the step); each failed reply says so and names the
+chunk's clients. Nothing falls back to sequential training.
 
 It changes the math (learners/multi_lora.py; docs/speed.md): not bit-identical to the
-sequential transport. What it cannot do is refused at config time (``batched_problem``).
-Not built: batched evaluation of several clients' personalized models (``evaluate``
-messages are answered one client at a time).
+sequential transport; per-client evaluation metrics may differ in the last float digits
+(wider padding). What it cannot do is refused at config time (``batched_problem``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-from fedfm.core.protocols import TRAIN, Envelope, Reply
+from fedfm.core.protocols import EVALUATE, TRAIN, Envelope, Reply
 from fedfm.peft.state import set_state
-from fedfm.runtime.client import ClientEnv, finish_train, handle, prepare_train
+from fedfm.runtime.client import ClientEnv, evaluate_reply, finish_train, handle, prepare_evaluate, prepare_train
 
 log = logging.getLogger("fedfm.runtime")
 
@@ -76,6 +78,7 @@ class BatchedTransport:
         AdapterBatch(env.wb.model, trainable_names(env.wb.model))  # refuses an unsupported trainable State now, not every round
         self.on_start, self.on_end = on_start, on_end
         self.chunks: list[list[int]] = []  # the client ids of every joint training, in order (for tests and logs)
+        self.eval_chunks: list[list[int]] = []  # and of every joint evaluation
 
     def _end(self) -> None:
         if self.on_end is not None:
@@ -126,22 +129,64 @@ class BatchedTransport:
             finally:
                 self._end()
 
+    def _eval_chunk(self, chunk: Sequence[Envelope], replies: dict[int, Reply]) -> None:
+        from fedfm.runtime.batched_eval import evaluate_jointly
+
+        ready = []
+        for e in chunk:
+            if self.on_start is not None:
+                self.on_start(e.cid)
+            try:
+                cid, state, items = prepare_evaluate(self.env, e)
+                if items:
+                    ready.append((cid, state, items))
+                    continue
+                data, info = evaluate_reply({}, 0)
+                replies[e.cid] = Reply(e.cid, data=data, info=info)
+            except Exception as exc:
+                replies[e.cid] = Reply(e.cid, error=f"{type(exc).__name__}: {exc}")
+            self._end()
+        if not ready:
+            return
+        cids = [cid for cid, _, _ in ready]
+        self.eval_chunks.append(cids)
+        try:
+            metrics = evaluate_jointly(self.env.wb, [s for _, s, _ in ready], [it for _, _, it in ready])
+        except Exception as exc:  # the joint pass is shared: every client of the chunk fails
+            log.warning("batched evaluation of clients %s failed: %s", cids, exc)
+            metrics = [exc] * len(ready)
+        for (cid, _, items), m in zip(ready, metrics):
+            try:
+                if isinstance(m, Exception):
+                    replies[cid] = Reply(cid, error=f"{type(m).__name__}: {m} (in the joint evaluation of clients {cids})")
+                else:
+                    data, info = evaluate_reply(m, len(items))
+                    replies[cid] = Reply(cid, data=data, info=info)
+            except Exception as exc:
+                replies[cid] = Reply(cid, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self._end()
+
     def exchange(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> dict[int, Reply]:
+        """Consecutive ``train`` (``evaluate``) messages in chunks of ``batch_clients``,
+        every other message one at a time, in the order given."""
         replies: dict[int, Reply] = {}
-        pending: list[Envelope] = []
+        run: list[Envelope] = []
+
+        def flush() -> None:
+            if run:
+                (self._chunk if run[0].phase == TRAIN else self._eval_chunk)(list(run), replies)
+                run.clear()
+
         for e in envelopes:
-            if e.phase == TRAIN:
-                pending.append(e)
-                if len(pending) == self.k:
-                    self._chunk(pending, replies)
-                    pending = []
+            if e.phase in (TRAIN, EVALUATE):
+                if run and (run[0].phase != e.phase or len(run) == self.k):
+                    flush()
+                run.append(e)
                 continue
-            if pending:
-                self._chunk(pending, replies)
-                pending = []
+            flush()
             self._one(e, replies)
-        if pending:
-            self._chunk(pending, replies)
+        flush()
         return replies
 
     def close(self) -> None:

@@ -173,7 +173,8 @@ def train(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
     return finish_train(env, job, update)
 
 
-def evaluate(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+def prepare_evaluate(env: ClientEnv, envelope: Envelope) -> tuple[int, State, list[dict]]:
+    """The first half of ``evaluate``: (client id, the State to evaluate, its held-out examples)."""
     conf = envelope.conf
     cid = check_addressed(env, envelope)
     view = str(conf.get("view", ""))
@@ -184,12 +185,20 @@ def evaluate(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float
         state = {**shared, **local_part(env, cid)}
     finally:
         env.store.current.pop(cid, None)
-    items = env.wb.eval_examples(cid)
-    if not items:
-        return to_bytes(Payload({}, {"num_examples": "0"})), {"num_examples": 0.0}
-    metrics = env.wb.evaluate(state, env.wb.batches(items))
+    return cid, state, env.wb.eval_examples(cid)
+
+
+def evaluate_reply(metrics: dict[str, float], num_examples: int) -> tuple[bytes, dict[str, float]]:
+    """The second half of ``evaluate``: the reply carrying the metrics."""
     meta = {f"metric.{k}": repr(float(v)) for k, v in metrics.items()}
-    return to_bytes(Payload({}, {**meta, "num_examples": str(len(items))})), {"num_examples": float(len(items))}
+    return to_bytes(Payload({}, {**meta, "num_examples": str(num_examples)})), {"num_examples": float(num_examples)}
+
+
+def evaluate(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+    _, state, items = prepare_evaluate(env, envelope)
+    if not items:
+        return evaluate_reply({}, 0)
+    return evaluate_reply(env.wb.evaluate(state, env.wb.batches(items)), len(items))
 
 
 def handle(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
