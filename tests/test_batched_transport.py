@@ -242,12 +242,21 @@ def test_batched_run_matches_sequential_run(tmp_path):
     for k, v in seq.final_state.items():
         assert torch.allclose(v, bat.final_state[k], rtol=0, atol=ATOL), k
     rows_seq, rows_bat = _rows(tmp_path / "seq"), _rows(tmp_path / "bat")
+    assert len(rows_seq) == len(rows_bat) == 3
     for a, b in zip(rows_seq, rows_bat):
         a.pop("wall_s"), b.pop("wall_s")
         a.pop("peak_rss_mb", None), b.pop("peak_rss_mb", None)
-        assert (a.get("bytes_up"), a.get("bytes_down")) == (b.get("bytes_up"), b.get("bytes_down"))
-        _close(a, b)  # same keys, clients, failures, bytes; losses and accuracies to float rounding
-    assert rows_bat[1]["bytes_up"] > 0 and rows_bat[1]["failed"] == []
+        assert a.get("bytes_down") == b.get("bytes_down")
+        # The payloads have the same names, shapes and dtypes (tested above); an update's
+        # metadata carries its train loss as decimal text, whose length may differ by a
+        # byte or two where the losses differ in the last digits (here they do not).
+        up_a, up_b = a.pop("bytes_up", 0), b.pop("bytes_up", 0)
+        assert abs(up_a - up_b) <= 4 * len(a["clients"]), (up_a, up_b)
+        assert (up_b > 0) == (a["round"] > 0)
+        for x in (a, b):
+            x.get("codec_bytes", {}).get("up", {}).pop("input", None)
+        _close(a, b)  # same keys, clients, failures, bytes down; losses and accuracies to float rounding
+    assert rows_bat[1]["failed"] == [] and rows_bat[1]["clients"] == [0, 1, 2]
     heads = sorted((tmp_path / "bat" / "clients").rglob("*.safetensors"))
     assert len(heads) == len(sorted((tmp_path / "seq" / "clients").rglob("*.safetensors"))) > 0
 
