@@ -4,8 +4,9 @@ with multi-adapter batching (``peft/multi_lora.py``; S-LoRA / Punica-style batch
 written in torch). Used by ``runtime.transport: batched`` (runtime/batched.py).
 
 Each client keeps its own copy of the trainable State (LoRA factors and head) as leaf
-tensors and its own optimizer (``learners.loop.make_optimizer``: the same AdamW / SGD as
-the ``local`` learner, one instance per client). At step ``t`` every client that still has
+tensors; one optimizer (``learners.loop.make_optimizer``: the same AdamW / SGD as the
+``local`` learner) holds every client's tensors: both are element-wise, so this is each
+client's own optimizer, stepped in one call. At step ``t`` every client that still has
 a step to do draws its next batch from its own seeded stream (``torch.Generator`` seeded
 with the client's ``ctx.seed``, ``derive_seed(seed, round, cid)``, epochs and
 ``train.steps`` exactly as ``learners.loop.train_loop``), so each client sees the same
@@ -15,9 +16,11 @@ through the model once, each example with its client's adapter. The objective is
 over clients of each client's mean loss on its own batch (the task's own ``loss``); the
 clients' parameters are disjoint and the frozen base model has no cross-example term, so
 each client's gradient is the one it would get alone. Then, per client: gradient-norm
-clipping over that client's tensors only (``train.max_grad_norm``) and its optimizer
-step. A client with no batch at step ``t`` (fewer examples, or done) is not stepped: no
-momentum update, no weight decay.
+clipping over that client's tensors only (``train.max_grad_norm``); then the optimizer
+step. A client with no batch at step ``t`` (fewer examples, or done) has no gradient
+(``None``), which torch's optimizers skip: no momentum update, no weight decay. The train
+loss is summed per client in float64 at the end, as ``train_loop`` sums ``loss.item()``
+(no device sync per step).
 
 Not bit-identical to sequential training, for three reasons: the float sums of a bigger
 batch with wider padding (and bmm instead of linear for the adapters) round differently;
@@ -65,12 +68,10 @@ class _Client:
     inst: Instruction
     ctx: LocalContext
     params: dict[str, torch.Tensor]
-    opt: torch.optim.Optimizer
     stream: Iterator[list]
     steps: int = 0
     seen: int = 0
-    loss_sum: float = 0.0
-    trained: State = field(default_factory=dict)
+    losses: list[torch.Tensor] = field(default_factory=list)  # per step, summed at the end (no sync per step)
 
 
 def slice_batch(batch: dict[str, Any], start: int, end: int, n: int) -> dict[str, Any]:
@@ -125,9 +126,12 @@ def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]]) -> list[tupl
             if tuple(t.shape) != tuple(own[n].shape):
                 raise ValueError(f"client {ctx.cid}: state['{n}'] has shape {tuple(t.shape)}, expected {tuple(own[n].shape)}")
             params[n] = t.detach().to(own[n].device, own[n].dtype, copy=True).requires_grad_(True)
-        opt = make_optimizer([params[n] for n in names], cfg)
         stream = client_stream(ctx.examples, cfg, torch.Generator().manual_seed(ctx.seed))
-        clients.append(_Client(inst, ctx, params, opt, stream))
+        clients.append(_Client(inst, ctx, params, stream))
+    # ONE optimizer over every client's tensors: AdamW and SGD are element-wise, so this is
+    # each client's own optimizer, in one call per step; a tensor whose grad is None (a
+    # client without a batch at this step) is skipped by torch: no momentum, no decay.
+    opt = make_optimizer([c.params[n] for c in clients for n in names], cfg)
     torch.manual_seed(ctx0.seed)  # dropout masks of the joint batches (not the sequential ones)
     longest = max(planned_steps(len(c.ctx.examples), cfg) if c.ctx.examples else 0 for c in clients)
     model.train()
@@ -150,19 +154,18 @@ def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]]) -> list[tupl
                 for _, m in active:
                     spans.append((start, start + m))
                     start += m
-                adapters.bind([c.params for c, _ in active], idx)
+                adapters.bind([c.params for c, _ in active], idx, spans)
                 with autocast(model, getattr(cfg, "autocast", None)):
                     losses = joint_losses(task, model, batch, spans)
-                for c, _ in active:
-                    c.opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)  # every client's grads, idle ones included
                 torch.stack(losses).sum().backward()
                 for (c, m), loss in zip(active, losses):
-                    if cfg.max_grad_norm is not None:
+                    if cfg.max_grad_norm is not None:  # per client, over its own tensors
                         torch.nn.utils.clip_grad_norm_([c.params[n] for n in names], cfg.max_grad_norm)
-                    c.opt.step()
                     c.steps += 1
                     c.seen += m
-                    c.loss_sum += loss.item()
+                    c.losses.append(loss.detach())
+                opt.step()
                 step += 1
                 if ctx0.on_step is not None:
                     ctx0.on_step(step, longest)
@@ -172,6 +175,7 @@ def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]]) -> list[tupl
     for c in clients:
         trained = {n: c.params[n].detach().to("cpu", torch.float32, copy=True) for n in names}
         delta = {k: trained[k] - c.inst.state[k].to(trained[k].dtype) for k in trained}
-        metrics = {"train_loss": c.loss_sum / max(c.steps, 1), "steps": float(c.steps), "examples_seen": float(c.seen)}
+        loss_sum = sum(torch.stack(c.losses).double().cpu().tolist()) if c.losses else 0.0  # one sync per client
+        metrics = {"train_loss": loss_sum / max(c.steps, 1), "steps": float(c.steps), "examples_seen": float(c.seen)}
         out.append((Update(cid=c.ctx.cid, payload=delta, num_examples=len(c.ctx.examples), metrics=metrics), trained))
     return out

@@ -129,12 +129,15 @@ class AdapterBatch:
         if getattr(mod, "lora_variant", {}) or list(mod.active_adapters) != [ADAPTER]:
             raise NotImplementedError(f"batched adapters: layer '{layer}' uses a LoRA variant or several adapters (vanilla LoRA only)")
 
-    def bind(self, states: Sequence[dict[str, torch.Tensor]], idx: torch.Tensor) -> None:
-        """The adapters of the next forward: ``states[k]`` serves the examples with ``idx == k``."""
+    def bind(self, states: Sequence[dict[str, torch.Tensor]], idx: torch.Tensor,
+             bounds: Sequence[tuple[int, int]] | None = None) -> None:
+        """The adapters of the next forward: ``states[k]`` serves the examples with ``idx == k``.
+        ``bounds``: each adapter's ``(start, end)`` when the caller knows the examples are
+        grouped (saves reading ``idx`` back from the device); else found from ``idx``."""
         if not states:
             raise ValueError("batched adapters: no adapter given")
         self.states, self.idx = list(states), idx
-        self.bounds = segments_of(idx, len(self.states))
+        self.bounds = list(bounds) if bounds is not None else segments_of(idx, len(self.states))
         self.stacked = {} if self.bounds is not None else {n: torch.stack([s[n] for s in states]) for n in self.names}  # (K, *shape)
 
     def check(self, x: torch.Tensor, where: str) -> None:
