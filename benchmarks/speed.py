@@ -10,10 +10,13 @@ one job (default: examples/quickstart.yaml, reducible with --rounds/--clients/--
   transport (float sums depend on the thread count);
 - each lever alone: ``processes`` (``--threads`` workers of one thread each),
   ``eval unsorted`` (the length-sorted evaluation turned OFF: what sorting buys),
-  ``bf16``, ``compile``, ``bucket``;
+  ``bf16``, ``compile``, ``bucket``, ``batched2`` / ``batched4`` (``runtime.transport:
+  batched`` with 2 / 4 clients' LoRA in one forward pass; not in the default ``--levers``);
 - the combinations given with ``--best`` (default: ``processes`` and ``processes+bucket``).
 
-For each: wall time, CPU time (user + sys of the subprocess and its reaped workers),
+For each: wall time, the wall time spent in the round's training phase (``train_s``:
+the transport's ``exchange`` of ``train`` messages, client preparation and encoding
+included; fedfm rows only), CPU time (user + sys of the subprocess and its reaped workers),
 peak RSS of the main process, peak PSS of the process tree (sampled every 0.25 s: shared
 copy-on-write pages counted once, split between the processes sharing them; the fair
 memory figure for worker processes), final accuracy and loss, clients trained per second,
@@ -53,6 +56,9 @@ LEVERS = {
     "bf16": lambda t: ["train.autocast=bf16"],
     "compile": lambda t: ["train.compile=true"],
     "bucket": lambda t: ["train.bucket_by_length=true"],
+    # several clients' LoRA in one forward pass (runtime/batched.py), K clients per pass
+    "batched2": lambda t: ["runtime.transport=batched", "runtime.batch_clients=2"],
+    "batched4": lambda t: ["runtime.transport=batched", "runtime.batch_clients=4"],
 }
 
 
@@ -100,6 +106,27 @@ class TreeMemory(threading.Thread):
 # -- one configuration (in a child process) ----------------------------------------------
 
 
+def time_training() -> list[float]:
+    """Wall seconds spent in every transport's ``exchange`` of ``train`` messages, summed
+    into the returned one-element list as the run goes."""
+    from fedfm.core.protocols import TRAIN
+    from fedfm.runtime.batched import BatchedTransport
+    from fedfm.runtime.concurrent import ProcessTransport
+    from fedfm.runtime.transport import InProcessTransport
+
+    total = [0.0]
+    for cls in (InProcessTransport, ProcessTransport, BatchedTransport):
+        def exchange(self, envelopes, timeout=None, _orig=cls.exchange):
+            t0 = time.perf_counter()
+            try:
+                return _orig(self, envelopes, timeout)
+            finally:
+                if envelopes and envelopes[0].phase == TRAIN:
+                    total[0] += time.perf_counter() - t0
+        cls.exchange = exchange
+    return total
+
+
 def child(mode: str, config: str, threads: int, out: str, overrides: list[str]) -> None:
     import torch
 
@@ -107,12 +134,15 @@ def child(mode: str, config: str, threads: int, out: str, overrides: list[str]) 
     from overhead import job_fedfm, job_plain
 
     torch.set_num_threads(threads)
+    train_s = time_training() if mode != "plain" else None
     exp = load_config(config, [f"runtime.threads={threads}", "runtime.progress=false", *overrides])
     mem = TreeMemory()
     mem.start()
     t0 = time.perf_counter()
     result = (job_plain if mode == "plain" else job_fedfm)(exp)
     result["wall_s"] = time.perf_counter() - t0
+    if train_s is not None:
+        result["train_s"] = train_s[0]
     mem.running = False
     mem.join()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -155,7 +185,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int)
     ap.add_argument("--examples", type=int, help="federation.examples_per_client")
     ap.add_argument("--test-examples", type=int)
-    ap.add_argument("--levers", default=",".join(LEVERS))
+    ap.add_argument("--levers", default="processes,eval_unsorted,bf16,compile,bucket")
     ap.add_argument("--best", action="append", help="a combination of levers joined by '+' (repeatable)")
     ap.add_argument("--parallel", action="store_true",
                     help="run all configurations at once, each pinned to its own --threads cores (an idle many-core machine)")
@@ -214,16 +244,21 @@ def main() -> None:
             print(f"{label:>28}: FAILED (exit code {r['failed']})", flush=True)
             continue
         rows.append(r)
-        print(f"{label:>28}: wall {r['wall_s']:.1f}s  cpu {r['cpu_s']:.1f}s  peak RSS {r['peak_rss_mb']:.0f} MB  "
+        print(f"{label:>28}: wall {r['wall_s']:.1f}s  train {r.get('train_s', float('nan')):.1f}s  cpu {r['cpu_s']:.1f}s  peak RSS {r['peak_rss_mb']:.0f} MB  "
               f"tree PSS {r['peak_pss_tree_mb']:.0f} MB  accuracy {r['accuracy']:.4f}  loss {r['loss']:.6f}", flush=True)
     ref = rows[0]
     print(f"\nratios against '{ref['label']}'; clients/s = client trainings per wall second (eval included)\n")
-    print("| configuration | wall (s) | CPU (s) | peak RSS main (MB) | peak PSS tree (MB) | accuracy | loss | clients/s | wall ratio | PSS ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| configuration | wall (s) | train phase (s) | CPU (s) | peak RSS main (MB) | peak PSS tree (MB) | accuracy | loss | clients/s | wall ratio | PSS ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['label']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_pss_tree_mb']:.0f} | "
+        train = f"{r['train_s']:.1f}" if "train_s" in r else "-"
+        print(f"| {r['label']} | {r['wall_s']:.1f} | {train} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_pss_tree_mb']:.0f} | "
               f"{r['accuracy']:.4f} | {r['loss']:.6f} | {r['client_rounds'] / r['wall_s']:.3f} | "
               f"{r['wall_s'] / ref['wall_s']:.3f} | {r['peak_pss_tree_mb'] / ref['peak_pss_tree_mb']:.3f} |")
+    seq = next((r for r in rows if r["label"] == "fedfm sequential"), None)
+    for r in rows:
+        if seq is not None and r is not seq and "train_s" in r and seq.get("train_s"):
+            print(f"training phase {r['label']} / fedfm sequential: {r['train_s'] / seq['train_s']:.3f}")
     seq1 = next((r for r in rows if r["label"] == "fedfm sequential, 1 thread"), None)
     proc = next((r for r in rows if r["label"] == "processes"), None)
     if seq1 and proc:

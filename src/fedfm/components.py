@@ -110,4 +110,6 @@ def combination_problems(exp) -> list[str]:
     from fedfm.learners.hetero_checks import hetero_config_problems
 
     problems += hetero_config_problems(exp)
+    from fedfm.runtime.batched import batched_problem
+    problems += [p for p in [batched_problem(exp)] if p is not None]
     return problems

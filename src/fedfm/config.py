@@ -272,9 +272,11 @@ class RuntimeConfig(Strict):
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the base model trains and evaluates (auto: cuda if available)")
     # The local backend's transport (runtime/concurrent.py): one client at a time, or
     # several at once in worker processes forked after the base model is loaded.
-    transport: Literal["sequential", "processes"] = "sequential"
+    transport: Literal["sequential", "processes", "batched"] = Field(
+        "sequential", description="sequential | processes (worker processes) | batched (several clients' LoRA in one forward pass)")
     workers: int | None = Field(None, ge=1, description="worker processes (processes transport); default: CPU cores // threads_per_worker")
     threads_per_worker: int = Field(1, ge=1, description="torch threads in each worker process")
+    batch_clients: int = Field(4, ge=1, description="clients trained together in one forward pass (batched transport)")
     progress: bool = True
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
 

@@ -4,7 +4,9 @@
 data), the algorithm's client side, the codec chains, its client store and the middleware
 of the roles it serves. ``handle(env, envelope)`` answers one message:
 
-- ``train``: apply the server's decision on this client's last staged writes
+- ``train`` (``prepare_train``, the learner's local update, ``finish_train``; the
+  batched transport, runtime/batched.py, runs the middle part for several clients at
+  once): apply the server's decision on this client's last staged writes
   (``settle``), stage this round's writes, decode the broadcast (downlink chain), complete
   the shared State with the client's local part (``peft.local``, from the store), run the
   middleware's ``before_train`` on the examples, train (``Algorithm.local_update``), keep
@@ -29,7 +31,7 @@ from fedfm.codecs import CodecChain, CodecContext
 from fedfm.codecs.base import Payload
 from fedfm.codecs.serialize import from_bytes, to_bytes
 from fedfm.core.protocols import EVALUATE, TRAIN, Envelope
-from fedfm.core.types import Instruction, State
+from fedfm.core.types import Instruction, State, Update
 from fedfm.learners.middleware import build_middleware
 from fedfm.runtime.store import ClientStore
 from fedfm.runtime.wire import decode_settle, split_broadcast, update_meta
@@ -117,7 +119,21 @@ def exchange(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float
     return to_bytes(Payload(dict(tensors), dict(meta))), {}
 
 
-def train(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+@dataclass
+class TrainJob:
+    """One client's ``train`` message, prepared for its local update (``prepare_train``)."""
+
+    cid: int
+    rnd: int
+    t0: float
+    shared: State  # the decoded shared State (reference of the payload spec)
+    local: State  # the client's local part (``peft.local``), empty when none
+    inst: Instruction
+    ctx: Any  # learners.base.LocalContext, after the middleware's before_train
+
+
+def prepare_train(env: ClientEnv, envelope: Envelope) -> TrainJob:
+    """The first half of ``train``: everything before the local update."""
     t0 = time.perf_counter()
     conf = envelope.conf
     cid, rnd = check_addressed(env, envelope), int(conf["round"])
@@ -128,7 +144,12 @@ def train(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
     ctx = env.wb.context(cid, rnd, on_step=env.on_step, store=env.store)
     for mw in env.middleware(cid):
         ctx.examples = mw.before_train(ctx.examples, ctx)
-    update = env.algo.local_update(inst, ctx)
+    return TrainJob(cid, rnd, t0, shared, local, inst, ctx)
+
+
+def finish_train(env: ClientEnv, job: TrainJob, update: Update) -> tuple[bytes, dict[str, float]]:
+    """The second half of ``train``: everything after the local update."""
+    cid, rnd, local, ctx = job.cid, job.rnd, job.local, job.ctx
     if local:
         env.store.put(cid, LOCAL_KEY, {k: local[k] + update.payload[k].to(local[k].dtype) for k in local})
         update = replace(update, payload={k: v for k, v in update.payload.items() if k not in local})
@@ -138,15 +159,22 @@ def train(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
         hook = getattr(phase, "on_train_reply", None)
         if hook is not None:
             update = hook(env, cid, rnd, update, ctx)
-    reference = env.algo.payload_spec(cid, shared)
+    reference = env.algo.payload_spec(cid, job.shared)
     up_ctx = CodecContext("up", rnd, cid, reference, seed=env.exp.seed, store=env.store)
     encoded = env.up.encode(update.payload, update_meta(cid, update, env.wb.fingerprint), up_ctx)
     info = {f"stage.{k}": float(v) for k, v in encoded.stage_bytes.items()}
-    info["client_s"] = time.perf_counter() - t0
+    info["client_s"] = time.perf_counter() - job.t0
     return encoded.data, info
 
 
-def evaluate(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+def train(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+    job = prepare_train(env, envelope)
+    update = env.algo.local_update(job.inst, job.ctx)
+    return finish_train(env, job, update)
+
+
+def prepare_evaluate(env: ClientEnv, envelope: Envelope) -> tuple[int, State, list[dict]]:
+    """The first half of ``evaluate``: (client id, the State to evaluate, its held-out examples)."""
     conf = envelope.conf
     cid = check_addressed(env, envelope)
     view = str(conf.get("view", ""))
@@ -157,12 +185,20 @@ def evaluate(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float
         state = {**shared, **local_part(env, cid)}
     finally:
         env.store.current.pop(cid, None)
-    items = env.wb.eval_examples(cid)
-    if not items:
-        return to_bytes(Payload({}, {"num_examples": "0"})), {"num_examples": 0.0}
-    metrics = env.wb.evaluate(state, env.wb.batches(items))
+    return cid, state, env.wb.eval_examples(cid)
+
+
+def evaluate_reply(metrics: dict[str, float], num_examples: int) -> tuple[bytes, dict[str, float]]:
+    """The second half of ``evaluate``: the reply carrying the metrics."""
     meta = {f"metric.{k}": repr(float(v)) for k, v in metrics.items()}
-    return to_bytes(Payload({}, {**meta, "num_examples": str(len(items))})), {"num_examples": float(len(items))}
+    return to_bytes(Payload({}, {**meta, "num_examples": str(num_examples)})), {"num_examples": float(num_examples)}
+
+
+def evaluate(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+    _, state, items = prepare_evaluate(env, envelope)
+    if not items:
+        return evaluate_reply({}, 0)
+    return evaluate_reply(env.wb.evaluate(state, env.wb.batches(items)), len(items))
 
 
 def handle(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:

@@ -6,8 +6,9 @@ local parameters) lives in the disk-backed client store under ``DIR/clients``, e
 it would on the data owners' machines.
 
 ``runtime.transport`` picks the transport: ``sequential`` (runtime/transport.py, one
-client at a time) or ``processes`` (runtime/concurrent.py, several clients at once in
-worker processes forked after the model is loaded).
+client at a time), ``processes`` (runtime/concurrent.py, several clients at once in
+worker processes forked after the model is loaded) or ``batched`` (runtime/batched.py,
+several clients' LoRA in one forward pass).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from fedfm.runtime.algorithm import build_algorithm
+from fedfm.runtime.batched import BatchedTransport
 from fedfm.runtime.client import ClientEnv
 from fedfm.runtime.concurrent import ProcessTransport
 from fedfm.runtime.loop import ResumeError, RoundLoop
@@ -42,7 +44,10 @@ class LocalRuntime:
         self.env = ClientEnv.build(exp, self.wb, build_algorithm(exp), ClientStore(self.out / "clients"))
         self.env.on_step = self.prog.step
         rt = exp.runtime
-        if rt.transport == "processes":
+        if rt.transport == "batched":
+            self.transport = BatchedTransport(self.env, rt.batch_clients,
+                                              on_start=self.prog.start_client, on_end=self.prog.end_client)
+        elif rt.transport == "processes":
             self.transport = ProcessTransport(self.env, rt.workers, rt.threads_per_worker,
                                               on_start=self.prog.start_client, on_end=self.prog.end_client)
         else:
