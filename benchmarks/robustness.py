@@ -9,7 +9,7 @@ Jobs (``JOBS``):
 - ``toy`` (default): the tiny random-init BERT of tests/conftest.py (2 layers, hidden 32,
   MiniLM's tokenizer) with LoRA r=4 on query/value, on the toy sentiment CSV of
   ``make_toy_csv`` (600 rows, separable by word choice), 15 clients (iid; 3 attackers), 120 test
-  examples, 4 rounds of one local epoch (AdamW lr 0.05, batch 8).
+  examples, 8 rounds of one local epoch (AdamW lr 0.05, batch 8).
 - ``quickstart``: examples/quickstart.yaml (all-MiniLM-L6-v2 + LoRA r=8 on Rotten
   Tomatoes, clients split by movie) with ``--rounds`` (3), ``--clients`` (8),
   ``--examples`` per client (250) and ``--test-examples`` (1000); the defaults are the
@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
-ROUNDS = 4
+ROUNDS = 8  # the toy task needs 3 to 5 rounds to take off, depending on the seed
 CLIENTS = 15  # 3 attackers: exactly 20%; Bulyan with f=3 needs n >= 15
 F = 3  # placeholder: defense_patch sets f from the job (20% of 15 for the toy job)
 TRIGGER, TARGET = "cf", 1
@@ -275,7 +275,7 @@ def merge_seeds(results: list[dict]) -> list[dict]:
             continue
         n = len(rows)
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        out = {**rows[0], "seeds": n, "seed": [r["seed"] for r in rows]}
+        out = {**rows[0], "seeds": n, "seed": [r.get("seed", 0) for r in rows]}
         out["accuracy"] = [mean(col) for col in zip(*(r["accuracy"] for r in rows))]
         out["asr"] = mean([r["asr"] for r in rows])
         out["wall_s"] = mean([r["wall_s"] for r in rows])
@@ -378,8 +378,10 @@ def recommend(results: list[dict], defenses: list[str]) -> str:
         key = (not ok, round(worst, 6), round(asr, 6), round(earlier, 6), -clean["accuracy"][-1])
         if best is None or key < best[0]:
             best = (key, d)
-    if best is not None:
+    if best is not None and not best[0][0]:
         lines.append(f"\nRecommended (meets the goal; then the fewest final points lost to an untargeted attack, the lowest backdoor ASR, the fewest points lost a round earlier to any attack): **{best[1]}**.")
+    elif best is not None:
+        lines.append(f"\nNo rule meets the goal (<= 2 points lost to every untargeted attack and backdoor ASR <= 0.10). Closest (the fewest final points lost to an untargeted attack, then the lowest backdoor ASR): **{best[1]}**.")
     return "\n".join(lines) if lines else "No defense has every cell yet."
 
 

@@ -41,7 +41,7 @@ def test_device_and_bound_reach_the_config():
 def test_toy_job_is_the_documented_one(tmp_path, defense):
     # 15 clients: f = round(3.0) = 3 (exactly 20%), m = 15 - 6 = 9 (the table in docs/robustness.md)
     raw = bench.job(tmp_path, "none", defense)
-    assert raw["aggregator"]["f"] == 3 and raw["federation"]["clients"] == 15 and raw["rounds"] == 4
+    assert raw["aggregator"]["f"] == 3 and raw["federation"]["clients"] == 15 and raw["rounds"] == 8
     assert raw["aggregator"].get("m", 9) == 9
 
 
