@@ -18,7 +18,10 @@ added to every round by the server half, no ``exchanges:`` entry is needed):
    (exactly: the zeros are skipped by the replay anyway) and replays them
    (``aggregators/zo_replay.replay``) onto its cached model, or onto the base State when
    ``since`` is 0, and stages the result in its client store (``fedkseed_model``, with
-   ``fedkseed_round`` = {round, rows}); the learner trains from it. The store's writes
+   ``fedkseed_round`` = {round, rows}); the learner trains from it. With
+   ``seed_sampling: score`` (FedKSeed-Pro) the message also carries ``draw`` int32
+   (steps,), the seed indices the server drew for the client this round, kept as
+   ``fedkseed_round``'s ``seeds``. The store's writes
    count only if the server accepts the client's update, so the cached model and its row
    count always match what the server believes.
 
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 
+from fedfm.aggregators.fedkseed_pro import draw_seeds, seed_probabilities
 from fedfm.aggregators.zo_replay import replay, seed_pool
 from fedfm.core.types import State, Update
 
@@ -89,9 +93,15 @@ class HistoryRows(_Phase):
         self.pool = seed_pool(params.pool_seed, params.num_seeds)
 
     def messages(self, rnd: int, participants: list[int], round_state: dict) -> dict[int, tuple[dict[str, str], State]]:
-        history = round_state["server_state"][GROUP]["coef"]
-        known = round_state.get(KNOWN, {})
-        return {cid: sparse_rows(history[known.get(cid, 0):], known.get(cid, 0)) for cid in participants}
+        group = round_state["server_state"][GROUP]
+        history, known = group["coef"], round_state.get(KNOWN, {})
+        out = {cid: sparse_rows(history[known.get(cid, 0):], known.get(cid, 0)) for cid in participants}
+        if self.params.seed_sampling == "score":  # FedKSeed-Pro: the server draws each client's seeds
+            probs = seed_probabilities(group)
+            for cid in participants:
+                draw = draw_seeds(probs, self.params.steps, self.params.pool_seed, rnd, cid).to(torch.int32)
+                out[cid] = (out[cid][0], {**out[cid][1], "draw": draw})
+        return out
 
     def client(self, env: Any, cid: int, rnd: int, meta: dict[str, str], tensors: State) -> tuple[dict[str, str], State]:
         since, rows = int(meta["since"]), dense_rows(meta, tensors, self.params.num_seeds, cid)
@@ -104,7 +114,10 @@ class HistoryRows(_Phase):
             start = {k: v.clone() for k, v in env.algo.split(env.wb.template)[0].items()}
         model = replay(start, rows.to(torch.float32), self.pool, in_place=True)
         env.store.put(cid, MODEL_KEY, model)
-        env.store.put(cid, ROUND_KEY, {"round": torch.tensor([rnd]), "rows": torch.tensor([since + rows.shape[0]])})
+        tag = {"round": torch.tensor([rnd]), "rows": torch.tensor([since + rows.shape[0]])}
+        if "draw" in tensors:  # seed_sampling: score, the seeds the server drew for this round
+            tag["seeds"] = tensors["draw"].to(torch.int64).reshape(-1)
+        env.store.put(cid, ROUND_KEY, tag)
         return {}, {}
 
 
