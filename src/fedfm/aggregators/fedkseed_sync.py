@@ -28,6 +28,13 @@ added to every round by the server half, no ``exchanges:`` entry is needed):
 Every client rebuilds the server's model bit for bit (the replay repeats the server's
 operations), so a fresh client receives the whole history and an up-to-date one only the
 rows since.
+
+Memory: the replay runs in the client model's own trainable tensors (``model_tensors``:
+the base State or the cached model is copied into them, one tensor at a time from the
+store), and the learner reads the stored result back into them the same way
+(``ClientStore.read_into``), so a full-parameter client never holds a second copy of the
+State beside the model (and the workbench's template); the replay adds one parameter's
+direction sum and one direction tensor.
 """
 
 from __future__ import annotations
@@ -109,9 +116,19 @@ class HistoryRows(_Phase):
             if cached_rows(env.store, cid) != since:
                 raise ValueError(f"fedkseed: client {cid} was sent the history from row {since}, but its cache holds "
                                  f"{cached_rows(env.store, cid)} rows")
-            start = env.store.get(cid, MODEL_KEY)  # freshly loaded: replayed in place
+        base = env.algo.split(env.wb.template)[0]
+        start = model_tensors(env.wb.model, base)  # the model's own tensors: no second copy of the State
+        if since > 0:
+            if start is None:
+                start = env.store.get(cid, MODEL_KEY)  # freshly loaded: replayed in place
+            else:
+                env.store.read_into(cid, MODEL_KEY, start)
+        elif start is None:
+            start = {k: v.clone() for k, v in base.items()}
         else:
-            start = {k: v.clone() for k, v in env.algo.split(env.wb.template)[0].items()}
+            with torch.no_grad():
+                for k, v in base.items():
+                    start[k].copy_(v)
         model = replay(start, rows.to(torch.float32), self.pool, in_place=True)
         env.store.put(cid, MODEL_KEY, model)
         tag = {"round": torch.tensor([rnd]), "rows": torch.tensor([since + rows.shape[0]])}
@@ -119,6 +136,21 @@ class HistoryRows(_Phase):
             tag["seeds"] = tensors["draw"].to(torch.int64).reshape(-1)
         env.store.put(cid, ROUND_KEY, tag)
         return {}, {}
+
+
+def model_tensors(model: Any, base: State) -> State | None:
+    """The tensors of ``model``'s trainable parameters named as in ``base`` (the shared
+    trainable State), when they can hold the replay exactly (float32 on the CPU, the same
+    names and shapes); None otherwise. The model is the client's scratch space: every
+    learner loads its State before training, so rebuilding into it costs no extra copy."""
+    if model is None:
+        return None
+    params = {n: p.data for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(base) or any(
+        t.dtype != torch.float32 or t.device.type != "cpu" or tuple(t.shape) != tuple(base[n].shape) for n, t in params.items()
+    ):
+        return None
+    return params
 
 
 def sparse_rows(rows: torch.Tensor, since: int) -> tuple[dict[str, str], State]:

@@ -37,7 +37,6 @@ from fedfm.core.seeding import derive_seed
 from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.zo_core import zo_train
-from fedfm.peft.state import set_state
 
 SAMPLE_TAG = 0x5A3
 
@@ -67,25 +66,32 @@ class FedKSeedLearner:
         self.params = params
         self.pool = seed_pool(params.pool_seed, params.num_seeds)
 
-    def start_state(self, instruction: Instruction, ctx: LocalContext):
-        """(the model this round starts from, rebuilt by the ``fedkseed_history`` phase, and
-        the seed indices the server drew for this round, or None)."""
+    def start_state(self, instruction: Instruction, ctx: LocalContext) -> torch.Tensor | None:
+        """Load the model this round starts from (rebuilt by the ``fedkseed_history`` phase)
+        into ``ctx.model``, one tensor at a time; returns the seed indices the server drew
+        for this round (``seed_sampling: score``), or None."""
         tag = ctx.store.get(ctx.cid, ROUND_KEY) if ctx.store is not None else None
         if tag is None or int(tag["round"].reshape(-1)[0]) != instruction.round:
             raise ValueError(
                 f"fedkseed: client {ctx.cid} holds no model rebuilt for round {instruction.round}: the "
                 "fedkseed_known/fedkseed_history exchange phases did not run before training"
             )
-        state = ctx.store.get(ctx.cid, MODEL_KEY)
+        params = {n: p.data for n, p in ctx.model.named_parameters() if p.requires_grad}
+        local = {k: v for k, v in instruction.state.items() if k in params}  # only the client's local (peft.local) entries
+        shared = {n: t for n, t in params.items() if n not in local}
+        if not ctx.store.read_into(ctx.cid, MODEL_KEY, shared):
+            raise ValueError(f"fedkseed: client {ctx.cid} has a round tag but no rebuilt model in its store")
+        with torch.no_grad():
+            for k, v in local.items():
+                params[k].copy_(v)
         if not self.params.cache:
             ctx.store.delete(ctx.cid, MODEL_KEY)
             ctx.store.delete(ctx.cid, ROUND_KEY)
-        return {**state, **instruction.state}, tag.get("seeds")  # instruction.state: only the local (peft.local) entries
+        return tag.get("seeds")
 
     def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
         p = self.params
-        state, drawn = self.start_state(instruction, ctx)
-        set_state(ctx.model, state)
+        drawn = self.start_state(instruction, ctx)
         if p.seed_sampling == "score":
             if drawn is None or drawn.numel() != p.steps:
                 raise ValueError(f"fedkseed: client {ctx.cid} was sent no draw of {p.steps} seed indices for round "
