@@ -87,6 +87,8 @@ METHODS = {
                                 "learner": {"lr": 0.01, "steps": 40}, "train": {"batch_size": 8}}),
     "fedmezo": (EX / "fedmezo.yaml", {"peft": LORA, "learner": {"lr": 0.01, "steps": 40}, "train": {"batch_size": 8}}),
     "fedkseed": (EX / "fedkseed.yaml", {"learner": {"lr": 1.0e-3, "steps": 20, "num_seeds": 4096}, "train": {"batch_size": 8}}),
+    "fedkseed-pro": (EX / "fedkseed.yaml", {"learner": {"lr": 1.0e-3, "steps": 20, "num_seeds": 4096, "seed_sampling": "score"},
+                                            "train": {"batch_size": 8}}),
     "fedbpt": (EX / "fedbpt.yaml", {"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4},
                                     "learner": {"dim": 20, "generations": 10, "projection_std": 0.02},
                                     "train": {"batch_size": 8}}),
@@ -96,6 +98,7 @@ NOTES = {
     "mezo": "1 client (all data), LoRA r4, 40 steps/round, lr 0.01",
     "fedmezo": "LoRA r4, 40 steps/round, lr 0.01",
     "fedkseed": "full parameters, K=4096, 20 steps/round, lr 1e-3",
+    "fedkseed-pro": "as fedkseed, seeds drawn by score (seed_sampling: score)",
     "fedbpt": "4-token prompt, d=20, 10 CMA-ES generations/round (popsize 12)",
 }
 
@@ -139,7 +142,7 @@ else:  # what one client does in round 1: the exchange phases, then local_update
         p = algo.learner.params
         row = torch.zeros(1, p.num_seeds)
         row[0, torch.randperm(p.num_seeds, generator=torch.Generator().manual_seed(0))[: p.steps]] = 1e-4
-        ss["fedkseed.history"] = {"coef": row}
+        ss["fedkseed.history"] = {**ss["fedkseed.history"], "coef": row}
     client = wb.clients[0]
     inst = algo.configure(1, ss, [client])[client.cid]
     store = ClientStore(tempfile.mkdtemp())
@@ -330,7 +333,7 @@ def write_doc(text: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "zeroth_order")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=None, help="comma-separated; default every method of the job")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--job", choices=["tiny", "minilm", "smollm2"], default="tiny",
                     help="tiny random-init BERT, the examples' MiniLM job, or their SmolLM2 Shakespeare job")
@@ -349,7 +352,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.jsonl"
     if not args.table:
-        for label in [m for m in args.methods.split(",") if m]:
+        for label in [m for m in (args.methods or ",".join(methods())).split(",") if m]:
             if label not in methods():
                 raise SystemExit(f"unknown method '{label}'; known: {', '.join(methods())}")
             res = run_method(label, args.rounds, args.out, reuse=args.reuse)
