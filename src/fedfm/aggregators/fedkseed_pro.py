@@ -17,7 +17,9 @@ softmax:
 The normalised scores lie in [0, 1], so the likeliest seed is at most e times as likely
 as the least likely one; with no history every psi is 0 and p is uniform.
 
-Who draws: the server, which holds the history. It keeps ``amp`` (K,) float64, the sum of
+Who draws: the server, which holds the history. Sending the probabilities to every
+client instead would cost K floats a client-round (16 KB at K = 4096, most of the 18 KB
+budget); the server draws from the same distribution and sends only the indices. It keeps ``amp`` (K,) float64, the sum of
 the clipped amplitudes, and ``count`` (K,) float64, 1 + the number of scalars, per seed in
 the server-state group ``fedkseed.history`` (checkpointed), and draws each participant's
 ``steps`` seed indices (with replacement, ``torch.multinomial``, seeded by
