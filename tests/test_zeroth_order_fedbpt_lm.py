@@ -85,3 +85,14 @@ def test_a_causal_lm_run_moves_only_the_prompt_and_reports_perplexity(run):
     rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["perplexity"] > 1.0 for r in rows)
     assert rows[1]["perplexity"] != rows[0]["perplexity"]  # the moved prompt changes the held-out loss
+
+
+def test_config_accepts_causal_lm_and_names_the_supported_tasks(tmp_path):
+    from fedfm.components import combination_problems
+    from fedfm.learners.zo_checks import zeroth_order_config_problems
+
+    exp = from_dict(fedbpt_lm_raw(tmp_path))
+    assert exp.model.task == "causal_lm" and combination_problems(exp) == []
+    other = exp.model_copy(update={"model": exp.model.model_copy(update={"task": "masked_lm"})})
+    problems = zeroth_order_config_problems(other)
+    assert len(problems) == 1 and "masked_lm is not supported (supported: text_classification, causal_lm)" in problems[0]
