@@ -2,13 +2,20 @@
 table into docs/zeroth_order.md (between the ``zo-table`` markers).
 
     PYTHONPATH=src nice -n 10 python benchmarks/zeroth_order.py --out runs/zeroth_order \
-        [--job tiny|minilm] [--methods lora,mezo,fedmezo,fedkseed,fedbpt] [--rounds 5] \
-        [--clients N] [--examples N] [--test-examples N] [--no-rss] [--table]
+        [--job tiny|minilm|smollm2] [--methods lora,mezo,fedmezo,fedkseed,fedbpt] [--rounds 5] \
+        [--clients N] [--examples N] [--test-examples N] [--zo-steps N] [--rss-steps N] [--no-rss] [--table]
 
 ``--job minilm`` keeps each example config's model and data (MiniLM, Rotten Tomatoes) and
 only sets the federation size (``--clients``, ``--examples`` per client, ``--test-examples``)
 and the rounds: the full run is ``--job minilm --clients 8 --examples 250
 --test-examples 1000 --rounds 10``; a reduced one fits a small CPU budget.
+
+``--job smollm2`` takes the SmolLM2-135M Shakespeare examples (``examples/shakespeare.yaml``
+for LoRA, ``examples/zeroth_order/*_smollm2.yaml``) with the changes in SMOLLM2 and
+``smollm2_job`` (IID, max_length 64, batches of 4 for training and evaluation, one torch
+thread); the column is the held-out perplexity and the target LoRA's final perplexity.
+``--rss-steps`` shortens the peak-RSS training process (each zeroth-order step allocates
+the same, so the peak is reached in the first).
 
 The reduced job (``tiny_job``): the tiny random-init BERT of tests/conftest.py (hidden
 32, 2 layers, MiniLM's tokenizer) on its toy sentiment CSV (written to OUT/toy.csv), 4
@@ -80,6 +87,8 @@ METHODS = {
                                 "learner": {"lr": 0.01, "steps": 40}, "train": {"batch_size": 8}}),
     "fedmezo": (EX / "fedmezo.yaml", {"peft": LORA, "learner": {"lr": 0.01, "steps": 40}, "train": {"batch_size": 8}}),
     "fedkseed": (EX / "fedkseed.yaml", {"learner": {"lr": 1.0e-3, "steps": 20, "num_seeds": 4096}, "train": {"batch_size": 8}}),
+    "fedkseed-pro": (EX / "fedkseed.yaml", {"learner": {"lr": 1.0e-3, "steps": 20, "num_seeds": 4096, "seed_sampling": "score"},
+                                            "train": {"batch_size": 8}}),
     "fedbpt": (EX / "fedbpt.yaml", {"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4},
                                     "learner": {"dim": 20, "generations": 10, "projection_std": 0.02},
                                     "train": {"batch_size": 8}}),
@@ -89,7 +98,25 @@ NOTES = {
     "mezo": "1 client (all data), LoRA r4, 40 steps/round, lr 0.01",
     "fedmezo": "LoRA r4, 40 steps/round, lr 0.01",
     "fedkseed": "full parameters, K=4096, 20 steps/round, lr 1e-3",
+    "fedkseed-pro": "as fedkseed, seeds drawn by score (seed_sampling: score)",
     "fedbpt": "4-token prompt, d=20, 10 CMA-ES generations/round (popsize 12)",
+}
+
+SMOL_BATCH = {"train": {"batch_size": 4}, "eval": {"batch_size": 4}}  # inference measured at the training batch
+SMOLLM2 = {
+    # label: (example config, its changes on top of it) for ``--job smollm2``
+    "lora": (ROOT / "examples" / "shakespeare.yaml", SMOL_BATCH),
+    "mezo": (EX / "fedmezo_smollm2.yaml", {"learner": {"steps": 20}, **SMOL_BATCH}),
+    "fedmezo": (EX / "fedmezo_smollm2.yaml", {"learner": {"steps": 20}, **SMOL_BATCH}),
+    "fedkseed": (EX / "fedkseed_smollm2.yaml", {"learner": {"steps": 20}, **SMOL_BATCH}),
+    "fedbpt": (EX / "fedbpt_smollm2.yaml", {"learner": {"dim": 20, "generations": 3}, **SMOL_BATCH}),
+}
+NOTES_SMOLLM2 = {
+    "lora": "backprop LoRA r8 (q, v), AdamW lr 2e-3, 1 epoch of batches of 4",
+    "mezo": "1 client (32 sequences), LoRA r8, 20 steps/round, lr 1e-4, eps 1e-3",
+    "fedmezo": "LoRA r8, 20 steps/round, lr 1e-4, eps 1e-3",
+    "fedkseed": "full parameters (134.5M), K=4096, 20 steps/round, lr 1e-6, eps 1e-3",
+    "fedbpt": "10-token prompt, d=20, 3 CMA-ES generations/round (popsize 12: 36 forwards, as MeZO's 20 steps' 40)",
 }
 
 
@@ -103,7 +130,7 @@ from fedfm.runtime.algorithm import build_algorithm
 from fedfm.runtime.store import ClientStore
 from fedfm.runtime.workbench import Workbench
 exp = load_config(sys.argv[2])
-torch.set_num_threads(2)
+torch.set_num_threads(exp.runtime.threads or 2)
 wb = Workbench(exp)
 out = {"after_build_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 if sys.argv[1] == "inference":
@@ -115,7 +142,7 @@ else:  # what one client does in round 1: the exchange phases, then local_update
         p = algo.learner.params
         row = torch.zeros(1, p.num_seeds)
         row[0, torch.randperm(p.num_seeds, generator=torch.Generator().manual_seed(0))[: p.steps]] = 1e-4
-        ss["fedkseed.history"] = {"coef": row}
+        ss["fedkseed.history"] = {**ss["fedkseed.history"], "coef": row}
     client = wb.clients[0]
     inst = algo.configure(1, ss, [client])[client.cid]
     store = ClientStore(tempfile.mkdtemp())
@@ -144,7 +171,7 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-JOB: dict = {"name": "tiny", "clients": None, "examples": None, "test_examples": None, "zo_steps": None}
+JOB: dict = {"name": "tiny", "clients": None, "examples": None, "test_examples": None, "zo_steps": None, "rss_steps": None}
 
 
 def minilm_job(label: str) -> dict:
@@ -157,11 +184,34 @@ def minilm_job(label: str) -> dict:
     return {"federation": fed, "eval": {"batch_size": 32}, "runtime": {"threads": 2, "progress": False}}
 
 
-def write_config(label: str, rounds: int, out: Path) -> Path:
+def smollm2_job(label: str) -> dict:
+    """The SmolLM2 examples' model and Shakespeare data: ``--clients`` (default 2) x
+    ``--examples`` (16) sequences of at most 64 tokens, IID, ``--test-examples`` (32) held
+    out, one torch thread; MeZO: one client with all of them."""
+    clients, examples = JOB["clients"] or 2, JOB["examples"] or 16
+    fed = {"clients": clients, "partitioner": {"name": "iid"}, "examples_per_client": examples,
+           "test_examples": JOB["test_examples"] or 32}
+    if label == "mezo":
+        fed.update(clients=1, examples_per_client=clients * examples)
+    return {"federation": fed, "data": {"max_length": 64}, "runtime": {"threads": 1, "progress": False}}
+
+
+def methods() -> dict:
+    return SMOLLM2 if JOB["name"] == "smollm2" else METHODS
+
+
+def notes() -> dict:
+    return NOTES_SMOLLM2 if JOB["name"] == "smollm2" else NOTES
+
+
+def write_config(label: str, rounds: int, out: Path, zo_steps: int | None = None) -> Path:
     import yaml
 
-    example, changes = METHODS[label]
-    if JOB["name"] == "minilm":
+    example, changes = methods()[label]
+    zo_steps = zo_steps or JOB["zo_steps"]
+    if JOB["name"] == "smollm2":
+        raw = merge(merge(yaml.safe_load(example.read_text()), changes), smollm2_job(label))
+    elif JOB["name"] == "minilm":
         changes = {k: v for k, v in changes.items() if k != "federation"}
         raw = merge(merge(yaml.safe_load(example.read_text()), changes), minilm_job(label))
     else:
@@ -169,10 +219,10 @@ def write_config(label: str, rounds: int, out: Path) -> Path:
         if not csv.exists():
             make_toy_csv(csv)
         raw = merge(merge(yaml.safe_load(example.read_text()), tiny_job(csv)), changes)
-    if JOB["zo_steps"] and label != "lora":
-        raw["learner"]["generations" if label == "fedbpt" else "steps"] = JOB["zo_steps"]
+    if zo_steps and label != "lora":
+        raw["learner"]["generations" if label == "fedbpt" else "steps"] = zo_steps
     raw.update(name=f"zo-{label}", rounds=rounds)
-    path = out / f"{label}.yaml"
+    path = out / (f"{label}.yaml" if zo_steps == JOB["zo_steps"] else f"{label}-rss.yaml")
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -194,7 +244,7 @@ def run_method(label: str, rounds: int, out: Path, reuse: bool = False) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows[1:] if r.get("clients")]
     client_rounds = sum(len(r["clients"]) for r in trained)
-    note = NOTES[label]
+    note = notes()[label]
     if JOB["zo_steps"] and label != "lora":
         note += f"; {'generations' if label == 'fedbpt' else 'steps'} set to {JOB['zo_steps']}"
     return {
@@ -203,6 +253,7 @@ def run_method(label: str, rounds: int, out: Path, reuse: bool = False) -> dict:
         "command": " ".join(cmd[1:]),
         "config": str(config),
         "accuracy": [r.get("accuracy") for r in rows],
+        "perplexity": [r.get("perplexity") for r in rows],
         "bytes_per_client_round": sum(r["bytes_up"] for r in trained) / max(client_rounds, 1),
         "bytes_down_per_client_round": sum(r["bytes_down"] for r in trained) / max(client_rounds, 1),
         "wall_s": wall,
@@ -210,7 +261,7 @@ def run_method(label: str, rounds: int, out: Path, reuse: bool = False) -> dict:
 
 
 def child(mode: str, label: str, rounds: int, out: Path) -> dict:
-    cmd = [sys.executable, "-c", CHILD, mode, str(write_config(label, rounds, out))]
+    cmd = [sys.executable, "-c", CHILD, mode, str(write_config(label, rounds, out, JOB["rss_steps"]))]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -227,43 +278,51 @@ def measure_rss(label: str, rounds: int, out: Path) -> dict:
             "forward_per_step": fwd}
 
 
-def rounds_to(target: float | None, accs: list) -> str:
+def rounds_to(target: float | None, values: list, lower: bool = False) -> str:
     if target is None:
         return "-"
-    for i, a in enumerate(accs):
-        if i > 0 and a is not None and a >= target:
+    for i, v in enumerate(values):
+        if i > 0 and v is not None and (v <= target if lower else v >= target):
             return str(i)
-    return f"not within {len(accs) - 1}"
+    return f"not within {len(values) - 1}"
 
 
 def table(results: dict[str, dict]) -> str:
+    """Accuracy against LoRA's round 3 (tiny, minilm), or perplexity against LoRA's last
+    round (smollm2: lower is better)."""
     lora = results.get("lora", {})
-    target = lora["accuracy"][3] if len(lora.get("accuracy", [])) > 3 else None
-    head = ["method", "setting", "accuracy per round (r0, r1, ...)", "bytes up / client-round", "bytes down / client-round",
-            "forward passes / step",
-            "peak RSS train / inference (MB)", "ratio", "rounds to LoRA r3"]
+    lm = JOB["name"] == "smollm2"
+    key = "perplexity" if lm else "accuracy"
+    values = [v for v in lora.get(key) or [] if v is not None]
+    if lm:
+        target, goal = (values[-1] if len(values) > 1 else None), "rounds to LoRA's final perplexity"
+    else:
+        target, goal = (values[3] if len(values) > 3 else None), "rounds to LoRA r3"
+    head = ["method", "setting", f"{key} per round (r0, r1, ...)", "bytes up / client-round", "bytes down / client-round",
+            "forward passes / step", "peak RSS train / inference (MB)", "ratio", goal]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label in METHODS:
+    for label in methods():
         r = results.get(label)
         if r is None:
             continue
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error']} |" + " |" * (len(head) - 2))
             continue
-        accs = ", ".join(f"{a:.3f}" for a in r["accuracy"] if a is not None)
+        series = r.get(key) or []
+        shown = ", ".join(f"{a:.2f}" if lm else f"{a:.3f}" for a in series if a is not None)
         rss = ratio = "-"
         if "rss_train_mb" in r:
             rss = f"{r['rss_train_mb']:.0f} / {r['rss_inference_mb']:.0f}"
             ratio = f"{r['rss_train_mb'] / r['rss_inference_mb']:.2f}x"
-        note = r.get("note", NOTES[label]) + (f" (run of {r['measured']})" if "measured" in r else "")
-        lines.append(f"| {label} | {note} | {accs} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
+        note = r.get("note", notes()[label]) + (f" (run of {r['measured']})" if "measured" in r else "")
+        lines.append(f"| {label} | {note} | {shown} | {r['bytes_per_client_round']:,.0f} | {r['bytes_down_per_client_round']:,.0f} "
                      f"| {r.get('forward_per_step', '-')} "
-                     f"| {rss} | {ratio} | {rounds_to(target, r['accuracy'])} |")
+                     f"| {rss} | {ratio} | {rounds_to(target, series, lower=lm)} |")
     return "\n".join(lines)
 
 
 def write_doc(text: str) -> None:
-    """Between ``<!-- zo-table:start/end -->`` (tiny job) or ``zo-table-minilm`` markers."""
+    """Between ``<!-- zo-table:start/end -->`` (tiny job) or ``zo-table-<job>`` markers."""
     doc = DOC.read_text()
     tag = "zo-table" if JOB["name"] == "tiny" else f"zo-table-{JOB['name']}"
     new = re.sub(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", lambda m: m.group(1) + text + "\n" + m.group(2),
@@ -274,25 +333,28 @@ def write_doc(text: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "zeroth_order")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=None, help="comma-separated; default every method of the job")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--job", choices=["tiny", "minilm"], default="tiny", help="tiny random-init BERT, or the examples' MiniLM job")
-    ap.add_argument("--clients", type=int, default=None, help="minilm job: clients (default 2; MeZO: one client with all data)")
-    ap.add_argument("--examples", type=int, default=None, help="minilm job: examples per client (default 16)")
-    ap.add_argument("--test-examples", type=int, default=None, help="minilm job: test examples (default 64)")
+    ap.add_argument("--job", choices=["tiny", "minilm", "smollm2"], default="tiny",
+                    help="tiny random-init BERT, the examples' MiniLM job, or their SmolLM2 Shakespeare job")
+    ap.add_argument("--clients", type=int, default=None, help="minilm/smollm2: clients (default 2; MeZO: one client with all data)")
+    ap.add_argument("--examples", type=int, default=None, help="minilm/smollm2: examples per client (default 16)")
+    ap.add_argument("--test-examples", type=int, default=None, help="minilm/smollm2: test examples (default 64 / 32)")
     ap.add_argument("--zo-steps", type=int, default=None, help="override the zeroth-order steps (FedBPT: generations) per round")
+    ap.add_argument("--rss-steps", type=int, default=None,
+                    help="zeroth-order steps (FedBPT: generations) of the peak-RSS training process (default: the round's)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--reuse", action="store_true", help="read a finished run of the same config instead of running it again")
     ap.add_argument("--table", action="store_true", help="rewrite the doc table from OUT/results.jsonl only")
     args = ap.parse_args()
     JOB.update(name=args.job, clients=args.clients, examples=args.examples, test_examples=args.test_examples,
-               zo_steps=args.zo_steps)
+               zo_steps=args.zo_steps, rss_steps=args.rss_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.jsonl"
     if not args.table:
-        for label in [m for m in args.methods.split(",") if m]:
-            if label not in METHODS:
-                raise SystemExit(f"unknown method '{label}'; known: {', '.join(METHODS)}")
+        for label in [m for m in (args.methods or ",".join(methods())).split(",") if m]:
+            if label not in methods():
+                raise SystemExit(f"unknown method '{label}'; known: {', '.join(methods())}")
             res = run_method(label, args.rounds, args.out, reuse=args.reuse)
             with open(path, "a") as f:  # recorded before the RSS processes, again with them
                 f.write(json.dumps(res) + "\n")

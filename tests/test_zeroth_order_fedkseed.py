@@ -199,3 +199,26 @@ def test_resume_is_bit_identical(tmp_path):
     assert a["fedkseed.history"]["coef"].shape[0] == 2
     assert torch.equal(a["fedkseed.history"]["coef"], b["fedkseed.history"]["coef"])
     assert all(torch.equal(a[MODEL][k], b[MODEL][k]) for k in a[MODEL])
+
+
+def test_rebuild_runs_in_the_model_tensors_and_the_store_reads_back_in_place(run, tmp_path):
+    # the phase replays into the client model's own parameters (no second State copy) and the
+    # store copies the stored tensors back into given tensors one at a time
+    rt, _ = run
+    ss = rt.loop.server_state
+    params = build_learner(rt.exp.learner).params
+    store = ClientStore(tmp_path / "store")
+    store.stage(1, "r3a0")
+    env = SimpleNamespace(store=store, wb=rt.wb, algo=rt.loop.algo)
+    model_params = {n: p for n, p in rt.wb.model.named_parameters() if p.requires_grad}
+    before = {n: p.data.data_ptr() for n, p in model_params.items()}
+    HistoryRows(params).client(env, 1, 3, *sparse_rows(ss["fedkseed.history"]["coef"], 0))
+    assert all(model_params[n].data.data_ptr() == before[n] for n in before)
+    assert all(torch.equal(model_params[n].data, ss[MODEL][n]) for n in ss[MODEL])
+    target = {k: torch.zeros_like(v) for k, v in ss[MODEL].items()}
+    ptrs = {k: v.data_ptr() for k, v in target.items()}
+    assert store.read_into(1, "fedkseed_model", target)
+    assert all(torch.equal(target[k], ss[MODEL][k]) and target[k].data_ptr() == ptrs[k] for k in target)
+    assert not store.read_into(1, "nothing_here", target)
+    with pytest.raises(KeyError, match="lacks"):
+        store.read_into(1, "fedkseed_model", {**target, "extra": torch.zeros(1)})

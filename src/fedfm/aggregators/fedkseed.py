@@ -15,6 +15,10 @@ the replay of its history from the base model, bit for bit. The payloads reach t
 through the ``non_state_payload`` step (``aggregators/zo_payload.py``), which also carries
 each client's example count.
 
+With ``seed_sampling: score`` (FedKSeed-Pro, ``aggregators/fedkseed_pro.py``) the group
+also holds each seed's amplitude statistics ``amp`` and ``count``, from which the server
+draws the clients' seeds.
+
 The server sends no State (``sends_state = False``) and broadcasts nothing beside it: a
 client gets the history rows it has not seen through the two exchange phases this half
 adds to every round (``phases``, ``aggregators/fedkseed_sync.py``) and replays them.
@@ -26,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from fedfm.aggregators.fedkseed_pro import add_scores, init_scores
 from fedfm.aggregators.fedkseed_sync import GROUP, sync_phases
 from fedfm.aggregators.server_part import register_server_part
 from fedfm.aggregators.zo_payload import weights_of
@@ -60,7 +65,10 @@ class FedKSeedServer:
         self.pool = seed_pool(params.pool_seed, params.num_seeds)
 
     def init(self, model: State) -> ServerState:
-        return {GROUP: {"coef": torch.zeros((0, self.params.num_seeds), dtype=torch.float32)}}
+        group = {"coef": torch.zeros((0, self.params.num_seeds), dtype=torch.float32)}
+        if self.params.seed_sampling == "score":  # FedKSeed-Pro: per-seed amplitude statistics
+            group.update(init_scores(self.params.num_seeds))
+        return {GROUP: group}
 
     def broadcast(self, server_state: ServerState) -> dict[str, State]:
         return {}
@@ -78,7 +86,13 @@ class FedKSeedServer:
     def combine(self, server_state: ServerState, payloads: Sequence[State], mean_delta: State, ctx: RoundContext):
         row = round_coefficients(payloads, weights_of(payloads), self.params.num_seeds, self.params.lr)
         history = torch.cat([server_state[GROUP]["coef"], row.unsqueeze(0)], 0)
-        return {GROUP: {"coef": history}}, round_delta(row, self.pool, server_state[MODEL])
+        group = {"coef": history}
+        if self.params.seed_sampling == "score":
+            scores = {k: server_state[GROUP][k] for k in ("amp", "count")}
+            for p in payloads:
+                scores = add_scores(scores, p[SEEDS], p[GRADS], self.params.score_clip)
+            group.update(scores)
+        return {GROUP: group}, round_delta(row, self.pool, server_state[MODEL])
 
 
 register_server_part("fedkseed", FedKSeedServer)

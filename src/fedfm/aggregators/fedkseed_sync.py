@@ -18,13 +18,23 @@ added to every round by the server half, no ``exchanges:`` entry is needed):
    (exactly: the zeros are skipped by the replay anyway) and replays them
    (``aggregators/zo_replay.replay``) onto its cached model, or onto the base State when
    ``since`` is 0, and stages the result in its client store (``fedkseed_model``, with
-   ``fedkseed_round`` = {round, rows}); the learner trains from it. The store's writes
+   ``fedkseed_round`` = {round, rows}); the learner trains from it. With
+   ``seed_sampling: score`` (FedKSeed-Pro) the message also carries ``draw`` int32
+   (steps,), the seed indices the server drew for the client this round, kept as
+   ``fedkseed_round``'s ``seeds``. The store's writes
    count only if the server accepts the client's update, so the cached model and its row
    count always match what the server believes.
 
 Every client rebuilds the server's model bit for bit (the replay repeats the server's
 operations), so a fresh client receives the whole history and an up-to-date one only the
 rows since.
+
+Memory: the replay runs in the client model's own trainable tensors (``model_tensors``:
+the base State or the cached model is copied into them, one tensor at a time from the
+store), and the learner reads the stored result back into them the same way
+(``ClientStore.read_into``), so a full-parameter client never holds a second copy of the
+State beside the model (and the workbench's template); the replay adds one parameter's
+direction sum and one direction tensor.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from typing import Any
 
 import torch
 
+from fedfm.aggregators.fedkseed_pro import draw_seeds, seed_probabilities
 from fedfm.aggregators.zo_replay import replay, seed_pool
 from fedfm.core.types import State, Update
 
@@ -89,9 +100,15 @@ class HistoryRows(_Phase):
         self.pool = seed_pool(params.pool_seed, params.num_seeds)
 
     def messages(self, rnd: int, participants: list[int], round_state: dict) -> dict[int, tuple[dict[str, str], State]]:
-        history = round_state["server_state"][GROUP]["coef"]
-        known = round_state.get(KNOWN, {})
-        return {cid: sparse_rows(history[known.get(cid, 0):], known.get(cid, 0)) for cid in participants}
+        group = round_state["server_state"][GROUP]
+        history, known = group["coef"], round_state.get(KNOWN, {})
+        out = {cid: sparse_rows(history[known.get(cid, 0):], known.get(cid, 0)) for cid in participants}
+        if self.params.seed_sampling == "score":  # FedKSeed-Pro: the server draws each client's seeds
+            probs = seed_probabilities(group)
+            for cid in participants:
+                draw = draw_seeds(probs, self.params.steps, self.params.pool_seed, rnd, cid).to(torch.int32)
+                out[cid] = (out[cid][0], {**out[cid][1], "draw": draw})
+        return out
 
     def client(self, env: Any, cid: int, rnd: int, meta: dict[str, str], tensors: State) -> tuple[dict[str, str], State]:
         since, rows = int(meta["since"]), dense_rows(meta, tensors, self.params.num_seeds, cid)
@@ -99,13 +116,41 @@ class HistoryRows(_Phase):
             if cached_rows(env.store, cid) != since:
                 raise ValueError(f"fedkseed: client {cid} was sent the history from row {since}, but its cache holds "
                                  f"{cached_rows(env.store, cid)} rows")
-            start = env.store.get(cid, MODEL_KEY)  # freshly loaded: replayed in place
+        base = env.algo.split(env.wb.template)[0]
+        start = model_tensors(env.wb.model, base)  # the model's own tensors: no second copy of the State
+        if since > 0:
+            if start is None:
+                start = env.store.get(cid, MODEL_KEY)  # freshly loaded: replayed in place
+            else:
+                env.store.read_into(cid, MODEL_KEY, start)
+        elif start is None:
+            start = {k: v.clone() for k, v in base.items()}
         else:
-            start = {k: v.clone() for k, v in env.algo.split(env.wb.template)[0].items()}
+            with torch.no_grad():
+                for k, v in base.items():
+                    start[k].copy_(v)
         model = replay(start, rows.to(torch.float32), self.pool, in_place=True)
         env.store.put(cid, MODEL_KEY, model)
-        env.store.put(cid, ROUND_KEY, {"round": torch.tensor([rnd]), "rows": torch.tensor([since + rows.shape[0]])})
+        tag = {"round": torch.tensor([rnd]), "rows": torch.tensor([since + rows.shape[0]])}
+        if "draw" in tensors:  # seed_sampling: score, the seeds the server drew for this round
+            tag["seeds"] = tensors["draw"].to(torch.int64).reshape(-1)
+        env.store.put(cid, ROUND_KEY, tag)
         return {}, {}
+
+
+def model_tensors(model: Any, base: State) -> State | None:
+    """The tensors of ``model``'s trainable parameters named as in ``base`` (the shared
+    trainable State), when they can hold the replay exactly (float32 on the CPU, the same
+    names and shapes); None otherwise. The model is the client's scratch space: every
+    learner loads its State before training, so rebuilding into it costs no extra copy."""
+    if model is None:
+        return None
+    params = {n: p.data for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(base) or any(
+        t.dtype != torch.float32 or t.device.type != "cpu" or tuple(t.shape) != tuple(base[n].shape) for n, t in params.items()
+    ):
+        return None
+    return params
 
 
 def sparse_rows(rows: torch.Tensor, since: int) -> tuple[dict[str, str], State]:

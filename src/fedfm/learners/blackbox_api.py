@@ -35,6 +35,8 @@ class InferenceAPI:
         return float(self._loss(prompt, batch))
 
     def logits(self, prompt: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, classes) for a classifier; (B, T, V) for a causal LM, the sequence's own
+        positions (each conditioned on the prompt), without the virtual tokens'."""
         self.calls[0] += 1
         return self._logits(prompt, batch)
 
@@ -61,6 +63,8 @@ def make_inference_api(model: torch.nn.Module, task: Any, prompt_name: str) -> I
 
     def logits(prompt, batch):
         out = with_prompt(prompt, lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+        if out.ndim == 3:  # a causal LM: the sequence's own positions, not the prepended virtual tokens'
+            out = out[:, out.shape[1] - batch["input_ids"].shape[1]:]
         return out.detach().float().clone()
 
     return InferenceAPI(loss, logits, shape)

@@ -20,6 +20,10 @@ step size: two tensors, ``mean`` (d,) and ``sigma`` (1,); the server half
 (``aggregators/fedbpt.py``) averages them and moves the prompt. Forward passes per
 generation: the population size. ``cma`` seeds numpy's global generator from its
 ``seed`` option (derived from run seed, round and client), so runs repeat exactly.
+
+Tasks: text classification and causal LM. On a causal LM the API's loss is that of the
+sequence given the soft prompt: peft prepends the virtual tokens, and the task drops their
+logits (``tasks/causal_lm.continuation_logits``) before the next-token loss.
 """
 
 from __future__ import annotations

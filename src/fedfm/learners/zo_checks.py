@@ -5,6 +5,8 @@ from __future__ import annotations
 
 NON_STATE = ("fedkseed", "fedbpt")
 STEP = "non_state_payload"
+# tasks whose loss skips the prompt's virtual-token logits (causal_lm: tasks/causal_lm.continuation_logits)
+FEDBPT_TASKS = ("text_classification", "causal_lm")
 
 
 def zeroth_order_config_problems(exp) -> list[str]:
@@ -31,9 +33,9 @@ def zeroth_order_config_problems(exp) -> list[str]:
         problems.append(f"learner {name}: peft.local {exp.peft.local} is not supported (the payload has no parameters)")
     if name == "fedbpt" and exp.peft.method != "prompt_tuning":
         problems.append(f"learner fedbpt: tunes a soft prompt; peft.method must be prompt_tuning (got {exp.peft.method})")
-    if name == "fedbpt" and exp.model.task != "text_classification":
+    if name == "fedbpt" and exp.model.task not in FEDBPT_TASKS:
         problems.append(
-            f"learner fedbpt: model.task {exp.model.task} is not supported: peft's prompt tuning prepends the virtual "
-            "tokens' logits, which that task's loss does not skip (text_classification only)"
+            f"learner fedbpt: model.task {exp.model.task} is not supported (supported: {', '.join(FEDBPT_TASKS)}): "
+            "its loss must skip the logits of the virtual tokens that peft's prompt tuning prepends"
         )
     return problems

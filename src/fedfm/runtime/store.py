@@ -24,6 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from fedfm.core.types import State
@@ -74,6 +75,33 @@ class ClientStore:
                 return load_file(str(staged))
         path = self._committed(cid, key)
         return load_file(str(path)) if path.exists() else None
+
+    def read_into(self, cid: int, key: str, target: State) -> bool:
+        """Copy the stored tensors into ``target``'s tensors in place, one tensor at a time
+        (a large State is never held twice); False when nothing is stored. The names and
+        shapes must match ``target``'s exactly."""
+        from safetensors import safe_open
+
+        path = self._staged(cid, key)
+        if path is None or not path.exists():
+            if path is not None and path.with_suffix(TOMBSTONE).exists():
+                return False
+            path = self._committed(cid, key)
+        if not path.exists():
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(target):
+                raise KeyError(f"store {cid}/{key}: holds {sorted(names - set(target))[:3]} beyond, and lacks "
+                               f"{sorted(set(target) - names)[:3]} of, the target's names")
+            with torch.no_grad():
+                for name in sorted(names):
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != tuple(target[name].shape):
+                        raise ValueError(f"store {cid}/{key}: '{name}' has shape {tuple(t.shape)}, "
+                                         f"the target {tuple(target[name].shape)}")
+                    target[name].copy_(t)
+        return True
 
     def put(self, cid: int, key: str, state: State) -> None:
         path = self._staged(cid, key) or self._committed(cid, key)

@@ -96,11 +96,28 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def continuation_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits of the labelled sequence's own positions: (B, P + T, V) -> (B, T, V).
+
+    peft's prompt tuning on a causal LM prepends P virtual tokens and returns their logits
+    too; the logit at virtual position P - 1 + t predicts token t, so the last T positions
+    are exactly those of the sequence, each one conditioned on the soft prompt (the loss
+    of the continuation given the prompt). A model without a prompt has P = 0.
+    """
+    extra = logits.shape[1] - labels.shape[1]
+    if extra < 0:
+        raise ValueError(f"logits cover {logits.shape[1]} positions, fewer than the {labels.shape[1]} labels")
+    return logits[:, extra:, :] if extra else logits
+
+
 def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(summed NLL, counted tokens, correct argmax) of next-token prediction.
 
     logits (B, T, V) predict position t+1 from position t; labels (B, T) with -100 ignored.
+    Logits of a soft prompt's virtual tokens, prepended by peft's prompt tuning, are
+    dropped first (``continuation_logits``).
     """
+    logits = continuation_logits(logits, labels)
     pred = logits[:, :-1, :].float()  # (B, T-1, V)
     target = labels[:, 1:]  # (B, T-1)
     mask = target != IGNORE  # (B, T-1)
@@ -120,7 +137,7 @@ def exact_matches(logits: torch.Tensor, labels: torch.Tensor, stop_id: int | Non
     tokens after the first ``stop_id`` (the end-of-turn marker, where generation stops)
     are not required.
     """
-    pred = logits[:, :-1, :].argmax(-1)  # (B, T-1)
+    pred = continuation_logits(logits, labels)[:, :-1, :].argmax(-1)  # (B, T-1)
     target = labels[:, 1:]  # (B, T-1)
     mask = target != IGNORE
     if stop_id is not None:
