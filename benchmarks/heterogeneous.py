@@ -221,13 +221,15 @@ def tables(results: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_doc(text: str) -> None:
+def write_doc(text: str, full: bool = False) -> None:
+    """Between the markers of the reduced job's tables, or with ``full`` of the full job's."""
+    begin, end = (BEGIN.replace("heterogeneous", "heterogeneous-full"), END.replace("heterogeneous", "heterogeneous-full")) if full else (BEGIN, END)
     doc = DOC.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{DOC} has no {BEGIN} ... {END} markers")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{DOC} has no {begin} ... {end} markers")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    DOC.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main() -> None:
@@ -238,11 +240,12 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the tables from OUT/results.jsonl, run nothing")
     ap.add_argument("--write-doc", action="store_true", help="write the tables into docs/heterogeneous.md")
     ap.add_argument("--memory", action="store_true", help="also measure client training memory (the row 'memory')")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (runtime.threads of every run)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "results.jsonl"
     if not args.table:
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
         labels = [s for s in args.only.split(",") if s and s != "none"] if args.only else RUNS
         if not args.full:
             make_toy_data()
@@ -253,6 +256,7 @@ def main() -> None:
                 f.write(json.dumps(r) + "\n")
         for label in labels:
             overrides = [] if args.full else REDUCED + [reduced_roles(label)] + SPLITFED_STEPS.get(label, [])
+            overrides = overrides + [f"runtime.threads={args.threads}"]
             r = run_one(label, overrides, args.out)
             print(json.dumps(r), flush=True)
             with store.open("a") as f:
@@ -268,7 +272,7 @@ def main() -> None:
     text = tables(results)
     print(text)
     if args.write_doc:
-        write_doc(text)
+        write_doc(text, full=args.full)
 
 
 if __name__ == "__main__":
