@@ -65,6 +65,9 @@ VARIANTS = {
     # precision, and a small perturbation of the adaptive network moves nothing unless it
     # changes the chosen key (that selection is tested in test_personalize_fedapt.py)
     "fedapt": {"method": "fedapt", "num_virtual_tokens": 2, "num_domains": 3, "temperature": 10.0},
+    # the ensemble of the global prompt's and the domain prompts' predictions; a soft
+    # confidence weighting (T = 10) so that every domain prompt moves the output
+    "diprompt": {"method": "diprompt", "num_virtual_tokens": 2, "num_domains": 2, "global_weight": 0.5, "temperature": 10.0},
 }
 NOISE = 0.1  # std of each perturbation
 LIVE = 1e-10  # max |change of a logit| above which a tensor has an effect (float64)
@@ -99,6 +102,8 @@ def perturbed(state, gen: torch.Generator, names=None):
 def test_each_trainable_tensor_changes_the_logits(tmp_path, key):
     raw = tiny_config(tmp_path)
     raw["peft"] = VARIANTS[key]
+    if key == "diprompt":  # the tuner is refused without its learner
+        raw["learner"] = {"name": "diprompt"}
     wb = Workbench(from_dict(raw))
     wb.model.double()
     logits = logits_fn(wb)
