@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 
 from fedfm.core.protocols import EVALUATE, TRAIN, Envelope, Reply
 from fedfm.peft.state import set_state
-from fedfm.runtime.client import ClientEnv, evaluate_reply, finish_train, handle, prepare_evaluate, prepare_train
+from fedfm.runtime.client import ClientEnv, evaluate_reply, finish_train, prepare_evaluate, prepare_train
+from fedfm.runtime.transport import answer
 
 log = logging.getLogger("fedfm.runtime")
 
@@ -85,15 +86,7 @@ class BatchedTransport:
             self.on_end()
 
     def _one(self, e: Envelope, replies: dict[int, Reply]) -> None:
-        if self.on_start is not None:
-            self.on_start(e.cid)
-        try:
-            data, info = handle(self.env, e)
-            replies[e.cid] = Reply(e.cid, data=data, info=info)
-        except Exception as exc:  # a client's failure never stops the round
-            replies[e.cid] = Reply(e.cid, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self._end()
+        replies[e.cid] = answer(self.env, e, self.on_start, self.on_end)
 
     def _chunk(self, chunk: Sequence[Envelope], replies: dict[int, Reply]) -> None:
         from fedfm.learners.multi_lora import train_jointly

@@ -18,6 +18,26 @@ from fedfm.runtime.client import ClientEnv, handle
 log = logging.getLogger("fedfm.runtime")
 
 
+def answer(
+    env: ClientEnv,
+    e: Envelope,
+    on_start: Callable[[int], None] | None = None,
+    on_end: Callable[[], None] | None = None,
+) -> Reply:
+    """One message answered by ``client.handle`` in this process; a client that raises is a
+    failed reply, never a crashed round."""
+    if on_start is not None:
+        on_start(e.cid)
+    try:
+        data, info = handle(env, e)
+        return Reply(e.cid, data=data, info=info)
+    except Exception as exc:  # a client's failure never stops the round
+        return Reply(e.cid, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        if on_end is not None:
+            on_end()
+
+
 class InProcessTransport:
     name = "local"
 
@@ -31,19 +51,7 @@ class InProcessTransport:
         self.on_start, self.on_end = on_start, on_end
 
     def exchange(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> dict[int, Reply]:
-        replies: dict[int, Reply] = {}
-        for e in envelopes:
-            if self.on_start is not None:
-                self.on_start(e.cid)
-            try:
-                data, info = handle(self.env, e)
-                replies[e.cid] = Reply(e.cid, data=data, info=info)
-            except Exception as exc:  # a client's failure never stops the round
-                replies[e.cid] = Reply(e.cid, error=f"{type(exc).__name__}: {exc}")
-            finally:
-                if self.on_end is not None:
-                    self.on_end()
-        return replies
+        return {e.cid: answer(self.env, e, self.on_start, self.on_end) for e in envelopes}
 
     def close(self) -> None:
         pass
