@@ -70,11 +70,11 @@ ATTACKS = {
 START, END = "<!-- ip-benchmark:start -->", "<!-- ip-benchmark:end -->"
 
 
-def experiments(overrides: list[str]):
-    raw = yaml.safe_load(CONFIG.read_text())
+def experiments(config: Path, overrides: list[str]):
+    raw = yaml.safe_load(config.read_text())
     plain = {k: v for k, v in copy.deepcopy(raw).items() if k != "server_steps"}
     plain["name"] = "quickstart-plain"
-    return from_dict(plain, "plain", overrides), from_dict(raw, str(CONFIG), overrides)
+    return from_dict(plain, "plain", overrides), from_dict(raw, str(config), overrides)
 
 
 def run_job(exp, out: Path, wb) -> tuple[dict, list[dict], dict]:
@@ -104,13 +104,14 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("-o", dest="overrides", action="append", default=[])
     ap.add_argument("--full", action="store_true", help="the example's own job (the full quickstart), not JOB")
+    ap.add_argument("--config", type=Path, default=CONFIG, help="a config with the waffle and client_watermark steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = ([] if args.full else JOB) + [f"runtime.threads={args.threads}"] + args.overrides
     os.environ["FEDFM_WATERMARK_KEY"] = OWNER_KEY  # the example reads its keys from here
     os.environ["FEDFM_CLIENT_MASTER_KEY"] = MASTER_KEY
     t_start = time.perf_counter()
-    exp_plain, exp_wm = experiments(overrides)
+    exp_plain, exp_wm = experiments(args.config, overrides)
     wb = Workbench(exp_wm)
     base = Base(wb.model, wb.task, exp_wm.model.task, wb.tokenizer)
     spec = trigger_spec(exp_wm)
@@ -133,7 +134,7 @@ def main() -> None:
     acc_plain, acc_wm = s_plain["final"]["accuracy"], s_wm["final"]["accuracy"]
     v_plain, v_wm = owner(plain), owner(marked)
     per_round = [
-        (r["round"], r["waffle.wm_accuracy"], r["waffle.steps"], r["waffle.seconds"], r["client_watermark.min_accuracy"],
+        (r["round"], r.get("waffle.wm_accuracy"), r["waffle.steps"], r["waffle.seconds"], r["client_watermark.min_accuracy"],
          r["client_watermark.mean_accuracy"], r["client_watermark.steps"], r["client_watermark.seconds_per_client"],
          r["bytes_down"], rp["bytes_down"])
         for r, rp in zip(rows_wm, rows_plain) if "waffle.steps" in r
@@ -185,7 +186,9 @@ def main() -> None:
 def write_doc(args, overrides, exp, spec, waffle, copies_p, acc_plain, acc_wm, v_plain, v_wm, per_round, rows,
               trace_acc, attack_rows, n_thief, wall, majority, thief) -> None:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cmd = "PYTHONPATH=src nice -n 10 python benchmarks/ip.py" + (" --full" if args.full else "") + "".join(f" -o {o}" for o in args.overrides)
+    config = args.config.resolve().relative_to(ROOT) if args.config.resolve().is_relative_to(ROOT) else args.config
+    cmd = "PYTHONPATH=src nice -n 10 python benchmarks/ip.py" + (" --full" if args.full else "") + (
+        f" --config {config}" if args.config.resolve() != CONFIG else "") + "".join(f" -o {o}" for o in args.overrides)
     keep = lambda p: (f", preserve (distillation on {p.preserve.examples} public texts of source "  # noqa: E731
                       f"'{p.preserve.data.get('source')}', weight {p.preserve.weight})" if p.preserve else ", no preserve")
     cleans = [r[6] for r in rows]
@@ -195,10 +198,10 @@ def write_doc(args, overrides, exp, spec, waffle, copies_p, acc_plain, acc_wm, v
         "",
         f"```bash\n{cmd}\n```",
         "",
-        f"Job: examples/ip/client_copies.yaml with `{' '.join(overrides)}`: {exp.federation.clients} clients, "
+        f"Job: {config} with `{' '.join(overrides)}`: {exp.federation.clients} clients, "
         f"{exp.rounds} rounds. Trigger sets: {spec.size} sentences of {spec.length} random tokens, "
         f"{spec.num_labels} labels (chance {1 / spec.num_labels:g}). WAFFLE: threshold {waffle.threshold}, budget "
-        f"{waffle.max_steps} steps, AdamW lr {waffle.lr}{keep(waffle)}. Copies: {copies_p.trigger_size} client triggers + the owner's "
+        f"{waffle.max_steps} steps, AdamW lr {waffle.lr}, rounds `{waffle.rounds}`{keep(waffle)}. Copies: {copies_p.trigger_size} client triggers + the owner's "
         f"{copies_p.owner_trigger_size or copies_p.trigger_size}, threshold {copies_p.threshold}, budget {copies_p.max_steps} steps per client per round, "
         f"AdamW lr {copies_p.lr}, batch {copies_p.batch_size}, frozen {copies_p.freeze}{keep(copies_p)}.",
         "",
@@ -215,7 +218,8 @@ def write_doc(args, overrides, exp, spec, waffle, copies_p, acc_plain, acc_wm, v
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r, wa, ws, wsec, cmin, cmean, csteps, cps, bd, bdp in per_round:
-        lines.append(f"| {r} | {wa:.2f} | {ws} | {wsec:.1f} | {cmin:.2f} / {cmean:.2f} | {csteps} | {cps:.1f} | {bd:,} | {bdp:,} |")
+        wa = "-" if wa is None else f"{wa:.2f}"  # waffle `rounds: last` skips the other rounds
+        lines.append(f"| {r} | {wa} | {ws} | {wsec:.1f} | {cmin:.2f} / {cmean:.2f} | {csteps} | {cps:.1f} | {bd:,} | {bdp:,} |")
     lines += [
         "",
         f"The copies sent after the last round: **tracing accuracy {trace_acc:.0%}** over {len(rows)} clients; "

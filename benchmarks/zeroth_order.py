@@ -118,6 +118,23 @@ NOTES_SMOLLM2 = {
     "fedkseed": "full parameters (134.5M), K=4096, 20 steps/round, lr 1e-6, eps 1e-3",
     "fedbpt": "10-token prompt, d=20, 3 CMA-ES generations/round (popsize 12: 36 forwards, as MeZO's 20 steps' 40)",
 }
+MINILM = {
+    # label: (example config, its changes) for ``--job minilm``: the examples' own settings
+    "lora": (ROOT / "examples" / "quickstart.yaml", {}),
+    "mezo": (EX / "mezo.yaml", {}),
+    "fedmezo": (EX / "fedmezo.yaml", {}),
+    "fedkseed": (EX / "fedkseed.yaml", {}),
+    "fedkseed-pro": (EX / "fedkseed.yaml", {"learner": {"seed_sampling": "score"}}),
+    "fedbpt": (EX / "fedbpt.yaml", {}),
+}
+NOTES_MINILM = {
+    "lora": "backprop LoRA r8 (q, v), AdamW lr 3e-3, 1 epoch of batches of 16 (examples/quickstart.yaml)",
+    "mezo": "1 client (all data), LoRA r8 (q, v), lr 1e-3, eps 1e-3",
+    "fedmezo": "LoRA r8 (q, v), lr 1e-3, eps 1e-3",
+    "fedkseed": "full parameters (22.7M), K=4096, lr 1e-5, eps 1e-3",
+    "fedkseed-pro": "as fedkseed, seeds drawn by score (seed_sampling: score)",
+    "fedbpt": "20-token prompt, d=50, sigma0 1.0, CMA-ES popsize 4 + 3 ln d",
+}
 
 
 CHILD = r"""
@@ -181,7 +198,7 @@ def minilm_job(label: str) -> dict:
     if label == "mezo":
         fed["clients"] = 1
         fed["examples_per_client"] = (JOB["examples"] or 16) * (JOB["clients"] or 2)
-    return {"federation": fed, "eval": {"batch_size": 32}, "runtime": {"threads": 2, "progress": False}}
+    return {"federation": fed, "eval": {"batch_size": 32}, "runtime": {"threads": 1, "progress": False}}
 
 
 def smollm2_job(label: str) -> dict:
@@ -197,11 +214,11 @@ def smollm2_job(label: str) -> dict:
 
 
 def methods() -> dict:
-    return SMOLLM2 if JOB["name"] == "smollm2" else METHODS
+    return {"smollm2": SMOLLM2, "minilm": MINILM}.get(JOB["name"], METHODS)
 
 
 def notes() -> dict:
-    return NOTES_SMOLLM2 if JOB["name"] == "smollm2" else NOTES
+    return {"smollm2": NOTES_SMOLLM2, "minilm": NOTES_MINILM}.get(JOB["name"], NOTES)
 
 
 def write_config(label: str, rounds: int, out: Path, zo_steps: int | None = None) -> Path:

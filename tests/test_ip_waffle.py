@@ -153,3 +153,20 @@ def test_unverifiable_trigger_sets_are_refused_at_config_time(tmp_path):
     from_dict(tiny_config(tmp_path, server_steps=[{"name": "waffle", "key": "k", "trigger_size": 20}]))
     # 4 labels: 10 triggers give 4**-10 = 9.5e-7 < 1e-6.
     from_dict(tiny_config(tmp_path, **{"model.num_labels": 4, "server_steps": [{"name": "waffle", "key": "k", "trigger_size": 10}]}))
+
+
+def test_waffle_rounds_last_embeds_only_after_the_last_round(tmp_path):
+    """``rounds: last``: rounds 1 and 2 leave the global model as FedAvg made it (the same
+    test losses as a run without the step, to the last bit), round 3 embeds the watermark."""
+    last = tmp_path / "last"
+    LocalRuntime(from_dict(waffle_config(tmp_path, rounds=3, server_steps=[{**WAFFLE, "rounds": "last", "max_steps": 400}])), last).run()
+    plain = tmp_path / "plain"
+    LocalRuntime(from_dict(waffle_config(tmp_path, rounds=3, server_steps=[])), plain).run()
+    rows = [json.loads(line) for line in (last / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    for r in (1, 2):
+        assert rows[r]["waffle.steps"] == 0 and "waffle.wm_accuracy" not in rows[r]
+        assert rows[r]["loss"] == ref[r]["loss"]
+    assert rows[3]["waffle.steps"] > 0 and rows[3]["waffle.wm_accuracy"] == 1.0
+    done = CliRunner().invoke(app, ["watermark", "verify", str(last), "--key", "owner-key"])
+    assert done.exit_code == 0 and "16/16" in done.output, done.output

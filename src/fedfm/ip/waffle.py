@@ -10,7 +10,11 @@ for classification, random prompts with fixed continuations for causal LMs), met
 ``waffle.wm_accuracy`` (after the step), ``waffle.steps`` and ``waffle.seconds`` per round.
 Not implemented: the paper's pre-training of the initial model on the trigger set before
 round 1 (here round 1's step embeds it) and its image-specific "WAFFLEPattern" triggers.
-Added, off by default: ``preserve``, a distillation term on public text that holds the
+Added, off by default: ``rounds: last``, which embeds only after the last round's
+aggregation (the model the federation publishes) and leaves the global model of the other
+rounds as FedAvg made it; meant for use with ``client_watermark``'s ``owner_key``, which
+marks every copy a client receives, so no model that leaves the server is unmarked
+(docs/ip.md measures what it saves). And ``preserve``, a distillation term on public text that holds the
 model's outputs on natural text while the triggers are learned (``ip/preserve.py``; not in
 the paper; on the quickstart job WAFFLE alone cost 15 points of test accuracy, docs/ip.md).
 
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -62,6 +68,11 @@ class WaffleParams(BaseModel):
     max_steps: int = Field(100, ge=0, description="step budget per round")
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding")
     batch_size: int = Field(16, ge=1, description="trigger examples per step")
+    rounds: Literal["every", "last"] = Field(
+        "every",
+        description="embed after every aggregation (the paper) or only after the last round's (the published model; "
+        "with client_watermark's owner key every copy sent out is marked anyway)",
+    )
     preserve: PreserveParams | None = Field(
         None, description="distillation on public text during the embedding (ip/preserve.py; not in the paper): {data: {source: ...}, weight}"
     )
@@ -105,6 +116,8 @@ class Waffle:
         wb = ctx.workbench
         if wb is None:
             raise ValueError("server step waffle needs the base model (RoundContext.workbench), and this round has none")
+        if self.params.rounds == "last" and ctx.round < wb.exp.rounds:
+            return model_state, state, {"steps": 0, "seconds": 0.0}
         if self._preserver is None and self.params.preserve is not None:
             self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, WAFFLE_TAG))
         result = embed(
