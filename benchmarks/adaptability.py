@@ -85,6 +85,7 @@ DAPT = {  # federated masked-LM further pre-training on the same clients' text (
     "dapt: ffdapt, layers 0-2 + embeddings frozen": ("dapt_ffdapt", ["peft.freeze_embeddings=true"]),
     "dapt: fedbfpt-inspired progressive (depth 2, 3, 4)": ("dapt_fedbfpt", []),
 }
+FULL = ["runtime.progress=false", "runtime.threads=1"]  # --full: the example configs as written
 BEGIN, END = "<!-- adaptability:begin -->", "<!-- adaptability:end -->"
 
 
@@ -184,8 +185,19 @@ def main() -> None:
     ap.add_argument("-o", "--override", action="append", default=[], help="override passed to every run")
     ap.add_argument("--table", action="store_true", help="only print (and --doc write) the table of OUT/results.jsonl")
     ap.add_argument("--part", choices=["personalize", "multidomain", "dapt_chain", "grouped"], default="personalize")
+    ap.add_argument("--full", action="store_true",
+                    help="the example configs as written (full size), not the reduced job; doc block '<part>-full'")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.full:  # every reduced job list becomes the full-size one
+        global REDUCED, BEGIN, END
+        REDUCED = FULL
+        BEGIN, END = "<!-- adaptability-full:begin -->", "<!-- adaptability-full:end -->"
+        parts.REDUCED_DAPT = FULL
+        parts.REDUCED_MD = FULL + ["eval.clients=none"]  # the per-domain table evaluates by itself
+        parts.REDUCED_GROUPED = FULL + [  # the grouped corpus is the job: politics, clients by corpus
+            "data.source=politics", "federation.partitioner={name: by_domain}", "federation.examples_per_client=200",
+            "federation.test_examples=300", "eval.clients=none"]
     if args.part != "personalize":
         return run_part(args)
     every = {**METHODS, **DAPT}
@@ -206,7 +218,7 @@ def main() -> None:
     print(text)
     if args.doc is not None:
         when = sorted({r.get("measured", "?") for r in results})
-        write_doc(args.doc, f"Measured {', '.join(when)}; job overrides: `{' '.join(REDUCED + args.override)}`.\n\n{text}")
+        write_doc(args.doc, f"Measured {', '.join(when)}; job overrides: `{' '.join(REDUCED + args.override)}`.\n\n{text}", BEGIN, END)
 
 
 PARTS = {  # part: (labels, run one, table, results file, job overrides)
@@ -220,6 +232,7 @@ PARTS = {  # part: (labels, run one, table, results file, job overrides)
 
 def run_part(args) -> None:
     labels, run_one, render, name, job = PARTS[args.part]
+    job = {"multidomain": parts.REDUCED_MD, "dapt_chain": parts.REDUCED_DAPT, "grouped": parts.REDUCED_GROUPED}[args.part]
     path = args.out / name
     stamp = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
     if not args.table:
@@ -238,7 +251,7 @@ def run_part(args) -> None:
     if args.doc is not None:
         when = sorted({r.get("measured", "?") for r in results})
         write_doc(args.doc, f"Measured {', '.join(when)}; job overrides: `{' '.join(job)}`.\n\n{text}",
-                  f"<!-- {args.part}:begin -->", f"<!-- {args.part}:end -->")
+                  f"<!-- {args.part}{'-full' if args.full else ''}:begin -->", f"<!-- {args.part}{'-full' if args.full else ''}:end -->")
 
 
 if __name__ == "__main__":
