@@ -55,6 +55,8 @@ def run(
     """Run a federated experiment from a YAML config.
 
     A run directory that already holds files is used only with --resume (continue it) or --overwrite (replace it).
+    A stages file (a top-level `stages:` list, docs/adaptability.md) runs its stages in order into OUT/<stage name>;
+    -o STAGE:KEY=VALUE overrides one stage, --resume skips finished stages.
     """
     from fedfm.runtime.rundir import RunDirError, complete_summary, drop_replaced, prepare_run_dir, settle_failed_start
     from fedfm.stages import is_stages_file
