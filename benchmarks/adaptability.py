@@ -83,7 +83,7 @@ DAPT = {  # federated masked-LM further pre-training on the same clients' text (
     "dapt: full": ("dapt_ffdapt", ["peft={method: full}"]),
     "dapt: ffdapt, layers 0-2 frozen": ("dapt_ffdapt", []),
     "dapt: ffdapt, layers 0-2 + embeddings frozen": ("dapt_ffdapt", ["peft.freeze_embeddings=true"]),
-    "dapt: fedbfpt-inspired progressive (depth 2, 3, 4)": ("dapt_fedbfpt", []),
+    "dapt: fedbfpt PL-SDL (local 3 of 6 layers; layer 0, 0, 1 + head trained)": ("dapt_fedbfpt", []),
 }
 FULL = ["runtime.progress=false", "runtime.threads=1"]  # --full: the example configs as written
 BEGIN, END = "<!-- adaptability:begin -->", "<!-- adaptability:end -->"

@@ -101,6 +101,13 @@ def needs_deployment(example: Path) -> bool:
     return runtime.get("backend") == "flower" and (runtime.get("flower") or {}).get("mode") == "deployment"
 
 
+def last_stage(example: Path) -> str:
+    """The last stage's folder name of a stages file (fedfm.stages), else ''."""
+    raw = yaml.safe_load(example.read_text()) or {}
+    stages = raw.get("stages") if isinstance(raw, dict) else None
+    return stages[-1].get("name", "") if isinstance(stages, list) and stages and isinstance(stages[-1], dict) else ""
+
+
 def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None = None) -> dict:
     name = str(example.relative_to(ROOT / "examples"))
     if needs_deployment(example):
@@ -122,7 +129,7 @@ def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None =
         except subprocess.TimeoutExpired:
             code, log = -1, f"timed out after {timeout:.0f} s"
         wall = time.perf_counter() - start
-        row = last_row(out)
+        row = last_row(out) or last_row(out / last_stage(example))
     error = "" if code == 0 else (log.strip().splitlines() or ["(no output)"])[-1][:160]
     metric = row.get("accuracy", row.get("perplexity"))
     return {"example": name, "ok": code == 0, "wall_s": round(wall, 1),

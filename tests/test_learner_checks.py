@@ -54,5 +54,9 @@ def test_every_example_config_passes():
     root = Path(__file__).resolve().parents[1] / "examples"
     paths = sorted(root.rglob("*.yaml"))
     assert any(p.name == "scaffold.yaml" for p in paths)
+    from fedfm.stages import is_stages_file, load_stages
+
     for path in paths:
-        assert scaffold_config_problem(load_config(path)) is None, path
+        exps = [s.exp for s in load_stages(path, "runs/x")[1]] if is_stages_file(path) else [load_config(path)]
+        for exp in exps:
+            assert scaffold_config_problem(exp) is None, path

@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: run (--resume), report, data describe, list, flower."""
+"""The ``fedfm`` command line: run (--resume; a stages file: cli_stages.py), report, data describe, list, flower."""
 
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ console = Console()
 Overrides = Annotated[Optional[list[str]], typer.Option("--override", "-o", help="dotted override, e.g. train.lr=1e-3")]
 
 
-def _load(config: Path, overrides: list[str] | None):
+def _load(config: Path, overrides: list[str] | None, stage: str | None = None):
+    from fedfm.stages import is_stages_file, pick_stage
+
     try:
+        if stage is not None or is_stages_file(config):
+            return pick_stage(config, overrides or [], stage)
         return load_config(config, overrides or [])
     except ConfigError as exc:
         console.print(f"[red]{escape(str(exc))}[/]")
@@ -51,9 +55,16 @@ def run(
     """Run a federated experiment from a YAML config.
 
     A run directory that already holds files is used only with --resume (continue it) or --overwrite (replace it).
+    A stages file (a top-level `stages:` list, docs/adaptability.md) runs its stages in order into OUT/<stage name>;
+    -o STAGE:KEY=VALUE overrides one stage, --resume skips finished stages.
     """
     from fedfm.runtime.rundir import RunDirError, complete_summary, drop_replaced, prepare_run_dir, settle_failed_start
+    from fedfm.stages import is_stages_file
 
+    if is_stages_file(config):  # a top-level stages: list (cli_stages.py)
+        from fedfm.cli_stages import run_stages
+
+        return run_stages(config, override, out, progress, resume, overwrite)
     exp = _load(config, override)
     out = out or Path("runs") / exp.name
     try:
@@ -83,8 +94,19 @@ def run(
 
 def _check_inputs(exp, out: Path) -> None:
     """Data, labels and input length checked, and what loads said, before the model loads."""
-    from fedfm.data import build_federation, load_source, resolve_labels
+    _write_labels(_check_data(exp), exp, out)
+
+
+def _write_labels(labels, exp, out: Path) -> None:
     from fedfm.runtime.outputs import write_labels
+
+    if labels is not None:
+        write_labels(out, labels.mapping, labels.num_labels, exp.data.label_column)
+
+
+def _check_data(exp):
+    """The data against the model (labels, input length); returns the labels (or None)."""
+    from fedfm.data import build_federation, load_source, resolve_labels
     from fedfm.tasks.limits import validate_model_inputs
 
     console.print(escape(f"loading data: {_what_data(exp)}"))
@@ -97,8 +119,7 @@ def _check_inputs(exp, out: Path) -> None:
         console.print(escape(f"labels: {shown}{' ...' if len(labels.mapping) > 10 else ''} (model.num_labels {labels.num_labels})"))
     console.print(escape(f"loading model: {_what_model(exp)}"))
     validate_model_inputs(exp)
-    if labels is not None:
-        write_labels(out, labels.mapping, labels.num_labels, exp.data.label_column)
+    return labels
 
 
 def _what_data(exp) -> str:
@@ -270,10 +291,14 @@ def flower_register(
 
 
 @data_app.command("describe")
-def data_describe(config: Path, override: Overrides = None):
+def data_describe(
+    config: Path,
+    override: Overrides = None,
+    stage: Annotated[Optional[str], typer.Option(help="the stage to describe, in a stages file")] = None,
+):
     """Print one row per client: size, groups and label histogram; the label-to-id mapping
     and warnings (a client, training set or test set with one class only)."""
-    exp = _load(config, override)
+    exp = _load(config, override, stage)
     from fedfm.data import build_federation, describe, load_source, resolve_labels
 
     try:

@@ -1,8 +1,8 @@
 """Skip all-zero tensors: a lossless stage for payloads whose untouched parts are exact zeros.
 
 A learner that trains only part of its State in a round (DiPrompT's domain prompts a
-client did not use, ``personalize/diprompt.py``; FedBFPT's layers above the current
-depth) sends exact-zero deltas for the rest. ``{skip_zero: true}`` drops every tensor
+client did not use, ``personalize/diprompt.py``; the layers a FedBFPT client does not
+train in a round) sends exact-zero deltas for the rest. ``{skip_zero: true}`` drops every tensor
 whose entries are all exactly zero and lists the dropped names in the metadata
 (``__zero``, names joined by ``;``); decoding restores them as zeros with the shape and
 dtype of the reference State. Nothing else changes, so the bytes on the wire count only

@@ -17,9 +17,11 @@ model's, a State none of whose tensors names a base-model parameter, and adapter
 (LoRA ``lora_A``/``lora_B``, bottleneck adapters) which would need merging into the
 weights first (not implemented: chain a ``full`` or ``ffdapt`` stage).
 
-``run_chain`` runs stages one after the other in one call (stage ``i + 1`` with
-``model.init_from`` set to stage ``i``'s folder): ``python -m fedfm.personalize.init_from
-dapt.yaml finetune.yaml --out runs/chain``.
+A stages file (``fedfm.stages``: ``fedfm run STAGES.yaml --out DIR``) chains runs from one
+YAML file, with every stage checked before the first trains, ``--resume`` and
+``--overwrite``. ``run_chain`` runs raw configs one after the other in one call (stage
+``i + 1`` with ``model.init_from`` set to stage ``i``'s folder, every config validated
+first): ``python -m fedfm.personalize.init_from dapt.yaml finetune.yaml --out runs/chain``.
 """
 
 from __future__ import annotations
@@ -90,15 +92,13 @@ def run_chain(stages: list[dict[str, Any]], out: str | Path, progress: bool = Fa
     from fedfm.config import from_dict
     from fedfm.runtime.local import run_local
 
-    summaries, previous = [], None
-    for i, raw in enumerate(stages):
+    exps = []
+    for i, raw in enumerate(stages):  # every config validated before the first stage trains
         raw = copy.deepcopy(raw)
-        if previous is not None:
-            raw.setdefault("model", {})["init_from"] = str(previous)
-        folder = Path(out) / f"stage-{i}"
-        summaries.append(run_local(from_dict(raw), folder, progress=progress, overwrite=overwrite))
-        previous = folder
-    return summaries
+        if i > 0:
+            raw.setdefault("model", {})["init_from"] = str(Path(out) / f"stage-{i - 1}")
+        exps.append(from_dict(raw, f"<stage {i}>"))
+    return [run_local(exp, Path(out) / f"stage-{i}", progress=progress, overwrite=overwrite) for i, exp in enumerate(exps)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,73 @@
+"""``fedfm run STAGES.yaml --out OUT``: the stages of a stages file (``stages.py``) run one
+after the other into ``OUT/<stage name>/``, each later stage starting from the previous
+stage's final model.
+
+Before the first stage trains: every stage's config is validated (``load_stages``), the
+data of every stage is checked against its model as ``fedfm run`` checks one config
+(labels, input length), and every stage's folder is checked against the flags (``plan``).
+Then each stage runs as ``fedfm run`` runs one config: ``--overwrite`` replaces a stage's
+earlier run (kept until the new one's first checkpoint), ``--resume`` skips finished
+stages (final model present, same config) and continues an interrupted one from its last
+checkpoint; Ctrl-C says how to go on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+
+def run_stages(config: Path, overrides: list[str] | None, out: Path | None, progress: bool, resume: bool,
+               overwrite: bool) -> None:
+    from fedfm import cli
+    from fedfm.overrides import ConfigError
+    from fedfm.runtime.rundir import RunDirError, complete_summary, drop_replaced, prepare_run_dir, settle_failed_start
+    from fedfm.stages import default_out, load_stages, plan
+
+    console = cli.console
+    try:
+        out = out or default_out(config)
+        _, stages = load_stages(config, out, overrides or [])
+    except ConfigError as exc:
+        console.print(f"[red]{escape(str(exc))}[/]")
+        raise typer.Exit(2) from None
+    labels = {}
+    for st in stages:
+        console.print(escape(f"stage {st.name} ({st.index + 1} of {len(stages)}): checking"))
+        try:
+            labels[st.name] = cli._check_data(st.exp)
+        except cli.USER_ERRORS as exc:
+            console.print(f"[red]error:[/] {escape(f'stage {st.name!r}: {exc}')}")
+            raise typer.Exit(1) from None
+    try:
+        actions = plan(stages, resume, overwrite)
+    except RunDirError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    for st, action in zip(stages, actions):
+        head = f"stage {st.name} ({st.index + 1} of {len(stages)})"
+        if action == "skip":
+            console.print(escape(f"{head}: finished in {st.out}, skipped"))
+            continue
+        rd = prepare_run_dir(st.out, action == "resume", action == "overwrite")
+        start = f", resuming after round {rd.resume_after}" if rd.resume_after is not None else ""
+        console.print(escape(f"{head} -> {st.out}{start}"))
+        try:
+            cli._write_labels(labels[st.name], st.exp, st.out)
+            summary = cli._execute(st.exp, st.out, progress, rd.mode == "resume")
+        except KeyboardInterrupt:
+            cli._interrupted(rd, cli._continue_command(config, overrides, out))
+        except cli.USER_ERRORS as exc:
+            note = settle_failed_start(rd)
+            console.print(f"[red]error:[/] {escape(f'stage {st.name!r}: {exc}')}")
+            if note:
+                console.print(escape(note))
+            raise typer.Exit(1) from None
+        except BaseException:
+            settle_failed_start(rd)
+            raise
+        drop_replaced(st.out)
+        cli._done(st.exp, complete_summary(st.out, summary), st.out)
+    console.print(escape(f"stages done: {', '.join(st.name for st in stages)} -> {out}"))
