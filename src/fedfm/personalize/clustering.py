@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from fedfm.core.types import State
@@ -46,8 +47,9 @@ def flatten(payload: State, names: Sequence[str] | None = None) -> torch.Tensor:
     return torch.cat([payload[k].reshape(-1).double() for k in keys])
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 50) -> list[int]:
-    """Cluster the rows of ``x`` (n, d) by cosine similarity into ``k`` clusters.
+def spherical_kmeans_fit(x: torch.Tensor, k: int, iters: int = 50) -> tuple[list[int], torch.Tensor]:
+    """Cluster the rows of ``x`` (n, d) by cosine similarity into ``k`` clusters:
+    (labels, unit centres (k, d)).
 
     Start: row 0 is the first centre; each next centre is the row least similar to its
     nearest centre so far (farthest point). Then Lloyd iterations on the unit sphere:
@@ -75,7 +77,36 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 50) -> list[int]:
             if members:
                 mean = unit[members].mean(0)
                 c[j] = mean / mean.norm().clamp_min(1e-12)
-    return labels
+    return labels, c
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 50) -> list[int]:
+    """The labels of ``spherical_kmeans_fit``."""
+    return spherical_kmeans_fit(x, k, iters)[0]
+
+
+def nearest_centre(v: torch.Tensor, centres: torch.Tensor) -> int:
+    """Index of the centre (rows of ``centres``, unit) most similar in cosine to ``v``
+    (the lowest index on ties)."""
+    unit = v.double() / v.double().norm().clamp_min(1e-12)
+    return int(torch.argmax(centres.double() @ unit))
+
+
+def align_labels(new: Sequence[int], old: Sequence[int], k: int) -> list[int]:
+    """``perm`` with ``perm[new label]`` = the old cluster index it continues: the matching
+    of new clusters to old indices that keeps the most clients in their cluster (Hungarian
+    method on the k x k overlap counts; old label -1 = no cluster yet, counted nowhere)."""
+    from scipy.optimize import linear_sum_assignment
+
+    overlap = np.zeros((k, k), dtype=np.int64)
+    for a, b in zip(new, old):
+        if b >= 0:
+            overlap[a, b] += 1
+    rows, cols = linear_sum_assignment(-overlap)
+    perm = [0] * k
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        perm[r] = c
+    return perm
 
 
 def cluster_updates(payloads: Sequence[State], k: int, names: Sequence[str] | None = None) -> list[int]:
