@@ -75,8 +75,8 @@ METHODS = {  # label: (example config, extra overrides)
     "feddat": ("feddat", []),
     "ifca k=2": ("ifca", ["eval.clients=none"]),
     "given clusters (label) k=2": ("given_clusters", ["eval.clients=none"]),
-    "update clusters k=2 (one global model)": (
-        "update_clusters", ["federation.client_holdout=0.2", "eval.clients=all"]
+    "update clusters k=2 (one global model)": (  # report only; update_clusters serves a model per cluster (--part grouped)
+        "local_head", ["peft.local=[]", "server_steps=[{name: cluster_report, source: updates, k: 2, warmup: 2, truth_column: label}]"]
     ),
 }
 DAPT = {  # federated masked-LM further pre-training on the same clients' text (labels unused)

@@ -25,7 +25,12 @@ round, as in FL-TAC. What is FL-TAC-inspired only:
   the clusters found then are kept;
 - cluster indices stay stable across re-clusterings (new clusters are matched to old
   indices keeping the most clients in place, ``clustering.align_labels``), so a client
-  that skips a round keeps its cluster.
+  that skips a round keeps its cluster; FL-TAC's clients all take part in every round, so
+  the rule for a client first seen after the clustering (below) is this framework's.
+
+Checked against the authors' code (``fltac/server.py``: scikit-learn ``KMeans`` with K =
+the number of tasks and ``n_init=10`` on the flattened adapters, then a sample-weighted
+average per cluster; ``fltac/trainer.py``: both every round from round 1).
 
 Server state: cluster 0's model is ``model`` (what the global evaluation, ``final
 .safetensors`` and ``fedfm report`` see), cluster j >= 1 is the group ``model.<j>``
