@@ -218,6 +218,8 @@ def test_resume_gives_identical_results(full):
         ({"aggregator": {"rule": "median"}}, r"update_clusters: aggregates each cluster"),
         ({"server_optimizer": {"name": "sgd", "lr": 0.5}}, r"sgd with lr 1"),
         ({"peft.local": ["*classifier*"]}, r"local part"),
+        ({"server_steps": [{"name": "cluster_report", "source": "server"}, {"name": "weak_dp", "std": 0.1}]},
+         r"'weak_dp' works on the delta of cluster 0 only"),
     ],
 )
 def test_refused_combinations(tmp_path, change, match):
@@ -240,3 +242,13 @@ def test_report_from_the_server_needs_the_learner(tmp_path):
     raw["server_steps"] = [{"name": "cluster_report", "source": "meta", "client_eval": "all"}]
     with pytest.raises(ConfigError, match="client_eval 'all' needs source: server"):
         from_dict(raw)
+
+
+def test_every_round_with_fewer_updates_than_k_keeps_the_clusters():
+    server, state, _ = clustered("cluster_mean", "every_round")
+    # one update (client 4, new, sent the anchor [1, 1]) < k = 2: no k-means; it joins the
+    # nearest centre: [3, 0.5] is closest to x (cluster 0). Cluster 0's only member this round:
+    # [4.5, 1] + ([1, 1] + [3, 0.5] - [4.5, 1]) = [4, 1.5], its adapter.
+    new, notes = aggregate(server, state, [up(4, [3, 0.5], 1)], 3)
+    assert notes["event"] == "kept" and new[GROUP]["assign"].tolist() == [0, 0, 1, 1, 0]
+    assert new["model"]["w"].tolist() == [4.0, 1.5] and new["model.1"]["w"].tolist() == [1.0, 2.5]

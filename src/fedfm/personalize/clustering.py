@@ -9,8 +9,12 @@ and purity against known groups.
   Federated Learning via Low-Rank, Task-Specific Adapter Clustering"): spherical k-means
   (cosine similarity) on the flattened updates, with a deterministic farthest-point start,
   so the same updates always give the same clusters. FL-TAC clusters task-specific
-  adapters with k-means; this is that clustering step only (FL-TAC-inspired), not its
-  per-task adapters. Clusters *given* by the data (a language family, as in FedLFC, Guo et
+  adapters with k-means; this is that clustering step (FL-TAC-inspired: cosine, not
+  Euclidean), used by the ``cluster_report`` step and by the ``update_clusters`` learner
+  (``personalize/update_clusters.py``), which serves a model per cluster.
+  ``spherical_kmeans_fit`` also returns the unit centres; ``nearest_centre`` assigns a new
+  vector to the most similar centre; ``align_labels`` matches a new clustering to the old
+  cluster indices (scipy's Hungarian method) so indices stay stable across re-clusterings. Clusters *given* by the data (a language family, as in FedLFC, Guo et
   al. 2024b, "FedLFC: Towards Efficient Federated Multilingual Modeling with LoRA-based
   Language Family Clustering") come from the client's profile instead (``personalize/ifca.py``).
 - ``purity``: the fraction of clients whose cluster's majority group is their own group.

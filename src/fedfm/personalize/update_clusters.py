@@ -51,8 +51,8 @@ A round (``combine_updates``; the server part's per-client ``instruction`` hook 
   (it never sent an update before the clustering: partial participation) is sent the
   anchor and, with ``recluster: never``, joins the cluster whose centre is nearest (cosine)
   to its first update (``anchor + delta - anchor``); with ``every_round`` the round's
-  adapters (``sent + delta - anchor``) are clustered afresh (at least K updates; fewer:
-  the nearest-centre rule for everyone) and every participant takes its new cluster.
+  adapters (``sent + delta - anchor``) are clustered afresh and every participant takes its
+  new cluster (a round with fewer than K updates keeps the clusters, newcomers nearest).
   Cluster c then moves to ``model_c + fedavg_i(sent_i + delta_i - model_c)`` over the
   round's members i of c (weights: examples), i.e. the weighted mean of its members'
   adapters; a member sent ``model_c`` contributes exactly its delta, so with ``recluster:
