@@ -8,7 +8,7 @@ LLM Agents). What matches FL-TAC: the server clusters the adapters it receives w
 k-means into K clusters, without any label from the clients, and averages each cluster's
 adapters over its own members only (example-weighted FedAvg), giving K task-specific
 adapters; with ``recluster: every_round`` it re-runs the k-means every round on the
-adapters the clients return, as FL-TAC's Algorithm 1 does, and ``start: cluster_mean``
+adapters the clients return, as the authors' training loop does, and ``start: cluster_mean``
 makes each cluster's first model the FedAvg of its members' adapters of the clustering
 round, as in FL-TAC. What is FL-TAC-inspired only:
 
@@ -20,9 +20,9 @@ round, as in FL-TAC. What is FL-TAC-inspired only:
   global model the clustering round started from); FL-TAC runs Euclidean k-means
   (scikit-learn, 10 random restarts) on the adapters themselves;
 - FL-TAC clusters from round 1; here rounds ``1 .. warmup_rounds`` train one global model
-  (plain FedAvg) and the updates of round ``warmup_rounds`` are the first clustered (the
-  warm-up of FedLFC-style / clustered-FL methods), and by default (``recluster: never``)
-  the clusters found then are kept;
+  (plain FedAvg) and the updates of round ``warmup_rounds`` are the first clustered (all
+  from the same global model, so they are comparable), and by default (``recluster:
+  never``) the clusters found then are kept;
 - cluster indices stay stable across re-clusterings (new clusters are matched to old
   indices keeping the most clients in place, ``clustering.align_labels``), so a client
   that skips a round keeps its cluster; FL-TAC's clients all take part in every round, so
@@ -30,7 +30,10 @@ round, as in FL-TAC. What is FL-TAC-inspired only:
 
 Checked against the authors' code (``fltac/server.py``: scikit-learn ``KMeans`` with K =
 the number of tasks and ``n_init=10`` on the flattened adapters, then a sample-weighted
-average per cluster; ``fltac/trainer.py``: both every round from round 1).
+average per cluster; ``fltac/trainer.py``: both every round from round 1). The k-means
+and the label matching are ``personalize/clustering.py``'s (written by hand there, see its
+docstring); the rest is this framework's round: which State each client is sent and how
+each cluster's model moves.
 
 Server state: cluster 0's model is ``model`` (what the global evaluation, ``final
 .safetensors`` and ``fedfm report`` see), cluster j >= 1 is the group ``model.<j>``
@@ -74,8 +77,8 @@ Refused at config time (``update_clusters_config_problems``): a rule other than
 ``fedavg`` or a server optimizer other than ``sgd`` lr 1 (cluster 0 goes through the
 optimizer, the others not); ``k`` above the clients or the clients per round;
 ``warmup_rounds >= rounds``; ``client_eval`` with ``peft.local`` or the Flower backend;
-server steps at stage ``delta`` (they would change cluster 0
-only) or with per-client States (``client_state``: the per-cluster instruction replaces
+server steps at stage ``delta`` (they would change
+cluster 0 only) or with per-client States (``client_state``: the per-cluster instruction replaces
 them); ``eval.clients`` other than ``none``; a missing ``cluster_report`` with ``source:
 server``.
 """
