@@ -26,8 +26,8 @@ re-renders them without running).
 
 ``--part multidomain`` (FedAPT and DiPrompT-inspired prompts against a single shared prompt,
 per domain), ``--part dapt_chain`` (fine-tuning with and without a DAPT stage at equal
-rounds) and ``--part grouped`` (IFCA K = 1 against K = 2 and the given clusters on clients
-grouped by corpus: purity and per-client accuracy) run the jobs of
+rounds) and ``--part grouped`` (IFCA K = 1 against K = 2, the given clusters and
+``update_clusters`` on clients grouped by corpus: purity and per-client accuracy) run the jobs of
 ``benchmarks/adaptability_parts.py`` (their own overrides, results files and doc blocks).
 """
 

@@ -15,8 +15,10 @@ against their true domain and the accuracy of the global prompt alone.
 ``--part grouped`` (REDUCED_GROUPED): ``examples/adaptability/ifca.yaml`` on the politics
 corpus with 8 clients grouped by corpus (``by_domain``): K = 1 (FedAvg, whose updates
 ``cluster_report`` clusters after round 2), K = 2 (IFCA's lowest loss) and K = 2 given by
-the corpus column (``assign: profile``); per-client accuracy with each client's cluster
-model, purity against the corpus and against each client's majority party.
+the corpus column (``assign: profile``), and ``examples/adaptability/update_clusters.yaml``
+(one LoRA for rounds 1-2, then one per cluster of the round-2 updates); per-client accuracy
+with each client's cluster model, purity against the corpus and against each client's
+majority party.
 
 ``--part dapt_chain`` (REDUCED_DAPT): party classification of 2012 convention passages with
 LoRA, started from MiniLM (no DAPT, R1 + R2 rounds) or from the final State of R1 rounds
