@@ -26,8 +26,8 @@ re-renders them without running).
 
 ``--part multidomain`` (FedAPT and DiPrompT-inspired prompts against a single shared prompt,
 per domain), ``--part dapt_chain`` (fine-tuning with and without a DAPT stage at equal
-rounds) and ``--part grouped`` (IFCA K = 1 against K = 2 and the given clusters on clients
-grouped by corpus: purity and per-client accuracy) run the jobs of
+rounds) and ``--part grouped`` (IFCA K = 1 against K = 2, the given clusters and
+``update_clusters`` on clients grouped by corpus: purity and per-client accuracy) run the jobs of
 ``benchmarks/adaptability_parts.py`` (their own overrides, results files and doc blocks).
 """
 
@@ -75,8 +75,8 @@ METHODS = {  # label: (example config, extra overrides)
     "feddat": ("feddat", []),
     "ifca k=2": ("ifca", ["eval.clients=none"]),
     "given clusters (label) k=2": ("given_clusters", ["eval.clients=none"]),
-    "update clusters k=2 (one global model)": (
-        "update_clusters", ["federation.client_holdout=0.2", "eval.clients=all"]
+    "update clusters k=2 (one global model)": (  # report only; update_clusters serves a model per cluster (--part grouped)
+        "local_head", ["peft.local=[]", "server_steps=[{name: cluster_report, source: updates, k: 2, warmup: 2, truth_column: label}]"]
     ),
 }
 DAPT = {  # federated masked-LM further pre-training on the same clients' text (labels unused)

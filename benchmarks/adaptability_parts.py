@@ -15,8 +15,10 @@ against their true domain and the accuracy of the global prompt alone.
 ``--part grouped`` (REDUCED_GROUPED): ``examples/adaptability/ifca.yaml`` on the politics
 corpus with 8 clients grouped by corpus (``by_domain``): K = 1 (FedAvg, whose updates
 ``cluster_report`` clusters after round 2), K = 2 (IFCA's lowest loss) and K = 2 given by
-the corpus column (``assign: profile``); per-client accuracy with each client's cluster
-model, purity against the corpus and against each client's majority party.
+the corpus column (``assign: profile``), and ``examples/adaptability/update_clusters.yaml``
+(one LoRA for rounds 1-2, then one per cluster of the round-2 updates); per-client accuracy
+with each client's cluster model, purity against the corpus and against each client's
+majority party.
 
 ``--part dapt_chain`` (REDUCED_DAPT): party classification of 2012 convention passages with
 LoRA, started from MiniLM (no DAPT, R1 + R2 rounds) or from the final State of R1 rounds
@@ -172,6 +174,8 @@ GROUPED = {  # label: (K, server step): IFCA on clients grouped by corpus (by_do
         1, {"name": "cluster_report", "source": "updates", "k": 2, "warmup": 2, "truth_column": "domain"}),
     "ifca k=2 (lowest loss)": (2, {"name": "cluster_report", "truth_column": "domain"}),
     "given clusters k=2 (the corpus column)": (2, {"name": "cluster_report", "truth_column": "domain"}),
+    # examples/adaptability/update_clusters.yaml: one LoRA for rounds 1-2, then one per cluster of the round-2 updates
+    "update clusters k=2 (served after a 2-round warm-up)": (2, None),
 }
 
 
@@ -180,10 +184,11 @@ def run_grouped(label: str, out: Path) -> dict:
     per-client accuracy with each client's own cluster model, purity against the corpus
     (and against each client's majority party)."""
     from fedfm.personalize.cluster_eval import cluster_client_eval
-    from fedfm.personalize.clustering import purity
     from fedfm.personalize.ifca import clusters_from_column
 
     k, step = GROUPED[label]
+    if step is None:
+        return run_update_clusters(label, k, out)
     raw = raw_config("ifca", REDUCED_GROUPED + [f"learner.k={k}"])
     raw["server_steps"] = [step]
     if label.startswith("given"):  # FedLFC-style: the cluster of a client is its corpus (assign: profile)
@@ -202,7 +207,37 @@ def run_grouped(label: str, out: Path) -> dict:
     found = next(g["assign"] for name, g in ss.items() if name.endswith(".cluster_report")).tolist()
     models = found if k > 1 else [0] * len(found)  # k = 1: the one model; the step clustered updates
     ev = cluster_client_eval(rt.wb, ss, k, models, rt.store)
+    return grouped_result(label, k, rt, found, ev, time.perf_counter() - t0)
+
+
+def run_update_clusters(label: str, k: int, out: Path) -> dict:
+    """``update_clusters`` on the grouped job: its own per-client evaluation (each client with
+    the model it is served, in the last round's ``cluster_report`` metrics), checked here
+    against a recomputation from the final server state."""
+    from fedfm.personalize.cluster_eval import client_accuracies, summary
+    from fedfm.personalize.update_clusters import GROUP, served
+
+    exp = from_dict(raw_config("update_clusters", REDUCED_GROUPED + [f"learner.k={k}"]), "update_clusters")
+    t0 = time.perf_counter()
+    rt = LocalRuntime(exp, out / f"grouped-update-clusters-k{k}", overwrite=True)
+    rt.run()
     wall = time.perf_counter() - t0
+    ss = rt.loop.server_state
+    accs = client_accuracies(rt.wb, lambda c: served(ss, c)[1], [c.cid for c in rt.wb.clients])
+    ev = {**summary(accs), "per_client": accs}
+    last = json.loads((rt.out / "metrics.jsonl").read_text().splitlines()[-1])
+    if abs(last["cluster_report.client_accuracy_mean"] - ev["client_accuracy_mean"]) > 1e-9:
+        raise SystemExit(f"per-client accuracy in metrics.jsonl {last['cluster_report.client_accuracy_mean']} "
+                         f"differs from the recomputation {ev['client_accuracy_mean']}")
+    res = grouped_result(label, k, rt, ss[GROUP]["assign"].tolist(), ev, wall)
+    res["clustered_round"] = int(ss[GROUP]["clustered"][0])
+    return res
+
+
+def grouped_result(label: str, k: int, rt, found: list[int], ev: dict, wall: float) -> dict:
+    from fedfm.personalize.clustering import purity
+    from fedfm.personalize.ifca import clusters_from_column
+
     frame, clients = rt.wb.federation.frame, rt.wb.clients
     domain = clusters_from_column(frame, clients, "domain")
     party = clusters_from_column(frame, clients, "label")

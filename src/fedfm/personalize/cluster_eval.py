@@ -1,21 +1,28 @@
-"""Per-client accuracy with each client's own cluster model (IFCA, given clusters).
+"""Per-client accuracy with each client's own cluster model (IFCA, given clusters,
+update clusters).
 
 The round loop's per-client evaluation (``eval.clients``) sends every client the State of
-cluster 0 (``model``); until the algorithm can name a State per client for evaluation
-(docs/adaptability.md), this evaluates each client's held-out slice
-(``federation.client_holdout``) with the model of its cluster, from the run's final server
-state: the assignment kept by ``cluster_report``, or, for a client never assigned, the
-lowest-loss model on its training examples (IFCA's own choice). A client's local part
-(``peft.local``) comes from its store, as in the loop's evaluation.
+cluster 0 (``model``). Here each client's held-out slice (``federation.client_holdout``)
+is evaluated with the model of its cluster, on the server's workbench (the local backend,
+where the server process holds the clients' data):
+
+- ``client_accuracies(wb, state_of, cids)``: the accuracy of each client under the State
+  ``state_of(cid)`` returns; ``summary`` gives the mean and worst decile as the loop
+  reports them. ``cluster_report`` (``source: server``, ``client_eval: all``) calls them
+  every evaluating round of an ``update_clusters`` run;
+- ``cluster_client_eval``: after an IFCA run, from its final server state: the assignment
+  kept by ``cluster_report``, or, for a client never assigned, the lowest-loss model on
+  its training examples (IFCA's own choice). A client's local part (``peft.local``) comes
+  from its store, as in the loop's evaluation.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from fedfm.core.types import ServerState
+from fedfm.core.types import ServerState, State
 from fedfm.personalize.clustering import ifca_choice
 from fedfm.personalize.ifca import group_name
 from fedfm.runtime.client import LOCAL_KEY
@@ -26,19 +33,36 @@ def worst_decile(values: list[float]) -> float:
     return float(np.mean(sorted(values)[:k]))
 
 
-def cluster_client_eval(wb, server_state: ServerState, k: int, assign: list[int] | None = None, store=None) -> dict[str, Any]:
+def client_accuracies(wb, state_of: Callable[[int], State], cids: Iterable[int]) -> dict[int, float]:
+    """Accuracy of each client (with a held-out slice) under ``state_of(cid)``."""
     accs: dict[int, float] = {}
-    for c in wb.clients:
-        items = wb.eval_examples(c.cid)
-        if not items:
-            continue
-        local = store.get(c.cid, LOCAL_KEY) if store is not None else None
+    for cid in cids:
+        items = wb.eval_examples(cid)
+        if items:
+            accs[cid] = float(wb.evaluate(state_of(cid), wb.batches(items))["accuracy"])
+    return accs
+
+
+def summary(accs: dict[int, float]) -> dict[str, Any]:
+    values = list(accs.values())
+    if not values:
+        return {}
+    return {"client_accuracy_mean": float(np.mean(values)), "client_accuracy_worst10": worst_decile(values),
+            "client_evaluated": len(values)}
+
+
+def cluster_client_eval(wb, server_state: ServerState, k: int, assign: list[int] | None = None, store=None) -> dict[str, Any]:
+    def state_of(cid: int) -> State:
+        local = store.get(cid, LOCAL_KEY) if store is not None else None
         local = local or {}
         models = [{**server_state[group_name(j)], **local} for j in range(k)]
-        j = assign[c.cid] if assign is not None and assign[c.cid] >= 0 else -1
+        j = assign[cid] if assign is not None and assign[cid] >= 0 else -1
         if j < 0:
-            train = wb.batches(wb.examples(c.cid)[:64])
+            train = wb.batches(wb.examples(cid)[:64])
             j = ifca_choice([wb.evaluate(m, train)["loss"] for m in models])
-        accs[c.cid] = wb.evaluate(models[j], wb.batches(items))["accuracy"]
-    values = list(accs.values())
-    return {"client_accuracy_mean": float(np.mean(values)), "client_accuracy_worst10": worst_decile(values), "per_client": accs}
+        return models[j]
+
+    accs = client_accuracies(wb, state_of, [c.cid for c in wb.clients])
+    out = summary(accs)
+    out.pop("client_evaluated", None)
+    return {**out, "per_client": accs}

@@ -18,10 +18,21 @@ Metrics (``cluster_report.<key>`` in metrics.jsonl): ``assigned`` (clients with 
 with ``truth_column`` (each client's majority value of that data column) or
 ``truth_profile`` (a profile key), ``purity`` (``clustering.purity``).
 
-With ``source: updates`` the clusters are found and reported, but serving each cluster its
-own model after the warm-up needs the server to send different models to different
-clients, which ``runtime/algorithm.py`` cannot yet do (docs/adaptability.md gives the
-change); meanwhile the found assignment can seed ``ifca`` with ``assign: profile``.
+With ``source: updates`` the clusters are found and reported only: the run keeps one
+global model. The learner ``update_clusters`` (``personalize/update_clusters.py``) serves
+each cluster its own model after the warm-up; its clusters are reported with
+
+- ``source: server``: the clusters the ``update_clusters`` server part kept this round (it
+  leaves them in ``RoundContext.notes["clusters"]``); the step then runs at stage
+  ``model`` (after the aggregation, on the new models) and also reports ``event``
+  (``warmup``, ``clustered``, ``reclustered``, ``kept``), ``clustered`` (the round of the
+  first clustering, 0 before) and ``moved`` (participants whose cluster changed). With
+  ``client_eval: all`` it evaluates, in every evaluating round (``eval.every`` and the
+  last), each client's held-out slice with the model it is served (its cluster's; the
+  global model before the clustering; the anchor for a client without a cluster) on the
+  server's workbench (``cluster_eval.client_accuracies``; local backend only, no
+  ``peft.local``): ``client_accuracy_mean``, ``client_accuracy_worst10``,
+  ``client_evaluated``.
 """
 
 from __future__ import annotations
@@ -34,22 +45,28 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import State, Update
+from fedfm.personalize.cluster_eval import client_accuracies, summary
 from fedfm.personalize.clustering import cluster_updates, purity
 from fedfm.personalize.ifca import META, clusters_from_column
 
 
 class ClusterReportParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: Literal["meta", "updates"] = Field("meta", description="meta: the clients' own choice; updates: cluster the updates")
+    source: Literal["meta", "updates", "server"] = Field(
+        "meta", description="meta: the clients' own choice; updates: cluster the updates; server: the clusters of update_clusters")
     k: int = Field(2, ge=1, description="clusters to find (source: updates)")
     warmup: int = Field(1, ge=1, description="first round whose updates may be clustered (source: updates)")
     truth_column: str | None = Field(None, description="data column giving each client's known group (majority)")
     truth_profile: str | None = Field(None, description="profile key giving each client's known group")
+    client_eval: Literal["none", "all"] = Field(
+        "none", description="all: evaluate each client's held-out slice with its cluster's model (source: server)")
 
     @model_validator(mode="after")
     def _one_truth(self):
         if self.truth_column is not None and self.truth_profile is not None:
             raise ValueError("give at most one of truth_column and truth_profile")
+        if self.client_eval != "none" and self.source != "server":
+            raise ValueError(f"client_eval '{self.client_eval}' needs source: server (got source '{self.source}')")
         return self
 
 
@@ -74,9 +91,13 @@ class ClusterReport:
 
     def __init__(self, params: ClusterReportParams):
         self.p = params
+        self.stage = "model" if params.source == "server" else "updates"
         self._truth: dict[int, object] | None = None
 
-    def __call__(self, updates: list[Update], ctx: RoundContext, state: State):
+    def __call__(self, value, ctx: RoundContext, state: State):
+        if self.p.source == "server":
+            return self.served(value, ctx)
+        updates: list[Update] = value
         assign = state["assign"].clone() if "assign" in state else torch.full((ctx.num_clients,), -1, dtype=torch.int64)
         done = state.get("done", torch.zeros(1, dtype=torch.int64)).clone()
         if self.p.source == "meta":
@@ -88,9 +109,13 @@ class ClusterReport:
             for u, lab in zip(updates, labels):
                 assign[u.cid] = lab
             done[0] = 1
+        return updates, {"assign": assign, "done": done}, self.report(assign, ctx)
+
+    def report(self, assign: torch.Tensor, ctx: RoundContext, k: int | None = None) -> dict[str, object]:
+        top = int(assign.max()) + 1 if k is None else k
         metrics: dict[str, object] = {
             "assigned": int((assign >= 0).sum()),
-            "sizes": [int((assign == j).sum()) for j in range(int(assign.max()) + 1)] if int(assign.max()) >= 0 else [],
+            "sizes": [int((assign == j).sum()) for j in range(top)] if int(assign.max()) >= 0 else [],
             "assign": assign.tolist(),
         }
         if self._truth is None:
@@ -98,7 +123,39 @@ class ClusterReport:
         assigned = {c: int(assign[c]) for c in range(len(assign)) if int(assign[c]) >= 0}
         if self._truth is not None and any(c in self._truth for c in assigned):
             metrics["purity"] = purity(assigned, self._truth)
-        return updates, {"assign": assign, "done": done}, metrics
+        return metrics
+
+    def served(self, model: State, ctx: RoundContext):
+        """``source: server``: report the clusters of this round and evaluate each client
+        with its cluster's model (``model`` = cluster 0's new State)."""
+        notes = ctx.notes.get(NOTES)
+        if notes is None:
+            raise ValueError("cluster_report (source: server): no server part left clusters in this round's notes "
+                             "(it reads learner update_clusters)")
+        assign = notes["assign"]
+        metrics = self.report(assign, ctx, notes["k"])
+        metrics.update(event=notes["event"], clustered=notes["clustered"], moved=notes["moved"])
+        if self.p.client_eval == "all" and evaluating(ctx):
+
+            def state_of(cid: int) -> State:
+                j = int(assign[cid])
+                if j == 0:
+                    return model
+                if j > 0:
+                    return notes["models"][j]
+                return model if notes["unassigned"] is None else notes["unassigned"]
+
+            metrics.update(summary(client_accuracies(ctx.workbench, state_of, [c.cid for c in ctx.clients])))
+        return model, {"assign": assign.clone()}, metrics
+
+
+def evaluating(ctx: RoundContext) -> bool:
+    """Whether the loop evaluates this round (``eval.every``, and the last round)."""
+    exp = ctx.workbench.exp
+    return ctx.round % exp.eval.every == 0 or ctx.round == exp.rounds
+
+
+NOTES = "clusters"  # the RoundContext.notes key of personalize/update_clusters.py
 
 
 register_server_step("cluster_report", ClusterReport, ClusterReportParams)

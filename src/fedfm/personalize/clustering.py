@@ -9,8 +9,12 @@ and purity against known groups.
   Federated Learning via Low-Rank, Task-Specific Adapter Clustering"): spherical k-means
   (cosine similarity) on the flattened updates, with a deterministic farthest-point start,
   so the same updates always give the same clusters. FL-TAC clusters task-specific
-  adapters with k-means; this is that clustering step only (FL-TAC-inspired), not its
-  per-task adapters. Clusters *given* by the data (a language family, as in FedLFC, Guo et
+  adapters with k-means; this is that clustering step (FL-TAC-inspired: cosine, not
+  Euclidean), used by the ``cluster_report`` step and by the ``update_clusters`` learner
+  (``personalize/update_clusters.py``), which serves a model per cluster.
+  ``spherical_kmeans_fit`` also returns the unit centres; ``nearest_centre`` assigns a new
+  vector to the most similar centre; ``align_labels`` matches a new clustering to the old
+  cluster indices (scipy's Hungarian method) so indices stay stable across re-clusterings. Clusters *given* by the data (a language family, as in FedLFC, Guo et
   al. 2024b, "FedLFC: Towards Efficient Federated Multilingual Modeling with LoRA-based
   Language Family Clustering") come from the client's profile instead (``personalize/ifca.py``).
 - ``purity``: the fraction of clients whose cluster's majority group is their own group.
@@ -24,6 +28,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from fedfm.core.types import State
@@ -46,8 +51,9 @@ def flatten(payload: State, names: Sequence[str] | None = None) -> torch.Tensor:
     return torch.cat([payload[k].reshape(-1).double() for k in keys])
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 50) -> list[int]:
-    """Cluster the rows of ``x`` (n, d) by cosine similarity into ``k`` clusters.
+def spherical_kmeans_fit(x: torch.Tensor, k: int, iters: int = 50) -> tuple[list[int], torch.Tensor]:
+    """Cluster the rows of ``x`` (n, d) by cosine similarity into ``k`` clusters:
+    (labels, unit centres (k, d)).
 
     Start: row 0 is the first centre; each next centre is the row least similar to its
     nearest centre so far (farthest point). Then Lloyd iterations on the unit sphere:
@@ -75,7 +81,36 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 50) -> list[int]:
             if members:
                 mean = unit[members].mean(0)
                 c[j] = mean / mean.norm().clamp_min(1e-12)
-    return labels
+    return labels, c
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 50) -> list[int]:
+    """The labels of ``spherical_kmeans_fit``."""
+    return spherical_kmeans_fit(x, k, iters)[0]
+
+
+def nearest_centre(v: torch.Tensor, centres: torch.Tensor) -> int:
+    """Index of the centre (rows of ``centres``, unit) most similar in cosine to ``v``
+    (the lowest index on ties)."""
+    unit = v.double() / v.double().norm().clamp_min(1e-12)
+    return int(torch.argmax(centres.double() @ unit))
+
+
+def align_labels(new: Sequence[int], old: Sequence[int], k: int) -> list[int]:
+    """``perm`` with ``perm[new label]`` = the old cluster index it continues: the matching
+    of new clusters to old indices that keeps the most clients in their cluster (Hungarian
+    method on the k x k overlap counts; old label -1 = no cluster yet, counted nowhere)."""
+    from scipy.optimize import linear_sum_assignment
+
+    overlap = np.zeros((k, k), dtype=np.int64)
+    for a, b in zip(new, old):
+        if b >= 0:
+            overlap[a, b] += 1
+    rows, cols = linear_sum_assignment(-overlap)
+    perm = [0] * k
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        perm[r] = c
+    return perm
 
 
 def cluster_updates(payloads: Sequence[State], k: int, names: Sequence[str] | None = None) -> list[int]:

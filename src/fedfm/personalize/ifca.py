@@ -200,11 +200,11 @@ def roles_for_clusters(groups: dict[int, str], key: str = "cluster") -> list[dic
 def ifca_config_problem(exp) -> str | None:
     if exp.learner.name != "ifca":
         return None
-    if exp.aggregator.rule != "fedavg":
-        return f"learner ifca: aggregates each cluster by its weighted mean; aggregator.rule '{exp.aggregator.rule}' would apply to cluster 0 only"
-    so = exp.server_optimizer
-    if so.name != "sgd" or float(so.params().get("lr", 1.0)) != 1.0 or float(so.params().get("momentum", 0.0)) != 0.0:
-        return "learner ifca: needs server_optimizer sgd with lr 1 (clusters 1..K-1 are moved by their plain mean)"
+    from fedfm.personalize.checks import plain_mean_problem
+
+    plain = plain_mean_problem(exp, "ifca")
+    if plain is not None:
+        return plain
     lossy = [s.get("name") for s in exp.codecs.up]
     if lossy:
         return f"learner ifca: uplink codecs {lossy} would also compress the cluster weight {WEIGHT}; not supported"
