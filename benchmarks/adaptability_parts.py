@@ -278,7 +278,7 @@ def grouped_table(results: list[dict]) -> str:
 
 
 def run_dapt_chain(label: str, out: Path) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tune = raw_config("dapt_chain_finetune", REDUCED_DAPT)
     folder = out / ("with-dapt" if "with" in label else "no-dapt")
     if "with" in label:
@@ -290,12 +290,12 @@ def run_dapt_chain(label: str, out: Path) -> dict:
         tune["rounds"], tune.setdefault("eval", {})["every"] = R1 + R2, R1 + R2
         LocalRuntime(from_dict(tune, "dapt_chain_finetune"), folder / "stage-0", overwrite=True).run()
         stages = [folder / "stage-0"]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0  # CPU: this process, every thread
     metrics = [[json.loads(x) for x in (s / "metrics.jsonl").read_text().splitlines()] for s in stages]
     last = metrics[-1][-1]
     res = {"label": label, "kind": "dapt_chain", "accuracy": last.get("accuracy"), "loss": last.get("loss"),
            "initial_accuracy": metrics[-1][0].get("accuracy"), "rounds": [len(m) - 1 for m in metrics],
-           "bytes_up": sum(r.get("bytes_up", 0) for m in metrics for r in m), "wall_s": wall}
+           "bytes_up": sum(r.get("bytes_up", 0) for m in metrics for r in m), "wall_s": wall, "cpu_s": cpu}
     if len(metrics) == 2:
         res["mlm_loss"] = [metrics[0][0].get("loss"), metrics[0][-1].get("loss")]
     return res
@@ -331,11 +331,12 @@ def multidomain_table(results: list[dict]) -> str:
 
 
 def dapt_chain_table(results: list[dict]) -> str:
-    head = ["run", "rounds (DAPT + fine-tune)", "MLM test loss r0 -> last", "party acc r0 -> last", "test loss", "bytes up", "wall s"]
+    head = ["run", "rounds (DAPT + fine-tune)", "MLM test loss r0 -> last", "party acc r0 -> last", "test loss", "bytes up", "CPU s",
+            "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         rounds = " + ".join(str(x) for x in r["rounds"]) if len(r["rounds"]) == 2 else f"0 + {r['rounds'][0]}"
         mlm = f"{fmt(r['mlm_loss'][0])} -> {fmt(r['mlm_loss'][1])}" if r.get("mlm_loss") else "-"
         lines.append(f"| {r['label']} | {rounds} | {mlm} | {fmt(r['initial_accuracy'])} -> {fmt(r['accuracy'])} | "
-                     f"{fmt(r['loss'])} | {r['bytes_up']:,} | {r['wall_s']:.0f} |")
+                     f"{fmt(r['loss'])} | {r['bytes_up']:,} | {fmt(r.get('cpu_s'), '.0f')} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
