@@ -224,7 +224,7 @@ def main() -> None:
 PARTS = {  # part: (labels, run one, table, results file, job overrides)
     "multidomain": (list(parts.MULTIDOMAIN), lambda label, out: parts.run_multidomain(label, parts.MULTIDOMAIN[label], out),
                     parts.multidomain_table, "multidomain.jsonl", parts.REDUCED_MD),
-    "dapt_chain": (["no DAPT", "with DAPT (ffdapt, layers 0-2 + embeddings frozen)"], parts.run_dapt_chain,
+    "dapt_chain": (list(parts.NO_DAPT_ROUNDS) + ["with DAPT (ffdapt, layers 0-2 + embeddings frozen)"], parts.run_dapt_chain,
                    parts.dapt_chain_table, "dapt_chain.jsonl", parts.REDUCED_DAPT),
     "grouped": (list(parts.GROUPED), parts.run_grouped, parts.grouped_table, "grouped.jsonl", parts.REDUCED_GROUPED),
 }

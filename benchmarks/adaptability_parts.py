@@ -61,6 +61,9 @@ MULTIDOMAIN = {  # label: overrides of examples/adaptability/fedapt.yaml (or the
 }
 CONFIG = {label: "diprompt" for label in MULTIDOMAIN if label.startswith("diprompt")}
 R1, R2 = 2, 2
+# fine-tuning rounds of the no-DAPT arms: equal rounds, and equal compute (a round of the
+# DAPT stage measured at about twice a fine-tuning round's CPU time: 2 x 2 + 2 = 6)
+NO_DAPT_ROUNDS = {"no DAPT": R1 + R2, "no DAPT, 6 rounds (about the DAPT arm's CPU time)": 6}
 REDUCED_DAPT = [
     "federation.clients=4",
     "federation.examples_per_client=64",
@@ -280,14 +283,15 @@ def grouped_table(results: list[dict]) -> str:
 def run_dapt_chain(label: str, out: Path) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     tune = raw_config("dapt_chain_finetune", REDUCED_DAPT)
-    folder = out / ("with-dapt" if "with" in label else "no-dapt")
+    folder = out / ("with-dapt" if "with" in label else f"no-dapt-{NO_DAPT_ROUNDS[label]}")
     if "with" in label:
         dapt = raw_config("dapt_chain_dapt", REDUCED_DAPT + [f"rounds={R1}", f"eval.every={R1}"])
         tune["rounds"], tune.setdefault("eval", {})["every"] = R2, R2
         run_chain([dapt, tune], folder, overwrite=True)
         stages = [folder / "stage-0", folder / "stage-1"]
     else:
-        tune["rounds"], tune.setdefault("eval", {})["every"] = R1 + R2, R1 + R2
+        n = NO_DAPT_ROUNDS[label]
+        tune["rounds"], tune.setdefault("eval", {})["every"] = n, n
         LocalRuntime(from_dict(tune, "dapt_chain_finetune"), folder / "stage-0", overwrite=True).run()
         stages = [folder / "stage-0"]
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0  # CPU: this process, every thread
