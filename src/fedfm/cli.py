@@ -58,7 +58,7 @@ def run(
     A stages file (a top-level `stages:` list, docs/adaptability.md) runs its stages in order into OUT/<stage name>;
     -o STAGE:KEY=VALUE overrides one stage, --resume skips finished stages.
     """
-    from fedfm.runtime.rundir import RunDirError, complete_summary, drop_replaced, prepare_run_dir, settle_failed_start
+    from fedfm.runtime.rundir import RunDirError, complete_summary, drop_replaced, prepare_run_dir
     from fedfm.stages import is_stages_file
 
     if is_stages_file(config):  # a top-level stages: list (cli_stages.py)
@@ -74,22 +74,34 @@ def run(
         raise typer.Exit(2) from None
     if rd.resume_after is not None:
         console.print(escape(f"resuming {out} after round {rd.resume_after}"))
-    try:
+
+    def start() -> dict:
         _check_inputs(exp, out)
-        summary = _execute(exp, out, progress, rd.mode == "resume")
+        return _execute(exp, out, progress, rd.mode == "resume")
+
+    summary = guarded(rd, start, lambda: _continue_command(config, override, out))
+    drop_replaced(out)
+    _done(exp, complete_summary(out, summary), out)
+
+
+def guarded(rd, start, continue_command, where: str = ""):
+    """Run ``start()`` for run directory ``rd``: Ctrl-C says how to continue, a user error is
+    printed (prefixed by ``where``) and exits 1, and a failed start is undone either way."""
+    from fedfm.runtime.rundir import settle_failed_start
+
+    try:
+        return start()
     except KeyboardInterrupt:
-        _interrupted(rd, _continue_command(config, override, out))
+        _interrupted(rd, continue_command())
     except USER_ERRORS as exc:
         note = settle_failed_start(rd)
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        console.print(f"[red]error:[/] {escape(where + str(exc))}")
         if note:
             console.print(escape(note))
         raise typer.Exit(1) from None
     except BaseException:
         settle_failed_start(rd)
         raise
-    drop_replaced(out)
-    _done(exp, complete_summary(out, summary), out)
 
 
 def _check_inputs(exp, out: Path) -> None:

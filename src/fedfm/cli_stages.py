@@ -23,7 +23,7 @@ def run_stages(config: Path, overrides: list[str] | None, out: Path | None, prog
                overwrite: bool) -> None:
     from fedfm import cli
     from fedfm.overrides import ConfigError
-    from fedfm.runtime.rundir import RunDirError, complete_summary, drop_replaced, prepare_run_dir, settle_failed_start
+    from fedfm.runtime.rundir import RunDirError, complete_summary, drop_replaced, prepare_run_dir
     from fedfm.stages import default_out, load_stages, plan
 
     console = cli.console
@@ -54,20 +54,11 @@ def run_stages(config: Path, overrides: list[str] | None, out: Path | None, prog
         rd = prepare_run_dir(st.out, action == "resume", action == "overwrite")
         start = f", resuming after round {rd.resume_after}" if rd.resume_after is not None else ""
         console.print(escape(f"{head} -> {st.out}{start}"))
-        try:
+        def start(st=st, rd=rd) -> dict:
             cli._write_labels(labels[st.name], st.exp, st.out)
-            summary = cli._execute(st.exp, st.out, progress, rd.mode == "resume")
-        except KeyboardInterrupt:
-            cli._interrupted(rd, cli._continue_command(config, overrides, out))
-        except cli.USER_ERRORS as exc:
-            note = settle_failed_start(rd)
-            console.print(f"[red]error:[/] {escape(f'stage {st.name!r}: {exc}')}")
-            if note:
-                console.print(escape(note))
-            raise typer.Exit(1) from None
-        except BaseException:
-            settle_failed_start(rd)
-            raise
+            return cli._execute(st.exp, st.out, progress, rd.mode == "resume")
+
+        summary = cli.guarded(rd, start, lambda: cli._continue_command(config, overrides, out), f"stage {st.name!r}: ")
         drop_replaced(st.out)
         cli._done(st.exp, complete_summary(st.out, summary), st.out)
     console.print(escape(f"stages done: {', '.join(st.name for st in stages)} -> {out}"))
