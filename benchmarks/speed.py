@@ -10,8 +10,10 @@ one job (default: examples/quickstart.yaml, reducible with --rounds/--clients/--
   transport (float sums depend on the thread count);
 - each lever alone: ``processes`` (``--threads`` workers of one thread each),
   ``eval unsorted`` (the length-sorted evaluation turned OFF: what sorting buys),
-  ``bf16``, ``compile``, ``bucket``, ``batched2`` / ``batched4`` (``runtime.transport:
-  batched`` with 2 / 4 clients' LoRA in one forward pass; not in the default ``--levers``);
+  ``bf16``, ``compile``, ``bucket``, ``unpad`` (padding-free BERT training),
+  ``parent`` (the processes transport with ``--threads`` - 1 workers and the run's own
+  process training too), ``batched2`` / ``batched4`` (``runtime.transport: batched`` with
+  2 / 4 clients' LoRA in one forward pass; not in the default ``--levers``);
 - the combinations given with ``--best`` (default: ``processes`` and ``processes+bucket``).
 
 For each: wall time, the wall time spent in the round's training phase (``train_s``:
@@ -56,6 +58,11 @@ LEVERS = {
     "bf16": lambda t: ["train.autocast=bf16"],
     "compile": lambda t: ["train.compile=true"],
     "bucket": lambda t: ["train.bucket_by_length=true"],
+    # padding-free BERT training (learners/unpad.py): same math and dropout masks
+    "unpad": lambda t: ["train.unpad=true"],
+    # the processes transport with the run's own process as one of the trainers
+    "parent": lambda t: ["runtime.transport=processes", f"runtime.workers={max(1, t - 1)}",
+                         "runtime.threads_per_worker=1", "runtime.parent_trains=true"],
     # several clients' LoRA in one forward pass (runtime/batched.py), K clients per pass
     "batched2": lambda t: ["runtime.transport=batched", "runtime.batch_clients=2"],
     "batched4": lambda t: ["runtime.transport=batched", "runtime.batch_clients=4"],
@@ -206,13 +213,13 @@ def main() -> None:
     best = args.best or ["processes", "processes+bucket"]
     cuda = args.device != "cpu"
     if cuda:  # CUDA cannot be used in forked workers; the plain loop of overhead.py is CPU only
-        levers = [x for x in levers if x != "processes"]
-        best = [b for b in best if "processes" not in b]
+        levers = [x for x in levers if x not in ("processes", "parent")]
+        best = [b for b in best if "processes" not in b and "parent" not in b]
     plan: list[tuple[str, str, int, list[str]]] = []
     if not cuda:
         plan.append(("plain loop", "plain", t, base))
     plan.append(("fedfm sequential", "fedfm", t, base))
-    if "processes" in levers:
+    if "processes" in levers or "parent" in levers:
         plan.append(("fedfm sequential, 1 thread", "fedfm", 1, base))
     for lever in levers:
         plan.append((lever, "fedfm", t, base + LEVERS[lever](t)))

@@ -56,9 +56,11 @@ def _store_bytes(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.safetensors"))}
 
 
-def test_processes_match_sequential_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("parent_trains", [False, True])
+def test_processes_match_sequential_bit_for_bit(tmp_path, monkeypatch, parent_trains):
     # Client-local parameters (peft.local -> the client store on disk), per-client eval
-    # (the evaluate phase reads the store's accepted writes) and 3 clients on 2 workers.
+    # (the evaluate phase reads the store's accepted writes) and 3 clients on 2 workers,
+    # or on 1 worker and the parent (runtime.parent_trains).
     over = {
         "federation.clients": 3,
         "federation.client_holdout": 0.2,
@@ -69,11 +71,17 @@ def test_processes_match_sequential_bit_for_bit(tmp_path):
     seq = LocalRuntime(from_dict(tiny_config(tmp_path, **over)), tmp_path / "seq")
     assert isinstance(seq.transport, InProcessTransport)
     seq.run()
+    here = []
+    train_here = ProcessTransport._train_here
+    monkeypatch.setattr(ProcessTransport, "_train_here", lambda self, e: here.append(e.cid) or train_here(self, e))
     par = LocalRuntime(from_dict(tiny_config(tmp_path, **over, **{
-        "runtime.transport": "processes", "runtime.workers": 2, "runtime.threads_per_worker": 1})), tmp_path / "par")
+        "runtime.transport": "processes", "runtime.workers": 1 if parent_trains else 2,
+        "runtime.threads_per_worker": 1, "runtime.parent_trains": parent_trains})), tmp_path / "par")
     assert isinstance(par.transport, ProcessTransport)
     par.run()
     assert par.transport.slots == []  # closed after the run
+    assert bool(here) == parent_trains  # the parent trained (or evaluated) some clients itself
+    assert torch.get_num_threads() == 1 and par.env.on_step is not None  # restored after each
     for k, v in seq.final_state.items():
         assert torch.equal(v, par.final_state[k]), k
     assert _rows(tmp_path / "seq") == _rows(tmp_path / "par")  # updates' loss, bytes, accuracy, client eval
@@ -118,6 +126,7 @@ def test_client_exception_in_worker_is_a_failed_client(tmp_path):
     ({"runtime.threads_per_worker": 0}, "runtime.threads_per_worker"),
     ({"runtime.transport": "processes", "runtime.device": "cuda"}, "runtime.transport: processes needs runtime.device: cpu"),
     ({"runtime.transport": "processes", "runtime.backend": "flower"}, "runtime.transport: processes is the local backend's"),
+    ({"runtime.parent_trains": True}, "runtime.parent_trains"),
 ])
 def test_transport_config_is_checked(tmp_path, over, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

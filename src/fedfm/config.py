@@ -186,10 +186,12 @@ class TrainConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     # Speed switches (docs/speed.md): bf16 autocast of the forward pass (changes the
     # float math), torch.compile of the model (same math up to kernel fusion), and
-    # length-bucketed batches (changes which examples share a batch).
+    # length-bucketed batches (changes which examples share a batch), padding-free BERT
+    # training (same math and dropout masks; weight-gradient sums round differently).
     autocast: Literal["bf16"] | None = Field(None, description="bf16: run forward passes under torch.autocast(bfloat16)")
     compile: bool = Field(False, description="torch.compile the model for training; compile time is logged")
     bucket_by_length: bool = Field(False, description="batch examples of similar length together (changes batch composition)")
+    unpad: bool = Field(False, description="BERT encoders: compute on real tokens only, not padding (same math; float rounding differs)")
 
 
 class CodecsConfig(Strict):
@@ -276,6 +278,8 @@ class RuntimeConfig(Strict):
         "sequential", description="sequential | processes (worker processes) | batched (several clients' LoRA in one forward pass)")
     workers: int | None = Field(None, ge=1, description="worker processes (processes transport); default: CPU cores // threads_per_worker")
     threads_per_worker: int = Field(1, ge=1, description="torch threads in each worker process")
+    parent_trains: bool = Field(False, description="processes transport: the run's own process trains clients too "
+                                "(one process fewer for the same concurrency; default workers: cores // threads_per_worker - 1)")
     batch_clients: int = Field(4, ge=1, description="clients trained together in one forward pass (batched transport)")
     progress: bool = True
     flower: FlowerConfig = Field(default_factory=FlowerConfig)

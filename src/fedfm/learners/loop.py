@@ -6,11 +6,12 @@ or gradient correction (SCAFFOLD) supplied by the learner. Seeded: the same
 (seed, round, client) always gives the same batches and dropout masks.
 
 Speed switches (learners/speed.py, all off by default): ``train.autocast``,
-``train.compile``, ``train.bucket_by_length``.
+``train.compile``, ``train.bucket_by_length``, ``train.unpad``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -19,6 +20,7 @@ import torch
 
 from fedfm.learners.base import LocalContext
 from fedfm.learners.speed import autocast, bucketed, compiled
+from fedfm.learners.unpad import unpadded
 
 log = logging.getLogger("fedfm.learners")
 
@@ -50,6 +52,7 @@ def train_loop(
     model = ctx.model
     params = [p for p in model.parameters() if p.requires_grad]
     forward, fresh = compiled(model) if getattr(cfg, "compile", False) else (model, False)
+    padding_free = unpadded(model) if getattr(cfg, "unpad", False) else contextlib.nullcontext()
     mode = getattr(cfg, "autocast", None)
     make_batches = bucketed if getattr(cfg, "bucket_by_length", False) else batches
     compile_s = None
@@ -63,7 +66,7 @@ def train_loop(
         for items in make_batches(ctx.examples, cfg.batch_size, gen):
             t0 = time.perf_counter()
             batch = ctx.task.collate(items, ctx.tokenizer)
-            with autocast(model, mode):
+            with autocast(model, mode), padding_free:
                 loss = ctx.task.loss(forward, batch)
             objective = loss + extra_loss() if extra_loss is not None else loss
             opt.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
 """Speed switches of the local training loop (``train.autocast``, ``train.compile``,
-``train.bucket_by_length``; docs/speed.md).
+``train.bucket_by_length``, ``train.unpad``; docs/speed.md).
 
 - ``autocast: bf16``: the forward pass (and so the loss) runs under
   ``torch.autocast(device_type, torch.bfloat16)`` (Micikevicius et al. 2018, "Mixed
@@ -15,6 +15,8 @@
   pools of ``POOL_BATCHES`` batches, each pool is sorted by length and cut into batches,
   and the batches are shuffled (seeded). Less padding, but batch composition changes, so
   results differ from the default batches.
+
+- ``unpad: true``: BERT encoders compute on real tokens only (``learners/unpad.py``).
 
 Only learners that train with ``learners.loop.train_loop`` honour them; the others are
 refused at config time (``NOT_HONOURED``, checked in ``fedfm.components``).
@@ -40,7 +42,9 @@ _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakr
 def speed_problem(exp) -> str | None:
     """A speed switch on a learner that does not use ``train_loop``; None when fine."""
     on = [k for k, v in (("autocast", exp.train.autocast), ("compile", exp.train.compile),
-                         ("bucket_by_length", exp.train.bucket_by_length)) if v]
+                         ("bucket_by_length", exp.train.bucket_by_length), ("unpad", exp.train.unpad)) if v]
+    if exp.train.unpad and exp.train.compile:
+        return "train.unpad and train.compile cannot be combined (the unpadded encoder is not compiled); turn one off"
     if on and exp.learner.name in NOT_HONOURED:
         return (f"train.{on[0]}: learner '{exp.learner.name}' trains with its own loop, which does not "
                 f"apply train.{', train.'.join(on)}; turn it off or use a gradient learner (local, fedprox, ...)")

@@ -57,6 +57,8 @@ def batched_problem(exp) -> str | None:
         return f"{where} supports model.task {list(TASKS)} (got '{exp.model.task}')"
     if exp.train.compile:
         return f"{where} does not support train.compile: true (its adapter layers are patched per batch); turn one off"
+    if exp.train.unpad:
+        return f"{where} does not support train.unpad: true (its adapters slice the padded batch by client); turn one off"
     return None
 
 

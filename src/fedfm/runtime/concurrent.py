@@ -25,6 +25,13 @@ on a worker that dies mid-task, and ``ProcessPoolExecutor`` turns one dead worke
 ``BrokenProcessPool`` for every outstanding task, where a dead worker must fail exactly
 one client.
 
+With ``runtime.parent_trains: true`` the run's own process trains clients too, between
+handing envelopes to the workers: the same concurrency with one process fewer, so one
+training working set less in memory (docs/speed.md). It trains with
+``threads_per_worker`` threads (then restores the run's thread count), so its replies are
+the same bits as a worker's. A client that kills the process it trains in takes the run
+down when the parent trains it, as on the sequential transport.
+
 CUDA cannot be used in a forked process, so ``processes`` needs ``runtime.device: cpu``
 (refused at config time otherwise).
 """
@@ -49,6 +56,8 @@ def transport_problem(exp) -> str | None:
     """``runtime.transport: processes`` settings that cannot work; None when fine."""
     rt = exp.runtime
     if rt.transport != "processes":
+        if rt.parent_trains:
+            return f"runtime.parent_trains: true needs runtime.transport: processes (got '{rt.transport}')"
         return None
     if rt.backend != "local":
         return f"runtime.transport: processes is the local backend's transport; runtime.backend is '{rt.backend}'"
@@ -60,9 +69,9 @@ def transport_problem(exp) -> str | None:
     return None
 
 
-def default_workers(threads_per_worker: int) -> int:
+def default_workers(threads_per_worker: int, parent_trains: bool = False) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // threads_per_worker)
+    return max(1, cores // threads_per_worker - (1 if parent_trains else 0))
 
 
 def hide_cuda(torch) -> None:
@@ -133,10 +142,12 @@ class ProcessTransport:
         threads_per_worker: int = 1,
         on_start: Callable[[int], None] | None = None,
         on_end: Callable[[], None] | None = None,
+        parent_trains: bool = False,
     ):
         self.env = env
         self.threads = threads_per_worker
-        self.workers = workers or default_workers(threads_per_worker)
+        self.parent_trains = parent_trains
+        self.workers = workers or default_workers(threads_per_worker, parent_trains)
         self.on_start, self.on_end = on_start, on_end
         self.slots: list[_Slot] = []
         self.restarts = 0  # workers forked again after one died
@@ -158,6 +169,27 @@ class ProcessTransport:
         if self.on_end is not None:
             self.on_end()
 
+    def _train_here(self, envelope: Envelope) -> Reply:
+        """One client in the parent, with a worker's thread count (``parent_trains``)."""
+        import torch
+
+        if self.on_start is not None:
+            self.on_start(envelope.cid)
+        threads, on_step = torch.get_num_threads(), self.env.on_step
+        torch.set_num_threads(self.threads)
+        self.env.on_step = None  # as in a worker: the bars count clients
+        try:
+            data, info = handle(self.env, envelope)
+            reply = Reply(envelope.cid, data=data, info=info)
+        except Exception as exc:  # a client's failure never stops the round
+            reply = Reply(envelope.cid, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            torch.set_num_threads(threads)
+            self.env.on_step = on_step
+        if self.on_end is not None:
+            self.on_end()
+        return reply
+
     def exchange(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> dict[int, Reply]:
         replies: dict[int, Reply] = {}
         queue = list(envelopes)
@@ -173,9 +205,13 @@ class ProcessTransport:
                         slot.conn.send(envelope)
                     except (OSError, ValueError) as exc:
                         self._finish(slot, Reply(envelope.cid, error=f"worker unreachable: {exc}"), replies)
+            if self.parent_trains and queue:  # the workers are busy: the parent takes the next client
+                envelope = queue.pop(0)
+                replies[envelope.cid] = self._train_here(envelope)
             busy = [s for s in self.slots if s.busy is not None]
             if busy:
-                ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy])
+                waiting = self.parent_trains and bool(queue)  # collect what is ready, then train the next one here
+                ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=0 if waiting else None)
                 for slot in busy:
                     if slot.conn in ready or slot.proc.sentinel in ready:
                         self._collect(slot, replies)

@@ -49,7 +49,8 @@ class LocalRuntime:
                                               on_start=self.prog.start_client, on_end=self.prog.end_client)
         elif rt.transport == "processes":
             self.transport = ProcessTransport(self.env, rt.workers, rt.threads_per_worker,
-                                              on_start=self.prog.start_client, on_end=self.prog.end_client)
+                                              on_start=self.prog.start_client, on_end=self.prog.end_client,
+                                              parent_trains=rt.parent_trains)
         else:
             self.transport = InProcessTransport(self.env, on_start=self.prog.start_client, on_end=self.prog.end_client)
         self.loop = RoundLoop(exp, self.out, self.transport, self.wb, resume=resume, overwrite=overwrite,

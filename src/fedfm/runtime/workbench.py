@@ -82,6 +82,12 @@ class Workbench:
         self.task = build_task(exp.model.task)
         model, self.tokenizer = self.task.build(exp.model, exp.seed)
         check_max_length(exp.data.max_length, position_limit(model.config))  # before any encoding or training
+        if exp.train.unpad:
+            from fedfm.learners.unpad import unpad_problem
+
+            problem = unpad_problem(model)
+            if problem is not None:
+                raise ValueError(f"model '{exp.model.package or exp.model.path}': {problem}")
         if exp.model.init_from:
             from fedfm.personalize.init_from import load_init
 
