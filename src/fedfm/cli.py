@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedfm.cli_guard import USER_ERRORS, console, continue_command, guarded
 from fedfm.cli_watermark import watermark_app
 from fedfm.config import ConfigError, load_config
 
@@ -19,7 +19,6 @@ app.add_typer(data_app, name="data")
 flower_app = typer.Typer(no_args_is_help=True, help="Run experiments on Flower (see docs/distributed.md).")
 app.add_typer(flower_app, name="flower")
 app.add_typer(watermark_app, name="watermark")
-console = Console()
 
 Overrides = Annotated[Optional[list[str]], typer.Option("--override", "-o", help="dotted override, e.g. train.lr=1e-3")]
 
@@ -38,7 +37,6 @@ def _load(config: Path, overrides: list[str] | None, stage: str | None = None):
 
 CONFIG_REFERENCE = 'Every config key: the "Config" section of README.md; a component\'s parameters: `fedfm list NAME`.'
 # Errors a user's input can cause; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError)
 
 
 @app.command(epilog=CONFIG_REFERENCE)
@@ -79,29 +77,9 @@ def run(
         _check_inputs(exp, out)
         return _execute(exp, out, progress, rd.mode == "resume")
 
-    summary = guarded(rd, start, lambda: _continue_command(config, override, out))
+    summary = guarded(rd, start, lambda: continue_command(config, override, out))
     drop_replaced(out)
     _done(exp, complete_summary(out, summary), out)
-
-
-def guarded(rd, start, continue_command, where: str = ""):
-    """Run ``start()`` for run directory ``rd``: Ctrl-C says how to continue, a user error is
-    printed (prefixed by ``where``) and exits 1, and a failed start is undone either way."""
-    from fedfm.runtime.rundir import settle_failed_start
-
-    try:
-        return start()
-    except KeyboardInterrupt:
-        _interrupted(rd, continue_command())
-    except USER_ERRORS as exc:
-        note = settle_failed_start(rd)
-        console.print(f"[red]error:[/] {escape(where + str(exc))}")
-        if note:
-            console.print(escape(note))
-        raise typer.Exit(1) from None
-    except BaseException:
-        settle_failed_start(rd)
-        raise
 
 
 def _check_inputs(exp, out: Path) -> None:
@@ -152,28 +130,6 @@ def _execute(exp, out: Path, progress: bool, resume: bool) -> dict:
     from fedfm.runtime import run_local
 
     return run_local(exp, out, progress=progress and exp.runtime.progress, resume=resume)
-
-
-def _continue_command(config: Path, overrides: list[str] | None, out: Path) -> str:
-    import shlex
-
-    extra = "".join(f" -o {shlex.quote(o)}" for o in overrides or [])
-    return f"fedfm run {shlex.quote(str(config))}{extra} --out {shlex.quote(str(out))} --resume"
-
-
-def _interrupted(rd, command: str) -> None:
-    """Ctrl-C: say where the run stopped and how to go on; a start cut short is undone."""
-    from fedfm.runtime.rundir import checkpointed_rounds, last_round, settle_failed_start
-
-    note = settle_failed_start(rd)
-    n = last_round(rd.path) if note is None else None
-    if n is None:
-        console.print(f"[yellow]interrupted[/] before the first round was saved{'; ' + escape(note) if note else ''}")
-    elif not checkpointed_rounds(rd.path):
-        console.print(f"[yellow]interrupted[/] after round {n}; checkpoints are off (server.checkpoint), so it cannot be resumed")
-    else:
-        console.print(f"[yellow]interrupted[/] after round {n}; continue with: {escape(command)}")
-    raise typer.Exit(130)
 
 
 def _done(exp, summary: dict, out: Path) -> None:

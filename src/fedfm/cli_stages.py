@@ -58,7 +58,7 @@ def run_stages(config: Path, overrides: list[str] | None, out: Path | None, prog
             cli._write_labels(labels[st.name], st.exp, st.out)
             return cli._execute(st.exp, st.out, progress, rd.mode == "resume")
 
-        summary = cli.guarded(rd, start, lambda: cli._continue_command(config, overrides, out), f"stage {st.name!r}: ")
+        summary = cli.guarded(rd, start, lambda: cli.continue_command(config, overrides, out), f"stage {st.name!r}: ")
         drop_replaced(st.out)
         cli._done(st.exp, complete_summary(st.out, summary), st.out)
     console.print(escape(f"stages done: {', '.join(st.name for st in stages)} -> {out}"))
