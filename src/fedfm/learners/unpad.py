@@ -68,14 +68,22 @@ def _dropout(x: torch.Tensor, module: nn.Dropout, rows: torch.Tensor, padded_row
 
     torch's CPU dropout is ``input * (empty_like(input).bernoulli_(1 - p) / (1 - p))``;
     the same draw of the padded shape gives the same mask values, element for element.
+    On CUDA the fused kernel's mask is drawn on a padded tensor of ones instead (written
+    for the same property; not yet run on a GPU).
     """
     p = module.p
     if not module.training or p == 0.0:
         return x
     if p == 1.0:
         return x * 0.0
-    noise = torch.empty((padded_rows, x.shape[-1]), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
-    noise.div_(1 - p)
+    shape = (padded_rows, x.shape[-1])
+    if x.device.type != "cpu":
+        # CUDA and other accelerators use the fused kernel, whose mask depends on the
+        # generator's offset and the element's index only; its values are 0 or 1/(1-p).
+        noise = torch.native_dropout(torch.ones(shape, dtype=x.dtype, device=x.device), p, True)[0]
+    else:
+        noise = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+        noise.div_(1 - p)
     return x * noise.index_select(0, rows)
 
 
