@@ -1,5 +1,6 @@
 """train.unpad: padding-free BERT training (learners/unpad.py) gives the padded model's
-forward pass bit for bit, with the same dropout masks, and its gradients to float rounding."""
+forward pass bit for bit, with the same dropout masks, and its gradients to float rounding;
+with the last layer on the first token only (sequence classification), both to rounding."""
 
 from __future__ import annotations
 
@@ -31,13 +32,13 @@ def _batch():
     return ids * mask, mask, torch.tensor([0, 1, 1])
 
 
-def _step(model, use_unpad: bool):
+def _step(model, use_unpad: bool, first_token: bool | None = None):
     ids, mask, labels = _batch()
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(11)  # dropout masks
     if use_unpad:
-        with unpadded(model):
+        with unpadded(model, first_token=first_token):
             logits = model(input_ids=ids, attention_mask=mask).logits
     else:
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -68,13 +69,37 @@ def test_forward_is_bit_identical_with_dropout_and_grads_agree(wb):
     model = wb.model
     assert model.base_model.model.config.hidden_dropout_prob > 0  # dropout really on
     plain_logits, plain_grads, plain_after = _step(model, False)
-    logits, grads, after = _step(model, True)
+    logits, grads, after = _step(model, True, first_token=False)
     assert torch.equal(logits, plain_logits)  # same math, same dropout masks: equal bits
     assert torch.equal(after, plain_after)  # the same random numbers were drawn
     for name, g in plain_grads.items():  # weight gradients: sums over 15 rows vs 21 with zeros
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
     # Outside the block the model is the plain model again.
     assert "forward" not in vars(model.base_model.model.bert)
+
+
+def test_last_layer_for_the_first_token_only(wb):
+    # BertForSequenceClassification reads the pooler's first token only, so by default the
+    # last layer computes keys and values of every real token and the rest for position 0.
+    model = wb.model
+    assert unpadded(model).first_token
+    plain_logits, plain_grads, plain_after = _step(model, False)
+    logits, grads, after = _step(model, True)
+    # Same dropout masks (the same random numbers drawn); the last layer's attention is
+    # written out by hand, so the logits agree to float rounding, not bit for bit.
+    assert torch.equal(after, plain_after)
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-6)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_hidden_states_requests_take_the_plain_path(wb):
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        plain = wb.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        with unpadded(wb.model):
+            got = wb.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(got) == len(plain) == 3 and all(torch.equal(a, b) for a, b in zip(got, plain))
 
 
 def test_a_batch_without_padding_takes_the_plain_path(wb):

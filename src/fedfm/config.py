@@ -191,7 +191,7 @@ class TrainConfig(Strict):
     autocast: Literal["bf16"] | None = Field(None, description="bf16: run forward passes under torch.autocast(bfloat16)")
     compile: bool = Field(False, description="torch.compile the model for training; compile time is logged")
     bucket_by_length: bool = Field(False, description="batch examples of similar length together (changes batch composition)")
-    unpad: bool = Field(False, description="BERT encoders: compute on real tokens only, not padding (same math; float rounding differs)")
+    unpad: bool = Field(False, description="BERT encoders: compute on real tokens only (and, for sequence classification, the last layer on the first token only); same math and dropout masks, float rounding differs")
 
 
 class CodecsConfig(Strict):

@@ -26,6 +26,15 @@ The math is the model's own, term for term:
   Results agree with the padded model to float rounding, not bit for bit
   (tests/test_unpad.py; docs/speed.md for the figures on the full quickstart).
 
+When the head reads the first token only (transformers' BertForSequenceClassification:
+its pooler takes position 0), the LAST layer goes one step further: it computes keys and
+values for every real token, and the query, the attention output and the feed-forward
+block for the first token of each sequence only (its attention written out as
+transformers' eager attention, with the dropout mask drawn over the full shape and row 0
+kept). Its forward pass then agrees with the padded model's to float rounding (5e-8 on
+MiniLM's logits), with the same masks. The encoder's output is then zero everywhere but
+position 0; a call that asks for hidden states or attentions takes the padded path.
+
 Written by hand because neither transformers (its padding-free path needs FlashAttention
 kernels, GPU only, and a packed collator) nor peft offers unpadded training of a BERT
 encoder on the CPU. Supported: ``BertModel`` encoders (BERT, MiniLM) without cross
@@ -112,14 +121,62 @@ def _layer(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, shape: tuple[i
     return o.LayerNorm(_dropout(o.dense(layer.intermediate(h)), o.dropout, rows, b * l) + h)
 
 
+def _first_token_layer(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int], mask) -> torch.Tensor:
+    """The LAST BertLayer for a head that reads the first token only: keys and values of
+    every real token, everything else for the first token of each sequence; returns [B, H].
+
+    The attention is written out as transformers' eager attention (scores, mask, softmax,
+    dropout, values) for one query per sequence; its dropout mask is drawn over the full
+    [B, heads, L, L] shape, as the padded model's attention draws it, and row 0 is kept.
+    """
+    sa = layer.attention.self
+    b, l = shape
+    first = (rows % l == 0).nonzero().squeeze(1)  # the rows of x that are position 0
+    cls = torch.arange(b, device=x.device) * l  # their rows in the padded layout
+    heads = (b, l, -1, sa.attention_head_size)
+    q = sa.query(x.index_select(0, first)).view(b, 1, -1, sa.attention_head_size).transpose(1, 2)  # (B, nh, 1, hd)
+    k = _to_padded(sa.key(x), rows, shape).view(heads).transpose(1, 2)  # (B, nh, L, hd)
+    v = _to_padded(sa.value(x), rows, shape).view(heads).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(2, 3)) * sa.scaling  # (B, nh, 1, L)
+    if mask is not None:
+        row = mask[..., :1, :]
+        scores = scores.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else scores + row
+    probs = torch.softmax(scores, dim=-1)
+    p = sa.dropout.p
+    if sa.training and p > 0.0:
+        full = (b, q.shape[1], l, l)
+        if x.device.type != "cpu":
+            noise = torch.native_dropout(torch.ones(full, dtype=probs.dtype, device=x.device), p, True)[0]
+        else:
+            noise = torch.empty(full, dtype=probs.dtype, device=x.device).bernoulli_(1 - p)
+            noise.div_(1 - p)
+        probs = probs * noise[:, :, :1, :]
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(b, -1)  # (B, H)
+    so = layer.attention.output
+    h = so.LayerNorm(_dropout(so.dense(out), so.dropout, cls, b * l) + x.index_select(0, first))
+    o = layer.output
+    return o.LayerNorm(_dropout(o.dense(layer.intermediate(h)), o.dropout, cls, b * l) + h)
+
+
+def reads_first_token_only(model: nn.Module, bert: nn.Module) -> bool:
+    """Whether the model's head reads the first token of ``bert``'s output only
+    (transformers' BertForSequenceClassification: the pooler's first token)."""
+    from transformers.models.bert.modeling_bert import BertForSequenceClassification
+
+    return any(isinstance(m, BertForSequenceClassification) and m.bert is bert for m in model.modules()) \
+        and bert.pooler is not None
+
+
 class unpadded:  # noqa: N801 - used like a function: ``with unpadded(model): ...``
     """Within the block, the model's BERT encoder computes on real tokens only (re-enterable)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, first_token: bool | None = None):
         problem = unpad_problem(model)
         if problem is not None:
             raise ValueError(problem)
         self.bert = find_bert(model)
+        # The last layer computes the first token only when the head reads nothing else.
+        self.first_token = reads_first_token_only(model, self.bert) if first_token is None else first_token
         self.mask: torch.Tensor | None = None
 
     def __enter__(self) -> "unpadded":
@@ -127,7 +184,8 @@ class unpadded:  # noqa: N801 - used like a function: ``with unpadded(model): ..
         bert_forward, encoder_forward = bert.forward, encoder.forward
 
         def bert_patched(*args, **kwargs):
-            self.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            wants_more = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+            self.mask = None if wants_more else kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             try:
                 return bert_forward(*args, **kwargs)
             finally:
@@ -153,6 +211,12 @@ class unpadded:  # noqa: N801 - used like a function: ``with unpadded(model): ..
         b, l, h = hidden_states.shape
         rows = keep.reshape(-1).nonzero().squeeze(1)  # real tokens, in (batch, position) order
         x = hidden_states.reshape(b * l, h).index_select(0, rows)
-        for layer in self.bert.encoder.layer:
+        layers = list(self.bert.encoder.layer)
+        first = self.first_token and bool(keep[:, 0].all())  # right-padded: position 0 is real
+        for layer in layers[:-1] if first else layers:
             x = _layer(layer, x, rows, (b, l), attention_mask, kwargs)
+        if first:  # only the first token of the last layer is read: [B, H] at position 0
+            out = hidden_states.new_zeros((b, l, h))
+            out[:, 0] = _first_token_layer(layers[-1], x, rows, (b, l), attention_mask)
+            return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=_to_padded(x, rows, (b, l)))
