@@ -56,17 +56,19 @@ def _store_bytes(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("parent_trains", [False, True])
-def test_processes_match_sequential_bit_for_bit(tmp_path, monkeypatch, parent_trains):
+@pytest.mark.parametrize("parent_trains, unpad", [(False, False), (True, True)])
+def test_processes_match_sequential_bit_for_bit(tmp_path, monkeypatch, parent_trains, unpad):
     # Client-local parameters (peft.local -> the client store on disk), per-client eval
     # (the evaluate phase reads the store's accepted writes) and 3 clients on 2 workers,
-    # or on 1 worker and the parent (runtime.parent_trains).
+    # or on 1 worker and the parent (runtime.parent_trains), there with train.unpad on
+    # both sides (deterministic too: same bits at the same thread count).
     over = {
         "federation.clients": 3,
         "federation.client_holdout": 0.2,
         "eval.clients": "all",
         "peft.local": ["*classifier.*"],
         "runtime.threads": 1,
+        "train.unpad": unpad,
     }
     seq = LocalRuntime(from_dict(tiny_config(tmp_path, **over)), tmp_path / "seq")
     assert isinstance(seq.transport, InProcessTransport)
