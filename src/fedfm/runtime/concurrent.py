@@ -101,7 +101,7 @@ def trim() -> None:
     glibc keeps the memory a client's training freed (activations, gradients) in the
     process's heap; each worker, and the parent with ``parent_trains``, would hold on to
     the largest heap any client ever needed, on top of what is shared. Trimming after each
-    client lowers the peak memory of the process tree (docs/speed.md: 1,401 -> 1,277 MB on
+    client lowers the peak memory of the process tree (docs/speed.md: 1,244 -> 1,166 MB on
     one quickstart round with one worker and the parent); the next client faults its pages
     in again."""
     fn = _malloc_trim()
