@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.seeding import derive_seed
@@ -42,13 +42,12 @@ from fedfm.core.types import State
 from fedfm.ip.embed import EmbedSettings, embed
 from fedfm.ip.preserve import PreserveParams, build_preserver
 from fedfm.ip.trigger import TriggerSpec, client_key, trigger_set
-from fedfm.ip.waffle import WaffleParams, secret
+from fedfm.ip.waffle import PatternFields, WaffleParams, secret
 
 COPY_TAG = 0xC0B1
 
 
-class ClientWatermarkParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ClientWatermarkParams(PatternFields):
     key: str | None = Field(None, min_length=1, description="secret master key of the client keys (ends up in config.yaml; see key_env)")
     key_env: str | None = Field(None, min_length=1, description="environment variable holding the master key")
     owner_key: str | None = Field(None, min_length=1, description="the WAFFLE key, trained into every copy too (keeps the owner's watermark)")
@@ -78,10 +77,20 @@ class ClientWatermarkParams(BaseModel):
         return self
 
     def spec(self, task: str, num_labels: int) -> TriggerSpec:
-        return TriggerSpec(task, self.trigger_size, self.trigger_length, num_labels, self.continuation)
+        """The client keys' trigger spec."""
+        return self.trigger_spec(task, num_labels, self.trigger_size)
 
     def settings(self) -> EmbedSettings:
         return EmbedSettings(self.threshold, self.max_steps, self.lr, self.batch_size, tuple(self.freeze))
+
+
+def owner_spec(params: ClientWatermarkParams, exp) -> TriggerSpec:
+    """The owner's trigger spec trained into every copy: the run's ``waffle`` step's (its
+    trigger kind, patterns, size), else the copies' own with ``owner_trigger_size``."""
+    waffle = next((s for s in exp.server_steps if isinstance(s, dict) and s.get("name") == "waffle"), None)
+    if waffle is not None:
+        return WaffleParams(**{k: v for k, v in waffle.items() if k != "name"}).spec(exp.model.task, exp.model.num_labels)
+    return replace(params.spec(exp.model.task, exp.model.num_labels), size=params.owner_trigger_size or params.trigger_size)
 
 
 def offset_key(cid: int, name: str) -> str:
@@ -110,8 +119,7 @@ class ClientWatermark:
             spec = p.spec(wb.exp.model.task, wb.exp.model.num_labels)
             own = trigger_set(client_key(secret(p.key, p.key_env, "client_watermark"), cid), spec, wb.tokenizer)
             owner = p.owner_key is not None or p.owner_key_env is not None
-            owner_spec = replace(spec, size=p.owner_trigger_size or p.trigger_size)
-            extra = trigger_set(secret(p.owner_key, p.owner_key_env, "client_watermark owner"), owner_spec, wb.tokenizer) if owner else []
+            extra = trigger_set(secret(p.owner_key, p.owner_key_env, "client_watermark owner"), owner_spec(p, wb.exp), wb.tokenizer) if owner else []
             self._triggers[cid] = own + extra
         return self._triggers[cid]
 
