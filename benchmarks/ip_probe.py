@@ -11,7 +11,9 @@ plain full-quickstart run of ``benchmarks/ip.py --full``):
 1. the clean test accuracy of MODEL and its watermark votes/hits on the owner's key;
 2. ``ip.embed`` of the key's trigger set (random or pattern triggers, ``ip/trigger.py``)
    with the set's lr, threshold, step budget and ``preserve`` weight (0: none; public text:
-   English fortunes, as in the examples), head frozen as in ``waffle``: steps, clean
+   English fortunes, as in the examples), head frozen as in ``waffle`` (``freeze``: more
+   fnmatch patterns left unchanged, ``|``-separated; ``random_texts``: ``preserve``'s
+   random-token sentences): steps, clean
    accuracy and watermark after;
 3. the thief's fine-tune of the marked model (``ip/removal.fine_tune``) on every client's
    training examples of MODEL's job, for ``epochs`` epochs with the job's train settings:
@@ -52,7 +54,7 @@ PUBLIC = {"source": "fortunes", "options": {"languages": ["en"]}}
 PROBE = {  # every setting's defaults: the waffle step of examples/ip/waffle.yaml
     "trigger": "random", "size": 50, "length": 12, "patterns": 64, "pattern_tokens": 3, "fillers": 4,
     "lr": 1e-3, "threshold": 0.98, "max_steps": 100, "batch": 16, "preserve": 5.0, "epochs": 1, "embed": 1,
-    "key": OWNER_KEY,
+    "key": OWNER_KEY, "freeze": "", "random_texts": 0,
 }
 
 
@@ -99,9 +101,11 @@ def main() -> None:
         if s["embed"]:
             keep = None
             if s["preserve"] > 0:
-                keep = build_preserver(PreserveParams(data=PUBLIC, weight=s["preserve"]), wb.task, wb.tokenizer, seed=1)
+                keep = build_preserver(PreserveParams(data=PUBLIC, weight=s["preserve"], random_texts=s["random_texts"]),
+                                       wb.task, wb.tokenizer, seed=1, length=s["length"])
             result = embed(wb.model, wb.task, exp.model.task, wb.tokenizer, start_state, triggers,
-                           EmbedSettings(s["threshold"], s["max_steps"], s["lr"], s["batch"], HEAD_PATTERNS, keep),
+                           EmbedSettings(s["threshold"], s["max_steps"], s["lr"], s["batch"],
+                                         HEAD_PATTERNS + tuple(filter(None, s["freeze"].split("|"))), keep),
                            seed=exp.seed, train_names=set(shared))
             marked = result.state
             after = check(marked)

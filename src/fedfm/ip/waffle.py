@@ -141,7 +141,8 @@ class Waffle:
         if self.params.rounds == "last" and ctx.round < wb.exp.rounds:
             return model_state, state, {"steps": 0, "seconds": 0.0}
         if self._preserver is None and self.params.preserve is not None:
-            self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, WAFFLE_TAG))
+            self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, WAFFLE_TAG),
+                                                self.params.trigger_length)
         result = embed(
             wb.model,
             wb.task,
