@@ -199,7 +199,9 @@ def write_doc(args, overrides, exp, spec, waffle, copies_p, acc_plain, acc_wm, v
     cmd = "PYTHONPATH=src nice -n 10 python benchmarks/ip.py" + (" --full" if args.full else "") + (
         f" --config {config}" if args.config.resolve() != CONFIG else "") + "".join(f" -o {o}" for o in args.overrides)
     keep = lambda p: (f", preserve (distillation on {p.preserve.examples} public texts of source "  # noqa: E731
-                      f"'{p.preserve.data.get('source')}', weight {p.preserve.weight})" if p.preserve else ", no preserve")
+                      f"'{p.preserve.data.get('source')}', weight {p.preserve.weight}"
+                      + (f", {p.preserve.random_texts} random-token texts" if p.preserve.random_texts else "") + ")"
+                      if p.preserve else ", no preserve")
     cleans = [r[6] for r in rows]
     start, end = (START, END) if args.block is None else (f"<!-- ip-benchmark:{args.block}:start -->", f"<!-- ip-benchmark:{args.block}:end -->")
     copies_text = "" if copies_p is None else (

@@ -13,7 +13,8 @@ plain full-quickstart run of ``benchmarks/ip.py --full``):
    with the set's lr, threshold, step budget and ``preserve`` weight (0: none; public text:
    English fortunes, as in the examples), head frozen as in ``waffle`` (``freeze``: more
    fnmatch patterns left unchanged, ``|``-separated; ``random_texts``: ``preserve``'s
-   random-token sentences): steps, clean
+   random-token sentences; ``seed``: the embedding's and the thief's seed, -1 = the
+   job's): steps, clean
    accuracy and watermark after;
 3. the thief's fine-tune of the marked model (``ip/removal.fine_tune``) on every client's
    training examples of MODEL's job, for ``epochs`` epochs with the job's train settings:
@@ -54,7 +55,7 @@ PUBLIC = {"source": "fortunes", "options": {"languages": ["en"]}}
 PROBE = {  # every setting's defaults: the waffle step of examples/ip/waffle.yaml
     "trigger": "random", "size": 50, "length": 12, "patterns": 64, "pattern_tokens": 3, "fillers": 4,
     "lr": 1e-3, "threshold": 0.98, "max_steps": 100, "batch": 16, "preserve": 5.0, "epochs": 1, "embed": 1,
-    "key": OWNER_KEY, "freeze": "", "random_texts": 0,
+    "key": OWNER_KEY, "freeze": "", "random_texts": 0, "seed": -1,
 }
 
 
@@ -86,6 +87,7 @@ def main() -> None:
     print(f"model {args.model}: clean accuracy {clean0:.4f}; thief data {len(thief_data)} examples", flush=True)
     for text in args.sets or [""]:
         s = parse(text)
+        seed = exp.seed if s["seed"] < 0 else s["seed"]  # the embedding's and the thief's (-1: the job's)
         t0 = time.perf_counter()
         spec = TriggerSpec(exp.model.task, s["size"], s["length"], exp.model.num_labels, 4, s["trigger"],
                            s["patterns"], s["pattern_tokens"], s["fillers"])
@@ -102,11 +104,12 @@ def main() -> None:
             keep = None
             if s["preserve"] > 0:
                 keep = build_preserver(PreserveParams(data=PUBLIC, weight=s["preserve"], random_texts=s["random_texts"]),
-                                       wb.task, wb.tokenizer, seed=1, length=s["length"])
+                                       wb.task, wb.tokenizer, seed=1 if s["seed"] < 0 else seed + 1,
+                                       length=s["length"])
             result = embed(wb.model, wb.task, exp.model.task, wb.tokenizer, start_state, triggers,
                            EmbedSettings(s["threshold"], s["max_steps"], s["lr"], s["batch"],
                                          HEAD_PATTERNS + tuple(filter(None, s["freeze"].split("|"))), keep),
-                           seed=exp.seed, train_names=set(shared))
+                           seed=seed, train_names=set(shared))
             marked = result.state
             after = check(marked)
             row.update(steps=result.steps, trigger_accuracy=result.accuracy, clean_marked=wb.evaluate(marked)["accuracy"],
@@ -114,7 +117,7 @@ def main() -> None:
             print(f"[{text}] embedded: {result.steps} steps, trigger accuracy {result.accuracy:.3f}, clean "
                   f"{row['clean_marked']:.4f}, watermark {after.hits}/{after.total} p {after.p_value:.2e}", flush=True)
         train = exp.train.model_copy(update={"epochs": s["epochs"], "steps": None})
-        stolen = fine_tune(base, marked, thief_data, train, seed=exp.seed)[0]
+        stolen = fine_tune(base, marked, thief_data, train, seed=seed)[0]
         survived = check(stolen)
         row.update(clean_stolen=wb.evaluate(stolen)["accuracy"], wm_stolen=[survived.hits, survived.total, survived.p_value],
                    seconds=round(time.perf_counter() - t0, 1))
