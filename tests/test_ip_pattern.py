@@ -133,7 +133,7 @@ def test_waffle_and_copies_with_pattern_triggers_verify_and_trace(tmp_path):
     cli = CliRunner()
     done = cli.invoke(app, ["watermark", "verify", str(out), "--key", "owner"])
     assert done.exit_code == 0, done.output
-    assert "12/12" in done.output and "5.96e-08" in done.output
+    assert "12/12 patterns voted" in done.output and "5.96e-08" in done.output
     assert cli.invoke(app, ["watermark", "verify", str(out), "--key", "not-the-owner"]).exit_code == 1
     # Each client's copy (the step's offsets in the last checkpoint) is traced to it.
     from safetensors.torch import load_file
