@@ -110,6 +110,11 @@ def test_bad_pattern_settings_are_refused(tmp_path):
         from_dict(tiny_config(tmp_path, server_steps=[{**base, "patterns": 20, "pattern_tokens": 8}]))
     with pytest.raises(ConfigError, match="trigger"):
         from_dict(tiny_config(tmp_path, server_steps=[{**base, "trigger": "noise"}]))
+    # The copies train the waffle step's owner set; a different owner_trigger_size is refused.
+    steps = [{"name": "waffle", "key": "k", "trigger_size": 50},
+             {"name": "client_watermark", "key": "m", "owner_key": "k", "trigger_size": 32, "owner_trigger_size": 30}]
+    with pytest.raises(ConfigError, match="owner_trigger_size 30 differs from the waffle step's trigger_size 50"):
+        from_dict(tiny_config(tmp_path, server_steps=steps))
 
 
 # 12 patterns x 2 fillers, 4 labels: 12/12 votes has p = 4**-12 = 6.0e-08 < 1e-6.

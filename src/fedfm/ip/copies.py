@@ -53,7 +53,8 @@ class ClientWatermarkParams(PatternFields):
     owner_key: str | None = Field(None, min_length=1, description="the WAFFLE key, trained into every copy too (keeps the owner's watermark)")
     owner_key_env: str | None = Field(None, min_length=1, description="environment variable holding the WAFFLE key")
     trigger_size: int = Field(50, ge=1, description="trigger examples per client key")
-    owner_trigger_size: int | None = Field(None, ge=1, description="trigger examples of the owner's key (default: trigger_size; give the waffle step's)")
+    owner_trigger_size: int | None = Field(None, ge=1, description="trigger examples of the owner's key when the run has no waffle step (default: trigger_size); "
+        "with a waffle step the copies train that step's trigger set (kind, size, patterns) and this must match or be omitted")
     trigger_length: int = Field(12, ge=1, description="random tokens per trigger sentence or prompt")
     continuation: int = Field(4, ge=1, description="causal LM only: fixed continuation tokens per prompt")
     threshold: float = Field(0.98, gt=0, le=1, description="stop once the copy answers this share of its triggers")
