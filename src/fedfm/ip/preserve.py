@@ -25,8 +25,10 @@ the decision margin on every review (the plain model answers "fresh" on 66% of t
 reviews, a marked one on 45%; with the best constant margin shift the two score 0.792 and
 0.788): the cheapest way to fit random labels on random-token sentences is to move every
 input's margin, and the KL on natural public text did not hold reviews there. Holding the
-outputs on trigger-like sentences without a pattern leaves the triggers' own tokens as the
-only way to fit them.
+outputs on trigger-like sentences without a pattern is meant to leave the triggers' own
+tokens as the way to fit them. Measured (docs/ip.md, "Probe"): +1 point of test accuracy
+for one pattern embedding, none for a random one, and seed-to-seed variation of 2 points
+or more; no clear fix.
 
 The text comes from any fedfm data source (``data:`` as in the run's own ``data``
 section: ``{source: fortunes, options: {languages: [en]}}``, ``{source: file, path:
