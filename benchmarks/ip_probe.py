@@ -22,6 +22,10 @@ plain full-quickstart run of ``benchmarks/ip.py --full``):
    pattern triggers one majority vote per pattern, ``ip/verify.py``).
 
 ``embed=0`` skips step 2 and attacks MODEL as it is (e.g. a watermarked run's final model).
+``copy=CID`` adds, before the attack, ``client_watermark``'s embedding for client CID: its
+own random key (``copy_size`` triggers, ``benchmarks/ip.py``'s master key) together with
+the owner's set, at ``copy_lr`` / ``copy_steps`` / ``copy_threshold`` (the example's 2e-3 /
+120 / 0.95), and reports the copy's figures and its own key after the attack.
 It prints one line per step and a JSON line per setting (``PROBE-RESULT {...}``).
 """
 
@@ -43,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from safetensors.torch import load_file  # noqa: E402
 
 from fedfm.config import load_config  # noqa: E402
-from fedfm.ip import Base, EmbedSettings, TriggerSpec, embed, trigger_set, verdict  # noqa: E402
+from fedfm.ip import Base, EmbedSettings, TriggerSpec, client_key, embed, trigger_set, verdict  # noqa: E402
 from fedfm.ip.embed import HEAD_PATTERNS  # noqa: E402
 from fedfm.ip.preserve import PreserveParams, build_preserver  # noqa: E402
 from fedfm.ip.removal import fine_tune  # noqa: E402
@@ -51,11 +55,13 @@ from fedfm.peft import set_state  # noqa: E402
 from fedfm.runtime.workbench import Workbench  # noqa: E402
 
 OWNER_KEY = "benchmark-owner-key"  # benchmarks/ip.py's
+MASTER_KEY = "benchmark-client-master-key"  # benchmarks/ip.py's
 PUBLIC = {"source": "fortunes", "options": {"languages": ["en"]}}
 PROBE = {  # every setting's defaults: the waffle step of examples/ip/waffle.yaml
     "trigger": "random", "size": 50, "length": 12, "patterns": 64, "pattern_tokens": 3, "fillers": 4,
     "lr": 1e-3, "threshold": 0.98, "max_steps": 100, "batch": 16, "preserve": 5.0, "epochs": 1, "embed": 1,
     "key": OWNER_KEY, "freeze": "", "random_texts": 0, "seed": -1,
+    "copy": -1, "copy_lr": 2e-3, "copy_steps": 120, "copy_threshold": 0.95, "copy_size": 32,
 }
 
 
@@ -116,9 +122,34 @@ def main() -> None:
                        wm_marked=[after.hits, after.total, after.p_value], embed_s=round(result.seconds, 1))
             print(f"[{text}] embedded: {result.steps} steps, trigger accuracy {result.accuracy:.3f}, clean "
                   f"{row['clean_marked']:.4f}, watermark {after.hits}/{after.total} p {after.p_value:.2e}", flush=True)
+        own = own_check = None
+        if s["copy"] >= 0:  # client_watermark's embedding for one client: its own random key + the owner's set
+            own = trigger_set(client_key(MASTER_KEY, s["copy"]), TriggerSpec(exp.model.task, s["copy_size"], s["length"],
+                              exp.model.num_labels), wb.tokenizer)
+            keep = build_preserver(PreserveParams(data=PUBLIC, weight=s["preserve"], random_texts=s["random_texts"]),
+                                   wb.task, wb.tokenizer, seed=seed + 2, length=s["length"]) if s["preserve"] > 0 else None
+            result = embed(wb.model, wb.task, exp.model.task, wb.tokenizer, marked, own + triggers,
+                           EmbedSettings(s["copy_threshold"], s["copy_steps"], s["copy_lr"], s["batch"], HEAD_PATTERNS, keep),
+                           seed=seed + 3, train_names=set(shared))
+            marked = result.state
+
+            def own_check(state):
+                set_state(wb.model, state)
+                return verdict(wb.task, TriggerSpec(exp.model.task, s["copy_size"], s["length"], exp.model.num_labels),
+                               wb.model, wb.tokenizer, own)
+
+            o, w = own_check(marked), check(marked)
+            row.update(copy_steps=result.steps, clean_copy=wb.evaluate(marked)["accuracy"], own_copy=[o.hits, o.total, o.p_value],
+                       wm_copy=[w.hits, w.total, w.p_value])
+            print(f"[{text}] client {s['copy']}'s copy: {result.steps} steps, clean {row['clean_copy']:.4f}, own key "
+                  f"{o.hits}/{o.total}, owner {w.hits}/{w.total}", flush=True)
         train = exp.train.model_copy(update={"epochs": s["epochs"], "steps": None})
         stolen = fine_tune(base, marked, thief_data, train, seed=seed)[0]
         survived = check(stolen)
+        if own_check is not None:
+            o = own_check(stolen)
+            row["own_stolen"] = [o.hits, o.total, o.p_value]
+            print(f"[{text}] the copy's own key after the thief: {o.hits}/{o.total} p {o.p_value:.2e}", flush=True)
         row.update(clean_stolen=wb.evaluate(stolen)["accuracy"], wm_stolen=[survived.hits, survived.total, survived.p_value],
                    seconds=round(time.perf_counter() - t0, 1))
         print(f"[{text}] after the thief's {s['epochs']}-epoch fine-tune: clean {row['clean_stolen']:.4f}, watermark "
