@@ -139,7 +139,7 @@ def main() -> None:
                                wb.model, wb.tokenizer, own)
 
             o, w = own_check(marked), check(marked)
-            row.update(copy_steps=result.steps, clean_copy=wb.evaluate(marked)["accuracy"], own_copy=[o.hits, o.total, o.p_value],
+            row.update(copy_steps_taken=result.steps, clean_copy=wb.evaluate(marked)["accuracy"], own_copy=[o.hits, o.total, o.p_value],
                        wm_copy=[w.hits, w.total, w.p_value])
             print(f"[{text}] client {s['copy']}'s copy: {result.steps} steps, clean {row['clean_copy']:.4f}, own key "
                   f"{o.hits}/{o.total}, owner {w.hits}/{w.total}", flush=True)
