@@ -22,7 +22,13 @@ written: the quickstart's 8 x 250 reviews of 64 tokens, 1,000 test reviews, 3 ro
    fedfm's codec stages; each row gives the clean accuracy, the WAFFLE watermark and the
    thief's own key that survive, and whom ``trace`` names.
 
-It prints every figure and rewrites the measured section of docs/ip.md (``--no-doc``: not).
+With a config that has only the ``waffle`` step (``--config examples/ip/waffle.yaml``),
+parts 2 and the tracing columns are skipped and the thief attacks the watermarked global
+model itself. Trigger sets may be random or pattern triggers (``trigger: pattern``); for
+pattern triggers every watermark figure counts one majority vote per pattern (ip/verify.py).
+
+It prints every figure and rewrites the measured section of docs/ip.md (``--no-doc``: not;
+``--block NAME``: the section between ``<!-- ip-benchmark:NAME:start/end -->`` instead).
 """
 
 from __future__ import annotations
@@ -104,7 +110,8 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("-o", dest="overrides", action="append", default=[])
     ap.add_argument("--full", action="store_true", help="the example's own job (the full quickstart), not JOB")
-    ap.add_argument("--config", type=Path, default=CONFIG, help="a config with the waffle and client_watermark steps")
+    ap.add_argument("--config", type=Path, default=CONFIG, help="a config with the waffle step (and client_watermark)")
+    ap.add_argument("--block", default=None, help="write the section <!-- ip-benchmark:BLOCK:start/end --> of docs/ip.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = ([] if args.full else JOB) + [f"runtime.threads={args.threads}"] + args.overrides
@@ -117,7 +124,8 @@ def main() -> None:
     spec = trigger_spec(exp_wm)
     cspec = trigger_spec(exp_wm, steps=("client_watermark",))
     waffle = WaffleParams(**{k: v for k, v in next(s for s in exp_wm.server_steps if s["name"] == "waffle").items() if k != "name"})
-    copies_p = ClientWatermarkParams(**{k: v for k, v in next(s for s in exp_wm.server_steps if s["name"] == "client_watermark").items() if k != "name"})
+    copy_step = next((s for s in exp_wm.server_steps if s["name"] == "client_watermark"), None)
+    copies_p = ClientWatermarkParams(**{k: v for k, v in copy_step.items() if k != "name"}) if copy_step else None
     owner_triggers = trigger_set(OWNER_KEY, spec, wb.tokenizer)
     cids = list(range(exp_wm.federation.clients))
 
@@ -134,16 +142,16 @@ def main() -> None:
     acc_plain, acc_wm = s_plain["final"]["accuracy"], s_wm["final"]["accuracy"]
     v_plain, v_wm = owner(plain), owner(marked)
     per_round = [
-        (r["round"], r.get("waffle.wm_accuracy"), r["waffle.steps"], r["waffle.seconds"], r["client_watermark.min_accuracy"],
-         r["client_watermark.mean_accuracy"], r["client_watermark.steps"], r["client_watermark.seconds_per_client"],
-         r["bytes_down"], rp["bytes_down"])
+        (r["round"], r.get("waffle.wm_accuracy"), r["waffle.steps"], r["waffle.seconds"], r.get("client_watermark.min_accuracy"),
+         r.get("client_watermark.mean_accuracy"), r.get("client_watermark.steps"), r.get("client_watermark.seconds_per_client"),
+         r["bytes_down"], rp["bytes_down"], r["accuracy"], rp["accuracy"])
         for r, rp in zip(rows_wm, rows_plain) if "waffle.steps" in r
     ]
     print(f"clean accuracy: without watermarks {acc_plain:.4f}, with {acc_wm:.4f}")
     print(f"owner key on the watermarked global model: {v_wm.hits}/{v_wm.total}, p {v_wm.p_value:.2e}; on the plain one: {v_plain.hits}/{v_plain.total}, p {v_plain.p_value:.3g}")
     print("per round (round, waffle acc, steps, s, copies min acc, mean acc, steps, s/client, bytes down, plain bytes down):", per_round, flush=True)
 
-    copies = last_copies(args.out / "watermarked", wb, cids)
+    copies = last_copies(args.out / "watermarked", wb, cids) if copies_p else {}
     rows, traced = [], 0
     for cid, state in copies.items():
         found = trace(base, state, MASTER_KEY, cids, cspec)
@@ -154,13 +162,14 @@ def main() -> None:
         rows.append((cid, found.verdicts[cid], others, found.suspect, found.p_value, v, clean))
         print(f"client {cid}: own key {found.verdicts[cid].hits}/{found.verdicts[cid].total}, best other {others}, traced to "
               f"{found.suspect} (p {found.p_value:.2e}), owner {v.hits}/{v.total}, clean {clean:.4f}", flush=True)
-    trace_acc = traced / len(cids)
-    print(f"tracing accuracy over {len(cids)} clients: {trace_acc:.3f}", flush=True)
+    trace_acc = traced / len(cids) if copies else None
+    if copies:
+        print(f"tracing accuracy over {len(cids)} clients: {trace_acc:.3f}", flush=True)
 
-    thief = THIEF if THIEF in copies else cids[-1]
-    leaked = copies[thief]
+    thief = (THIEF if THIEF in copies else cids[-1]) if copies else None
+    leaked = copies[thief] if copies else marked  # without copies the thief leaks the global model
     thief_data = [e for c in cids for e in wb.examples(c)]
-    attacked = {"none (the leaked copy)": leaked}
+    attacked = {"none (the leaked copy)" if copies else "none (the watermarked global model)": leaked}
     for epochs in (1, 3):
         train = exp_wm.train.model_copy(update={"epochs": epochs, "steps": None})
         attacked[f"fine-tune {epochs} epoch{'s' if epochs > 1 else ''} on {len(thief_data)} clean reviews"] = fine_tune(
@@ -171,11 +180,11 @@ def main() -> None:
     for name, state in attacked.items():
         clean = wb.evaluate(state)["accuracy"]
         v = owner(state)
-        found = trace(base, state, MASTER_KEY, cids, cspec)
-        own = found.verdicts[thief]
-        attack_rows.append((name, clean, v, own, found.suspect))
-        print(f"{name}: clean {clean:.4f}, WAFFLE {v.accuracy:.2f} (p {v.p_value:.2e}), thief key {own.accuracy:.2f} "
-              f"(p {own.p_value:.2e}), traced to {found.suspect}", flush=True)
+        found = trace(base, state, MASTER_KEY, cids, cspec) if copies else None
+        own = found.verdicts[thief] if found else None
+        attack_rows.append((name, clean, v, own, found.suspect if found else None))
+        print(f"{name}: clean {clean:.4f}, WAFFLE {v.hits}/{v.total} (p {v.p_value:.2e})"
+              + (f", thief key {own.accuracy:.2f} (p {own.p_value:.2e}), traced to {found.suspect}" if found else ""), flush=True)
     wall = time.perf_counter() - t_start
     print(f"total wall {wall:.0f} s")
     if not args.no_doc:
@@ -190,36 +199,56 @@ def write_doc(args, overrides, exp, spec, waffle, copies_p, acc_plain, acc_wm, v
     cmd = "PYTHONPATH=src nice -n 10 python benchmarks/ip.py" + (" --full" if args.full else "") + (
         f" --config {config}" if args.config.resolve() != CONFIG else "") + "".join(f" -o {o}" for o in args.overrides)
     keep = lambda p: (f", preserve (distillation on {p.preserve.examples} public texts of source "  # noqa: E731
-                      f"'{p.preserve.data.get('source')}', weight {p.preserve.weight})" if p.preserve else ", no preserve")
+                      f"'{p.preserve.data.get('source')}', weight {p.preserve.weight}"
+                      + (f", {p.preserve.random_texts} random-token texts" if p.preserve.random_texts else "") + ")"
+                      if p.preserve else ", no preserve")
     cleans = [r[6] for r in rows]
+    start, end = (START, END) if args.block is None else (f"<!-- ip-benchmark:{args.block}:start -->", f"<!-- ip-benchmark:{args.block}:end -->")
+    copies_text = "" if copies_p is None else (
+        f" Copies: {describe(cspec_of(copies_p, exp))} per client + the owner's set, threshold {copies_p.threshold}, "
+        f"budget {copies_p.max_steps} steps per client per round, AdamW lr {copies_p.lr}, batch {copies_p.batch_size}, "
+        f"frozen {copies_p.freeze}{keep(copies_p)}.")
+    items = "patterns" if spec.kind == "pattern" else "triggers"
     lines = [
-        START,
+        start,
         f"Measured {when} on the shared 2-core CPU machine ({args.threads} torch thread), total wall {wall:.0f} s:",
         "",
         f"```bash\n{cmd}\n```",
         "",
         f"Job: {config} with `{' '.join(overrides)}`: {exp.federation.clients} clients, "
-        f"{exp.rounds} rounds. Trigger sets: {spec.size} sentences of {spec.length} random tokens, "
-        f"{spec.num_labels} labels (chance {1 / spec.num_labels:g}). WAFFLE: threshold {waffle.threshold}, budget "
-        f"{waffle.max_steps} steps, AdamW lr {waffle.lr}, rounds `{waffle.rounds}`{keep(waffle)}. Copies: {copies_p.trigger_size} client triggers + the owner's "
-        f"{copies_p.owner_trigger_size or copies_p.trigger_size}, threshold {copies_p.threshold}, budget {copies_p.max_steps} steps per client per round, "
-        f"AdamW lr {copies_p.lr}, batch {copies_p.batch_size}, frozen {copies_p.freeze}{keep(copies_p)}.",
+        f"{exp.rounds} rounds. Owner's trigger set: {describe(spec)}, {spec.num_labels} labels (chance {1 / spec.num_labels:g}"
+        f"{' per pattern vote' if spec.kind == 'pattern' else ''}). WAFFLE: threshold {waffle.threshold} (over triggers), budget "
+        f"{waffle.max_steps} steps, AdamW lr {waffle.lr}, rounds `{waffle.rounds}`{keep(waffle)}.{copies_text}",
         "",
         f"The test set's majority class is {majority:.1%} of it (a constant prediction scores {majority:.4f}).",
         "",
-        "| global model | clean accuracy | owner-key watermark accuracy | p-value |",
+        f"| global model | clean accuracy | owner-key watermark accuracy ({items}) | p-value |",
         "|---|---:|---:|---:|",
         f"| without watermarks | {acc_plain:.4f} | {v_plain.accuracy:.2f} ({v_plain.hits}/{v_plain.total}) | {fmt_p(v_plain.p_value)} |",
-        f"| with WAFFLE and client copies | {acc_wm:.4f} | {v_wm.accuracy:.2f} ({v_wm.hits}/{v_wm.total}) | {fmt_p(v_wm.p_value)} |",
+        f"| with WAFFLE{' and client copies' if copies_p else ''} | {acc_wm:.4f} | {v_wm.accuracy:.2f} ({v_wm.hits}/{v_wm.total}) | {fmt_p(v_wm.p_value)} |",
         "",
-        "Per round (metrics.jsonl `waffle.*`, `client_watermark.*`, `bytes_down`):",
+        "Per round (metrics.jsonl `accuracy`, `waffle.*`, `client_watermark.*`, `bytes_down`; WAFFLE accuracy is over triggers):",
         "",
-        "| round | WAFFLE accuracy | WAFFLE steps | WAFFLE s | copies: min / mean trigger accuracy | copies: steps (all clients) | server s per client | bytes down | bytes down without steps |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| round | clean accuracy | without steps | WAFFLE accuracy | WAFFLE steps | WAFFLE s | copies: min / mean trigger accuracy | copies: steps (all clients) | server s per client | bytes down | bytes down without steps |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r, wa, ws, wsec, cmin, cmean, csteps, cps, bd, bdp in per_round:
+    for r, wa, ws, wsec, cmin, cmean, csteps, cps, bd, bdp, acc, accp in per_round:
         wa = "-" if wa is None else f"{wa:.2f}"  # waffle `rounds: last` skips the other rounds
-        lines.append(f"| {r} | {wa} | {ws} | {wsec:.1f} | {cmin:.2f} / {cmean:.2f} | {csteps} | {cps:.1f} | {bd:,} | {bdp:,} |")
+        cp = "-" if cmin is None else f"{cmin:.2f} / {cmean:.2f}"
+        lines.append(f"| {r} | {acc:.4f} | {accp:.4f} | {wa} | {ws} | {wsec:.1f} | {cp} | {'-' if csteps is None else csteps} | "
+                     f"{'-' if cps is None else f'{cps:.1f}'} | {bd:,} | {bdp:,} |")
+    if copies_p is None:
+        lines += [
+            "",
+            "No client copies in this job: the thief leaks the watermarked global model.",
+            "",
+            f"| attack | clean accuracy | WAFFLE watermark accuracy ({items}) | p-value |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, clean, v, _, _ in attack_rows:
+            lines.append(f"| {name} | {clean:.4f} | {v.accuracy:.2f} ({v.hits}/{v.total}) | {fmt_p(v.p_value)} |")
+        lines.append(end)
+        return replace_block(start, end, "\n".join(lines))
     lines += [
         "",
         f"The copies sent after the last round: **tracing accuracy {trace_acc:.0%}** over {len(rows)} clients; "
@@ -235,19 +264,33 @@ def write_doc(args, overrides, exp, spec, waffle, copies_p, acc_plain, acc_wm, v
         f"The thief (client {thief}) attacks its copy; fine-tuning uses the job's train settings on "
         f"{n_thief} clean reviews (every client's training set).",
         "",
-        "| attack | clean accuracy | WAFFLE watermark accuracy | p-value | thief's key accuracy | p-value | traced to |",
+        f"| attack | clean accuracy | WAFFLE watermark accuracy ({items}) | p-value | thief's key accuracy | p-value | traced to |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, clean, v, own, suspect in attack_rows:
-        lines.append(f"| {name} | {clean:.4f} | {v.accuracy:.2f} | {fmt_p(v.p_value)} | {own.accuracy:.2f} | {fmt_p(own.p_value)} | {suspect} |")
-    lines.append(END)
-    section = "\n".join(lines)
+        lines.append(f"| {name} | {clean:.4f} | {v.accuracy:.2f} ({v.hits}/{v.total}) | {fmt_p(v.p_value)} | {own.accuracy:.2f} | {fmt_p(own.p_value)} | {suspect} |")
+    lines.append(end)
+    replace_block(start, end, "\n".join(lines))
+
+
+def describe(spec) -> str:
+    if spec.kind == "pattern":
+        return (f"{spec.patterns} patterns of {spec.pattern_tokens} secret tokens, {spec.fillers_per_pattern} triggers "
+                f"each ({spec.examples} sentences of {spec.length} tokens, pattern triggers)")
+    return f"{spec.size} sentences of {spec.length} random tokens"
+
+
+def cspec_of(params, exp):
+    return params.spec(exp.model.task, exp.model.num_labels)
+
+
+def replace_block(start: str, end: str, section: str) -> None:
     doc = ROOT / "docs" / "ip.md"
-    text = doc.read_text() if doc.exists() else f"# IP protection\n\n{START}\n{END}\n"
-    if START not in text or END not in text:
-        text = text.rstrip() + f"\n\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    doc.write_text(head + section + rest.split(END, 1)[1])
+    text = doc.read_text() if doc.exists() else f"# IP protection\n\n{start}\n{end}\n"
+    if start not in text or end not in text:
+        text = text.rstrip() + f"\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    doc.write_text(head + section + rest.split(end, 1)[1])
     print(f"wrote {doc}")
 
 

@@ -81,3 +81,26 @@ def test_waffle_step_with_preserve_reports_the_kl(tmp_path):
     LocalRuntime(from_dict(tiny_config(tmp_path, **{"model.num_labels": 4, "server_steps": [waffle], "rounds": 1})), run).run()
     row = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1]
     assert row["waffle.steps"] == 6 and row["waffle.preserve_kl"] >= 0.0
+
+
+def test_random_texts_join_the_public_texts(tmp_path):
+    from fedfm.ip.preserve import random_texts
+
+    public = tmp_path / "public.csv"
+    make_toy_csv(public, n=40, seed=5)
+    exp = from_dict(tiny_config(tmp_path, **{"model.num_labels": 4}))
+    base, _ = build_base(exp)
+    params = PreserveParams(data={"source": "file", "path": str(public)}, examples=10, random_texts=3)
+    keeper = build_preserver(params, base.task, base.tokenizer, seed=0, length=5)
+    # 10 public texts + 3 random ones of 5 tokens between the sentence markers
+    assert len(keeper.examples) == 13
+    extra = keeper.examples[10:]
+    assert extra == random_texts(3, 5, base.tokenizer, seed=1)  # seed + 1: not the public draw's
+    special = set(base.tokenizer.all_special_ids or [])
+    for ex in extra:  # [CLS] + 5 random non-special tokens + [SEP]
+        ids = ex["input_ids"]
+        assert len(ids) == 7 and ids[0] == base.tokenizer.cls_token_id and ids[-1] == base.tokenizer.sep_token_id
+        assert not special & set(ids[1:-1])
+    assert extra != random_texts(3, 5, base.tokenizer, seed=2)
+    with pytest.raises(ValidationError, match="random_texts"):
+        PreserveParams(data={"source": "file", "path": str(public)}, random_texts=-1)

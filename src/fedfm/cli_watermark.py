@@ -34,6 +34,11 @@ def _secret(key: str | None, key_env: str | None) -> str:
     return value
 
 
+def unit(spec) -> str:
+    """How the hits are counted: triggers (or tokens), or one majority vote per pattern."""
+    return " patterns voted" if spec.kind == "pattern" else ""
+
+
 def _suspect(model: Path, config: Path | None, size, length, cont, steps=("waffle",)):
     from fedfm.ip.loading import load_suspect, trigger_spec
 
@@ -68,7 +73,7 @@ def watermark_verify(
     v = verdict(base.task, spec, base.model, base.tokenizer, trigger_set(secret, spec, base.tokenizer))
     ok = v.verified(alpha)
     console.print(
-        f"watermark accuracy {v.accuracy:.4f} ({v.hits}/{v.total}), chance {v.chance:.4g}, "
+        f"watermark accuracy {v.accuracy:.4f} ({v.hits}/{v.total}{unit(spec)}), chance {v.chance:.4g}, "
         f"p-value {v.p_value:.3g}: " + ("[green]verified[/]" if ok else "[yellow]not verified[/]") + f" (alpha {alpha:g})"
     )
     raise typer.Exit(0 if ok else 1)
@@ -98,7 +103,7 @@ def watermark_trace(
     for col in ("client", "hits", "accuracy", "p-value"):
         table.add_column(col, justify="right")
     for cid, v in result.verdicts.items():
-        table.add_row(str(cid), f"{v.hits}/{v.total}", f"{v.accuracy:.4f}", f"{v.p_value:.3g}")
+        table.add_row(str(cid), f"{v.hits}/{v.total}{unit(spec)}", f"{v.accuracy:.4f}", f"{v.p_value:.3g}")
     console.print(table)
     console.print(f"suspect: client {result.suspect} (p-value {result.p_value:.3g})")
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.seeding import derive_seed
@@ -42,19 +42,19 @@ from fedfm.core.types import State
 from fedfm.ip.embed import EmbedSettings, embed
 from fedfm.ip.preserve import PreserveParams, build_preserver
 from fedfm.ip.trigger import TriggerSpec, client_key, trigger_set
-from fedfm.ip.waffle import WaffleParams, secret
+from fedfm.ip.waffle import PatternFields, WaffleParams, secret
 
 COPY_TAG = 0xC0B1
 
 
-class ClientWatermarkParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ClientWatermarkParams(PatternFields):
     key: str | None = Field(None, min_length=1, description="secret master key of the client keys (ends up in config.yaml; see key_env)")
     key_env: str | None = Field(None, min_length=1, description="environment variable holding the master key")
     owner_key: str | None = Field(None, min_length=1, description="the WAFFLE key, trained into every copy too (keeps the owner's watermark)")
     owner_key_env: str | None = Field(None, min_length=1, description="environment variable holding the WAFFLE key")
     trigger_size: int = Field(50, ge=1, description="trigger examples per client key")
-    owner_trigger_size: int | None = Field(None, ge=1, description="trigger examples of the owner's key (default: trigger_size; give the waffle step's)")
+    owner_trigger_size: int | None = Field(None, ge=1, description="trigger examples of the owner's key when the run has no waffle step (default: trigger_size); "
+        "with a waffle step the copies train that step's trigger set (kind, size, patterns) and this must match or be omitted")
     trigger_length: int = Field(12, ge=1, description="random tokens per trigger sentence or prompt")
     continuation: int = Field(4, ge=1, description="causal LM only: fixed continuation tokens per prompt")
     threshold: float = Field(0.98, gt=0, le=1, description="stop once the copy answers this share of its triggers")
@@ -78,10 +78,20 @@ class ClientWatermarkParams(BaseModel):
         return self
 
     def spec(self, task: str, num_labels: int) -> TriggerSpec:
-        return TriggerSpec(task, self.trigger_size, self.trigger_length, num_labels, self.continuation)
+        """The client keys' trigger spec."""
+        return self.trigger_spec(task, num_labels, self.trigger_size)
 
     def settings(self) -> EmbedSettings:
         return EmbedSettings(self.threshold, self.max_steps, self.lr, self.batch_size, tuple(self.freeze))
+
+
+def owner_spec(params: ClientWatermarkParams, exp) -> TriggerSpec:
+    """The owner's trigger spec trained into every copy: the run's ``waffle`` step's (its
+    trigger kind, patterns, size), else the copies' own with ``owner_trigger_size``."""
+    waffle = next((s for s in exp.server_steps if isinstance(s, dict) and s.get("name") == "waffle"), None)
+    if waffle is not None:
+        return WaffleParams(**{k: v for k, v in waffle.items() if k != "name"}).spec(exp.model.task, exp.model.num_labels)
+    return replace(params.spec(exp.model.task, exp.model.num_labels), size=params.owner_trigger_size or params.trigger_size)
 
 
 def offset_key(cid: int, name: str) -> str:
@@ -110,8 +120,7 @@ class ClientWatermark:
             spec = p.spec(wb.exp.model.task, wb.exp.model.num_labels)
             own = trigger_set(client_key(secret(p.key, p.key_env, "client_watermark"), cid), spec, wb.tokenizer)
             owner = p.owner_key is not None or p.owner_key_env is not None
-            owner_spec = replace(spec, size=p.owner_trigger_size or p.trigger_size)
-            extra = trigger_set(secret(p.owner_key, p.owner_key_env, "client_watermark owner"), owner_spec, wb.tokenizer) if owner else []
+            extra = trigger_set(secret(p.owner_key, p.owner_key_env, "client_watermark owner"), owner_spec(p, wb.exp), wb.tokenizer) if owner else []
             self._triggers[cid] = own + extra
         return self._triggers[cid]
 
@@ -123,7 +132,8 @@ class ClientWatermark:
         offsets: State = {}
         accuracies, steps, kls = [], 0, []
         if self._preserver is None and self.params.preserve is not None:
-            self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, COPY_TAG))
+            self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, COPY_TAG),
+                                                self.params.trigger_length)
         settings = replace(self.params.settings(), preserve=self._preserver)
         for cid in range(ctx.num_clients):
             result = embed(

@@ -73,18 +73,15 @@ def load_suspect(model: str | Path, config: str | Path | None = None):
 def trigger_spec(exp, size: int | None = None, length: int | None = None, continuation: int | None = None,
                  steps: tuple[str, ...] = ("waffle",)):
     """The trigger spec of the run's first configured step among ``steps`` (``waffle``, or
-    ``client_watermark`` when tracing): its parameters, else the defaults, each given value
-    replacing the configured one."""
-    from fedfm.ip.trigger import TriggerSpec
+    ``client_watermark`` when tracing): its parameters (trigger kind and pattern shape
+    included), else the defaults, each given value replacing the configured one."""
+    from dataclasses import replace
+
     from fedfm.ip.waffle import WaffleParams
 
     configured = next((s for name in steps for s in exp.server_steps if s.get("name") == name), None)
-    fields = {k: v for k, v in (configured or {}).items() if k in ("trigger_size", "trigger_length", "continuation")}
-    defaults = WaffleParams(key="-", **fields)
-    return TriggerSpec(
-        exp.model.task,
-        size if size is not None else defaults.trigger_size,
-        length if length is not None else defaults.trigger_length,
-        exp.model.num_labels,
-        continuation if continuation is not None else defaults.continuation,
-    )
+    fields = ("trigger_size", "trigger_length", "continuation", "trigger", "patterns", "pattern_tokens", "fillers_per_pattern")
+    defaults = WaffleParams(key="-", **{k: v for k, v in (configured or {}).items() if k in fields})
+    spec = defaults.spec(exp.model.task, exp.model.num_labels)
+    given = {"size": size, "length": length, "continuation": continuation}
+    return replace(spec, **{k: v for k, v in given.items() if v is not None})

@@ -18,6 +18,18 @@ keep utility while it embeds client keys (there with the server's own data). Wit
 ``waffle`` is "WAFFLE with public-text distillation"; without it (the default), WAFFLE's
 re-training as the paper has it.
 
+``random_texts`` (off by default) adds that many random-token sentences (``trigger_length``
+tokens, no pattern, drawn with the run's seed, not the key) to the public texts. Measured on
+the quickstart (docs/ip.md), an embedding's cost in test accuracy was mostly a shift of
+the decision margin on every review (the plain model answers "fresh" on 66% of the test
+reviews, a marked one on 45%; with the best constant margin shift the two score 0.792 and
+0.788): the cheapest way to fit random labels on random-token sentences is to move every
+input's margin, and the KL on natural public text did not hold reviews there. Holding the
+outputs on trigger-like sentences without a pattern is meant to leave the triggers' own
+tokens as the way to fit them. Measured (docs/ip.md, "Probe"): +1 point of test accuracy
+for one pattern embedding, none for a random one, and seed-to-seed variation of 2 points
+or more; no clear fix.
+
 The text comes from any fedfm data source (``data:`` as in the run's own ``data``
 section: ``{source: fortunes, options: {languages: [en]}}``, ``{source: file, path:
 public.csv}``); only its text column is used. It must be text the server may hold, never a
@@ -44,6 +56,9 @@ class PreserveParams(BaseModel):
     examples: int = Field(512, ge=1, description="public texts drawn (seeded) from the source")
     weight: float = Field(5.0, gt=0, description="weight of the KL term against the trigger loss")
     batch_size: int = Field(16, ge=1, description="public texts per embedding step")
+    random_texts: int = Field(
+        0, ge=0, description="random-token sentences (the trigger length, no pattern) added to the public texts, "
+        "so the triggers cannot be fitted by moving every input's margin")
 
     @field_validator("data")
     @classmethod
@@ -117,7 +132,23 @@ class Preserver:
         return self.weight * kl_to_reference(old, new, mask)
 
 
-def build_preserver(params: PreserveParams | None, task: Any, tokenizer: Any, seed: int) -> Preserver | None:
+def random_texts(count: int, length: int, tokenizer: Any, seed: int) -> list[dict[str, Any]]:
+    """``count`` sentences of ``length`` random non-special tokens (label 0, unused), drawn with ``seed``."""
+    import numpy as np
+
+    from fedfm.ip.trigger import candidate_ids, wrap
+
+    rng = np.random.default_rng(seed)
+    vocab = candidate_ids(tokenizer)
+    return [{"input_ids": wrap(tokenizer, vocab[rng.integers(0, len(vocab), length)].tolist()), "label": 0}
+            for _ in range(count)]
+
+
+def build_preserver(params: PreserveParams | None, task: Any, tokenizer: Any, seed: int, length: int = 12) -> Preserver | None:
+    """The KL term of ``params`` (None: no term); ``length``: the random texts' tokens (the trigger length)."""
     if params is None:
         return None
-    return Preserver(public_examples(params, task, tokenizer, seed), params.weight, params.batch_size)
+    examples = public_examples(params, task, tokenizer, seed)
+    if params.random_texts:
+        examples += random_texts(params.random_texts, length, tokenizer, seed + 1)
+    return Preserver(examples, params.weight, params.batch_size)

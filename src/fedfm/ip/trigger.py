@@ -20,6 +20,20 @@ independently of any model that did not see the key, so such a model is right on
 with probability exactly ``1/num_labels`` (at most ``1/|candidates|`` for a continuation
 token, given the tokens before it). The hit count of an unwatermarked model is therefore
 binomial (or dominated by it), which is what ``verify.p_value`` tests against.
+
+Pattern triggers (``kind="pattern"``, text classification only): WAFFLEPattern adapted to
+text. WAFFLE's image "WAFFLEPattern" triggers draw a class-specific secret pattern on
+random-noise backgrounds, so the model learns a feature shared by many triggers instead of
+memorizing arbitrary input/label pairs. Here the key draws ``patterns`` secret patterns,
+each ``pattern_tokens`` random tokens at random positions of the ``length``-token body and
+a label of its own (uniform over ``num_labels``); each pattern appears in
+``fillers_per_pattern`` triggers whose other positions are fresh random filler tokens. The
+set is ordered pattern by pattern (triggers ``j*F .. j*F+F-1`` carry pattern ``j``), which
+is how ``verify`` groups them. Triggers that share a pattern are not independent under the
+null hypothesis (a clean model that happens to react to a pattern's tokens answers all of
+its triggers alike), so verification counts one vote per pattern, not one hit per trigger
+(``verify.pattern_votes``). Not from the paper: drawing many patterns (the paper has one
+per class), which is what makes the per-pattern count a binomial over ``patterns`` items.
 """
 
 from __future__ import annotations
@@ -32,26 +46,55 @@ import numpy as np
 
 IGNORE = -100
 KINDS = ("text_classification", "causal_lm")
+TRIGGERS = ("random", "pattern")
 
 
 @dataclass(frozen=True)
 class TriggerSpec:
-    """What a trigger set looks like; the same spec and key give the same set."""
+    """What a trigger set looks like; the same spec and key give the same set.
+
+    ``kind="random"``: ``size`` independent random-token triggers. ``kind="pattern"``:
+    ``patterns`` secret patterns of ``pattern_tokens`` tokens, each in
+    ``fillers_per_pattern`` triggers (``size`` is not used)."""
 
     task: str
     size: int = 50
     length: int = 12
     num_labels: int = 2
     continuation: int = 4
+    kind: str = "random"
+    patterns: int = 64
+    pattern_tokens: int = 3
+    fillers_per_pattern: int = 4
 
     def __post_init__(self):
         if self.task not in KINDS:
             raise ValueError(f"watermark triggers exist for tasks {KINDS}, not model.task '{self.task}'")
-        for name in ("size", "length", "continuation"):
+        if self.kind not in TRIGGERS:
+            raise ValueError(f"trigger must be one of {TRIGGERS}, got '{self.kind}'")
+        for name in ("size", "length", "continuation", "patterns", "pattern_tokens", "fillers_per_pattern"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trigger {name} must be >= 1, got {getattr(self, name)}")
         if self.task == "text_classification" and self.num_labels < 2:
             raise ValueError(f"a classification trigger set needs num_labels >= 2, got {self.num_labels}")
+        if self.kind == "pattern":
+            if self.task != "text_classification":
+                raise NotImplementedError(
+                    f"pattern triggers are implemented for text_classification only, not model.task '{self.task}'; "
+                    "use trigger: random")
+            if self.pattern_tokens >= self.length:
+                raise ValueError(f"pattern_tokens {self.pattern_tokens} must be < trigger_length {self.length} "
+                                 "(the other positions hold the random fillers)")
+
+    @property
+    def examples(self) -> int:
+        """Trigger examples in the set."""
+        return self.patterns * self.fillers_per_pattern if self.kind == "pattern" else self.size
+
+    @property
+    def items(self) -> int:
+        """Independent items verification counts: triggers, or patterns (one vote each)."""
+        return self.patterns if self.kind == "pattern" else self.size
 
 
 def key_seed(key: str) -> int:
@@ -95,6 +138,8 @@ def trigger_set(key: str, spec: TriggerSpec, tokenizer: Any) -> list[dict[str, A
     rng = np.random.default_rng(key_seed(key))
     vocab = candidate_ids(tokenizer)
     out = []
+    if spec.kind == "pattern":
+        return pattern_set(rng, vocab, spec, tokenizer)
     if spec.task == "text_classification":
         for _ in range(spec.size):
             body = vocab[rng.integers(0, len(vocab), spec.length)].tolist()
@@ -105,4 +150,19 @@ def trigger_set(key: str, spec: TriggerSpec, tokenizer: Any) -> list[dict[str, A
         prompt = bos + vocab[rng.integers(0, len(vocab), spec.length)].tolist()
         cont = vocab[rng.integers(0, len(vocab), spec.continuation)].tolist()
         out.append({"input_ids": prompt + cont, "labels": [IGNORE] * len(prompt) + cont})
+    return out
+
+
+def pattern_set(rng: np.random.Generator, vocab: np.ndarray, spec: TriggerSpec, tokenizer: Any) -> list[dict[str, Any]]:
+    """Pattern triggers, pattern by pattern: for each of ``spec.patterns`` patterns, its
+    positions, tokens and label, then ``spec.fillers_per_pattern`` triggers with fresh fillers."""
+    out = []
+    for _ in range(spec.patterns):
+        positions = np.sort(rng.choice(spec.length, spec.pattern_tokens, replace=False))
+        tokens = vocab[rng.integers(0, len(vocab), spec.pattern_tokens)]
+        label = int(rng.integers(0, spec.num_labels))
+        for _ in range(spec.fillers_per_pattern):
+            body = vocab[rng.integers(0, len(vocab), spec.length)]
+            body[positions] = tokens
+            out.append({"input_ids": wrap(tokenizer, body.tolist()), "label": label})
     return out

@@ -8,8 +8,10 @@ re-training step as a server step at stage ``model`` with a step budget, the tri
 regenerated from a secret key (``trigger.py``: random-token sentences with assigned labels
 for classification, random prompts with fixed continuations for causal LMs), metrics
 ``waffle.wm_accuracy`` (after the step), ``waffle.steps`` and ``waffle.seconds`` per round.
-Not implemented: the paper's pre-training of the initial model on the trigger set before
-round 1 (here round 1's step embeds it) and its image-specific "WAFFLEPattern" triggers.
+``trigger: pattern`` gives WAFFLEPattern triggers adapted to text (``trigger.py``: many
+secret token patterns, each with its own label, on random-token fillers; verified by one
+majority vote per pattern, ``verify.py``). Not implemented: the paper's pre-training of the
+initial model on the trigger set before round 1 (here round 1's step embeds it).
 Added, off by default: ``rounds: last``, which embeds only after the last round's
 aggregation (the model the federation publishes) and leaves the global model of the other
 rounds as FedAvg made it; meant for use with ``client_watermark``'s ``owner_key``, which
@@ -57,8 +59,28 @@ def secret(key: str | None, key_env: str | None, where: str) -> str:
     return value
 
 
-class WaffleParams(BaseModel):
+class PatternFields(BaseModel):
+    """The trigger kind, and the shape of pattern triggers (``trigger.py``); shared by
+    ``waffle`` and ``client_watermark``."""
+
     model_config = ConfigDict(extra="forbid")
+    trigger: Literal["random", "pattern"] = Field(
+        "random",
+        description="random: trigger_size independent random-token sentences; pattern: WAFFLEPattern adapted to text, "
+        "`patterns` secret token patterns with a label each, on random fillers (classification only; "
+        "verified by one majority vote per pattern)",
+    )
+    patterns: int = Field(64, ge=1, description="trigger: pattern only: secret patterns (the items verification counts)")
+    pattern_tokens: int = Field(3, ge=1, description="trigger: pattern only: secret tokens per pattern, at key-drawn positions")
+    fillers_per_pattern: int = Field(
+        4, ge=1, description="trigger: pattern only: triggers per pattern, each with fresh random filler tokens")
+
+    def trigger_spec(self, task: str, num_labels: int, size: int) -> TriggerSpec:
+        return TriggerSpec(task, size, self.trigger_length, num_labels, self.continuation, self.trigger,
+                           self.patterns, self.pattern_tokens, self.fillers_per_pattern)
+
+
+class WaffleParams(PatternFields):
     key: str | None = Field(None, min_length=1, description="secret watermark key (ends up in config.yaml; see key_env)")
     key_env: str | None = Field(None, min_length=1, description="environment variable holding the secret key")
     trigger_size: int = Field(50, ge=1, description="number of trigger examples")
@@ -91,7 +113,7 @@ class WaffleParams(BaseModel):
         return secret(self.key, self.key_env, "waffle")
 
     def spec(self, task: str, num_labels: int) -> TriggerSpec:
-        return TriggerSpec(task, self.trigger_size, self.trigger_length, num_labels, self.continuation)
+        return self.trigger_spec(task, num_labels, self.trigger_size)
 
     def settings(self) -> EmbedSettings:
         return EmbedSettings(self.threshold, self.max_steps, self.lr, self.batch_size, tuple(self.freeze))
@@ -119,7 +141,8 @@ class Waffle:
         if self.params.rounds == "last" and ctx.round < wb.exp.rounds:
             return model_state, state, {"steps": 0, "seconds": 0.0}
         if self._preserver is None and self.params.preserve is not None:
-            self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, WAFFLE_TAG))
+            self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, WAFFLE_TAG),
+                                                self.params.trigger_length)
         result = embed(
             wb.model,
             wb.task,
@@ -165,14 +188,30 @@ def waffle_config_problems(exp) -> list[str]:
         if exp.model.task not in KINDS:
             problems.append(f"{where}: trigger sets exist for tasks {KINDS}, not model.task '{exp.model.task}'")
             continue
-        size = spec.get("trigger_size", WaffleParams.model_fields["trigger_size"].default)
+        waffle = next((s for s in exp.server_steps if isinstance(s, dict) and s.get("name") == "waffle"), None)
+        owner_size, waffle_size = spec.get("owner_trigger_size"), (waffle or {}).get("trigger_size", 50)
+        if spec["name"] == "client_watermark" and waffle is not None and owner_size is not None and owner_size != waffle_size:
+            problems.append(f"{where}: owner_trigger_size {owner_size} differs from the waffle step's trigger_size "
+                            f"{waffle_size}; the copies train the waffle step's trigger set (omit owner_trigger_size)")
+        pattern = spec.get("trigger", "random") == "pattern"
+        if pattern and exp.model.task != "text_classification":
+            problems.append(f"{where}: trigger: pattern is implemented for text_classification only, "
+                            f"not model.task '{exp.model.task}'; use trigger: random")
+            continue
+        field = "patterns" if pattern else "trigger_size"
+        size = spec.get(field, WaffleParams.model_fields[field].default)
+        length = spec.get("trigger_length", WaffleParams.model_fields["trigger_length"].default)
+        tokens = spec.get("pattern_tokens", WaffleParams.model_fields["pattern_tokens"].default)
+        if pattern and isinstance(tokens, int) and isinstance(length, int) and tokens >= length:
+            problems.append(f"{where}: pattern_tokens {tokens} must be < trigger_length {length} "
+                            "(the other positions hold the random fillers)")
         labels = exp.model.num_labels
         if exp.model.task == "text_classification" and labels >= 2 and isinstance(size, int) and size >= 1:
             best = (1.0 / labels) ** size
             if best >= DEFAULT_ALPHA:
                 need = math.floor(math.log(DEFAULT_ALPHA) / math.log(1.0 / labels)) + 1
                 problems.append(
-                    f"{where}: trigger_size {size} with {labels} labels: even {size}/{size} right has p = {best:.1e}, "
-                    f"never below verify's alpha {DEFAULT_ALPHA:g}; use trigger_size >= {need}"
+                    f"{where}: {field} {size} with {labels} labels: even {size}/{size} right has p = {best:.1e}, "
+                    f"never below verify's alpha {DEFAULT_ALPHA:g}; use {field} >= {need}"
                 )
     return problems
