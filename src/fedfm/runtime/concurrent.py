@@ -109,6 +109,15 @@ def trim() -> None:
         fn(0)
 
 
+def answer(env: ClientEnv, envelope: Envelope) -> Reply:
+    """The client function's reply to one envelope; a client that raises is a failed reply."""
+    try:
+        data, info = handle(env, envelope)
+        return Reply(envelope.cid, data=data, info=info)
+    except Exception as exc:  # a client's failure never stops the round
+        return Reply(envelope.cid, error=f"{type(exc).__name__}: {exc}")
+
+
 def _worker(env: ClientEnv, conn: Connection, threads: int) -> None:
     """A worker's life: answer envelopes until the parent closes the pipe."""
     import torch
@@ -124,12 +133,7 @@ def _worker(env: ClientEnv, conn: Connection, threads: int) -> None:
             return
         if envelope is None:
             return
-        try:
-            data, info = handle(env, envelope)
-            reply = Reply(envelope.cid, data=data, info=info)
-        except Exception as exc:  # a client's failure never stops the round
-            reply = Reply(envelope.cid, error=f"{type(exc).__name__}: {exc}")
-        conn.send(reply)
+        conn.send(answer(env, envelope))
         trim()
 
 
@@ -205,10 +209,7 @@ class ProcessTransport:
         torch.set_num_threads(self.threads)
         self.env.on_step = None  # as in a worker: the bars count clients
         try:
-            data, info = handle(self.env, envelope)
-            reply = Reply(envelope.cid, data=data, info=info)
-        except Exception as exc:  # a client's failure never stops the round
-            reply = Reply(envelope.cid, error=f"{type(exc).__name__}: {exc}")
+            reply = answer(self.env, envelope)
         finally:
             torch.set_num_threads(threads)
             self.env.on_step = on_step
