@@ -72,6 +72,16 @@ def unpad_problem(model: nn.Module) -> str | None:
     return None
 
 
+def _noise(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
+    """The dropout multiplier (0 or 1/(1-p)) torch draws for a tensor of ``shape``."""
+    if like.device.type != "cpu":
+        # CUDA and other accelerators use the fused kernel, whose mask depends on the
+        # generator's offset and the element's index only.
+        return torch.native_dropout(torch.ones(shape, dtype=like.dtype, device=like.device), p, True)[0]
+    noise = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+    return noise.div_(1 - p)
+
+
 def _dropout(x: torch.Tensor, module: nn.Dropout, rows: torch.Tensor, padded_rows: int) -> torch.Tensor:
     """``module(x_padded)[rows]`` with x's real rows only: the padded-shape mask, its real rows kept.
 
@@ -85,15 +95,7 @@ def _dropout(x: torch.Tensor, module: nn.Dropout, rows: torch.Tensor, padded_row
         return x
     if p == 1.0:
         return x * 0.0
-    shape = (padded_rows, x.shape[-1])
-    if x.device.type != "cpu":
-        # CUDA and other accelerators use the fused kernel, whose mask depends on the
-        # generator's offset and the element's index only; its values are 0 or 1/(1-p).
-        noise = torch.native_dropout(torch.ones(shape, dtype=x.dtype, device=x.device), p, True)[0]
-    else:
-        noise = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p)
-        noise.div_(1 - p)
-    return x * noise.index_select(0, rows)
+    return x * _noise((padded_rows, x.shape[-1]), p, x).index_select(0, rows)
 
 
 def _to_padded(x: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -144,13 +146,7 @@ def _first_token_layer(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, sh
     probs = torch.softmax(scores, dim=-1)
     p = sa.dropout.p
     if sa.training and p > 0.0:
-        full = (b, q.shape[1], l, l)
-        if x.device.type != "cpu":
-            noise = torch.native_dropout(torch.ones(full, dtype=probs.dtype, device=x.device), p, True)[0]
-        else:
-            noise = torch.empty(full, dtype=probs.dtype, device=x.device).bernoulli_(1 - p)
-            noise.div_(1 - p)
-        probs = probs * noise[:, :, :1, :]
+        probs = probs * _noise((b, q.shape[1], l, l), p, probs)[:, :, :1, :]
     out = torch.matmul(probs, v).transpose(1, 2).reshape(b, -1)  # (B, H)
     so = layer.attention.output
     h = so.LayerNorm(_dropout(so.dense(out), so.dropout, cls, b * l) + x.index_select(0, first))
