@@ -14,7 +14,8 @@ plain full-quickstart run of ``benchmarks/ip.py --full``):
    English fortunes, as in the examples), head frozen as in ``waffle`` (``freeze``: more
    fnmatch patterns left unchanged, ``|``-separated; ``random_texts``: ``preserve``'s
    random-token sentences; ``seed``: the embedding's and the thief's seed, -1 = the
-   job's): steps, clean
+   job's; ``public``: ``fortunes`` or ``reviews``, MODEL's own source with every text its
+   job uses excluded, ``preserve.exclude_run``): steps, clean
    accuracy and watermark after;
 3. the thief's fine-tune of the marked model (``ip/removal.fine_tune``) on every client's
    training examples of MODEL's job, for ``epochs`` epochs with the job's train settings:
@@ -56,11 +57,12 @@ from fedfm.runtime.workbench import Workbench  # noqa: E402
 
 OWNER_KEY = "benchmark-owner-key"  # benchmarks/ip.py's
 MASTER_KEY = "benchmark-client-master-key"  # benchmarks/ip.py's
-PUBLIC = {"source": "fortunes", "options": {"languages": ["en"]}}
+PUBLIC = {"fortunes": {"source": "fortunes", "options": {"languages": ["en"]}},  # Debian's English fortunes
+          "reviews": {"source": "rotten_tomatoes"}}  # MODEL's own source, every text its job uses excluded
 PROBE = {  # every setting's defaults: the waffle step of examples/ip/waffle.yaml
     "trigger": "random", "size": 50, "length": 12, "patterns": 64, "pattern_tokens": 3, "fillers": 4,
     "lr": 1e-3, "threshold": 0.98, "max_steps": 100, "batch": 16, "preserve": 5.0, "epochs": 1, "embed": 1,
-    "key": OWNER_KEY, "freeze": "", "random_texts": 0, "seed": -1,
+    "key": OWNER_KEY, "freeze": "", "random_texts": 0, "seed": -1, "public": "fortunes",
     "copy": -1, "copy_lr": 2e-3, "copy_steps": 120, "copy_threshold": 0.95, "copy_size": 32,
 }
 
@@ -73,6 +75,14 @@ def parse(text: str) -> dict:
             raise SystemExit(f"--set: unknown key '{k}'; known: {sorted(PROBE)}")
         out[k] = type(PROBE[k])(v) if not isinstance(PROBE[k], float) else float(v)
     return out
+
+
+def public_params(s: dict) -> PreserveParams:
+    """``preserve``'s section for setting ``s``: its public text (``public``), weight and random texts."""
+    if s["public"] not in PUBLIC:
+        raise SystemExit(f"--set public={s['public']}: known: {sorted(PUBLIC)}")
+    return PreserveParams(data=PUBLIC[s["public"]], weight=s["preserve"], random_texts=s["random_texts"],
+                          exclude_run=s["public"] == "reviews")
 
 
 def main() -> None:
@@ -109,9 +119,9 @@ def main() -> None:
         if s["embed"]:
             keep = None
             if s["preserve"] > 0:
-                keep = build_preserver(PreserveParams(data=PUBLIC, weight=s["preserve"], random_texts=s["random_texts"]),
+                keep = build_preserver(public_params(s),
                                        wb.task, wb.tokenizer, seed=1 if s["seed"] < 0 else seed + 1,
-                                       length=s["length"])
+                                       length=s["length"], run=exp)
             result = embed(wb.model, wb.task, exp.model.task, wb.tokenizer, start_state, triggers,
                            EmbedSettings(s["threshold"], s["max_steps"], s["lr"], s["batch"],
                                          HEAD_PATTERNS + tuple(filter(None, s["freeze"].split("|"))), keep),
@@ -126,8 +136,8 @@ def main() -> None:
         if s["copy"] >= 0:  # client_watermark's embedding for one client: its own random key + the owner's set
             own = trigger_set(client_key(MASTER_KEY, s["copy"]), TriggerSpec(exp.model.task, s["copy_size"], s["length"],
                               exp.model.num_labels), wb.tokenizer)
-            keep = build_preserver(PreserveParams(data=PUBLIC, weight=s["preserve"], random_texts=s["random_texts"]),
-                                   wb.task, wb.tokenizer, seed=seed + 2, length=s["length"]) if s["preserve"] > 0 else None
+            keep = build_preserver(public_params(s),
+                                   wb.task, wb.tokenizer, seed=seed + 2, length=s["length"], run=exp) if s["preserve"] > 0 else None
             result = embed(wb.model, wb.task, exp.model.task, wb.tokenizer, marked, own + triggers,
                            EmbedSettings(s["copy_threshold"], s["copy_steps"], s["copy_lr"], s["batch"], HEAD_PATTERNS, keep),
                            seed=seed + 3, train_names=set(shared))

@@ -104,3 +104,48 @@ def test_random_texts_join_the_public_texts(tmp_path):
     assert extra != random_texts(3, 5, base.tokenizer, seed=2)
     with pytest.raises(ValidationError, match="random_texts"):
         PreserveParams(data={"source": "file", "path": str(public)}, random_texts=-1)
+
+
+def _distinct_csv(path, n: int = 48, per_group: int = 4) -> None:
+    """``n`` distinct texts, ``per_group`` per group (12 groups of 4 for 48)."""
+    import pandas as pd
+
+    rows = [{"text": f"review number {i} of the film", "label": i % 2, "group": f"g{i // per_group}"} for i in range(n)]
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def test_exclude_run_keeps_only_the_texts_the_run_does_not_use(tmp_path):
+    from fedfm.ip.preserve import public_examples, run_texts
+
+    csv = tmp_path / "toy.csv"
+    _distinct_csv(csv)
+    exp = from_dict(tiny_config(tmp_path, **{"federation.test_examples": 8, "federation.examples_per_client": 10}))
+    # 12 groups of 4: the test set takes exactly 2 whole groups (8 rows); the 2 clients share the
+    # other 10 groups (40 rows) and train on 10 each: 8 + 20 = 28 texts used, 48 - 28 = 20 left.
+    used = run_texts(exp)
+    assert len(used) == 28
+    base, _ = build_base(exp)
+    params = PreserveParams(data={"source": "file", "path": str(csv)}, examples=100, exclude_run=True)
+    kept = public_examples(params, base.task, base.tokenizer, seed=0, run=exp)
+    assert len(kept) == 20
+    texts = {base.tokenizer.decode(e["input_ids"], skip_special_tokens=True) for e in kept}
+    assert not texts & used and len(texts) == 20
+    # without exclude_run every text is drawn, the run's own ones included
+    assert len(public_examples(params.model_copy(update={"exclude_run": False}), base.task, base.tokenizer, seed=0)) == 48
+    with pytest.raises(ValueError, match="run's config is needed"):
+        public_examples(params, base.task, base.tokenizer, seed=0)
+
+
+def test_the_runs_own_data_as_public_text_is_refused_without_exclude_run(tmp_path):
+    from fedfm.overrides import ConfigError
+
+    raw = tiny_config(tmp_path, **{"model.num_labels": 2})
+    own = {"source": "file", "path": raw["data"]["path"]}
+    waffle = {"name": "waffle", "key": "k", "trigger_size": 24, "preserve": {"data": own}}
+    with pytest.raises(ConfigError, match=r"server_steps\[0\].preserve.data is the run's own data .*"
+                       r"server_steps\[0\].preserve.exclude_run: true"):
+        from_dict({**raw, "server_steps": [waffle]})
+    waffle["preserve"]["exclude_run"] = True
+    from_dict({**raw, "server_steps": [waffle]})
+    waffle["preserve"] = {"data": {"source": "file", "path": str(tmp_path / "public.csv")}}  # another file
+    from_dict({**raw, "server_steps": [waffle]})

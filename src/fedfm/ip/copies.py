@@ -133,7 +133,7 @@ class ClientWatermark:
         accuracies, steps, kls = [], 0, []
         if self._preserver is None and self.params.preserve is not None:
             self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, COPY_TAG),
-                                                self.params.trigger_length)
+                                                self.params.trigger_length, run=wb.exp)
         settings = replace(self.params.settings(), preserve=self._preserver)
         for cid in range(ctx.num_clients):
             result = embed(

@@ -33,7 +33,12 @@ or more; no clear fix.
 The text comes from any fedfm data source (``data:`` as in the run's own ``data``
 section: ``{source: fortunes, options: {languages: [en]}}``, ``{source: file, path:
 public.csv}``); only its text column is used. It must be text the server may hold, never a
-client's. The reference distributions are computed per step with ``torch.func.functional_call``
+client's. ``exclude_run: true`` drops from it every text the run itself uses: each client's
+training examples and every row of the test set's groups (the whole test set without
+groups). With it, a simulation can give the server in-domain public text (the run's own
+source: on the quickstart, reviews of movies no client and no test row comes from, or
+reviews beyond a client's ``examples_per_client``); without it, a ``preserve.data`` equal
+to the run's own ``data`` source is refused at config time (``preserve_problems``). The reference distributions are computed per step with ``torch.func.functional_call``
 on the starting values of the trained names, so nothing the size of the vocabulary is
 stored. Written by hand: no library offers distillation inside a trigger-set embedding.
 """
@@ -56,6 +61,9 @@ class PreserveParams(BaseModel):
     examples: int = Field(512, ge=1, description="public texts drawn (seeded) from the source")
     weight: float = Field(5.0, gt=0, description="weight of the KL term against the trigger loss")
     batch_size: int = Field(16, ge=1, description="public texts per embedding step")
+    exclude_run: bool = Field(
+        False, description="drop every text the run uses (clients' training examples, the test set's groups): "
+        "in-domain public text from the run's own source")
     random_texts: int = Field(
         0, ge=0, description="random-token sentences (the trigger length, no pattern) added to the public texts, "
         "so the triggers cannot be fitted by moving every input's margin")
@@ -84,8 +92,42 @@ def kl_to_reference(old_logits: torch.Tensor, new_logits: torch.Tensor, mask: to
     return (per * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def public_examples(params: PreserveParams, task: Any, tokenizer: Any, seed: int) -> list[dict[str, Any]]:
-    """``params.examples`` texts of the public source, drawn with ``seed``, encoded by the task."""
+def run_texts(exp: Any) -> set[str]:
+    """Every text the run ``exp`` uses: its clients' training examples and the rows of its
+    test set's groups (the test rows themselves without a ``group`` column)."""
+    import numpy as np
+
+    from fedfm.data import build_federation, load_source
+
+    fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
+    frame = fed.frame
+    rows = [i for c in fed.clients for i in c.indices]
+    if "group" in frame.columns:
+        groups = frame["group"].to_numpy()
+        rows += np.flatnonzero(np.isin(groups, groups[fed.test_indices])).tolist()
+    else:
+        rows += fed.test_indices.tolist()
+    return {str(t).strip() for t in frame["text"].iloc[sorted(set(rows))].tolist()}
+
+
+def preserve_problems(params: dict[str, Any] | None, exp: Any, where: str) -> list[str]:
+    """A ``preserve`` section whose public text is the run's own data, without ``exclude_run``."""
+    if not isinstance(params, dict) or params.get("exclude_run") or not isinstance(params.get("data"), dict):
+        return []
+    data = params["data"]
+    own = exp.data
+    same = data.get("source") == own.source and data.get("path") == own.path \
+        and (data.get("options") or {}) == (own.options or {})
+    if not same:
+        return []
+    return [f"{where}.preserve.data is the run's own data (source '{own.source}'): the server would distil on its "
+            f"clients' examples and the test set; set {where}.preserve.exclude_run: true to keep only the rows the "
+            "run does not use"]
+
+
+def public_examples(params: PreserveParams, task: Any, tokenizer: Any, seed: int, run: Any = None) -> list[dict[str, Any]]:
+    """``params.examples`` texts of the public source, drawn with ``seed``, encoded by the task;
+    with ``params.exclude_run``, none of the texts the run ``run`` uses (``run_texts``)."""
     import numpy as np
     import pandas as pd
 
@@ -95,8 +137,14 @@ def public_examples(params: PreserveParams, task: Any, tokenizer: Any, seed: int
     cfg = DataConfig(**params.data)
     frame = load_source(cfg)
     texts = [t for t in frame["text"].astype(str).tolist() if t.strip()]
+    if params.exclude_run:
+        if run is None:
+            raise ValueError("preserve.exclude_run: the run's config is needed to know which texts it uses")
+        used = run_texts(run)
+        texts = [t for t in texts if t.strip() not in used]
     if not texts:
-        raise ValueError(f"preserve.data (source '{cfg.source}'): no non-empty text")
+        left = " once the run's own texts are excluded (preserve.exclude_run)" if params.exclude_run else ""
+        raise ValueError(f"preserve.data (source '{cfg.source}'): no non-empty text{left}")
     order = np.random.default_rng(seed).permutation(len(texts))[: params.examples]
     picked = pd.DataFrame({"text": [texts[i] for i in order], "label": [0] * len(order)})
     return task.encode(picked, tokenizer, cfg.max_length)
@@ -144,11 +192,13 @@ def random_texts(count: int, length: int, tokenizer: Any, seed: int) -> list[dic
             for _ in range(count)]
 
 
-def build_preserver(params: PreserveParams | None, task: Any, tokenizer: Any, seed: int, length: int = 12) -> Preserver | None:
-    """The KL term of ``params`` (None: no term); ``length``: the random texts' tokens (the trigger length)."""
+def build_preserver(params: PreserveParams | None, task: Any, tokenizer: Any, seed: int, length: int = 12,
+                    run: Any = None) -> Preserver | None:
+    """The KL term of ``params`` (None: no term); ``length``: the random texts' tokens (the trigger
+    length); ``run``: the run's config (needed by ``exclude_run``)."""
     if params is None:
         return None
-    examples = public_examples(params, task, tokenizer, seed)
+    examples = public_examples(params, task, tokenizer, seed, run)
     if params.random_texts:
         examples += random_texts(params.random_texts, length, tokenizer, seed + 1)
     return Preserver(examples, params.weight, params.batch_size)

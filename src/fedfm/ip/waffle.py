@@ -43,7 +43,7 @@ from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import State
 from fedfm.ip.embed import HEAD_PATTERNS, EmbedSettings, embed
-from fedfm.ip.preserve import PreserveParams, build_preserver
+from fedfm.ip.preserve import PreserveParams, build_preserver, preserve_problems
 from fedfm.ip.trigger import TriggerSpec, trigger_set
 
 WAFFLE_TAG = 0xAFF1E
@@ -142,7 +142,7 @@ class Waffle:
             return model_state, state, {"steps": 0, "seconds": 0.0}
         if self._preserver is None and self.params.preserve is not None:
             self._preserver = build_preserver(self.params.preserve, wb.task, wb.tokenizer, derive_seed(ctx.seed, WAFFLE_TAG),
-                                                self.params.trigger_length)
+                                                self.params.trigger_length, run=wb.exp)
         result = embed(
             wb.model,
             wb.task,
@@ -181,6 +181,7 @@ def waffle_config_problems(exp) -> list[str]:
         if not isinstance(spec, dict) or spec.get("name") not in ("waffle", "client_watermark"):
             continue
         where = f"server_steps[{i}] ({spec['name']})"
+        problems += preserve_problems(spec.get("preserve"), exp, f"server_steps[{i}]")
         if spec["name"] == "client_watermark" and exp.learner.name in server_parts.names() \
                 and hasattr(server_parts.get(exp.learner.name).obj, "instruction"):
             problems.append(f"{where}: learner '{exp.learner.name}' sends each client a State of its own shape; "
