@@ -136,3 +136,26 @@ def _clients(exp):
     from fedfm.core.types import ClientSpec
 
     return [ClientSpec(cid=c, indices=[]) for c in range(exp.federation.clients)]
+
+
+def test_the_threshold_holds_for_each_part_of_the_trigger_list(tmp_path):
+    from fedfm.ip import EmbedSettings, embed
+    from fedfm.ip.verify import count_hits
+
+    exp = from_dict(tiny_config(tmp_path, **{"model.num_labels": 4}))
+    base, template = build_base(exp)
+    own = trigger_set("client", SPEC, base.tokenizer)
+    owner = trigger_set(OWNER, SPEC, base.tokenizer)
+    set_state(base.model, template)
+    h_own = count_hits(base.task, SPEC.task, base.model, base.tokenizer, own)[0]
+    h_owner = count_hits(base.task, SPEC.task, base.model, base.tokenizer, owner)[0]
+
+    def start(parts):  # max_steps 0: the accuracy of the starting model, as embed measures it
+        return embed(base.model, base.task, SPEC.task, base.tokenizer, template, own + owner,
+                     EmbedSettings(1.0, 0, 0.01, 8, (), parts=parts), seed=0).accuracy
+
+    # pooled: (h_own + h_owner) / 32; per part: the lower of h_own / 16 and h_owner / 16
+    assert start(()) == pytest.approx((h_own + h_owner) / 32)
+    assert start((16, 16)) == pytest.approx(min(h_own, h_owner) / 16)
+    with pytest.raises(ValueError, match=r"parts \[16, 8\] sum to 24, not the 32 triggers"):
+        start((16, 8))

@@ -57,7 +57,8 @@ class ClientWatermarkParams(PatternFields):
         "with a waffle step the copies train that step's trigger set (kind, size, patterns) and this must match or be omitted")
     trigger_length: int = Field(12, ge=1, description="random tokens per trigger sentence or prompt")
     continuation: int = Field(4, ge=1, description="causal LM only: fixed continuation tokens per prompt")
-    threshold: float = Field(0.98, gt=0, le=1, description="stop once the copy answers this share of its triggers")
+    threshold: float = Field(0.98, gt=0, le=1, description="stop once the copy answers this share of its own triggers "
+                             "and this share of the owner's (each set on its own)")
     max_steps: int = Field(100, ge=0, description="step budget per client per round")
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding")
     batch_size: int = Field(16, ge=1, description="trigger examples per step")
@@ -112,6 +113,7 @@ class ClientWatermark:
     def __init__(self, params: ClientWatermarkParams):
         self.params = params
         self._triggers: dict[int, list[dict]] = {}
+        self._parts: dict[int, tuple[int, ...]] = {}
         self._preserver = None
 
     def triggers(self, wb, cid: int) -> list[dict]:
@@ -122,6 +124,7 @@ class ClientWatermark:
             owner = p.owner_key is not None or p.owner_key_env is not None
             extra = trigger_set(secret(p.owner_key, p.owner_key_env, "client_watermark owner"), owner_spec(p, wb.exp), wb.tokenizer) if owner else []
             self._triggers[cid] = own + extra
+            self._parts[cid] = (len(own), len(extra)) if extra else ()  # the threshold holds for each set
         return self._triggers[cid]
 
     def __call__(self, model_state: State, ctx, state: State):
@@ -140,7 +143,7 @@ class ClientWatermark:
                 wb.model, wb.task, wb.exp.model.task, wb.tokenizer,
                 wb.full_state(copy_of(cid, model_state, state)),
                 self.triggers(wb, cid),
-                settings,
+                replace(settings, parts=self._parts[cid]),
                 seed=derive_seed(ctx.seed, ctx.round, cid, COPY_TAG),
                 train_names=set(model_state),
             )

@@ -58,6 +58,10 @@ class EmbedSettings:
     batch_size: int = 16
     freeze: tuple[str, ...] = HEAD_PATTERNS  # fnmatch patterns of names left unchanged
     preserve: Any = None  # ip.preserve.Preserver: a KL term on public text at every step (None: triggers alone)
+    # sizes of consecutive parts of the trigger list (e.g. a client's own set, then the owner's):
+    # the threshold then applies to each part's accuracy, and the accuracy reported is the lowest
+    # (empty: one pooled accuracy over every trigger)
+    parts: tuple[int, ...] = ()
 
 
 @dataclass
@@ -81,7 +85,8 @@ def embed(
     train_names: Collection[str] | None = None,
 ) -> EmbedResult:
     """Train ``model`` (loaded with ``full_state``) on ``triggers`` until the watermark
-    accuracy is at least ``settings.threshold`` or ``settings.max_steps`` steps are spent.
+    accuracy is at least ``settings.threshold`` or ``settings.max_steps`` steps are spent
+    (with ``settings.parts``: until every part's accuracy is).
 
     ``train_names``: the trainable names the optimizer may change (default: all), less
     those matching ``settings.freeze``."""
@@ -96,10 +101,19 @@ def embed(
     if not chosen:
         raise ValueError(f"watermark embedding: nothing left to train (freeze {list(settings.freeze)}, {len(named)} trainable names)")
     params = [p for n, p in named if n in chosen]
+    if settings.parts and sum(settings.parts) != len(triggers):
+        raise ValueError(f"watermark embedding: parts {list(settings.parts)} sum to {sum(settings.parts)}, "
+                         f"not the {len(triggers)} triggers")
+    bounds = [0]
+    for size in settings.parts or (len(triggers),):
+        bounds.append(bounds[-1] + size)
 
     def accuracy() -> float:
-        hits, total = count_hits(task, task_name, model, tokenizer, triggers)
-        return hits / max(total, 1)
+        shares = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            hits, total = count_hits(task, task_name, model, tokenizer, triggers[lo:hi])
+            shares.append(hits / max(total, 1))
+        return min(shares)
 
     acc, steps, kl = accuracy(), 0, None
     if acc >= settings.threshold or settings.max_steps == 0:
