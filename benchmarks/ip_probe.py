@@ -15,7 +15,7 @@ plain full-quickstart run of ``benchmarks/ip.py --full``):
    fnmatch patterns left unchanged, ``|``-separated; ``random_texts``: ``preserve``'s
    random-token sentences; ``seed``: the embedding's and the thief's seed, -1 = the
    job's; ``public``: ``fortunes`` or ``reviews``, MODEL's own source with every text its
-   job uses excluded, ``preserve.exclude_run``; ``keep_batch``: its texts per step): steps, clean
+   job uses excluded, ``preserve.exclude_run``; ``keep_batch``: its texts per step; ``recenter``: ``preserve.recenter``): steps, clean
    accuracy and watermark after;
 3. the thief's fine-tune of the marked model (``ip/removal.fine_tune``) on every client's
    training examples of MODEL's job, for ``epochs`` epochs with the job's train settings:
@@ -62,7 +62,7 @@ PUBLIC = {"fortunes": {"source": "fortunes", "options": {"languages": ["en"]}}, 
 PROBE = {  # every setting's defaults: the waffle step of examples/ip/waffle.yaml
     "trigger": "random", "size": 50, "length": 12, "patterns": 64, "pattern_tokens": 3, "fillers": 4,
     "lr": 1e-3, "threshold": 0.98, "max_steps": 100, "batch": 16, "preserve": 5.0, "epochs": 1, "embed": 1,
-    "key": OWNER_KEY, "freeze": "", "random_texts": 0, "seed": -1, "public": "fortunes", "keep_batch": 16,
+    "key": OWNER_KEY, "freeze": "", "random_texts": 0, "seed": -1, "public": "fortunes", "keep_batch": 16, "recenter": 0,
     "copy": -1, "copy_lr": 2e-3, "copy_steps": 120, "copy_threshold": 0.95, "copy_size": 32,
 }
 
@@ -82,7 +82,8 @@ def public_params(s: dict) -> PreserveParams:
     if s["public"] not in PUBLIC:
         raise SystemExit(f"--set public={s['public']}: known: {sorted(PUBLIC)}")
     return PreserveParams(data=PUBLIC[s["public"]], weight=s["preserve"], random_texts=s["random_texts"],
-                          batch_size=s["keep_batch"], exclude_run=s["public"] == "reviews")
+                          batch_size=s["keep_batch"], exclude_run=s["public"] == "reviews",
+                          recenter=bool(s["recenter"]))
 
 
 def main() -> None:

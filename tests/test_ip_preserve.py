@@ -149,3 +149,68 @@ def test_the_runs_own_data_as_public_text_is_refused_without_exclude_run(tmp_pat
     from_dict({**raw, "server_steps": [waffle]})
     waffle["preserve"] = {"data": {"source": "file", "path": str(tmp_path / "public.csv")}}  # another file
     from_dict({**raw, "server_steps": [waffle]})
+
+
+def test_recenter_restores_the_mean_logits_on_public_text(tmp_path):
+    from fedfm.ip.recenter import head_bias, mean_logits, recenter
+    from fedfm.peft import set_state
+
+    public = tmp_path / "public.csv"
+    make_toy_csv(public, n=24, seed=7)
+    exp = from_dict(tiny_config(tmp_path, **{"model.num_labels": 2}))
+    base, template = build_base(exp)
+    params = PreserveParams(data={"source": "file", "path": str(public)}, examples=24, recenter=True)
+    keeper = build_preserver(params, base.task, base.tokenizer, seed=0)
+    set_state(base.model, template)
+    name, bias = head_bias(base.model)
+    assert "classifier" in name and bias.shape == (2,)
+    keeper.start(base.model, [])  # the reference: the head bias at its start, nothing else
+    start = mean_logits(base.model, base.task, base.tokenizer, keeper.examples)
+    with torch.no_grad():
+        bias.add_(torch.tensor([1.5, -0.5]))  # every logit of class 0 up by 1.5, of class 1 down by 0.5
+    moved = mean_logits(base.model, base.task, base.tokenizer, keeper.examples)
+    assert torch.allclose(moved - start, torch.tensor([1.5, -0.5]), atol=1e-5)
+    keeper.recenter_head(base.model, base.task, base.tokenizer)  # moves the bias back by (-1.5, +0.5)
+    assert torch.allclose(bias.detach(), template[name], atol=1e-5)
+    assert torch.allclose(mean_logits(base.model, base.task, base.tokenizer, keeper.examples), start, atol=1e-5)
+    # direct call: the move it returns is the negative of the mean shift
+    with torch.no_grad():
+        bias.add_(torch.tensor([0.25, 0.25]))
+    assert torch.allclose(recenter(base.model, base.task, base.tokenizer, keeper.examples, keeper.reference),
+                          torch.tensor([-0.25, -0.25]), atol=1e-5)
+
+
+def test_recenter_is_refused_for_a_causal_lm(tmp_path):
+    from fedfm.ip.preserve import preserve_problems
+
+    exp = from_dict(tiny_config(tmp_path))
+    causal = exp.model_copy(update={"model": exp.model.model_copy(update={"task": "causal_lm"})})
+    spec = {"data": {"source": "fortunes"}, "recenter": True}
+    assert preserve_problems(spec, causal, "server_steps[0]") == [
+        "server_steps[0].preserve.recenter moves a classification head's bias: text_classification only, "
+        "not model.task 'causal_lm'"]
+    assert preserve_problems(spec, exp, "server_steps[0]") == []
+
+
+def test_an_embedding_with_recenter_ends_at_the_starting_mean_logits(tmp_path):
+    from fedfm.ip.recenter import mean_logits
+    from fedfm.peft import set_state
+
+    public = tmp_path / "public.csv"
+    make_toy_csv(public, n=32, seed=3)
+    exp = from_dict(tiny_config(tmp_path, **{"model.num_labels": 4}))
+    base, template = build_base(exp)
+    spec = TriggerSpec("text_classification", size=16, length=8, num_labels=4)
+    trig = trigger_set("k", spec, base.tokenizer)
+    runs = {}
+    for on in (False, True):
+        params = PreserveParams(data={"source": "file", "path": str(public)}, examples=32, weight=1.0, recenter=on)
+        keeper = build_preserver(params, base.task, base.tokenizer, seed=0)
+        done = embed(base.model, base.task, spec.task, base.tokenizer, template, trig,
+                     EmbedSettings(1.01, 12, 0.05, 16, (), preserve=keeper), seed=0)  # 12 steps: the whole budget
+        set_state(base.model, done.state)
+        runs[on] = mean_logits(base.model, base.task, base.tokenizer, keeper.examples)
+    set_state(base.model, template)
+    start = mean_logits(base.model, base.task, base.tokenizer, keeper.examples)
+    assert (runs[False] - start).abs().max() > 1e-3  # the embedding (head trained too) moved the mean logits ...
+    assert torch.allclose(runs[True], start, atol=1e-4)  # ... and the re-centering put them back

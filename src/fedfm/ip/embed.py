@@ -140,6 +140,8 @@ def embed(
                 steps += 1
                 if steps >= settings.max_steps:
                     break
+            if keep is not None:
+                keep.recenter_head(model, task, tokenizer)  # ip/recenter.py (a no-op unless preserve.recenter)
             acc = accuracy()
     for _, p in named:
         p.grad = None

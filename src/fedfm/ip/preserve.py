@@ -64,6 +64,9 @@ class PreserveParams(BaseModel):
     exclude_run: bool = Field(
         False, description="drop every text the run uses (clients' training examples, the test set's groups): "
         "in-domain public text from the run's own source")
+    recenter: bool = Field(
+        False, description="before each check of the trigger accuracy, move the task head's bias so that the mean "
+        "logits on the public texts are the starting model's (ip/recenter.py; text classification only)")
     random_texts: int = Field(
         0, ge=0, description="random-token sentences (the trigger length, no pattern) added to the public texts, "
         "so the triggers cannot be fitted by moving every input's margin")
@@ -112,7 +115,12 @@ def run_texts(exp: Any) -> set[str]:
 
 def preserve_problems(params: dict[str, Any] | None, exp: Any, where: str) -> list[str]:
     """A ``preserve`` section whose public text is the run's own data, without ``exclude_run``."""
-    if not isinstance(params, dict) or params.get("exclude_run") or not isinstance(params.get("data"), dict):
+    if not isinstance(params, dict):
+        return []
+    if params.get("recenter") and exp.model.task != "text_classification":
+        return [f"{where}.preserve.recenter moves a classification head's bias: text_classification only, "
+                f"not model.task '{exp.model.task}'"]
+    if params.get("exclude_run") or not isinstance(params.get("data"), dict):
         return []
     data = params["data"]
     own = exp.data
@@ -158,10 +166,26 @@ class Preserver:
     weight: float
     batch_size: int
     reference: State | None = None  # the trained names' values when the embedding started
+    recenter: bool = False  # ip/recenter.py: hold the mean logits on the public texts
+    public: int | None = None  # how many of ``examples`` are public texts (the rest: random texts)
 
     def start(self, model: torch.nn.Module, names: list[str]) -> None:
         params = dict(model.named_parameters())
-        self.reference = {n: params[n].detach().clone() for n in names}
+        if self.recenter:
+            from fedfm.ip.recenter import head_bias
+
+            names = [*names, head_bias(model)[0]]  # the bias the re-centering moves, at its start
+        self.reference = {n: params[n].detach().clone() for n in dict.fromkeys(names)}
+
+    def recenter_head(self, model: torch.nn.Module, task: Any, tokenizer: Any) -> None:
+        """``ip/recenter.py`` on the public texts, when ``recenter`` is on."""
+        if not self.recenter:
+            return
+        if self.reference is None:
+            raise RuntimeError("Preserver.recenter_head before Preserver.start")
+        from fedfm.ip.recenter import recenter
+
+        recenter(model, task, tokenizer, self.examples[: self.public], self.reference)
 
     def loss(self, model: torch.nn.Module, task: Any, tokenizer: Any, generator: torch.Generator) -> torch.Tensor:
         """``weight * KL(reference || model)`` on a seeded batch of public examples."""
@@ -199,6 +223,7 @@ def build_preserver(params: PreserveParams | None, task: Any, tokenizer: Any, se
     if params is None:
         return None
     examples = public_examples(params, task, tokenizer, seed, run)
+    public = len(examples)
     if params.random_texts:
         examples += random_texts(params.random_texts, length, tokenizer, seed + 1)
-    return Preserver(examples, params.weight, params.batch_size)
+    return Preserver(examples, params.weight, params.batch_size, recenter=params.recenter, public=public)
