@@ -199,8 +199,11 @@ def write_doc(args, overrides, exp, spec, waffle, copies_p, acc_plain, acc_wm, v
     cmd = "PYTHONPATH=src nice -n 10 python benchmarks/ip.py" + (" --full" if args.full else "") + (
         f" --config {config}" if args.config.resolve() != CONFIG else "") + "".join(f" -o {o}" for o in args.overrides)
     keep = lambda p: (f", preserve (distillation on {p.preserve.examples} public texts of source "  # noqa: E731
-                      f"'{p.preserve.data.get('source')}', weight {p.preserve.weight}"
-                      + (f", {p.preserve.random_texts} random-token texts" if p.preserve.random_texts else "") + ")"
+                      f"'{p.preserve.data.get('source')}'"
+                      + (" without any text the run uses" if p.preserve.exclude_run else "")
+                      + f", {p.preserve.batch_size} per step, weight {p.preserve.weight}"
+                      + (f", {p.preserve.random_texts} random-token texts" if p.preserve.random_texts else "")
+                      + (", head re-centered" if p.preserve.recenter else "") + ")"
                       if p.preserve else ", no preserve")
     cleans = [r[6] for r in rows]
     start, end = (START, END) if args.block is None else (f"<!-- ip-benchmark:{args.block}:start -->", f"<!-- ip-benchmark:{args.block}:end -->")
