@@ -49,16 +49,14 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedfm.config import from_dict  # noqa: E402
-from fedfm.core.types import unflatten_groups  # noqa: E402
 from fedfm.ip import Base, ClientWatermarkParams, WaffleParams, trace, trigger_set, verdict  # noqa: E402
-from fedfm.ip.copies import copy_of  # noqa: E402
+from fedfm.ip.copies import final_copy  # noqa: E402
 from fedfm.ip.loading import trigger_spec  # noqa: E402
 from fedfm.ip.removal import codec_roundtrip, fine_tune  # noqa: E402
 from fedfm.peft import set_state  # noqa: E402
 from fedfm.runtime import LocalRuntime  # noqa: E402
 from fedfm.runtime.outputs import read_metrics  # noqa: E402
 from fedfm.runtime.workbench import Workbench  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 CONFIG = ROOT / "examples" / "ip" / "client_copies.yaml"
 # 32 reviews per client and 200 test reviews proved too small: the test set was 82% positive
@@ -92,11 +90,7 @@ def run_job(exp, out: Path, wb) -> tuple[dict, list[dict], dict]:
 def last_copies(out: Path, wb, cids) -> dict[int, dict]:
     """Each client's copy after the last round: the final checkpoint's global model plus
     the client's offset (``ip/copies.py``), completed to a full State."""
-    d = sorted((out / "checkpoints").glob("round-*"))[-1]
-    model = load_file(str(d / "state.safetensors"))
-    groups = unflatten_groups(load_file(str(d / "algorithm.safetensors")))
-    offsets = next(g for name, g in groups.items() if name.endswith("client_watermark"))
-    return {cid: wb.full_state(copy_of(cid, model, offsets)) for cid in cids}
+    return {cid: wb.full_state(final_copy(out, cid)) for cid in cids}
 
 
 def fmt_p(p: float) -> str:

@@ -159,3 +159,33 @@ def test_the_threshold_holds_for_each_part_of_the_trigger_list(tmp_path):
     assert start((16, 16)) == pytest.approx(min(h_own, h_owner) / 16)
     with pytest.raises(ValueError, match=r"parts \[16, 8\] sum to 24, not the 32 triggers"):
         start((16, 8))
+
+
+def test_copies_only_after_the_last_round_leave_training_alone_and_are_written_by_the_cli(tmp_path):
+    step = {**STEP, "rounds": "last"}
+    raw = copies_config(tmp_path, **{"server_steps": [step], "codecs.down": []})
+    out, plain = tmp_path / "run", tmp_path / "plain"
+    LocalRuntime(from_dict(raw), out).run()
+    LocalRuntime(from_dict({**raw, "server_steps": []}), plain).run()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["client_watermark.steps"] == 0 and rows[2]["client_watermark.steps"] > 0  # 2 rounds: the last only
+    # the federation trained exactly as without the step: same global model, bit for bit
+    final, final_plain = load_file(str(out / "final.safetensors")), load_file(str(plain / "final.safetensors"))
+    assert all(torch.equal(final[k], final_plain[k]) for k in final_plain)
+    # client 5's final copy, written by the command line, is traced to client 5
+    path = tmp_path / "copy5.safetensors"
+    done = CliRunner().invoke(app, ["watermark", "copy", str(out), "--client", "5", "--out", str(path)])
+    assert done.exit_code == 0, done.output
+    exp = from_dict(raw)
+    base, template = build_base(exp)
+    found = trace(base, {**template, **load_file(str(path))}, MASTER, range(CLIENTS), SPEC)
+    assert found.suspect == 5 and found.p_value < 3e-7
+    # bad input: an existing file is kept, an unknown client and a run without the step are named
+    before = path.read_bytes()
+    done = CliRunner().invoke(app, ["watermark", "copy", str(out), "--client", "2", "--out", str(path)])
+    assert done.exit_code == 2 and "exists; pass --force" in done.output and path.read_bytes() == before
+    done = CliRunner().invoke(app, ["watermark", "copy", str(out), "--client", "99", "--out", str(tmp_path / "x.safetensors")])
+    assert done.exit_code == 2 and "no copy for client 99" in done.output and "clients 0..7" in done.output
+    done = CliRunner().invoke(app, ["watermark", "copy", str(plain), "--client", "0", "--out", str(tmp_path / "y.safetensors")])
+    assert done.exit_code == 2 and "no client_watermark offsets" in done.output
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

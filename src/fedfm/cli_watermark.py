@@ -1,5 +1,5 @@
-"""``fedfm watermark verify`` and ``fedfm watermark trace`` (docs/ip.md): check a model's
-WAFFLE watermark and trace a leaked copy to the client it was sent to."""
+"""``fedfm watermark verify``, ``trace`` and ``copy`` (docs/ip.md): check a model's WAFFLE
+watermark, trace a leaked copy to the client it was sent to, and write a client's copy."""
 
 from __future__ import annotations
 
@@ -106,6 +106,31 @@ def watermark_trace(
         table.add_row(str(cid), f"{v.hits}/{v.total}{unit(spec)}", f"{v.accuracy:.4f}", f"{v.p_value:.3g}")
     console.print(table)
     console.print(f"suspect: client {result.suspect} (p-value {result.p_value:.3g})")
+
+
+@watermark_app.command("copy")
+def watermark_copy(
+    run: Annotated[Path, typer.Argument(help="a run directory of a job with the client_watermark step")],
+    client: Annotated[int, typer.Option(help="the client whose copy to write")],
+    out: Annotated[Path, typer.Option(help="the .safetensors file to write")],
+    force: Annotated[bool, typer.Option(help="overwrite OUT if it exists")] = False,
+):
+    """Write client N's copy after the run's last round (the global model plus its key's offset)."""
+    from safetensors.torch import save_file
+
+    from fedfm.ip.copies import final_copy
+
+    if out.exists() and not force:
+        console.print(f"[red]error:[/] {out} exists; pass --force to overwrite it")
+        raise typer.Exit(2)
+    try:
+        state = final_copy(run, client)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        console.print(f"[red]error:[/] {str(exc).strip(chr(39))}")
+        raise typer.Exit(2) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    console.print(f"wrote client {client}'s copy ({len(state)} tensors) to {out}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ shapes (HetLoRA, FlexLoRA, FedRA) are refused at config time.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import time
 from dataclasses import replace
 
@@ -62,6 +64,10 @@ class ClientWatermarkParams(PatternFields):
     max_steps: int = Field(100, ge=0, description="step budget per client per round")
     lr: float = Field(5e-3, gt=0, description="AdamW learning rate of the embedding")
     batch_size: int = Field(16, ge=1, description="trigger examples per step")
+    rounds: Literal["every", "last"] = Field(
+        "every", description="build the copies after every aggregation (each round's broadcast is a copy) or only after "
+        "the last round's (the federation trains as without the step; `fedfm watermark copy RUN --client N` writes "
+        "client N's final copy)")
     preserve: PreserveParams | None = Field(
         None, description="distillation on public text during each copy's embedding (ip/preserve.py): {data: {source: ...}, weight}"
     )
@@ -131,6 +137,8 @@ class ClientWatermark:
         wb = ctx.workbench
         if wb is None:
             raise ValueError("server step client_watermark needs the base model (RoundContext.workbench), and this round has none")
+        if self.params.rounds == "last" and ctx.round < wb.exp.rounds:
+            return model_state, state, {"steps": 0, "seconds": 0.0}
         start = time.perf_counter()
         offsets: State = {}
         accuracies, steps, kls = [], 0, []
@@ -171,3 +179,28 @@ class ClientWatermark:
 
 
 register_server_step("client_watermark", ClientWatermark, ClientWatermarkParams)
+
+
+def final_copy(run: "Path", cid: int) -> State:
+    """Client ``cid``'s copy after a run's last round: the last checkpoint's global State plus
+    the client's offset held by the ``client_watermark`` step (what ``fedfm watermark copy`` writes)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from fedfm.core.types import unflatten_groups
+
+    rounds = sorted(Path(run, "checkpoints").glob("round-*"))
+    if not rounds:
+        raise FileNotFoundError(f"{run}: no checkpoints/round-* directory (a fedfm run directory with checkpoints)")
+    last = rounds[-1]
+    model = load_file(str(last / "state.safetensors"))
+    groups = unflatten_groups(load_file(str(last / "algorithm.safetensors"))) if (last / "algorithm.safetensors").exists() else {}
+    offsets = next((g for name, g in groups.items() if name.endswith("client_watermark")), None)
+    if offsets is None:
+        raise ValueError(f"{last}: no client_watermark offsets; the run has no client_watermark step")
+    if offset_key(cid, next(iter(model))) not in offsets:
+        held = sorted({int(k.split("/", 1)[0]) for k in offsets})
+        raise KeyError(f"{last}: no copy for client {cid}; the step holds clients {held[0]}..{held[-1]}" if held
+                       else f"{last}: the client_watermark step holds no copy yet")
+    return copy_of(cid, model, offsets)
