@@ -4,7 +4,8 @@
 script isolates what ``runtime.transport: batched`` changes: the clients' local training.
 In one process, on one workbench (model loaded once), it trains the same clients from the
 same initial State (i) one after another with the ``local`` learner and (ii) ``K`` at a
-time with ``learners/multi_lora.py`` ``train_jointly``, for each ``K`` given, ``--repeat``
+time with ``learners/multi_lora.py`` ``train_jointly``, for each ``K`` and each adapter
+kernel given (``runtime.batch_kernel``), ``--repeat``
 times each (the minimum wall time is kept), and prints the wall time, the ratio to
 sequential, and how far the batched updates are from the sequential ones (largest
 absolute difference, and largest relative norm difference over the tensors).
@@ -16,7 +17,7 @@ the distance dropout alone puts between two equally valid runs.
 optimizer, kernel launches) dominates, as it does for a small model on a GPU.
 
     PYTHONPATH=src python benchmarks/batched_lora.py [--config examples/quickstart.yaml]
-        [--clients 4] [--examples 64] [--k 2,4] [--threads 1] [--repeat 2] [--tiny] [--no-dropout] [--dropout-reference]
+        [--clients 4] [--examples 64] [--k 2,4] [--kernel segments,stacked] [--threads 1] [--repeat 2] [--tiny] [--no-dropout] [--dropout-reference]
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--examples", type=int, default=64, help="federation.examples_per_client")
     ap.add_argument("--k", default="2,4", help="clients per joint pass, comma-separated")
+    ap.add_argument("--kernel", default="segments,stacked",
+                    help="runtime.batch_kernel values to time, comma-separated (segments: a pair of matmuls per client; "
+                    "stacked: two bmm per layer for all K)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="the tiny random-init BERT of the tests instead of the config's model")
@@ -94,13 +98,14 @@ def main() -> None:
         finally:
             torch.manual_seed = seed
         print(f"| sequential, other dropout masks | {ref_s:.2f} | {ref_s / seq_s:.3f} | {diffs(ref)} |")
-    for k in [int(x) for x in args.k.split(",") if x]:
-        def batched(k=k):
-            j = jobs()
-            return [u for s in range(0, len(j), k) for u, _ in train_jointly(j[s : s + k])]
+    for kernel in [x for x in args.kernel.split(",") if x]:
+        for k in [int(x) for x in args.k.split(",") if x]:
+            def batched(k=k, kernel=kernel):
+                j = jobs()
+                return [u for s in range(0, len(j), k) for u, _ in train_jointly(j[s : s + k], kernel=kernel)]
 
-        bat_s, bat = timed(batched)
-        print(f"| batched, K={k} | {bat_s:.2f} | {bat_s / seq_s:.3f} | {diffs(bat)} |")
+            bat_s, bat = timed(batched)
+            print(f"| batched, K={k}, {kernel} | {bat_s:.2f} | {bat_s / seq_s:.3f} | {diffs(bat)} |")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ one job (default: examples/quickstart.yaml, reducible with --rounds/--clients/--
   ``eval unsorted`` (the length-sorted evaluation turned OFF: what sorting buys),
   ``bf16``, ``compile``, ``bucket``, ``unpad`` (padding-free BERT training),
   ``parent`` (the processes transport with ``--threads`` - 1 workers and the run's own
-  process training too), ``batched2`` / ``batched4`` (``runtime.transport: batched`` with
-  2 / 4 clients' LoRA in one forward pass; not in the default ``--levers``);
+  process training too), ``batched2`` / ``batched4`` / ``batched8`` (``runtime.transport:
+  batched`` with 2 / 4 / 8 clients' LoRA in one forward pass; not in the default
+  ``--levers``), and ``segments`` / ``stacked`` (``runtime.batch_kernel``, meaningful only
+  combined with a batched lever, e.g. ``--best batched8+segments``);
 - the combinations given with ``--best`` (default: ``processes`` and ``processes+bucket``).
 
 For each: wall time, the wall time spent in the round's training phase (``train_s``:
@@ -21,7 +23,8 @@ the transport's ``exchange`` of ``train`` messages, client preparation and encod
 included; fedfm rows only), CPU time (user + sys of the subprocess and its reaped workers),
 peak RSS of the main process, peak PSS of the process tree (sampled every 0.25 s: shared
 copy-on-write pages counted once, split between the processes sharing them; the fair
-memory figure for worker processes), final accuracy and loss, clients trained per second,
+memory figure for worker processes), final accuracy and loss, clients trained per second
+(over the whole run, and over the training phase alone: client trainings / ``train_s``),
 and the ratios against ``plain`` (or against ``fedfm`` when there is no plain row).
 Prints a markdown table.
 
@@ -66,6 +69,10 @@ LEVERS = {
     # several clients' LoRA in one forward pass (runtime/batched.py), K clients per pass
     "batched2": lambda t: ["runtime.transport=batched", "runtime.batch_clients=2"],
     "batched4": lambda t: ["runtime.transport=batched", "runtime.batch_clients=4"],
+    "batched8": lambda t: ["runtime.transport=batched", "runtime.batch_clients=8"],
+    # with a batched lever: the adapter kernel forced (auto: stacked on CUDA, segments on the CPU)
+    "segments": lambda t: ["runtime.batch_kernel=segments"],
+    "stacked": lambda t: ["runtime.batch_kernel=stacked"],
 }
 
 
@@ -254,18 +261,22 @@ def main() -> None:
         print(f"{label:>28}: wall {r['wall_s']:.1f}s  train {r.get('train_s', float('nan')):.1f}s  cpu {r['cpu_s']:.1f}s  peak RSS {r['peak_rss_mb']:.0f} MB  "
               f"tree PSS {r['peak_pss_tree_mb']:.0f} MB  accuracy {r['accuracy']:.4f}  loss {r['loss']:.6f}", flush=True)
     ref = rows[0]
-    print(f"\nratios against '{ref['label']}'; clients/s = client trainings per wall second (eval included)\n")
-    print("| configuration | wall (s) | train phase (s) | CPU (s) | peak RSS main (MB) | peak PSS tree (MB) | accuracy | loss | clients/s | wall ratio | PSS ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nratios against '{ref['label']}'; clients/s = client trainings per wall second (eval included); "
+          "train clients/s = client trainings per second of the training phase\n")
+    print("| configuration | wall (s) | train phase (s) | CPU (s) | peak RSS main (MB) | peak PSS tree (MB) | accuracy | loss "
+          "| clients/s | train clients/s | wall ratio | PSS ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         train = f"{r['train_s']:.1f}" if "train_s" in r else "-"
+        train_rate = f"{r['client_rounds'] / r['train_s']:.3f}" if r.get("train_s") else "-"
         print(f"| {r['label']} | {r['wall_s']:.1f} | {train} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_pss_tree_mb']:.0f} | "
-              f"{r['accuracy']:.4f} | {r['loss']:.6f} | {r['client_rounds'] / r['wall_s']:.3f} | "
+              f"{r['accuracy']:.4f} | {r['loss']:.6f} | {r['client_rounds'] / r['wall_s']:.3f} | {train_rate} | "
               f"{r['wall_s'] / ref['wall_s']:.3f} | {r['peak_pss_tree_mb'] / ref['peak_pss_tree_mb']:.3f} |")
     seq = next((r for r in rows if r["label"] == "fedfm sequential"), None)
     for r in rows:
         if seq is not None and r is not seq and "train_s" in r and seq.get("train_s"):
-            print(f"training phase {r['label']} / fedfm sequential: {r['train_s'] / seq['train_s']:.3f}")
+            print(f"training phase {r['label']} / fedfm sequential: {r['train_s'] / seq['train_s']:.3f} "
+                  f"(clients/s of the training phase: {seq['train_s'] / r['train_s']:.2f}x; whole run: {seq['wall_s'] / r['wall_s']:.2f}x)")
     seq1 = next((r for r in rows if r["label"] == "fedfm sequential, 1 thread"), None)
     proc = next((r for r in rows if r["label"] == "processes"), None)
     if seq1 and proc:

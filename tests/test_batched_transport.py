@@ -15,8 +15,8 @@ from fedfm.core.types import Instruction
 from fedfm.learners.local import LocalLearner
 from fedfm.learners.middleware import register_middleware
 from fedfm.learners.multi_lora import train_jointly
-from fedfm.peft.multi_lora import AdapterBatch, gather_linear, lora_delta, segments_of
-from fedfm.runtime.batched import BatchedTransport
+from fedfm.peft.multi_lora import AdapterBatch, gather_linear, lora_delta, segments_of, stacked_linear
+from fedfm.runtime.batched import BatchedTransport, resolve_kernel
 from fedfm.runtime.batched_eval import evaluate_jointly
 from fedfm.runtime.local import LocalRuntime
 from fedfm.runtime.transport import InProcessTransport
@@ -81,6 +81,32 @@ def test_gather_by_hand():
     assert torch.equal(gather_linear(x3, w, idx, bias), torch.tensor([[[20.0]] * 3, [[17.0]] * 3]))
 
 
+def test_stacked_linear_by_hand():
+    # 4 examples, 2 adapters with 2 examples each: rows 0-1 use W0, rows 2-3 use W1
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 0.0], [0.0, 1.0]])
+    w = torch.tensor([[[1.0, 1.0]], [[2.0, -1.0]]])  # (K=2, out=1, in=2)
+    bias = torch.tensor([[10.0], [20.0]])
+    # W0: 1+2, 3+4 = 3, 7; W1: 2*1 - 0 = 2, 0 - 1 = -1; plus the biases 10 and 20
+    assert torch.equal(stacked_linear(x, w, bias), torch.tensor([[13.0], [17.0], [22.0], [19.0]]))
+    assert torch.equal(stacked_linear(x, w), torch.tensor([[3.0], [7.0], [2.0], [-1.0]]))
+    x3 = x.reshape(4, 1, 2).expand(4, 3, 2)  # a sequence dimension: every position alike
+    assert torch.equal(stacked_linear(x3, w, bias), torch.tensor([[13.0], [17.0], [22.0], [19.0]]).reshape(4, 1, 1).expand(4, 3, 1))
+
+
+def test_kernel_choice():
+    on_cpu = torch.nn.Linear(2, 2)
+    assert resolve_kernel("auto", on_cpu) == "segments"  # CUDA would give "stacked"
+    assert resolve_kernel("stacked", on_cpu) == "stacked"
+    ab = AdapterBatch(torch.nn.Sequential(torch.nn.Linear(2, 1)), ["0.weight", "0.bias"])
+    st = {"0.weight": torch.ones(1, 2), "0.bias": torch.zeros(1)}
+    ab.bind([st, st], torch.tensor([0, 0, 1]), kernel="stacked")
+    assert ab.bounds == [(0, 2), (2, 3)] and not ab.uniform  # 2 and 1 examples: not one size, so segments
+    ab.bind([st, st], torch.tensor([0, 1]), kernel="stacked")
+    assert ab.uniform and ab.stacked["0.weight"].shape == (2, 1, 2)
+    with pytest.raises(ValueError, match="kernel must be one of \\['segments', 'stacked'\\], got 'fast'"):
+        ab.bind([st], torch.tensor([0]), kernel="fast")
+
+
 def test_segments_of():
     assert segments_of(torch.tensor([0, 0, 1, 2, 2]), 3) == [(0, 2), (2, 3), (3, 5)]
     assert segments_of(torch.tensor([0, 1, 0]), 2) is None  # not grouped
@@ -123,6 +149,9 @@ def test_adapter_batch_on_a_peft_layer_by_hand():
         ab.bind([s1, s0], torch.tensor([0, 1]))  # grouped by adapter: the per-segment path
         assert ab.bounds == [(0, 1), (1, 2)]
         y_segments = model(x)
+        ab.bind([s1, s0], torch.tensor([0, 1]), kernel="stacked")  # grouped, one example each: two bmm per layer
+        assert ab.uniform
+        y_stacked = model(x)
         ab.bind([s0, s1], torch.tensor([1, 0]))  # not grouped: the gather + bmm path
         assert ab.bounds is None
         y = model(x)
@@ -131,7 +160,7 @@ def test_adapter_batch_on_a_peft_layer_by_hand():
     # example 0, client 1: query = x + (x A1^T) B1^T = [1, 2] + 2 * [3, -1] = [7, 0]; head [1, -1] . [7, 0] + 5 = 12
     # example 1, client 0: query = [3, 4] + 3 * [1, 2] = [6, 10]; head [1, 1] . [6, 10] + 0 = 16
     assert torch.equal(y, torch.tensor([[12.0], [16.0]]))
-    assert torch.equal(y_segments, y)
+    assert torch.equal(y_segments, y) and torch.equal(y_stacked, y)
     y[0].sum().backward()  # example 0 only: client 0's tensors get no gradient
     assert all(t.grad is None or not t.grad.any() for t in s0.values())
     assert s1[pre + "classifier.modules_to_save.default.bias"].grad.item() == 1.0
@@ -148,12 +177,14 @@ def test_unsupported_trainable_parameter_is_refused():
 # -- the joint training against the local learner --------------------------------------------
 
 
-@pytest.mark.parametrize("optimizer, switches", [
-    ("adamw", {}),
-    ("sgd", {}),
-    ("adamw", {"train.autocast": "bf16", "train.bucket_by_length": True}),  # both switches honoured per client
+@pytest.mark.parametrize("optimizer, switches, kernel", [
+    ("adamw", {}, "segments"),
+    ("sgd", {}, "segments"),
+    ("adamw", {"train.autocast": "bf16", "train.bucket_by_length": True}, "segments"),  # both switches honoured per client
+    ("adamw", {}, "stacked"),
+    ("sgd", {}, "stacked"),
 ])
-def test_joint_updates_match_sequential_updates(tmp_path, optimizer, switches):
+def test_joint_updates_match_sequential_updates(tmp_path, optimizer, switches, kernel):
     # Three clients, one with 10 examples (2 steps per epoch against the others' 10): it is
     # idle for most joint steps and must not be stepped then (weight decay and momentum
     # would move it). max_grad_norm 0.05 makes per-client clipping fire.
@@ -169,7 +200,7 @@ def test_joint_updates_match_sequential_updates(tmp_path, optimizer, switches):
             ctx.examples = ctx.examples[:10]
         jobs.append((Instruction(round=1, cid=cid, state=wb.initial_state()), ctx))
     sequential = [LocalLearner().local_update(inst, ctx) for inst, ctx in jobs]
-    batched = train_jointly(jobs)
+    batched = train_jointly(jobs, kernel=kernel)
     for seq, (upd, trained) in zip(sequential, batched):
         assert upd.cid == seq.cid and upd.num_examples == seq.num_examples
         assert set(upd.metrics) == set(seq.metrics) == {"train_loss", "steps", "examples_seen"}

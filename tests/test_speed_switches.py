@@ -141,3 +141,13 @@ def test_device_resolution_and_batches():
 def test_cuda_without_gpu_fails_before_the_model_loads(tmp_path):
     with pytest.raises(RuntimeError, match="runtime.device"):
         Workbench(from_dict(tiny_config(tmp_path, **{"runtime.device": "cuda"})))
+
+
+def test_train_loss_is_summed_left_to_right_without_a_sync_per_step():
+    from fedfm.learners.loop import sum_losses
+
+    # float32 1e16 is 10000000272564224; adding 1.0 in float64 rounds back to it (spacing 2),
+    # so left to right the sum is 0.0, where a compensated sum (Python 3.12's sum()) gives 1.0
+    assert sum_losses([torch.tensor(1e16), torch.tensor(1.0), torch.tensor(-1e16)]) == 0.0
+    assert sum_losses([torch.tensor(0.5), torch.tensor(0.25)]) == 0.75
+    assert sum_losses([]) == 0.0

@@ -281,6 +281,10 @@ class RuntimeConfig(Strict):
     parent_trains: bool = Field(False, description="processes transport: the run's own process trains clients too "
                                 "(one process fewer for the same concurrency; default workers: cores // threads_per_worker - 1)")
     batch_clients: int = Field(4, ge=1, description="clients trained together in one forward pass (batched transport)")
+    batch_kernel: Literal["auto", "segments", "stacked"] = Field(
+        "auto", description="batched transport: how the K clients' LoRA terms are computed: segments (one pair of "
+        "matmuls per client), stacked (two bmm per layer for all K when their batches are of one size), auto "
+        "(stacked on CUDA, segments on the CPU)")
     progress: bool = True
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
 

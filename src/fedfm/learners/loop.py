@@ -37,6 +37,16 @@ def batches(examples: list, batch_size: int, generator: torch.Generator):
         yield [examples[i] for i in order[start : start + batch_size]]
 
 
+def sum_losses(losses: list[torch.Tensor]) -> float:
+    """The float sum of per-step losses kept on their device (one sync at the end, none per
+    step), added left to right as ``total += loss.item()`` after each step would (not
+    ``sum()``, which compensates its rounding from Python 3.12 on)."""
+    total = 0.0
+    for value in torch.stack(losses).double().cpu().tolist() if losses else []:
+        total += value
+    return total
+
+
 def planned_steps(num_examples: int, cfg) -> int:
     per_epoch = -(-num_examples // cfg.batch_size)
     return cfg.steps if cfg.steps is not None else per_epoch * cfg.epochs
@@ -61,7 +71,8 @@ def train_loop(
     torch.manual_seed(ctx.seed)  # dropout masks
     total = planned_steps(len(ctx.examples), cfg)
     model.train()
-    step, seen, loss_sum = 0, 0, 0.0
+    step, seen = 0, 0
+    losses: list[torch.Tensor] = []  # summed at the end: no device sync per step
     while step < total:
         for items in make_batches(ctx.examples, cfg.batch_size, gen):
             t0 = time.perf_counter()
@@ -81,12 +92,13 @@ def train_loop(
                 log.info("torch.compile: first training step (compilation included) took %.2f s", compile_s)
             step += 1
             seen += len(items)
-            loss_sum += loss.item()
+            losses.append(loss.detach())
             if ctx.on_step is not None:
                 ctx.on_step(step, total)
             if step >= total:
                 break
     model.eval()
+    loss_sum = sum_losses(losses)
     out = {"train_loss": loss_sum / max(step, 1), "steps": float(step), "examples_seen": float(seen)}
     if compile_s is not None:
         out["compile_s"] = compile_s

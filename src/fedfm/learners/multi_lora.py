@@ -19,8 +19,8 @@ each client's gradient is the one it would get alone. Then, per client: gradient
 clipping over that client's tensors only (``train.max_grad_norm``); then the optimizer
 step. A client with no batch at step ``t`` (fewer examples, or done) has no gradient
 (``None``), which torch's optimizers skip: no momentum update, no weight decay. The train
-loss is summed per client in float64 at the end, as ``train_loop`` sums ``loss.item()``
-(no device sync per step).
+loss is summed per client at the end (``learners.loop.sum_losses``, as ``train_loop``
+does: no device sync per step).
 
 Not bit-identical to sequential training, for three reasons: the float sums of a bigger
 batch with wider padding (and bmm instead of linear for the adapters) round differently;
@@ -43,7 +43,7 @@ import torch
 
 from fedfm.core.types import Instruction, State, Update
 from fedfm.learners.base import LocalContext
-from fedfm.learners.loop import batches, make_optimizer, planned_steps
+from fedfm.learners.loop import batches, make_optimizer, planned_steps, sum_losses
 from fedfm.learners.speed import autocast, bucketed
 from fedfm.peft.multi_lora import AdapterBatch
 from fedfm.peft.state import trainable_names
@@ -105,9 +105,10 @@ def joint_losses(task, model, batch: dict[str, Any], spans: Sequence[tuple[int, 
     return [task.loss(lambda *a, _p=slice_output(out, s, e, n), **k: _p, slice_batch(batch, s, e, n)) for s, e in spans]
 
 
-def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]]) -> list[tuple[Update, State]]:
+def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]], kernel: str = "segments") -> list[tuple[Update, State]]:
     """Train the ``local`` learner of every (instruction, context) at once on the shared
-    model; returns each client's (Update, trained State), in the order given."""
+    model; returns each client's (Update, trained State), in the order given. ``kernel``:
+    how the adapters are applied (``peft/multi_lora.py``: ``segments`` or ``stacked``)."""
     if not jobs:
         return []
     ctx0 = jobs[0][1]
@@ -154,7 +155,7 @@ def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]]) -> list[tupl
                 for _, m in active:
                     spans.append((start, start + m))
                     start += m
-                adapters.bind([c.params for c, _ in active], idx, spans)
+                adapters.bind([c.params for c, _ in active], idx, spans, kernel)
                 with autocast(model, getattr(cfg, "autocast", None)):
                     losses = joint_losses(task, model, batch, spans)
                 opt.zero_grad(set_to_none=True)  # every client's grads, idle ones included
@@ -175,7 +176,7 @@ def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]]) -> list[tupl
     for c in clients:
         trained = {n: c.params[n].detach().to("cpu", torch.float32, copy=True) for n in names}
         delta = {k: trained[k] - c.inst.state[k].to(trained[k].dtype) for k in trained}
-        loss_sum = sum(torch.stack(c.losses).double().cpu().tolist()) if c.losses else 0.0  # one sync per client
+        loss_sum = sum_losses(c.losses)  # one sync per client
         metrics = {"train_loss": loss_sum / max(c.steps, 1), "steps": float(c.steps), "examples_seen": float(c.seen)}
         out.append((Update(cid=c.ctx.cid, payload=delta, num_examples=len(c.ctx.examples), metrics=metrics), trained))
     return out

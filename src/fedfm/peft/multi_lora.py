@@ -21,9 +21,15 @@ on the whole batch. Two ways to compute the per-example terms, picked by ``idx``
   builds its batches): one pair of matmuls per adapter on its contiguous segment of the
   batch (``F.linear`` on a slice, the same ops as peft's own forward), concatenated: the
   segmented form of Punica's SGMV kernel, without copies of the weights;
-- any other ``idx``: the ``K`` adapters' tensors stacked to ``(K, r, in)`` /
-  ``(K, out, r)``, gathered per example (``index_select``) and applied with batched
-  matmuls (``torch.bmm``).
+- grouped, every adapter with the same number of examples, and ``kernel="stacked"``: the
+  ``K`` adapters' tensors stacked to ``(K, r, in)`` / ``(K, out, r)`` and the batch viewed
+  as ``(K, m * L, in)``: two ``torch.bmm`` per layer whatever ``K`` (the kernel launches
+  of the segmented form grow with ``K``; this is the form for a launch-bound GPU step);
+- any other ``idx``: the stacked tensors gathered per example (``index_select``) and
+  applied with batched matmuls (``torch.bmm``).
+
+``kernel`` (``runtime.batch_kernel``): ``segments`` (default here) or ``stacked``; the two
+give the same values up to float rounding (bmm against linear; tested).
 
 Outside the context the model is the plain peft model again.
 
@@ -47,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 ADAPTER = "default"
+KERNELS = ("segments", "stacked")
 
 
 def gather_linear(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,6 +84,16 @@ def segments_of(idx: torch.Tensor, k: int) -> list[tuple[int, int]] | None:
         bounds.append((start, end))
         start = end
     return bounds if start == len(values) else None
+
+
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (K * m, ..., in)`` grouped by adapter, ``m`` examples each; ``weight (K, out, in)``,
+    ``bias (K, out)`` -> ``(K * m, ..., out)``: adapter ``k``'s map on rows ``k*m:(k+1)*m``,
+    one ``bmm`` for every adapter."""
+    k = weight.shape[0]
+    flat = x.reshape(k, -1, x.shape[-1])  # (K, m * L, in): example-major rows, so adapter k's rows are block k
+    y = torch.bmm(flat, weight.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+    return y.reshape(*x.shape[:-1], weight.shape[1])
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
@@ -119,6 +136,7 @@ class AdapterBatch:
         self.stacked: dict[str, torch.Tensor] = {}
         self.idx: torch.Tensor | None = None
         self.bounds: list[tuple[int, int]] | None = None
+        self.uniform = False
 
     @staticmethod
     def _check_lora(layer: str, mod, name: str) -> None:
@@ -130,15 +148,21 @@ class AdapterBatch:
             raise NotImplementedError(f"batched adapters: layer '{layer}' uses a LoRA variant or several adapters (vanilla LoRA only)")
 
     def bind(self, states: Sequence[dict[str, torch.Tensor]], idx: torch.Tensor,
-             bounds: Sequence[tuple[int, int]] | None = None) -> None:
+             bounds: Sequence[tuple[int, int]] | None = None, kernel: str = "segments") -> None:
         """The adapters of the next forward: ``states[k]`` serves the examples with ``idx == k``.
         ``bounds``: each adapter's ``(start, end)`` when the caller knows the examples are
-        grouped (saves reading ``idx`` back from the device); else found from ``idx``."""
+        grouped (saves reading ``idx`` back from the device); else found from ``idx``.
+        ``kernel``: ``segments`` or ``stacked`` (module doc)."""
         if not states:
             raise ValueError("batched adapters: no adapter given")
+        if kernel not in KERNELS:
+            raise ValueError(f"batched adapters: kernel must be one of {list(KERNELS)}, got '{kernel}'")
         self.states, self.idx = list(states), idx
         self.bounds = list(bounds) if bounds is not None else segments_of(idx, len(self.states))
-        self.stacked = {} if self.bounds is not None else {n: torch.stack([s[n] for s in states]) for n in self.names}  # (K, *shape)
+        sizes = {e - s for s, e in self.bounds} if self.bounds is not None else set()
+        self.uniform = kernel == "stacked" and len(sizes) == 1
+        need = self.bounds is None or self.uniform
+        self.stacked = {n: torch.stack([s[n] for s in states]) for n in self.names} if need else {}  # (K, *shape)
 
     def check(self, x: torch.Tensor, where: str) -> None:
         if self.idx is None:
@@ -155,6 +179,9 @@ class AdapterBatch:
             result = mod.base_layer(x, *args, **kwargs)
             scale = mod.scaling[ADAPTER]
             h = mod.lora_dropout[ADAPTER](x)
+            if batch.uniform:
+                a, b = batch.stacked[a_name], batch.stacked[b_name]
+                return result + (stacked_linear(stacked_linear(h.to(a.dtype), a), b) * scale).to(result.dtype)
             if batch.bounds is None:
                 a, b = batch.stacked[a_name], batch.stacked[b_name]
                 return result + lora_delta(h.to(a.dtype), a, b, batch.idx, scale).to(result.dtype)
@@ -169,6 +196,8 @@ class AdapterBatch:
 
         def forward(_self, x: torch.Tensor) -> torch.Tensor:
             batch.check(x, owner)
+            if batch.uniform:
+                return stacked_linear(x, batch.stacked[w_name], batch.stacked[b_name] if b_name is not None else None)
             if batch.bounds is None:
                 bias = batch.stacked[b_name] if b_name is not None else None
                 return gather_linear(x, batch.stacked[w_name], batch.idx, bias)
@@ -189,4 +218,4 @@ class AdapterBatch:
     def __exit__(self, *exc) -> None:
         for name in [*self.lora, *self.heads]:
             self.modules[name].__dict__.pop("forward", None)  # back to the class's forward
-        self.states, self.stacked, self.idx, self.bounds = [], {}, None, None
+        self.states, self.stacked, self.idx, self.bounds, self.uniform = [], {}, None, None, False

@@ -62,6 +62,16 @@ def batched_problem(exp) -> str | None:
     return None
 
 
+def resolve_kernel(kernel: str, model) -> str:
+    """``runtime.batch_kernel``: ``auto`` is ``stacked`` when the model is on a CUDA device
+    (a launch-bound step: two bmm per layer for all K clients) and ``segments`` on the CPU
+    (one pair of matmuls per client: the sequential ops, no stacking copies)."""
+    if kernel != "auto":
+        return kernel
+    device = next(model.parameters()).device
+    return "stacked" if device.type == "cuda" else "segments"
+
+
 class BatchedTransport:
     name = "local"
 
@@ -69,6 +79,7 @@ class BatchedTransport:
         self,
         env: ClientEnv,
         batch_clients: int = 4,
+        kernel: str = "auto",
         on_start: Callable[[int], None] | None = None,
         on_end: Callable[[], None] | None = None,
     ):
@@ -79,6 +90,7 @@ class BatchedTransport:
         from fedfm.peft.state import trainable_names
 
         AdapterBatch(env.wb.model, trainable_names(env.wb.model))  # refuses an unsupported trainable State now, not every round
+        self.kernel = resolve_kernel(kernel, env.wb.model)
         self.on_start, self.on_end = on_start, on_end
         self.chunks: list[list[int]] = []  # the client ids of every joint training, in order (for tests and logs)
         self.eval_chunks: list[list[int]] = []  # and of every joint evaluation
@@ -107,7 +119,7 @@ class BatchedTransport:
         cids = [j.cid for j in jobs]
         self.chunks.append(cids)
         try:
-            results = train_jointly([(j.inst, j.ctx) for j in jobs])
+            results = train_jointly([(j.inst, j.ctx) for j in jobs], kernel=self.kernel)
         except Exception as exc:  # the joint step is shared: every client of the chunk fails
             log.warning("batched training of clients %s failed: %s", cids, exc)
             for j in jobs:
@@ -146,7 +158,7 @@ class BatchedTransport:
         cids = [cid for cid, _, _ in ready]
         self.eval_chunks.append(cids)
         try:
-            metrics = evaluate_jointly(self.env.wb, [s for _, s, _ in ready], [it for _, _, it in ready])
+            metrics = evaluate_jointly(self.env.wb, [s for _, s, _ in ready], [it for _, _, it in ready], kernel=self.kernel)
         except Exception as exc:  # the joint pass is shared: every client of the chunk fails
             log.warning("batched evaluation of clients %s failed: %s", cids, exc)
             metrics = [exc] * len(ready)

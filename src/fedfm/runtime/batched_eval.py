@@ -44,7 +44,7 @@ class _Replay:
         return next(self.outputs)
 
 
-def evaluate_jointly(wb, states: Sequence[State], items: Sequence[list[dict]]) -> list[dict[str, float]]:
+def evaluate_jointly(wb, states: Sequence[State], items: Sequence[list[dict]], kernel: str = "segments") -> list[dict[str, float]]:
     """Metrics of ``states[k]`` on ``items[k]`` for every k (each list non-empty)."""
     model, task = wb.model, wb.task
     names = trainable_names(model)
@@ -67,7 +67,11 @@ def evaluate_jointly(wb, states: Sequence[State], items: Sequence[list[dict]]) -
             device = joint["input_ids"].device if "input_ids" in joint else torch.device("cpu")
             sizes = [len(chunks[k][t]) for k in active]
             idx = torch.tensor([j for j, m in enumerate(sizes) for _ in range(m)], dtype=torch.long, device=device)
-            adapters.bind([full[k] for k in active], idx)
+            bounds, start = [], 0
+            for m in sizes:
+                bounds.append((start, start + m))
+                start += m
+            adapters.bind([full[k] for k in active], idx, bounds, kernel)
             out = forward_once(task, model, joint)
             n, start = len(idx), 0
             for k, m in zip(active, sizes):

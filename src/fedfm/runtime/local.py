@@ -45,7 +45,7 @@ class LocalRuntime:
         self.env.on_step = self.prog.step
         rt = exp.runtime
         if rt.transport == "batched":
-            self.transport = BatchedTransport(self.env, rt.batch_clients,
+            self.transport = BatchedTransport(self.env, rt.batch_clients, rt.batch_kernel,
                                               on_start=self.prog.start_client, on_end=self.prog.end_client)
         elif rt.transport == "processes":
             self.transport = ProcessTransport(self.env, rt.workers, rt.threads_per_worker,
