@@ -173,6 +173,16 @@ def test_recenter_restores_the_mean_logits_on_public_text(tmp_path):
     keeper.recenter_head(base.model, base.task, base.tokenizer)  # moves the bias back by (-1.5, +0.5)
     assert torch.allclose(bias.detach(), template[name], atol=1e-5)
     assert torch.allclose(mean_logits(base.model, base.task, base.tokenizer, keeper.examples), start, atol=1e-5)
+    # the starting mean logits are computed once per embedding and kept: a second shift is
+    # undone against the same target; a new start forgets it
+    assert torch.allclose(keeper.target, start, atol=1e-6)
+    kept = keeper.target
+    with torch.no_grad():
+        bias.add_(torch.tensor([-2.0, 1.0]))
+    keeper.recenter_head(base.model, base.task, base.tokenizer)
+    assert keeper.target is kept and torch.allclose(bias.detach(), template[name], atol=1e-5)
+    keeper.start(base.model, [])
+    assert keeper.target is None
     # direct call: the move it returns is the negative of the mean shift
     with torch.no_grad():
         bias.add_(torch.tensor([0.25, 0.25]))

@@ -168,9 +168,11 @@ class Preserver:
     reference: State | None = None  # the trained names' values when the embedding started
     recenter: bool = False  # ip/recenter.py: hold the mean logits on the public texts
     public: int | None = None  # how many of ``examples`` are public texts (the rest: random texts)
+    target: torch.Tensor | None = None  # the reference's mean logits on the public texts (recenter), once per embedding
 
     def start(self, model: torch.nn.Module, names: list[str]) -> None:
         params = dict(model.named_parameters())
+        self.target = None
         if self.recenter:
             from fedfm.ip.recenter import head_bias
 
@@ -183,9 +185,12 @@ class Preserver:
             return
         if self.reference is None:
             raise RuntimeError("Preserver.recenter_head before Preserver.start")
-        from fedfm.ip.recenter import recenter
+        from fedfm.ip.recenter import mean_logits, recenter
 
-        recenter(model, task, tokenizer, self.examples[: self.public], self.reference)
+        public = self.examples[: self.public]
+        if self.target is None:  # the reference values are fixed for the whole embedding
+            self.target = mean_logits(model, task, tokenizer, public, self.reference)
+        recenter(model, task, tokenizer, public, self.reference, self.target)
 
     def loss(self, model: torch.nn.Module, task: Any, tokenizer: Any, generator: torch.Generator) -> torch.Tensor:
         """``weight * KL(reference || model)`` on a seeded batch of public examples."""

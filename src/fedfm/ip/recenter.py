@@ -56,13 +56,18 @@ def mean_logits(model: torch.nn.Module, task: Any, tokenizer: Any, examples: lis
     return total / len(examples)
 
 
-def recenter(model: torch.nn.Module, task: Any, tokenizer: Any, examples: list[dict], reference: dict) -> torch.Tensor:
+def recenter(model: torch.nn.Module, task: Any, tokenizer: Any, examples: list[dict], reference: dict,
+             target: torch.Tensor | None = None) -> torch.Tensor:
     """Move the head bias so that the mean logits over ``examples`` equal those of the model
-    with ``reference`` values (which must hold the bias's starting value); returns the move."""
+    with ``reference`` values (which must hold the bias's starting value); returns the move.
+    ``target``: those reference mean logits when already computed (they do not change during
+    one embedding: ``Preserver`` computes them once)."""
     name, bias = head_bias(model)
     if name not in reference:
         raise KeyError(f"recenter: the reference values lack the head bias '{name}'")
-    shift = mean_logits(model, task, tokenizer, examples) - mean_logits(model, task, tokenizer, examples, reference)
+    if target is None:
+        target = mean_logits(model, task, tokenizer, examples, reference)
+    shift = mean_logits(model, task, tokenizer, examples) - target
     with torch.no_grad():
         bias.sub_(shift.to(bias.dtype))
     return -shift
