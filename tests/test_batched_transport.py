@@ -321,6 +321,9 @@ def test_failures_prepare_fails_one_client_joint_step_fails_its_chunk(tmp_path):
     ({"train.compile": True}, "does not support train.compile"),
     ({"runtime.backend": "flower"}, "is the local backend's transport; runtime.backend is 'flower'"),
     ({"model.task": "masked_lm"}, "supports model.task ['text_classification'] (got 'masked_lm')"),
+    ({"runtime.transport": "sequential", "runtime.batch_kernel": "stacked"},
+     "runtime.batch_kernel: stacked needs runtime.transport: batched (got 'sequential')"),
+    ({"runtime.batch_kernel": "fast"}, "runtime.batch_kernel"),
 ])
 def test_config_refusals(tmp_path, over, message):
     raw = tiny_config(tmp_path, **{"runtime.transport": "batched", **over})

@@ -45,6 +45,8 @@ def batched_problem(exp) -> str | None:
     """``runtime.transport: batched`` settings that cannot work; None when fine."""
     rt = exp.runtime
     if rt.transport != "batched":
+        if rt.batch_kernel != "auto":
+            return f"runtime.batch_kernel: {rt.batch_kernel} needs runtime.transport: batched (got '{rt.transport}')"
         return None
     where = "runtime.transport: batched (several clients' LoRA in one forward pass)"
     if rt.backend != "local":
