@@ -14,8 +14,8 @@ one job (default: examples/quickstart.yaml, reducible with --rounds/--clients/--
   ``parent`` (the processes transport with ``--threads`` - 1 workers and the run's own
   process training too), ``batched2`` / ``batched4`` / ``batched8`` (``runtime.transport:
   batched`` with 2 / 4 / 8 clients' LoRA in one forward pass; not in the default
-  ``--levers``), and ``segments`` / ``stacked`` (``runtime.batch_kernel``, meaningful only
-  combined with a batched lever, e.g. ``--best batched8+segments``);
+  ``--levers``), and ``segments`` / ``stacked`` (``runtime.batch_kernel``, only combined
+  with a batched lever, e.g. ``--best batched8+segments``: alone, the config is refused);
 - the combinations given with ``--best`` (default: ``processes`` and ``processes+bucket``).
 
 For each: wall time, the wall time spent in the round's training phase (``train_s``:
