@@ -183,6 +183,7 @@ def test_unsupported_trainable_parameter_is_refused():
     ("adamw", {"train.autocast": "bf16", "train.bucket_by_length": True}, "segments"),  # both switches honoured per client
     ("adamw", {}, "stacked"),
     ("sgd", {}, "stacked"),
+    ("adamw", {"train.autocast": "bf16", "train.bucket_by_length": True}, "stacked"),
 ])
 def test_joint_updates_match_sequential_updates(tmp_path, optimizer, switches, kernel):
     # Three clients, one with 10 examples (2 steps per epoch against the others' 10): it is
