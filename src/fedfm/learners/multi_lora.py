@@ -16,8 +16,9 @@ through the model once, each example with its client's adapter. The objective is
 over clients of each client's mean loss on its own batch (the task's own ``loss``); the
 clients' parameters are disjoint and the frozen base model has no cross-example term, so
 each client's gradient is the one it would get alone. Then, per client: gradient-norm
-clipping over that client's tensors only (``train.max_grad_norm``); then the optimizer
-step. A client with no batch at step ``t`` (fewer examples, or done) has no gradient
+clipping over that client's tensors only (``train.max_grad_norm``; all clients in one
+pass, ``clip_per_client``); then the optimizer step. A client with no batch at step
+``t`` (fewer examples, or done) has no gradient
 (``None``), which torch's optimizers skip: no momentum update, no weight decay. The train
 loss is summed per client at the end (``learners.loop.sum_losses``, as ``train_loop``
 does: no device sync per step).
@@ -105,6 +106,56 @@ def joint_losses(task, model, batch: dict[str, Any], spans: Sequence[tuple[int, 
     return [task.loss(lambda *a, _p=slice_output(out, s, e, n), **k: _p, slice_batch(batch, s, e, n)) for s, e in spans]
 
 
+def clip_per_client(groups: Sequence[Sequence[torch.Tensor]], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_(group, max_norm)`` for every group (one client's
+    tensors), in one pass: one ``_foreach_norm`` over every group's gradients, the groups'
+    total norms as one ``(K, T)`` reduction, then one multiply per group. The same
+    formula as torch's (``max_norm / (total + 1e-6)``, clamped at 1); on this project's
+    CPU equal to it bit for bit (tests/test_batched_transport.py). Groups of different
+    sizes or with a missing gradient are clipped one by one by torch's own function."""
+    grads = [p.grad for g in groups for p in g]
+    if not grads or any(x is None for x in grads) or len({len(g) for g in groups}) != 1:
+        for g in groups:
+            torch.nn.utils.clip_grad_norm_(list(g), max_norm)
+        return
+    norms = torch.stack(torch._foreach_norm(grads, 2.0)).view(len(groups), len(groups[0]))  # (K, T)
+    total = torch.linalg.vector_norm(norms, 2.0, dim=1)  # (K,)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for k, g in enumerate(groups):
+        torch._foreach_mul_([p.grad for p in g], coef[k])
+
+
+def shared_leaves(clients: Sequence[_Client], names: Sequence[str], cfg, kernel: str) -> dict[str, torch.Tensor] | None:
+    """With the ``stacked`` kernel and every client planned for the same number of steps
+    (so every client has a batch at every joint step): each trainable name's K client
+    tensors as ONE ``(K, *shape)`` leaf, which the optimizer steps and the adapters use as
+    it is, and each client's ``params`` rebound to its row (a view). This saves, per joint
+    step, stacking the K tensors of every name and the K gradient copies back to them (a
+    kernel launch each on a GPU). The optimizer's step count is shared, which is right
+    only because every client steps at every joint step. None otherwise."""
+    steps = {planned_steps(len(c.ctx.examples), cfg) if c.ctx.examples else 0 for c in clients}
+    if kernel != "stacked" or len(steps) != 1 or 0 in steps:
+        return None
+    leaves = {n: torch.stack([c.params[n].detach() for c in clients]).requires_grad_(True) for n in names}
+    for k, c in enumerate(clients):
+        c.params = {n: leaves[n][k] for n in names}
+    return leaves
+
+
+def clip_stacked(leaves: Sequence[torch.Tensor], max_norm: float) -> None:
+    """``clip_per_client`` for ``(K, *shape)`` leaves: client ``k``'s tensors are row ``k``
+    of every leaf; its total norm is the norm of its rows' norms, clipped as torch does
+    (``max_norm / (total + 1e-6)``, clamped at 1). Two operations per name, not per client."""
+    grads = [p.grad for p in leaves if p.grad is not None]
+    if not grads:
+        return
+    k = grads[0].shape[0]
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), 2.0, dim=1) for g in grads], dim=1)  # (K, T)
+    coef = torch.clamp(max_norm / (torch.linalg.vector_norm(norms, 2.0, dim=1) + 1e-6), max=1.0)  # (K,)
+    for g in grads:
+        g.mul_(coef.reshape(k, *([1] * (g.dim() - 1))))
+
+
 def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]], kernel: str = "segments") -> list[tuple[Update, State]]:
     """Train the ``local`` learner of every (instruction, context) at once on the shared
     model; returns each client's (Update, trained State), in the order given. ``kernel``:
@@ -129,10 +180,11 @@ def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]], kernel: str 
             params[n] = t.detach().to(own[n].device, own[n].dtype, copy=True).requires_grad_(True)
         stream = client_stream(ctx.examples, cfg, torch.Generator().manual_seed(ctx.seed))
         clients.append(_Client(inst, ctx, params, stream))
+    leaves = shared_leaves(clients, names, cfg, kernel)
     # ONE optimizer over every client's tensors: AdamW and SGD are element-wise, so this is
     # each client's own optimizer, in one call per step; a tensor whose grad is None (a
     # client without a batch at this step) is skipped by torch: no momentum, no decay.
-    opt = make_optimizer([c.params[n] for c in clients for n in names], cfg)
+    opt = make_optimizer(list(leaves.values()) if leaves else [c.params[n] for c in clients for n in names], cfg)
     torch.manual_seed(ctx0.seed)  # dropout masks of the joint batches (not the sequential ones)
     longest = max(planned_steps(len(c.ctx.examples), cfg) if c.ctx.examples else 0 for c in clients)
     model.train()
@@ -155,14 +207,16 @@ def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]], kernel: str 
                 for _, m in active:
                     spans.append((start, start + m))
                     start += m
-                adapters.bind([c.params for c, _ in active], idx, spans, kernel)
+                adapters.bind([c.params for c, _ in active], idx, spans, kernel, stacked=leaves)
                 with autocast(model, getattr(cfg, "autocast", None)):
                     losses = joint_losses(task, model, batch, spans)
                 opt.zero_grad(set_to_none=True)  # every client's grads, idle ones included
                 torch.stack(losses).sum().backward()
+                if cfg.max_grad_norm is not None and leaves:  # per client, over its own slices
+                    clip_stacked(list(leaves.values()), cfg.max_grad_norm)
+                elif cfg.max_grad_norm is not None:  # per client, over its own tensors
+                    clip_per_client([[c.params[n] for n in names] for c, _ in active], cfg.max_grad_norm)
                 for (c, m), loss in zip(active, losses):
-                    if cfg.max_grad_norm is not None:  # per client, over its own tensors
-                        torch.nn.utils.clip_grad_norm_([c.params[n] for n in names], cfg.max_grad_norm)
                     c.steps += 1
                     c.seen += m
                     c.losses.append(loss.detach())

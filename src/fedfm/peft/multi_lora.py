@@ -148,11 +148,14 @@ class AdapterBatch:
             raise NotImplementedError(f"batched adapters: layer '{layer}' uses a LoRA variant or several adapters (vanilla LoRA only)")
 
     def bind(self, states: Sequence[dict[str, torch.Tensor]], idx: torch.Tensor,
-             bounds: Sequence[tuple[int, int]] | None = None, kernel: str = "segments") -> None:
+             bounds: Sequence[tuple[int, int]] | None = None, kernel: str = "segments",
+             stacked: dict[str, torch.Tensor] | None = None) -> None:
         """The adapters of the next forward: ``states[k]`` serves the examples with ``idx == k``.
         ``bounds``: each adapter's ``(start, end)`` when the caller knows the examples are
         grouped (saves reading ``idx`` back from the device); else found from ``idx``.
-        ``kernel``: ``segments`` or ``stacked`` (module doc)."""
+        ``kernel``: ``segments`` or ``stacked`` (module doc). ``stacked``: the states
+        already stacked, ``{name: (K, *shape)}`` with row ``k`` = ``states[k][name]`` (the
+        ``stacked`` kernel then uses them as they are)."""
         if not states:
             raise ValueError("batched adapters: no adapter given")
         if kernel not in KERNELS:
@@ -162,7 +165,12 @@ class AdapterBatch:
         sizes = {e - s for s, e in self.bounds} if self.bounds is not None else set()
         self.uniform = kernel == "stacked" and len(sizes) == 1
         need = self.bounds is None or self.uniform
-        self.stacked = {n: torch.stack([s[n] for s in states]) for n in self.names} if need else {}  # (K, *shape)
+        if stacked is not None and need and any(stacked[n].shape[0] != len(self.states) for n in self.names):
+            raise ValueError(f"batched adapters: the stacked states do not hold {len(self.states)} adapters")
+        if stacked is not None and need:
+            self.stacked = {n: stacked[n] for n in self.names}
+        else:
+            self.stacked = {n: torch.stack([s[n] for s in states]) for n in self.names} if need else {}  # (K, *shape)
 
     def check(self, x: torch.Tensor, where: str) -> None:
         if self.idx is None:

@@ -32,6 +32,7 @@ import torch
 from fedfm.tasks.base import count_build, register_task
 from fedfm.tasks.limits import check_max_length, position_limit
 from fedfm.tasks.loading import load_auto
+from fedfm.tasks.padding import attention_mask, padded
 
 IGNORE = -100
 GENERATION_PROMPTS = 4
@@ -246,16 +247,11 @@ class CausalLM:
 
 def collate_lm(examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
     """Right-padded ids, attention mask, and labels padded with ``-100``."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id(tokenizer), dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)  # (B, T)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    lengths = [len(e["input_ids"]) for e in examples]
+    width = max(lengths)
+    ids = padded([e["input_ids"] for e in examples], width, pad_id(tokenizer))  # (B, T)
+    labels = padded([e["labels"] for e in examples], width, IGNORE)  # (B, T)
+    return {"input_ids": ids, "attention_mask": attention_mask(lengths, width), "labels": labels}
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 
 from fedfm.tasks.base import count_build, register_task
 from fedfm.tasks.loading import load_auto
+from fedfm.tasks.padding import attention_mask, padded
 
 MASK_PROB = 0.15
 IGNORE = -100
@@ -82,17 +83,11 @@ class MaskedLM:
         return out
 
     def collate(self, examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        pad = tokenizer.pad_token_id or 0
-        ids = torch.full((len(examples), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
-        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)  # (B, T)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-            labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        lengths = [len(e["input_ids"]) for e in examples]
+        width = max(lengths)
+        ids = padded([e["input_ids"] for e in examples], width, tokenizer.pad_token_id or 0)  # (B, T)
+        labels = padded([e["labels"] for e in examples], width, IGNORE)  # (B, T)
+        return {"input_ids": ids, "attention_mask": attention_mask(lengths, width), "labels": labels}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)

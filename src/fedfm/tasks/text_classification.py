@@ -14,6 +14,7 @@ import torch
 from fedfm.tasks.base import count_build, register_task
 from fedfm.tasks.limits import check_max_length, position_limit
 from fedfm.tasks.loading import load_auto
+from fedfm.tasks.padding import attention_mask, padded
 
 
 class TextClassification:
@@ -44,14 +45,10 @@ class TextClassification:
         return [{"input_ids": ids, "label": y} for ids, y in zip(enc["input_ids"], labels)]
 
     def collate(self, examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        pad = tokenizer.pad_token_id or 0
-        ids = torch.full((len(examples), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, T)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-            mask[i, :n] = 1
+        lengths = [len(e["input_ids"]) for e in examples]
+        width = max(lengths)
+        ids = padded([e["input_ids"] for e in examples], width, tokenizer.pad_token_id or 0)  # (B, T)
+        mask = attention_mask(lengths, width)  # (B, T)
         labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)  # (B,)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
