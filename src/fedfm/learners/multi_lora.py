@@ -111,7 +111,7 @@ def clip_per_client(groups: Sequence[Sequence[torch.Tensor]], max_norm: float) -
     tensors), in one pass: one ``_foreach_norm`` over every group's gradients, the groups'
     total norms as one ``(K, T)`` reduction, then one multiply per group. The same
     formula as torch's (``max_norm / (total + 1e-6)``, clamped at 1); on this project's
-    CPU equal to it bit for bit (tests/test_batched_transport.py). Groups of different
+    CPU equal to it bit for bit (tests/test_batched_kernels.py). Groups of different
     sizes or with a missing gradient are clipped one by one by torch's own function."""
     grads = [p.grad for g in groups for p in g]
     if not grads or any(x is None for x in grads) or len({len(g) for g in groups}) != 1:
