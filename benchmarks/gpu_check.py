@@ -44,6 +44,9 @@ SMOKE = {
     "unpad": {"train.unpad": True},
     "batched, segments": {"runtime.transport": "batched", "runtime.batch_clients": 2, "runtime.batch_kernel": "segments"},
     "batched, stacked": {"runtime.transport": "batched", "runtime.batch_clients": 2, "runtime.batch_kernel": "stacked"},
+    # equal clients: one (K, *shape) leaf per name (learners/multi_lora.py shared_leaves)
+    "batched, stacked, equal clients": {"runtime.transport": "batched", "runtime.batch_clients": 2,
+                                        "runtime.batch_kernel": "stacked", "federation.examples_per_client": 16},
     "batched, per-client evaluation": {"runtime.transport": "batched", "runtime.batch_clients": 2,
                                        "federation.client_holdout": 0.2, "eval.clients": "all"},
 }
