@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ import torch
 from conftest import tiny_config
 from fedfm.config import ConfigError, from_dict
 from fedfm.learners.middleware import register_middleware
+from fedfm.core.protocols import TRAIN, Envelope, Reply
+from fedfm.runtime import concurrent
+from fedfm.runtime.client import ClientEnv
 from fedfm.runtime.concurrent import ProcessTransport
 from fedfm.runtime.local import LocalRuntime
 from fedfm.runtime.transport import InProcessTransport
@@ -75,7 +79,7 @@ def test_processes_match_sequential_bit_for_bit(tmp_path, monkeypatch, parent_tr
     seq.run()
     here = []
     train_here = ProcessTransport._train_here
-    monkeypatch.setattr(ProcessTransport, "_train_here", lambda self, e: here.append(e.cid) or train_here(self, e))
+    monkeypatch.setattr(ProcessTransport, "_train_here", lambda self, e, *a: here.append(e.cid) or train_here(self, e, *a))
     par = LocalRuntime(from_dict(tiny_config(tmp_path, **over, **{
         "runtime.transport": "processes", "runtime.workers": 1 if parent_trains else 2,
         "runtime.threads_per_worker": 1, "runtime.parent_trains": parent_trains})), tmp_path / "par")
@@ -89,6 +93,30 @@ def test_processes_match_sequential_bit_for_bit(tmp_path, monkeypatch, parent_tr
     assert _rows(tmp_path / "seq") == _rows(tmp_path / "par")  # updates' loss, bytes, accuracy, client eval
     seq_store, par_store = _store_bytes(tmp_path / "seq" / "clients"), _store_bytes(tmp_path / "par" / "clients")
     assert seq_store and seq_store == par_store  # settled local_state files, byte for byte
+
+
+def test_workers_get_the_next_client_while_the_parent_trains(monkeypatch):
+    # The parent's client takes 100 steps; the worker answers at once. At each of the
+    # parent's steps the worker is collected and given the next client, so the worker
+    # serves the four others while the parent trains its one (before: one client each,
+    # in turn, so the parent served two).
+    def fake_answer(env, envelope):
+        if os.getpid() == PARENT:
+            for step in range(100):
+                time.sleep(0.02)
+                env.on_step(step + 1, 100)
+        return Reply(envelope.cid, data=b"x", info={"pid": os.getpid()})
+
+    monkeypatch.setattr(concurrent, "answer", fake_answer)
+    env = ClientEnv(exp=None, wb=None, algo=None, up=None, down=None, store=None)
+    tr = ProcessTransport(env, workers=1, threads_per_worker=1, parent_trains=True)
+    try:
+        replies = tr.exchange([Envelope(cid, TRAIN, {}, b"") for cid in range(5)])
+    finally:
+        tr.close()
+    served_here = sorted(c for c, r in replies.items() if r.info["pid"] == PARENT)
+    assert sorted(replies) == [0, 1, 2, 3, 4] and served_here == [1]
+    assert env.on_step is None  # restored after the parent's client
 
 
 def test_dead_worker_is_a_failed_client_and_the_pool_recovers(tmp_path):

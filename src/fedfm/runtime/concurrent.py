@@ -29,8 +29,10 @@ With ``runtime.parent_trains: true`` the run's own process trains clients too, b
 handing envelopes to the workers: the same concurrency with one process fewer, so one
 training working set less in memory (docs/speed.md). It trains with
 ``threads_per_worker`` threads (then restores the run's thread count), so its replies are
-the same bits as a worker's. A client that kills the process it trains in takes the run
-down when the parent trains it, as on the sequential transport.
+the same bits as a worker's. While it trains, it looks after the workers at each of its
+client's steps (the learner's ``on_step``): a worker that finished gets the next client at
+once instead of waiting for the parent's client to end. A client that kills the process
+it trains in takes the run down when the parent trains it, as on the sequential transport.
 
 CUDA cannot be used in a forked process, so ``processes`` needs ``runtime.device: cpu``
 (refused at config time otherwise).
@@ -199,15 +201,16 @@ class ProcessTransport:
         if self.on_end is not None:
             self.on_end()
 
-    def _train_here(self, envelope: Envelope) -> Reply:
-        """One client in the parent, with a worker's thread count (``parent_trains``)."""
+    def _train_here(self, envelope: Envelope, queue: list[Envelope], replies: dict[int, Reply]) -> Reply:
+        """One client in the parent, with a worker's thread count (``parent_trains``); at
+        each of its steps, finished workers are collected and given the next client."""
         import torch
 
         if self.on_start is not None:
             self.on_start(envelope.cid)
         threads, on_step = torch.get_num_threads(), self.env.on_step
         torch.set_num_threads(self.threads)
-        self.env.on_step = None  # as in a worker: the bars count clients
+        self.env.on_step = lambda step, total: self._serve(queue, replies, timeout=0)  # the bars count clients
         try:
             reply = answer(self.env, envelope)
         finally:
@@ -218,31 +221,41 @@ class ProcessTransport:
             self.on_end()
         return reply
 
+    def _dispatch(self, queue: list[Envelope], replies: dict[int, Reply]) -> None:
+        """The next envelopes of ``queue`` to the idle workers that are alive."""
+        for slot in self.slots:
+            if slot.busy is None and queue and slot.proc.is_alive():
+                envelope = queue.pop(0)
+                if self.on_start is not None:
+                    self.on_start(envelope.cid)
+                slot.busy = envelope
+                try:
+                    slot.conn.send(envelope)
+                except (OSError, ValueError) as exc:
+                    self._finish(slot, Reply(envelope.cid, error=f"worker unreachable: {exc}"), replies)
+
+    def _serve(self, queue: list[Envelope], replies: dict[int, Reply], timeout: float | None) -> None:
+        """Collect the replies that are ready (waiting up to ``timeout``), then keep the
+        workers busy with what is left in ``queue``."""
+        busy = [s for s in self.slots if s.busy is not None]
+        if busy:
+            ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=timeout)
+            for slot in busy:
+                if slot.conn in ready or slot.proc.sentinel in ready:
+                    self._collect(slot, replies)
+        self._dispatch(queue, replies)
+
     def exchange(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> dict[int, Reply]:
         replies: dict[int, Reply] = {}
         queue = list(envelopes)
         while queue or any(s.busy is not None for s in self.slots):
             self._ensure()
-            for slot in self.slots:
-                if slot.busy is None and queue:
-                    envelope = queue.pop(0)
-                    if self.on_start is not None:
-                        self.on_start(envelope.cid)
-                    slot.busy = envelope
-                    try:
-                        slot.conn.send(envelope)
-                    except (OSError, ValueError) as exc:
-                        self._finish(slot, Reply(envelope.cid, error=f"worker unreachable: {exc}"), replies)
+            self._dispatch(queue, replies)
             if self.parent_trains and queue:  # the workers are busy: the parent takes the next client
                 envelope = queue.pop(0)
-                replies[envelope.cid] = self._train_here(envelope)
-            busy = [s for s in self.slots if s.busy is not None]
-            if busy:
-                waiting = self.parent_trains and bool(queue)  # collect what is ready, then train the next one here
-                ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=0 if waiting else None)
-                for slot in busy:
-                    if slot.conn in ready or slot.proc.sentinel in ready:
-                        self._collect(slot, replies)
+                replies[envelope.cid] = self._train_here(envelope, queue, replies)
+            waiting = self.parent_trains and bool(queue)  # collect what is ready, then train the next one here
+            self._serve(queue, replies, timeout=0 if waiting else None)
         return replies
 
     def _collect(self, slot: _Slot, replies: dict[int, Reply]) -> None:
