@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from tiny_llm import tiny_llm_config
 from fedfm.config import ConfigError, from_dict
 from fedfm.learners.unpad import _dropout, unpad_problem, unpadded
 from fedfm.runtime import run_local
@@ -102,13 +103,41 @@ def test_hidden_states_requests_take_the_plain_path(wb):
     assert len(got) == len(plain) == 3 and all(torch.equal(a, b) for a, b in zip(got, plain))
 
 
-def test_a_batch_without_padding_takes_the_plain_path(wb):
+def test_a_batch_without_padding_takes_the_plain_path_unless_the_last_layer_is_cut(wb, monkeypatch):
     ids = torch.randint(1000, 2000, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.long)
+    calls = []
+    encode = unpadded._encode
+    monkeypatch.setattr(unpadded, "_encode", lambda self, *a: calls.append(1) or encode(self, *a))
     with torch.no_grad():
         plain = wb.model(input_ids=ids, attention_mask=mask).logits
-        with unpadded(wb.model):
+        with unpadded(wb.model, first_token=False):  # nothing to save: the model's own path
             assert torch.equal(wb.model(input_ids=ids, attention_mask=mask).logits, plain)
+        assert calls == []
+        with unpadded(wb.model):  # the last layer on the first token only still saves work
+            torch.testing.assert_close(wb.model(input_ids=ids, attention_mask=mask).logits, plain, rtol=1e-5, atol=1e-6)
+        assert calls == [1]
+
+
+def test_eval_unpad_gives_the_padded_metrics(tmp_path):
+    # eval.unpad: the workbench's evaluation on real tokens (and the last layer on the
+    # first token); the toy test set's batches are padded, so the unpadded path runs.
+    # Accuracy is a count of argmaxes: equal; the loss agrees to float rounding.
+    plain = Workbench(from_dict(tiny_config(tmp_path, **{"eval.batch_size": 8})))
+    state = plain.initial_state()
+    want = plain.evaluate(state)
+    fast = Workbench(from_dict(tiny_config(tmp_path, **{"eval.batch_size": 8, "eval.unpad": True})))
+    calls = []
+    encode = unpadded._encode
+    try:
+        unpadded._encode = lambda self, *a: calls.append(1) or encode(self, *a)
+        got = fast.evaluate(state)
+    finally:
+        unpadded._encode = encode
+    assert len(calls) == len(fast.eval_batches()) == 5  # 40 test reviews in batches of 8
+    assert got["accuracy"] == want["accuracy"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert "forward" not in vars(fast.model.base_model.model.bert)  # the plain model again after it
 
 
 def test_a_federated_run_matches_to_rounding(tmp_path, monkeypatch):
@@ -138,3 +167,8 @@ def test_refusals(tmp_path):
         from_dict(tiny_config(tmp_path, **{"train.unpad": True, "runtime.transport": "batched"}))
     with pytest.raises(ConfigError, match="train.unpad"):
         from_dict(tiny_config(tmp_path, **{"train.unpad": True, "learner.name": "mezo"}))
+    with pytest.raises(ConfigError, match="eval.unpad"):
+        from_dict(tiny_config(tmp_path, **{"eval.unpad": True, "runtime.transport": "batched"}))
+    llm = tiny_llm_config(tmp_path)
+    with pytest.raises(ValueError, match="eval.unpad: true supports BERT-family encoders"):
+        Workbench(from_dict({**llm, "eval": {**llm.get("eval", {}), "unpad": True}}))

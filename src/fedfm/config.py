@@ -206,6 +206,7 @@ class EvalConfig(Strict):
     # run on the clients through the transport: none, the round's sampled clients, or all.
     clients: Literal["none", "sampled", "all"] = "none"
     sort_by_length: bool = Field(True, description="evaluation batches of similar length (less padding); metrics are order-free sums")
+    unpad: bool = Field(False, description="BERT encoders: evaluate on real tokens only, and the last layer on the first token only when the head reads nothing else (learners/unpad.py); same math, float rounding differs")
 
 
 class StragglerConfig(Strict):

@@ -1,4 +1,5 @@
-"""Padding-free training of BERT-family encoders (``train.unpad: true``; docs/speed.md).
+"""Padding-free training of BERT-family encoders (``train.unpad: true``; for the
+workbench's evaluation, ``eval.unpad: true``; docs/speed.md).
 
 A batch of reviews padded to its longest one is, on the quickstart, 45% padding: every
 token-wise layer (the query, key, value and output projections, the feed-forward block,
@@ -33,7 +34,10 @@ block for the first token of each sequence only (its attention written out as
 transformers' eager attention, with the dropout mask drawn over the full shape and row 0
 kept). Its forward pass then agrees with the padded model's to float rounding (5e-8 on
 MiniLM's logits), with the same masks. The encoder's output is then zero everywhere but
-position 0; a call that asks for hidden states or attentions takes the padded path.
+position 0; a call that asks for hidden states or attentions takes the padded path. A batch
+without padding takes the model's own path too, unless its last layer computes the first
+token only (the longest evaluation batches, all cut at ``data.max_length``, still save
+that layer's work).
 
 Written by hand because neither transformers (its padding-free path needs FlashAttention
 kernels, GPU only, and a packed collator) nor peft offers unpadded training of a BERT
@@ -189,7 +193,9 @@ class unpadded:  # noqa: N801 - used like a function: ``with unpadded(model): ..
 
         def encoder_patched(hidden_states, attention_mask=None, *args, **kwargs):
             keep = self.mask
-            if keep is None or args or kwargs.get("encoder_hidden_states") is not None or bool(keep.all()):
+            # a batch without padding saves nothing unless the last layer computes the first token only
+            if keep is None or args or kwargs.get("encoder_hidden_states") is not None \
+                    or (bool(keep.all()) and not self.first_token):
                 return encoder_forward(hidden_states, attention_mask, *args, **kwargs)
             return self._encode(hidden_states, attention_mask, keep, kwargs)
 

@@ -18,6 +18,7 @@ Client profiles (``federation.roles``) and each client's own held-out slice
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -82,12 +83,13 @@ class Workbench:
         self.task = build_task(exp.model.task)
         model, self.tokenizer = self.task.build(exp.model, exp.seed)
         check_max_length(exp.data.max_length, position_limit(model.config))  # before any encoding or training
-        if exp.train.unpad:
-            from fedfm.learners.unpad import unpad_problem
+        for field, on in (("train.unpad", exp.train.unpad), ("eval.unpad", exp.eval.unpad)):
+            if on:
+                from fedfm.learners.unpad import unpad_problem
 
-            problem = unpad_problem(model)
-            if problem is not None:
-                raise ValueError(f"model '{exp.model.package or exp.model.path}': {problem}")
+                problem = unpad_problem(model)
+                if problem is not None:
+                    raise ValueError(f"model '{exp.model.package or exp.model.path}': {problem.replace('train.unpad', field)}")
         if exp.model.init_from:
             from fedfm.personalize.init_from import load_init
 
@@ -168,9 +170,15 @@ class Workbench:
 
     def evaluate(self, state: State, batches: list[dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
         """Metrics of ``state`` under ``torch.inference_mode`` (the same math as no_grad;
-        the batches are built outside it, so they stay usable for training)."""
+        the batches are built outside it, so they stay usable for training); with
+        ``eval.unpad``, on real tokens only (learners/unpad.py)."""
         set_state(self.model, self.full_state(state))
         self.model.eval()
         batches = self.eval_batches() if batches is None else batches
-        with torch.inference_mode():
+        padding_free = contextlib.nullcontext()
+        if self.exp.eval.unpad:
+            from fedfm.learners.unpad import unpadded
+
+            padding_free = unpadded(self.model)
+        with torch.inference_mode(), padding_free:
             return self.task.evaluate(self.model, batches)
