@@ -11,6 +11,7 @@ one job (default: examples/quickstart.yaml, reducible with --rounds/--clients/--
 - each lever alone: ``processes`` (``--threads`` workers of one thread each),
   ``eval unsorted`` (the length-sorted evaluation turned OFF: what sorting buys),
   ``bf16``, ``compile``, ``bucket``, ``unpad`` (padding-free BERT training),
+  ``eval_unpad`` (padding-free evaluation; not in the default ``--levers``),
   ``parent`` (the processes transport with ``--threads`` - 1 workers and the run's own
   process training too), ``batched2`` / ``batched4`` / ``batched8`` (``runtime.transport:
   batched`` with 2 / 4 / 8 clients' LoRA in one forward pass; not in the default
@@ -63,6 +64,8 @@ LEVERS = {
     "bucket": lambda t: ["train.bucket_by_length=true"],
     # padding-free BERT training (learners/unpad.py): same math and dropout masks
     "unpad": lambda t: ["train.unpad=true"],
+    # the same for the per-round evaluation of the test set
+    "eval_unpad": lambda t: ["eval.unpad=true"],
     # the processes transport with the run's own process as one of the trainers
     "parent": lambda t: ["runtime.transport=processes", f"runtime.workers={max(1, t - 1)}",
                          "runtime.threads_per_worker=1", "runtime.parent_trains=true"],
@@ -218,6 +221,9 @@ def main() -> None:
     t = args.threads
     levers = [x for x in args.levers.split(",") if x]
     best = args.best or ["processes", "processes+bucket"]
+    unknown = sorted({x for x in levers + [q for b in best for q in b.split("+")] if x not in LEVERS})
+    if unknown:
+        sys.exit(f"unknown lever(s) {unknown} in --levers/--best; known: {', '.join(LEVERS)}")
     cuda = args.device != "cpu"
     if cuda:  # CUDA cannot be used in forked workers; the plain loop of overhead.py is CPU only
         levers = [x for x in levers if x not in ("processes", "parent")]
