@@ -299,6 +299,8 @@ def test_failures_prepare_fails_one_client_joint_step_fails_its_chunk(tmp_path):
     ({"runtime.transport": "sequential", "runtime.batch_kernel": "stacked"},
      "runtime.batch_kernel: stacked needs runtime.transport: batched (got 'sequential')"),
     ({"runtime.batch_kernel": "fast"}, "runtime.batch_kernel"),
+    ({"runtime.transport": "processes", "runtime.batch_clients": 8},
+     "runtime.batch_clients: 8 needs runtime.transport: batched (got 'processes')"),
 ])
 def test_config_refusals(tmp_path, over, message):
     raw = tiny_config(tmp_path, **{"runtime.transport": "batched", **over})

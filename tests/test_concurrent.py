@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -157,9 +158,11 @@ def test_client_exception_in_worker_is_a_failed_client(tmp_path):
     ({"runtime.transport": "processes", "runtime.device": "cuda"}, "runtime.transport: processes needs runtime.device: cpu"),
     ({"runtime.transport": "processes", "runtime.backend": "flower"}, "runtime.transport: processes is the local backend's"),
     ({"runtime.parent_trains": True}, "runtime.parent_trains"),
+    ({"runtime.workers": 2}, "runtime.workers: 2 needs runtime.transport: processes (got 'sequential')"),
+    ({"runtime.transport": "batched", "runtime.threads_per_worker": 2}, "runtime.threads_per_worker: 2 needs runtime"),
 ])
 def test_transport_config_is_checked(tmp_path, over, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         from_dict(tiny_config(tmp_path, **over))
 
 

@@ -47,6 +47,8 @@ def batched_problem(exp) -> str | None:
     if rt.transport != "batched":
         if rt.batch_kernel != "auto":
             return f"runtime.batch_kernel: {rt.batch_kernel} needs runtime.transport: batched (got '{rt.transport}')"
+        if rt.batch_clients != type(rt).model_fields["batch_clients"].default:
+            return f"runtime.batch_clients: {rt.batch_clients} needs runtime.transport: batched (got '{rt.transport}')"
         return None
     where = "runtime.transport: batched (several clients' LoRA in one forward pass)"
     if rt.backend != "local":

@@ -63,6 +63,10 @@ def transport_problem(exp) -> str | None:
     if rt.transport != "processes":
         if rt.parent_trains:
             return f"runtime.parent_trains: true needs runtime.transport: processes (got '{rt.transport}')"
+        for name in ("workers", "threads_per_worker"):
+            value = getattr(rt, name)
+            if value != type(rt).model_fields[name].default:
+                return f"runtime.{name}: {value} needs runtime.transport: processes (got '{rt.transport}')"
         return None
     if rt.backend != "local":
         return f"runtime.transport: processes is the local backend's transport; runtime.backend is '{rt.backend}'"
