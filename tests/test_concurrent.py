@@ -120,6 +120,19 @@ def test_workers_get_the_next_client_while_the_parent_trains(monkeypatch):
     assert env.on_step is None  # restored after the parent's client
 
 
+def test_a_message_that_cannot_be_sent_is_a_failed_client(monkeypatch):
+    # A lambda in a message cannot be pickled for the pipe: that client fails, naming
+    # why, and the worker serves the next one (nothing waits for a reply never asked for).
+    monkeypatch.setattr(concurrent, "answer", lambda env, e: Reply(e.cid, data=b"x", info={}))
+    tr = ProcessTransport(ClientEnv(exp=None, wb=None, algo=None, up=None, down=None, store=None), workers=1)
+    try:
+        replies = tr.exchange([Envelope(0, TRAIN, {"f": lambda: 0}, b""), Envelope(1, TRAIN, {}, b"")])
+    finally:
+        tr.close()
+    assert replies[0].error.startswith("could not send to the worker: ") and replies[0].data is None
+    assert replies[1].error is None and replies[1].data == b"x"
+
+
 def test_dead_worker_is_a_failed_client_and_the_pool_recovers(tmp_path):
     raw = tiny_config(tmp_path, **{
         "federation.clients": 3,

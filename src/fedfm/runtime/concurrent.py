@@ -235,8 +235,8 @@ class ProcessTransport:
                 slot.busy = envelope
                 try:
                     slot.conn.send(envelope)
-                except (OSError, ValueError) as exc:
-                    self._finish(slot, Reply(envelope.cid, error=f"worker unreachable: {exc}"), replies)
+                except Exception as exc:  # a closed pipe, or a message that cannot be pickled
+                    self._finish(slot, Reply(envelope.cid, error=f"could not send to the worker: {type(exc).__name__}: {exc}"), replies)
 
     def _serve(self, queue: list[Envelope], replies: dict[int, Reply], timeout: float | None) -> None:
         """Collect the replies that are ready (waiting up to ``timeout``), then keep the
