@@ -97,26 +97,32 @@ def test_processes_match_sequential_bit_for_bit(tmp_path, monkeypatch, parent_tr
 
 
 def test_workers_get_the_next_client_while_the_parent_trains(monkeypatch):
-    # The parent's client takes 100 steps; the worker answers at once. At each of the
+    # The parent's client steps until the worker has been handed all four other clients
+    # and answered them (at most 1,000 steps); the worker answers at once. At each of the
     # parent's steps the worker is collected and given the next client, so the worker
     # serves the four others while the parent trains its one (before: one client each,
-    # in turn, so the parent served two).
+    # in turn, so the parent served two, and this loop would run out of steps).
+    started: list[int] = []
+
     def fake_answer(env, envelope):
         if os.getpid() == PARENT:
-            for step in range(100):
-                time.sleep(0.02)
-                env.on_step(step + 1, 100)
+            for step in range(1000):
+                env.on_step(step + 1, 1000)
+                if len(started) == 5 and all(s.busy is None for s in tr.slots):
+                    break
+                time.sleep(0.01)
         return Reply(envelope.cid, data=b"x", info={"pid": os.getpid()})
 
     monkeypatch.setattr(concurrent, "answer", fake_answer)
     env = ClientEnv(exp=None, wb=None, algo=None, up=None, down=None, store=None)
-    tr = ProcessTransport(env, workers=1, threads_per_worker=1, parent_trains=True)
+    tr = ProcessTransport(env, workers=1, threads_per_worker=1, parent_trains=True, on_start=started.append)
     try:
         replies = tr.exchange([Envelope(cid, TRAIN, {}, b"") for cid in range(5)])
     finally:
         tr.close()
     served_here = sorted(c for c, r in replies.items() if r.info["pid"] == PARENT)
     assert sorted(replies) == [0, 1, 2, 3, 4] and served_here == [1]
+    assert sorted(started) == [0, 1, 2, 3, 4]
     assert env.on_step is None  # restored after the parent's client
 
 

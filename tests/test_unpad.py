@@ -24,6 +24,15 @@ def wb(tmp_path_factory):
     return Workbench(from_dict(tiny_config(tmp_path_factory.mktemp("unpad"))))
 
 
+@pytest.fixture
+def encode_calls(monkeypatch) -> list[int]:
+    """One entry per batch that took the unpadded path (``unpadded._encode``)."""
+    calls: list[int] = []
+    encode = unpadded._encode
+    monkeypatch.setattr(unpadded, "_encode", lambda self, *a: calls.append(1) or encode(self, *a))
+    return calls
+
+
 def _batch():
     # Lengths 7, 3, 5 padded to 7: 15 real tokens of 21 positions.
     lengths = torch.tensor([7, 3, 5])
@@ -103,12 +112,10 @@ def test_hidden_states_requests_take_the_plain_path(wb):
     assert len(got) == len(plain) == 3 and all(torch.equal(a, b) for a, b in zip(got, plain))
 
 
-def test_a_batch_without_padding_takes_the_plain_path_unless_the_last_layer_is_cut(wb, monkeypatch):
+def test_a_batch_without_padding_takes_the_plain_path_unless_the_last_layer_is_cut(wb, encode_calls):
+    calls = encode_calls
     ids = torch.randint(1000, 2000, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.long)
-    calls = []
-    encode = unpadded._encode
-    monkeypatch.setattr(unpadded, "_encode", lambda self, *a: calls.append(1) or encode(self, *a))
     with torch.no_grad():
         plain = wb.model(input_ids=ids, attention_mask=mask).logits
         with unpadded(wb.model, first_token=False):  # nothing to save: the model's own path
@@ -119,7 +126,7 @@ def test_a_batch_without_padding_takes_the_plain_path_unless_the_last_layer_is_c
         assert calls == [1]
 
 
-def test_eval_unpad_gives_the_padded_metrics(tmp_path):
+def test_eval_unpad_gives_the_padded_metrics(tmp_path, encode_calls):
     # eval.unpad: the workbench's evaluation on real tokens (and the last layer on the
     # first token); the toy test set's batches are padded, so the unpadded path runs.
     # Accuracy is a count of argmaxes: equal; the loss agrees to float rounding.
@@ -127,28 +134,20 @@ def test_eval_unpad_gives_the_padded_metrics(tmp_path):
     state = plain.initial_state()
     want = plain.evaluate(state)
     fast = Workbench(from_dict(tiny_config(tmp_path, **{"eval.batch_size": 8, "eval.unpad": True})))
-    calls = []
-    encode = unpadded._encode
-    try:
-        unpadded._encode = lambda self, *a: calls.append(1) or encode(self, *a)
-        got = fast.evaluate(state)
-    finally:
-        unpadded._encode = encode
-    assert len(calls) == len(fast.eval_batches()) == 5  # 40 test reviews in batches of 8
+    got = fast.evaluate(state)
+    assert len(encode_calls) == len(fast.eval_batches()) == 5  # 40 test reviews in batches of 8
     assert got["accuracy"] == want["accuracy"]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
     assert "forward" not in vars(fast.model.base_model.model.bert)  # the plain model again after it
 
 
-def test_a_federated_run_matches_to_rounding(tmp_path, monkeypatch):
+def test_a_federated_run_matches_to_rounding(tmp_path, encode_calls):
     base = tiny_config(tmp_path, **{"rounds": 1, "train.epochs": 1})
     plain = run_local(from_dict(copy.deepcopy(base)), tmp_path / "plain")
-    calls = []
-    encode = unpadded._encode
-    monkeypatch.setattr(unpadded, "_encode", lambda self, *a: calls.append(1) or encode(self, *a))
+    assert encode_calls == []  # padded training and evaluation
     base["train"]["unpad"] = True
     fast = run_local(from_dict(base), tmp_path / "unpad")
-    assert calls  # the toy reviews have several lengths: the unpadded path ran
+    assert encode_calls  # the toy reviews have several lengths: the unpadded path ran
     assert fast["final"]["accuracy"] == plain["final"]["accuracy"]
     assert fast["final"]["loss"] == pytest.approx(plain["final"]["loss"], rel=1e-5)
     rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("plain", "unpad")]

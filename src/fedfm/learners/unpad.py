@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-UNPAD_PROBLEM = "train.unpad: true supports BERT-family encoders (transformers' BertModel) only"
+UNPAD_PROBLEM = "{field}: true supports BERT-family encoders (transformers' BertModel) only"
 
 
 def find_bert(model: nn.Module) -> nn.Module | None:
@@ -63,16 +63,17 @@ def find_bert(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def unpad_problem(model: nn.Module) -> str | None:
-    """Why ``train.unpad`` cannot run on this model; None when it can."""
+def unpad_problem(model: nn.Module, field: str = "train.unpad") -> str | None:
+    """Why padding-free computation (the switch ``field``) cannot run on this model; None when it can."""
+    head = UNPAD_PROBLEM.format(field=field)
     bert = find_bert(model)
     if bert is None:
-        return f"{UNPAD_PROBLEM}; model {type(model).__name__} has none: set train.unpad: false"
+        return f"{head}; model {type(model).__name__} has none: set {field}: false"
     cfg = bert.config
     if cfg.is_decoder or getattr(cfg, "add_cross_attention", False):
-        return f"{UNPAD_PROBLEM} without decoder or cross attention; set train.unpad: false"
+        return f"{head} without decoder or cross attention; set {field}: false"
     if getattr(cfg, "chunk_size_feed_forward", 0):
-        return f"{UNPAD_PROBLEM} without feed-forward chunking (chunk_size_feed_forward is {cfg.chunk_size_feed_forward})"
+        return f"{head} without feed-forward chunking (chunk_size_feed_forward is {cfg.chunk_size_feed_forward})"
     return None
 
 

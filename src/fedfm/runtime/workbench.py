@@ -87,9 +87,9 @@ class Workbench:
             if on:
                 from fedfm.learners.unpad import unpad_problem
 
-                problem = unpad_problem(model)
+                problem = unpad_problem(model, field)
                 if problem is not None:
-                    raise ValueError(f"model '{exp.model.package or exp.model.path}': {problem.replace('train.unpad', field)}")
+                    raise ValueError(f"model '{exp.model.package or exp.model.path}': {problem}")
         if exp.model.init_from:
             from fedfm.personalize.init_from import load_init
 
