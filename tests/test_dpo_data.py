@@ -59,6 +59,9 @@ def test_preferences_source_reads_and_checks(tmp_path):
     assert df.to_dict("records") == [{"prompt": "hi", "chosen": " yes", "rejected": " no", "text": " yes", "group": "3"}]
     with pytest.raises(ValueError, match="prompt_field: field 'prompt'"):
         preferences(cfg, PreferenceOptions())
+    path.write_text(json.dumps({"prompt": "hi", "chosen": "x"}) + "\n" + json.dumps({"prompt": "hi", "chosen": "x", "rejected": "y"}) + "\n")
+    with pytest.raises(ValueError, match=r"data.options.rejected_field 'rejected' of .*p.jsonl: 1 row\(s\) have no rejected answer \(data rows 1,"):
+        preferences(SimpleNamespace(path=str(path), group_column=None), PreferenceOptions())
     path.write_text(json.dumps({"prompt": "hi", "chosen": "x", "rejected": "x"}) + "\n")
     with pytest.raises(ValueError, match="identical"):
         preferences(SimpleNamespace(path=str(path), group_column=None), PreferenceOptions())

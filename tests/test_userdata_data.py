@@ -136,6 +136,20 @@ def test_rows_without_a_label_are_named(tmp_path):
         load_source(_file_config(tmp_path, csv).data)
 
 
+def test_rows_without_text_or_group_are_named_not_read_as_nan(tmp_path):
+    csv = tmp_path / "holes.csv"
+    csv.write_text('text,label,group\na,1,g\n"",0,g\nc,0,g\n,1,h\n')
+    with pytest.raises(ValueError, match=r"data.text_column 'text' of .*holes.csv: 2 row\(s\) have no text \(data rows 2, 4, counted from 1\)"):
+        load_source(_file_config(tmp_path, csv).data)
+    csv.write_text("text,label,group\na,1,g\nb,0,\nc,0,g\n")
+    with pytest.raises(ValueError, match=r"data.group_column 'group' of .*holes.csv: 1 row\(s\) have no group \(data rows 2, counted from 1\)"):
+        load_source(_file_config(tmp_path, csv).data)
+    jsonl = tmp_path / "holes.jsonl"
+    jsonl.write_text('{"text": "a", "label": 1, "group": "g"}\n{"text": null, "label": 0, "group": "g"}\n')
+    with pytest.raises(ValueError, match=r"1 row\(s\) have no text \(data rows 2, counted from 1\)"):
+        load_source(_file_config(tmp_path, jsonl).data)
+
+
 def test_too_many_clients_for_the_groups_says_the_test_groups_are_held_out(tmp_path):
     exp = from_dict(tiny_config(tmp_path, **{"federation.clients": 11}))  # toy.csv: 12 groups
     with pytest.raises(ValueError) as err:

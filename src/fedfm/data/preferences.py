@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.data.sources import register_source
+from fedfm.data.sources import no_empty_cells, register_source
 
 
 class PreferenceOptions(BaseModel):
@@ -38,6 +38,8 @@ def preferences(cfg: Any, options: PreferenceOptions) -> pd.DataFrame:
             raise ValueError(
                 f"data.options.{key}_field: field '{name}' not in {path} (fields: {', '.join(map(str, df.columns))})"
             )
+    for key, name in fields.items():
+        no_empty_cells(df[name], f"data.options.{key}_field '{name}' of {path}", key if key == "prompt" else f"{key} answer")
     out = pd.DataFrame({key: df[name].astype(str).values for key, name in fields.items()})
     same = int((out["chosen"] == out["rejected"]).sum())
     if same:
@@ -46,6 +48,7 @@ def preferences(cfg: Any, options: PreferenceOptions) -> pd.DataFrame:
     if cfg.group_column is not None:
         if cfg.group_column not in df.columns:
             raise ValueError(f"data.group_column: field '{cfg.group_column}' not in {path}")
+        no_empty_cells(df[cfg.group_column], f"data.group_column '{cfg.group_column}' of {path}", "group")
         out["group"] = df[cfg.group_column].astype(str).values
     return out
 

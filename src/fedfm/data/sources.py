@@ -106,6 +106,7 @@ def local_file(cfg: Any, options: BaseModel) -> pd.DataFrame:
         col = getattr(cfg, field)
         if col is not None and col not in df.columns:
             raise ValueError(f"data.{field}: column '{col}' not in {path} (columns: {', '.join(map(str, df.columns))})")
+    no_empty_cells(df[cfg.text_column], f"data.text_column '{cfg.text_column}' of {path}", "text")
     out = pd.DataFrame({"text": df[cfg.text_column].astype(str).values})
     if cfg.label_column is not None:
         ids, names = encode_labels(df[cfg.label_column], cfg.labels, f"data.label_column '{cfg.label_column}' of {path}")
@@ -113,8 +114,18 @@ def local_file(cfg: Any, options: BaseModel) -> pd.DataFrame:
         if names is not None:
             out.attrs["label_names"] = names
     if cfg.group_column is not None:
+        no_empty_cells(df[cfg.group_column], f"data.group_column '{cfg.group_column}' of {path}", "group")
         out["group"] = df[cfg.group_column].astype(str).values
     return out
+
+
+def no_empty_cells(col: pd.Series, where: str, what: str) -> None:
+    """Refuse empty cells (an empty CSV field, a JSON null or a missing key), naming the
+    first rows: turned into strings they would become the word "nan", not missing data."""
+    missing = np.flatnonzero(col.isna().to_numpy())
+    if len(missing):
+        rows = ", ".join(str(i + 1) for i in missing[:5])
+        raise ValueError(f"{where}: {len(missing)} row(s) have no {what} (data rows {rows}, counted from 1)")
 
 
 def encode_labels(col: pd.Series, names: list[str] | None, where: str = "data.label_column") -> tuple[list[int], list[str] | None]:
@@ -123,10 +134,7 @@ def encode_labels(col: pd.Series, names: list[str] | None, where: str = "data.la
     Integer labels without ``data.labels`` are already class ids and are kept as they are
     (names None): 0/1 stays 0/1, and a label 37 needs ``model.num_labels`` of at least 38.
     """
-    missing = np.flatnonzero(col.isna().to_numpy())
-    if len(missing):
-        rows = ", ".join(str(i + 1) for i in missing[:5])
-        raise ValueError(f"{where}: {len(missing)} row(s) have no label (data rows {rows}, counted from 1)")
+    no_empty_cells(col, where, "label")
     if names is None:
         if pd.api.types.is_integer_dtype(col):
             ids = col.astype(int)

@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.data.sources import decode_error, package_file, register_source
+from fedfm.data.sources import decode_error, no_empty_cells, package_file, register_source
 
 # -- Shakespeare by role ---------------------------------------------------------------
 
@@ -220,6 +220,9 @@ def jsonl_text(cfg: Any, options: JsonlOptions) -> pd.DataFrame:
         raise ValueError(f"data.path: {path} has no rows")
     columns = ", ".join(map(str, df.columns))
     if options.instruction_field in df.columns and options.response_field in df.columns:
+        for key in ("instruction", "response"):
+            name = getattr(options, f"{key}_field")
+            no_empty_cells(df[name], f"data.options.{key}_field '{name}' of {path}", key)
         out = pd.DataFrame(
             {
                 "prompt": df[options.instruction_field].astype(str).values,
@@ -227,6 +230,7 @@ def jsonl_text(cfg: Any, options: JsonlOptions) -> pd.DataFrame:
             }
         )
     elif cfg.text_column in df.columns:
+        no_empty_cells(df[cfg.text_column], f"data.text_column '{cfg.text_column}' of {path}", "text")
         out = pd.DataFrame({"text": df[cfg.text_column].astype(str).values})
     else:
         raise ValueError(
@@ -236,6 +240,7 @@ def jsonl_text(cfg: Any, options: JsonlOptions) -> pd.DataFrame:
     if cfg.group_column is not None:
         if cfg.group_column not in df.columns:
             raise ValueError(f"data.group_column: field '{cfg.group_column}' not in {path} (fields: {columns})")
+        no_empty_cells(df[cfg.group_column], f"data.group_column '{cfg.group_column}' of {path}", "group")
         out["group"] = df[cfg.group_column].astype(str).values
     return out
 
