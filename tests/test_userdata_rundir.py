@@ -214,3 +214,23 @@ def test_merge_wall_time_over_three_parts(tmp_path):
     ]
     assert summary["wall_s"] == 102.0
     assert merge_wall_time(tmp_path, summary) == summary  # a second call changes nothing
+
+
+def test_a_damaged_metrics_line_is_named_and_nothing_is_rewritten(old_run, monkeypatch):
+    from fedfm.runtime.outputs import read_metrics
+
+    cfg, out = old_run
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert len(lines) == 3  # rounds 0, 1, 2
+    metrics.write_text("\n".join(lines + ['{"round": 3, "accu']) + "\n")  # a line cut short by a kill
+    assert [r["round"] for r in read_metrics(metrics)] == [0, 1, 2]
+    metrics.write_text("\n".join([lines[0], lines[1][:-5], lines[2]]) + "\n")  # an edit broke round 1
+    before = hashes(out)
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a round's JSON object"):
+        read_metrics(metrics)
+    for args in (["run", str(cfg), "--out", str(out), "--resume"], ["report", str(out)]):
+        result, text = invoke(monkeypatch, *args)
+        assert result.exit_code in (1, 2), (text, result.exception)
+        assert f"{metrics} line 2 is not a round's JSON object" in text and "fix or remove that line" in text, text
+    assert hashes(out) == before

@@ -31,18 +31,24 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl; a line cut short by a killed run is skipped."""
-    rows = []
+    """The rows of a metrics.jsonl. The last line may be cut short by a killed run and is
+    then skipped; any earlier line that is not a round's JSON object means the file was
+    damaged or edited, and is refused naming the line (a resume would otherwise rewrite
+    the file without it, a report would silently leave the round out)."""
+    rows: list[dict[str, Any]] = []
     path = Path(path)
     if not path.exists():
         return rows
-    for line in path.read_text().splitlines():
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    for i, (n, line) in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            row = None
         if isinstance(row, dict) and "round" in row:
             rows.append(row)
+        elif i < len(lines) - 1:
+            raise ValueError(f"{path} line {n} is not a round's JSON object ({line[:60]!r}); the file was damaged or edited: fix or remove that line")
     return rows
 
 

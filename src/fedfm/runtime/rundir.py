@@ -94,6 +94,10 @@ def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> RunDir:
     if resume:
         rounds = checkpointed_rounds(out)
         if rounds:
+            try:  # a damaged metrics.jsonl is refused before anything is written
+                read_metrics(out / "metrics.jsonl")
+            except ValueError as exc:
+                raise RunDirError(f"--resume: {exc}") from None
             _record_part(out, rounds[-1])
             return RunDir(out, "resume", created=False, resume_after=rounds[-1])
         if entries:
