@@ -19,7 +19,8 @@ SuperNodes (docs/distributed.md) and are listed as skipped.
 Each example runs in its own `fedfm run` process (its own peak memory, a crash is one
 failed row, not a stopped script) into a temporary directory. The reduced mode only
 shortens the job (rounds, examples per client, test examples, steps); every other key,
-the technique included, is the example's own. Prints: example, status, wall seconds,
+the technique included, is the example's own (``REDUCED_FOR``: the keys a few techniques tie
+to the number of rounds, set to fit the reduced run). Prints: example, status, wall seconds,
 the last round's accuracy (or perplexity) and bytes up, and the error's last line.
 """
 
@@ -45,6 +46,12 @@ REDUCED = [
     "federation.test_examples=64",
     "train.steps=2",
 ]
+# Examples whose technique ties other keys to the number of rounds: the reduced run sets
+# them to fit one round (or the fewest rounds the technique needs).
+REDUCED_FOR = {
+    "adaptability/dapt_fedbfpt.yaml": ["learner.rounds=1"],  # the layer schedule spreads over learner.rounds
+    "adaptability/update_clusters.yaml": ["rounds=2", "learner.warmup_rounds=1"],  # needs warmup_rounds < rounds
+}
 
 
 def last_row(out: Path) -> dict:
@@ -108,6 +115,14 @@ def last_stage(example: Path) -> str:
     return stages[-1].get("name", "") if isinstance(stages, list) and stages and isinstance(stages[-1], dict) else ""
 
 
+def error_line(log: str) -> str:
+    """The last line of a failed run's output that says why (``error: ...`` or a Python
+    exception), else its last line."""
+    lines = [line.strip() for line in log.strip().splitlines()] or ["(no output)"]
+    said = [line for line in lines if line.lower().startswith("error") or line.split(":")[0].endswith(("Error", "Exception"))]
+    return (said or lines)[-1][:160]
+
+
 def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None = None) -> dict:
     name = str(example.relative_to(ROOT / "examples"))
     if needs_deployment(example):
@@ -116,11 +131,11 @@ def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None =
     problem = build_data(example)
     if problem:
         return {"example": name, "ok": False, "wall_s": 0.0, "metric": None, "bytes_up": None, "error": problem}
-    env = {**DEMO_KEYS, **os.environ}
+    env = {**DEMO_KEYS, **os.environ, "COLUMNS": "1000"}  # one line per message
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedfm", "run", str(example), "--out", str(out), "--no-progress"]
-        for o in ([] if full else REDUCED) + list(extra or []):
+        for o in ([] if full else REDUCED + REDUCED_FOR.get(name, [])) + list(extra or []):
             cmd += ["-o", o]
         start = time.perf_counter()
         try:
@@ -130,7 +145,7 @@ def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None =
             code, log = -1, f"timed out after {timeout:.0f} s"
         wall = time.perf_counter() - start
         row = last_row(out) or last_row(out / last_stage(example))
-    error = "" if code == 0 else (log.strip().splitlines() or ["(no output)"])[-1][:160]
+    error = "" if code == 0 else error_line(log)
     metric = row.get("accuracy", row.get("perplexity"))
     return {"example": name, "ok": code == 0, "wall_s": round(wall, 1),
             "metric": metric, "bytes_up": row.get("bytes_up"), "error": error}

@@ -224,3 +224,29 @@ def test_an_embedding_with_recenter_ends_at_the_starting_mean_logits(tmp_path):
     start = mean_logits(base.model, base.task, base.tokenizer, keeper.examples)
     assert (runs[False] - start).abs().max() > 1e-3  # the embedding (head trained too) moved the mean logits ...
     assert torch.allclose(runs[True], start, atol=1e-4)  # ... and the re-centering put them back
+
+
+def test_public_text_is_read_before_the_model_loads(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedfm import cli
+    from fedfm.ip.preserve import check_public_data
+
+    public = tmp_path / "public.csv"
+    make_toy_csv(public, n=40, seed=5)
+    waffle = {"name": "waffle", "key": "k", "trigger_size": 24, "preserve": {"data": {"source": "file", "path": str(public)}}}
+    raw = tiny_config(tmp_path, **{"model.num_labels": 2, "server_steps": [waffle], "rounds": 1})
+    assert check_public_data(from_dict(raw)) == ["server_steps[0].preserve.data: file, 40 texts"]
+    waffle["preserve"]["data"]["path"] = str(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match=r"server_steps\[0\].preserve.data: data.path: file not found: .*missing.csv"):
+        check_public_data(from_dict(raw))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    loaded = []
+    monkeypatch.setattr("fedfm.cli._what_model", lambda exp: loaded.append(exp) or "")
+    monkeypatch.setenv("COLUMNS", "1000")
+    monkeypatch.setattr(cli.console, "width", 1000)
+    result = CliRunner().invoke(cli.app, ["run", str(cfg), "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "server_steps[0].preserve.data: data.path: file not found" in result.output, result.output
+    assert loaded == [] and not (tmp_path / "run").exists()  # said before "loading model", nothing left behind

@@ -97,6 +97,7 @@ def _write_labels(labels, exp, out: Path) -> None:
 def _check_data(exp):
     """The data against the model (labels, input length); returns the labels (or None)."""
     from fedfm.data import build_federation, load_source, resolve_labels
+    from fedfm.ip.preserve import check_public_data
     from fedfm.tasks.limits import validate_model_inputs
 
     console.print(escape(f"loading data: {_what_data(exp)}"))
@@ -107,6 +108,8 @@ def _check_data(exp):
             console.print(f"[yellow]warning:[/] {escape(line)}")
         shown = ", ".join(f"{name}={i}" for name, i in list(labels.mapping.items())[:10])
         console.print(escape(f"labels: {shown}{' ...' if len(labels.mapping) > 10 else ''} (model.num_labels {labels.num_labels})"))
+    for line in check_public_data(exp):  # a server step's public text (ip/preserve.py)
+        console.print(escape(f"public text of {line}"))
     console.print(escape(f"loading model: {_what_model(exp)}"))
     validate_model_inputs(exp)
     return labels

@@ -133,6 +133,27 @@ def preserve_problems(params: dict[str, Any] | None, exp: Any, where: str) -> li
             "run does not use"]
 
 
+def check_public_data(exp: Any) -> list[str]:
+    """Load the public text of every server step's ``preserve`` section once, before the model
+    loads, so that a missing package or file is said at the start, not after round 1; returns
+    what was read (``server_steps[i].preserve.data: SOURCE, N texts``)."""
+    from fedfm.config import DataConfig
+    from fedfm.data.sources import load_source
+
+    said = []
+    for i, spec in enumerate(exp.server_steps):
+        data = spec.get("preserve", {}).get("data") if isinstance(spec, dict) and isinstance(spec.get("preserve"), dict) else None
+        if not isinstance(data, dict):
+            continue
+        where = f"server_steps[{i}].preserve.data"
+        try:
+            frame = load_source(DataConfig(**data))
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        said.append(f"{where}: {data.get('source')}, {len(frame):,} texts")
+    return said
+
+
 def public_examples(params: PreserveParams, task: Any, tokenizer: Any, seed: int, run: Any = None) -> list[dict[str, Any]]:
     """``params.examples`` texts of the public source, drawn with ``seed``, encoded by the task;
     with ``params.exclude_run``, none of the texts the run ``run`` uses (``run_texts``)."""
