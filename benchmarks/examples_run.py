@@ -18,7 +18,8 @@ SuperNodes (docs/distributed.md) and are listed as skipped.
 
 Each example runs in its own `fedfm run` process (its own peak memory, a crash is one
 failed row, not a stopped script) into a temporary directory. The reduced mode only
-shortens the job (rounds, examples per client, test examples, steps); every other key,
+shortens the job (rounds, examples per client, test examples, training steps, a server
+step's ``max_steps``: at most 20); every other key,
 the technique included, is the example's own (``REDUCED_FOR``: the keys a few techniques tie
 to the number of rounds, set to fit the reduced run). Prints: example, status, wall seconds,
 the last round's accuracy (or perplexity) and bytes up, and the error's last line.
@@ -52,6 +53,17 @@ REDUCED_FOR = {
     "adaptability/dapt_fedbfpt.yaml": ["learner.rounds=1"],  # the layer schedule spreads over learner.rounds
     "adaptability/update_clusters.yaml": ["rounds=2", "learner.warmup_rounds=1"],  # needs warmup_rounds < rounds
 }
+
+
+REDUCED_SERVER_STEPS = 20  # a server step's max_steps (watermark embedding) in the reduced run
+
+
+def reduced_server_steps(example: Path) -> list[str]:
+    """``server_steps.I.max_steps=20`` for every server step of the example with more steps."""
+    raw = yaml.safe_load(example.read_text()) or {}
+    steps = raw.get("server_steps") if isinstance(raw, dict) else None
+    return [f"server_steps.{i}.max_steps={REDUCED_SERVER_STEPS}" for i, step in enumerate(steps or [])
+            if isinstance(step, dict) and step.get("max_steps", 0) > REDUCED_SERVER_STEPS]
 
 
 def last_row(out: Path) -> dict:
@@ -135,7 +147,7 @@ def run_one(example: Path, full: bool, timeout: float, extra: list[str] | None =
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedfm", "run", str(example), "--out", str(out), "--no-progress"]
-        for o in ([] if full else REDUCED + REDUCED_FOR.get(name, [])) + list(extra or []):
+        for o in ([] if full else REDUCED + REDUCED_FOR.get(name, []) + reduced_server_steps(example)) + list(extra or []):
             cmd += ["-o", o]
         start = time.perf_counter()
         try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
+from conftest import tiny_config
 from fedfm.config import ConfigError, apply_overrides, from_dict, load_config
 
 
@@ -53,6 +55,31 @@ def test_model_needs_exactly_one_source(tiny):
 def test_override_into_scalar_is_an_error():
     with pytest.raises(ConfigError, match="rounds is not a section"):
         apply_overrides({"rounds": 3}, ["rounds.x=1"])
+
+
+def test_override_names_a_list_item_by_its_index():
+    raw = {"server_steps": [{"name": "a", "max_steps": 200}, {"name": "b", "max_steps": 200}], "peft": {"target_modules": ["query", "value"]}}
+    out = apply_overrides(raw, ["server_steps.1.max_steps=20", "peft.target_modules.0=key"])
+    assert out["server_steps"] == [{"name": "a", "max_steps": 200}, {"name": "b", "max_steps": 20}]
+    assert out["peft"]["target_modules"] == ["key", "value"] and raw["server_steps"][1]["max_steps"] == 200  # a copy
+    for bad in ("server_steps.2.max_steps=1", "server_steps.first.max_steps=1"):
+        with pytest.raises(ConfigError, match=r"server_steps is a list of 2 item\(s\); name one by its index: server_steps.0 to server_steps.1"):
+            apply_overrides(raw, [bad])
+    with pytest.raises(ConfigError, match=r"peft.target_modules.0 is not a section"):
+        apply_overrides(raw, ["peft.target_modules.0.x=1"])
+    with pytest.raises(ConfigError, match="server_steps is an empty list"):
+        apply_overrides({"server_steps": []}, ["server_steps.0.name=x"])
+
+
+def test_an_invalid_list_item_override_is_blamed_on_it(tmp_path):
+    waffle = {"name": "waffle", "key": "k", "trigger_size": 24}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(tmp_path, **{"model.num_labels": 2, "server_steps": [waffle]})))
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, ["server_steps.0.max_steps=-1"])
+    assert "invalid override -o server_steps.0.max_steps=-1" in str(err.value)
+    assert "server_steps[0].max_steps: Input should be greater than or equal to 0 (from -o server_steps.0.max_steps=-1)" in str(err.value)
+    assert load_config(cfg, ["server_steps.0.max_steps=7"]).server_steps[0]["max_steps"] == 7
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

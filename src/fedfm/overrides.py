@@ -4,6 +4,7 @@ which override caused which error (``config.from_dict`` uses both)."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import yaml
@@ -23,7 +24,13 @@ def format_errors(exc: ValidationError) -> list[str]:
 
 
 def _override_key(text: str) -> str:
+    """The dotted key of an override, list indices included (``server_steps.0.max_steps``)."""
     return ".".join(p for p in text.split("=", 1)[0].strip().split(".") if p)
+
+
+def _dotted(loc: str) -> str:
+    """An error location with its list indices as dotted parts: ``server_steps[0].lr`` -> ``server_steps.0.lr``."""
+    return re.sub(r"\[(\d+)\]", r".\1", loc)
 
 
 def blame(lines: list[str], overrides: list[str], source: str) -> str:
@@ -34,7 +41,7 @@ def blame(lines: list[str], overrides: list[str], source: str) -> str:
     """
     marked, blamed, used = [], 0, []
     for line in lines:
-        key = line.strip().split(":", 1)[0].strip()
+        key = _dotted(line.strip().split(":", 1)[0].strip())
         hits = [
             o for o in overrides
             if key and (key == _override_key(o) or key.startswith(_override_key(o) + ".")
@@ -71,6 +78,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 _EXCLUSIVE = {("model", "path"): ("model", "package"), ("model", "package"): ("model", "path")}
 
 
+def _index(items: list, part: str, text: str, where: str) -> int:
+    """``part`` as an index into the list at ``where`` (``server_steps.0.max_steps=20``)."""
+    if not part.isdigit() or int(part) >= len(items):
+        last = f" to {where}.{len(items) - 1}" if len(items) > 1 else ""
+        raise ConfigError(f"override '{text}': {where} is a list of {len(items)} item(s); name one by its index: "
+                          f"{where}.0{last}" if items else f"override '{text}': {where} is an empty list")
+    return int(part)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     keys = [tuple(parse_override(t)[0]) for t in overrides]
@@ -78,13 +94,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts, value = parse_override(text)
         node = out
         for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
+            if isinstance(node, list):
+                nxt = node[_index(node, p, text, ".".join(parts[:i]))]
+            else:
+                nxt = node.get(p)
+                if nxt is None:
+                    nxt = node[p] = {}
+            if not isinstance(nxt, (dict, list)):
                 raise ConfigError(f"override '{text}': {'.'.join(parts[: i + 1])} is not a section")
             node = nxt
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[_index(node, parts[-1], text, ".".join(parts[:-1]))] = value
+        else:
+            node[parts[-1]] = value
         other = _EXCLUSIVE.get(tuple(parts))
         if other is not None and value is not None and other not in keys:
             node[other[-1]] = None  # -o model.path=DIR: the file's model.package no longer applies
