@@ -77,3 +77,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def model_builds(monkeypatch):
+    """``{"models": n}``: how many base models the registered tasks build during the test
+    (every task class's own ``build`` is wrapped; nothing in fedfm counts)."""
+    from fedfm.tasks import tasks
+
+    count = {"models": 0}
+    for name in tasks.names():
+        cls = tasks.get(name).obj
+        if "build" not in vars(cls):
+            continue
+
+        def counted(self, *args, _build=vars(cls)["build"], **kwargs):
+            count["models"] += 1
+            return _build(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "build", counted)
+    return count

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_config
-from fedfm import cli, tasks
+from fedfm import cli
 from fedfm.config import ConfigError, from_dict
 
 
@@ -77,15 +77,14 @@ def test_both_model_sources_in_the_file_say_what_to_pass(tmp_path):
         from_dict(raw)
 
 
-def test_max_length_beyond_the_position_table_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+def test_max_length_beyond_the_position_table_is_refused_before_the_model_loads(tmp_path, monkeypatch, model_builds):
     raw = tiny_config(tmp_path)  # tiny BERT: max_position_embeddings 128
-    built = tasks.BUILD_COUNT["models"]
     out = tmp_path / "run"
     result, text = invoke(monkeypatch, "run", write(tmp_path, raw), "-o", "data.max_length=100000", "--out", str(out))
     assert result.exit_code == 1, text
     assert "data.max_length=100000 exceeds the model's max_position_embeddings=128" in text
     assert "set data.max_length to at most 128" in text
-    assert tasks.BUILD_COUNT["models"] == built and not out.exists()
+    assert model_builds["models"] == 0 and not out.exists()
 
 
 def test_the_task_checks_max_length_on_every_path(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_config
-from fedfm import cli, tasks
+from fedfm import cli
 from fedfm.config import from_dict
 from fedfm.data import build_federation, load_source, resolve_labels
 
@@ -62,15 +62,14 @@ def test_binary_configs_with_num_labels_2_still_pass(tmp_path):
     assert exp.model.num_labels == 2 and labels.mapping == {"0": 0, "1": 1} and labels.warnings == []
 
 
-def test_too_many_labels_are_named_before_the_model_loads_and_nothing_is_written(tmp_path, monkeypatch):
+def test_too_many_labels_are_named_before_the_model_loads_and_nothing_is_written(tmp_path, monkeypatch, model_builds):
     raw = tiny_config(tmp_path, **{"data.path": str(topic_csv(tmp_path / "t.csv", 50, rows=400))})
     out = tmp_path / "run"
-    built = tasks.BUILD_COUNT["models"]
     result, text = invoke(monkeypatch, "run", write(tmp_path, raw), "--out", str(out))
     assert result.exit_code == 1, text
     assert f"model.num_labels=2, but data.path {tmp_path / 't.csv'} has 50 labels: topic00, topic01" in text
     assert "... (50 in all)" in text and "set model.num_labels: 50 or leave it out" in text
-    assert tasks.BUILD_COUNT["models"] == built
+    assert model_builds["models"] == 0
     assert not out.exists()
 
 

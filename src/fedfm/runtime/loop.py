@@ -366,7 +366,6 @@ class RoundLoop:
         writer.finish(final, summary)
         self.final_state = final
         self.server_state = server_state
-        finish = getattr(wb.task, "finish", None)  # optional end-of-run hook (causal LM generations)
-        if finish is not None:
-            finish(wb.model, wb.tokenizer, self.out, wb.federation.frame.iloc[wb.federation.test_indices])
+        if wb.task.finish is not None:  # the task's end-of-run hook (causal LM generations)
+            wb.task.finish(wb.model, wb.tokenizer, self.out, wb.federation.frame.iloc[wb.federation.test_indices])
         return summary

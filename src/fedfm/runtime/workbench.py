@@ -102,9 +102,8 @@ class Workbench:
         self.model.eval()
         self.fingerprint = fingerprint(self.model)
         self.template: State = get_state(self.model)  # the initial trainable State (values kept)
-        bind = getattr(self.task, "bind_initial", None)
-        if bind is not None:  # e.g. DPO's reference for tuners without peft adapters (tasks/dpo.py)
-            bind(self.model, self.template)
+        if self.task.bind_initial is not None:  # e.g. DPO's reference for tuners without peft adapters (tasks/dpo.py)
+            self.task.bind_initial(self.model, self.template)
         self._encoded: dict[int, dict] = {}
         self._test_rows = set(self.federation.test_indices.tolist()) if server_only else set()
         self._eval_batches: list[dict[str, torch.Tensor]] | None = None

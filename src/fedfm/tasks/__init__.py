@@ -1,6 +1,6 @@
 """WHAT IS LEARNED: tasks (model + loss + metrics) and packaged model resolution."""
 
-from fedfm.tasks.base import BUILD_COUNT, Task, build_task, register_task, tasks
+from fedfm.tasks.base import Task, build_task, register_task, tasks
 from fedfm.tasks.packages import known_packages, register_model_package, resolve_package
 from fedfm.tasks import causal_lm, text_classification  # noqa: F401  (registers the tasks)
 from fedfm.tasks import dpo  # noqa: F401  (registers the dpo objective)
@@ -8,7 +8,6 @@ from fedfm.tasks.objectives import objectives, register_objective
 from fedfm.tasks import masked_lm  # noqa: F401  (registers masked_lm)
 
 __all__ = [
-    "BUILD_COUNT",
     "Task",
     "build_task",
     "known_packages",

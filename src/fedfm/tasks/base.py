@@ -7,16 +7,13 @@ learners only see this protocol, so text classification and causal LM share ever
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import pandas as pd
 import torch
 
 from fedfm.core.registry import Registry
-
-# Number of base models built in this process; the local runtime builds exactly one.
-BUILD_COUNT = {"models": 0}
-
 
 class Task(Protocol):
     def build(self, model_cfg: Any, seed: int) -> tuple[torch.nn.Module, Any]:
@@ -34,6 +31,16 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module, batches) -> dict[str, float]:
         """Metrics over an iterable of batches (``loss`` always among them)."""
 
+    # Two hooks, None where a task has none: bind_initial(model, initial State), called once
+    # the tuner is applied (DPO's reference for tuners without peft adapters), and
+    # finish(model, tokenizer, run directory, held-out rows) -> Path, at the end of a run
+    # (a causal LM's sample generations).
+    bind_initial: Callable[[torch.nn.Module, dict], None] | None
+    finish: Callable[[torch.nn.Module, Any, Path, pd.DataFrame], Path] | None
+
+
+TASK_MEMBERS = ("build", "encode", "collate", "loss", "evaluate", "bind_initial", "finish")
+
 
 tasks: Registry[type] = Registry("model.task")
 
@@ -45,8 +52,9 @@ def register_task(name: str, cls: type, params=None) -> type:
 
 
 def build_task(name: str) -> Task:
-    return tasks.get(name).obj()
-
-
-def count_build() -> None:
-    BUILD_COUNT["models"] += 1
+    """The task registered as ``name``, once it declares every ``Task`` member (None for a hook)."""
+    task = tasks.get(name).obj()
+    missing = [m for m in TASK_MEMBERS if not hasattr(task, m)]
+    if missing:
+        raise TypeError(f"model.task '{name}' ({type(task).__name__}) lacks {missing}: declare them (None for an unused hook)")
+    return task

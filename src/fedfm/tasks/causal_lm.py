@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fedfm.tasks.base import count_build, register_task
+from fedfm.tasks.base import register_task
 from fedfm.tasks.limits import check_max_length, position_limit
 from fedfm.tasks.loading import load_auto
 from fedfm.tasks.padding import attention_mask, padded
@@ -156,6 +156,7 @@ class CausalLM:
 
     objective: Any = None
     stop_id: int | None = None
+    max_positions: int | None = None  # the model's position table, once built
 
     def build(self, model_cfg: Any, seed: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -168,19 +169,17 @@ class CausalLM:
             model.config.use_cache = False  # training and scoring need no KV cache
         self.max_positions = position_limit(model.config)
         self.stop_id = tokenizer.eos_token_id
-        self.objective = build_objective(getattr(model_cfg, "objective", None))
-        count_build()
+        self.objective = build_objective(model_cfg.objective)
         return model, tokenizer
 
     def bind_initial(self, model: torch.nn.Module, initial: Any) -> None:
         """The tuned model and its initial trainable State, once (``runtime/workbench.py``):
         passed to the objective (DPO's reference for tuners without peft adapters)."""
-        hook = getattr(self.objective, "bind_initial", None)
-        if hook is not None:
-            hook(model, initial)
+        if self.objective is not None:
+            self.objective.bind_initial(model, initial)
 
     def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
-        check_max_length(max_length, getattr(self, "max_positions", None))
+        check_max_length(max_length, self.max_positions)
         if self.objective is not None:
             return self.objective.encode(frame, tokenizer, max_length)
         texts = frame["text"].astype(str).tolist()

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedfm.tasks.base import count_build, register_task
+from fedfm.tasks.base import register_task
 from fedfm.tasks.loading import load_auto
 from fedfm.tasks.padding import attention_mask, padded
 
@@ -62,6 +62,9 @@ def mask_example(ids: list[int], special: set[int], mask_id: int, vocab: int, pr
 class MaskedLM:
     """Cross-entropy on the masked tokens; metrics: loss and masked-token accuracy."""
 
+    bind_initial = None  # Task hooks this task does not use
+    finish = None
+
     def build(self, model_cfg: Any, seed: int):
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -69,7 +72,6 @@ class MaskedLM:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         if tokenizer.mask_token_id is None:
             raise ValueError(f"model.task masked_lm: the tokenizer of {directory} has no mask token")
-        count_build()
         return model, tokenizer
 
     def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:

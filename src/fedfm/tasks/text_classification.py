@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fedfm.tasks.base import count_build, register_task
+from fedfm.tasks.base import register_task
 from fedfm.tasks.limits import check_max_length, position_limit
 from fedfm.tasks.loading import load_auto
 from fedfm.tasks.padding import attention_mask, padded
@@ -19,6 +19,10 @@ from fedfm.tasks.padding import attention_mask, padded
 
 class TextClassification:
     """Cross-entropy over ``num_labels`` classes; metrics: loss and accuracy."""
+
+    bind_initial = None  # Task hooks this task does not use
+    finish = None
+    max_positions: int | None = None  # the model's position table, once built
 
     def build(self, model_cfg: Any, seed: int):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -33,11 +37,10 @@ class TextClassification:
         )
         tokenizer = AutoTokenizer.from_pretrained(directory)
         self.max_positions = position_limit(model.config)
-        count_build()
         return model, tokenizer
 
     def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
-        check_max_length(max_length, getattr(self, "max_positions", None))
+        check_max_length(max_length, self.max_positions)
         enc = tokenizer(
             list(frame["text"].astype(str)), truncation=True, max_length=max_length, padding=False
         )
