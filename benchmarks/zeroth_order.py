@@ -154,7 +154,7 @@ if sys.argv[1] == "inference":
     wb.evaluate(wb.template)
 else:  # what one client does in round 1: the exchange phases, then local_update
     algo = build_algorithm(exp)
-    ss = {MODEL: wb.template, **(algo.server.init(wb.template) if algo.server is not None else {})}
+    ss = {MODEL: wb.template, **algo.server.init(wb.template)}
     if "fedkseed.history" in ss:  # a round-2 client: it replays one row of `steps` seeds from the base
         p = algo.learner.params
         row = torch.zeros(1, p.num_seeds)

@@ -44,3 +44,37 @@ def test_a_missing_plugin_is_a_config_error(tmp_path):
     raw["plugins"] = ["no_such_file.py"]
     with pytest.raises(ConfigError, match="no_such_file.py' not found"):
         from_dict(raw)
+
+
+def test_a_server_part_lacking_members_is_named_when_built():
+    from fedfm.aggregators import ServerPartBase, build_server_part, register_server_part, server_parts
+
+    class Bare:  # a server half written without ServerPartBase: init/broadcast/payload_spec/combine only
+        broadcast_groups = ()
+
+        def __init__(self, params, num_clients):
+            pass
+
+        def init(self, model):
+            return {}
+
+        def broadcast(self, server_state):
+            return {}
+
+        def payload_spec(self, shared):
+            return shared
+
+        def combine(self, server_state, payloads, mean_delta, ctx):
+            return {}, mean_delta
+
+    register_server_part("bare_test_part", Bare)
+    try:
+        with pytest.raises(TypeError) as err:
+            build_server_part("bare_test_part", None, 2)
+        assert "learner 'bare_test_part' (Bare) lacks ['sends_state', 'phases', 'instruction', 'client_reference', " \
+               "'client_payload_spec', 'combine_updates', 'broadcast_reference']" in str(err.value)
+    finally:
+        server_parts._entries.pop("bare_test_part")
+    plain = build_server_part("local", None, 2)  # a learner with no server half: the base part's values
+    assert type(plain) is ServerPartBase and plain.payload_spec({"w": 1}) == {"w": 1}
+    assert plain.combine({}, [], {"w": 2}, None) == ({}, {"w": 2}) and plain.phases() == [] and plain.instruction is None

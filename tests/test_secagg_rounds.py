@@ -28,7 +28,7 @@ BOUND, FRAC = 16.0, 16
 class Recorder:
     """A test-only step (stage updates) that keeps each plain update for the hand computations."""
 
-    name, stage = "record_updates", "updates"
+    name, stage, client_state = "record_updates", "updates", None
 
     def __call__(self, value, ctx, state):
         for u in value:

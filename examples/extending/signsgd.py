@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators import register_server_part
+from fedfm.aggregators import ServerPartBase, register_server_part
 from fedfm.learners import register_learner
 from fedfm.learners.local import LocalLearner
 
@@ -40,19 +40,12 @@ class SignLearner(LocalLearner):
         return update
 
 
-class SignServer:
-    """Declares the int8 payload and takes the majority vote of the rule's mean sign."""
-
-    broadcast_groups: tuple[str, ...] = ()
+class SignServer(ServerPartBase):
+    """Declares the int8 payload and takes the majority vote of the rule's mean sign (every
+    other member keeps ``ServerPartBase``'s value: no server state, nothing broadcast)."""
 
     def __init__(self, params: SignParams, num_clients: int):
         self.step = params.step
-
-    def init(self, model):
-        return {}
-
-    def broadcast(self, server_state):
-        return {}
 
     def payload_spec(self, shared):
         return {k: torch.zeros(v.shape, dtype=torch.int8) for k, v in shared.items()}

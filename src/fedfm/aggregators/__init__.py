@@ -6,7 +6,7 @@ from fedfm.aggregators.fedavg import fedavg
 from fedfm.aggregators.median import coordinate_median
 from fedfm.aggregators.pipeline import Pipeline, register_server_step, server_steps
 from fedfm.aggregators.server_opt import register_server_optimizer, server_optimizers
-from fedfm.aggregators.server_part import build_server_part, register_server_part, server_parts
+from fedfm.aggregators.server_part import ServerPartBase, build_server_part, register_server_part, server_parts
 from fedfm.aggregators import clip, feddyn, scaffold  # noqa: F401  (register steps and server parts)
 from fedfm.aggregators import bulyan, centered_clip, clipped_clustering, fedfa, geomed, krum, norm_bound, trimmed_mean  # noqa: F401  (robust rules and steps)
 from fedfm.aggregators import zo_payload, fedkseed, fedbpt  # noqa: F401  (non_state_payload step, FedKSeed and FedBPT server halves)
@@ -16,6 +16,7 @@ from fedfm.aggregators import splitfed  # noqa: F401  (server part of learner sp
 
 __all__ = [
     "Pipeline",
+    "ServerPartBase",
     "aggregators",
     "apply_delta",
     "build_server_part",

@@ -60,6 +60,7 @@ def clip_around(x: torch.Tensor, v: torch.Tensor, tau: float) -> torch.Tensor:
 class CenteredClip:
     name = "centered_clip"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: CenteredClipParams):
         self.p = params

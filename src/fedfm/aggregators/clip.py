@@ -39,6 +39,7 @@ def clip_payload(payload: State, max_norm: float) -> tuple[State, float]:
 class ClipUpdates:
     name = "clip_updates"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: ClipParams):
         self.max_norm = params.max_norm

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.aggregators.zo_payload import weights_of
 from fedfm.core.seeding import derive_seed
 from fedfm.core.protocols import RoundContext
@@ -63,7 +63,7 @@ def prompt_of(p0: torch.Tensor, a: torch.Tensor, mean: torch.Tensor) -> torch.Te
     return (p0.to(torch.float32).reshape(-1) + a @ mean.to(torch.float32)).view(p0.shape)
 
 
-class FedBPTServer:
+class FedBPTServer(ServerPartBase):
     broadcast_groups = (BROADCAST,)
     sends_state = False
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import ServerState, State
 
@@ -30,20 +30,12 @@ def server_update(h: State, delta_sum: State, mean_delta: State, alpha: float, n
     return h_new, {k: mean_delta[k] - h_new[k] / alpha for k in h}
 
 
-class FedDynServer:
-    broadcast_groups: tuple[str, ...] = ()
-
+class FedDynServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
         self.alpha, self.num_clients = params.alpha, num_clients
 
     def init(self, model: State) -> ServerState:
         return {GROUP: {k: torch.zeros_like(v) for k, v in model.items()}}
-
-    def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        return {}
-
-    def payload_spec(self, shared: State) -> State:
-        return shared
 
     def combine(self, server_state: ServerState, payloads: Sequence[State], mean_delta: State, ctx: RoundContext):
         h = server_state[GROUP]

@@ -114,6 +114,7 @@ def synthetic_fisher(wb, model_state: State, count: int, length: int, seed: int)
 class FedFA:
     name = "fedfa"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: FedFAParams):
         self.p = params

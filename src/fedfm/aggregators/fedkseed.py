@@ -32,7 +32,7 @@ import torch
 
 from fedfm.aggregators.fedkseed_pro import add_scores, init_scores
 from fedfm.aggregators.fedkseed_sync import GROUP, sync_phases
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.aggregators.zo_payload import weights_of
 from fedfm.aggregators.zo_replay import round_delta, seed_pool
 from fedfm.core.protocols import RoundContext
@@ -56,8 +56,7 @@ def round_coefficients(payloads: Sequence[State], weights: Sequence[float], num_
     return (-lr * acc).to(torch.float32)
 
 
-class FedKSeedServer:
-    broadcast_groups: tuple[str, ...] = ()
+class FedKSeedServer(ServerPartBase):
     sends_state = False
 
     def __init__(self, params, num_clients: int):
@@ -69,9 +68,6 @@ class FedKSeedServer:
         if self.params.seed_sampling == "score":  # FedKSeed-Pro: per-seed amplitude statistics
             group.update(init_scores(self.params.num_seeds))
         return {GROUP: group}
-
-    def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        return {}
 
     def broadcast_reference(self, cid: int, shared: State) -> dict[str, State]:
         return {}

@@ -45,7 +45,8 @@ import torch
 
 from fedfm.aggregators.fedkseed_pro import draw_seeds, seed_probabilities
 from fedfm.aggregators.zo_replay import replay, seed_pool
-from fedfm.core.types import State, Update
+from fedfm.core.protocols import ExchangePhaseBase
+from fedfm.core.types import State
 
 GROUP = "fedkseed.history"  # the server-state group holding ``coef`` (rounds, K)
 KNOWN = "fedkseed.known"  # round_state entry: {cid: rows the client's cache includes}
@@ -59,17 +60,11 @@ def cached_rows(store, cid: int) -> int:
     return int(tag["rows"].reshape(-1)[0]) if tag is not None and MODEL_KEY in store.keys(cid) else 0
 
 
-class _Phase:
+class _Phase(ExchangePhaseBase):
     when = "before_train"
 
     def __init__(self, params):
         self.params = params
-
-    def receive(self, rnd: int, replies: dict[int, tuple[dict[str, str], State]], round_state: dict) -> list[int]:
-        return sorted(replies)
-
-    def transform(self, updates: list[Update], round_state: dict) -> list[Update]:
-        return updates
 
 
 class KnownRows(_Phase):

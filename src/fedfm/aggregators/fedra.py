@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
@@ -75,9 +75,7 @@ def per_layer_delta(model: State, payloads: Sequence[State], weights: Sequence[f
     return delta, counts
 
 
-class FedRAServer:
-    broadcast_groups: tuple[str, ...] = ()
-
+class FedRAServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
         self.num_clients = num_clients
         self.last_counts: dict[str, int] = {}
@@ -86,15 +84,6 @@ class FedRAServer:
         if num_layers(model) == 0:
             raise ValueError("FedRA: no State name carries a layer index ('.layer.<i>.'): nothing to allocate")
         return {}
-
-    def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        return {}
-
-    def payload_spec(self, shared: State) -> State:
-        return shared
-
-    def combine(self, server_state, payloads, mean_delta, ctx):
-        raise NotImplementedError("FedRA aggregates through combine_updates (per-client layers)")
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         model = server_state[MODEL]

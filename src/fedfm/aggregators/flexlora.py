@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from fedfm.aggregators.hetlora import tier_rank
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.peft.hetero import lora_pairs, lora_rank, products, svd_factors, truncate
@@ -57,23 +57,9 @@ def flexlora_delta(model: State, trained: Sequence[State], examples: Sequence[fl
     return delta
 
 
-class FlexLoraServer:
-    broadcast_groups: tuple[str, ...] = ()
-
+class FlexLoraServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
         self.num_clients = num_clients
-
-    def init(self, model: State) -> ServerState:
-        return {}
-
-    def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        return {}
-
-    def payload_spec(self, shared: State) -> State:
-        return shared
-
-    def combine(self, server_state, payloads, mean_delta, ctx):
-        raise NotImplementedError("FlexLoRA aggregates through combine_updates (per-client shapes)")
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         rank = tier_rank(client.profile, server_state[MODEL], client.cid)

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.peft.hetero import lora_pairs, lora_rank, pad, products, truncate
@@ -79,24 +79,13 @@ def zero_pad_delta(model: State, modules: Sequence[State], examples: Sequence[fl
     return delta
 
 
-class HetLoraServer:
-    broadcast_groups: tuple[str, ...] = ()
-
+class HetLoraServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
         self.weighting = getattr(params, "weighting", "examples")
         self.num_clients = num_clients
 
     def init(self, model: State) -> ServerState:
         return {GROUP: {"rank": torch.zeros(self.num_clients)}}
-
-    def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        return {}
-
-    def payload_spec(self, shared: State) -> State:
-        return shared
-
-    def combine(self, server_state, payloads, mean_delta, ctx):
-        raise NotImplementedError("HetLoRA aggregates through combine_updates (per-client shapes)")
 
     def effective_rank(self, server_state: ServerState, profile: dict, cid: int) -> tuple[int, int]:
         """(the tier's rank, the rank the client trains now: lower once it pruned)."""

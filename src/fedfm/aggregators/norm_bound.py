@@ -39,6 +39,7 @@ class WeakDPParams(BaseModel):
 class NormBound:
     name = "norm_bound"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: NormBoundParams):
         self.max_norm = params.max_norm
@@ -55,6 +56,7 @@ class NormBound:
 class WeakDP:
     name = "weak_dp"
     stage = "delta"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: WeakDPParams):
         self.std = params.std

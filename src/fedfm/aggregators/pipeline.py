@@ -19,7 +19,7 @@ metrics.jsonl under ``<name>.<key>``. Steps are listed in YAML under ``server_st
 ``server_steps: [{name: clip_updates, max_norm: 1.0}]``, and added with
 ``register_server_step(name, factory, params)``.
 
-Per-client broadcasts: a step may also have ``client_state(cid, model, own) -> State``
+Per-client broadcasts: a step declares ``client_state``: None, or ``(cid, model, own) -> State``
 (``own`` = its server-state group); ``FedAlgorithm.configure`` then sends each client the
 State that hook returns instead of the global one (``per_client``). Used by
 ``ip/copies.py`` (client-unique watermarked copies); the State must keep the global
@@ -38,6 +38,7 @@ from fedfm.core.registry import NoParams, Registry, parse_named
 from fedfm.core.types import ServerState, State
 
 STAGES = ("updates", "delta", "model")
+STEP_MEMBERS = ("name", "stage", "client_state")  # and __call__
 StepFactory = Callable[[BaseModel], ServerStep]
 server_steps: Registry[StepFactory] = Registry("server_steps")
 
@@ -53,8 +54,12 @@ def parse_step(spec: dict[str, Any], where: str) -> tuple[str, BaseModel]:
 def build_step(spec: dict[str, Any], where: str) -> ServerStep:
     name, params = parse_step(spec, where)
     step = server_steps.get(name).obj(params)
-    if getattr(step, "stage", None) not in STAGES:
-        raise ValueError(f"{where}: server step '{name}' declares stage {getattr(step, 'stage', None)!r}, not one of {STAGES}")
+    missing = [m for m in STEP_MEMBERS if not hasattr(step, m)]
+    if missing:
+        raise ValueError(f"{where}: server step '{name}' ({type(step).__name__}) lacks {missing}: declare them "
+                         "(client_state = None for a step that sends every client the global State)")
+    if step.stage not in STAGES:
+        raise ValueError(f"{where}: server step '{name}' declares stage {step.stage!r}, not one of {STAGES}")
     return step
 
 
@@ -95,7 +100,7 @@ class Pipeline:
         """Each instruction's State passed through the ``client_state`` hook of every step
         that has one, in config order (see the module docstring)."""
         for p in self.placed:
-            hook = getattr(p.step, "client_state", None)
+            hook = p.step.client_state
             if hook is None:
                 continue
             own = server_state.get(p.group, {})

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import ServerState, State
 
@@ -35,7 +35,7 @@ def split_payload(payload: State) -> tuple[State, State]:
     return model, control
 
 
-class ScaffoldServer:
+class ScaffoldServer(ServerPartBase):
     broadcast_groups = (BROADCAST,)
 
     def __init__(self, params, num_clients: int):

@@ -6,6 +6,13 @@ owns named groups of the server state, may broadcast tensor groups beside the St
 travel through the downlink codec chain as ``<group>/<name>`` and are counted), may widen
 the payload a client sends, and turns the rule's combined delta into the pseudo-gradient
 the server optimizer applies.
+
+Every member of ``ServerPart`` is declared on every part: ``ServerPartBase`` gives each
+one the value of a learner without a server half (no groups, the State's own payload, the
+rule's delta unchanged, no per-client hooks), so a part writes only what it changes, and
+``runtime/algorithm.py`` reads the members directly (a per-client hook is a method or
+None). ``build_server_part`` checks a factory's part once and names any member it lacks,
+so a part written without the base class fails at the start, not in round 1.
 """
 
 from __future__ import annotations
@@ -14,11 +21,18 @@ from typing import Callable, Protocol, Sequence
 
 from fedfm.core.protocols import RoundContext
 from fedfm.core.registry import Registry
-from fedfm.core.types import ServerState, State
+from fedfm.core.types import Instruction, ServerState, State, Update
+
+# the per-client hooks of parts whose clients hold differently shaped States (HetLoRA,
+# FlexLoRA, FedRA, SplitFed, update_clusters) or that broadcast groups not shaped like the
+# State (FedKSeed, FedBPT): None where a part does not use one
+HOOKS = ("instruction", "client_reference", "client_payload_spec", "combine_updates", "broadcast_reference")
+MEMBERS = ("broadcast_groups", "sends_state", "init", "broadcast", "payload_spec", "combine", "phases", *HOOKS)
 
 
 class ServerPart(Protocol):
     broadcast_groups: tuple[str, ...]  # names of the tensor groups sent beside the State
+    sends_state: bool  # False: only the broadcast groups travel down (FedKSeed, FedBPT)
 
     def init(self, model: State) -> ServerState: ...
 
@@ -33,27 +47,56 @@ class ServerPart(Protocol):
         groups, the pseudo-gradient for the server optimizer)."""
         ...
 
-
-class HeteroServerPart(ServerPart, Protocol):
-    """A server part whose clients hold differently shaped States (HetLoRA, FlexLoRA,
-    FedRA). ``runtime/algorithm.py`` uses each hook when the part has it."""
-
-    def instruction(self, rnd: int, server_state: ServerState, client, seed: int):
-        """One client's Instruction: its own State (e.g. truncated to its rank) and config."""
+    def phases(self) -> list:
+        """Exchange phases this part adds to every round (``core.protocols.ExchangePhase``)."""
         ...
 
-    def client_reference(self, cid: int, profile: dict, shared: State) -> State:
-        """The names and shapes client ``cid`` receives (both ends compute it)."""
-        ...
+    # Per-client hooks (None when unused), with these signatures:
+    # instruction(rnd, server_state, client, seed) -> Instruction: one client's own State
+    #     (e.g. truncated to its rank) and config
+    # client_reference(cid, profile, shared) -> State: the names and shapes client cid
+    #     receives (both ends compute it)
+    # client_payload_spec(instruction, shared) -> State: what the client may send back,
+    #     given the instruction it was issued
+    # combine_updates(server_state, updates, rule, rule_params, ctx) -> (groups, delta):
+    #     replaces "deltas over the global names -> rule -> combine"
+    # broadcast_reference(cid, shared) -> {group: State}: the broadcast groups' shapes when
+    #     they are not the State's
+    instruction: Callable[[int, ServerState, object, int], Instruction] | None
+    client_reference: Callable[[int, dict, State], State] | None
+    client_payload_spec: Callable[[Instruction, State], State] | None
+    combine_updates: Callable[[ServerState, Sequence[Update], Callable, object, RoundContext], tuple[ServerState, State]] | None
+    broadcast_reference: Callable[[int, State], dict[str, State]] | None
 
-    def client_payload_spec(self, instruction, shared: State) -> State:
-        """What the client may send back, given the instruction it was issued."""
-        ...
 
-    def combine_updates(self, server_state: ServerState, updates: Sequence, rule, rule_params, ctx: RoundContext) -> tuple[ServerState, State]:
-        """(this part's updated groups, the delta on the global State) from the round's
-        updates; replaces "deltas over the global names -> rule -> combine"."""
-        ...
+class ServerPartBase:
+    """Every ``ServerPart`` member at the value of a learner with no server half; a part
+    derives from it and writes what it changes (the runtime uses it as is for learners that
+    register none)."""
+
+    broadcast_groups: tuple[str, ...] = ()
+    sends_state: bool = True
+    instruction = None
+    client_reference = None
+    client_payload_spec = None
+    combine_updates = None
+    broadcast_reference = None
+
+    def init(self, model: State) -> ServerState:
+        return {}
+
+    def broadcast(self, server_state: ServerState) -> dict[str, State]:
+        return {g: server_state[g] for g in self.broadcast_groups}
+
+    def payload_spec(self, shared: State) -> State:
+        return shared
+
+    def combine(self, server_state: ServerState, payloads: Sequence[State], mean_delta: State,
+                ctx: RoundContext) -> tuple[ServerState, State]:
+        return {}, mean_delta
+
+    def phases(self) -> list:
+        return []
 
 
 ServerPartFactory = Callable[[object, int], ServerPart]  # (learner params, number of clients)
@@ -64,7 +107,27 @@ def register_server_part(learner_name: str, factory: ServerPartFactory) -> Serve
     return server_parts.register(learner_name, factory)
 
 
-def build_server_part(learner_name: str, params, num_clients: int) -> ServerPart | None:
+def missing_members(part: object) -> list[str]:
+    """The ``ServerPart`` members ``part`` does not declare (empty: a complete part)."""
+    return [m for m in MEMBERS if not hasattr(part, m)]
+
+
+def build_server_part(learner_name: str, params, num_clients: int) -> ServerPart:
+    """The server half registered under ``learner_name``, or a ``ServerPartBase`` (none)."""
     if learner_name not in server_parts.names():
-        return None
-    return server_parts.get(learner_name).obj(params, num_clients)
+        return ServerPartBase()
+    part = server_parts.get(learner_name).obj(params, num_clients)
+    missing = missing_members(part)
+    if missing:
+        raise TypeError(f"the server part of learner '{learner_name}' ({type(part).__name__}) lacks {missing}: "
+                        "derive it from fedfm.aggregators.ServerPartBase, or declare them (None for an unused hook)")
+    return part
+
+
+def issues_instructions(learner_name: str) -> bool:
+    """Whether the server half of ``learner_name`` builds each client's own Instruction (its
+    registered class defines ``instruction``), read without building the part: config checks
+    run before the learner's parameters are known to be valid."""
+    if learner_name not in server_parts.names():
+        return False
+    return getattr(server_parts.get(learner_name).obj, "instruction", None) is not None

@@ -61,6 +61,7 @@ def timing_of(update: Update, profile: dict, seconds_per_step: float | None) -> 
 class SimClock:
     name = "sim_clock"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: SimClockParams):
         self.seconds_per_step, self.deadline_s = params.seconds_per_step, params.deadline_s

@@ -23,7 +23,7 @@ The main server's per-client copies and their steps are in ``learners/splitfed_s
 
 from __future__ import annotations
 
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State
 from fedfm.peft.hetero import layer_of, num_layers
 from fedfm.runtime.capacity import resolve_size
@@ -52,10 +52,8 @@ def server_names(model: State, cut: int) -> list[str]:
     return [n for n in model if not client_side(n, cut)]
 
 
-class SplitFedServer:
+class SplitFedServer(ServerPartBase):
     """Server part of learner ``splitfed``: per-client instructions of the client half."""
-
-    broadcast_groups: tuple[str, ...] = ()
 
     def __init__(self, params, num_clients: int):
         self.num_clients = num_clients
@@ -65,14 +63,8 @@ class SplitFedServer:
             raise ValueError("splitfed: no trainable State name carries a layer index ('.layer.<i>.'): nowhere to cut")
         return {}
 
-    def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        return {}
-
     def payload_spec(self, shared: State) -> State:
         return {}
-
-    def combine(self, server_state, payloads, mean_delta, ctx):
-        return {}, mean_delta
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         model = server_state[MODEL]

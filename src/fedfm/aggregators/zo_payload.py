@@ -38,6 +38,7 @@ def weights_of(payloads) -> list[float]:
 class NonStatePayload:
     name = "non_state_payload"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params=None):
         pass

@@ -45,6 +45,7 @@ def triggered_batches(wb, trigger: str, target: int, position: int) -> list:
 class AsrProbe:
     name = "backdoor_asr"
     stage = "model"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: AsrProbeParams):
         self.p = params

@@ -82,6 +82,7 @@ def replace_attackers(updates: list[Update], bad: list[int], payload: State) -> 
 class Alie:
     name = "alie"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: AlieParams):
         self.p = params
@@ -99,6 +100,7 @@ class Alie:
 class Ipm:
     name = "ipm"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: IpmParams):
         self.p = params

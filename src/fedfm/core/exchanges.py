@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel
 
-from fedfm.core.protocols import ExchangePhase
+from fedfm.core.protocols import PHASE_MEMBERS, ExchangePhase
 from fedfm.core.registry import NoParams, Registry, RegistryError, parse_named
 
 ExchangeFactory = Callable[[BaseModel], Sequence[ExchangePhase]]
@@ -26,11 +26,21 @@ def parse_exchange(spec: dict[str, Any], where: str) -> tuple[str, BaseModel]:
     return parse_named(exchanges, spec, where, "{name: secagg}")
 
 
+def check_phases(phases: Sequence[ExchangePhase], where: str) -> list[ExchangePhase]:
+    """``phases``, once each declares every ``ExchangePhase`` member (None for an unused hook)."""
+    for phase in phases:
+        missing = [m for m in PHASE_MEMBERS if not hasattr(phase, m)]
+        if missing:
+            raise RegistryError(f"{where}: exchange phase {type(phase).__name__} lacks {missing}: derive it from "
+                                "fedfm.core.protocols.ExchangePhaseBase, or declare them (None for an unused hook)")
+    return list(phases)
+
+
 def build_phases(specs: Sequence[dict[str, Any]], where: str = "exchanges") -> list[ExchangePhase]:
     phases: list[ExchangePhase] = []
     for i, spec in enumerate(specs):
         name, params = parse_exchange(spec, f"{where}[{i}]")
-        phases.extend(exchanges.get(name).obj(params))
+        phases.extend(check_phases(exchanges.get(name).obj(params), f"{where}[{i}] ({name})"))
     names = [p.name for p in phases]
     if len(set(names)) != len(names):
         raise RegistryError(f"{where}: two phases share a name: {names}")

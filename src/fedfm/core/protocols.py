@@ -20,7 +20,7 @@ Only types and Protocols live here; implementations are in their rooms:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
 
@@ -86,17 +86,19 @@ class ExchangePhase(Protocol):
     ``round_state["workbench"]`` (the server's base model). A phase after training may replace the accepted updates
     (``transform``), e.g. by their unmasked sum.
 
-    Optional: ``on_train_reply(env, cid, rnd, update, ctx) -> Update``. The client
-    function calls it, for every phase that defines it and in phase order, on the client's
-    update after its middleware and before encoding (secure aggregation masks the update
-    there, so that no role or middleware has to ask for it). Optional:
-    ``metrics(round_state) -> dict``: what the phase reports into the round's row of
-    metrics.jsonl as ``<phase name>.<key>``, read after its ``receive`` (and ``transform``),
-    e.g. why secure aggregation failed.
+    Two hooks, None where a phase does not use them (``ExchangePhaseBase`` declares both
+    None): ``on_train_reply(env, cid, rnd, update, ctx) -> Update``, which the client
+    function calls, for every phase that has it and in phase order, on the client's update
+    after its middleware and before encoding (secure aggregation masks the update there, so
+    that no role or middleware has to ask for it); ``metrics(round_state) -> dict``: what
+    the phase reports into the round's row of metrics.jsonl as ``<phase name>.<key>``, read
+    after its ``receive`` (and ``transform``), e.g. why secure aggregation failed.
     """
 
     name: str
     when: Literal["before_train", "after_train"]
+    on_train_reply: Callable[[Any, int, int, Update, Any], Update] | None
+    metrics: Callable[[dict], dict[str, Any]] | None
 
     def messages(self, rnd: int, participants: list[int], round_state: dict) -> dict[int, tuple[dict[str, str], State]]: ...
 
@@ -107,13 +109,31 @@ class ExchangePhase(Protocol):
     def transform(self, updates: list[Update], round_state: dict) -> list[Update]: ...
 
 
+class ExchangePhaseBase:
+    """``ExchangePhase``'s hooks declared unused, every reply accepted (``receive``) and the
+    updates left as they are (``transform``); a phase derives from it and writes the rest."""
+
+    on_train_reply = None
+    metrics = None
+
+    def receive(self, rnd: int, replies: dict[int, tuple[dict[str, str], State]], round_state: dict) -> list[int]:
+        return sorted(replies)
+
+    def transform(self, updates: list[Update], round_state: dict) -> list[Update]:
+        return updates
+
+
+PHASE_MEMBERS = ("name", "when", "messages", "client", "receive", "transform", "on_train_reply", "metrics")
+
+
 class ServerStep(Protocol):
-    """Optional: ``client_state(cid, model, own_group) -> State``: the State this client
-    is sent instead of the global model (per-client watermarked copies, ``ip/copies.py``);
+    """``client_state(cid, model, own_group) -> State``, or None: the State this client is
+    sent instead of the global model (per-client watermarked copies, ``ip/copies.py``);
     ``Pipeline.per_client`` applies it in config order when the round is configured."""
 
     name: str
     stage: Stage
+    client_state: Callable[[int, State, State], State] | None
 
     def __call__(self, value: Any, ctx: RoundContext, state: State) -> tuple[Any, State, dict[str, Any]]:
         """``value``: the list of updates, the delta State or the model State (by stage);

@@ -122,6 +122,7 @@ class WaffleParams(PatternFields):
 class Waffle:
     name = "waffle"
     stage = "model"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: WaffleParams):
         self.params = params
@@ -174,7 +175,7 @@ def waffle_config_problems(exp) -> list[str]:
 
     from fedfm.ip.trigger import KINDS
 
-    from fedfm.aggregators.server_part import server_parts
+    from fedfm.aggregators.server_part import issues_instructions
 
     problems = []
     for i, spec in enumerate(exp.server_steps):
@@ -182,8 +183,7 @@ def waffle_config_problems(exp) -> list[str]:
             continue
         where = f"server_steps[{i}] ({spec['name']})"
         problems += preserve_problems(spec.get("preserve"), exp, f"server_steps[{i}]")
-        if spec["name"] == "client_watermark" and exp.learner.name in server_parts.names() \
-                and hasattr(server_parts.get(exp.learner.name).obj, "instruction"):
+        if spec["name"] == "client_watermark" and issues_instructions(exp.learner.name):
             problems.append(f"{where}: learner '{exp.learner.name}' sends each client a State of its own shape; "
                             "client-unique copies need the global State's shapes")
         if exp.model.task not in KINDS:

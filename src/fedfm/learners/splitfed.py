@@ -50,6 +50,7 @@ from fedfm.aggregators.splitfed import client_names, cut_of
 from fedfm.codecs.base import Payload
 from fedfm.codecs.serialize import to_bytes
 from fedfm.core.exchanges import register_exchange
+from fedfm.core.protocols import ExchangePhaseBase
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, Instruction, State, Update
 from fedfm.learners.base import LocalContext, register_learner
@@ -218,7 +219,7 @@ def _add(d: dict[int, int], cid: int, n: int) -> None:
     d[cid] = d.get(cid, 0) + n
 
 
-class SplitFedPhase:
+class SplitFedPhase(ExchangePhaseBase):
     """Phase ``splitfed.<k>``: the k-th activation/gradient exchange of every client."""
 
     when = "after_train"

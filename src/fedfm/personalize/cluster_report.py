@@ -88,6 +88,7 @@ def update_vector_names(payload: State) -> list[str]:
 class ClusterReport:
     name = "cluster_report"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: ClusterReportParams):
         self.p = params

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ServerState, State, Update
 from fedfm.learners.base import LocalContext, register_learner
@@ -186,9 +186,7 @@ def per_domain_delta(model: State, updates: Sequence[Update], rule, rule_params,
     return delta, contributors
 
 
-class DiPromptServer:
-    broadcast_groups: tuple[str, ...] = ()
-
+class DiPromptServer(ServerPartBase):
     def __init__(self, params: DiPromptLearnerParams, num_clients: int):
         self.p = params
         self.last_contributors: list[int] = []
@@ -197,15 +195,6 @@ class DiPromptServer:
         if not domain_names(model):
             raise ValueError("learner diprompt: the shared State has no domain prompt 'diprompt.domains.<m>' (peft.method diprompt, not in peft.local)")
         return {}
-
-    def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        return {}
-
-    def payload_spec(self, shared: State) -> State:
-        return shared
-
-    def combine(self, server_state, payloads, mean_delta, ctx):
-        raise NotImplementedError("diprompt aggregates through combine_updates (per-domain contributors)")
 
     def combine_updates(self, server_state: ServerState, updates: Sequence[Update], rule, rule_params, ctx: RoundContext):
         delta, self.last_contributors = per_domain_delta(server_state[MODEL], updates, rule, rule_params, self.p.domain_momentum)

@@ -44,7 +44,7 @@ from typing import Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, Instruction, ServerState, State, Update
 from fedfm.learners.base import LocalContext, register_learner
@@ -148,7 +148,7 @@ def check_weights(payloads: Sequence[State], k: int) -> None:
             raise ValueError(f"ifca: update {i} has {WEIGHT} {w.tolist()}; expected one positive entry of {k}")
 
 
-class IFCAServer:
+class IFCAServer(ServerPartBase):
     def __init__(self, params: IFCAParams, num_clients: int):
         self.p = params
         self.broadcast_groups = tuple(group_name(j) for j in range(1, params.k))
@@ -161,9 +161,6 @@ class IFCAServer:
                 n: t + self.p.init_std * torch.randn(t.shape, generator=gen, dtype=t.dtype) for n, t in sorted(model.items())
             }
         return out
-
-    def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        return {g: server_state[g] for g in self.broadcast_groups}
 
     def payload_spec(self, shared: State) -> State:
         return {**shared, WEIGHT: torch.zeros(self.p.k)}

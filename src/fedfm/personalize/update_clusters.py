@@ -90,7 +90,7 @@ from typing import Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.server_part import register_server_part
+from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.learners.base import register_learner
@@ -147,9 +147,7 @@ def move(model: State, members: Sequence[tuple[State, State, float]], rule, rule
     return rule(model, shifts, [w for _, _, w in members], rule_params)
 
 
-class UpdateClustersServer:
-    broadcast_groups: tuple[str, ...] = ()
-
+class UpdateClustersServer(ServerPartBase):
     def __init__(self, params: UpdateClustersParams, num_clients: int):
         self.p = params
         self.num_clients = num_clients
@@ -167,12 +165,6 @@ class UpdateClustersServer:
         }
         return out
 
-    def broadcast(self, server_state: ServerState) -> dict[str, State]:
-        return {}
-
-    def payload_spec(self, shared: State) -> State:
-        return shared
-
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         j, state = served(server_state, client.cid)
         return Instruction(round=rnd, cid=client.cid, state=state, config={META: j})
@@ -182,9 +174,6 @@ class UpdateClustersServer:
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:
         return shared
-
-    def combine(self, server_state, payloads, mean_delta, ctx):
-        raise NotImplementedError("update_clusters aggregates through combine_updates (one model per cluster)")
 
     # -- aggregation -----------------------------------------------------------------------
 
@@ -307,7 +296,7 @@ def update_clusters_config_problems(exp) -> list[str]:
             continue  # the server step's own check reports it
         if step.stage == "delta":
             found.append(f"learner update_clusters: server_steps[{i}] '{step.name}' works on the delta of cluster 0 only")
-        if hasattr(step, "client_state"):
+        if step.client_state is not None:
             found.append(f"learner update_clusters: server_steps[{i}] '{step.name}' sends per-client States, "
                          "which the per-cluster instructions replace")
     return found

@@ -65,6 +65,7 @@ def update_noise_multiplier(sigma: float, count_noise: float | None) -> float:
 class DpClip:
     name = "dp_clip"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: DpClipParams):
         self.p = params

@@ -133,6 +133,7 @@ def client_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
 class DpSgdAccountant:
     name = "dp_sgd_accountant"
     stage = "updates"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: DpSgdAccountantParams):
         self.delta = params.delta

@@ -86,6 +86,7 @@ def add_gaussian(value: State, std: float, generator: torch.Generator) -> State:
 
 class DpNoise:
     name = "dp_noise"
+    client_state = None  # every client gets the global State
 
     def __init__(self, params: DpNoiseParams):
         self.p = params

@@ -20,7 +20,7 @@ heads). Only the other, shared names are in the server state and on the wire; th
 keeps its local part in the client store (``runtime/client.py``).
 
 Per-client shapes (heterogeneous clients: HetLoRA, FlexLoRA, FedRA). A server part may
-implement four optional hooks (``aggregators/server_part.py``, ``HeteroServerPart``):
+implement four per-client hooks (``aggregators/server_part.py``; None where unused):
 ``instruction(rnd, server_state, client, seed)`` builds one client's Instruction (its own
 State, e.g. LoRA factors truncated to its rank, and config, e.g. its layers);
 ``client_reference(cid, profile, shared)`` gives the shapes that client receives;
@@ -47,8 +47,8 @@ import fnmatch
 from typing import Any, Sequence
 
 from fedfm.aggregators import Pipeline, aggregators, build_server_part, server_optimizers
-from fedfm.aggregators.server_part import ServerPart
-from fedfm.core.exchanges import build_phases
+from fedfm.aggregators.server_part import ServerPart, ServerPartBase
+from fedfm.core.exchanges import build_phases, check_phases
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.learners import build_learner
@@ -75,7 +75,7 @@ class FedAlgorithm:
         self.learner = learner
         self.rule, self.rule_params = rule, rule_params
         self.optimizer, self.optimizer_params = optimizer, optimizer_params
-        self.server = server_part
+        self.server = server_part if server_part is not None else ServerPartBase()
         self.pipeline = pipeline or Pipeline([])
         self.local_patterns = tuple(local_patterns)
         self.phases = list(phases)  # extra exchange phases of every round (core/exchanges.py)
@@ -93,13 +93,10 @@ class FedAlgorithm:
                 return p
         raise ValueError(f"unknown exchange phase '{name}' (this run has {[p.name for p in self.phases] or 'none'})")
 
-    def _hook(self, name: str):
-        return getattr(self.server, name, None) if self.server is not None else None
-
     @property
     def sends_state(self) -> bool:
         """False when the server half sends only its broadcast groups (no State)."""
-        return bool(getattr(self.server, "sends_state", True)) if self.server is not None else True
+        return self.server.sends_state
 
     # -- shared and local names ----------------------------------------------------------
 
@@ -118,20 +115,19 @@ class FedAlgorithm:
         if not shared:
             raise ValueError(f"peft.local {list(self.local_patterns)} matches every trainable parameter: nothing is shared")
         state: ServerState = {MODEL: {k: v.detach().clone() for k, v in shared.items()}}
-        if self.server is not None:
-            state.update(self.server.init(state[MODEL]))
+        state.update(self.server.init(state[MODEL]))
         return state
 
     def model_state(self, server_state: ServerState) -> State:
         return server_state[MODEL]
 
     def configure(self, rnd: int, server_state: ServerState, clients: Sequence[ClientSpec]) -> dict[int, Instruction]:
-        per_client = self._hook("instruction")
+        per_client = self.server.instruction
         if per_client is not None:
             out = {c.cid: per_client(rnd, server_state, c, self.seed) for c in clients}
             self.issued = dict(out)  # the server checks this attempt's replies only
             return out
-        groups = self.server.broadcast(server_state) if self.server is not None else {}
+        groups = self.server.broadcast(server_state)
         state = server_state[MODEL] if self.sends_state else {}
         out = {c.cid: Instruction(round=rnd, cid=c.cid, state=state, broadcast=dict(groups)) for c in clients}
         return self.pipeline.per_client(out, server_state)  # steps' per-client States (ip/copies.py)
@@ -139,12 +135,12 @@ class FedAlgorithm:
     def payload_spec(self, cid: int, shared: State) -> State:
         """Names, shapes and dtypes the server accepts from client ``cid``, given the
         shared State (the server's global one, or the client's decoded broadcast)."""
-        per_client = self._hook("client_payload_spec")
+        per_client = self.server.client_payload_spec
         if per_client is not None:
             if cid not in self.issued:
                 raise ValueError(f"client {cid}: no instruction was issued to it, so its payload shapes are unknown")
             return per_client(self.issued[cid], shared)
-        return self.server.payload_spec(shared) if self.server is not None else shared
+        return self.server.payload_spec(shared)
 
     def down_reference(self, cid: int, template: State) -> State:
         """What client ``cid`` receives: the shared State (unless the server half sends none)
@@ -152,15 +148,15 @@ class FedAlgorithm:
         ``broadcast_reference`` declares, else like the State's), computed alike on both ends."""
         self.base = template
         shared, _ = self.split(template)
-        per_client = self._hook("client_reference")
+        per_client = self.server.client_reference
         if per_client is not None:
             shared = per_client(cid, self.profiles.get(cid, {}), shared)
         ref = dict(shared) if self.sends_state else {}
-        own = self._hook("broadcast_reference")
+        own = self.server.broadcast_reference
         if own is not None:
             ref.update({f"{g}/{k}": v for g, tensors in own(cid, shared).items() for k, v in tensors.items()})
             return ref
-        for group in self.server.broadcast_groups if self.server is not None else ():
+        for group in self.server.broadcast_groups:
             ref.update({f"{group}/{k}": v for k, v in shared.items()})
         return ref
 
@@ -172,14 +168,13 @@ class FedAlgorithm:
             metrics["aggregated"] = 0
             return new, metrics
         model = new[MODEL]
-        hetero = self._hook("combine_updates")
+        hetero = self.server.combine_updates
         if hetero is not None:
             groups, delta = hetero(new, kept, self.rule, self.rule_params, ctx)
             new.update(groups)
         else:
             deltas = [{k: u.payload[k] for k in model} for u in kept]
             delta = self.rule(model, deltas, [float(u.num_examples) for u in kept], self.rule_params)
-        if self.server is not None and hetero is None:
             groups, delta = self.server.combine(new, [u.payload for u in kept], delta, ctx)
             new.update(groups)
         delta = self.pipeline.run("delta", delta, new, ctx, metrics)
@@ -206,7 +201,7 @@ def build_algorithm(exp) -> FedAlgorithm:
     learner_params_model = learners.parse(exp.learner.name, exp.learner.params(), "learner")
     spec, so = exp.aggregator, exp.server_optimizer
     server_part = build_server_part(exp.learner.name, learner_params_model, exp.federation.clients)
-    own_phases = list(server_part.phases()) if hasattr(server_part, "phases") else []
+    own_phases = check_phases(server_part.phases(), f"learner '{exp.learner.name}' (its server part's phases)")
     return FedAlgorithm(
         learner=build_learner(exp.learner),
         rule=aggregators.get(spec.rule).obj,

@@ -156,9 +156,8 @@ def finish_train(env: ClientEnv, job: TrainJob, update: Update) -> tuple[bytes, 
     for mw in env.middleware(cid):
         update = mw.after_train(update, ctx)
     for phase in env.algo.phases:  # e.g. secure aggregation masks what would be sent
-        hook = getattr(phase, "on_train_reply", None)
-        if hook is not None:
-            update = hook(env, cid, rnd, update, ctx)
+        if phase.on_train_reply is not None:
+            update = phase.on_train_reply(env, cid, rnd, update, ctx)
     reference = env.algo.payload_spec(cid, job.shared)
     up_ctx = CodecContext("up", rnd, cid, reference, seed=env.exp.seed, store=env.store)
     encoded = env.up.encode(update.payload, update_meta(cid, update, env.wb.fingerprint), up_ctx)

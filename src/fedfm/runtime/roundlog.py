@@ -24,9 +24,8 @@ class RoundLog:
     phase_metrics: dict[str, Any] = field(default_factory=dict)  # "<phase>.<key>" (ExchangePhase.metrics)
 
     def phase_report(self, phase, round_state: dict) -> None:
-        report = getattr(phase, "metrics", None)
-        if report is not None:
-            self.phase_metrics.update({f"{phase.name}.{k}": v for k, v in report(round_state).items()})
+        if phase.metrics is not None:
+            self.phase_metrics.update({f"{phase.name}.{k}": v for k, v in phase.metrics(round_state).items()})
 
     def note(self, kind: str, cid: int, attempt: int, **info: Any) -> None:
         entry = {"cid": cid, **info}

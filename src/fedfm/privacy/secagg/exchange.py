@@ -63,6 +63,7 @@ from typing import Any
 import torch
 
 from fedfm.core.exchanges import register_exchange
+from fedfm.core.protocols import ExchangePhaseBase
 from fedfm.privacy.secagg import record, shamir
 from fedfm.privacy.secagg.common import (
     CIPHERTEXT,
@@ -91,7 +92,7 @@ def _ad(rnd: int, attempt: int, u: int, v: int) -> bytes:
     return id_bytes(rnd) + id_bytes(attempt) + id_bytes(u) + id_bytes(v)
 
 
-class _Phase:
+class _Phase(ExchangePhaseBase):
     when = "before_train"
     step = ""
 
@@ -124,10 +125,6 @@ class _Phase:
 
     def _meta(self, round_state: dict, **extra: str) -> dict[str, str]:
         return {"attempt": str(round_state.get("attempt", 0)), **extra}
-
-    def transform(self, updates, round_state):
-        return updates
-
 
 class Advertise(_Phase):
     step = "advertise"
