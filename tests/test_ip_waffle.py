@@ -170,3 +170,18 @@ def test_waffle_rounds_last_embeds_only_after_the_last_round(tmp_path):
     assert rows[3]["waffle.steps"] > 0 and rows[3]["waffle.wm_accuracy"] == 1.0
     done = CliRunner().invoke(app, ["watermark", "verify", str(last), "--key", "owner-key"])
     assert done.exit_code == 0 and "16/16" in done.output, done.output
+
+
+def test_a_damaged_weights_file_is_named_before_the_model_is_built(tmp_path, model_builds):
+    import yaml
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    damaged = tmp_path / "leaked.safetensors"
+    damaged.write_bytes((10**9).to_bytes(8, "little") + b"{}")  # a header length past the file's end
+    result = CliRunner().invoke(app, ["watermark", "verify", str(damaged), "--key", "k", "--config", str(cfg)],
+                                env={"COLUMNS": "1000"})
+    assert result.exit_code == 2  # an error; 1 is "not verified"
+    text = " ".join(result.output.split())
+    assert f"MODEL {damaged}: not a readable safetensors file" in text and "header" in text
+    assert model_builds["models"] == 0

@@ -62,3 +62,7 @@ def test_init_from_refusals(tmp_path):
     save_file({"something.else": torch.zeros(2)}, str(none))
     with pytest.raises(ValueError, match="none of the 1 tensors"):
         Workbench(from_dict(tiny_config(tmp_path, **{"model.init_from": str(none)})))
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"12345")  # shorter than a header
+    with pytest.raises(ValueError, match=r"model.init_from: .*damaged.safetensors: not a readable safetensors file \(.*header"):
+        Workbench(from_dict(tiny_config(tmp_path, **{"model.init_from": str(damaged)})))

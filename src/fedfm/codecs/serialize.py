@@ -48,3 +48,18 @@ def from_bytes(data: bytes) -> Payload:
     except Exception as exc:  # safetensors raises its own error types
         raise CodecError(f"payload could not be parsed: {exc}") from None
     return Payload(tensors=tensors, meta=dict(header.get("__metadata__") or {}))
+
+
+def read_state_file(path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file a user names (``what``: the argument or config field
+    that named it); a missing, unreadable or damaged file is a ValueError that says which and
+    why, before anything is built from it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{what} {path}: not a readable safetensors file ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None

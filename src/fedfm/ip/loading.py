@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from fedfm.codecs.serialize import read_state_file
 from fedfm.config import load_config
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import State
@@ -66,8 +66,9 @@ def load_suspect(model: str | Path, config: str | Path | None = None):
     """(experiment, Base, full trainable State of the suspect model)."""
     cfg, weights = resolve(model, config)
     exp = load_config(cfg)
+    tensors = read_state_file(weights, "MODEL")  # before the model is built: a damaged file fails at once
     base, template = build_base(exp)
-    return exp, base, complete(template, load_file(str(weights)), str(weights))
+    return exp, base, complete(template, tensors, str(weights))
 
 
 def trigger_spec(exp, size: int | None = None, length: int | None = None, continuation: int | None = None,

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+
+from fedfm.codecs.serialize import read_state_file
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def load_init(model: torch.nn.Module, path: str | Path) -> dict[str, int]:
     """Copy the matching tensors of ``path``'s final State into ``model`` (in place);
     returns ``{"copied": n, "skipped": m}`` (skipped: names the base model lacks)."""
     f = state_file(path)
-    state = load_file(str(f))
+    state = read_state_file(f, "model.init_from:")
     adapters = sorted(k for k in state if ADAPTER.search(k))
     if adapters:
         raise ValueError(
