@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -60,3 +61,20 @@ def test_report_cli(tmp_path):
     assert (tmp_path / "a" / "report" / "report.html").exists()
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
     assert bad.exit_code == 1 and "no metrics.jsonl" in bad.output
+
+
+def test_report_replaces_only_its_own_files(tmp_path):
+    fake_run(tmp_path / "a", "a", [0.5, 0.6])
+    page = build_report([tmp_path / "a"])  # DIR/report
+    mine = tmp_path / "a" / "report" / "notes.txt"
+    mine.write_text("mine")
+    assert build_report([tmp_path / "a"]) == page and mine.read_text() == "mine"  # an earlier report: replaced
+    user = tmp_path / "figures"
+    user.mkdir()
+    (user / "loss.png").write_bytes(b"the user's own plot")
+    with pytest.raises(ValueError, match=r"holds loss.png, which this report would overwrite and no fedfm report wrote"):
+        build_report([tmp_path / "a"], user)
+    assert (user / "loss.png").read_bytes() == b"the user's own plot" and not (user / "report.html").exists()
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "a"), "--out", str(tmp_path / "a" / "config.yaml")],
+                                env={"COLUMNS": "1000"})
+    assert result.exit_code == 1 and "config.yaml: a file, not a folder" in result.output

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from fedfm.report.plots import write_plots
+from fedfm.report.plots import PLOTS, write_plots
 from fedfm.runtime.progress import format_duration
 from fedfm.report.runs import Run, load_run, unique_labels
 
@@ -88,6 +88,26 @@ def render_html(runs: list[Run], plots: dict[str, Path]) -> str:
     )
 
 
+PAGE = "report.html"
+WRITES = (PAGE, *(f"{name}.png" for name in PLOTS))
+
+
+def out_problem(out: Path) -> str | None:
+    """Why the report may not be written into ``out``: a file there, or a file of a name the
+    report writes that an earlier fedfm report did not write (its report.html says so); the
+    report replaces only its own earlier files and leaves every other file as it is."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: a file, not a folder"
+    taken = [n for n in WRITES if (out / n).exists()]
+    if not taken:
+        return None
+    page = out / PAGE
+    if page.is_file() and page.read_text(errors="replace")[:200].find("<title>fedfm report: ") >= 0:
+        return None
+    return (f"--out {out} holds {', '.join(taken)}, which this report would overwrite and no fedfm report wrote; "
+            "pick another folder")
+
+
 def build_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
     """Write the PNGs and report.html for ``dirs`` (overlaid) into ``out``; returns the HTML path."""
     if not dirs:
@@ -95,7 +115,10 @@ def build_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
     runs = [load_run(d) for d in dirs]
     unique_labels(runs)
     out = Path(out) if out is not None else (Path(dirs[0]) / "report" if len(dirs) == 1 else Path("report"))
+    problem = out_problem(out)
+    if problem is not None:
+        raise ValueError(problem)
     plots = write_plots(runs, out)
-    page = out / "report.html"
+    page = out / PAGE
     page.write_text(render_html(runs, plots))
     return page

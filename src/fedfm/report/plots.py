@@ -97,11 +97,15 @@ def participation_plot(runs: list[Run], path: Path) -> Path:
     return path
 
 
+PLOTS = ("accuracy", "loss", "bytes_accuracy", "participation")  # each written as <name>.png
+
+
 def write_plots(runs: list[Run], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
+    path = {name: out / f"{name}.png" for name in PLOTS}
     return {
-        "accuracy": metric_plot(runs, "accuracy", out / "accuracy.png"),
-        "loss": metric_plot(runs, "loss", out / "loss.png", train_key="train_loss"),
-        "bytes_accuracy": bytes_plot(runs, out / "bytes_accuracy.png"),
-        "participation": participation_plot(runs, out / "participation.png"),
+        "accuracy": metric_plot(runs, "accuracy", path["accuracy"]),
+        "loss": metric_plot(runs, "loss", path["loss"], train_key="train_loss"),
+        "bytes_accuracy": bytes_plot(runs, path["bytes_accuracy"]),
+        "participation": participation_plot(runs, path["participation"]),
     }
