@@ -93,6 +93,22 @@ def test_exported_partition_gives_the_client_the_same_examples(tmp_path, tiny):
     assert own.examples(0) == []
 
 
+def test_export_partitions_replaces_client_files_only_when_told(tmp_path, tiny):
+    from fedfm.runtime.flower.deployment import export_partitions
+
+    exp = from_dict(tiny)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "client_1.parquet").write_bytes(b"an owner's own file")
+    with pytest.raises(ValueError, match=r"already holds client_1.parquet; pass --overwrite"):
+        export_partitions(exp, parts)
+    assert sorted(p.name for p in parts.iterdir()) == ["client_1.parquet"]  # nothing written
+    assert (parts / "client_1.parquet").read_bytes() == b"an owner's own file"
+    assert [p.name for p in export_partitions(exp, parts, overwrite=True)] == ["client_0.parquet", "client_1.parquet"]
+    with pytest.raises(ValueError, match=r"--out .*client_0.parquet is a file, not a folder"):
+        export_partitions(exp, parts / "client_0.parquet")
+
+
 def test_simulation_matches_local_on_every_metrics_field(tmp_path):
     """SCAFFOLD, top-k + EF + int8 up, delta down, 25% dropout and a rejected client:
     every metrics.jsonl field but wall times, and the final State, are identical."""

@@ -176,12 +176,18 @@ def flower_export(
     config: Path,
     out: Annotated[Path, typer.Option(help="directory for client_<cid>.parquet")],
     override: Overrides = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace client files already in --out")] = False,
 ):
     """Write one data file per client, cut as the local backend cuts the source."""
     exp = _load(config, override)
     from fedfm.runtime.flower.deployment import export_partitions
 
-    for path in export_partitions(exp, out):
+    try:
+        paths = export_partitions(exp, out, overwrite=overwrite)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    for path in paths:
         console.print(str(path))
 
 

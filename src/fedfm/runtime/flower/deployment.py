@@ -58,28 +58,34 @@ def flower_env(base: dict[str, str] | None = None, flwr_home: str | Path | None 
     return env
 
 
-def export_partitions(exp, out_dir: str | Path, fmt: str = "parquet") -> list[Path]:
+def export_partitions(exp, out_dir: str | Path, fmt: str = "parquet", overwrite: bool = False) -> list[Path]:
     """Write ``client_<cid>.<fmt>`` for every client: the rows the local backend gives it,
-    in the same order, so a deployment on these files trains on the same data."""
+    in the same order, so a deployment on these files trains on the same data. A client file
+    already there is replaced only with ``overwrite``; without it nothing is written."""
     from fedfm.data import build_federation, load_source
 
+    if fmt not in ("parquet", "jsonl"):
+        raise ValueError(f"export-partitions: format '{fmt}' is not parquet or jsonl")
     if exp.data.label_column is None:
         raise ValueError("export-partitions: data.label_column is unset; client files need labels")
-    fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export-partitions: --out {out} is a file, not a folder")
+    fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
+    paths = {c.cid: out / f"client_{c.cid}.{fmt}" for c in fed.clients}
+    there = [p.name for p in paths.values() if p.exists()]
+    if there and not overwrite:
+        more = f", ... ({len(there)} in all)" if len(there) > 3 else ""
+        raise ValueError(f"export-partitions: {out} already holds {', '.join(there[:3])}{more}; "
+                         "pass --overwrite to replace them, or pick another --out")
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     for c in fed.clients:
         frame = fed.frame.iloc[c.indices][["text", "label"]].reset_index(drop=True)
-        path = out / f"client_{c.cid}.{fmt}"
         if fmt == "parquet":
-            frame.to_parquet(path, index=False)
-        elif fmt == "jsonl":
-            frame.to_json(path, orient="records", lines=True)
+            frame.to_parquet(paths[c.cid], index=False)
         else:
-            raise ValueError(f"export-partitions: format '{fmt}' is not parquet or jsonl")
-        paths.append(path)
-    return paths
+            frame.to_json(paths[c.cid], orient="records", lines=True)
+    return list(paths.values())
 
 
 def _tls_args(certs: dict[str, str] | None, insecure: bool, flags: dict[str, str]) -> list[str]:
