@@ -40,6 +40,27 @@ def test_admission_by_hand(tmp_path):
     assert not v[0].admitted and "did not say" in v[0].reason
 
 
+def test_a_node_key_is_never_replaced(tmp_path):
+    import stat
+
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    keys = tmp_path / "keys"
+    private, _ = generate_node_key(keys, "node-0")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    before = private.read_bytes()
+    with pytest.raises(FileExistsError, match="already holds node-0, node-0.pub; a node key is never replaced"):
+        generate_node_key(keys, "node-0")
+    result = CliRunner().invoke(app, ["flower", "keys", "--out", str(keys), "--clients", "2"], env={"COLUMNS": "1000"})
+    assert result.exit_code == 1 and "already holds node-0, node-0.pub; a node key is never replaced" in result.output
+    assert private.read_bytes() == before and sorted(p.name for p in keys.iterdir()) == ["node-0", "node-0.pub"]
+    done = CliRunner().invoke(app, ["flower", "keys", "--out", str(tmp_path / "fresh"), "--clients", "2"])
+    assert done.exit_code == 0 and sorted(p.name for p in (tmp_path / "fresh").iterdir()) == \
+        ["node-0", "node-0.pub", "node-1", "node-1.pub"]
+
+
 def test_bindings_refuse_a_shared_key_and_bad_config(tmp_path):
     _, pub = generate_node_key(tmp_path, "k")
     with pytest.raises(ValueError, match="same public key"):

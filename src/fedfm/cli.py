@@ -225,15 +225,25 @@ def flower_submit(
 @flower_app.command("keys")
 def flower_keys(
     out: Annotated[Path, typer.Option(help="directory for node-<cid> (private) and node-<cid>.pub")],
-    clients: Annotated[int, typer.Option(help="how many client ids (0..clients-1)")],
+    clients: Annotated[int, typer.Option(min=1, help="how many client ids (0..clients-1)")],
 ):
     """Make one SuperNode key pair per client (EC P-384, OpenSSH) and print the
-    runtime.flower.nodes block that binds each client id to its public key."""
-    from fedfm.runtime.flower.node_keys import generate_node_key
+    runtime.flower.nodes block that binds each client id to its public key. Key files
+    already in --out are never replaced: nothing is written then."""
+    from fedfm.runtime.flower.node_keys import existing_keys, generate_node_key
 
+    names = [f"node-{cid}" for cid in range(clients)]
+    there = existing_keys(out, names) if out.is_dir() else []
+    problem = f"--out {out} is a file, not a folder" if out.exists() and not out.is_dir() else None
+    if there:
+        more = f", ... ({len(there)} in all)" if len(there) > 4 else ""
+        problem = f"--out {out} already holds {', '.join(there[:4])}{more}; a node key is never replaced: pick another --out"
+    if problem is not None:
+        console.print(f"[red]error:[/] {escape(problem)}")
+        raise typer.Exit(1)
     console.print("runtime:\n  flower:\n    nodes:")
-    for cid in range(clients):
-        _, public = generate_node_key(out, f"node-{cid}")
+    for cid, name in enumerate(names):
+        _, public = generate_node_key(out, name)
         console.print(f"      {cid}: {public.resolve()}")
 
 

@@ -46,19 +46,40 @@ from typing import Iterable, Mapping
 KEY_PREFIX = "ecdsa-sha2-"
 
 
+def key_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """(private, public) key files of ``name`` under ``out_dir``."""
+    return Path(out_dir) / name, Path(out_dir) / f"{name}.pub"
+
+
+def existing_keys(out_dir: str | Path, names: list[str]) -> list[str]:
+    """The key files of ``names`` already under ``out_dir`` (a node's key is never replaced)."""
+    return [p.name for n in names for p in key_paths(out_dir, n) if p.exists()]
+
+
 def generate_node_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
-    """Write ``<name>`` (private, OpenSSH PEM, mode 600) and ``<name>.pub`` (OpenSSH) under
-    ``out_dir``: an EC P-384 key pair for ``flower-supernode --auth-supernode-private-key``."""
+    """Write ``<name>`` (private, OpenSSH PEM, created with mode 600) and ``<name>.pub``
+    (OpenSSH) under ``out_dir``: an EC P-384 key pair for ``flower-supernode
+    --auth-supernode-private-key``. An existing key file is never replaced (FileExistsError):
+    a SuperNode registered with it would lose its identity."""
+    import os
+
     from cryptography.hazmat.primitives import serialization as ser
     from cryptography.hazmat.primitives.asymmetric import ec
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder for key files")
+    there = existing_keys(out, [name])
+    if there:
+        raise FileExistsError(f"{out} already holds {', '.join(there)}; a node key is never replaced: pick another folder")
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    private, public = out / name, out / f"{name}.pub"
-    private.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()))
-    private.chmod(0o600)
-    public.write_bytes(key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH) + b"\n")
+    private, public = key_paths(out, name)
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, never over a file
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()))
+    with open(public, "xb") as f:
+        f.write(key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH) + b"\n")
     return private, public
 
 
