@@ -183,7 +183,7 @@ def test_copies_only_after_the_last_round_leave_training_alone_and_are_written_b
     # bad input: an existing file is kept, an unknown client and a run without the step are named
     before = path.read_bytes()
     done = CliRunner().invoke(app, ["watermark", "copy", str(out), "--client", "2", "--out", str(path)])
-    assert done.exit_code == 2 and "exists; pass --force" in done.output and path.read_bytes() == before
+    assert done.exit_code == 2 and "exists; pass --overwrite" in done.output and path.read_bytes() == before
     done = CliRunner().invoke(app, ["watermark", "copy", str(out), "--client", "99", "--out", str(tmp_path / "x.safetensors")])
     assert done.exit_code == 2 and "no copy for client 99" in done.output and "clients 0..7" in done.output
     done = CliRunner().invoke(app, ["watermark", "copy", str(plain), "--client", "0", "--out", str(tmp_path / "y.safetensors")])

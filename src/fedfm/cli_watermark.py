@@ -113,7 +113,7 @@ def watermark_copy(
     run: Annotated[Path, typer.Argument(help="a run directory of a job with the client_watermark step")],
     client: Annotated[int, typer.Option(help="the client whose copy to write")],
     out: Annotated[Path, typer.Option(help="the .safetensors file to write")],
-    force: Annotated[bool, typer.Option(help="overwrite OUT if it exists")] = False,
+    force: Annotated[bool, typer.Option("--overwrite", "--force", help="overwrite OUT if it exists")] = False,
 ):
     """Write client N's copy after the run's last round (the global model plus its key's offset)."""
     from safetensors.torch import save_file
@@ -121,7 +121,7 @@ def watermark_copy(
     from fedfm.ip.copies import final_copy
 
     if out.exists() and not force:
-        console.print(f"[red]error:[/] {out} exists; pass --force to overwrite it")
+        console.print(f"[red]error:[/] {out} exists; pass --overwrite to replace it")
         raise typer.Exit(2)
     try:
         state = final_copy(run, client)
