@@ -158,3 +158,31 @@ def test_transport_admits_by_key_and_fails_the_unserved_client(tmp_path, monkeyp
     rows = [json.loads(line) for line in (tmp_path / "nodes.jsonl").read_text().splitlines()]
     assert [(r["node_id"], r["admitted"]) for r in rows] == [(100, True), (101, True), (102, False)]
     assert rows[2]["reason"] == "impersonation: its key is bound to client 2, it claims client 0"
+
+
+def test_a_connection_is_added_without_losing_the_configuration(tmp_path):
+    import tomli
+
+    from fedfm.runtime.flower.deployment import write_connection
+
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text("broken = [\n")
+    with pytest.raises(ValueError, match=r"config.toml is not valid TOML .*; it was left as it is"):
+        write_connection(home, "prod", "10.0.0.1:9093", insecure=True)
+    assert (home / "config.toml").read_text() == "broken = [\n"
+    (home / "config.toml").write_text('[superlink.local]\naddress = "127.0.0.1:9093"\ninsecure = true\n')
+    ca = tmp_path / "ca.crt"
+    with pytest.raises(FileNotFoundError, match="--root-certificates .*ca.crt: no such file"):
+        write_connection(home, "prod", "10.0.0.1:9093", ca=ca)
+    with pytest.raises(ValueError, match="--root-certificates"):
+        write_connection(home, "prod", "10.0.0.1:9093")
+    ca.write_text("PEM")
+    write_connection(home, "prod", "10.0.0.1:9093", ca=ca)
+    write_connection(home, "prod", "10.0.0.1:9093", ca=ca)  # the same settings again: fine
+    with pytest.raises(ValueError, match="already has a connection 'prod'.*pass --overwrite"):
+        write_connection(home, "prod", "10.0.0.2:9093", ca=ca)
+    write_connection(home, "prod", "10.0.0.2:9093", ca=ca, overwrite=True)
+    doc = tomli.loads((home / "config.toml").read_text())["superlink"]
+    assert doc["default"] == "prod" and doc["local"] == {"address": "127.0.0.1:9093", "insecure": True}
+    assert doc["prod"] == {"address": "10.0.0.2:9093", "root-certificates": str(ca.resolve())}

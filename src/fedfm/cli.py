@@ -198,12 +198,18 @@ def flower_connection(
     root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate (PEM) of the SuperLink")] = None,
     insecure: Annotated[bool, typer.Option(help="no TLS: loopback demos only")] = False,
     flwr_home: Annotated[Optional[Path], typer.Option(envvar="FLWR_HOME", help="default ~/.flwr")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a connection of the same name")] = False,
 ):
     """Add a SuperLink connection to the Flower Configuration (used by `flwr run`)."""
     from fedfm.runtime.flower.deployment import write_connection
 
     home = flwr_home or Path.home() / ".flwr"
-    console.print(str(write_connection(home, name, address, root_certificates, insecure)))
+    try:
+        path = write_connection(home, name, address, root_certificates, insecure, overwrite)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    console.print(str(path))
 
 
 @flower_app.command("submit")

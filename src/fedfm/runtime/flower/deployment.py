@@ -144,25 +144,38 @@ def supernode_command(
     ]  # fmt: skip
 
 
-def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | Path | None = None, insecure: bool = False) -> Path:
-    """Add (or replace) a SuperLink connection in ``$FLWR_HOME/config.toml`` and make it
-    the default; other connections in the file are kept."""
+def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | Path | None = None, insecure: bool = False,
+                     overwrite: bool = False) -> Path:
+    """Add a SuperLink connection to ``$FLWR_HOME/config.toml`` and make it the default;
+    other connections in the file are kept. A connection of the same name with other
+    settings is replaced only with ``overwrite``; an unreadable file is named, never
+    rewritten."""
     import tomli
     import tomli_w
 
-    path = Path(flwr_home) / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = tomli.loads(path.read_text()) if path.exists() else {}
-    links = doc.setdefault("superlink", {})
     entry: dict[str, Any] = {"address": address}
     if insecure:
         entry["insecure"] = True
     elif ca is not None:
+        if not Path(ca).is_file():
+            raise FileNotFoundError(f"--root-certificates {ca}: no such file")
         entry["root-certificates"] = str(Path(ca).resolve())
     else:
-        raise ValueError("TLS is the default: give the CA certificate, or insecure=True for a loopback demo")
+        raise ValueError("TLS is the default: give the SuperLink's CA certificate (--root-certificates), "
+                         "or --insecure for a loopback demo")
+    path = Path(flwr_home) / "config.toml"
+    try:
+        doc: dict[str, Any] = tomli.loads(path.read_text()) if path.exists() else {}
+    except tomli.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML ({exc}); it was left as it is") from None
+    links = doc.setdefault("superlink", {})
+    if not isinstance(links, dict):
+        raise ValueError(f"{path}: 'superlink' is not a table; it was left as it is")
+    if links.get(name) not in (None, entry) and not overwrite:
+        raise ValueError(f"{path} already has a connection '{name}' ({links[name]}); pass --overwrite to replace it")
     links[name] = entry
     links["default"] = name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(doc))
     return path
 

@@ -109,7 +109,7 @@ class Loopback:
         link = self._spawn(superlink_command(port, self.certs, self.insecure, supernode_auth=self.supernode_auth), link_log)
         wait_for_port(port, 120, link, link_log)
         ca = None if self.certs is None else self.certs["ca"]
-        write_connection(self.flwr_home, self.name, self.address, ca=ca, insecure=self.insecure)
+        write_connection(self.flwr_home, self.name, self.address, ca=ca, insecure=self.insecure, overwrite=True)  # its own home
         if self.register:
             from fedfm.runtime.flower.node_keys import register_keys
 
