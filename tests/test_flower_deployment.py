@@ -59,3 +59,11 @@ def test_four_supernodes_over_tls_match_local_on_every_metrics_field(tmp_path):
     assert got == local
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["backend"] == "flower-deployment" and summary["rejected"] == len([e for r in local[1:] for e in r["rejected"]])
+
+
+def test_submit_names_its_superlink_or_refuses(tmp_path, tiny):
+    exp = from_dict(tiny)
+    assert exp.runtime.flower.superlink is None
+    with pytest.raises(ValueError, match="no SuperLink named: pass --superlink NAME or set runtime.flower.superlink"):
+        submit(exp, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written, no flwr started

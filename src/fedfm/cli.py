@@ -223,7 +223,11 @@ def flower_submit(
     exp = _load(config, override)
     from fedfm.runtime.flower.deployment import submit
 
-    done = submit(exp, out or Path("runs") / exp.name, superlink)
+    try:
+        done = submit(exp, out or Path("runs") / exp.name, superlink)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
     console.print(done.stdout + done.stderr)
     raise typer.Exit(done.returncode)
 

@@ -212,9 +212,16 @@ def submit_command(exp, out: str | Path, superlink: str | None, run_config: str 
 
 
 def submit(exp, out: str | Path, superlink: str | None = None, app_dir: str | Path | None = None, env: dict[str, str] | None = None, timeout: float | None = None, resume: bool = False, overwrite: bool = False) -> subprocess.CompletedProcess:
-    """``flwr run`` the experiment on a running SuperLink and wait for it (``--stream``)."""
+    """``flwr run`` the experiment on a running SuperLink and wait for it (``--stream``).
+    The SuperLink is always named (``superlink`` or ``runtime.flower.superlink``): without a
+    name ``flwr`` would use its own default connection (in Flower 1.42 a local simulation
+    SuperLink it starts, that installs the app's dependencies from the network)."""
+    link = superlink or exp.runtime.flower.superlink
+    if not link:
+        raise ValueError("no SuperLink named: pass --superlink NAME or set runtime.flower.superlink "
+                         "(add a connection with `fedfm flower connection NAME ADDRESS --root-certificates CA`)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rc_path = run_config_file(exp, out, out / "flower-run-config.toml", resume, overwrite)
-    cmd = submit_command(exp, out, superlink or exp.runtime.flower.superlink, rc_path, app_dir)
+    cmd = submit_command(exp, out, link, rc_path, app_dir)
     return subprocess.run(cmd, env=flower_env(env), timeout=timeout, capture_output=True, text=True)
