@@ -40,6 +40,22 @@ def comparable(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in WALL} for r in rows]
 
 
+def differences(a: list[dict], b: list[dict]) -> list[str]:
+    """Every (round, field) where two comparable metrics files differ, with both values."""
+    out = [f"{len(a)} rows against {len(b)}"] if len(a) != len(b) else []
+    for ra, rb in zip(a, b):
+        for k in sorted(set(ra) | set(rb)):
+            if ra.get(k) != rb.get(k):
+                out.append(f"round {ra.get('round')} {k}: {ra.get(k)!r} != {rb.get(k)!r}")
+    return out
+
+
+def assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    """``a == b``, or an AssertionError that lists every differing (round, field)."""
+    found = differences(a, b)
+    assert not found, "metrics differ:\n" + "\n".join(found)
+
+
 def check_job_exercised(rows: list[dict]) -> None:
     """The job really went through every path it is meant to compare."""
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
