@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fedfm.codecs.base import Payload
 from fedfm.codecs.serialize import to_bytes
 from fedfm.config import from_dict
-from fedfm.core.exchanges import exchanges, register_exchange
+from fedfm.core.exchanges import build_phases, exchanges, register_exchange
+from fedfm.core.protocols import ExchangePhaseBase
+from fedfm.core.registry import RegistryError
 from fedfm.runtime import LocalRuntime
 
 from conftest import tiny_config
@@ -19,9 +22,10 @@ from conftest import tiny_config
 
 class Challenge:
     """Before training: the server sends each client a number; it answers number + cid.
-    Client 1 answers wrongly and is left out of training."""
+    Client 1 answers wrongly and is left out of training. Every member declared by hand."""
 
     name, when = "challenge", "before_train"
+    on_train_reply = metrics = None
 
     def messages(self, rnd, participants, round_state):
         return {cid: ({"n": str(10 * rnd + cid)}, {"x": torch.tensor([float(cid)])}) for cid in participants}
@@ -41,8 +45,9 @@ class Challenge:
         return updates
 
 
-class Tally:
-    """After training: each trained client confirms; the updates go on unchanged."""
+class Tally(ExchangePhaseBase):
+    """After training: each trained client confirms; the updates go on unchanged (the hooks:
+    ExchangePhaseBase's None)."""
 
     name, when = "tally", "after_train"
 
@@ -85,3 +90,25 @@ def test_phases_decide_participants_and_count_their_bytes(tmp_path):
         store.settle(cid, *rt.loop.outcomes[cid])
     assert store.get(1, "challenge") is None
     assert float(store.get(0, "challenge")["seen"]) == 1.0 and float(store.get(2, "challenge")["seen"]) == 1.0
+
+
+def test_a_phase_lacking_a_hook_is_named_when_built():
+    class Bare:
+        name, when = "bare", "before_train"
+
+        def messages(self, rnd, participants, round_state):
+            return {}
+
+        def client(self, env, cid, rnd, meta, tensors):
+            return {}, {}
+
+        def receive(self, rnd, replies, round_state):
+            return sorted(replies)
+
+        def transform(self, updates, round_state):
+            return updates
+
+    if "bare_phase" not in exchanges.names():
+        register_exchange("bare_phase", lambda params: [Bare()])
+    with pytest.raises(RegistryError, match=r"exchanges\[0\] \(bare_phase\): exchange phase Bare lacks \['on_train_reply', 'metrics'\]"):
+        build_phases([{"name": "bare_phase"}])
