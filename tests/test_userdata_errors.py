@@ -111,3 +111,11 @@ def test_a_missing_label_column_names_the_columns(tmp_path):
     exp = from_dict(tiny_config(tmp_path, **{"data.path": str(csv), "data.text_column": "review", "data.group_column": None}))
     with pytest.raises(ValueError, match=r"data.label_column: column 'label' not in .* \(columns: review, sentiment\)"):
         load_source(exp.data)
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_the_run(tmp_path, monkeypatch, model_builds):
+    raw = tiny_config(tmp_path)
+    out = tmp_path / "fresh"
+    result, text = invoke(monkeypatch, "run", write(tmp_path, raw), "-o", "data.max_length=100000", "--out", str(out), "--resume")
+    assert f"--resume: nothing to resume in {out} (no files yet): starting the run" in text
+    assert "data.max_length=100000 exceeds" in text and result.exit_code == 1 and model_builds["models"] == 0

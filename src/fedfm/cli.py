@@ -72,6 +72,8 @@ def run(
         raise typer.Exit(2) from None
     if rd.resume_after is not None:
         console.print(escape(f"resuming {out} after round {rd.resume_after}"))
+    elif resume:
+        console.print(escape(f"--resume: nothing to resume in {out} (no files yet): starting the run"))
 
     def start() -> dict:
         _check_inputs(exp, out)
