@@ -97,3 +97,16 @@ def model_builds(monkeypatch):
 
         monkeypatch.setattr(cls, "build", counted)
     return count
+
+
+def invoke(monkeypatch, *args: str):
+    """``fedfm ARGS`` in-process, on consoles wide enough that no message wraps: (result,
+    its output with every run of whitespace made one space)."""
+    from typer.testing import CliRunner
+
+    from fedfm import cli
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    monkeypatch.setattr(cli.console, "width", 1000)
+    result = CliRunner().invoke(cli.app, list(args))
+    return result, " ".join(result.output.split())

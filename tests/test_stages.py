@@ -11,10 +11,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from conftest import tiny_config
-from fedfm import cli
+from conftest import invoke, tiny_config
 from fedfm.config import from_dict, load_config
 from fedfm.overrides import ConfigError
 from fedfm.stages import load_stages
@@ -22,13 +20,6 @@ from fedfm.runtime.workbench import Workbench
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def invoke(monkeypatch, *args: str):
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(cli.console, "width", 1000)
-    result = CliRunner().invoke(cli.app, list(args))
-    return result, " ".join(result.output.split())
 
 
 def stage_configs(tmp_path: Path) -> tuple[dict, dict]:

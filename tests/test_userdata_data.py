@@ -13,23 +13,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from conftest import tiny_config
-from fedfm import cli
+from conftest import invoke, tiny_config
 from fedfm.config import FederationConfig, from_dict, load_config
 from fedfm.data import build_federation, load_source
 from fedfm.data.labels import single_class
 
 # sha256 of the quickstart's client indices and test indices (natural, whole_groups, seed 0)
 QUICKSTART_SELECTION = "b144b69f9bb19a7b388fcc89b2e61da8ef6000054cbd6231f2bf7fa5fc761e1c"
-
-
-def invoke(monkeypatch, *args: str):
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(cli.console, "width", 1000)
-    result = CliRunner().invoke(cli.app, list(args))
-    return result, " ".join(result.output.split())
 
 
 def sorted_frame(n_groups: int = 4, per_group: int = 60) -> pd.DataFrame:

@@ -11,18 +11,9 @@ import json
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from conftest import tiny_config
-from fedfm import cli
+from conftest import invoke, tiny_config
 from fedfm.config import ConfigError, from_dict
-
-
-def invoke(monkeypatch, *args: str):
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(cli.console, "width", 1000)
-    result = CliRunner().invoke(cli.app, list(args))
-    return result, " ".join(result.output.split())
 
 
 def write(tmp_path, raw) -> str:

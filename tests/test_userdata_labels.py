@@ -12,19 +12,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from conftest import tiny_config
-from fedfm import cli
+from conftest import invoke, tiny_config
 from fedfm.config import from_dict
 from fedfm.data import build_federation, load_source, resolve_labels
-
-
-def invoke(monkeypatch, *args: str):
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(cli.console, "width", 1000)
-    result = CliRunner().invoke(cli.app, list(args))
-    return result, " ".join(result.output.split())
 
 
 def topic_csv(path, n_labels: int, rows: int = 200):

@@ -7,19 +7,11 @@ import io
 import json
 
 from rich.console import Console
-from typer.testing import CliRunner
 
-from fedfm import cli
+from conftest import invoke
 from fedfm.report.build import summary_row
 from fedfm.report.runs import Run
 from fedfm.runtime.progress import RunProgress, format_duration
-
-
-def invoke(monkeypatch, *args: str):
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(cli.console, "width", 1000)
-    result = CliRunner().invoke(cli.app, list(args))
-    return result, " ".join(result.output.split())
 
 
 def test_format_duration():

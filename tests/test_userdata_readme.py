@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from typer.testing import CliRunner
 
-from conftest import TINY_BERT
-from fedfm import cli
+from conftest import TINY_BERT, invoke
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -41,13 +39,6 @@ def reviews_csv(path: Path, shops: int = 8, per_shop: int = 24) -> None:
             words = " ".join(rng.choice(good if y else bad, size=4))
             rows.append({"review": f"the order was {words}", "sentiment": "good" if y else "bad", "shop": f"shop-{s:02d}"})
     pd.DataFrame(rows).sort_values("sentiment", kind="stable").to_csv(path, index=False)
-
-
-def invoke(monkeypatch, *args: str):
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(cli.console, "width", 1000)
-    result = CliRunner().invoke(cli.app, list(args))
-    return result, " ".join(result.output.split())
 
 
 def test_own_csv_example_describe_run_report(tmp_path, monkeypatch):

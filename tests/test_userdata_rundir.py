@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from conftest import tiny_config
-from fedfm import cli
+from conftest import invoke, tiny_config
 from fedfm.runtime.rundir import (
     RunDirError,
     drop_replaced,
@@ -24,14 +22,6 @@ from fedfm.runtime.rundir import (
     prepare_run_dir,
     restore_replaced,
 )
-
-
-def invoke(monkeypatch, *args: str):
-    """``fedfm ARGS`` in-process, on consoles wide enough that no message wraps."""
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(cli.console, "width", 1000)
-    result = CliRunner().invoke(cli.app, list(args))
-    return result, " ".join(result.output.split())
 
 
 def hashes(root: Path) -> dict[str, str]:
