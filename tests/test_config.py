@@ -98,3 +98,27 @@ def test_more_clients_than_groups_fails_before_the_model_loads(tmp_path, tiny, m
     with pytest.raises(ValueError, match="federation.clients=50 exceeds the"):
         Workbench(exp)
     assert model_builds["models"] == 0
+
+
+def test_a_repeated_key_a_binary_file_and_a_yaml_error_are_named_with_the_file(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("rounds: 3\npeft: {method: lora, r: 8}\nrounds: 4\n")  # PyYAML alone keeps rounds: 4
+    with pytest.raises(ConfigError, match=r"key 'rounds' appears twice in one mapping \(lines 1 and 3\); keep one"):
+        load_config(cfg)
+    cfg.write_text("train:\n  lr: 1.0e-3\n  lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice in one mapping \(lines 2 and 3\)"):
+        load_config(cfg)
+    cfg.write_bytes(b"\xff\xfe rounds: 3\n")
+    with pytest.raises(ConfigError, match=r"job.yaml is not UTF-8 text \(byte 0xff at offset 0\)"):
+        load_config(cfg)
+    cfg.write_text("rounds: [\n")
+    with pytest.raises(ConfigError, match=r'not valid YAML(.|\n)*in ".*job.yaml", line 2'):
+        load_config(cfg)
+
+
+def test_merge_keys_may_override_what_they_merge(tmp_path):
+    from fedfm.config_file import read_yaml
+
+    cfg = tmp_path / "anchors.yaml"
+    cfg.write_text("base: &b {lr: 1.0e-3, epochs: 1}\ntrain:\n  <<: *b\n  lr: 3.0e-3\n")
+    assert read_yaml(cfg)["train"] == {"lr": 3.0e-3, "epochs": 1}

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedfm.overrides import ConfigError, apply_overrides, blame, format_errors, parse_override
@@ -380,11 +379,6 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] 
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-    return from_dict(raw, str(path), overrides)
+    from fedfm.config_file import read_yaml
+
+    return from_dict(read_yaml(path), str(path), overrides)

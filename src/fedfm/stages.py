@@ -44,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedfm.config import Experiment, from_dict
+from fedfm.config_file import read_yaml
 from fedfm.overrides import ConfigError, apply_overrides, format_errors
 
 STAGE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -80,16 +81,6 @@ class Stage:
     exp: Experiment
     out: Path
     source: str  # where its config came from, for messages
-
-
-def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
 
 
 def is_stages_file(path: str | Path) -> bool:
