@@ -122,3 +122,15 @@ def test_merge_keys_may_override_what_they_merge(tmp_path):
     cfg = tmp_path / "anchors.yaml"
     cfg.write_text("base: &b {lr: 1.0e-3, epochs: 1}\ntrain:\n  <<: *b\n  lr: 3.0e-3\n")
     assert read_yaml(cfg)["train"] == {"lr": 3.0e-3, "epochs": 1}
+
+
+def test_a_misspelt_key_gets_the_closest_allowed_one(tmp_path):
+    raw = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"train.lrr: Extra inputs are not permitted; did you mean 'lr'\? \(from -o train.lrr=1\)"):
+        from_dict(raw, overrides=["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"peft.rr: Extra inputs are not permitted; did you mean 'r'\?"):  # a registry's params
+        from_dict(raw, overrides=["peft.rr=4"])
+    with pytest.raises(ConfigError, match=r"aggregator.bta: Extra inputs are not permitted; did you mean 'beta'\?"):
+        from_dict(raw, overrides=["aggregator.rule=trimmed_mean", "aggregator.bta=0.1"])
+    with pytest.raises(ConfigError, match=r"server.zzz: Extra inputs are not permitted; allowed: check_fingerprint, "):
+        from_dict(raw, overrides=["server.zzz=1"])

@@ -360,7 +360,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", overrides: list[str] 
     try:
         exp = Experiment(**raw)
     except ValidationError as exc:
-        raise ConfigError(blame(format_errors(exc), overrides, source)) from None
+        raise ConfigError(blame(format_errors(exc, Experiment), overrides, source)) from None
     from fedfm.components import validate_components
     from fedfm.plugins import PluginError, load_plugins, plugin_path
 

@@ -8,18 +8,22 @@ import re
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+from fedfm.core.hints import key_hint
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key (and the file)."""
 
 
-def format_errors(exc: ValidationError) -> list[str]:
+def format_errors(exc: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
+    """One line per error, naming its key; with ``model`` (the model validated), a key it
+    does not allow gets the closest allowed one (``core/hints.py``)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        lines.append(f"  {loc or '(top level)'}: {err['msg']}")
+        lines.append(f"  {loc or '(top level)'}: {err['msg']}{key_hint(model, err)}")
     return lines
 
 

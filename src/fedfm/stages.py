@@ -98,7 +98,7 @@ def parse_stages_file(raw: Any, source: str) -> StagesFile:
     try:
         spec = StagesFile(**raw)
     except ValidationError as exc:
-        lines = format_errors(exc)
+        lines = format_errors(exc, StagesFile)
         if any(k not in ("name", "stages") for k in raw):
             lines.append("  (a stages file holds only name and stages; a stage's settings go under its config)")
         raise ConfigError(f"invalid stages file {source}:\n" + "\n".join(lines)) from None

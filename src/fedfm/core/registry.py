@@ -12,6 +12,8 @@ from typing import Any, Callable, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fedfm.core.hints import key_hint
+
 T = TypeVar("T")
 
 
@@ -68,7 +70,8 @@ class Registry(Generic[T]):
             lines = []
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"])
-                lines.append(f"{where}.{loc}: {err['msg']}" if loc else f"{where}: {err['msg']}")
+                msg = err["msg"] + key_hint(entry.params, err)
+                lines.append(f"{where}.{loc}: {msg}" if loc else f"{where}: {msg}")
             raise RegistryError("; ".join(lines)) from None
 
 
