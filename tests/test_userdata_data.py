@@ -148,3 +148,20 @@ def test_too_many_clients_for_the_groups_says_the_test_groups_are_held_out(tmp_p
     message = str(err.value)
     assert "federation.clients=11 exceeds the 10 groups left for clients by the natural partitioner" in message
     assert "the data has 12 groups and the test set (federation.test_examples=40) holds out 2 whole group(s)" in message
+
+
+def test_a_damaged_data_file_is_named_with_its_line_or_format(tmp_path):
+    jsonl = tmp_path / "broken.jsonl"
+    jsonl.write_text('{"text": "a", "label": 1, "group": "g"}\n{"text": "b", "label": 0\n')
+    with pytest.raises(ValueError, match=r"data.path: line 2 of .*broken.jsonl is not valid JSON \(Expecting ',' delimiter, column 25\)"):
+        load_source(_file_config(tmp_path, jsonl).data)
+    csv = tmp_path / "quote.csv"
+    csv.write_text('text,label,group\n"never closed,1,g\nb,0,g\n')
+    with pytest.raises(ValueError, match=r"data.path: .*quote.csv is not valid CSV \(Error tokenizing data"):
+        load_source(_file_config(tmp_path, csv).data)
+    parquet = tmp_path / "fake.parquet"
+    parquet.write_text("not parquet")
+    with pytest.raises(ValueError, match=r"data.path: .*fake.parquet could not be read as Parquet"):
+        load_source(_file_config(tmp_path, parquet).data)
+    with pytest.raises(ValueError, match=r"data.path: .* is a folder, not a file"):
+        load_source(_file_config(tmp_path, tmp_path).data)

@@ -9,13 +9,12 @@ has columns ``prompt``, ``chosen``, ``rejected``, ``text`` (= chosen) and ``grou
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.data.sources import no_empty_cells, register_source
+from fedfm.data.sources import data_file, no_empty_cells, read_jsonl, register_source
 
 
 class PreferenceOptions(BaseModel):
@@ -26,12 +25,8 @@ class PreferenceOptions(BaseModel):
 
 
 def preferences(cfg: Any, options: PreferenceOptions) -> pd.DataFrame:
-    if not cfg.path:
-        raise ValueError("data.path: required when data.source is 'preferences'")
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path: file not found: {path} (build one with `python -m fedfm.data.builders pairs`)")
-    df = pd.read_json(path, lines=True, dtype=False)
+    path = data_file(cfg.path, "preferences", " (build one with `python -m fedfm.data.builders pairs`)")
+    df = read_jsonl(path)
     fields = {"prompt": options.prompt_field, "chosen": options.chosen_field, "rejected": options.rejected_field}
     for key, name in fields.items():
         if name not in df.columns:

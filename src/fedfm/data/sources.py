@@ -74,6 +74,44 @@ def decode_error(path: Path, encoding: str, exc: UnicodeDecodeError) -> ValueErr
     )
 
 
+def data_file(path_text: str | None, source: str, hint: str = "") -> Path:
+    """``data.path`` of a file-reading source: set, and an existing file (not a folder)."""
+    if not path_text:
+        raise ValueError(f"data.path: required when data.source is '{source}'")
+    path = Path(path_text).expanduser()
+    if path.is_dir():
+        raise ValueError(f"data.path: {path} is a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: file not found: {path}{hint}")
+    return path
+
+
+def read_jsonl(path: Path, encoding: str = "utf-8", infer_types: bool = False) -> pd.DataFrame:
+    """One row per JSON object line of ``path`` (``infer_types``: pandas' dtype inference, as
+    the ``file`` source has always read JSONL); a line that is not a JSON object is named
+    (pandas alone reports a character position in the whole file)."""
+    import json
+
+    try:
+        return pd.read_json(path, lines=True, dtype=infer_types, encoding=encoding)
+    except UnicodeDecodeError as exc:
+        raise decode_error(path, encoding, exc) from None
+    except ValueError as exc:
+        with path.open(encoding=encoding) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as bad:
+                    raise ValueError(f"data.path: line {number} of {path} is not valid JSON ({bad.msg}, "
+                                     f"column {bad.colno})") from None
+                if not isinstance(value, dict):
+                    raise ValueError(f"data.path: line {number} of {path} is a JSON {type(value).__name__}, "
+                                     "not an object with fields") from None
+        raise ValueError(f"data.path: {path} could not be read as JSON Lines ({exc})") from None
+
+
 def _read_table(path: Path, fmt: str | None, encoding: str = "utf-8") -> pd.DataFrame:
     fmt = fmt or {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(
         "".join(path.suffixes[-2:-1]) if path.suffix in (".bz2", ".gz", ".xz") else path.suffix
@@ -82,23 +120,24 @@ def _read_table(path: Path, fmt: str | None, encoding: str = "utf-8") -> pd.Data
         if fmt == "csv":
             return pd.read_csv(path, encoding=encoding)
         if fmt == "jsonl":
-            return pd.read_json(path, lines=True, encoding=encoding)
+            return read_jsonl(path, encoding, infer_types=True)
         if fmt == "parquet":
-            return pd.read_parquet(path)
+            try:
+                return pd.read_parquet(path)
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise ValueError(f"data.path: {path} could not be read as Parquet ({exc})") from None
     except UnicodeDecodeError as exc:
         raise decode_error(path, encoding, exc) from None
     except pd.errors.EmptyDataError:
         raise ValueError(f"data.path: {path} is empty (no header, no rows)") from None
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"data.path: {path} is not valid CSV ({str(exc).strip()})") from None
     raise ValueError(f"data.format: cannot tell the format of {path}; set data.format to csv, jsonl or parquet")
 
 
 def local_file(cfg: Any, options: BaseModel) -> pd.DataFrame:
     """Any local CSV / JSONL / Parquet file with configurable text, label and group columns."""
-    if not cfg.path:
-        raise ValueError("data.path: required when data.source is 'file'")
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path: file not found: {path}")
+    path = data_file(cfg.path, "file")
     df = _read_table(path, cfg.format, getattr(cfg, "encoding", "utf-8"))
     if len(df) == 0:
         raise ValueError(f"data.path: {path} has no rows (only a header: {', '.join(map(str, df.columns))})")

@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.data.sources import decode_error, no_empty_cells, package_file, register_source
+from fedfm.data.sources import data_file, no_empty_cells, package_file, read_jsonl, register_source
 
 # -- Shakespeare by role ---------------------------------------------------------------
 
@@ -207,15 +207,8 @@ class JsonlOptions(BaseModel):
 def jsonl_text(cfg: Any, options: JsonlOptions) -> pd.DataFrame:
     """``data.path`` JSONL: instruction/response pairs when both fields exist, else
     ``data.text_column``; ``data.group_column`` (any field) gives the natural owner."""
-    if not cfg.path:
-        raise ValueError("data.path: required when data.source is 'jsonl'")
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path: file not found: {path}")
-    try:
-        df = pd.read_json(path, lines=True, dtype=False, encoding=getattr(cfg, "encoding", "utf-8"))
-    except UnicodeDecodeError as exc:
-        raise decode_error(path, getattr(cfg, "encoding", "utf-8"), exc) from None
+    path = data_file(cfg.path, "jsonl")
+    df = read_jsonl(path, getattr(cfg, "encoding", "utf-8"))
     if len(df) == 0:
         raise ValueError(f"data.path: {path} has no rows")
     columns = ", ".join(map(str, df.columns))
