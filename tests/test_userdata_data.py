@@ -165,3 +165,11 @@ def test_a_damaged_data_file_is_named_with_its_line_or_format(tmp_path):
         load_source(_file_config(tmp_path, parquet).data)
     with pytest.raises(ValueError, match=r"data.path: .* is a folder, not a file"):
         load_source(_file_config(tmp_path, tmp_path).data)
+
+
+def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _file_config(tmp_path, tmp_path / "unused.csv")
+    cfg.data.path = "reviews.csv"
+    with pytest.raises(FileNotFoundError, match=rf"data.path: file not found: reviews.csv \(a relative data.path is read from the current folder, {tmp_path}\)"):
+        load_source(cfg.data)

@@ -82,7 +82,8 @@ def data_file(path_text: str | None, source: str, hint: str = "") -> Path:
     if path.is_dir():
         raise ValueError(f"data.path: {path} is a folder, not a file")
     if not path.is_file():
-        raise FileNotFoundError(f"data.path: file not found: {path}{hint}")
+        where = "" if path.is_absolute() else f" (a relative data.path is read from the current folder, {Path.cwd()})"
+        raise FileNotFoundError(f"data.path: file not found: {path}{where}{hint}")
     return path
 
 
