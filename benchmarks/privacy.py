@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from fedfm.attacks.label_recovery import head_bias_name, single_label
@@ -53,26 +52,15 @@ from fedfm.runtime import LocalRuntime
 from fedfm.runtime.outputs import read_metrics
 from fedfm.runtime.workbench import Workbench
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "tests")]
+from conftest import TINY_BERT, make_toy_csv  # noqa: E402  (the tests' toy data, the same rows)
 from privacy_tables import attack_table, secagg_round_table, table, write_block  # noqa: E402
 
 DELTA = 1e-5
 EPSILONS = [math.inf, 8.0, 4.0, 1.0]
 CLIENT_CLIP, SAMPLE_CLIP = 0.5, 1.0
 TARGET: dict = {}  # the non-private run's final state: the target of offline LiRA
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
-
-
-def toy_csv(path: Path, n: int = 240, seed: int = 0) -> None:
-    """The toy sentiment CSV of tests/conftest.py (same generator, same rows)."""
-    rng = np.random.default_rng(seed)
-    good = ["great", "wonderful", "superb", "delightful", "brilliant", "moving"]
-    bad = ["awful", "boring", "dreadful", "tedious", "terrible", "dull"]
-    rows = []
-    for i in range(n):
-        y = int(rng.integers(0, 2))
-        rows.append({"text": "the film was " + " ".join(rng.choice(good if y else bad, size=4)), "label": y, "group": f"m{i % 12}"})
-    pd.DataFrame(rows).to_csv(path, index=False)
+TINY = TINY_BERT  # tests/conftest.py's tiny random-init BERT
 
 
 def base(csv: Path) -> dict:
@@ -333,7 +321,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "toy.csv"
-    toy_csv(csv)
+    make_toy_csv(csv)
     torch.set_num_threads(2)
     if args.secagg_rounds_only:
         t0 = time.process_time()

@@ -63,22 +63,6 @@ def tiny_job(csv: Path) -> dict:
     }
 
 
-def make_toy_csv(path: Path, n: int = 240, seed: int = 0) -> None:
-    """The toy sentiment data of tests/conftest.py: label 1 texts use 'good' words."""
-    import numpy as np
-    import pandas as pd
-
-    rng = np.random.default_rng(seed)
-    good = ["great", "wonderful", "superb", "delightful", "brilliant", "moving"]
-    bad = ["awful", "boring", "dreadful", "tedious", "terrible", "dull"]
-    rows = []
-    for i in range(n):
-        y = int(rng.integers(0, 2))
-        rows.append({"text": "the film was " + " ".join(rng.choice(good if y else bad, size=4)), "label": y,
-                     "group": f"m{i % 12}"})
-    pd.DataFrame(rows).to_csv(path, index=False)
-
-
 LORA = {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
 METHODS = {
     # label: (example config, its changes on top of the tiny job)
@@ -234,6 +218,9 @@ def write_config(label: str, rounds: int, out: Path, zo_steps: int | None = None
     else:
         csv = out / "toy.csv"
         if not csv.exists():
+            sys.path.insert(0, str(ROOT / "tests"))
+            from conftest import make_toy_csv  # the tests' toy sentiment data, the same rows
+
             make_toy_csv(csv)
         raw = merge(merge(yaml.safe_load(example.read_text()), tiny_job(csv)), changes)
     if zo_steps and label != "lora":
