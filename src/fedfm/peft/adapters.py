@@ -119,6 +119,12 @@ def adapters(model: torch.nn.Module, params: AdapterParams, task: str) -> torch.
         adapter = Bottleneck(hidden, width, params.activation, params.init_std)
         adapter.to(base.weight.device, base.weight.dtype)
         set_submodule(model, name, AdaptedLinear(base, adapter))
+    return train_extras(model, params)
+
+
+def train_extras(model: torch.nn.Module, params: AdapterParams) -> torch.nn.Module:
+    """Unfreeze what an adapter method trains beside its adapters: the LayerNorms
+    (``train_layernorm``) and the task head (``train_head``)."""
     if params.train_layernorm:
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):

@@ -30,9 +30,9 @@ from typing import Iterator, Literal
 import torch
 import torch.nn.functional as F
 
-from fedfm.peft.adapters import AdapterParams, Bottleneck, adapter_targets
+from fedfm.peft.adapters import AdapterParams, Bottleneck, adapter_targets, train_extras
 from fedfm.peft.base import register_tuner
-from fedfm.peft.freezing import freeze_all, set_submodule, train_heads
+from fedfm.peft.freezing import freeze_all, set_submodule
 
 MODES = ("dual", "global")
 
@@ -113,13 +113,7 @@ def dual_adapters(model: torch.nn.Module, params: AdapterParams, task: str) -> t
         personal = Bottleneck(base.out_features, width, params.activation, params.init_std)
         wrapped = DualAdaptedLinear(base, shared, personal).to(base.weight.device, base.weight.dtype)
         set_submodule(model, name, wrapped)
-    if params.train_layernorm:
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.requires_grad_(True)
-    if params.train_head:
-        train_heads(model)
-    return model
+    return train_extras(model, params)
 
 
 register_tuner("dual_adapter", dual_adapters, AdapterParams)
