@@ -110,3 +110,17 @@ def invoke(monkeypatch, *args: str):
     monkeypatch.setattr(cli.console, "width", 1000)
     result = CliRunner().invoke(cli.app, list(args))
     return result, " ".join(result.output.split())
+
+
+def record_replies(rt) -> list[bytes]:
+    """Every reply's bytes that ``rt``'s transport brings back from now on (failed ones left out)."""
+    sent: list[bytes] = []
+    exchange = rt.transport.exchange
+
+    def spy(envelopes, timeout=None):
+        replies = exchange(envelopes, timeout)
+        sent.extend(r.data for r in replies.values() if r.error is None)
+        return replies
+
+    rt.transport.exchange = spy
+    return sent

@@ -8,6 +8,7 @@ import struct
 import torch
 
 from fedfm.codecs.serialize import from_bytes
+from conftest import record_replies
 from fedfm.config import from_dict
 from fedfm.runtime import LocalRuntime
 from fedfm.runtime.client import LOCAL_KEY
@@ -17,15 +18,7 @@ def test_local_head_stays_on_the_client(tmp_path, tiny):
     tiny["peft"]["local"] = ["*classifier.*"]
     exp = from_dict(tiny, overrides=["rounds=1", "train.steps=2"])
     rt = LocalRuntime(exp, tmp_path / "run")
-    sent: list[bytes] = []
-    exchange = rt.transport.exchange
-
-    def spy(envelopes, timeout=None):
-        replies = exchange(envelopes, timeout)
-        sent.extend(r.data for r in replies.values() if r.error is None)
-        return replies
-
-    rt.transport.exchange = spy
+    sent = record_replies(rt)
     rt.run()
     assert len(sent) == 2  # one training reply per client (no client eval in this run)
     # By hand: tiny BERT (hidden 32, 2 layers), LoRA r=4 on query and value:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedfm.codecs.serialize import from_bytes
+from conftest import record_replies
 from fedfm.config import ConfigError, from_dict
 from fedfm.peft.personal_prompt import insert_prompt
 from fedfm.runtime import LocalRuntime
@@ -33,15 +34,7 @@ def _cfg(tiny):
 
 def test_personal_prompt_stays_on_the_client(tmp_path, tiny):
     rt = LocalRuntime(from_dict(_cfg(tiny), overrides=["rounds=1", "train.steps=2"]), tmp_path / "run")
-    sent: list[bytes] = []
-    exchange = rt.transport.exchange
-
-    def spy(envelopes, timeout=None):
-        replies = exchange(envelopes, timeout)
-        sent.extend(r.data for r in replies.values() if r.error is None)
-        return replies
-
-    rt.transport.exchange = spy
+    sent = record_replies(rt)
     assert rt.wb.template["personal_prompt.embedding"].shape == (4, 32)
     rt.run()
     # By hand: LoRA r=4 on query, value of 2 layers = 1024 float32 (4096 bytes) + the shared
