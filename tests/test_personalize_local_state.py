@@ -7,8 +7,8 @@ import struct
 
 import torch
 
-from fedfm.codecs.serialize import from_bytes
 from conftest import record_replies
+from fedfm.codecs.serialize import from_bytes
 from fedfm.config import from_dict
 from fedfm.runtime import LocalRuntime
 from fedfm.runtime.client import LOCAL_KEY
