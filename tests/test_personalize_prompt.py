@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedfm.codecs.serialize import from_bytes
 from conftest import record_replies
+from fedfm.codecs.serialize import from_bytes
 from fedfm.config import ConfigError, from_dict
 from fedfm.peft.personal_prompt import insert_prompt
 from fedfm.runtime import LocalRuntime
