@@ -24,8 +24,12 @@ from fedfm.runtime.outputs import read_metrics
 
 
 def ctx_for(exp, rnd=1, seed=0):
-    return SimpleNamespace(round=rnd, generator=torch.Generator().manual_seed(seed), workbench=SimpleNamespace(exp=exp),
-                           num_clients=exp.federation.clients, notes={})
+    """The round's context as the loop builds it: the run's plan, no workbench."""
+    from fedfm.core.protocols import RoundContext
+    from fedfm.privacy.plan import plan_of
+
+    return RoundContext(rnd, seed, torch.Generator().manual_seed(seed), exp.federation.clients, rounds=exp.rounds,
+                        sample_size=plan_of(exp).sample_size)
 
 
 def dp_exp(tmp_path, **over):
@@ -174,3 +178,14 @@ def test_privacy_example_configs_load():
     for path in configs:
         exp = load_config(path)
         assert exp.server_steps or exp.exchanges or exp.runtime.flower.nodes, path
+
+
+def test_a_round_without_the_run_plan_cannot_be_accounted():
+    from fedfm.core.protocols import RoundContext
+    from fedfm.privacy.plan import round_plan
+
+    bare = RoundContext(1, 0, torch.Generator(), 10)  # a context no run built: rounds and sample size unknown
+    with pytest.raises(RuntimeError, match="dp_noise: the round context carries no run plan"):
+        round_plan(bare, "dp_noise")
+    plan = round_plan(RoundContext(1, 0, torch.Generator(), 10, rounds=3, sample_size=4), "dp_noise", "pld")
+    assert (plan.population, plan.sample_size, plan.accountant) == (10, 4, "pld")

@@ -40,7 +40,9 @@ class RoundContext:
     (``model``, ``task``, ``tokenizer``, ``evaluate``); it is None where a step needs none.
     ``notes`` is what one server step tells a later step of the same round (``dp_clip``
     tells ``dp_noise`` its clip norm and count); a fresh context per aggregation, so notes
-    never leak into another round.
+    never leak into another round. ``rounds`` and ``sample_size`` are the run's plan (its
+    number of rounds, the clients it samples per round): what a privacy accountant needs,
+    0 where no run gives them.
     """
 
     round: int
@@ -51,6 +53,8 @@ class RoundContext:
     workbench: Any = None
     attempt: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 0
+    sample_size: int = 0
 
 
 class Algorithm(Protocol):

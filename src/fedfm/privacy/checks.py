@@ -78,7 +78,7 @@ def client_dp_problems(exp) -> list[str]:
             problems.append("federation.roles: dp_client_noise adds client noise but dp_noise is central (set mode: distributed)")
     else:
         if p.target_epsilon is not None:
-            sigma = resolved_sigma(p, exp)
+            sigma = resolved_sigma(p, plan, exp.rounds)
             problems.append(f"server_steps[{idx}] (dp_noise, distributed): the clients need sigma too; target_epsilon "
                             f"{p.target_epsilon} gives noise_multiplier {sigma:.4f}: set it on dp_noise and dp_client_noise")
         if clips:
@@ -99,14 +99,14 @@ def client_dp_problems(exp) -> list[str]:
     if p.mode == "central" and clips:
         cp = _params(DpClipParams, clips[0][1])
         if cp is not None and cp.target_quantile is not None:
-            sigma = resolved_sigma(p, exp)
+            sigma = resolved_sigma(p, plan, exp.rounds)
             sigma_b = cp.count_noise if cp.count_noise is not None else plan.sample_size / 20.0
             try:
                 update_noise_multiplier(sigma, sigma_b)
             except ValueError as exc:
                 problems.append(f"server_steps[{clips[0][0]}] (dp_clip): {exc}")
     if p.max_epsilon is not None:
-        sigma = resolved_sigma(p, exp)
+        sigma = resolved_sigma(p, plan, exp.rounds)
         eps = epsilon(plan, [sigma] * exp.rounds, p.delta)
         if eps > p.max_epsilon + 1e-9:
             problems.append(f"server_steps[{idx}] (dp_noise): the privacy budget is spent: {exp.rounds} rounds with "

@@ -73,9 +73,9 @@ class DpClip:
     def count_noise(self, ctx) -> float:
         if self.p.count_noise is not None:
             return self.p.count_noise
-        from fedfm.privacy.plan import exp_of, plan_of
+        from fedfm.privacy.plan import round_plan
 
-        return plan_of(exp_of(ctx, "dp_clip")).sample_size / 20.0
+        return round_plan(ctx, "dp_clip").sample_size / 20.0
 
     def __call__(self, updates: list[Update], ctx, state: State):
         c = float(state["clip_norm"]) if "clip_norm" in state else self.p.clip_norm

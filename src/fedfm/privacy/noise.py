@@ -45,7 +45,8 @@ from fedfm.core.types import State
 from fedfm.privacy import notes
 from fedfm.privacy.accounting import epsilon, solve_noise_multiplier
 from fedfm.privacy.clipping import update_noise_multiplier
-from fedfm.privacy.plan import exp_of, plan_of
+from fedfm.privacy.accounting import Plan
+from fedfm.privacy.plan import round_plan
 
 
 class PrivacyBudgetSpent(RuntimeError):
@@ -68,10 +69,11 @@ class DpNoiseParams(BaseModel):
         return self
 
 
-def resolved_sigma(p: DpNoiseParams, exp) -> float:
+def resolved_sigma(p: DpNoiseParams, plan: Plan, rounds: int) -> float:
+    """The noise multiplier: given, or solved for ``target_epsilon`` over ``rounds`` rounds of ``plan``."""
     if p.noise_multiplier is not None:
         return p.noise_multiplier
-    return solve_noise_multiplier(plan_of(exp, p.accountant), exp.rounds, p.target_epsilon, p.delta)
+    return solve_noise_multiplier(plan, rounds, p.target_epsilon, p.delta)
 
 
 def add_gaussian(value: State, std: float, generator: torch.Generator) -> State:
@@ -93,10 +95,9 @@ class DpNoise:
         self.stage = "delta" if params.mode == "central" else "updates"
 
     def _charge(self, ctx, state: State, accounted: float) -> tuple[State, dict]:
-        exp = exp_of(ctx, "dp_noise")
         history = state.get("sigmas", torch.zeros(0, dtype=torch.float64))
         sigmas = torch.cat([history, torch.tensor([accounted], dtype=torch.float64)])
-        eps = epsilon(plan_of(exp, self.p.accountant), sigmas.tolist(), self.p.delta)
+        eps = epsilon(round_plan(ctx, "dp_noise", self.p.accountant), sigmas.tolist(), self.p.delta)
         if self.p.max_epsilon is not None and eps > self.p.max_epsilon + 1e-9:
             raise PrivacyBudgetSpent(
                 f"dp_noise: round {ctx.round} would bring epsilon to {eps:.4f} > max_epsilon {self.p.max_epsilon} "
@@ -104,10 +105,10 @@ class DpNoise:
         return {"sigmas": sigmas}, {"epsilon": eps, "delta": self.p.delta, "accounted_noise_multiplier": accounted}
 
     def __call__(self, value, ctx, state: State):
-        exp = exp_of(ctx, "dp_noise")
-        sigma = resolved_sigma(self.p, exp)
+        plan = round_plan(ctx, "dp_noise", self.p.accountant)
+        sigma = resolved_sigma(self.p, plan, ctx.rounds)
         if self.p.mode == "distributed":
-            m = plan_of(exp).sample_size
+            m = plan.sample_size
             n = len(value)
             accounted = sigma * math.sqrt(n / m)
             new_state, metrics = self._charge(ctx, state, accounted)

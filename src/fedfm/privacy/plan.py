@@ -1,5 +1,7 @@
-"""The accounting plan of a run, read from its config: population, clients per round,
-sampling, rounds. Server steps get the config through ``RoundContext.workbench.exp``."""
+"""The accounting plan of a run: population, clients per round, sampling. Read from the
+config at config time (``plan_of``), and from the round's context by the server steps
+(``round_plan``: ``RoundContext.num_clients`` and ``sample_size``), so a step needs no
+experiment object."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ def plan_of(exp, accountant: str = "rdp") -> Plan:
     return Plan(population=n, sample_size=clients_per_round(exp.federation, n), sampling="fixed", accountant=accountant)
 
 
-def exp_of(ctx, who: str):
-    exp = getattr(getattr(ctx, "workbench", None), "exp", None)
-    if exp is None:
-        raise RuntimeError(f"{who}: the round context carries no workbench with the experiment config, needed for accounting")
-    return exp
+def round_plan(ctx, who: str, accountant: str = "rdp") -> Plan:
+    """The plan of the run this round belongs to (``RoundContext`` carries it)."""
+    if ctx.sample_size <= 0 or ctx.rounds <= 0:
+        raise RuntimeError(f"{who}: the round context carries no run plan (rounds, clients per round), needed for accounting")
+    return Plan(population=ctx.num_clients, sample_size=ctx.sample_size, sampling="fixed", accountant=accountant)

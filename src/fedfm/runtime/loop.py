@@ -47,7 +47,7 @@ from fedfm.runtime.progress import RunProgress
 from fedfm.runtime.receive import receive_update
 from fedfm.runtime.roundlog import RoundLog
 from fedfm.runtime.rundir import drop_replaced, merge_wall_time
-from fedfm.runtime.sampling import sample_clients
+from fedfm.runtime.sampling import clients_per_round, sample_clients
 from fedfm.runtime.store import ClientStore, round_tag
 from fedfm.runtime.wire import broadcast_payload, encode_settle, plain_config
 
@@ -79,6 +79,7 @@ class RoundLoop:
         self.outcomes: dict[int, tuple[str, bool]] = {}  # each contacted client's last decision
         self.mirror_outcomes: dict[int, tuple[str, bool]] = {}  # this round's, for the mirror
         self.warnings: list[str] = []
+        self.sample_size = clients_per_round(exp.federation, exp.federation.clients)  # the plan an accountant reads
 
     # -- one round ------------------------------------------------------------------
 
@@ -218,7 +219,8 @@ class RoundLoop:
         agg_metrics: dict[str, Any] = {}
         if updates:
             gen = torch.Generator().manual_seed(derive_seed(self.exp.seed, rnd, AGGREGATE_TAG))
-            ctx = RoundContext(rnd, self.exp.seed, gen, len(self.wb.clients), self.wb.clients, self.wb, attempt)
+            ctx = RoundContext(rnd, self.exp.seed, gen, len(self.wb.clients), self.wb.clients, self.wb, attempt,
+                               rounds=self.exp.rounds, sample_size=self.sample_size)
             server_state, agg_metrics = self.algo.aggregate(server_state, updates, ctx)
         train_loss = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
         row: dict[str, Any] = {
