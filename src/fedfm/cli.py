@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: run (--resume; a stages file: cli_stages.py), report, data describe, list, flower."""
+"""The ``fedfm`` command line: run (--resume; a stages file: cli_stages.py), report, data describe, list; flower (cli_flower.py), watermark (cli_watermark.py)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fedfm.cli_guard import USER_ERRORS, console, continue_command, guarded
+from fedfm.cli_flower import flower_app
+from fedfm.cli_guard import USER_ERRORS, Overrides, console, continue_command, guarded  # noqa: F401  (cli_stages reads cli.USER_ERRORS)
+from fedfm.cli_guard import load_experiment as _load
 from fedfm.cli_watermark import watermark_app
-from fedfm.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning with foundation models.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the data of an experiment.")
 app.add_typer(data_app, name="data")
-flower_app = typer.Typer(no_args_is_help=True, help="Run experiments on Flower (see docs/distributed.md).")
 app.add_typer(flower_app, name="flower")
 app.add_typer(watermark_app, name="watermark")
-
-Overrides = Annotated[Optional[list[str]], typer.Option("--override", "-o", help="dotted override, e.g. train.lr=1e-3")]
-
-
-def _load(config: Path, overrides: list[str] | None, stage: str | None = None):
-    from fedfm.stages import is_stages_file, pick_stage
-
-    try:
-        if stage is not None or is_stages_file(config):
-            return pick_stage(config, overrides or [], stage)
-        return load_config(config, overrides or [])
-    except ConfigError as exc:
-        console.print(f"[red]{escape(str(exc))}[/]")
-        raise typer.Exit(2) from None
-
 
 CONFIG_REFERENCE = 'Every config key: the "Config" section of README.md; a component\'s parameters: `fedfm list NAME`.'
 # Errors a user's input can cause; anything else is a bug and keeps its traceback.
@@ -171,122 +156,6 @@ def _run_flower(exp, out: Path, resume: bool = False) -> dict:
     if not summary.exists():
         raise RuntimeError(f"the run ended but {summary} is missing (the ServerApp writes it on the SuperLink machine)")
     return json.loads(summary.read_text())
-
-
-@flower_app.command("export-partitions")
-def flower_export(
-    config: Path,
-    out: Annotated[Path, typer.Option(help="directory for client_<cid>.parquet")],
-    override: Overrides = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace client files already in --out")] = False,
-):
-    """Write one data file per client, cut as the local backend cuts the source."""
-    exp = _load(config, override)
-    from fedfm.runtime.flower.deployment import export_partitions
-
-    try:
-        paths = export_partitions(exp, out, overwrite=overwrite)
-    except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
-    for path in paths:
-        console.print(str(path))
-
-
-@flower_app.command("connection")
-def flower_connection(
-    name: str,
-    address: str,
-    root_certificates: Annotated[Optional[Path], typer.Option(help="CA certificate (PEM) of the SuperLink")] = None,
-    insecure: Annotated[bool, typer.Option(help="no TLS: loopback demos only")] = False,
-    flwr_home: Annotated[Optional[Path], typer.Option(envvar="FLWR_HOME", help="default ~/.flwr")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a connection of the same name")] = False,
-):
-    """Add a SuperLink connection to the Flower Configuration (used by `flwr run`)."""
-    from fedfm.runtime.flower.deployment import write_connection
-
-    home = flwr_home or Path.home() / ".flwr"
-    try:
-        path = write_connection(home, name, address, root_certificates, insecure, overwrite)
-    except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
-    console.print(str(path))
-
-
-@flower_app.command("submit")
-def flower_submit(
-    config: Path,
-    superlink: Annotated[Optional[str], typer.Option(help="connection name (default: runtime.flower.superlink)")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="run directory on the SuperLink machine")] = None,
-    override: Overrides = None,
-):
-    """`flwr run` the shipped app on a running SuperLink, the experiment in the run config."""
-    exp = _load(config, override)
-    from fedfm.runtime.flower.deployment import submit
-
-    try:
-        done = submit(exp, out or Path("runs") / exp.name, superlink)
-    except ValueError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
-    console.print(done.stdout + done.stderr)
-    raise typer.Exit(done.returncode)
-
-
-@flower_app.command("keys")
-def flower_keys(
-    out: Annotated[Path, typer.Option(help="directory for node-<cid> (private) and node-<cid>.pub")],
-    clients: Annotated[int, typer.Option(min=1, help="how many client ids (0..clients-1)")],
-):
-    """Make one SuperNode key pair per client (EC P-384, OpenSSH) and print the
-    runtime.flower.nodes block that binds each client id to its public key. Key files
-    already in --out are never replaced: nothing is written then."""
-    from fedfm.runtime.flower.node_keys import existing_keys, generate_node_key
-
-    names = [f"node-{cid}" for cid in range(clients)]
-    there = existing_keys(out, names) if out.is_dir() else []
-    problem = f"--out {out} is a file, not a folder" if out.exists() and not out.is_dir() else None
-    if there:
-        more = f", ... ({len(there)} in all)" if len(there) > 4 else ""
-        problem = f"--out {out} already holds {', '.join(there[:4])}{more}; a node key is never replaced: pick another --out"
-    if problem is not None:
-        console.print(f"[red]error:[/] {escape(problem)}")
-        raise typer.Exit(1)
-    console.print("runtime:\n  flower:\n    nodes:")
-    for cid, name in enumerate(names):
-        _, public = generate_node_key(out, name)
-        console.print(f"      {cid}: {public.resolve()}")
-
-
-@flower_app.command("register")
-def flower_register(
-    config: Path,
-    superlink: Annotated[Optional[str], typer.Option(help="connection name (default: runtime.flower.superlink)")] = None,
-    override: Overrides = None,
-):
-    """Register every public key of runtime.flower.nodes on the SuperLink (`flwr supernode
-    register`; the SuperLink runs with --enable-supernode-auth) and print the node ids."""
-    import tempfile
-
-    exp = _load(config, override)
-    from fedfm.runtime.flower.node_keys import key_text, register_keys
-
-    if not exp.runtime.flower.nodes:
-        console.print("[red]error:[/] runtime.flower.nodes is empty: nothing to register")
-        raise typer.Exit(2)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for cid, value in exp.runtime.flower.nodes.items():
-            files[cid] = Path(tmp) / f"node-{cid}.pub"
-            files[cid].write_text(key_text(value) + "\n")
-        try:
-            ids = register_keys(files, superlink or exp.runtime.flower.superlink)
-        except RuntimeError as exc:
-            console.print(f"[red]error:[/] {escape(str(exc))}")
-            raise typer.Exit(1) from None
-    for cid, node in ids.items():
-        console.print(f"client {cid}: node {node}")
 
 
 @data_app.command("describe")

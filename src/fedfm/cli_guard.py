@@ -4,6 +4,7 @@ error is printed and exits 1, and a start that failed is undone (runtime/rundir.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -12,6 +13,21 @@ from rich.markup import escape
 console = Console()
 # Errors that are the user's input (config, data, files, models), printed without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError)
+Overrides = Annotated[Optional[list[str]], typer.Option("--override", "-o", help="dotted override, e.g. train.lr=1e-3")]
+
+
+def load_experiment(config: Path, overrides: list[str] | None, stage: str | None = None):
+    """The experiment of a config (or of one stage of a stages file), or its error printed and exit 2."""
+    from fedfm.config import ConfigError, load_config
+    from fedfm.stages import is_stages_file, pick_stage
+
+    try:
+        if stage is not None or is_stages_file(config):
+            return pick_stage(config, overrides or [], stage)
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        console.print(f"[red]{escape(str(exc))}[/]")
+        raise typer.Exit(2) from None
 
 
 def guarded(rd, start, resume_command, where: str = ""):
