@@ -66,6 +66,13 @@ def test_tracing_names_the_right_client_among_8(setup):
     assert "suspect: client 1" in done.output
     bad = cli.invoke(app, ["watermark", "trace", str(leak / "model.safetensors"), "--key", MASTER])
     assert bad.exit_code == 2 and "--clients" in bad.output
+    # the master key from the environment, never on the command line
+    done = cli.invoke(app, ["watermark", "trace", str(leak / "model.safetensors"), "--key-env", "FEDFM_TEST_MASTER",
+                            "--clients", "8", *size], env={"FEDFM_TEST_MASTER": MASTER})
+    assert done.exit_code == 0 and "suspect: client 5" in done.output, done.output
+    unset = cli.invoke(app, ["watermark", "trace", str(leak / "model.safetensors"), "--key-env", "FEDFM_UNSET_KEY",
+                             "--clients", "8"], env={"FEDFM_UNSET_KEY": ""})
+    assert unset.exit_code == 2 and "FEDFM_UNSET_KEY (--key-env) is not set or empty" in unset.output
 
 
 def test_codec_attacks_by_hand(setup):

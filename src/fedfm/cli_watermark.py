@@ -84,7 +84,8 @@ def watermark_trace(
     model: Annotated[Path, typer.Argument(help="the leaked model: a run directory or a .safetensors file")],
     keys: Annotated[Optional[list[str]], typer.Option("--keys", help="one client key per option, client ids 0, 1, ...")] = None,
     key: Annotated[Optional[str], typer.Option(help="master key: client keys are derived from it (with --clients)")] = None,
-    clients: Annotated[Optional[int], typer.Option(help="number of clients, ids 0..N-1 (with --key)")] = None,
+    key_env: Annotated[Optional[str], typer.Option(help="environment variable holding the master key (instead of --key)")] = None,
+    clients: Annotated[Optional[int], typer.Option(help="number of clients, ids 0..N-1 (with --key or --key-env)")] = None,
     config: WmConfig = None,
     trigger_size: WmSize = None,
     trigger_length: WmLength = None,
@@ -93,10 +94,15 @@ def watermark_trace(
     """Name the client whose key the leaked model answers best, with every client's figures."""
     from fedfm.ip import client_key, trace_keys
 
-    if bool(keys) == (key is not None) or (key is not None) != (clients is not None):
-        console.print("[red]error:[/] give either --keys K0 --keys K1 ... or --key MASTER --clients N")
+    master = key is not None or key_env is not None
+    if bool(keys) == master or master != (clients is not None):
+        console.print("[red]error:[/] give either --keys K0 --keys K1 ... or --key MASTER (or --key-env VAR) --clients N")
         raise typer.Exit(2)
-    labelled = dict(enumerate(keys)) if keys else {c: client_key(key, c) for c in range(clients)}
+    if keys:
+        labelled = dict(enumerate(keys))
+    else:
+        secret = _secret(key, key_env)
+        labelled = {c: client_key(secret, c) for c in range(clients)}
     base, state, spec = _suspect(model, config, trigger_size, trigger_length, continuation, ("client_watermark", "waffle"))
     result = trace_keys(base, state, labelled, spec)
     table = Table(title=f"watermark of each client on {model}")
