@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedfm.cli_flower import flower_app
-from fedfm.cli_guard import USER_ERRORS, Overrides, console, continue_command, guarded  # noqa: F401  (cli_stages reads cli.USER_ERRORS)
+from fedfm.cli_guard import USER_ERRORS, Overrides, console, continue_command, fail, guarded  # noqa: F401  (cli_stages reads cli.USER_ERRORS)
 from fedfm.cli_guard import load_experiment as _load
 from fedfm.cli_watermark import watermark_app
 
@@ -53,8 +53,7 @@ def run(
     try:
         rd = prepare_run_dir(out, resume, overwrite)
     except RunDirError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+        fail(str(exc), 2)
     if rd.resume_after is not None:
         console.print(escape(f"resuming {out} after round {rd.resume_after}"))
     elif resume:
@@ -173,8 +172,7 @@ def data_describe(
         fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
         labels = resolve_labels(exp, fed)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     df = describe(fed)
     table = Table(title=f"{exp.name}: {len(fed.clients)} clients, partitioner {exp.federation.partitioner.name}")
     for col in df.columns:
@@ -200,8 +198,7 @@ def report(
     try:
         page = build_report(list(dirs), out)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     console.print(f"[green]report[/] -> {page}")
 
 

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
-from fedfm.cli_guard import Overrides, console
+from fedfm.cli_guard import Overrides, console, fail
 from fedfm.cli_guard import load_experiment as _load
 
 flower_app = typer.Typer(no_args_is_help=True, help="Run experiments on Flower (see docs/distributed.md).")
@@ -29,8 +28,7 @@ def flower_export(
     try:
         paths = export_partitions(exp, out, overwrite=overwrite)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     for path in paths:
         console.print(str(path))
 
@@ -51,8 +49,7 @@ def flower_connection(
     try:
         path = write_connection(home, name, address, root_certificates, insecure, overwrite)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     console.print(str(path))
 
 
@@ -70,8 +67,7 @@ def flower_submit(
     try:
         done = submit(exp, out or Path("runs") / exp.name, superlink)
     except ValueError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     console.print(done.stdout + done.stderr)
     raise typer.Exit(done.returncode)
 
@@ -93,8 +89,7 @@ def flower_keys(
         more = f", ... ({len(there)} in all)" if len(there) > 4 else ""
         problem = f"--out {out} already holds {', '.join(there[:4])}{more}; a node key is never replaced: pick another --out"
     if problem is not None:
-        console.print(f"[red]error:[/] {escape(problem)}")
-        raise typer.Exit(1)
+        fail(problem)
     console.print("runtime:\n  flower:\n    nodes:")
     for cid, name in enumerate(names):
         _, public = generate_node_key(out, name)
@@ -125,7 +120,6 @@ def flower_register(
         try:
             ids = register_keys(files, superlink or exp.runtime.flower.superlink)
         except RuntimeError as exc:
-            console.print(f"[red]error:[/] {escape(str(exc))}")
-            raise typer.Exit(1) from None
+            fail(str(exc))
     for cid, node in ids.items():
         console.print(f"client {cid}: node {node}")

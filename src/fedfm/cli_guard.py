@@ -4,7 +4,7 @@ error is printed and exits 1, and a start that failed is undone (runtime/rundir.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -13,6 +13,14 @@ from rich.markup import escape
 console = Console()
 # Errors that are the user's input (config, data, files, models), printed without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError, RuntimeError)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print a user error (``error: ...``, markup escaped) and exit with ``code``."""
+    console.print(f"[red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
 Overrides = Annotated[Optional[list[str]], typer.Option("--override", "-o", help="dotted override, e.g. train.lr=1e-3")]
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from fedfm.cli_guard import fail
+
 
 def run_stages(config: Path, overrides: list[str] | None, out: Path | None, progress: bool, resume: bool,
                overwrite: bool) -> None:
@@ -39,13 +41,11 @@ def run_stages(config: Path, overrides: list[str] | None, out: Path | None, prog
         try:
             labels[st.name] = cli._check_data(st.exp)
         except cli.USER_ERRORS as exc:
-            console.print(f"[red]error:[/] {escape(f'stage {st.name!r}: {exc}')}")
-            raise typer.Exit(1) from None
+            fail(f"stage {st.name!r}: {exc}")
     try:
         actions = plan(stages, resume, overwrite)
     except RunDirError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+        fail(str(exc), 2)
     for st, action in zip(stages, actions):
         head = f"stage {st.name} ({st.index + 1} of {len(stages)})"
         if action == "skip":
