@@ -13,7 +13,7 @@ from fedfm.aggregators.flexlora import FlexLoraServer, flexlora_delta
 from fedfm.aggregators.hetlora import GROUP, HetLoraServer, zero_pad_delta
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Update
-from fedfm.learners.hetrank import HetLoraParams, HetRankLearner
+from fedfm.learners.hetrank import HetLoraParams, hetlora_learner
 from fedfm.peft.hetero import pad, svd_factors, truncate
 
 A, B, H = "m.layer.0.q.lora_A.default.weight", "m.layer.0.q.lora_B.default.weight", "head.weight"
@@ -170,7 +170,7 @@ def lora_names(ctx):
 def test_client_trains_its_rank_view_and_the_rest_stays_zero():
     ctx = tiny_ctx()
     inst = received_rank2(ctx)
-    up = HetRankLearner(HetLoraParams()).local_update(inst, ctx)
+    up = hetlora_learner(HetLoraParams()).local_update(inst, ctx)
     a, b = lora_names(ctx)
     assert up.payload[a].shape == (2, 4) and up.payload[b].shape == (4, 2)
     assert up.payload[a].abs().sum() > 0  # it trained
@@ -183,7 +183,7 @@ def test_self_pruning_lowers_the_rank_and_zeroes_the_pruned_components():
     # gamma 0.5 on rank 2: the tail is component 1; lam 100 drives its norm down -> rank 1
     ctx = tiny_ctx()
     inst = received_rank2(ctx)
-    up = HetRankLearner(HetLoraParams(prune=True, gamma=0.5, lam=100.0)).local_update(inst, ctx)
+    up = hetlora_learner(HetLoraParams(prune=True, gamma=0.5, lam=100.0)).local_update(inst, ctx)
     a, b = lora_names(ctx)
     assert up.metrics["hetlora_rank"] == 1.0
     trained_a = inst.state[a] + up.payload[a]

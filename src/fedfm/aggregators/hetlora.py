@@ -81,7 +81,7 @@ def zero_pad_delta(model: State, modules: Sequence[State], examples: Sequence[fl
 
 class HetLoraServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
-        self.weighting = getattr(params, "weighting", "examples")
+        self.weighting = params.weighting
         self.num_clients = num_clients
 
     def init(self, model: State) -> ServerState:

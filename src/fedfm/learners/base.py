@@ -8,13 +8,16 @@ whose payload is the delta ``trained - global`` over the trainable State.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from pydantic import BaseModel
 
 from fedfm.core.registry import NoParams, Registry
 from fedfm.core.types import Instruction, Update
+
+if TYPE_CHECKING:
+    from fedfm.config import TrainConfig
 
 
 @dataclass
@@ -24,7 +27,7 @@ class LocalContext:
     task: Any
     tokenizer: Any
     examples: list[dict[str, Any]]
-    train: Any  # config.TrainConfig
+    train: TrainConfig
     seed: int
     store: Any = None  # per-client disk-backed state (runtime.store), when a learner needs it
     on_step: Callable[[int, int], None] | None = None

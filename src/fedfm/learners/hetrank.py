@@ -95,12 +95,11 @@ def timed_train(ctx: LocalContext, **hooks) -> dict[str, float]:
 
 
 class HetRankLearner:
-    """Local training at the rank of the received factors (or ``config["rank"]``)."""
+    """Local training at the rank of the received factors (or ``config["rank"]``); with
+    ``prune``, HetLoRA's rank self-pruning (FlexLoRA's clients never prune)."""
 
-    def __init__(self, params: BaseModel):
-        self.prune = bool(getattr(params, "prune", False))
-        self.gamma = float(getattr(params, "gamma", 0.5))
-        self.lam = float(getattr(params, "lam", 0.0))
+    def __init__(self, prune: bool = False, gamma: float = 0.5, lam: float = 0.0):
+        self.prune, self.gamma, self.lam = prune, gamma, lam
 
     def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
         received = instruction.state
@@ -136,5 +135,13 @@ class HetRankLearner:
         return Update(cid=ctx.cid, payload=delta, num_examples=len(ctx.examples), metrics=metrics)
 
 
-register_learner("hetlora", HetRankLearner, HetLoraParams)
-register_learner("flexlora", HetRankLearner, FlexLoraParams)
+def hetlora_learner(params: HetLoraParams) -> HetRankLearner:
+    return HetRankLearner(params.prune, params.gamma, params.lam)
+
+
+def flexlora_learner(params: FlexLoraParams) -> HetRankLearner:
+    return HetRankLearner()
+
+
+register_learner("hetlora", hetlora_learner, HetLoraParams)
+register_learner("flexlora", flexlora_learner, FlexLoraParams)

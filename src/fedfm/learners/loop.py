@@ -61,10 +61,10 @@ def train_loop(
     cfg = ctx.train
     model = ctx.model
     params = [p for p in model.parameters() if p.requires_grad]
-    forward, fresh = compiled(model) if getattr(cfg, "compile", False) else (model, False)
-    padding_free = unpadded(model) if getattr(cfg, "unpad", False) else contextlib.nullcontext()
-    mode = getattr(cfg, "autocast", None)
-    make_batches = bucketed if getattr(cfg, "bucket_by_length", False) else batches
+    forward, fresh = compiled(model) if cfg.compile else (model, False)
+    padding_free = unpadded(model) if cfg.unpad else contextlib.nullcontext()
+    mode = cfg.autocast
+    make_batches = bucketed if cfg.bucket_by_length else batches
     compile_s = None
     opt = make_optimizer(params, cfg)
     gen = torch.Generator().manual_seed(ctx.seed)

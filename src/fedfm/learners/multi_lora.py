@@ -54,7 +54,7 @@ def client_stream(examples: list, cfg, generator: torch.Generator) -> Iterator[l
     """A client's batches in ``train_loop``'s order: epochs of seeded permutations,
     ``planned_steps`` of them in all."""
     total = planned_steps(len(examples), cfg)
-    make = bucketed if getattr(cfg, "bucket_by_length", False) else batches
+    make = bucketed if cfg.bucket_by_length else batches
     step = 0
     while step < total and examples:
         for items in make(examples, cfg.batch_size, generator):
@@ -208,7 +208,7 @@ def train_jointly(jobs: Sequence[tuple[Instruction, LocalContext]], kernel: str 
                     spans.append((start, start + m))
                     start += m
                 adapters.bind([c.params for c, _ in active], idx, spans, kernel, stacked=leaves)
-                with autocast(model, getattr(cfg, "autocast", None)):
+                with autocast(model, cfg.autocast):
                     losses = joint_losses(task, model, batch, spans)
                 opt.zero_grad(set_to_none=True)  # every client's grads, idle ones included
                 torch.stack(losses).sum().backward()
