@@ -4,12 +4,12 @@ source, and the greedy exact match of the causal LM task, all on hand-checkable 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 
+from fedfm.config import DataConfig
 from fedfm.data.builders import INSTRUCT_TEMPLATES, continuation_pairs, instruction_rows, main
 from fedfm.data.preferences import PreferenceOptions, preferences
 from fedfm.tasks.causal_lm import IGNORE, exact_matches
@@ -54,17 +54,17 @@ def test_instruction_rows_by_hand():
 def test_preferences_source_reads_and_checks(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"q": "hi", "good": " yes", "bad": " no", "who": 3}) + "\n")
-    cfg = SimpleNamespace(path=str(path), group_column="who")
+    cfg = DataConfig(path=str(path), group_column="who")
     df = preferences(cfg, PreferenceOptions(prompt_field="q", chosen_field="good", rejected_field="bad"))
     assert df.to_dict("records") == [{"prompt": "hi", "chosen": " yes", "rejected": " no", "text": " yes", "group": "3"}]
     with pytest.raises(ValueError, match="prompt_field: field 'prompt'"):
         preferences(cfg, PreferenceOptions())
     path.write_text(json.dumps({"prompt": "hi", "chosen": "x"}) + "\n" + json.dumps({"prompt": "hi", "chosen": "x", "rejected": "y"}) + "\n")
     with pytest.raises(ValueError, match=r"data.options.rejected_field 'rejected' of .*p.jsonl: 1 row\(s\) have no rejected answer \(data rows 1,"):
-        preferences(SimpleNamespace(path=str(path), group_column=None), PreferenceOptions())
+        preferences(DataConfig(path=str(path), group_column=None), PreferenceOptions())
     path.write_text(json.dumps({"prompt": "hi", "chosen": "x", "rejected": "x"}) + "\n")
     with pytest.raises(ValueError, match="identical"):
-        preferences(SimpleNamespace(path=str(path), group_column=None), PreferenceOptions())
+        preferences(DataConfig(path=str(path), group_column=None), PreferenceOptions())
 
 
 def test_builder_cli_writes_shakespeare_pairs(tmp_path):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fedfm.config import FederationConfig
+from fedfm.config import DataConfig, FederationConfig
 from fedfm.data import build_federation, load_source
 from fedfm.data.text_corpora import (
     FortuneOptions,
@@ -112,30 +112,30 @@ def _jsonl(path, rows):
 
 def test_jsonl_instruction_pairs_and_text(tmp_path):
     pairs = _jsonl(tmp_path / "p.jsonl", [{"instruction": "Hi", "response": "Yo", "lang": "en"}])
-    cfg = SimpleNamespace(path=str(pairs), text_column="text", group_column="lang")
+    cfg = DataConfig(path=str(pairs), text_column="text", group_column="lang")
     df = jsonl_text(cfg, JsonlOptions())
     assert df.to_dict("records") == [{"prompt": "Hi", "text": "Yo", "group": "en"}]
     plain = _jsonl(tmp_path / "t.jsonl", [{"body": "words", "who": 3}])
-    cfg = SimpleNamespace(path=str(plain), text_column="body", group_column="who")
+    cfg = DataConfig(path=str(plain), text_column="body", group_column="who")
     assert jsonl_text(cfg, JsonlOptions()).to_dict("records") == [{"text": "words", "group": "3"}]
-    cfg = SimpleNamespace(path=str(plain), text_column="text", group_column=None)
+    cfg = DataConfig(path=str(plain), text_column="text", group_column=None)
     with pytest.raises(ValueError, match="data.text_column"):
         jsonl_text(cfg, JsonlOptions())
-    cfg = SimpleNamespace(path=str(plain), text_column="body", group_column="nope")
+    cfg = DataConfig(path=str(plain), text_column="body", group_column="nope")
     with pytest.raises(ValueError, match="data.group_column"):
         jsonl_text(cfg, JsonlOptions())
 
 
 def test_jsonl_null_or_missing_fields_are_named_not_read_as_nan(tmp_path):
     pairs = _jsonl(tmp_path / "p.jsonl", [{"instruction": "Hi", "response": "Yo"}, {"instruction": "Ho"}, {"instruction": None, "response": "x"}])
-    cfg = SimpleNamespace(path=str(pairs), text_column="text", group_column=None)
+    cfg = DataConfig(path=str(pairs), text_column="text", group_column=None)
     with pytest.raises(ValueError, match=r"data.options.instruction_field 'instruction' of .*p.jsonl: 1 row\(s\) have no instruction \(data rows 3,"):
         jsonl_text(cfg, JsonlOptions())
     _jsonl(pairs, [{"instruction": "Hi", "response": "Yo"}, {"instruction": "Ho"}])
     with pytest.raises(ValueError, match=r"1 row\(s\) have no response \(data rows 2,"):
         jsonl_text(cfg, JsonlOptions())
     plain = _jsonl(tmp_path / "t.jsonl", [{"body": "words", "who": 3}, {"body": "more", "who": None}])
-    cfg = SimpleNamespace(path=str(plain), text_column="body", group_column="who")
+    cfg = DataConfig(path=str(plain), text_column="body", group_column="who")
     with pytest.raises(ValueError, match=r"data.group_column 'who' of .*t.jsonl: 1 row\(s\) have no group \(data rows 2,"):
         jsonl_text(cfg, JsonlOptions())
 

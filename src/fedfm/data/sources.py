@@ -139,7 +139,7 @@ def _read_table(path: Path, fmt: str | None, encoding: str = "utf-8") -> pd.Data
 def local_file(cfg: Any, options: BaseModel) -> pd.DataFrame:
     """Any local CSV / JSONL / Parquet file with configurable text, label and group columns."""
     path = data_file(cfg.path, "file")
-    df = _read_table(path, cfg.format, getattr(cfg, "encoding", "utf-8"))
+    df = _read_table(path, cfg.format, cfg.encoding)
     if len(df) == 0:
         raise ValueError(f"data.path: {path} has no rows (only a header: {', '.join(map(str, df.columns))})")
     for field in ("text_column", "label_column", "group_column"):

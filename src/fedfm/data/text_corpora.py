@@ -208,7 +208,7 @@ def jsonl_text(cfg: Any, options: JsonlOptions) -> pd.DataFrame:
     """``data.path`` JSONL: instruction/response pairs when both fields exist, else
     ``data.text_column``; ``data.group_column`` (any field) gives the natural owner."""
     path = data_file(cfg.path, "jsonl")
-    df = read_jsonl(path, getattr(cfg, "encoding", "utf-8"))
+    df = read_jsonl(path, cfg.encoding)
     if len(df) == 0:
         raise ValueError(f"data.path: {path} has no rows")
     columns = ", ".join(map(str, df.columns))
