@@ -10,12 +10,28 @@ only states which mechanism a run is and asks the library for its epsilon:
   on the SUM of clipped updates divided by the clip norm C);
 - ``sampling="fixed"``: ``sample_size`` distinct clients of ``population`` per round, drawn
   uniformly without replacement: what ``runtime/sampling.py`` does with
-  ``sampling: uniform``; accounted with the replace-one neighbouring relation (the only
-  one dp-accounting has for this event), RDP only: dp-accounting's PLD accountant has no
-  sampling-without-replacement event, so ``pld`` with fixed-size sampling is refused;
+  ``sampling: uniform``. dp-accounting analyses this event (Wang, Balle & Kasiviswanathan
+  2019, "Subsampled Renyi Differential Privacy", Thm 27) only under the REPLACE-ONE
+  neighbouring relation (the number of clients is public), and its formula takes the
+  noise multiplier relative to the L2 sensitivity of the noised query. Replacing one
+  client's update clipped to C by another moves the sum by up to 2C, so the sensitivity
+  is 2C and the multiplier handed to the library is sigma / 2
+  (``SampledWithoutReplacementDpEvent(N, k, GaussianDpEvent(sigma / 2))``; the library
+  does not apply that factor itself, google/differential-privacy issue #378). RDP only:
+  dp-accounting's PLD accountant has no sampling-without-replacement event, so ``pld``
+  with fixed-size sampling is refused;
 - ``sampling="poisson"``: each client joins each round independently with probability
-  q (add-or-remove-one relation), RDP or PLD;
-- a round where every client takes part (q = 1) is the plain Gaussian mechanism.
+  q, under the ADD-OR-REMOVE-ONE relation (sensitivity C, multiplier sigma), RDP or PLD;
+- a round where every client takes part (q = 1) is the plain Gaussian mechanism under
+  ADD-OR-REMOVE-ONE (sensitivity C, multiplier sigma), with either accountant.
+
+So an epsilon of a run where every client takes part every round, or of Poisson
+sampling, is stated for add-or-remove-one neighbours (whether a client took part at
+all); one of fixed-size sampling of k < N clients is stated for replace-one neighbours
+(one client's data swapped for another's, N public). Example, sigma 1, 100 rounds,
+delta 1e-5: 10 of 100 clients fixed-size gives 83.9; Poisson at q = 0.1 gives 7.90 with
+sigma and 37.0 with sigma / 2, so the factor 2 of the sensitivity explains 7.90 -> 37.0
+and the without-replacement RDP bound the rest.
 
 The history of a run is one sigma per round (rounds may differ: distributed DP with
 dropouts carries less noise); identical sigmas are composed with ``SelfComposedDpEvent``.
@@ -59,9 +75,22 @@ class Plan:
         return None
 
 
+REPLACE_ONE_SENSITIVITY = 2.0  # in units of C: replacing one clipped update moves the sum by up to 2C
+
+
+def fixed_size(plan: Plan) -> bool:
+    """True when the plan is accounted as sampling without replacement (replace-one)."""
+    return plan.sampling == "fixed" and plan.sample_size < plan.population
+
+
 def round_event(plan: Plan, sigma: float) -> dpa.DpEvent:
-    """The DP event of one round with noise multiplier ``sigma``."""
-    gauss = dpa.GaussianDpEvent(sigma) if sigma > 0 else dpa.NonPrivateDpEvent()
+    """The DP event of one round with noise multiplier ``sigma`` (noise std on the sum / C)."""
+    if sigma <= 0:
+        gauss = dpa.NonPrivateDpEvent()
+    elif fixed_size(plan):  # replace-one: the library wants std / (2C)
+        gauss = dpa.GaussianDpEvent(sigma / REPLACE_ONE_SENSITIVITY)
+    else:
+        gauss = dpa.GaussianDpEvent(sigma)
     if plan.sample_size >= plan.population:
         return gauss
     if plan.sampling == "poisson":
@@ -75,8 +104,7 @@ def run_event(plan: Plan, sigmas: Sequence[float]) -> dpa.DpEvent:
 
 
 def fresh_accountant(plan: Plan) -> dpa.PrivacyAccountant:
-    fixed = plan.sampling == "fixed" and plan.sample_size < plan.population
-    relation = dpa.NeighboringRelation.REPLACE_ONE if fixed else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+    relation = dpa.NeighboringRelation.REPLACE_ONE if fixed_size(plan) else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
     if plan.accountant == "rdp":
         return rdp.RdpAccountant(neighboring_relation=relation)
     return pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=PLD_DISCRETIZATION)
@@ -116,4 +144,4 @@ def solve_noise_multiplier(plan: Plan, rounds: int, target_epsilon: float, delta
     return float(sigma)
 
 
-__all__ = ["Plan", "epsilon", "fresh_accountant", "round_event", "run_event", "solve_noise_multiplier"]
+__all__ = ["Plan", "epsilon", "fixed_size", "fresh_accountant", "round_event", "run_event", "solve_noise_multiplier"]
