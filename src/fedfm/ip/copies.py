@@ -1,7 +1,8 @@
 """``client_watermark``: every client receives its own watermarked copy of the global model.
 
-DUW-inspired (Yu, Wei, Zhou, Tang, Qin and Xu 2023, "Who Leaked the Model? Tracking IP
-Infringers in Accountable Federated Learning"): the server gives each client a copy that
+DUW-inspired (Shuyang Yu, Junyuan Hong, Yi Zeng, Fei Wang, Ruoxi Jia and Jiayu Zhou 2023,
+"Who Leaked the Model? Tracking IP Infringers in Accountable Federated Learning", NeurIPS
+2023 Workshop on Regulatable ML): the server gives each client a copy that
 carries a key of its own, so that a leaked copy names the client it came from
 (``unique.trace``, ``fedfm watermark trace``). DUW embeds the keys with a decoder trained
 on the server; that decoder is NOT implemented. Here a client's copy is the global model

@@ -1,7 +1,8 @@
 """Client-unique watermarks and leak tracing (DUW-inspired).
 
-DUW (Yu, Wei, Zhou, Tang, Qin and Xu 2023, "Who Leaked the Model? Tracking IP Infringers
-in Accountable Federated Learning") gives every client a copy of the global model that
+DUW (Shuyang Yu, Junyuan Hong, Yi Zeng, Fei Wang, Ruoxi Jia and Jiayu Zhou 2023, "Who
+Leaked the Model? Tracking IP Infringers in Accountable Federated Learning", NeurIPS 2023
+Workshop on Regulatable ML) gives every client a copy of the global model that
 carries a key of its own, so that a leaked model names the client it came from, while the
 federation's ownership stays verifiable. DUW embeds the keys with a decoder trained on the
 server and a utility-preserving loss; that decoder is NOT implemented here. What is: each
