@@ -31,6 +31,15 @@ def test_scaffold_option2_with_adamw_is_refused_at_config_time_with_the_reason(t
     assert "(the default)" not in scaffold_config_problem(exp)
 
 
+def test_scaffold_option2_with_sgd_momentum_is_refused(tmp_path):
+    exp = exp_with(tmp_path, {"name": "scaffold"}, optimizer="sgd", momentum=0.9)
+    exp.learner = type(exp.learner)(name="scaffold", control_update="delta")
+    problem = scaffold_config_problem(exp)
+    for words in ("train.momentum 0.9", "6.05 instead of 1", "mean_grad"):
+        assert words in problem, words
+    assert scaffold_config_problem(exp_with(tmp_path, {"name": "scaffold"}, optimizer="sgd", momentum=0.9)) is None  # mean_grad
+
+
 def test_scaffold_defaults_to_the_working_variant(tmp_path):
     exp = exp_with(tmp_path, {"name": "scaffold"}, optimizer="adamw")
     assert scaffold_config_problem(exp) is None

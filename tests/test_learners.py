@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fedfm.config import TrainConfig, from_dict
-from fedfm.core.types import Instruction
+from fedfm.aggregators.fedavg import fedavg
+from fedfm.aggregators.median import coordinate_median
+from fedfm.core.types import Instruction, Update
 from fedfm.learners import build_learner
 from fedfm.aggregators.feddyn import FedDynServer, server_update
 from fedfm.aggregators.scaffold import ScaffoldServer, server_control_update, split_payload
@@ -67,20 +69,35 @@ def test_fedprox_mu0_equals_fedavg_bit_for_bit(wb):
 def test_feddyn_server_h_update_by_hand():
     # m = 4 clients in all, two returned with deltas [1, 2] and [3, -2]; alpha = 0.5.
     h = {"w": torch.tensor([0.2, 0.0])}
-    total = {"w": torch.tensor([4.0, 0.0])}  # sum of the deltas
-    mean = {"w": torch.tensor([2.0, 0.0])}  # the rule's mean
-    h_new, pseudo = server_update(h, total, mean, alpha=0.5, num_clients=4)
-    # h = [0.2, 0] - 0.5/4 * [4, 0] = [-0.3, 0];  pseudo = [2, 0] - h/0.5 = [2.6, 0]
+    mean = {"w": torch.tensor([2.0, 0.0])}  # the rule's mean (equal weights: also the plain one)
+    h_new, pseudo = server_update(h, mean, 2, mean, alpha=0.5, num_clients=4)
+    # h = [0.2, 0] - 0.5 * 2/4 * [2, 0] = [-0.3, 0];  pseudo = [2, 0] - h/0.5 = [2.6, 0]
     assert torch.allclose(h_new["w"], torch.tensor([-0.3, 0.0]))
     assert torch.allclose(pseudo["w"], torch.tensor([2.6, 0.0]))
     # The same through the server part, starting from h = 0: h = -0.125 * [4, 0].
     srv = FedDynServer(type("P", (), {"alpha": 0.5})(), num_clients=4)
-    ss = srv.init({"w": torch.zeros(2)})
-    groups, out = srv.combine(ss, [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, -2.0])}], mean, round_ctx())
+    model = {"w": torch.zeros(2)}
+    ss = {"model": model, **srv.init(model)}
+    ups = [Update(0, {"w": torch.tensor([1.0, 2.0])}, 1), Update(1, {"w": torch.tensor([3.0, -2.0])}, 1)]
+    groups, out = srv.combine_updates(ss, ups, fedavg, None, round_ctx())
     assert torch.allclose(groups["feddyn.h"]["w"], torch.tensor([-0.5, 0.0]))
     assert torch.allclose(out["w"], torch.tensor([3.0, 0.0]))
     g = client_gradient_update({"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([2.0, -4.0])}, alpha=0.5)
     assert torch.allclose(g["w"], torch.tensor([0.0, 3.0]))
+
+
+def test_feddyn_h_follows_the_robust_rule_and_the_plain_mean_under_fedavg():
+    # m = 10, alpha = 1; deltas 0, 1 and an attacker's 100, with 1, 1 and 8 examples.
+    srv = FedDynServer(type("P", (), {"alpha": 1.0})(), num_clients=10)
+    model = {"w": torch.zeros(1)}
+    ss = {"model": model, **srv.init(model)}
+    ups = [Update(0, {"w": torch.tensor([0.0])}, 1), Update(1, {"w": torch.tensor([1.0])}, 1),
+           Update(2, {"w": torch.tensor([100.0])}, 8)]
+    groups, _ = srv.combine_updates(ss, ups, coordinate_median, None, round_ctx())
+    assert torch.allclose(groups["feddyn.h"]["w"], torch.tensor([-0.3]))  # -1 * 3/10 * median 1
+    groups, out = srv.combine_updates(ss, ups, fedavg, None, round_ctx())
+    assert torch.allclose(groups["feddyn.h"]["w"], torch.tensor([-10.1]))  # -(0 + 1 + 100)/10: the paper's sum
+    assert torch.allclose(out["w"], torch.tensor([90.2]))  # example-weighted mean 801/10 = 80.1, minus h/alpha
 
 
 def test_feddyn_keeps_the_previous_gradient_in_the_store(wb, tmp_path):
@@ -112,7 +129,8 @@ def test_scaffold_control_variates_by_hand():
     assert torch.allclose(new["w"], torch.tensor([0.0, -3.0]))
     assert torch.allclose(dc["w"], torch.tensor([-0.5, -2.0]))
     # c <- c + |S|/N mean(dc): N = 10, two clients returned dc = [-0.5, -2] and [1.5, 0]
-    c_new = server_control_update(c, [dc, {"w": torch.tensor([1.5, 0.0])}], num_clients=10)
+    mean = {"w": (dc["w"] + torch.tensor([1.5, 0.0])) / 2}  # fedavg of the two: [0.5, -1]
+    c_new = server_control_update(c, mean, kept=2, num_clients=10)
     assert torch.allclose(c_new["w"], torch.tensor([1.1, 0.8]))
 
 
@@ -123,10 +141,22 @@ def test_scaffold_server_part_and_payload_template():
     assert torch.equal(srv.broadcast(ss)["scaffold_c"]["w"], torch.zeros(2))
     assert set(srv.payload_spec(state)) == {"w", "scaffold_c/w"}
     payloads = [{"w": torch.ones(2), "scaffold_c/w": torch.tensor([4.0, 8.0])}]
-    groups, out = srv.combine(ss, payloads, {"w": torch.ones(2)}, round_ctx())
+    groups, out = srv.combine_updates(ss, [Update(0, payloads[0], 5)], fedavg, None, round_ctx())
     assert torch.equal(out["w"], torch.ones(2))
     assert torch.allclose(groups["scaffold.c"]["w"], torch.tensor([1.0, 2.0]))
     assert split_payload(payloads[0])[1].keys() == {"w"}
+
+
+def test_scaffold_c_follows_the_robust_rule():
+    # N = 10; control deltas 0, 1 and an attacker's 1000: the median moves c by 3/10 * 1.
+    srv = ScaffoldServer(None, num_clients=10)
+    model = {"w": torch.zeros(1)}
+    ss = {"model": model, **srv.init(model)}
+    ups = [Update(i, {"w": torch.zeros(1), "scaffold_c/w": torch.tensor([v])}, 1) for i, v in enumerate([0.0, 1.0, 1000.0])]
+    groups, _ = srv.combine_updates(ss, ups, coordinate_median, None, round_ctx())
+    assert torch.allclose(groups["scaffold.c"]["w"], torch.tensor([0.3]))
+    groups, _ = srv.combine_updates(ss, ups, fedavg, None, round_ctx())
+    assert torch.allclose(groups["scaffold.c"]["w"], torch.tensor([100.1]))  # the paper's sum / N
 
 
 def test_scaffold_client_store_and_option2_equals_mean_gradient_under_sgd(wb, tmp_path):

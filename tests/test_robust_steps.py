@@ -91,12 +91,22 @@ def test_fedfa_identity_curvature_by_hand():
         ({"server_optimizer": {"name": "fedadam"}, "server_steps": [{"name": "fedfa"}]}, "fedfa tracks the global model"),
         ({"server_steps": [{"name": "fedfa"}, {"name": "weak_dp", "std": 0.1}]}, "later steps \\['weak_dp'\\]"),
         ({"model.task": "masked_lm", "server_steps": [{"name": "backdoor_asr"}]}, "backdoor_asr measures a classification backdoor"),
+        ({"learner": {"name": "scaffold"}, "server_steps": [{"name": "norm_bound", "max_norm": 1.0}]}, "norm_bound bounds the norm .* control deltas"),
+        ({"learner": {"name": "scaffold"}, "server_steps": [{"name": "clip_updates", "max_norm": 1.0}]}, "clip_updates bounds the norm"),
     ],
 )
 def test_refused_at_config_time_with_numbers(tmp_path, over, message):
     raw = tiny_config(tmp_path, **{"federation.partitioner": {"name": "iid"}, **over})
     with pytest.raises(ConfigError, match=message):
         from_dict(raw)
+
+
+def test_norm_bound_with_feddyn_and_scaffold_with_a_robust_rule_are_accepted(tmp_path):
+    # feddyn sends the model delta only; scaffold's control deltas go through the rule itself
+    raw = tiny_config(tmp_path, learner={"name": "feddyn"}, server_steps=[{"name": "norm_bound", "max_norm": 1.0}])
+    assert from_dict(raw).learner.name == "feddyn"
+    raw = tiny_config(tmp_path, learner={"name": "scaffold"}, aggregator={"rule": "median"})
+    assert from_dict(raw).aggregator.rule == "median"
 
 
 def test_accepted_when_the_numbers_work(tmp_path):

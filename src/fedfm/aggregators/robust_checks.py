@@ -52,6 +52,14 @@ def robust_problems(exp) -> list[str]:
             problems.append(f"server_steps: centered_clip hands the rule updates whose mean is its result; set aggregator.rule: fedavg, not {exp.aggregator.rule}")
         if exp.learner.name in ("scaffold", "feddyn"):
             problems.append(f"server_steps: centered_clip replaces the updates the {exp.learner.name} server half reads; use learner local or fedprox")
+    for bound in ("clip_updates", "norm_bound"):
+        if bound in names and exp.learner.name == "scaffold":
+            problems.append(
+                f"server_steps: {bound} bounds the norm of a client's whole payload, and a scaffold payload also holds "
+                "its control deltas (gradient-sized, not update-sized), which would dominate the norm and be rescaled "
+                "apart from the client's own c_i; use learner local, fedprox or feddyn with it (a robust rule bounds "
+                "scaffold's control deltas: aggregators/scaffold.py)"
+            )
     if "backdoor_asr" in names and exp.model.task != "text_classification":
         problems.append(f"server_steps: backdoor_asr measures a classification backdoor; model.task is {exp.model.task}")
     if "fedfa" in names:

@@ -3,9 +3,19 @@ Averaging for Federated Learning", Algorithm 1): the server control variate ``c`
 
 ``c`` (server-state group ``scaffold.c``, zero at first) is broadcast beside the State as
 the declared group ``scaffold_c``; each client sends its model delta plus its control delta
-``delta_c_i`` (payload names ``scaffold_c/<param>``). After the rule combines the model
-deltas, ``c <- c + |S|/N mean_S(delta_c) = c + sum_S(delta_c) / N`` with N the number of
-clients. The client half is ``learners/scaffold.py``.
+``delta_c_i`` (payload names ``scaffold_c/<param>``). The configured rule combines the
+model deltas (weighted by examples, as for every learner; the paper's step is the plain
+mean, the same when clients hold equally many examples) and, separately, the control
+deltas with equal weights:
+
+    c <- c + |S|/N rule_S(delta_c)          (fedavg: c + sum_S(delta_c) / N, the paper's)
+
+with N the number of clients and S those whose updates were kept. So a robust rule
+(median, trimmed mean, Krum, ...) bounds what attackers do to ``c`` as it bounds what they
+do to the model; with a plain sum one client could move ``c``, which every client adds to
+its gradients, by any amount. The rule sees the control deltas as it sees model deltas
+(the same parameters; a ``space: lora_product`` rule measures them at the current LoRA
+factors). The client half is ``learners/scaffold.py``.
 """
 
 from __future__ import annotations
@@ -16,16 +26,17 @@ import torch
 
 from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
-from fedfm.core.types import ServerState, State
+from fedfm.core.types import MODEL, ServerState, State, Update
 
 GROUP = "scaffold.c"
 BROADCAST = "scaffold_c"
 PREFIX = BROADCAST + "/"
 
 
-def server_control_update(c: State, delta_cs: Sequence[State], num_clients: int) -> State:
-    """c <- c + |S|/N * mean_S(delta_c) = c + sum_S(delta_c) / N."""
-    return {k: c[k] + torch.stack([d[k] for d in delta_cs]).sum(0) / num_clients for k in c}
+def server_control_update(c: State, combined: State, kept: int, num_clients: int) -> State:
+    """c <- c + |S|/N * combined, where ``combined`` is the rule's combination of the |S| =
+    ``kept`` control deltas (fedavg: their mean, so c + sum_S(delta_c) / N)."""
+    return {k: c[k] + (kept / num_clients) * combined[k].to(c[k].dtype) for k in c}
 
 
 def split_payload(payload: State) -> tuple[State, State]:
@@ -50,9 +61,13 @@ class ScaffoldServer(ServerPartBase):
     def payload_spec(self, shared: State) -> State:
         return {**shared, **{PREFIX + k: v for k, v in shared.items()}}
 
-    def combine(self, server_state: ServerState, payloads: Sequence[State], mean_delta: State, ctx: RoundContext):
-        controls = [split_payload(p)[1] for p in payloads]
-        return {GROUP: server_control_update(server_state[GROUP], controls, self.num_clients)}, mean_delta
+    def combine_updates(self, server_state: ServerState, updates: Sequence[Update], rule, rule_params, ctx: RoundContext):
+        model = server_state[MODEL]
+        halves = [split_payload(u.payload) for u in updates]
+        delta = rule(model, [m for m, _ in halves], [float(u.num_examples) for u in updates], rule_params)
+        combined = rule(model, [c for _, c in halves], [1.0] * len(updates), rule_params)
+        c = server_control_update(server_state[GROUP], combined, len(updates), self.num_clients)
+        return {GROUP: c}, delta
 
 
 register_server_part("scaffold", ScaffoldServer)
