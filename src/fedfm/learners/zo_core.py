@@ -17,8 +17,13 @@ module's forward only and puts the stored tensor back after it, so the stored pa
 are never written during the two evaluations and are bit-identical when the update is
 applied. Memory stays at inference level plus one module's perturbed copy, built in the
 buffer of its ``z`` (the same peak as in-place MeZO, which also draws each parameter's
-``z`` whole). A parameter that some code reads outside its own module's forward is
-refused with its name.
+``z`` whole). A parameter registered on several modules (transformers'
+``BertForMaskedLM``: ``cls.predictions.bias`` is also its child ``decoder``'s bias; tied
+input and output embeddings) is perturbed once: a per-parameter count of its owners whose
+forward is running swaps ``x + eps z`` in when the first one starts and the stored tensor
+back when it ends, so a nested owner sees ``x + eps z``, never ``x + 2 eps z``; owners
+that run one after the other each draw the same ``z``. A parameter that some code reads
+outside its own modules' forwards is refused with its name.
 The evaluations run in eval mode (no dropout), so both see the same function.
 
 Written by hand: no maintained library implements MeZO's seeded, storage-free estimate.
@@ -46,21 +51,28 @@ def perturbed(model: torch.nn.Module, seed: int, scale: float) -> Iterator[None]
     params = trainable_params(model)
     index = {id(p): i for i, (_, p) in enumerate(sorted(params.items()))}
     names = {id(p): n for n, p in params.items()}
-    saved: dict[int, list[torch.Tensor]] = {}
+    saved: dict[int, torch.Tensor] = {}  # the stored tensor of each parameter now perturbed
+    depth: dict[int, int] = {}  # owners of the parameter whose forward is running (nested modules)
     fired: set[int] = set()
     handles = []
 
     def make_hooks(owned: list[torch.nn.Parameter]):
         def pre(module, args):
             for p in owned:
-                z = param_noise(p.shape, seed, index[id(p)]).to(p.device, p.dtype)
-                saved.setdefault(id(p), []).append(p.data)
-                p.data = z.mul_(scale).add_(p.data)  # x + scale z, in z's buffer: one extra tensor
-                fired.add(id(p))
+                pid = id(p)
+                depth[pid] = depth.get(pid, 0) + 1
+                if depth[pid] == 1:  # not already perturbed by an enclosing owner's forward
+                    z = param_noise(p.shape, seed, index[pid]).to(p.device, p.dtype)
+                    saved[pid] = p.data
+                    p.data = z.mul_(scale).add_(p.data)  # x + scale z, in z's buffer: one extra tensor
+                    fired.add(pid)
 
         def post(module, args, output):
             for p in owned:
-                p.data = saved[id(p)].pop()
+                pid = id(p)
+                depth[pid] -= 1
+                if depth[pid] == 0:
+                    p.data = saved.pop(pid)
 
         return pre, post
 
@@ -75,10 +87,8 @@ def perturbed(model: torch.nn.Module, seed: int, scale: float) -> Iterator[None]
     finally:
         for h in handles:
             h.remove()
-        for pid, stack in saved.items():  # a forward that raised between the two hooks
-            if stack:
-                p = next(q for q in params.values() if id(q) == pid)
-                p.data = stack[0]
+        for pid, stored in saved.items():  # a forward that raised between the two hooks
+            next(q for q in params.values() if id(q) == pid).data = stored
     missing = sorted(names[i] for i in index if i not in fired)
     if missing:
         raise RuntimeError(
