@@ -95,9 +95,9 @@ def test_each_client_receives_its_own_copy_and_is_traced(run):
         assert all(torch.equal(issued[k], want[k]) for k in want)
         full = {**template, **got}
         found = trace(base, full, MASTER, range(CLIENTS), SPEC)
-        # >= 14 of 16: p = P[Binomial(16, 1/4) >= 14] = 2.6e-7 at most
+        # >= 14 of 16: p = P[Binomial(16, 1/4) >= 14] = 2.6e-7 at most; the best of 8 keys: 8x that
         assert found.suspect == cid and found.verdicts[cid].hits >= 14
-        assert found.p_value < 3e-7
+        assert found.p_raw < 3e-7 and found.p_value == pytest.approx(8 * found.p_raw)
         assert max(v.hits for c, v in found.verdicts.items() if c != cid) <= 10
         set_state(base.model, full)
         assert verdict(base.task, SPEC, base.model, base.tokenizer, owner).hits >= 14  # the owner's key too
@@ -179,7 +179,7 @@ def test_copies_only_after_the_last_round_leave_training_alone_and_are_written_b
     exp = from_dict(raw)
     base, template = build_base(exp)
     found = trace(base, {**template, **load_file(str(path))}, MASTER, range(CLIENTS), SPEC)
-    assert found.suspect == 5 and found.p_value < 3e-7
+    assert found.suspect == 5 and found.p_raw < 3e-7 and found.p_value < 8 * 3e-7
     # bad input: an existing file is kept, an unknown client and a run without the step are named
     before = path.read_bytes()
     done = CliRunner().invoke(app, ["watermark", "copy", str(out), "--client", "2", "--out", str(path)])

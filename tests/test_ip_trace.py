@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from conftest import tiny_config
 from fedfm.cli import app
 from fedfm.config import TrainConfig, from_dict
-from fedfm.ip import EmbedSettings, TriggerSpec, client_copy, client_key, trace
+from fedfm.ip import EmbedSettings, Trace, TriggerSpec, Verdict, client_copy, client_key, p_value, trace
+from fedfm.ip.unique import bonferroni
 from fedfm.ip.loading import build_base
 from fedfm.ip.removal import codec_roundtrip, fine_tune
 
@@ -44,7 +45,8 @@ def test_tracing_names_the_right_client_among_8(setup):
         assert result.accuracy == 1.0, f"client {cid}: {result.steps} steps"
         found = trace(base, result.state, MASTER, range(CLIENTS), SPEC)
         assert found.suspect == cid
-        assert found.verdicts[cid].hits == 16 and found.p_value == pytest.approx(4.0**-16)
+        assert found.verdicts[cid].hits == 16 and found.p_raw == pytest.approx(4.0**-16)
+        assert found.p_value == pytest.approx(8 * 4.0**-16)  # the best of 8 keys: Bonferroni
         others = [v.hits for c, v in found.verdicts.items() if c != cid]
         assert max(others) <= 10  # chance level is 4 of 16
     # A model that carries no client key: nobody is named with any confidence.
@@ -60,7 +62,7 @@ def test_tracing_names_the_right_client_among_8(setup):
     cli = CliRunner()
     done = cli.invoke(app, ["watermark", "trace", str(leak / "model.safetensors"), "--key", MASTER, "--clients", "8", *size])
     assert done.exit_code == 0, done.output
-    assert "suspect: client 5" in done.output
+    assert "suspect: client 5" in done.output and "Bonferroni-adjusted over 8 keys" in done.output
     keys = [x for c in range(3) for x in ("--keys", client_key(MASTER, c + 4))]  # clients 4, 5, 6 as 0, 1, 2
     done = cli.invoke(app, ["watermark", "trace", str(leak / "model.safetensors"), *keys, *size])
     assert "suspect: client 1" in done.output
@@ -73,6 +75,27 @@ def test_tracing_names_the_right_client_among_8(setup):
     unset = cli.invoke(app, ["watermark", "trace", str(leak / "model.safetensors"), "--key-env", "FEDFM_UNSET_KEY",
                              "--clients", "8"], env={"FEDFM_UNSET_KEY": ""})
     assert unset.exit_code == 2 and "FEDFM_UNSET_KEY (--key-env) is not set or empty" in unset.output
+
+
+def test_trace_p_value_is_bonferroni_adjusted_over_the_keys():
+    # 8 keys of 32 triggers, 2 labels. The suspect answers 29 of its 32:
+    # raw P[X >= 29] = (C(32,29) + C(32,30) + C(32,31) + 1) / 2^32 = 5489 / 2^32 = 1.27801e-6,
+    # adjusted 8 x that = 43912 / 2^32 = 1.02241e-5.
+    hits = {0: 16, 1: 18, 2: 29, 3: 15, 4: 20, 5: 17, 6: 16, 7: 21}
+    verdicts = {c: Verdict(h, 32, 0.5, p_value(h, 32, 0.5)) for c, h in hits.items()}
+    found = Trace(2, verdicts)
+    assert found.p_raw == pytest.approx(5489 / 2**32, rel=1e-9)
+    assert found.p_value == pytest.approx(43912 / 2**32, rel=1e-9)
+    assert found.verified(1e-4) and not found.verified(1e-5)  # raw 1.3e-6 would pass 1e-5
+    # A model with no key: the best of 8 answers 22/32, raw P[X >= 22] = 0.0250512 "passes"
+    # 0.05; adjusted 8 x 0.0250512 = 0.200410 does not. 18/32 (P = 0.298307) caps at 1.
+    hits[2] = 22
+    chance = Trace(2, {c: Verdict(h, 32, 0.5, p_value(h, 32, 0.5)) for c, h in hits.items()})
+    assert chance.p_raw == pytest.approx(0.0250512, abs=1e-7) and chance.p_value == pytest.approx(0.200410, abs=1e-6)
+    assert not chance.verified(0.05)
+    assert bonferroni(0.298307, 8) == 1.0 and bonferroni(0.01, 1) == 0.01
+    with pytest.raises(ValueError, match="at least one"):
+        bonferroni(0.5, 0)
 
 
 def test_codec_attacks_by_hand(setup):

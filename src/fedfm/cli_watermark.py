@@ -91,7 +91,10 @@ def watermark_trace(
     trigger_length: WmLength = None,
     continuation: WmCont = None,
 ):
-    """Name the client whose key the leaked model answers best, with every client's figures."""
+    """Name the client whose key the leaked model answers best, with every client's figures.
+
+    The table gives each key's own binomial p-value; the suspect's p-value is
+    Bonferroni-adjusted, min(1, N x its own), for picking the best of the N keys."""
     from fedfm.ip import client_key, trace_keys
 
     master = key is not None or key_env is not None
@@ -111,7 +114,8 @@ def watermark_trace(
     for cid, v in result.verdicts.items():
         table.add_row(str(cid), f"{v.hits}/{v.total}{unit(spec)}", f"{v.accuracy:.4f}", f"{v.p_value:.3g}")
     console.print(table)
-    console.print(f"suspect: client {result.suspect} (p-value {result.p_value:.3g})")
+    console.print(f"suspect: client {result.suspect} (p-value {result.p_value:.3g}, Bonferroni-adjusted over "
+                  f"{len(result.verdicts)} keys; its own key's p-value {result.p_raw:.3g})")
 
 
 @watermark_app.command("copy")

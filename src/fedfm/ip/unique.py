@@ -9,7 +9,13 @@ server and a utility-preserving loss; that decoder is NOT implemented here. What
 client's copy is the broadcast State fine-tuned on the client's own trigger set (its key
 ``trigger.client_key(master, cid)``, the same embedding as WAFFLE's, ``embed.py``), and
 ``trace`` queries a leaked model with every client's trigger set and names the client
-whose set it answers best, with that set's binomial p-value against chance.
+whose set it answers best. Its p-value is Bonferroni-adjusted for that choice: the
+suspect is the best of N keys, so its own binomial p-value against chance (``p_raw``)
+understates how often a model that carries no client key names somebody; the tracing
+p-value is ``min(1, N * p_raw)``. With no key in the model, N = 8 keys of 32 triggers and
+2 labels (each key's hits Binomial(32, 1/2), independent), the raw p is below 0.05 in
+1 - (1 - P[X >= 22])^8 = 18.4% of models, the adjusted one in 1 - (1 - P[X >= 24])^8 =
+2.8% (never more than 5%, whatever N). Any threshold on a trace uses the adjusted value.
 
 Both are pure functions of (State, base model, keys): the caller owns the model. The
 ``client_watermark`` server step (``copies.py``) builds the copies in the round loop and
@@ -61,14 +67,31 @@ def client_copy(
     )
 
 
+def bonferroni(p: float, tests: int) -> float:
+    """``min(1, tests * p)``: the p-value of the best of ``tests`` tested keys."""
+    if tests < 1:
+        raise ValueError(f"bonferroni: needs at least one test, got {tests}")
+    return min(1.0, tests * p)
+
+
 @dataclass(frozen=True)
 class Trace:
     suspect: Any  # the label (client id) whose key the model answers best
     verdicts: dict[Any, Verdict]
 
     @property
-    def p_value(self) -> float:
+    def p_raw(self) -> float:
+        """The suspect's own binomial p-value, as if its key had been chosen in advance."""
         return self.verdicts[self.suspect].p_value
+
+    @property
+    def p_value(self) -> float:
+        """The tracing p-value: ``p_raw`` Bonferroni-adjusted for picking the best of the N keys."""
+        return bonferroni(self.p_raw, len(self.verdicts))
+
+    def verified(self, alpha: float) -> bool:
+        """Whether the trace names its suspect at level ``alpha`` (on the adjusted p-value)."""
+        return self.p_value < alpha
 
 
 def trace_keys(base: Base, full_state: State, keys: Mapping[Any, str], spec: TriggerSpec) -> Trace:
