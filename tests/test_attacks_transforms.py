@@ -96,9 +96,28 @@ def test_alie_by_hand():
     assert [float(u.payload["w"]) for u in out[:3]] == [1.0, 2.0, 3.0]
     assert float(out[3].payload["w"]) == pytest.approx(1.312816, abs=1e-5) == float(out[4].payload["w"])
     assert m["attackers"] == 2
+    assert m["skipped"] == 0
     # no attacker sampled this round: unchanged
     out, _, m = Alie(AlieParams())(ups[:3], omni_ctx(["default"] * 3 + ["attacker"] * 2), {})
     assert out == ups[:3] and m["attackers"] == 0
+    # the paper's example size: n = 50, f = 12 -> s = floor(26) - 12 = 14, z = Phi^-1(36/50) = 0.582842
+    assert alie_z(50, 12) == pytest.approx(0.582842, abs=1e-6)
+
+
+def test_alie_leaves_a_round_where_attackers_are_the_majority():
+    # n = 3, f = 2: s = floor(3/2 + 1) - 2 = 0, (n - s) / n = 1, z_max infinite: the round
+    # goes on unattacked and says so (likewise n = 5, f = 3 and n = 4, f = 3); never raises.
+    assert alie_z(3, 2) is None and alie_z(5, 3) is None and alie_z(4, 3) is None
+    assert alie_z(4, 2) == pytest.approx(NormalDist().inv_cdf(0.75))  # s = 1: defined
+    ups = [upd([1.0], 0), upd([50.0], 1), upd([-9.0], 2)]
+    out, _, m = Alie(AlieParams())(ups, omni_ctx(["default", "attacker", "attacker"]), {})
+    assert [float(u.payload["w"]) for u in out] == [1.0, 50.0, -9.0]
+    assert m == {"attackers": 0, "skipped": 1}
+    # with z given, the same round is attacked: 1 - 2 * 0 = 1 (one honest update: sigma 0)
+    out, _, m = Alie(AlieParams(z=2.0))(ups, omni_ctx(["default", "attacker", "attacker"]), {})
+    assert [float(u.payload["w"]) for u in out] == [1.0, 1.0, 1.0] and m["skipped"] == 0
+    with pytest.raises(ValueError, match="0 < f < n"):
+        alie_z(3, 3)
 
 
 def test_ipm_by_hand():

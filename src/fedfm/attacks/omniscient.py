@@ -13,12 +13,23 @@ lives in attacks/ and no aggregator knows of it.
   (coordinate-wise, population, unweighted) of the honest updates, every attacker sends
   ``mu - z * sigma``. By default ``z = Phi^{-1}((n - s) / n)`` with
   ``s = floor(n / 2 + 1) - f``, n the round's updates and f its attackers (the paper's
-  z_max); ``z`` may be given.
+  z_max; n = 50, f = 12: s = 14, z = Phi^{-1}(36/50) = 0.5828); ``z`` may be given.
+  When the attackers are a majority of the round (f >= floor(n / 2 + 1), so s <= 0:
+  n = 3, f = 2; n = 5, f = 3; n = 4, f = 3), z_max is undefined: ``(n - s) / n >= 1``
+  and ``Phi^{-1}`` of it is infinite. The paper derives z_max for attackers who need s
+  honest workers on their side and gives no value for this case; any finite cap would
+  be a number of this framework's, not the paper's. So such a round (which client
+  sampling or dropouts produce by chance) is left unattacked: the attackers' updates go
+  on as they are, and the metric ``skipped`` is 1 (0 otherwise). With ``z`` given, every
+  round is attacked.
 - ``ipm`` (Xie, Koyejo and Gupta 2020, "Fall of Empires: Breaking Byzantine-tolerant SGD by
   Inner Product Manipulation"): every attacker sends ``-epsilon * mu``.
 
 A round with no attacker or no honest update is left as is. Metrics: ``attackers`` (how
-many updates were replaced) and, for ALIE, ``z``.
+many updates were replaced) and, for ALIE, ``z`` and ``skipped``.
+
+Both craft every tensor of the payload, so they are refused at config time with learner
+``ifca``, whose payload also carries its cluster weight (``personalize/ifca.py``).
 """
 
 from __future__ import annotations
@@ -48,12 +59,15 @@ class IpmParams(BaseModel):
     epsilon: float = Field(0.5, gt=0, description="attackers send -epsilon times the honest mean")
 
 
-def alie_z(n: int, f: int) -> float:
+def alie_z(n: int, f: int) -> float | None:
+    """The paper's z_max for n updates of which f are the attackers', or None where it is
+    undefined (attackers a majority: s = floor(n / 2 + 1) - f <= 0)."""
+    if not 0 < f < n:
+        raise ValueError(f"alie: z_max needs 0 < f < n attackers among n updates, got n={n}, f={f}")
     s = math.floor(n / 2 + 1) - f
-    p = (n - s) / n
-    if not 0 < p < 1:
-        raise ValueError(f"alie: z_max undefined for n={n}, f={f} ((n - s) / n = {p}); give alie.z")
-    return NormalDist().inv_cdf(p)
+    if s <= 0:
+        return None
+    return NormalDist().inv_cdf((n - s) / n)
 
 
 def split_roles(updates: list[Update], ctx, role: str) -> tuple[list[int], list[int]]:
@@ -90,11 +104,13 @@ class Alie:
     def __call__(self, updates: list[Update], ctx, state: State):
         bad, honest = split_roles(updates, ctx, self.p.role)
         if not bad or not honest:
-            return updates, state, {"attackers": 0}
+            return updates, state, {"attackers": 0, "skipped": 0}
         z = self.p.z if self.p.z is not None else alie_z(len(updates), len(bad))
+        if z is None:  # attackers a majority of the round: z_max undefined (module docstring)
+            return updates, state, {"attackers": 0, "skipped": 1}
         mu, sd = honest_stats(updates, honest)
         crafted = {k: mu[k] - z * sd[k] for k in mu}
-        return replace_attackers(updates, bad, crafted), state, {"attackers": len(bad), "z": z}
+        return replace_attackers(updates, bad, crafted), state, {"attackers": len(bad), "z": z, "skipped": 0}
 
 
 class Ipm:
