@@ -1,4 +1,5 @@
-"""Split learning: one split step gives the unsplit model's gradients (tiny BERT + LoRA)."""
+"""Split learning: one split step gives the unsplit model's gradients (tiny BERT + LoRA);
+prompt-based tuners are refused at config time."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from fedfm.codecs import CodecChain
-from fedfm.config import from_dict
+from fedfm.config import ConfigError, from_dict
 from fedfm.learners.split import bert_parts, client_side, split_step
 from fedfm.runtime.workbench import Workbench
 
@@ -70,3 +71,13 @@ def test_cut_outside_the_layers_is_refused(wb):
     batch = wb.task.collate(wb.examples(0)[:2], wb.tokenizer)
     with pytest.raises(ValueError, match=r"cut 3 is outside 1..2"):
         split_step(bert_parts(wb.model), batch, 3, CodecChain([]), CodecChain([]), cid=4)
+
+
+@pytest.mark.parametrize("learner", ["split", "splitfed"])
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning", "personal_prompt", "diprompt", "fedapt"])
+def test_prompt_tuners_are_refused_for_split_learning(tmp_path, learner, method):
+    raw = tiny_config(tmp_path, **{"learner": {"name": learner}, "peft": {"method": method}})
+    if learner == "splitfed":
+        raw["exchanges"] = [{"name": "splitfed", "steps": 2}]
+    with pytest.raises(ConfigError, match=rf"learner.name {learner} .*peft.method {method} inserts its soft prompt"):
+        from_dict(raw)

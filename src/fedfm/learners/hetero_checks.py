@@ -7,6 +7,11 @@ combination_problems`` adds them to the config's errors before any data or model
 from __future__ import annotations
 
 RANK_LEARNERS = ("hetlora", "flexlora")
+SPLIT_LEARNERS = ("split", "splitfed")
+# Tuners whose soft prompt or prefix enters through the model's own (wrapped) forward; the
+# split learners run the client half from ``bert.embeddings`` and the layers directly
+# (``learners/split.py`` ``client_forward``), so the prompt would never be used or trained.
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "personal_prompt", "diprompt", "fedapt")
 
 
 def _ranked_roles(exp) -> list[tuple[str, object]]:
@@ -39,6 +44,12 @@ def hetero_config_problems(exp) -> list[str]:
             )
     if name == "split" and exp.model.task != "text_classification":
         problems.append(f"learner.name split runs BERT-family sequence classifiers: model.task is {exp.model.task}")
+    if name in SPLIT_LEARNERS and exp.peft.method in PROMPT_METHODS:
+        problems.append(
+            f"learner.name {name} runs the model in two halves, from bert.embeddings through the layers: "
+            f"peft.method {exp.peft.method} inserts its soft prompt or prefix in the model's own forward, which the "
+            "split never calls, so the prompt would get no gradient; use a tuner inside the layers (lora, adapter, ia3, bitfit, full)"
+        )
     problems += splitfed_problems(exp)
     return problems
 
