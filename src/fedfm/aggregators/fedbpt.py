@@ -34,6 +34,7 @@ import torch
 
 from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.aggregators.zo_payload import weights_of
+from fedfm.aggregators.zo_replay import standard_normal
 from fedfm.core.seeding import derive_seed
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ServerState, State
@@ -55,7 +56,7 @@ def prompt_name(state: State) -> str:
 def projection(numel: int, dim: int, seed: int, std: float) -> torch.Tensor:
     """A: (numel, dim) float32, entries N(0, (std / sqrt(dim))^2), seeded."""
     g = torch.Generator().manual_seed(derive_seed(seed, PROJECTION_TAG, numel, dim))
-    return torch.randn((numel, dim), generator=g, dtype=torch.float32) * (std / dim**0.5)
+    return standard_normal((numel, dim), g) * (std / dim**0.5)  # float64 draw: the same on every x86 CPU
 
 
 def prompt_of(p0: torch.Tensor, a: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ appends it to the history (server-state group ``fedkseed.history``, entry ``coef
 (rounds, K) float32, checkpointed with the rest of the server state) and returns
 ``D(c_r) = sum_k c_r[k] z(pool_k)`` as the pseudo-gradient, which the server optimizer
 ``sgd`` at lr 1.0 adds to the model (``aggregators/zo_replay.py``): the server's model is
-the replay of its history from the base model, bit for bit. The payloads reach this half
+the replay of its history from the base model, bit for bit (on any x86 CPU; see
+``zo_replay``). The payloads reach this half
 through the ``non_state_payload`` step (``aggregators/zo_payload.py``), which also carries
 each client's example count.
 

@@ -26,7 +26,8 @@ added to every round by the server half, no ``exchanges:`` entry is needed):
    count always match what the server believes.
 
 Every client rebuilds the server's model bit for bit (the replay repeats the server's
-operations), so a fresh client receives the whole history and an up-to-date one only the
+operations; on x86 CPUs of any SIMD level, ``aggregators/zo_replay.py`` says what is and is
+not guaranteed), so a fresh client receives the whole history and an up-to-date one only the
 rows since.
 
 Memory: the replay runs in the client model's own trainable tensors (``model_tensors``:

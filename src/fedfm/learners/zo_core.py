@@ -112,7 +112,7 @@ def step_along(model: torch.nn.Module, seed: int, coef: float) -> None:
     """In place: every trainable ``x <- x + coef * z(seed)`` (the update, ``coef = -lr g``)."""
     params = trainable_params(model)
     for i, (_, p) in enumerate(sorted(params.items())):
-        p.add_(param_noise(p.shape, seed, i).to(p.device, p.dtype), alpha=coef)
+        p.add_(param_noise(p.shape, seed, i).to(p.device, p.dtype).mul_(coef))  # unfused, as zo_replay
 
 
 def cycle_batches(ctx, generator: torch.Generator):
