@@ -1,4 +1,4 @@
-"""The ``fedfm`` command line: run (--resume; a stages file: cli_stages.py), report, data describe, list; flower (cli_flower.py), watermark (cli_watermark.py)."""
+"""The ``fedfm`` command line: run (--resume; a stages file: cli_stages.py), check, report, data describe, list; flower (cli_flower.py), watermark (cli_watermark.py)."""
 
 from __future__ import annotations
 
@@ -155,6 +155,35 @@ def _run_flower(exp, out: Path, resume: bool = False) -> dict:
     if not summary.exists():
         raise RuntimeError(f"the run ended but {summary} is missing (the ServerApp writes it on the SuperLink machine)")
     return json.loads(summary.read_text())
+
+
+@app.command(epilog=CONFIG_REFERENCE)
+def check(config: Path, override: Overrides = None):
+    """Check a config (or every stage of a stages file) as `fedfm run` does before it trains:
+    the config and its components, the data against the model (labels, input length),
+    public texts of server steps. Loads no weights and writes nothing."""
+    from fedfm.runtime.algorithm import build_algorithm
+    from fedfm.stages import default_out, is_stages_file, load_stages
+
+    if is_stages_file(config):
+        from fedfm.config import ConfigError
+
+        try:
+            named = [(f"stage {st.name!r}: ", st.exp) for st in load_stages(config, default_out(config), override or [])[1]]
+        except ConfigError as exc:
+            console.print(f"[red]{escape(str(exc))}[/]")
+            raise typer.Exit(2) from None
+    else:
+        named = [("", _load(config, override))]
+    for where, exp in named:
+        try:
+            _check_data(exp)
+            build_algorithm(exp)
+        except USER_ERRORS as exc:
+            fail(f"{where}{exc}")
+        fed = exp.federation
+        console.print(escape(f"{where}ok: {exp.name}, {exp.rounds} rounds, {fed.clients} clients, "
+                             f"learner {exp.learner.name}, aggregator {exp.aggregator.rule}"))
 
 
 @data_app.command("describe")
