@@ -99,7 +99,7 @@ def test_distributed_shares_sum_to_sigma_c(tmp_path):
     total = torch.zeros(100_000, dtype=torch.float64)
     for cid in range(4):
         u = Update(cid, {"w": torch.zeros(100_000)}, 30)
-        out = mw.after_train(u, SimpleNamespace(seed=1000 + cid))
+        out = mw.after_train(u, SimpleNamespace(seed=1000 + cid, round=1, cid=cid))
         assert out.num_examples == 1
         assert abs(float(out.payload["w"].double().std()) - 1.0) < 0.01
         total += out.payload["w"].double()
@@ -143,7 +143,13 @@ def test_budget_spent_mid_run_stops(tmp_path):
         step({"w": torch.zeros(3)}, ctx, state)
 
 
-def test_tiny_run_writes_epsilon_and_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("key", [None, "k" * 32])
+def test_tiny_run_writes_epsilon_and_resumes_bit_identically(tmp_path, monkeypatch, key):
+    # with FEDFM_DP_NOISE_KEY set the noise is keyed, and a resumed run with the same key is still bit-identical
+    if key is None:
+        monkeypatch.delenv("FEDFM_DP_NOISE_KEY", raising=False)
+    else:
+        monkeypatch.setenv("FEDFM_DP_NOISE_KEY", key)
     over = {"federation.clients": 3, "federation.clients_per_round": 2, "train.epochs": 1, "runtime.threads": 1,
             "federation.partitioner": {"name": "iid"}}
     steps = [{"name": "dp_clip", "clip_norm": 0.5, "target_quantile": 0.5, "count_noise": 1.0},
@@ -156,6 +162,7 @@ def test_tiny_run_writes_epsilon_and_resumes_bit_identically(tmp_path):
     assert eps == pytest.approx([epsilon(plan, [0.8] * r, 1e-5) for r in (1, 2, 3)])
     assert eps[0] < eps[1] < eps[2] and all(r["dp_noise.delta"] == 1e-5 for r in rows[1:])
     assert rows[1]["dp_clip.clip_norm"] == 0.5 and rows[2]["dp_clip.clip_norm"] != 0.5  # adapted
+    assert all(r["dp_noise.noise"] == ("seeded" if key is None else "keyed") for r in rows[1:])
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["privacy"] == {"dp_noise.epsilon": eps[-1], "dp_noise.delta": 1e-5}
     # 2 rounds, then resume to 3: the same final state, bit for bit

@@ -1,6 +1,7 @@
 """Config-time checks of the privacy components: combinations that cannot give the
-stated guarantee are refused before anything loads, with the numbers, and a run whose
-planned rounds would spend more than its budget refuses to start."""
+stated guarantee are refused before anything loads, with the numbers, a run whose
+planned rounds would spend more than its budget refuses to start, and a run that draws
+DP noise refuses an empty or short ``FEDFM_DP_NOISE_KEY`` in this process's environment."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fedfm.privacy.accounting import epsilon
 from fedfm.privacy.clipping import DpClipParams, update_noise_multiplier
 from fedfm.privacy.distributed import DpClientNoiseParams
 from fedfm.privacy.noise import DpNoiseParams, resolved_sigma
+from fedfm.privacy.noise_key import key_problem
 from fedfm.privacy.plan import plan_of
 
 SERVER_HALVES = ("scaffold", "feddyn")
@@ -42,7 +44,14 @@ def sample_dp_problems(exp) -> list[str]:
 def privacy_problems(exp) -> list[str]:
     from fedfm.privacy.secagg.checks import secagg_problems
 
-    return sample_dp_problems(exp) + client_dp_problems(exp) + secagg_problems(exp)
+    return sample_dp_problems(exp) + client_dp_problems(exp) + noise_key_problems(exp) + secagg_problems(exp)
+
+
+def noise_key_problems(exp) -> list[str]:
+    """A set but unusable FEDFM_DP_NOISE_KEY in this process, when the run draws DP noise."""
+    draws = exp.learner.name == "dp_sgd" or _steps(exp, "dp_noise") or _steps(exp, "dp_clip") or _client_noise(exp)
+    problem = key_problem() if draws else None
+    return [problem] if problem else []
 
 
 def client_dp_problems(exp) -> list[str]:

@@ -12,8 +12,11 @@ count noise sigma_b,
     b~ = (sum_i b_i + N(0, sigma_b^2)) / n,      C <- C * exp(-clip_lr * (b~ - target_quantile))
 
 (the geometric update of the paper). C is step state (checkpointed), the count noise is
-drawn from ``RoundContext.generator`` (seeded from (seed, round)), so a resumed run draws
-the same numbers. ``dp_noise`` then uses the update noise multiplier
+drawn from ``RoundContext.generator`` (seeded from (seed, round)) or, with
+``FEDFM_DP_NOISE_KEY`` set in the server's environment, from the keystream under
+HMAC-SHA256(key, "dp_clip.count", seed, round) (``privacy/noise_key.py``); either way a
+resumed run draws the same numbers, but only the keyed draw is secret from whoever has
+the config. ``dp_noise`` then uses the update noise multiplier
 sigma_Delta = (sigma^-2 - (2 sigma_b)^-2)^-1/2, so that the pair (noised sum, noised count)
 is as private as one Gaussian mechanism with sigma (Andrew et al., Theorem 1); that needs
 2 sigma_b > sigma, checked at config time.
@@ -33,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedfm.aggregators.clip import clip_payload
 from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.types import State, Update
-from fedfm.privacy import notes
+from fedfm.privacy import noise_key, notes
 
 
 class DpClipParams(BaseModel):
@@ -90,7 +93,8 @@ class DpClip:
         sigma_b = None
         if self.p.target_quantile is not None and out:
             sigma_b = self.count_noise(ctx)
-            draw = float(torch.randn((), generator=ctx.generator, dtype=torch.float64)) * sigma_b
+            src = noise_key.source("dp_clip.count", (ctx.seed, ctx.round), ctx.generator)
+            draw = float(src.normal(())) * sigma_b
             nxt, frac = adapted_norm(c, unclipped, len(out), draw, self.p.target_quantile, self.p.clip_lr)
             new_state = {"clip_norm": torch.tensor(nxt, dtype=torch.float64)}
             metrics.update(next_clip_norm=nxt, noised_unclipped_fraction=frac)

@@ -11,7 +11,14 @@ noise (this is not their discrete mechanism). The client sets its weight to 1, a
 mean of clipped updates needs. The server side is ``dp_noise`` with ``mode:
 distributed``, which accounts the noise that arrived (fewer clients, less noise).
 
-The draw is seeded from the client's (seed, round, client) seed, so it is reproducible.
+Where the share comes from (``privacy/noise_key.py``): with ``FEDFM_DP_NOISE_KEY`` set in
+the client node's environment, from the keystream under HMAC-SHA256(key,
+"dp_client_noise", client seed, round, client): reproducible with the key, secret
+without it. Without the key, from a torch generator seeded from the client's (seed,
+round, client) seed and the tag 0xD9: then anyone with the config, the server included,
+can regenerate the share and subtract it from the update (or, under secure aggregation,
+every share from the sum): simulation only. The update carries ``dp_client_noise.keyed``
+(1.0 or 0.0), which ``dp_noise`` reports as ``dp_noise.noise``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedfm.aggregators.clip import clip_payload
 from fedfm.core.seeding import derive_seed
 from fedfm.learners.middleware import PassThrough, register_middleware
+from fedfm.privacy import noise_key
+from fedfm.privacy.noise import KEYED_METRIC, add_gaussian
 
 NOISE_TAG = 0xD9
 
@@ -48,13 +57,10 @@ class DpClientNoise(PassThrough):
 
     def after_train(self, update, ctx):
         payload, _ = clip_payload(update.payload, self.p.clip_norm)
-        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, NOISE_TAG))
-        noised = {}
-        for name in sorted(payload):
-            t = payload[name]
-            noise = torch.randn(t.shape, generator=gen, dtype=torch.float64) * self.share_std
-            noised[name] = (t.to(torch.float64) + noise).to(t.dtype)
-        return replace(update, payload={k: noised[k] for k in payload}, num_examples=1)
+        seeded = torch.Generator().manual_seed(derive_seed(ctx.seed, NOISE_TAG))
+        src = noise_key.source("dp_client_noise", (ctx.seed, ctx.round, ctx.cid), seeded)
+        metrics = {**update.metrics, KEYED_METRIC: float(src.kind == noise_key.KEYED)}
+        return replace(update, payload=add_gaussian(payload, self.share_std, src), num_examples=1, metrics=metrics)
 
 
 register_middleware("dp_client_noise", DpClientNoise, DpClientNoiseParams)

@@ -16,6 +16,17 @@ Adaptation of Large Language Model Using Federated Learning"). Per local step:
 
 The one shared base model is used throughout; nothing is copied and no hook is left on it.
 
+Randomness (``privacy/noise_key.py``): the Poisson batches and the noise come from one
+stream. Both are secret in Abadi et al.'s model: the amplification by sampling that the
+accountant credits assumes nobody knows which examples a step used, so with
+``FEDFM_DP_NOISE_KEY`` set in the client node's environment both come from the keystream
+under HMAC-SHA256(key, "dp_sgd", client seed, round, client). Without it, both come from a
+torch generator seeded from the client's (seed, round, client) seed, as before: anyone
+with the config can regenerate the batches and the noise (simulation only). Each update
+carries ``dp_sgd.noise_keyed`` (1.0 or 0.0), reported by ``dp_sgd_accountant`` as
+``noise`` ("keyed", "seeded" or "mixed" over the round's clients). Dropout masks stay
+seeded from the config (they are not part of the mechanism).
+
 Why not Opacus for the per-example gradients: Opacus's ``GradSampleModule`` on the peft
 model fails in backward ("No activations detected for Linear", measured with opacus 1.6,
 peft 0.21), and ``torch.func.vmap`` over the transformers model fails in its attention
@@ -43,7 +54,10 @@ from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.local import delta_update
 from fedfm.learners.loop import make_optimizer, planned_steps
 from fedfm.peft.state import set_state
+from fedfm.privacy import noise_key
 from fedfm.privacy.accounting import Plan, epsilon
+
+NOISE_KEYED = "dp_sgd.noise_keyed"  # 1.0 when the client's batches and noise came from its noise key
 
 
 class DpSgdParams(BaseModel):
@@ -74,7 +88,7 @@ class DpSgdLearner:
         model, cfg, n = ctx.model, ctx.train, len(ctx.examples)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params, cfg)
-        gen = torch.Generator().manual_seed(ctx.seed)
+        src = noise_key.source("dp_sgd", (ctx.seed, ctx.round, ctx.cid), torch.Generator().manual_seed(ctx.seed))
         torch.manual_seed(ctx.seed)  # dropout masks
         q = min(1.0, cfg.batch_size / n)
         expected = q * n
@@ -83,7 +97,7 @@ class DpSgdLearner:
         model.train()
         loss_sum, seen, clipped = 0.0, 0, 0
         for step in range(1, total + 1):
-            chosen = torch.nonzero(torch.rand(n, generator=gen) < q).flatten().tolist()
+            chosen = torch.nonzero(src.uniform(n) < q).flatten().tolist()
             grads = []
             for i in chosen:
                 loss = ctx.task.loss(model, ctx.task.collate([ctx.examples[i]], ctx.tokenizer))
@@ -95,7 +109,7 @@ class DpSgdLearner:
             if not summed:
                 summed = [torch.zeros_like(p, dtype=torch.float64) for p in params]
             for p, s in zip(params, summed):
-                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64) * std
+                noise = src.normal(p.shape) * std
                 p.grad = ((s + noise) / expected).to(p.dtype)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -110,6 +124,7 @@ class DpSgdLearner:
             "dp_sgd.sample_rate": q,
             "dp_sgd.noise_multiplier": self.p.noise_multiplier,
             "dp_sgd.clipped_fraction": clipped / max(seen, 1),
+            NOISE_KEYED: float(src.kind == noise_key.KEYED),
         }
         return delta_update(instruction, ctx, metrics)
 
@@ -153,7 +168,8 @@ class DpSgdAccountant:
             rate[u.cid], sigma[u.cid] = q, s
         eps = [client_epsilon(float(rate[c]), float(sigma[c]), int(steps[c]), self.delta) for c in range(n) if steps[c] > 0]
         worst = max(eps) if eps else 0.0
-        metrics = {"epsilon_worst": worst, "delta": self.delta, "max_client_steps": float(steps.max())}
+        metrics = {"epsilon_worst": worst, "delta": self.delta, "max_client_steps": float(steps.max()),
+                   "noise": noise_key.summarize([u.metrics.get(NOISE_KEYED) for u in updates])}
         return updates, {"steps": steps, "rate": rate, "sigma": sigma}, metrics
 
 

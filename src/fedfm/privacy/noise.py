@@ -11,10 +11,14 @@ to every coordinate of that mean Gaussian noise of standard deviation
     sigma_Delta * C / n          (= noise of std sigma_Delta * C on the SUM, divided by n)
 
 where C is the clip norm ``dp_clip`` used this round and sigma_Delta the noise
-multiplier (``noise_multiplier``, or solved from ``target_epsilon``; lowered for the
-released count when clipping is adaptive, see ``privacy/clipping.py``). The noise is
-drawn in float64 from ``RoundContext.generator`` (seeded from (seed, round)), tensor by
-tensor in sorted name order, so a resumed run adds the same noise.
+multiplier (``noise_multiplier``, or solved from ``target_epsilon``; raised above sigma
+when clipping is adaptive, to pay for the released noised count: sigma 1.5 and count
+noise sigma_b 1 give sigma_Delta 2.27, see ``privacy/clipping.py``). The noise is drawn
+in float64, tensor by tensor in sorted name order, so a resumed run adds the same noise:
+from ``RoundContext.generator`` (seeded from (seed, round)) when ``FEDFM_DP_NOISE_KEY``
+is not set in the server's environment, and then anyone with the config can regenerate
+it and subtract it from the released model (simulation only); from the keystream under
+HMAC-SHA256(key, "dp_noise", seed, round) when it is set (``privacy/noise_key.py``).
 
 ``mode: distributed`` (stage ``updates``): the clients clip and add their share
 sigma * C / sqrt(m) themselves (middleware ``dp_client_noise``, m = clients per round),
@@ -25,7 +29,9 @@ sigma * sqrt(n / m) * C, and that smaller multiplier is what the round is charge
 
 Either way the step keeps one accounted multiplier per round in its state
 (``sigmas``, checkpointed) and writes ``epsilon`` and ``delta`` (spent so far) into each
-round's metrics as ``dp_noise.epsilon`` and ``dp_noise.delta``. With ``max_epsilon`` set,
+round's metrics as ``dp_noise.epsilon`` and ``dp_noise.delta``, and ``dp_noise.noise``:
+"keyed" or "seeded", the source of the central noise, or in distributed mode of the
+clients' shares ("mixed" when some were keyed and some not, with ``keyed_clients``). With ``max_epsilon`` set,
 a round that would spend more stops the run with ``PrivacyBudgetSpent`` (before the
 round's model is applied); a config whose planned rounds would spend more is refused
 before it starts (``privacy/checks.py``).
@@ -42,11 +48,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.types import State
-from fedfm.privacy import notes
+from fedfm.privacy import noise_key, notes
 from fedfm.privacy.accounting import epsilon, solve_noise_multiplier
 from fedfm.privacy.clipping import update_noise_multiplier
 from fedfm.privacy.accounting import Plan
 from fedfm.privacy.plan import round_plan
+
+
+KEYED_METRIC = "dp_client_noise.keyed"  # 1.0 when a client's share came from its noise key
 
 
 class PrivacyBudgetSpent(RuntimeError):
@@ -76,12 +85,12 @@ def resolved_sigma(p: DpNoiseParams, plan: Plan, rounds: int) -> float:
     return solve_noise_multiplier(plan, rounds, p.target_epsilon, p.delta)
 
 
-def add_gaussian(value: State, std: float, generator: torch.Generator) -> State:
+def add_gaussian(value: State, std: float, source: noise_key.NoiseSource) -> State:
     """``value`` plus N(0, std^2) on every coordinate (float64 draws, sorted names)."""
     out: State = {}
     for name in sorted(value):
         t = value[name]
-        noise = torch.randn(t.shape, generator=generator, dtype=torch.float64) * std
+        noise = source.normal(t.shape) * std
         out[name] = (t.to(torch.float64) + noise).to(t.dtype)
     return {k: out[k] for k in value}
 
@@ -112,15 +121,17 @@ class DpNoise:
             n = len(value)
             accounted = sigma * math.sqrt(n / m)
             new_state, metrics = self._charge(ctx, state, accounted)
-            metrics["clients"] = n
+            flags = [u.metrics.get(KEYED_METRIC) for u in value]
+            metrics.update(clients=n, noise=noise_key.summarize(flags), keyed_clients=sum(f == 1.0 for f in flags))
             return [replace(u, num_examples=1) for u in value], new_state, metrics
         c = float(notes.get(ctx, "clip_norm", "dp_noise"))
         n = int(notes.get(ctx, "n", "dp_noise"))
         sigma_delta = update_noise_multiplier(sigma, notes.get(ctx, "count_noise", "dp_noise"))
         new_state, metrics = self._charge(ctx, state, sigma)
         std = sigma_delta * c / n
-        metrics.update(noise_multiplier=sigma, update_noise_multiplier=sigma_delta, noise_std=std, clip_norm=c)
-        return add_gaussian(value, std, ctx.generator), new_state, metrics
+        src = noise_key.source("dp_noise", (ctx.seed, ctx.round), ctx.generator)
+        metrics.update(noise_multiplier=sigma, update_noise_multiplier=sigma_delta, noise_std=std, clip_norm=c, noise=src.kind)
+        return add_gaussian(value, std, src), new_state, metrics
 
 
 register_server_step("dp_noise", DpNoise, DpNoiseParams)
