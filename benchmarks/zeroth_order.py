@@ -149,7 +149,7 @@ else:  # what one client does in round 1: the exchange phases, then local_update
     store = ClientStore(tempfile.mkdtemp())
     store.stage(client.cid, "r1a0")
     env = SimpleNamespace(store=store, wb=wb, algo=algo)
-    round_state = {"instructions": {}, "attempt": 0, "server_state": ss}
+    round_state = {"instructions": {}, "attempt": 0, "server_state": ss, "workbench": wb}
     for phase in algo.phases_at("before_train"):
         meta, tensors = phase.messages(1, [client.cid], round_state)[client.cid]
         phase.receive(1, {client.cid: phase.client(env, client.cid, 1, meta, tensors)}, round_state)

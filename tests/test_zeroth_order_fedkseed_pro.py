@@ -37,9 +37,10 @@ def test_probabilities_by_hand_on_a_constructed_history():
     assert p.tolist() == pytest.approx([0.343757, 0.479752, 0.176491], abs=1e-6)
     # no history: every psi is 0, the normalised scores are 0, p is uniform
     assert seed_probabilities(init_scores(4)).tolist() == [0.25] * 4
-    # the draw is a pure function of (probabilities, steps, pool seed, round, client)
-    a, b = draw_seeds(p, 50, 0, 2, 1), draw_seeds(p, 50, 0, 2, 1)
-    assert torch.equal(a, b) and not torch.equal(a, draw_seeds(p, 50, 0, 2, 0)) and int(a.max()) <= 2
+    # the draw is a pure function of (probabilities, steps, run seed, pool seed, round, client)
+    a, b = draw_seeds(p, 50, 0, 0, 2, 1), draw_seeds(p, 50, 0, 0, 2, 1)
+    assert torch.equal(a, b) and not torch.equal(a, draw_seeds(p, 50, 0, 0, 2, 0)) and int(a.max()) <= 2
+    assert not torch.equal(a, draw_seeds(p, 50, 1, 0, 2, 1))  # another run seed, another draw
 
 
 def pro_raw(tmp_path, rounds):
@@ -64,13 +65,13 @@ def test_clients_step_along_the_seeds_the_server_drew(tmp_path):
     g1 = one.loop.server_state["fedkseed.history"]
     cids = sorted(c.cid for c in wb.clients)
     # round 1: no history, uniform probabilities; the history row's nonzero seeds are the draws
-    d1 = [draw_seeds(torch.full((K,), 1.0 / K, dtype=torch.float64), STEPS, 0, 1, c) for c in cids]
+    d1 = [draw_seeds(torch.full((K,), 1.0 / K, dtype=torch.float64), STEPS, 0, 0, 1, c) for c in cids]
     assert used(g1["coef"][0]) == set(torch.cat(d1).tolist())
     assert torch.equal(g1["count"], 1.0 + torch.bincount(torch.cat(d1), minlength=K).double())
     # round 2 (resumed): drawn from the scores after round 1
     p2 = seed_probabilities({"amp": g1["amp"], "count": g1["count"]})
     assert not torch.allclose(p2, torch.full((K,), 1.0 / K, dtype=torch.float64))
-    d2 = [draw_seeds(p2, STEPS, 0, 2, c) for c in cids]
+    d2 = [draw_seeds(p2, STEPS, 0, 0, 2, c) for c in cids]
     two = LocalRuntime(from_dict(pro_raw(tmp_path, 2)), tmp_path / "run", resume=True, workbench=wb)
     two.run()
     g2 = two.loop.server_state["fedkseed.history"]

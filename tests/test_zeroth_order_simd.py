@@ -20,6 +20,7 @@ CHILD = r"""
 import hashlib, json, sys
 import torch
 from fedfm.aggregators.fedbpt import projection
+from fedfm.aggregators.fedkseed_pro import draw_seeds
 from fedfm.aggregators.zo_replay import CHUNK, param_noise, replay, round_delta, seed_pool
 from fedfm.learners.zo_core import step_along
 
@@ -38,6 +39,8 @@ out["delta"] = {k: h(v) for k, v in delta.items()}
 start = {"a": param_noise((300, 7), 1, 0), "b": param_noise((5,), 2, 1)}
 out["replay"] = {k: h(v) for k, v in replay(start, torch.stack([row, row.flip(0)]), pool).items()}
 out["projection"] = h(projection(40, 8, 0, 0.05))
+probs = torch.softmax(torch.linspace(0, 1, 64, dtype=torch.float64), 0)
+out["draw"] = h(draw_seeds(probs, 200, 0, 0, 3, 1))  # FedKSeed-Pro's server draw
 model = torch.nn.Linear(300, 7)  # its own init draws float32 uniforms: set the weights from the seed
 with torch.no_grad():
     model.weight.copy_(param_noise((7, 300), 4, 0))
@@ -66,5 +69,5 @@ def test_directions_and_replay_are_the_same_with_and_without_vector_kernels():
         pytest.skip("this CPU has no vectorised kernels to compare against")
     # the control: a float32 randn does differ between the two kernels
     assert scalar["randn_float32"] != native["randn_float32"]
-    for key in ("noise", "delta", "replay", "projection", "step"):
+    for key in ("noise", "delta", "replay", "projection", "draw", "step"):
         assert scalar[key] == native[key], key

@@ -22,8 +22,8 @@ client instead would cost K floats a client-round (16 KB at K = 4096, most of th
 budget); the server draws from the same distribution and sends only the indices. It keeps ``amp`` (K,) float64, the sum of
 the clipped amplitudes, and ``count`` (K,) float64, 1 + the number of scalars, per seed in
 the server-state group ``fedkseed.history`` (checkpointed), and draws each participant's
-``steps`` seed indices (with replacement, ``torch.multinomial``, seeded by
-(``pool_seed``, round, client)) when it sends the history rows (``fedkseed_history``
+``steps`` seed indices (with replacement, ``torch.multinomial``, seeded by the run's
+``seed``, ``pool_seed``, round and client) when it sends the history rows (``fedkseed_history``
 phase, tensor ``draw`` int32 (steps,), 4 B a step down). So a client needs no per-seed
 statistics, and a fresh client gets the same draw as a cached one. The client runs its
 MeZO steps along the drawn seeds and sends the pairs as in uniform FedKSeed.
@@ -62,8 +62,9 @@ def seed_probabilities(scores: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.softmax(norm, 0)
 
 
-def draw_seeds(probs: torch.Tensor, steps: int, pool_seed: int, rnd: int, cid: int) -> torch.Tensor:
+def draw_seeds(probs: torch.Tensor, steps: int, run_seed: int, pool_seed: int, rnd: int, cid: int) -> torch.Tensor:
     """``steps`` seed indices for client ``cid`` in round ``rnd``, drawn from ``probs`` with
-    replacement; the same on every machine and after a resume. int64 (steps,)."""
-    g = torch.Generator().manual_seed(derive_seed(pool_seed, DRAW_TAG, rnd, cid))
+    replacement, seeded by (run seed, pool seed, round, client): runs with another ``seed``
+    draw other seeds, as uniform FedKSeed's clients do; the same after a resume. int64 (steps,)."""
+    g = torch.Generator().manual_seed(derive_seed(run_seed, DRAW_TAG, pool_seed, rnd, cid))
     return torch.multinomial(probs, steps, replacement=True, generator=g)

@@ -100,9 +100,9 @@ class HistoryRows(_Phase):
         history, known = group["coef"], round_state.get(KNOWN, {})
         out = {cid: sparse_rows(history[known.get(cid, 0):], known.get(cid, 0)) for cid in participants}
         if self.params.seed_sampling == "score":  # FedKSeed-Pro: the server draws each client's seeds
-            probs = seed_probabilities(group)
+            probs, seed = seed_probabilities(group), run_seed(round_state)
             for cid in participants:
-                draw = draw_seeds(probs, self.params.steps, self.params.pool_seed, rnd, cid).to(torch.int32)
+                draw = draw_seeds(probs, self.params.steps, seed, self.params.pool_seed, rnd, cid).to(torch.int32)
                 out[cid] = (out[cid][0], {**out[cid][1], "draw": draw})
         return out
 
@@ -132,6 +132,15 @@ class HistoryRows(_Phase):
             tag["seeds"] = tensors["draw"].to(torch.int64).reshape(-1)
         env.store.put(cid, ROUND_KEY, tag)
         return {}, {}
+
+
+def run_seed(round_state: dict) -> int:
+    """The run's ``seed``, from the server's workbench in the round state."""
+    wb = round_state.get("workbench")
+    if wb is None:
+        raise ValueError("fedkseed: seed_sampling score draws each client's seeds from the run seed; the round state "
+                         "has no workbench to read it from")
+    return int(wb.exp.seed)
 
 
 def model_tensors(model: Any, base: State) -> State | None:
