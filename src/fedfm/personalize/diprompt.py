@@ -24,6 +24,13 @@ layer. ``domain_momentum`` (beta) moves a domain prompt by ``(1 - beta)`` of tha
 ``D <- beta D + (1 - beta) (D + mean delta)``, the paper's moving-average update of the
 D-Prompts against client drift (beta 0: the plain mean).
 
+Client-level DP (``dp_clip``, ``dp_noise``, ``dp_client_noise``) is refused at config
+time (``checks.diprompt_dp_problems``): it bounds a client's influence on the mean of n
+equally weighted clipped updates by C / n, but a domain prompt is averaged with the
+clients' own input counts over the clients that trained it only, so the one client that
+trained a prompt moves it by up to C (n = 4, C = 0.5: 0.5 against the 0.125 the noise is
+sized for).
+
 Bytes: the payload names every domain prompt (the server checks names and shapes), the
 untouched ones as exact zeros; the lossless uplink stage ``{skip_zero: true}``
 (``codecs/skip_zero.py``) drops those, so the uplink counts the global prompt, the head

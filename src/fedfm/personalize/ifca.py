@@ -28,7 +28,18 @@ Server (``combine``): cluster j's model moves by the example-weighted mean of th
 of the clients that chose j (unchanged when none did); cluster 0's mean is handed to the
 server optimizer as the pseudo-gradient, the others are applied directly, so IFCA is
 refused at config time with any rule but ``fedavg`` or a server optimizer other than
-``sgd`` with lr 1 (the clusters would then be treated differently).
+``sgd`` with lr 1 (the clusters would then be treated differently). The cluster weight
+travels inside the payload, and the server pipeline sees cluster 0 only, so these are
+refused too (``checks.ifca_payload_problems``): uplink codecs; server steps at stage
+``delta`` or ``model`` (central ``dp_noise``, ``weak_dp``, watermarking: cluster 0 only;
+central DP would leave clusters 1..K-1 un-noised while reporting epsilon); server steps
+at stage ``updates`` other than those that pass the payload on as it is
+(``checks.PAYLOAD_KEEPING_STEPS``: ``cluster_report``, ``sim_clock``, ...), since
+``dp_clip``, ``clip_updates``, ``norm_bound`` and ``centered_clip`` would count the weight
+in the norm (a delta of norm 0.1 with weight [0, 200] clipped to 0.5 is scaled by 1/400)
+and ALIE / IPM would craft it; client middleware that changes the payload (``sign_flip``,
+``scaling``, ``gaussian_noise``, ``dp_client_noise``). Moving the weight out of the
+payload (into the update's metadata) would lift the ``updates``-stage refusals.
 
 Not implemented: IFCA's gradient-averaging variant; weight sharing between the K models
 (IFCA's shared layers; with ``peft.local`` a client's local part is the same whichever
