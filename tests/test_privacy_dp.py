@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fedfm.aggregators.clip import l2_norm
+from fedfm.aggregators.clip import clip_payload, dp_clip_payload, l2_norm
 from fedfm.config import ConfigError, from_dict
 from fedfm.core.types import Update
 from fedfm.privacy.accounting import Plan, epsilon
@@ -46,12 +46,35 @@ def test_clipped_norms_never_exceed_c_and_weights_are_uniform(tmp_path):
     g = torch.Generator().manual_seed(1)
     ups = [Update(i, {"a": torch.randn(50, generator=g) * (i + 1), "b": torch.randn(3, 4, generator=g)}, 5 + i) for i in range(20)]
     out, state, m = DpClip(DpClipParams(clip_norm=1.5))(ups, ctx_for(exp), {})
-    assert all(l2_norm(u.payload) <= 1.5 * (1 + 1e-6) for u in out)
+    assert all(l2_norm(u.payload) <= 1.5 for u in out)
     assert [u.num_examples for u in out] == [1] * 20
     assert state == {} and m["clip_norm"] == 1.5
     # an update already inside the ball is untouched: (0.3, 0.4) has norm 0.5
     small, _, m = DpClip(DpClipParams(clip_norm=1.0))([upd(0, a=[0.3, 0.4])], ctx_for(exp), {})
     assert torch.equal(small[0].payload["a"], torch.tensor([0.3, 0.4])) and m["clipped"] == 0
+
+
+def test_dp_clipping_stays_within_c_in_bf16_and_refuses_integer_tensors(tmp_path):
+    # (3, 4) in bf16, C = 1: scaled by 0.2 and rounded to 8 significant bits, (0.6, 0.8) becomes
+    # (154/256, 205/256), norm sqrt(65741/65536) = 1.00156 > C. The DP clipping shrinks until the
+    # stored values are inside: (152/256, 203/256), norm sqrt(64313/65536) = 0.99063.
+    naive, _ = clip_payload({"a": torch.tensor([3.0, 4.0], dtype=torch.bfloat16)}, 1.0)
+    assert naive["a"].tolist() == [154 / 256, 205 / 256] and l2_norm(naive) > 1.0
+    out, norm = dp_clip_payload({"a": torch.tensor([3.0, 4.0], dtype=torch.bfloat16)}, 1.0, "test")
+    assert norm == 5.0 and out["a"].dtype == torch.bfloat16 and out["a"].tolist() == [152 / 256, 203 / 256]
+    assert l2_norm(out) == pytest.approx(math.sqrt(64313 / 65536), abs=1e-12) and l2_norm(out) <= 1.0
+    exp = dp_exp(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    ups = [Update(i, {"a": (torch.randn(300, generator=g) * 3).bfloat16(), "b": torch.randn(7, generator=g).half()}, 1)
+           for i in range(30)]
+    clipped, _, _ = DpClip(DpClipParams(clip_norm=1.0))(ups, ctx_for(exp), {})
+    assert all(l2_norm(u.payload) <= 1.0 for u in clipped) and all(u.payload["a"].dtype == torch.bfloat16 for u in clipped)
+    bad = Update(3, {"a": torch.ones(2), "count": torch.tensor([7])}, 1)
+    with pytest.raises(ValueError, match="dp_clip: client 3: tensor 'count' has dtype torch.int64"):
+        DpClip(DpClipParams(clip_norm=1.0))([bad], ctx_for(exp), {})
+    mw = DpClientNoise(DpClientNoiseParams(clip_norm=1.0, noise_multiplier=1.0, clients_per_round=2))
+    with pytest.raises(ValueError, match="dp_client_noise: client 3: tensor 'count' has dtype torch.int64"):
+        mw.after_train(bad, SimpleNamespace(seed=1, round=1, cid=3))
 
 
 def test_adaptive_clip_norm_follows_andrew_et_al(tmp_path):

@@ -1,8 +1,9 @@
 """``dp_clip``: per-client L2 clipping for client-level DP, with a fixed or an adaptive norm.
 
 DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
-Models"): every client update is scaled to L2 norm at most C (``clip_payload`` of
-``aggregators/clip.py``, the whole payload as one vector) and every kept update gets the
+Models"): every client update is scaled to L2 norm at most C (``dp_clip_payload`` of
+``aggregators/clip.py``, the whole payload as one vector, the norm checked in the
+payload's own dtype; a non-floating tensor is refused) and every kept update gets the
 same weight (``num_examples`` set to 1), so the rule's mean has sensitivity C / n.
 
 Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
@@ -33,7 +34,7 @@ from dataclasses import replace
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.clip import clip_payload
+from fedfm.aggregators.clip import dp_clip_payload
 from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.types import State, Update
 from fedfm.privacy import noise_key, notes
@@ -84,7 +85,7 @@ class DpClip:
         c = float(state["clip_norm"]) if "clip_norm" in state else self.p.clip_norm
         out, unclipped, norms = [], 0, []
         for u in updates:
-            payload, norm = clip_payload(u.payload, c)
+            payload, norm = dp_clip_payload(u.payload, c, f"dp_clip: client {u.cid}")
             norms.append(norm)
             unclipped += int(norm <= c)
             out.append(replace(u, payload=payload, num_examples=1))

@@ -1,8 +1,9 @@
 """``dp_client_noise``: the client's share of the noise for distributed DP.
 
-Each of the m clients of a round clips its update to L2 norm C (``clip_payload`` of
-``aggregators/clip.py``) and adds Gaussian noise of standard deviation sigma * C / sqrt(m)
-to every coordinate, so the sum of the m updates carries N(0, sigma^2 C^2), the noise of
+Each of the m clients of a round clips its update to L2 norm C (``dp_clip_payload`` of
+``aggregators/clip.py``: norm checked in the payload's dtype, non-floating tensors
+refused) and adds Gaussian noise of standard deviation sigma * C / sqrt(m) to every
+coordinate, so the sum of the m updates carries N(0, sigma^2 C^2), the noise of
 central DP-FedAvg (McMahan et al. 2018), while no single update is sent un-noised. Under
 secure aggregation (Bonawitz et al. 2017) the server then sees only the noised sum; that
 is the distributed-DP setting of Kairouz et al. 2021 ("The Distributed Discrete Gaussian
@@ -29,7 +30,7 @@ from dataclasses import replace
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.clip import clip_payload
+from fedfm.aggregators.clip import dp_clip_payload
 from fedfm.core.seeding import derive_seed
 from fedfm.learners.middleware import PassThrough, register_middleware
 from fedfm.privacy import noise_key
@@ -56,7 +57,7 @@ class DpClientNoise(PassThrough):
         return self.p.noise_multiplier * self.p.clip_norm / math.sqrt(self.p.clients_per_round)
 
     def after_train(self, update, ctx):
-        payload, _ = clip_payload(update.payload, self.p.clip_norm)
+        payload, _ = dp_clip_payload(update.payload, self.p.clip_norm, f"dp_client_noise: client {ctx.cid}")
         seeded = torch.Generator().manual_seed(derive_seed(ctx.seed, NOISE_TAG))
         src = noise_key.source("dp_client_noise", (ctx.seed, ctx.round, ctx.cid), seeded)
         metrics = {**update.metrics, KEYED_METRIC: float(src.kind == noise_key.KEYED)}
