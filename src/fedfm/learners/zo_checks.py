@@ -5,6 +5,15 @@ from __future__ import annotations
 
 NON_STATE = ("fedkseed", "fedbpt")
 STEP = "non_state_payload"
+# Server steps that only measure (they change no update, delta or model), so the server's
+# model stays what clients rebuild from the history (FedKSeed) or the distribution (FedBPT).
+# Every other registered step changes what is aggregated (clip_updates, norm_bound, weak_dp,
+# centered_clip, dp_clip, alie, ipm, fedfa), the delta (dp_noise) or the model (waffle,
+# client_watermark), or reads what these learners do not send: sim_clock counts the
+# payload's tensor bytes (the zero delta non_state_payload adds, not what travelled),
+# cluster_report clusters the deltas (zeros here) or needs its own learners,
+# dp_sgd_accountant needs the dp_sgd learner's metrics.
+MEASURING = ("backdoor_asr",)
 # tasks whose loss skips the prompt's virtual-token logits (causal_lm: tasks/causal_lm.continuation_logits)
 FEDBPT_TASKS = ("text_classification", "causal_lm")
 
@@ -19,6 +28,22 @@ def zeroth_order_config_problems(exp) -> list[str]:
         problems.append(
             f"learner {name}: its payload is not a delta State; list {{name: {STEP}}} first in server_steps "
             f"(got {steps})"
+        )
+    changing = [s for s in steps[1:] if s not in MEASURING]
+    if changing:
+        problems.append(
+            f"server_steps: learner {name} does not support {changing}: its server half computes the model from the "
+            f"clients' {'seeds and scalars' if name == 'fedkseed' else 'search distributions'} itself, so a step that "
+            "changes the updates, the delta or the model would make the server's model differ from the one clients "
+            f"rebuild (and a privacy step would report a guarantee it does not give); allowed after {STEP}: "
+            f"{', '.join(MEASURING)}"
+        )
+    if exp.aggregator.rule != "fedavg":
+        own = ("the example-weighted sum of the projected gradients per seed" if name == "fedkseed"
+               else "a server-level CMA-ES over the clients' final means")
+        problems.append(
+            f"aggregator.rule: learner {name} supports only fedavg (got {exp.aggregator.rule}): its server half "
+            f"combines the payloads itself ({own}) and would silently ignore any other rule"
         )
     so = exp.server_optimizer
     lr = so.params().get("lr", 1.0)
