@@ -175,6 +175,10 @@ def test_distributed_dp_under_secagg_equals_distributed_dp_without(plain):
     ({"learner": {"name": "scaffold"}}, "learner.name: scaffold's server half combines individual client tensors"),
     ({"exchanges": [{"name": "secagg", "bound": 100.0, "frac_bits": 16}]},
      "3 clients x bound 100.0 x 2^16 = 1.97e+07 >= 2^23"),
+    # weights: 3 clients x at most 3,000,000 examples = 9,000,000 >= 2^23 = 8,388,608
+    ({"exchanges": [{"name": "secagg", "bound": 1.0, "frac_bits": 4}],
+      "federation": {"clients": 3, "partitioner": {"name": "natural"}, "test_examples": 40, "examples_per_client": 3_000_000}},
+     "3 clients x weight up to 3000000 = 9,000,000 >= 2^23: the summed weight would wrap (federation.examples_per_client 3000000)"),
 ])
 def test_combinations_that_need_individual_updates_are_refused(tmp_path, over, message):
     raw = config(tmp_path, {})

@@ -205,3 +205,22 @@ def test_uniform_weighting_gives_the_plain_mean(tmp_path):
     out = r.run(updates_of(X, N))
     # (0.5 + 0.25 - 1 + 0) / 4 = -0.0625; (-0.25 + 0.25 + 0.125 + 0.5) / 4 = 0.15625; (0 + 1 + 0.5 - 0.5) / 4 = 0.25
     assert out[0].payload["w"].tolist() == [-0.0625, 0.15625, 0.25] and r.rs["secagg"]["weight"] == 4
+
+
+def test_a_weight_that_could_wrap_the_summed_weight_is_refused(tmp_path):
+    # bits 24: the weight word holds sums below 2^23 = 8,388,608. Five clients of 2^22 + 5
+    # examples would sum to 20,971,545 = 4,194,329 (mod 2^24), a positive, wrong weight. Each
+    # client may send at most (2^23 - 1) // 5 = 1,677,721, so client 0 refuses before masking.
+    assert fixed_point.weight_cap(5, 24) == 1_677_721
+    assert 5 * (2**22 + 5) % 2**24 == 4_194_329
+    assert fixed_point.weight_problem(5, 1_677_721, 24) is None
+    assert "5 clients x weight up to 1677722 = 8,388,610 >= 2^23" in fixed_point.weight_problem(5, 1_677_722, 24)
+    r = Round(tmp_path, {"bound": 1.0, "frac_bits": 4, "bits": 24}, n=5)
+    big = {c: Update(cid=c, payload={"w": torch.zeros(3)}, num_examples=2**22 + 5) for c in range(5)}
+    with pytest.raises(ValueError, match=r"client 0 round 1: weight 4194309 outside 1..1,677,721: with 5 keyed clients "
+                                         r"the summed weight could reach 5 x 4,194,309 = 20,971,545 >= 2\^23"):
+        r.run(big)
+    # at the cap the summed weight decodes exactly: 5 x 1,677,721 = 8,388,605 < 2^23
+    r = Round(tmp_path / "cap", {"bound": 1.0, "frac_bits": 4, "bits": 24}, n=5)
+    out = r.run({c: Update(cid=c, payload={"w": torch.zeros(3)}, num_examples=1_677_721) for c in range(5)})
+    assert r.rs["secagg"]["weight"] == 8_388_605 and out[0].payload["w"].tolist() == [0.0, 0.0, 0.0]

@@ -8,7 +8,11 @@ updates), a server step at stage ``updates`` (except ``dp_noise`` with ``mode:
 distributed``, which only counts them), a learner with a server half (SCAFFOLD, FedDyn
 and per-client shapes combine individual client tensors), and any uplink codec (the
 masked integers must arrive exactly; secure aggregation quantizes itself). The
-fixed-point sum of a round must not wrap.
+fixed-point sum of a round must not wrap: neither the values' (n x bound x 2^frac_bits)
+nor, with ``weighting: num_examples``, the weights' when ``federation.examples_per_client``
+bounds them (n x examples_per_client); when nothing bounds the example counts at config
+time, each client refuses at masking time a weight that could make the sum wrap
+(``mask.py``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,11 @@ def secagg_problems(exp) -> list[str]:
     cap = fixed_point.capacity_problem(n, p.bound, p.frac_bits, p.bits)
     if cap is not None:
         problems.append(f"{where}: {cap}")
+    most = exp.federation.examples_per_client
+    if p.weighting == "num_examples" and most is not None:
+        wrap = fixed_point.weight_problem(n, most, p.bits)
+        if wrap is not None:
+            problems.append(f"{where}: {wrap} (federation.examples_per_client {most}); lower it or use weighting: uniform")
     for r in exp.federation.roles:
         for m in r.middleware:
             if m.get("name") == "dp_client_noise" and float(m.get("clip_norm", 0)) > p.bound:

@@ -8,6 +8,8 @@ reduced modulo 2^bits, which divides 2^32, so the reduction commutes with the su
 sum of n encodings decodes to the sum of the rounded values as long as
 |sum| < 2^(bits-1), i.e. n * bound * 2^frac_bits < 2^(bits-1) (``capacity_problem`` says
 when it is not). The rounding error of one coordinate is at most 2^-(frac_bits+1).
+The weight word (the sum of the clients' weights, frac_bits 0) obeys the same rule: n
+weights of at most ``weight_cap(n, bits)`` each sum below 2^(bits-1) (``weight_problem``).
 
 ``bits`` is 32 for the in-process protocol (``protocol.py``) and 24 in runs
 (``exchange.py``): there the masked words travel as float32 values, exact below 2^24.
@@ -32,6 +34,19 @@ def capacity_problem(n: int, bound: float, frac_bits: int, bits: int = MODULUS_B
     if worst >= 2.0 ** (bits - 1):
         return (f"secure aggregation: {n} clients x bound {bound} x 2^{frac_bits} = {worst:.3g} "
                 f">= 2^{bits - 1}: the sum would wrap; lower frac_bits or the clip bound")
+    return None
+
+
+def weight_cap(n: int, bits: int) -> int:
+    """The largest weight one of n clients may send so that n such weights sum below 2^(bits-1)."""
+    return (2 ** (bits - 1) - 1) // max(n, 1)
+
+
+def weight_problem(n: int, max_weight: int, bits: int) -> str | None:
+    """Why n weights of up to ``max_weight`` could wrap their summed word, or None."""
+    if n * max_weight >= 2 ** (bits - 1):
+        return (f"secure aggregation: {n} clients x weight up to {max_weight} = {n * max_weight:,} >= 2^{bits - 1}: "
+                "the summed weight would wrap")
     return None
 
 

@@ -5,7 +5,9 @@ the client function on the update after every middleware (``on_train_reply`` of 
 
 The update's tensors (sorted by name, flattened, float64) times the weight w (the example
 count, or 1 with ``weighting: uniform``) are clipped coordinate-wise to [-bound, bound]
-and encoded as round(x * 2^frac_bits) modulo 2^bits; w follows as one more word. The
+and encoded as round(x * 2^frac_bits) modulo 2^bits; w follows as one more word. A
+weight above (2^(bits-1) - 1) // |U2| is refused (an error naming the client, the round
+and the sum it could reach): then no sum of the survivors' weights can wrap. The
 words plus the mask PRG(b_u) + sum_{v in U2, v != u} sign(u, v) PRG(s_uv) (modulo
 2^bits) replace the update: the tensors carry the masked words as float32 values (exact,
 bits <= 24), the metadata the masked weight, and the example count in clear is 1. The
@@ -44,16 +46,19 @@ def mask_update(update, ctx):
     if bad:
         raise ValueError(f"secagg: client {cid}: '{bad[0]}' is {update.payload[bad[0]].dtype}; masked words of "
                          f"{bits} bits travel in float32 or float64 tensors only")
+    u2 = [int(u) for u in rec["u2"].tolist()]
     w = 1 if uniform else int(update.num_examples)
-    if not 0 < w < 2 ** (bits - 1):
-        raise ValueError(f"secagg: client {cid}: weight {w} outside 1..2^{bits - 1} - 1")
+    cap = fixed_point.weight_cap(len(u2), bits)
+    if not 0 < w <= cap:
+        raise ValueError(f"secagg: client {cid} round {rnd}: weight {w} outside 1..{cap:,}: with {len(u2)} keyed "
+                         f"clients the summed weight could reach {len(u2)} x {w:,} = {len(u2) * w:,} >= 2^{bits - 1} "
+                         "and wrap; cap federation.examples_per_client or use weighting: uniform")
     flat = np.concatenate([update.payload[k].detach().to(torch.float64).reshape(-1).numpy() for k in names]) * w
     clipped = int(np.sum(np.abs(flat) > bound))
     if clipped:
         log.warning("secagg: client %d round %d: %d of %d coordinates of w * update clipped to +-%g",
                     cid, rnd, clipped, flat.size, bound)
     words = np.concatenate([fixed_point.encode(flat, bound, frac_bits, bits), np.array([w], dtype=np.uint32)])
-    u2 = [int(u) for u in rec["u2"].tolist()]
     s_pks = {u: keys[1] for u, keys in record.roster(rec).items()}
     masked = (words + mask_vector(cid, record.key(rec, "b"), record.key(rec, "s_sk"), s_pks, u2, words.size, bits))
     masked &= fixed_point.ring_mask(bits)

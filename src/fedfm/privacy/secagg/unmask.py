@@ -53,7 +53,7 @@ def unmask_mean(p: SecAggParams, sa: dict, updates) -> dict[str, torch.Tensor]:
             total = total - mask if v < d else total + mask  # v added +PRG(s_vd) when v < d
     total = total & ring
     weight = fixed_point.decode(total[-1:], 0, p.bits)[0]
-    if weight <= 0:
+    if weight <= 0:  # honest clients cap their weights (mask.py), so only a client that did not can get here
         raise SecAggError(f"secagg: the summed weight decodes to {weight:g}: the sum wrapped modulo 2^{p.bits}")
     values = fixed_point.decode(total[:-1], p.frac_bits, p.bits) / weight
     ref, out, i = updates[0].payload, {}, 0
