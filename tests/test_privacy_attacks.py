@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_config
 from fedfm.attacks.label_recovery import bias_gradient, head_bias_name, label_counts, mean_probs, single_label
@@ -113,9 +114,41 @@ def test_token_set_of_a_two_example_batch_from_the_embedding_update(tmp_path):
     assert len(hand) == 5 + len(words) and wb.tokenizer.unk_token_id not in hand
     assert batch_tokens(wb, batch) == hand
     assert embedding_name(upd.payload) is not None
-    got = recover_tokens(upd.payload)
+    got = recover_tokens(upd.payload, model=wb.model)  # a classifier: no LM head, nothing tied
     assert got == hand, (texts, sorted(wb.tokenizer.convert_ids_to_tokens(sorted(got))))
     assert precision_recall(got, hand) == {"precision": 1.0, "recall": 1.0, "recovered": len(hand), "true": len(hand)}
+
+
+def _gpt2_step(tied: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=100, n_embd=16, n_layer=1, n_head=2, n_positions=32, tie_word_embeddings=tied,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    before = model.transformer.wte.weight.detach().clone()
+    ids = torch.tensor([[5, 17, 42, 17, 9, 63]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return model, {"transformer.wte.weight": model.transformer.wte.weight.detach() - before}
+
+
+def test_token_recovery_refuses_tied_embeddings():
+    from fedfm.attacks.token_recovery import recover_tokens, tied_embeddings
+
+    # A causal LM whose head is tied to the input embeddings: one SGD step on a batch of 5
+    # distinct tokens (5, 9, 17, 42, 63) changes all 100 vocabulary rows (the output softmax).
+    model, payload = _gpt2_step(tied=True)
+    assert tied_embeddings(model)
+    assert int((payload["transformer.wte.weight"].norm(dim=1) > 0).sum()) == 100
+    with pytest.raises(ValueError, match="tied to its output layer"):
+        recover_tokens(payload, model=model)
+    # Untied (a separate lm_head): the input embedding changes in the rows of the tokens read
+    # at a position whose prediction is in the loss: 5, 17, 42, 9; the last token, 63, is
+    # only a target (the labels are shifted; its own position predicts nothing), so its row stays.
+    model, payload = _gpt2_step(tied=False)
+    assert not tied_embeddings(model)
+    assert recover_tokens(payload, model=model) == {5, 9, 17, 42}
 
 
 def test_lora_update_has_no_embedding_rows(tmp_path):
