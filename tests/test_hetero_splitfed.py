@@ -120,7 +120,10 @@ def test_bytes_per_round_match_the_hand_count(tmp_path):
     assert row["bytes_down"] - sum(p["down"] for p in pb.values()) > sum(model[n].numel() * 4 for c in (0, 1) for n in client[c])
     assert row["bytes_up"] - sum(p["up"] for p in pb.values()) < 2 * 1024
     # the simulated clock charges each client its phase messages, plus the weights it received
-    weights = sum(model[n].numel() * 4 for c in (0, 1) for n in client[c])
+    # as one serialized payload: its 4 + 8 LoRA tensors' floats plus a header entry for each
+    # (the tensor's long name, dtype, shape and offsets: 60 to 200 bytes)
+    weights = sum(size({n: torch.zeros_like(model[n]) for n in client[c]}, {}) for c in (0, 1))
+    assert 12 * 60 <= weights - sum(model[n].numel() * 4 for c in (0, 1) for n in client[c]) <= 12 * 200
     assert row["sim_clock.bytes_up.a"] + row["sim_clock.bytes_up.b"] == sum(p["up"] for p in pb.values())
     assert row["sim_clock.bytes_down.a"] + row["sim_clock.bytes_down.b"] == sum(p["down"] for p in pb.values()) + weights
     # 2 steps at 0.5 s at speed 1, plus the main server's measured seconds for that client (server_s)

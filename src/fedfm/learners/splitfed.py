@@ -2,11 +2,14 @@
 
 Implements SplitFed-V1 with label sharing (Thapa et al. 2022, "SplitFed: When Federated
 Learning Meets Split Learning", AAAI, Algorithm 1; the split step of Vepakomma et al.
-2018 / FedBERT, Tian et al. 2022) with several cut points by capacity (FedSplitX, Shin
-et al. 2023). Unlike learner ``split`` (``learners/split.py``: the server half runs inside
-the client function), here every split step is a real message exchange of the round
-loop, so it runs identically on every transport and its bytes are counted by the loop
-(``phase_bytes``). One round:
+2018) with several cut points by capacity: FedSplitX-inspired (Shin et al. 2023; several
+cut points; no auxiliary networks or local loss at the partition points). FedBERT-inspired
+in the same sense as learner ``split`` (Tian et al. 2022; FedBERT's U-shape, embeddings
+and head on the client, is not implemented: see ``learners/split.py``). Each step's
+message up is ``split.smashed_data``, the same as learner ``split`` sends. Unlike learner
+``split`` (``learners/split.py``: the server half runs inside the client function), here
+every split step is a real message exchange of the round loop, so it runs identically on
+every transport and its bytes are counted by the loop (``phase_bytes``). One round:
 
     train        server -> client: the client-side weights at its cut (downlink chain);
                  client: keeps them in its store; replies an empty update
@@ -47,15 +50,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedfm.aggregators.splitfed import client_names, cut_of
-from fedfm.codecs.base import Payload
-from fedfm.codecs.serialize import to_bytes
 from fedfm.core.exchanges import register_exchange
 from fedfm.core.protocols import ExchangePhaseBase
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, Instruction, State, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.loop import batches, make_optimizer, planned_steps
-from fedfm.learners.split import bert_parts, client_forward, client_side
+from fedfm.learners.split import bert_parts, client_forward, client_side, payload_size, smashed_data
 from fedfm.learners.splitfed_server import ServerHalf
 from fedfm.peft.state import trainable_names
 
@@ -63,13 +64,9 @@ KEY = "splitfed"  # the client store entry of the round's client-side state
 CLIENT_TAG = 0x5F4  # dropout stream of the client half's steps
 
 
-def nbytes(tensors: State) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def wire_size(meta: dict[str, str], tensors: State) -> int:
     """Bytes of one phase message as the loop serializes and counts it."""
-    return len(to_bytes(Payload(dict(tensors), {k: str(v) for k, v in meta.items()})))
+    return payload_size(tensors, meta)
 
 
 def batch_items(examples: list, cfg, seed: int, step: int) -> list:
@@ -113,7 +110,7 @@ class SplitFedLearner:
         state.update({f"g/{n}": t.clone() for n, t in instruction.state.items()})
         state["meta/cut"] = torch.tensor([cut])
         ctx.store.put(ctx.cid, KEY, state)
-        metrics = {"bytes_down": float(nbytes(instruction.state)), "split_cut": float(cut)}
+        metrics = {"bytes_down": float(payload_size(instruction.state)), "split_cut": float(cut)}
         return Update(cid=ctx.cid, payload={}, num_examples=len(ctx.examples), metrics=metrics)
 
 
@@ -178,7 +175,7 @@ def client_message(env, cid: int, rnd: int, meta: dict[str, str], tensors: State
             with torch.no_grad():
                 h = client_forward(parts, batch, cut)  # (B, T, H)
             _save(env, cid, cut, named, opt, saved)
-            out = {"h": h.float(), "mask": batch["attention_mask"].to(torch.uint8), "labels": batch["labels"]}
+            out = smashed_data(h.float(), batch)
         elif op == "end":
             out = {n: p.detach().float() - saved[f"g/{n}"].float() for n, p in named}
             env.store.delete(cid, KEY)

@@ -20,7 +20,7 @@ from fedfm.aggregators.splitfed import server_names
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import State
 from fedfm.learners.loop import make_optimizer
-from fedfm.learners.split import bert_parts, server_loss
+from fedfm.learners.split import bert_parts, server_batch, server_loss
 
 SERVER_TAG = 0x5F5  # dropout stream of the server half's steps
 
@@ -72,7 +72,7 @@ class ServerHalf:
         model.train()
         torch.manual_seed(derive_seed(self.seed, self.rnd, cid, step, SERVER_TAG))  # the top part's dropout
         h_leaf = h.detach().float().requires_grad_(True)
-        batch = {"attention_mask": mask.long(), "labels": labels.long()}
+        batch = server_batch({"mask": mask, "labels": labels})
         params = {f"model.{n}": t for n, t in copy.leaves.items()}
         copy.opt.zero_grad(set_to_none=True)
         loss = torch.func.functional_call(_Top(model, copy.cut), params, (h_leaf, batch))
