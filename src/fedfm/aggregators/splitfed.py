@@ -9,9 +9,9 @@ loss with the received labels, backward, optimizer step on its copy, the activat
 gradient back) and averages its copies at the end of the round. Here both averages are
 the round's aggregation rule over the clients' full-model deltas (client-side delta from
 the client, server-side delta from the client's server copy), weighted by example count.
-Several cut points by capacity (FedSplitX, Shin et al. 2023) come from the profile's
-``cut``: each client's delta covers the whole model whatever its cut, so averaging over
-every name is well defined.
+Several cut points by capacity (FedSplitX-inspired, Shin et al. 2023: several cut points;
+no auxiliary networks) come from the profile's ``cut``: each client's delta covers the
+whole model whatever its cut, so averaging over every name is well defined.
 
 ``SplitFedServer`` is the server part (``aggregators/server_part.py``): each client's
 train instruction carries only the client-side weights at its cut (so the downlink of the
