@@ -7,9 +7,12 @@ a portion of consecutive layers while optimizing the rest of the layers").
 model (full further pre-training) except the transformer layers ``freeze_start ..
 freeze_start + freeze_count - 1`` (and, with ``freeze_embeddings``, the embeddings). Frozen
 parameters are not in the trainable State: they receive no gradient, no optimizer step,
-and never travel; the backward pass stops at the lowest trained layer when the frozen
-block starts at layer 0 (the compute saving). Layers are found by their index in the
-module names (``.layer.<i>.`` for BERT-like encoders, ``.layers.<i>.`` for decoders).
+and never travel. When the frozen block starts at layer 0 and ``freeze_embeddings`` is
+true, nothing below the lowest trained layer needs a gradient, so the backward pass stops
+there (the compute saving); with the embeddings trainable (``freeze_embeddings: false``,
+the default) it runs down through the whole frozen block to reach them, skipping only the
+frozen layers' weight gradients. Layers are found by their index in the module names
+(``.layer.<i>.`` for BERT-like encoders, ``.layers.<i>.`` for decoders).
 
 The frozen block is fixed for the whole run; progressive layer training (FedBFPT-inspired)
 is the ``fedbfpt`` learner (``personalize/fedbfpt.py``).
