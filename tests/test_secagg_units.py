@@ -224,3 +224,36 @@ def test_a_weight_that_could_wrap_the_summed_weight_is_refused(tmp_path):
     r = Round(tmp_path / "cap", {"bound": 1.0, "frac_bits": 4, "bits": 24}, n=5)
     out = r.run({c: Update(cid=c, payload={"w": torch.zeros(3)}, num_examples=1_677_721) for c in range(5)})
     assert r.rs["secagg"]["weight"] == 8_388_605 and out[0].payload["w"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_recovery_tries_a_bounded_number_of_subsets_and_names_the_clients(monkeypatch):
+    from fedfm.privacy.secagg import common
+
+    # f(x) = 7 + 3x + 2x^2 (the shares of the first test) with share 1 altered to (1, 13):
+    # the subsets by prefix are {1,2,3} (bad), then {1,2,4}, {1,3,4} (bad), {2,3,4}: 7.
+    assert list(common.subsets_by_prefix(5, 3))[:4] == [(0, 1, 2), (0, 1, 3), (0, 2, 3), (1, 2, 3)]
+    seven = (7).to_bytes(32, "big")
+    shares = [(1, 13), (2, 21), (3, 34), (4, 51), (5, 72)]
+    tried = []
+    real = shamir.combine
+    monkeypatch.setattr(shamir, "combine", lambda sub, length=32: tried.append(len(sub)) or real(sub, length))
+    notes: list[str] = []
+    assert common.recover("the test secret", shares, 3, lambda s: s == seven, notes) == seven
+    assert notes == ["share 1 of the test secret is malformed; not used"]
+    assert len(tried) == 4 + 2  # four subsets, then shares 1 and 5 checked against the polynomial
+    # 40 shares, t = 3, only the last three good: 9,880 subsets exist, 512 are tried, then the
+    # holders are named (share index x -> client id).
+    secret = bytes(range(32))
+    good = shamir.split(secret, 3, 40)
+    bad = [(x, y + 1) for x, y in good[:37]] + good[37:]
+    tried.clear()
+    with pytest.raises(common.SecAggError, match=r"no 3 of the 40 shares of client 9's self-mask seed reconstruct it "
+                                                 r"\(512 subsets tried, at most 512\): the shares from client 100, "
+                                                 r"client 101, .*, client 139 are inconsistent"):
+        common.recover("client 9's self-mask seed", bad, 3, lambda s: s == secret, [], {x: 99 + x for x in range(1, 41)})
+    assert len(tried) == 512
+    # 10 shares, only the last three good: all C(10, 3) = 120 subsets fit under the bound, the last one is good
+    ten = shamir.split(secret, 3, 10)
+    notes = []
+    assert common.recover("ten", [(x, y + 1) for x, y in ten[:7]] + ten[7:], 3, lambda s: s == secret, notes) == secret
+    assert len(notes) == 7

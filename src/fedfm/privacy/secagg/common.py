@@ -98,18 +98,41 @@ def on_curve(subset, share, secret: bytes) -> bool:
         return False
 
 
-def recover(what: str, shares: list[tuple[int, int]], t: int, valid: Callable[[bytes], bool], notes: list[str]) -> bytes:
+MAX_TRIES = 512  # t-subsets tried before a secret whose shares disagree is given up
+
+
+def subsets_by_prefix(n: int, t: int):
+    """The t-subsets of range(n), those inside the shortest prefix first: with e malformed
+    shares among the first ones, the first good subset comes within C(t + e - 1, t - 1) + ...
+    tries, not after the C(n - 1, t - 1) subsets that hold the first share."""
+    for last in range(t - 1, n):
+        for head in itertools.combinations(range(last), t - 1):
+            yield head + (last,)
+
+
+def recover(what: str, shares: list[tuple[int, int]], t: int, valid: Callable[[bytes], bool], notes: list[str],
+            holders: dict[int, int] | None = None) -> bytes:
     """The secret of ``shares`` from some t of them that reconstruct a ``valid`` secret
-    (checked against a commitment or a public key); shares off that polynomial are noted."""
+    (checked against a commitment or a public key); shares off that polynomial are noted.
+    At most ``MAX_TRIES`` t-subsets are tried (``subsets_by_prefix``), so a secret with many
+    malformed shares fails in bounded time, naming the clients (``holders``: share index ->
+    client id) whose shares do not agree."""
     if len(shares) < t:
         raise SecAggError(f"secagg: {len(shares)} shares of {what}, fewer than the threshold {t}")
-    for subset in itertools.combinations(shares, t):
+    tries = 0
+    for idx in subsets_by_prefix(len(shares), t):
+        if tries == MAX_TRIES:
+            break
+        tries += 1
+        subset = [shares[i] for i in idx]
         try:
-            secret = shamir.combine(list(subset))
+            secret = shamir.combine(subset)
         except ValueError:
             continue
         if valid(secret):
             for x in [x for x, y in shares if (x, y) not in subset and not on_curve(subset, (x, y), secret)]:
                 notes.append(f"share {x} of {what} is malformed; not used")
             return secret
-    raise SecAggError(f"secagg: no {t} of the {len(shares)} shares of {what} reconstruct it")
+    who = ", ".join(f"client {holders[x]}" if holders and x in holders else f"share {x}" for x, _ in shares)
+    raise SecAggError(f"secagg: no {t} of the {len(shares)} shares of {what} reconstruct it ({tries} subsets tried, "
+                      f"at most {MAX_TRIES}): the shares from {who} are inconsistent")

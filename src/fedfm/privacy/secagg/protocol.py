@@ -216,7 +216,8 @@ class SecAggServer:
                 return hashlib.sha256(secret).digest() == self.commit[u]
             return crypto.public_of(secret) == self.keys[u][1]
 
-        return recover(f"client {u}'s {kind}-secret", shares, self.cfg.threshold, valid, self.notes)
+        holders = {i + 1: v for i, v in enumerate(sorted(self.keys))}
+        return recover(f"client {u}'s {kind}-secret", shares, self.cfg.threshold, valid, self.notes, holders)
 
     def unmask(self, replies: dict[int, bytes]) -> np.ndarray:
         """Phase 4: the shares -> the exact fixed-point sum over U3 (uint32)."""

@@ -41,13 +41,14 @@ def unmask_mean(p: SecAggParams, sa: dict, updates) -> dict[str, torch.Tensor]:
             raise SecAggError(f"secagg: client {u.cid}'s masked input has another layout than client {updates[0].cid}'s")
         total = total + words
     t, keys, notes = sa["t"], sa["keys"], sa["notes"]
+    holders = {i + 1: u for i, u in enumerate(sorted(keys))}  # share index x -> the client that held it
     for u in sorted(x.cid for x in updates):
         b = recover(f"client {u}'s self-mask seed", sa["shares"].get((u, "b"), []), t,
-                    lambda s, u=u: hashlib.sha256(s).digest() == sa["commits"][u], notes)
+                    lambda s, u=u: hashlib.sha256(s).digest() == sa["commits"][u], notes, holders)
         total = total - c.prg(b, length)
     for d in sa["dropped"]:
         s_sk = recover(f"dropped client {d}'s mask key", sa["shares"].get((d, "s"), []), t,
-                       lambda s, d=d: c.public_of(s) == keys[d][1], notes)
+                       lambda s, d=d: c.public_of(s) == keys[d][1], notes, holders)
         for v in sorted(x.cid for x in updates):
             mask = c.prg(c.agree(s_sk, keys[v][1], b"mask"), length)
             total = total - mask if v < d else total + mask  # v added +PRG(s_vd) when v < d
