@@ -190,3 +190,19 @@ def test_self_pruning_lowers_the_rank_and_zeroes_the_pruned_components():
     trained_b = inst.state[b] + up.payload[b]
     assert torch.equal(trained_a[1], torch.zeros(4)) and torch.equal(trained_b[:, 1], torch.zeros(4))
     assert trained_a[0].abs().sum() > 0
+
+
+def test_self_pruning_cannot_fire_while_the_received_b_is_zero():
+    # round 1: peft's B = 0, so the received tail norm ||B[:, 1:2] A[1:2, :]||_F is 0 and
+    # training cannot lower it; the client keeps rank 2 even with a strong regularizer
+    from fedfm.core.types import Instruction
+    from fedfm.peft.state import get_state
+
+    ctx = tiny_ctx()
+    state = truncate(get_state(ctx.model), 2)
+    a, b = lora_names(ctx)
+    assert torch.equal(state[b], torch.zeros(4, 2))
+    up = hetlora_learner(HetLoraParams(prune=True, gamma=0.5, lam=100.0)).local_update(Instruction(round=1, cid=0, state=state), ctx)
+    assert up.metrics["hetlora_rank"] == 2.0 and up.metrics["rank"] == 2.0
+    assert all(torch.isfinite(t).all() for t in up.payload.values())
+    assert up.payload[b][:, 1].abs().sum() > 0  # the tail component trained, and was kept

@@ -9,7 +9,13 @@ the norm of the module's last components; when local training lowered that norm,
 client prunes its rank to ``j``: the pruned components are set to zero in what it sends,
 and it reports ``hetlora_rank = j``, which the server keeps and uses from then on
 (``aggregators/hetlora.py``). Our reading of the paper; ``gamma`` and ``lam`` are its
-decay factor and regularization weight.
+decay factor and regularization weight. "Lowered" compares with the tail norm of the
+factors received this round, so pruning needs a non-zero received tail: it never fires in
+round 1 (peft initialises B = 0, so every ``B A`` is 0 and no norm can fall below it), nor
+in any round whose received ``B[:, j:r] A[j:r, :]`` is zero; it can from round 2 on, once
+the aggregated B is non-zero. (A norm stored from the client's previous round would not
+help round 1, which has none, and would compare with factors the server has since
+replaced by the aggregate.)
 
 FlexLoRA (Bai et al. 2024, "Federated Fine-tuning of Large Language Models under
 Heterogeneous Tasks and Client Resources"): the same local training at the client's rank,
