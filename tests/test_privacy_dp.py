@@ -89,6 +89,13 @@ def test_adaptive_clip_norm_follows_andrew_et_al(tmp_path):
     assert float(state["clip_norm"]) == pytest.approx(math.exp(-0.05), abs=1e-8)
     _, state2, m2 = step(ups, ctx_for(exp), state)  # the next round clips with the adapted norm
     assert m2["clip_norm"] == pytest.approx(math.exp(-0.05), abs=1e-8)
+    # the exact statistics (outside epsilon): 2 of 4 clipped, mean norm (0.5 + 2 + 3 + 0.2) / 4 = 1.425;
+    # report_exact: false leaves them out and keeps the mechanism's outputs
+    assert m["clipped"] == 2 and m["mean_norm"] == pytest.approx(1.425, abs=1e-7)
+    quiet = DpClip(DpClipParams(clip_norm=1.0, target_quantile=0.25, count_noise=1e-9, report_exact=False))
+    _, state3, m3 = quiet(ups, ctx_for(exp), {})
+    assert set(m3) == {"clip_norm", "next_clip_norm", "noised_unclipped_fraction"}
+    assert torch.equal(state3["clip_norm"], state["clip_norm"])
     # Andrew et al. Thm 1: sigma = 1, sigma_b = 1 -> sigma_Delta = (1 - 1/4)^-1/2 = 1.1547
     assert update_noise_multiplier(1.0, 1.0) == pytest.approx(1 / math.sqrt(0.75))
     with pytest.raises(ValueError, match="count_noise"):

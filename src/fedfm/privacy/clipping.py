@@ -24,6 +24,17 @@ is as private as one Gaussian mechanism with sigma (Andrew et al., Theorem 1); t
 
 The clip norm used this round and the number of updates are noted for ``dp_noise``
 (``privacy/notes.py``).
+
+Metrics: ``clip_norm`` (C of the round) and, when adaptive, ``next_clip_norm`` and
+``noised_unclipped_fraction`` are outputs of the accounted mechanism. ``clipped`` (the
+exact number of clipped updates) and ``mean_norm`` (the mean update norm before clipping)
+are NOT: they are exact statistics of the clients' updates, outside the epsilon reported,
+and with adaptive clipping the exact count undoes the count noise for whoever reads
+metrics.jsonl. ``report_exact: false`` leaves both out. The default (true) keeps them,
+because fedfm's default noise is seeded from the config and protects nothing against a
+reader of the run anyway (simulation; ``privacy/noise_key.py``), where they are useful to
+study clipping; a run that sets ``FEDFM_DP_NOISE_KEY`` to protect its output should also
+set ``report_exact: false``.
 """
 
 from __future__ import annotations
@@ -48,6 +59,8 @@ class DpClipParams(BaseModel):
     clip_lr: float = Field(0.2, gt=0, description="eta_C of the geometric clip-norm update")
     count_noise: float | None = Field(
         None, gt=0, description="sigma_b: std of the noise on the unclipped count (default: clients per round / 20)")
+    report_exact: bool = Field(
+        True, description="write the exact clipped count and mean update norm (not covered by epsilon) to metrics.jsonl")
 
 
 def adapted_norm(clip_norm: float, unclipped: int, n: int, count_noise_draw: float, target: float, lr: float) -> tuple[float, float]:
@@ -89,7 +102,9 @@ class DpClip:
             norms.append(norm)
             unclipped += int(norm <= c)
             out.append(replace(u, payload=payload, num_examples=1))
-        metrics = {"clip_norm": c, "clipped": len(out) - unclipped, "mean_norm": sum(norms) / max(len(norms), 1)}
+        metrics = {"clip_norm": c}
+        if self.p.report_exact:  # exact statistics of the updates, outside the accounting (module docstring)
+            metrics.update(clipped=len(out) - unclipped, mean_norm=sum(norms) / max(len(norms), 1))
         new_state: State = {}
         sigma_b = None
         if self.p.target_quantile is not None and out:

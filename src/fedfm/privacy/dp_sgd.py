@@ -35,6 +35,12 @@ transformers 5.24). So each example's gradient is taken by its own backward pass
 micro-batch of one): exact and independent of task and tuner, at the cost of B backward
 passes per step. Opacus's RDP accountant is used in the tests to check the accounting.
 
+Outside the accounting: the update also carries ``train_loss`` (the mean loss of the
+sampled examples), ``examples_seen`` (the total size of the Poisson batches) and
+``dp_sgd.clipped_fraction``, exact and in the clear (also under secure aggregation); the
+round loop writes the clients' mean ``train_loss`` to metrics.jsonl. None of them is
+noised or covered by the reported epsilon (docs/privacy.md, "What epsilon does not cover").
+
 Accounting: each update reports ``dp_sgd.sample_rate``, ``dp_sgd.noise_multiplier`` and
 ``steps``; the server step ``dp_sgd_accountant`` keeps every client's steps (step state,
 checkpointed) and writes each round the worst client's epsilon (``.epsilon_worst``) at its
