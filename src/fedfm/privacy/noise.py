@@ -31,10 +31,10 @@ Either way the step keeps one accounted multiplier per round in its state
 (``sigmas``, checkpointed) and writes ``epsilon`` and ``delta`` (spent so far) into each
 round's metrics as ``dp_noise.epsilon`` and ``dp_noise.delta``, and ``dp_noise.noise``:
 "keyed" or "seeded", the source of the central noise, or in distributed mode of the
-clients' shares ("mixed" when some were keyed and some not, with ``keyed_clients``). With ``max_epsilon`` set,
-a round that would spend more stops the run with ``PrivacyBudgetSpent`` (before the
-round's model is applied); a config whose planned rounds would spend more is refused
-before it starts (``privacy/checks.py``).
+clients' shares ("mixed" when some were keyed and some not, with ``keyed_clients``).
+With ``max_epsilon`` set, a round that would spend more stops the run with
+``PrivacyBudgetSpent`` (before the round's model is applied); a config whose planned
+rounds would spend more is refused before it starts (``privacy/checks.py``).
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def mask_update(update, ctx):
     u2 = [int(u) for u in rec["u2"].tolist()]
     w = 1 if uniform else int(update.num_examples)
     cap = fixed_point.weight_cap(len(u2), bits)
-    if not 0 < w <= cap:
+    if w < 1:
+        raise ValueError(f"secagg: client {cid} round {rnd}: weight {w}; a weight is at least 1")
+    if w > cap:
         raise ValueError(f"secagg: client {cid} round {rnd}: weight {w} outside 1..{cap:,}: with {len(u2)} keyed "
                          f"clients the summed weight could reach {len(u2)} x {w:,} = {len(u2) * w:,} >= 2^{bits - 1} "
                          "and wrap; cap federation.examples_per_client or use weighting: uniform")
