@@ -79,3 +79,11 @@ def test_the_payload_step_must_come_first(tmp_path):
     problems = zeroth_order_config_problems(exp)
     assert len(problems) == 2 and "list {name: non_state_payload} first" in problems[0]
     assert "does not support ['non_state_payload']" in problems[1]
+
+
+def test_fedbpt_needs_two_clients_per_round(tmp_path):
+    exp = from_dict(raw_for(tmp_path, "fedbpt"))
+    one = exp.model_copy(update={"federation": exp.federation.model_copy(update={"clients_per_round": 1})})
+    problems = zeroth_order_config_problems(one)
+    assert len(problems) == 1 and problems[0].startswith("federation: learner fedbpt samples 1 client per round")
+    assert "needs at least 2" in problems[0]

@@ -79,7 +79,7 @@ def test_a_causal_lm_run_moves_only_the_prompt_and_reports_perplexity(run):
     assert bool((dist["mean"] != 0).any())
     p0 = run.wb.template[name]
     a = projection(p0.numel(), 6, 0, 0.05)
-    assert torch.allclose(ss[MODEL][name], p0 + (a @ dist["mean"]).view_as(p0), atol=1e-5)
+    assert torch.allclose(ss[MODEL][name], p0 + (a @ dist["mean"].float()).view_as(p0), atol=1e-5)
     import json
 
     rows = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines()]

@@ -9,17 +9,25 @@ The client never sees weights or gradients. ``local_update`` has two halves:
   the one base model and wrap it in an
   ``InferenceAPI`` (``learners/blackbox_api.py``) that returns only the loss or the logits
   for given prompt embeddings;
-- the client's (``search``): given only that API, its own batches, the current prompt, the
-  projection ``A`` and the global step size, run ``generations`` iterations of CMA-ES (the
-  ``cma`` package, Hansen's reference implementation) over x in R^d with the prompt
-  ``p + A x``, each candidate scored by one API call on a minibatch, starting from x = 0
-  and the identity covariance.
+- the client's (``search``): given only that API, its own batches, ``p_0``, the projection
+  ``A`` and the global distribution (mean, step size, covariance), run CMA-ES (the ``cma``
+  package, Hansen's reference implementation) over x in R^d with the prompt ``p_0 + A x``,
+  starting from a light copy of the global ES (``local_es``: its mean, step size and
+  covariance, cma's ``_copy_light``, as the authors' clients do) with the learner's
+  population, until cma stops it or after ``generations`` iterations; each candidate is
+  scored by one API call on a minibatch (a new one each iteration).
 
-It sends the final mean of its search distribution (relative to its start) and its final
-step size: two tensors, ``mean`` (d,) and ``sigma`` (1,); the server half
-(``aggregators/fedbpt.py``) averages them and moves the prompt. Forward passes per
-generation: the population size. ``cma`` seeds numpy's global generator from its
-``seed`` option (derived from run seed, round and client), so runs repeat exactly.
+It sends its final mean x (d,), the fitness of that mean (its loss over all the client's
+training examples, in batches of ``train.batch_size``) and the sum of its step sizes
+squared over its iterations: ``mean`` (d,), ``fitness`` (1,), ``sigma_sq`` (1,), float64;
+the server half (``aggregators/fedbpt.py``) tells the clients' means to its own CMA-ES.
+Forward passes: the population size per iteration, plus one per batch for the fitness.
+``cma`` seeds numpy's global generator from its ``seed`` option (derived from run seed,
+round and client), so runs repeat exactly.
+
+Differences from the authors' code: each iteration scores its candidates on one minibatch
+(theirs: on the client's whole few-shot training set); their optional prompt-norm
+clipping and perturbed-data fitness ratio (off by default there) are not implemented.
 
 Tasks: text classification and causal LM. On a causal LM the API's loss is that of the
 sequence given the soft prompt: peft prepends the virtual tokens, and the task drops their
@@ -32,7 +40,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.fedbpt import BROADCAST, MEAN, SIGMA, projection, prompt_name, prompt_of
+from fedfm.aggregators.fedbpt import (BROADCAST, COV, FITNESS, MEAN, SIGMA, SIGMA_SQ, local_popsize, projection,
+                                      prompt_name, prompt_of)
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
@@ -46,36 +55,57 @@ CMA_TAG = 0xC3A
 class FedBPTParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dim: int = Field(50, ge=2, description="d: dimension of the search space projected into the prompt")
-    sigma0: float = Field(1.0, gt=0, description="CMA-ES step size before the first aggregation")
-    popsize: int | None = Field(None, ge=2, description="CMA-ES population (forward passes per generation); default 4 + 3 ln d")
-    generations: int = Field(10, ge=1, description="CMA-ES iterations per client round")
+    sigma0: float = Field(1.0, gt=0, description="the global CMA-ES's initial step size")
+    popsize: int | None = Field(None, ge=2, description="a client's CMA-ES population (forward passes per iteration); default 4 + 3 ln d")
+    generations: int = Field(10, ge=1, description="at most this many CMA-ES iterations per client round")
     projection_std: float = Field(0.05, gt=0, description="a unit-entry x moves each prompt entry by about this much (BBT: the word-embedding std)")
     projection_seed: int = Field(0, description="seeds the fixed random projection A, shared by clients and server")
 
 
-def search(api: InferenceAPI, batches, start: torch.Tensor, a: torch.Tensor, sigma: float, params: FedBPTParams,
-           seed: int) -> tuple[np.ndarray, float, dict[str, float]]:
-    """CMA-ES through the API only: (final mean shift, final sigma, metrics)."""
+def local_es(mean: np.ndarray, sigma: float, cov: np.ndarray, params: FedBPTParams, seed: int):
+    """A client's CMA-ES: a light copy of the global ES (mean, step size, covariance) with
+    the client's population and iteration budget, as the authors' clients make it."""
     import cma
 
-    opts = {"seed": seed % (2**31 - 2) + 1, "verbose": -9, "maxiter": params.generations}
-    if params.popsize is not None:
-        opts["popsize"] = params.popsize
-    es = cma.CMAEvolutionStrategy(np.zeros(params.dim), sigma, opts)
-    flat = start.reshape(-1)
-    last = []
-    for _ in range(params.generations):
+    shell = cma.CMAEvolutionStrategy(np.array(mean, dtype=np.float64), sigma, {"seed": seed, "verbose": -9})
+    shell.sm.C = np.array(cov, dtype=np.float64)  # the global ES's covariance, which _copy_light copies
+    return shell._copy_light(inopts={"seed": seed, "maxiter": params.generations, "popsize": local_popsize(params),
+                                     "CMA_mu": None, "verbose": -9})
+
+
+def search(api: InferenceAPI, batches, p0: torch.Tensor, a: torch.Tensor, es, params: FedBPTParams,
+           ) -> tuple[np.ndarray, float, dict[str, float]]:
+    """CMA-ES through the API only, from ``es`` (``local_es``): (final mean, sum of the
+    step sizes squared over the iterations, metrics)."""
+    def prompt(x) -> torch.Tensor:
+        return prompt_of(p0, a, torch.as_tensor(x, dtype=torch.float64)).view(api.prompt_shape)
+
+    last, sigma_sq, iterations = [], 0.0, 0
+    while not es.stop():
+        sigma_sq += float(es.sigma) ** 2
         batch = next(batches)
         xs = es.ask()
-        last = [api.loss((flat + a @ torch.as_tensor(x, dtype=torch.float32)).view(api.prompt_shape), batch) for x in xs]
+        last = [api.loss(prompt(x), batch) for x in xs]
         es.tell(xs, last)
+        iterations += 1
     metrics = {
-        "train_loss": float(np.mean(last)),
-        "steps": float(params.generations),
-        "forward_passes": float(params.generations * es.popsize),
+        "train_loss": float(np.mean(last)) if last else float("nan"),
+        "steps": float(iterations),
+        "forward_passes": float(iterations * es.popsize),
         "popsize": float(es.popsize),
     }
-    return np.asarray(es.mean, dtype=np.float64), float(es.sigma), metrics
+    return np.asarray(es.mean, dtype=np.float64), sigma_sq, metrics
+
+
+def fitness(api: InferenceAPI, prompt: torch.Tensor, ctx: LocalContext) -> tuple[float, int]:
+    """The loss of ``prompt`` over all the client's examples (batches of train.batch_size,
+    weighted by their sizes) and the forward passes it took."""
+    total, calls, size = 0.0, 0, ctx.train.batch_size
+    for start in range(0, len(ctx.examples), size):
+        items = ctx.examples[start:start + size]
+        total += api.loss(prompt, ctx.task.collate(items, ctx.tokenizer)) * len(items)
+        calls += 1
+    return total / len(ctx.examples), calls
 
 
 class FedBPTLearner:
@@ -91,20 +121,25 @@ class FedBPTLearner:
         group = instruction.broadcast.get(BROADCAST)
         if base is None or group is None:
             raise ValueError(f"fedbpt: client {ctx.cid} needs the base State (ctx.extras['base_state']) and the "
-                             f"'{BROADCAST}' broadcast group (mean, sigma) to rebuild the prompt")
+                             f"'{BROADCAST}' broadcast group (mean, sigma, cov) to rebuild the prompt")
         name = prompt_name(base)
         if self._a is None:
             self._a = projection(base[name].numel(), p.dim, p.projection_seed, p.projection_std)
-        state = {**base, **instruction.state, name: prompt_of(base[name], self._a, group[MEAN]).to(base[name].dtype)}
+        mean = group[MEAN].to(torch.float64).reshape(-1)
+        state = {**base, **instruction.state, name: prompt_of(base[name], self._a, mean).to(base[name].dtype)}
         # the provider's side: the model stays behind the API
         set_state(ctx.model, state)
         api = make_inference_api(ctx.model, ctx.task, name)
         # the client's side
-        start = state[name].to(torch.float32)
-        sigma = float(group[SIGMA].reshape(-1)[0])
+        p0 = base[name].to(torch.float32)
+        es = local_es(mean.numpy(), float(group[SIGMA].reshape(-1)[0]), group[COV].to(torch.float64).numpy(), p,
+                      derive_seed(ctx.seed, CMA_TAG) % (2**31 - 2) + 1)
         batches = cycle_batches(ctx, torch.Generator().manual_seed(ctx.seed))
-        shift, sigma_out, metrics = search(api, batches, start, self._a, sigma, p, derive_seed(ctx.seed, CMA_TAG))
-        payload = {MEAN: torch.tensor(shift, dtype=torch.float32), SIGMA: torch.tensor([sigma_out], dtype=torch.float32)}
+        final, sigma_sq, metrics = search(api, batches, p0, self._a, es, p)
+        fit, calls = fitness(api, prompt_of(p0, self._a, torch.as_tensor(final)).view(api.prompt_shape), ctx)
+        metrics.update(fitness=fit, forward_passes=metrics["forward_passes"] + calls)
+        payload = {MEAN: torch.as_tensor(final, dtype=torch.float64).clone(), FITNESS: torch.tensor([fit], dtype=torch.float64),
+                   SIGMA_SQ: torch.tensor([sigma_sq], dtype=torch.float64)}
         return Update(cid=ctx.cid, payload=payload, num_examples=len(ctx.examples), metrics=metrics)
 
 

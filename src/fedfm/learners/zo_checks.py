@@ -58,6 +58,15 @@ def zeroth_order_config_problems(exp) -> list[str]:
         problems.append(f"learner {name}: peft.local {exp.peft.local} is not supported (the payload has no parameters)")
     if name == "fedbpt" and exp.peft.method != "prompt_tuning":
         problems.append(f"learner fedbpt: tunes a soft prompt; peft.method must be prompt_tuning (got {exp.peft.method})")
+    if name == "fedbpt":
+        from fedfm.runtime.sampling import clients_per_round
+
+        m = clients_per_round(exp.federation, exp.federation.clients)
+        if m < 2:
+            problems.append(
+                f"federation: learner fedbpt samples {m} client per round; its server CMA-ES takes the sampled clients' "
+                "means as its population (population and parents = clients per round), which needs at least 2"
+            )
     if name == "fedbpt" and exp.model.task not in FEDBPT_TASKS:
         problems.append(
             f"learner fedbpt: model.task {exp.model.task} is not supported (supported: {', '.join(FEDBPT_TASKS)}): "
