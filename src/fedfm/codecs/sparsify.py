@@ -24,6 +24,7 @@ import torch
 from fedfm.codecs.base import CodecContext, CodecError, Payload, StageParams, register_codec
 from fedfm.codecs.ef import ErrorFeedback
 from fedfm.codecs.layout import SEP, is_dense_float, reference_numel, tensor_generator
+from fedfm.codecs.skip_zero import skipped, with_skipped
 from fedfm.codecs.sparse_format import BITMAP, DELTA, VALUES, decode_indices, densify, encode_sparse
 
 RANDK_SALT = 0x5AA5
@@ -70,23 +71,30 @@ class Sparsifier:
     def encode(self, payload: Payload, ctx: CodecContext) -> Payload:
         ef = ErrorFeedback(f"ef_{ctx.direction}_{self.name}") if self.params.error_feedback else None
         memory = ef.load(ctx) if ef else {}
+        revived = ef.revive(payload.meta, memory, ctx) if ef else {}  # skipped as zero, residual left
         out: dict[str, torch.Tensor] = {}
         residuals: dict[str, torch.Tensor] = {}
-        for key, t in payload.tensors.items():
+        for key, t in {**payload.tensors, **revived}.items():
             if not is_dense_float(key, t):
                 out[key] = t
                 continue
             x = ef.correct(key, t, memory).reshape(-1) if ef else t.reshape(-1)  # (n,)
             idx = self.select(x, key, ctx)  # (k,) sorted
+            if key in revived and idx.numel() == 0:
+                del revived[key]  # nothing to send yet: it stays skipped, its residual kept
+                continue
             values = x[idx]  # (k,)
             if ef:
                 residual = x.clone()
                 residual[idx] = 0
                 residuals[key] = residual.reshape(t.shape)
             out.update(encode_sparse(key, values, idx, tuple(t.shape), self.send_index))
+        meta = dict(payload.meta)
+        if revived:
+            meta = with_skipped(meta, [k for k in skipped(meta) if k not in revived])
         if ef:
-            ef.save(ctx, residuals)
-        return Payload(out, dict(payload.meta))
+            ef.save(ctx, memory, residuals)
+        return Payload(out, meta)
 
     def decode(self, payload: Payload, ctx: CodecContext) -> Payload:
         tensors = payload.tensors
