@@ -72,7 +72,10 @@ class CodecChain:
         return out
 
     def decode(self, data: bytes, ctx: CodecContext) -> tuple[State, dict[str, str]]:
-        payload = from_bytes(data)
+        try:
+            payload = from_bytes(data)
+        except CodecError as exc:
+            raise CodecError(f"{ctx.direction} payload of client {ctx.cid}: {exc}") from None
         for stage in reversed(self.stages):
             try:
                 payload = stage.decode(payload, ctx)
