@@ -148,3 +148,27 @@ def test_topk_then_quantize_quantizes_only_the_kept_values():
     kept = out["w"].nonzero().reshape(-1)
     assert set(kept.tolist()) <= set(x.abs().topk(100).indices.tolist())
     assert from_bytes(enc.data).meta["w.__values.__q"].startswith("100,F32")
+
+
+@pytest.mark.parametrize(
+    "x,kept",
+    [
+        ([1.0, 1.0, 1.0, 1.0, 1.0], [0, 1]),
+        ([0.0, -3.0, 3.0, 3.0, -3.0, 1.0], [1, 2]),  # four-way tie at |3|: the lowest two
+        ([5.0, 1.0, -1.0, 1.0, 0.0], [0, 1]),  # 5 above the tie, then the first 1
+        ([1.0, float("nan"), 2.0, 0.5], [1, 2]),  # NaN counts as the largest
+    ],
+)
+def test_topk_ties_go_to_the_lowest_index(x, kept):
+    ref = {"w": torch.zeros(len(x))}
+    chain = CodecChain.from_specs([{"name": "topk", "count": 2}], "codecs.up")
+    out, _ = chain.decode(chain.encode({"w": torch.tensor(x)}, {}, ctx_for(ref)).data, ctx_for(ref))
+    got = [i for i, v in enumerate(out["w"].tolist()) if v != 0]
+    assert got == kept
+
+
+def test_threshold_keeps_nan_entries_so_the_server_sees_them():
+    ref = {"w": torch.zeros(3)}
+    chain = CodecChain.from_specs([{"threshold": 0.5}], "codecs.up")
+    out, _ = chain.decode(chain.encode({"w": torch.tensor([0.1, float("nan"), 2.0])}, {}, ctx_for(ref)).data, ctx_for(ref))
+    assert out["w"][0] == 0 and torch.isnan(out["w"][1]) and out["w"][2] == 2.0

@@ -2,7 +2,8 @@
 feedback.
 
 - ``topk`` keeps the k entries of largest magnitude of each tensor (``fraction`` of its
-  elements, or a fixed ``count``); with ``error_feedback: true`` the dropped mass is kept
+  elements, or a fixed ``count``); equal magnitudes go to the lowest index (as a stable
+  sort of -|x| cut after k: ``ones(5)``, k = 2 keeps indices 0 and 1); with ``error_feedback: true`` the dropped mass is kept
   per client and added to the next update (Stich, Cordonnier and Jaggi 2018, "Sparsified
   SGD with Memory"; see codecs/ef.py).
 - ``randk`` keeps k entries drawn uniformly at random from a generator seeded by
@@ -126,8 +127,25 @@ class TopK(Sparsifier):
     name = "topk"
 
     def select(self, x, key, ctx):
-        k = self.params.k(x.numel())
-        return torch.topk(x.abs(), k, sorted=False).indices.sort().values  # (k,)
+        return topk_indices(x, self.params.k(x.numel()))
+
+
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the k largest |x|, ties to the lowest index (NaN counts as the
+    largest, so a NaN update still reaches the server's finiteness check).
+
+    The same set as a stable sort of -|x| cut after k, without the O(n log n) sort: the
+    k-th largest magnitude ``t`` comes from ``torch.topk``, then every entry above ``t``
+    and the first entries equal to ``t`` are kept (``torch.topk`` alone breaks ties in an
+    implementation-defined order).
+    """
+    a = torch.where(torch.isnan(x), torch.inf, x.abs())  # (n,)
+    if k >= a.numel():
+        return torch.arange(a.numel())
+    t = torch.topk(a, k, sorted=False).values.min()
+    above = (a > t).nonzero().reshape(-1)  # (< k,)
+    ties = (a == t).nonzero().reshape(-1)[: k - above.numel()]  # lowest indices first
+    return torch.cat([above, ties]).sort().values  # (k,)
 
 
 class RandomK(Sparsifier):
@@ -151,7 +169,8 @@ class Threshold(Sparsifier):
     name = "threshold"
 
     def select(self, x, key, ctx):
-        return (x.abs() >= self.params.threshold).nonzero().reshape(-1)  # (k,) sorted
+        keep = (x.abs() >= self.params.threshold) | torch.isnan(x)  # a NaN travels, to be refused
+        return keep.nonzero().reshape(-1)  # (k,) sorted
 
 
 register_codec("topk", TopK, TopKParams)
