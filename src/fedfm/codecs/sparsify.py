@@ -9,8 +9,13 @@ feedback.
 - ``randk`` keeps k entries drawn uniformly at random from a generator seeded by
   (seed, round, client, direction, tensor name): the receiver draws the same indices, so
   only the values travel (Stich et al. 2018 analyse rand-k with memory as well).
-- ``threshold`` keeps every entry with ``|x| >= threshold`` (Strom 2015, "Scalable
-  distributed DNN training using commodity GPU cloud computing").
+- ``threshold``: Strom-inspired threshold sparsification (exact values, not +-tau). It
+  keeps every entry with ``|x| >= threshold`` and sends its exact value. Strom 2015
+  ("Scalable distributed DNN training using commodity GPU cloud computing") selects the
+  same entries but sends each as +-tau (its sign only, packed with its index in one
+  32-bit word) and always keeps the remainder, ``x - (+-tau)`` for sent entries and ``x``
+  for the others, as a residual added to the next gradient. Here the residual exists only
+  with ``error_feedback: true``, and then it is exactly the entries not sent.
 
 Each acts on dense floating tensors only (see codecs/layout.py) and sends each one in the
 cheapest of its sparse wire forms (codecs/sparse_format.py).
