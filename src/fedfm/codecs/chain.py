@@ -6,6 +6,9 @@ there (``{"input": ..., "topk": ..., "quantize": ...}``); the last one is ``len(
 The chain also keeps running sums of these sizes until ``take_totals()`` reads and
 resets them (the runtime writes one sum per round into metrics.jsonl).
 
+``from_specs`` refuses the orders no payload survives (``order_problem``: ``checksum``
+last, nothing but ``checksum`` after ``compact``), naming ``codecs.up[i]``.
+
 ``decode`` runs the stages in reverse; any failure (truncated or corrupted bytes, a
 stage's consistency check, a tensor of the wrong shape) raises ``CodecError``.
 """
@@ -16,7 +19,32 @@ from dataclasses import dataclass, field
 
 from fedfm.codecs.base import CodecContext, CodecError, Payload, Stage, build_stage
 from fedfm.codecs.serialize import from_bytes, to_bytes
+from fedfm.core.registry import RegistryError
 from fedfm.core.types import State
+
+
+def order_problem(names: list[str], where: str) -> str | None:
+    """Why this order of stage names cannot work, naming ``where[i]``, or None.
+
+    ``checksum`` must be last: it covers what travels, and a stage after it would change
+    that (a lossy one makes every payload fail the check). ``compact`` may be followed by
+    ``checksum`` only: it renames every entry to a position and concatenates them into one
+    flat tensor per dtype, which no other stage can read (``[compact, topk]`` sparsifies
+    the flat tensor, and decoding fails to find it in the reference State).
+    """
+    for i, name in enumerate(names):
+        later = [(j, n) for j, n in enumerate(names) if j > i]
+        if name == "checksum" and later:
+            j, other = later[0]
+            return f"{where}[{j}]: '{other}' cannot follow 'checksum' ({where}[{i}]): checksum must be the last stage"
+        if name == "compact":
+            for j, other in later:
+                if other != "checksum":
+                    return (
+                        f"{where}[{j}]: '{other}' cannot follow 'compact' ({where}[{i}]): compact renames the "
+                        "entries to positions in one flat tensor per dtype, so only 'checksum' may come after it"
+                    )
+    return None
 
 
 @dataclass
@@ -37,7 +65,11 @@ class CodecChain:
 
     @classmethod
     def from_specs(cls, specs: list[dict], where: str) -> "CodecChain":
-        return cls([build_stage(s, f"{where}[{i}]") for i, s in enumerate(specs)])
+        stages = [build_stage(s, f"{where}[{i}]") for i, s in enumerate(specs)]
+        problem = order_problem([s.name for s in stages], where)
+        if problem is not None:
+            raise RegistryError(problem)
+        return cls(stages)
 
     @property
     def names(self) -> list[str]:
