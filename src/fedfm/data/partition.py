@@ -18,7 +18,10 @@ index arrays`` over the training pool, deterministic given the generator.
   ``fedfm data describe`` and ``fedfm run`` report: use ``random`` or ``stratified`` there.
 - ``shards``: sort by label, cut into ``shards_per_client * n`` shards, deal them out
   (McMahan et al. 2017, the pathological non-IID split).
-- ``quantity``: quantity skew; client sizes proportional to Dir(alpha) draws, labels IID.
+- ``quantity``: quantity skew, labels IID: each client first gets ``min_size`` examples,
+  then the rest is split in proportion to one Dir(alpha) draw over the clients (largest
+  remainder, so the sizes sum to the pool exactly); ``n * min_size`` above the pool is
+  refused naming ``federation.partitioner.min_size``.
 """
 
 from __future__ import annotations
@@ -111,12 +114,29 @@ def shards(labels, groups, n, rng, params: ShardParams) -> list[np.ndarray]:
     ]
 
 
+def apportion(total: int, shares: np.ndarray) -> np.ndarray:
+    """``total`` split into integers proportional to ``shares`` (summing to 1), exactly:
+    floors first, then one more to the largest remainders (ties to the lower index)."""
+    exact = shares * total
+    sizes = np.floor(exact).astype(np.int64)
+    for k in np.argsort(-(exact - sizes), kind="stable")[: total - int(sizes.sum())]:
+        sizes[k] += 1
+    return sizes
+
+
 def quantity(labels, groups, n, rng, params: DirichletParams) -> list[np.ndarray]:
-    perm = rng.permutation(len(labels))
+    """Each client gets ``min_size`` examples, then the other ``N - n * min_size`` are
+    split by Dir(alpha) shares (largest remainder): sizes sum to N, none below min_size."""
+    total = len(labels)
+    if n * params.min_size > total:
+        raise ValueError(
+            f"federation.partitioner.min_size={params.min_size}: {n} clients x {params.min_size} = "
+            f"{n * params.min_size} examples, but the training pool holds {total}; lower min_size or the clients"
+        )
+    perm = rng.permutation(total)
     shares = rng.dirichlet(np.full(n, params.alpha))
-    sizes = np.maximum(params.min_size, (shares * len(perm)).astype(int))
-    cuts = np.minimum(np.cumsum(sizes)[:-1], len(perm))
-    return [np.sort(p) for p in np.split(perm, cuts)]
+    sizes = params.min_size + apportion(total - n * params.min_size, shares)
+    return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
 
 
 register_partitioner("iid", iid)
