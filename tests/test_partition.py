@@ -102,3 +102,15 @@ def test_examples_per_client_cap_and_describe():
     table = describe(fed)
     assert table["examples"].tolist() == [25, 25, 10]
     assert (table["label_0"] + table["label_1"]).tolist() == [25, 25, 10]
+
+
+def test_held_out_groups_rows_beyond_test_examples_are_used_nowhere():
+    from fedfm.data.federated import _held_out
+
+    groups = np.array(["a"] * 32 + ["b"] * 35 + ["c"] * 40 + ["d"] * 40)
+    test, pool = _held_out(pd.DataFrame({"group": groups}), 60, np.random.default_rng(1))
+    # Seed 1 holds out a and b (67 rows): 60 of them are the test set, 7 are left over.
+    assert set(groups[test]) == {"a", "b"} and len(test) == 60
+    assert set(groups[pool]) == {"c", "d"} and len(pool) == 80
+    unused = set(range(147)) - set(test.tolist()) - set(pool.tolist())
+    assert len(unused) == 7 and set(groups[list(unused)]) <= {"a", "b"}

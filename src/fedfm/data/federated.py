@@ -19,7 +19,11 @@ class Federation:
 
 
 def _held_out(frame: pd.DataFrame, n_test: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(test, pool) indices. With groups, the test set comes from whole groups no client owns."""
+    """(test, pool) indices. With groups: whole groups are held out, in a seeded random
+    order, until they hold at least ``n_test`` rows; the test set is ``n_test`` of those
+    rows drawn at random, and the rest of the held-out groups' rows are used nowhere (not
+    in the test set, whose size is ``n_test`` exactly, and not in the pool, since no
+    client may own a row of a group it is tested on)."""
     n = len(frame)
     if n_test >= n:
         raise ValueError(f"federation.test_examples={n_test} leaves no training data ({n} rows)")

@@ -4,8 +4,14 @@ Each partitioner is a plain function ``(labels, groups, n_clients, rng, params) 
 index arrays`` over the training pool, deterministic given the generator.
 
 - ``iid``: uniform random split into equal parts.
-- ``dirichlet``: label skew; per label, client shares drawn from Dir(alpha)
-  (Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution").
+- ``dirichlet``: Dirichlet label skew, the per-class variant: each class's examples are
+  split over the clients by its own draw p_c ~ Dir(alpha) (Yurochkin et al. 2019,
+  "Bayesian Nonparametric Federated Learning of Neural Networks"; the NIID-Bench split of
+  Li, Diao, Chen and He 2022, "Federated Learning on Non-IID Data Silos: An Experimental
+  Study", which also redraws until every client has ``min_size`` examples; here at most
+  100 draws). Client sizes follow from the draws. Not the per-client variant of Hsu, Qi
+  and Brown 2019 ("Measuring the Effects of Non-Identical Data Distribution"), which
+  draws each client's label mix q ~ Dir(alpha p), p the class prior, with equal sizes.
 - ``natural``: whole groups (movie, speaker, language) per client, never split. With
   ``federation.examples_per_client``, ``subsample`` says which of a client's rows it keeps
   (applied in data/federated.py):
