@@ -104,10 +104,7 @@ class CodecChain:
         return out
 
     def decode(self, data: bytes, ctx: CodecContext) -> tuple[State, dict[str, str]]:
-        try:
-            payload = from_bytes(data)
-        except CodecError as exc:
-            raise CodecError(f"{ctx.direction} payload of client {ctx.cid}: {exc}") from None
+        payload = from_bytes(data)  # raises CodecError only (codecs/serialize.py)
         for stage in reversed(self.stages):
             try:
                 payload = stage.decode(payload, ctx)
