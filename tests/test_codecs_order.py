@@ -44,3 +44,12 @@ def test_legal_orders_build_and_round_trip(specs):
     out, _ = chain.decode(chain.encode(x, {}, ctx).data, ctx)
     assert {k: tuple(t.shape) for k, t in out.items()} == {"w": (40,), "v": (3,)}
     assert out["v"].tolist() == [0.0] * 3
+
+
+def test_a_config_with_such_an_order_is_refused_before_anything_loads(tmp_path):
+    from conftest import tiny_config
+    from fedfm.config import ConfigError, from_dict
+
+    raw = tiny_config(tmp_path, codecs={"up": [{"topk": 0.5}], "down": [{"compact": True}, {"fp16": True}]})
+    with pytest.raises(ConfigError, match=r"codecs.down\[1\]: 'fp16' cannot follow 'compact' \(codecs.down\[0\]\)"):
+        from_dict(raw)

@@ -54,8 +54,10 @@ def validate_components(exp, source: str = "<config>") -> None:
     so = exp.server_optimizer
     check(aggregators.server_optimizers.parse, so.name, so.params(), "server_optimizer")
     for direction in ("up", "down"):
-        for i, spec in enumerate(getattr(exp.codecs, direction)):
+        specs = getattr(exp.codecs, direction)
+        for i, spec in enumerate(specs):
             check(parse_stage, spec, f"codecs.{direction}[{i}]")
+        check(check_stage_order, specs, f"codecs.{direction}")
     for i, spec in enumerate(exp.server_steps):
         check(parse_step, spec, f"server_steps[{i}]")
     for i, spec in enumerate(exp.exchanges):
@@ -67,6 +69,19 @@ def validate_components(exp, source: str = "<config>") -> None:
         errors.append(f"  {problem}")
     if errors:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(errors))
+
+
+def check_stage_order(specs: list, where: str) -> None:
+    """The codec chain's stage order (``codecs.chain.order_problem``), once every stage parses."""
+    from fedfm.codecs.chain import order_problem
+
+    try:
+        names = [parse_stage(spec, f"{where}[{i}]")[0] for i, spec in enumerate(specs)]
+    except RegistryError:
+        return  # the stage's own check reports it
+    problem = order_problem(names, where)
+    if problem is not None:
+        raise RegistryError(problem)
 
 
 def combination_problems(exp) -> list[str]:
