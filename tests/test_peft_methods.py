@@ -51,8 +51,9 @@ EXPECTED = {
         {"method": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
         4 * 32 + (32 * 16 + 16) + (16 * 16 + 16) + (16 * 32 + 32) + HEAD,
     ),
-    # peft's BERT default: key (32), value (32), attention.output.dense (32), output.dense (64) per layer
-    "ia3": ({"method": "ia3"}, 2 * (32 + 32 + 32 + 64) + HEAD),
+    # the paper's L (2H + I): l_k (32) and l_v (32) on keys and values, l_ff (64) on the FFN's
+    # inner activation (the input of output.dense), per layer: 2 x 128 + 66 = 322
+    "ia3": ({"method": "ia3"}, 2 * (2 * 32 + 64) + HEAD),
 }
 
 
@@ -90,6 +91,45 @@ def test_frozen_parts_are_what_each_method_says(tmp_path):
     assert all(".adapter." in n or n.startswith("classifier") for n in get_state(adapter))
     sal = workbench(tmp_path, {"method": "salience", "fraction": 0.25, "target_modules": ["query"]}).model
     assert all(n.endswith("parametrizations.weight.0.values") or n.startswith("classifier") for n in get_state(sal))
+
+
+def test_ia3_rescales_keys_values_and_the_ffn_activation_only(tmp_path):
+    wb = workbench(tmp_path, {"method": "ia3"})
+    shapes = {n.split("encoder.layer.")[1]: tuple(p.shape) for n, p in wb.model.named_parameters() if "ia3_l" in n}
+    # layer 0 and 1 alike; attention.output.dense (the attention sublayer's output) has none
+    assert shapes == {
+        f"{i}.{where}.ia3_l.default": shape
+        for i in (0, 1)
+        for where, shape in (("attention.self.key", (32, 1)), ("attention.self.value", (32, 1)), ("output.dense", (1, 64)))
+    }
+    assert count_params(wb.model)[0] == 322
+
+
+def test_ia3_on_a_decoder_uses_keys_values_and_down_proj(tmp_path):
+    from types import SimpleNamespace
+
+    from fedfm.config import ModelConfig
+    from fedfm.peft import apply_tuner
+    from fedfm.tasks import build_task
+    from tiny_llm import make_tiny_llm_dir
+
+    cfg = ModelConfig(task="causal_lm", path=str(make_tiny_llm_dir(tmp_path / "llm")), init="random")
+    model, _ = build_task("causal_lm").build(cfg, seed=0)
+    model = apply_tuner(model, SimpleNamespace(method="ia3", params=lambda: {}), "causal_lm")
+    # tiny Llama: 2 key/value heads x 8 = 16 per k_proj and v_proj, FFN width 64; no head
+    # (tied lm_head): 2 layers x (16 + 16 + 64) = 192
+    names = sorted(n.split("layers.0.")[1] for n, p in model.named_parameters() if p.requires_grad and "layers.0." in n)
+    assert names == ["mlp.down_proj.ia3_l.default", "self_attn.k_proj.ia3_l.default", "self_attn.v_proj.ia3_l.default"]
+    assert count_params(model)[0] == 2 * (16 + 16 + 64)
+
+
+def test_ia3_without_a_default_for_the_model_type_names_the_field():
+    from fedfm.peft.ia3 import IA3Params, ia3
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.config = type("C", (), {"model_type": "mystery"})()
+    with pytest.raises(ValueError, match="peft.target_modules: no IA3 default for model type 'mystery'"):
+        ia3(model, IA3Params(), "text_classification")
 
 
 @pytest.mark.parametrize("key", ["bitfit", "salience_elements", "adapter_houlsby", "prefix_tuning", "ffa_lora", "ia3"])

@@ -1,9 +1,22 @@
 """IA3 through ``peft`` (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is
 Better and Cheaper than In-Context Learning"): learned vectors that rescale the keys,
-values and the FFN activations; the State is those vectors plus the task head.
+the values and the FFN's inner activations; the State is those vectors plus the task head.
 
-``target_modules`` / ``feedforward_modules`` default to peft's own choice for the model
-type (for BERT: key, value and output.dense; output.dense counted as feed-forward).
+The paper's (IA)^3 adds, per layer, l_k and l_v (one value per key/value feature) and
+l_ff (one value per FFN inner unit, applied after the nonlinearity, before the FFN's
+output projection): L * (2 * H + I) values for L layers, hidden size H, FFN width I
+(for a model with grouped keys/values, 2 * H becomes twice the key/value width).
+peft puts a target's vector on its output, or, for a module listed as feed-forward, on
+its input, so the paper's placement is: key and value projections as targets, the FFN's
+output projection as a target *and* feed-forward.
+
+``target_modules`` / ``feedforward_modules`` default to exactly that placement for the
+model families below (``DEFAULT_TARGETS``, regexes that peft matches against the full
+module name). peft's own default list is not used: for BERT/RoBERTa it is ["key",
+"value", "output.dense"], matched as a name suffix, which also catches the attention
+sublayer's ``attention.output.dense`` and rescales the attention output as well (H more
+values per layer than the paper); for Gemma 3 it rescales queries instead of keys.
+Another model type needs both lists given (names matched as suffixes, peft's rule).
 """
 
 from __future__ import annotations
@@ -14,10 +27,23 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fedfm.peft.base import head_modules, register_tuner
 from fedfm.peft.freezing import matches
 
+_BERT = (r".*\.attention\.self\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense")
+_DECODER = (r".*\.self_attn\.(k_proj|v_proj)|.*\.mlp\.down_proj", r".*\.mlp\.down_proj")
+# model type -> (targets, feed-forward targets): keys, values, FFN output projections.
+DEFAULT_TARGETS: dict[str, tuple[str, str]] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "llama": _DECODER,
+    "gemma3_text": _DECODER,
+}
+
 
 class IA3Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    target_modules: list[str] | None = Field(None, description="default: peft's list for the model type")
+    target_modules: list[str] | None = Field(
+        None, description="default: keys, values and FFN output projections (DEFAULT_TARGETS)"
+    )
     feedforward_modules: list[str] | None = None
     train_head: bool = True
 
@@ -39,14 +65,29 @@ def check_suffix_targets(model: torch.nn.Module, targets: list[str], key: str) -
         raise ValueError(f"{key}: {missing} match no module of the model")
 
 
+def default_targets(model: torch.nn.Module) -> tuple[str, str]:
+    """(targets, feed-forward targets) regexes of the paper's placement for ``model``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"peft.target_modules: no IA3 default for model type '{model_type}' "
+            f"(known: {', '.join(DEFAULT_TARGETS)}); give target_modules (keys, values, FFN output "
+            "projection) and feedforward_modules (the FFN output projection)"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
 def ia3(model: torch.nn.Module, params: IA3Params, task: str) -> torch.nn.Module:
     from peft import IA3Config, get_peft_model
 
     if params.target_modules is not None:
         check_suffix_targets(model, params.target_modules, "peft.target_modules")
+        targets, feedforward = params.target_modules, params.feedforward_modules
+    else:
+        targets, feedforward = default_targets(model)
     config = IA3Config(
-        target_modules=params.target_modules,
-        feedforward_modules=params.feedforward_modules,
+        target_modules=targets,
+        feedforward_modules=feedforward,
         modules_to_save=head_modules(model) if params.train_head else None,
     )
     return get_peft_model(model, config)
