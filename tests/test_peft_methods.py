@@ -38,8 +38,12 @@ EXPECTED = {
         {"method": "salience", "fraction": 0.1, "granularity": "element"},
         2 * (4 * 103 + 2 * 205) + 103 + HEAD,
     ),
-    # bottleneck 32/4 = 8: down 32x8 + 8, up 8x32 + 32 = 552; 2 per layer (attention, FFN)
-    "adapter_houlsby": ({"method": "adapter", "reduction_factor": 4}, 4 * 552 + HEAD),
+    # bottleneck 32/4 = 8: down 32x8 + 8, up 8x32 + 32 = 552; 2 per layer (attention, FFN);
+    # Houlsby also trains the 5 LayerNorms (embeddings + 2 per layer), weight and bias 2 x 32
+    "adapter_houlsby": ({"method": "adapter", "reduction_factor": 4}, 4 * 552 + 5 * 64 + HEAD),
+    "adapter_houlsby_frozen_ln": (
+        {"method": "adapter", "reduction_factor": 4, "train_layernorm": False}, 4 * 552 + HEAD
+    ),
     # Pfeiffer: after the FFN only
     "adapter_pfeiffer": ({"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4}, 2 * 552 + HEAD),
     # 4 virtual tokens x 32
@@ -88,7 +92,10 @@ def test_frozen_parts_are_what_each_method_says(tmp_path):
     bitfit = workbench(tmp_path, {"method": "bitfit"}).model
     assert all(n.endswith("bias") or n.startswith("classifier") for n in get_state(bitfit))
     adapter = workbench(tmp_path, {"method": "adapter", "reduction_factor": 4}).model
-    assert all(".adapter." in n or n.startswith("classifier") for n in get_state(adapter))
+    assert all(".adapter." in n or "LayerNorm" in n or n.startswith("classifier") for n in get_state(adapter))
+    assert sum("LayerNorm" in n for n in get_state(adapter)) == 2 * 5  # weight and bias of 5 LayerNorms
+    pfeiffer = workbench(tmp_path, {"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4}).model
+    assert all(".adapter." in n or n.startswith("classifier") for n in get_state(pfeiffer))
     sal = workbench(tmp_path, {"method": "salience", "fraction": 0.25, "target_modules": ["query"]}).model
     assert all(n.endswith("parametrizations.weight.0.values") or n.startswith("classifier") for n in get_state(sal))
 
@@ -182,6 +189,36 @@ def test_adapters_start_as_the_identity(tmp_path):
         a = plain.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = adapted.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(a, b)
+
+
+def test_houlsby_adapter_follows_the_hidden_dropout(tmp_path):
+    from fedfm.peft.adapters import AdaptedLinear, Bottleneck
+
+    wb = workbench(tmp_path, {"method": "adapter", "reduction_factor": 4})
+    for sub in ("attention.output", "output"):
+        parent = wb.model.get_submodule(f"bert.encoder.layer.0.{sub}")
+        # BERT's BertSelfOutput/BertOutput: dense -> dropout -> LayerNorm(. + input); the dropout
+        # now runs inside the wrapper, before the adapter, and the parent's slot is an identity
+        assert isinstance(parent.dropout, torch.nn.Identity)
+        assert isinstance(parent.dense.dropout, torch.nn.Dropout) and parent.dense.dropout.p == 0.1
+    # By hand: base = identity, adapter(h) = h + (h1 + h2) * [1, 1] (one ReLU unit, weights 1).
+    # With x = [1, 1] and dropout p = 0.5, each entry of d = dropout(x) is 0 or 2, and the
+    # output is d + sum(d): [2, 0] -> [4, 2]. Adapter first would give entries 0 or 6 only.
+    base = torch.nn.Linear(2, 2, bias=False)
+    adapter = Bottleneck(2, 1, "relu", 0.0)
+    with torch.no_grad():
+        base.weight.copy_(torch.eye(2))
+        adapter.down.weight.fill_(1.0)
+        adapter.up.weight.fill_(1.0)
+    layer = AdaptedLinear(base, adapter, torch.nn.Dropout(0.5)).train()
+    x = torch.ones(64, 2)
+    torch.manual_seed(0)
+    out = layer(x)
+    torch.manual_seed(0)
+    d = torch.nn.functional.dropout(x, 0.5)  # the same draw
+    assert set(d.flatten().tolist()) == {0.0, 2.0}
+    assert torch.equal(out, d + d.sum(-1, keepdim=True))
+    assert {tuple(r) for r in out.tolist()} == {(0.0, 0.0), (4.0, 2.0), (2.0, 4.0), (6.0, 6.0)}
 
 
 def test_ffa_lora_keeps_a_bit_identical(tmp_path):

@@ -1,19 +1,30 @@
 """Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning
-for NLP"; the after-FFN-only placement of Pfeiffer et al. 2021, "AdapterFusion:
+for NLP"), and an FFN-only variant inspired by Pfeiffer et al. 2021 ("AdapterFusion:
 Non-Destructive Task Composition for Transfer Learning"); federated as FedAP (Zhang et
 al. 2023, "FedPETuning").
 
 Written by hand because ``peft`` has no bottleneck adapter, and AdapterHub's
 ``adapters`` package works by patching the model classes of the transformers 4 line it
-pins, not the transformers 5 used here. An adapter is
-``h + up(act(down(h)))`` applied to the output ``h`` of a sublayer's output projection,
-before the residual connection and LayerNorm, exactly where Houlsby places it:
+pins, not the transformers 5 used here. An adapter is ``h + up(act(down(h)))``; the
+bottleneck width is ``hidden // reduction_factor``. ``up`` starts at zero, so the adapted
+model computes exactly what the base model does until it is trained.
 
-- ``variant: houlsby``: after the attention output projection and after the FFN;
-- ``variant: pfeiffer``: after the FFN only.
-
-The bottleneck width is ``hidden // reduction_factor``. ``up`` starts at zero, so the
-adapted model computes exactly what the base model does until it is trained.
+- ``variant: houlsby`` (Houlsby et al.): one adapter after the attention sublayer's output
+  projection, one after the FFN's, each before that sublayer's residual addition and
+  LayerNorm. On BERT, RoBERTa and XLM-R (``HIDDEN_DROPOUT``) the sublayer's hidden dropout
+  comes first: projection -> dropout -> adapter -> LayerNorm(. + residual), as in the
+  authors' adapter-bert code (the dropout module moves into the wrapper, the sublayer's
+  own slot becomes an identity). Llama and Gemma 3 have no dropout there: projection ->
+  adapter -> residual addition. Houlsby et al. train the adapters, the LayerNorms and the
+  head, so ``train_layernorm`` defaults to true for this variant (every
+  ``torch.nn.LayerNorm`` of the model, embeddings' included, as adapter-bert does; a
+  decoder's RMSNorm is not a ``LayerNorm`` and stays frozen).
+- ``variant: pfeiffer`` (Pfeiffer-inspired, not Pfeiffer et al.'s adapter): one adapter
+  after the FFN only, the placement AdapterFusion picked, but in the same slot as
+  Houlsby's FFN adapter (after the dropout, *before* the FFN's Add & Norm). Pfeiffer et al.
+  place it *after* the FFN's Add & Norm, on its normalised output, with its own residual
+  and a second Add & Norm after it; that is not what this computes. ``train_layernorm``
+  defaults to false for this variant (AdapterFusion trains only the adapters and head).
 """
 
 from __future__ import annotations
@@ -35,6 +46,9 @@ SUBLAYERS: dict[str, tuple[str, str]] = {
     "llama": (r"\.self_attn\.o_proj$", r"\.mlp\.down_proj$"),
     "gemma3_text": (r"\.self_attn\.o_proj$", r"\.mlp\.down_proj$"),
 }
+# Model types whose output projections are followed by a hidden dropout module ``dropout`` in
+# the same parent (BertSelfOutput, BertOutput, ...): dense -> dropout -> LayerNorm(. + input).
+HIDDEN_DROPOUT = ("bert", "roberta", "xlm-roberta")
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "tanh": torch.nn.Tanh}
 
 
@@ -46,7 +60,9 @@ class AdapterParams(BaseModel):
     init_std: float = Field(0.01, ge=0, description="std of the down projection's normal init")
     attn_pattern: str | None = Field(None, description="regex of attention output projections")
     ffn_pattern: str | None = Field(None, description="regex of FFN output projections")
-    train_layernorm: bool = False
+    train_layernorm: bool | None = Field(
+        None, description="train every LayerNorm; default: true for peft.method adapter, variant houlsby (as Houlsby et al.), else false"
+    )
     train_head: bool = True
 
 
@@ -66,15 +82,33 @@ class Bottleneck(torch.nn.Module):
 
 
 class AdaptedLinear(torch.nn.Module):
-    """A frozen output projection followed by its adapter."""
+    """A frozen output projection, the sublayer's hidden dropout where it has one, then
+    the adapter."""
 
-    def __init__(self, base: torch.nn.Linear, adapter: Bottleneck):
+    def __init__(self, base: torch.nn.Linear, adapter: Bottleneck, dropout: torch.nn.Module | None = None):
         super().__init__()
         self.base = base
+        self.dropout = dropout if dropout is not None else torch.nn.Identity()
         self.adapter = adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, in)
-        return self.adapter(self.base(x))  # (B, T, H)
+        return self.adapter(self.dropout(self.base(x)))  # (B, T, H)
+
+
+def take_hidden_dropout(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """The hidden dropout that follows the output projection ``name`` in its parent (BERT's
+    ``*.output.dense`` -> ``*.output.dropout``), replaced there by an identity so that it
+    runs once, inside the wrapper, before the adapter; None where the model has none."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    parent_name, _, child = name.rpartition(".")
+    if model_type not in HIDDEN_DROPOUT or child != "dense" or not parent_name.endswith("output"):
+        return None
+    parent = model.get_submodule(parent_name)
+    dropout = getattr(parent, "dropout", None)
+    if not isinstance(dropout, torch.nn.Dropout):
+        return None
+    parent.dropout = torch.nn.Identity()
+    return dropout
 
 
 def sublayer_patterns(model: torch.nn.Module, params: AdapterParams) -> list[tuple[str, str]]:
@@ -118,14 +152,16 @@ def adapters(model: torch.nn.Module, params: AdapterParams, task: str) -> torch.
         width = max(1, hidden // params.reduction_factor)
         adapter = Bottleneck(hidden, width, params.activation, params.init_std)
         adapter.to(base.weight.device, base.weight.dtype)
-        set_submodule(model, name, AdaptedLinear(base, adapter))
-    return train_extras(model, params)
+        set_submodule(model, name, AdaptedLinear(base, adapter, take_hidden_dropout(model, name)))
+    return train_extras(model, params, layernorm_default=params.variant == "houlsby")
 
 
-def train_extras(model: torch.nn.Module, params: AdapterParams) -> torch.nn.Module:
+def train_extras(model: torch.nn.Module, params: AdapterParams, layernorm_default: bool = False) -> torch.nn.Module:
     """Unfreeze what an adapter method trains beside its adapters: the LayerNorms
-    (``train_layernorm``) and the task head (``train_head``)."""
-    if params.train_layernorm:
+    (``train_layernorm``; ``layernorm_default`` when it is not set) and the task head
+    (``train_head``)."""
+    layernorm = params.train_layernorm if params.train_layernorm is not None else layernorm_default
+    if layernorm:
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.requires_grad_(True)
