@@ -86,6 +86,20 @@ def test_the_task_checks_max_length_on_every_path(tmp_path):
         Workbench(exp)  # encoding happens before any training
 
 
+@pytest.mark.parametrize("peft, prompt", [({"method": "prompt_tuning", "num_virtual_tokens": 16}, 16), ({"method": "p_tuning"}, 20)])
+def test_a_soft_prompt_counts_against_the_position_table_before_the_model_loads(tmp_path, monkeypatch, model_builds, peft, prompt):
+    raw = tiny_config(tmp_path, peft=peft)  # tiny BERT: max_position_embeddings 128; p_tuning's default P is 20
+    out = tmp_path / "run"
+    result, text = invoke(monkeypatch, "run", write(tmp_path, raw), "-o", "data.max_length=120", "--out", str(out))
+    assert result.exit_code == 1, text
+    assert (
+        f"data.max_length=120 plus the soft prompt's {prompt} virtual tokens (peft.num_virtual_tokens) = {120 + prompt} "
+        f"exceeds the model's max_position_embeddings=128"
+    ) in text
+    assert f"set data.max_length to at most {128 - prompt}, or lower peft.num_virtual_tokens" in text
+    assert model_builds["models"] == 0 and not out.exists()
+
+
 def test_a_model_path_without_config_json_is_named(tmp_path, monkeypatch):
     (tmp_path / "weights").mkdir()
     raw = tiny_config(tmp_path, **{"model.path": str(tmp_path / "weights"), "model.package": None})

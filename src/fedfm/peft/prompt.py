@@ -12,6 +12,21 @@ and it is shared like the prompt. Transformers 5 renamed the encoders' keyword
 ``past_key_values`` to ``cache``; peft 0.21 looks for the old name in the forward
 signature before it hands prefix key/values over, so ``accept_past_key_values`` gives
 such a model a forward that takes the old name and passes it on as ``cache``.
+
+Where the prompt sits, on an encoder classifier (``SEQ_CLS``): peft's prompt tuning and
+P-tuning *prepend* the P virtual tokens to the input embeddings, before ``[CLS]``, so the
+sequence is ``p_1 .. p_P [CLS] w_1 .. w_T`` with the soft tokens at positions 0 .. P-1.
+BERT's pooler, and so the classifier, reads position 0: the first *soft token's* hidden
+state, not ``[CLS]``'s (``tests/test_peft_prompt_cls.py`` checks this). Lester et al.
+prepend the prompt too, but classify with a text-to-text decoder, where no position is
+special; fedfm keeps peft's layout (the hand-written ``personal_prompt``, ``fedapt`` and
+``diprompt`` insert their prompts after ``[CLS]`` instead). Prefix tuning adds keys and
+values only, so ``[CLS]`` stays at position 0 (its position id is P, after the prefix).
+On a causal LM the prompt precedes the text, as in the papers.
+
+Every soft prompt takes P positions of the model's position table
+(``tasks/limits.py`` checks ``data.max_length + P``). peft has no soft prompt for masked
+LMs (``model.task: masked_lm``): the three tuners refuse it.
 """
 
 from __future__ import annotations
@@ -45,9 +60,14 @@ class PTuningParams(BaseModel):
     encoder_hidden_size: int = Field(128, ge=1)
 
 
-def task_type(model: torch.nn.Module):
+def task_type(model: torch.nn.Module, method: str, task: str):
     from peft import TaskType
 
+    if task == "masked_lm":
+        raise ValueError(
+            f"peft.method {method}: model.task masked_lm is not supported (peft's soft prompts have no "
+            "masked-LM model); use lora, ia3, adapter, bitfit or full"
+        )
     return TaskType.SEQ_CLS if head_modules(model) else TaskType.CAUSAL_LM
 
 
@@ -69,7 +89,8 @@ def prompt_tuning(model: torch.nn.Module, params: PromptTuningParams, task: str)
 
     init = PromptTuningInit.SAMPLE_VOCAB if params.init == "sample_vocab" else PromptTuningInit.RANDOM
     config = PromptTuningConfig(
-        task_type=task_type(model), num_virtual_tokens=params.num_virtual_tokens, prompt_tuning_init=init
+        task_type=task_type(model, "prompt_tuning", task), num_virtual_tokens=params.num_virtual_tokens,
+        prompt_tuning_init=init,
     )
     return get_peft_model(model, config)
 
@@ -77,7 +98,7 @@ def prompt_tuning(model: torch.nn.Module, params: PromptTuningParams, task: str)
 def prefix_tuning(model: torch.nn.Module, params: PrefixTuningParams, task: str) -> torch.nn.Module:
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
-    kind = task_type(model)
+    kind = task_type(model, "prefix_tuning", task)
     if kind == TaskType.SEQ_CLS:
         accept_past_key_values(model)
     config = PrefixTuningConfig(
@@ -94,7 +115,7 @@ def p_tuning(model: torch.nn.Module, params: PTuningParams, task: str) -> torch.
 
     encoder = PromptEncoderReparameterizationType[params.encoder.upper()]
     config = PromptEncoderConfig(
-        task_type=task_type(model),
+        task_type=task_type(model, "p_tuning", task),
         num_virtual_tokens=params.num_virtual_tokens,
         encoder_reparameterization_type=encoder,
         encoder_hidden_size=params.encoder_hidden_size,

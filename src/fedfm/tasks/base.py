@@ -32,7 +32,7 @@ class Task(Protocol):
         """Metrics over an iterable of batches (``loss`` always among them)."""
 
     # Two hooks, None where a task has none: bind_initial(model, initial State), called once
-    # the tuner is applied (DPO's reference for tuners without peft adapters), and
+    # the tuner is applied (the positions a soft prompt takes; DPO's reference model), and
     # finish(model, tokenizer, run directory, held-out rows) -> Path, at the end of a run
     # (a causal LM's sample generations).
     bind_initial: Callable[[torch.nn.Module, dict], None] | None

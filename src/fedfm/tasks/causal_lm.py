@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from fedfm.tasks.base import register_task
-from fedfm.tasks.limits import check_max_length, position_limit
+from fedfm.tasks.limits import check_max_length, model_prompt_positions, position_limit
 from fedfm.tasks.loading import load_auto
 from fedfm.tasks.padding import attention_mask, padded
 
@@ -157,6 +157,7 @@ class CausalLM:
     objective: Any = None
     stop_id: int | None = None
     max_positions: int | None = None  # the model's position table, once built
+    virtual_tokens: int = 0  # positions a peft soft prompt takes before the text, once tuned
 
     def build(self, model_cfg: Any, seed: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,12 +175,14 @@ class CausalLM:
 
     def bind_initial(self, model: torch.nn.Module, initial: Any) -> None:
         """The tuned model and its initial trainable State, once (``runtime/workbench.py``):
-        passed to the objective (DPO's reference for tuners without peft adapters)."""
+        the positions a soft prompt takes (counted against the position table when
+        encoding), and the objective's hook (DPO's reference model)."""
+        self.virtual_tokens = model_prompt_positions(model)
         if self.objective is not None:
             self.objective.bind_initial(model, initial)
 
     def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
-        check_max_length(max_length, self.max_positions)
+        check_max_length(max_length, self.max_positions, prompt=self.virtual_tokens)
         if self.objective is not None:
             return self.objective.encode(frame, tokenizer, max_length)
         texts = frame["text"].astype(str).tolist()

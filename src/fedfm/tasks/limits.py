@@ -5,6 +5,15 @@ fails later, inside the first forward pass of a long text, as a tensor-size mism
 names neither. These checks read only the model's config (config.json), so ``fedfm run``
 can make them before the weights load; the tasks repeat them when they encode, so every
 path (tests, Flower clients) is covered.
+
+A soft prompt takes positions too: ``prompt_tuning`` and ``p_tuning`` (peft) prepend P =
+``peft.num_virtual_tokens`` input embeddings, the hand-written ``personal_prompt``,
+``fedapt`` and ``diprompt`` insert P after the first token, and ``prefix_tuning`` hands P
+past keys/values over, after which the text's position ids start (BERT's position table
+is read at P .. P + T - 1). So the longest input is ``data.max_length + P``. The config-time
+check reads P from ``peft`` (``prompt_positions``); the tasks' encode reads it from a peft
+prompt-learning model (``model_prompt_positions``; the hand-written prompt tuners are
+checked at config time only).
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from typing import Any
 
 # Config attributes that hold a model's longest input, by model family.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+# peft.method values whose prompt takes peft.num_virtual_tokens positions before the text.
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "personal_prompt", "fedapt", "diprompt")
 
 
 def position_limit(config: Any) -> int | None:
@@ -24,12 +35,40 @@ def position_limit(config: Any) -> int | None:
     return None
 
 
-def check_max_length(max_length: int, limit: int | None, where: str = "the model") -> None:
-    if limit is not None and max_length > limit:
+def check_max_length(max_length: int, limit: int | None, where: str = "the model", prompt: int = 0) -> None:
+    """Refuse ``data.max_length`` (+ ``prompt`` virtual tokens) beyond ``limit``."""
+    if limit is None or max_length + prompt <= limit:
+        return
+    if not prompt:
         raise ValueError(
             f"data.max_length={max_length} exceeds the model's max_position_embeddings={limit} "
             f"({where}); set data.max_length to at most {limit}"
         )
+    fix = (
+        f"set data.max_length to at most {limit - prompt}, or lower peft.num_virtual_tokens"
+        if prompt < limit else f"set peft.num_virtual_tokens below {limit}"
+    )
+    raise ValueError(
+        f"data.max_length={max_length} plus the soft prompt's {prompt} virtual tokens (peft.num_virtual_tokens) "
+        f"= {max_length + prompt} exceeds the model's max_position_embeddings={limit} ({where}); {fix}"
+    )
+
+
+def prompt_positions(peft_spec: Any) -> int:
+    """P of a soft-prompt ``peft.method`` (its ``num_virtual_tokens``, default included), else 0."""
+    if peft_spec.method not in PROMPT_METHODS:
+        return 0
+    from fedfm.peft import tuners
+
+    return int(tuners.parse(peft_spec.method, peft_spec.params(), "peft").num_virtual_tokens)
+
+
+def model_prompt_positions(model: Any) -> int:
+    """P of a peft prompt-learning model (prompt_tuning, p_tuning, prefix_tuning), else 0."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    return int(config.num_virtual_tokens)
 
 
 def model_limit(model_cfg: Any) -> tuple[int | None, str]:
@@ -49,6 +88,7 @@ def model_limit(model_cfg: Any) -> tuple[int | None, str]:
 
 
 def validate_model_inputs(exp) -> None:
-    """``data.max_length`` against the model's position limit, from its config alone."""
+    """``data.max_length`` plus a soft prompt's virtual tokens against the model's position
+    limit, from its config alone."""
     limit, directory = model_limit(exp.model)
-    check_max_length(exp.data.max_length, limit, directory)
+    check_max_length(exp.data.max_length, limit, directory, prompt_positions(exp.peft))

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from fedfm.tasks.base import register_task
+from fedfm.tasks.limits import check_max_length, model_prompt_positions, position_limit
 from fedfm.tasks.loading import load_auto
 from fedfm.tasks.padding import attention_mask, padded
 
@@ -62,8 +63,9 @@ def mask_example(ids: list[int], special: set[int], mask_id: int, vocab: int, pr
 class MaskedLM:
     """Cross-entropy on the masked tokens; metrics: loss and masked-token accuracy."""
 
-    bind_initial = None  # Task hooks this task does not use
-    finish = None
+    finish = None  # a Task hook this task does not use
+    max_positions: int | None = None  # the model's position table, once built
+    virtual_tokens: int = 0  # positions a peft soft prompt takes before the text, once tuned
 
     def build(self, model_cfg: Any, seed: int):
         from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -72,9 +74,16 @@ class MaskedLM:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         if tokenizer.mask_token_id is None:
             raise ValueError(f"model.task masked_lm: the tokenizer of {directory} has no mask token")
+        self.max_positions = position_limit(model.config)
         return model, tokenizer
 
+    def bind_initial(self, model: torch.nn.Module, initial: Any) -> None:
+        """The tuned model, once (``runtime/workbench.py``): the positions a soft prompt
+        takes, counted against the position table when encoding."""
+        self.virtual_tokens = model_prompt_positions(model)
+
     def encode(self, frame: pd.DataFrame, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+        check_max_length(max_length, self.max_positions, prompt=self.virtual_tokens)
         enc = tokenizer(list(frame["text"].astype(str)), truncation=True, max_length=max_length, padding=False)
         special = set(tokenizer.all_special_ids)
         vocab = len(tokenizer)
