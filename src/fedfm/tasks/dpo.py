@@ -13,20 +13,28 @@ where log pi(y|x) is the summed log-probability of the answer tokens under the t
 model and ref is the reference model. The implicit rewards are
 ``beta * (log pi - log ref)`` of each answer.
 
-The reference model is the model every run starts from, fixed across rounds, as in DPO,
-and no second copy of the base model is held for it:
+The reference model is the model every run starts from (the policy at round 0), fixed
+across rounds, as in DPO, and no second copy of the base model is held for it:
 
-- peft adapters (``REFERENCE_TUNERS``): the base model with the adapters switched off
-  (peft's ``disable_adapter()`` context manager);
-- every other tuner (``full``, ``bitfit``, ``salience``, the hand-written ``adapter``, ...),
-  which changes or wraps the base weights itself: the model's initial trainable State
-  re-applied for the reference pass only, through ``torch.func.functional_call`` (the
-  parameters are substituted in the forward pass; the model is not modified). That State is
-  the workbench's template (``runtime/workbench.py`` hands it over once through
-  ``bind_initial``), which the workbench holds anyway: for ``full`` it is a float32 CPU copy
-  of every weight, the one copy a full fine-tune already costs; no further copy is made
-  unless the model lives on another device or dtype, where each reference pass converts
-  the tensors it substitutes (a temporary copy per batch).
+- peft adapters that start as the identity (``IDENTITY_TUNERS``: LoRA's and FFA-LoRA's B
+  start at zero, IA3's vectors at one): the base model with the adapters switched off
+  (peft's ``disable_adapter()`` context manager), which computes what the starting policy
+  computes;
+- every other tuner: the model's initial trainable State re-applied for the reference pass
+  only, through ``torch.func.functional_call`` (the parameters are substituted in the
+  forward pass; the model is not modified). That covers the tuners that change or wrap the
+  base weights (``full``, ``bitfit``, ``salience``, the hand-written ``adapter``, ...) and
+  peft's soft prompts (``prompt_tuning``, ``prefix_tuning``, ``p_tuning``): a soft prompt
+  does not start as the identity (its initial tokens change every output), so disabling it
+  would give the prompt-free base model, not the starting policy; the reference keeps the
+  initial prompt instead. That State is the workbench's template (``runtime/workbench.py``
+  hands it over once through ``bind_initial``), which the workbench holds anyway: for
+  ``full`` it is a float32 CPU copy of every weight, the one copy a full fine-tune already
+  costs; no further copy is made unless the model lives on another device or dtype, where
+  each reference pass converts the tensors it substitutes (a temporary copy per batch).
+
+So at round 0 policy = reference for every tuner: both implicit rewards are exactly 0,
+``reward_accuracy`` is 0 and the loss is log 2.
 
 Written here rather than taken from TRL's ``DPOTrainer``: the trainer owns its training
 loop, model copies and data collation, while fedfm's learners own the loop; the loss
@@ -36,7 +44,9 @@ Rows hold ``prompt``, ``chosen`` and ``rejected`` (``data.source: preferences``)
 ``format: plain`` the answer follows the prompt text directly (continuations); with
 ``format: chat`` the pair is rendered with the model's chat template, as instruction
 pairs are. Only the answer tokens count; chosen and rejected rows go through the model
-in one batch.
+in one batch. With a soft prompt on the input (prompt tuning, P-tuning), the logits of
+its P virtual tokens come first and are dropped before the answer tokens are scored
+(``causal_lm.continuation_logits``).
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from fedfm.tasks.causal_lm import (
     IGNORE,
     _ids,
     collate_lm,
+    continuation_logits,
     encode_pair,
     generate,
     join_cut,
@@ -63,8 +74,9 @@ from fedfm.tasks.causal_lm import (
 from fedfm.core.types import State
 from fedfm.tasks.objectives import register_objective
 
-# Tuners whose model is a peft model with ``disable_adapter()``; the others use the initial State.
-REFERENCE_TUNERS = ("lora", "ffa_lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
+# peft tuners whose adapters start as the identity: their reference is the model with the
+# adapters disabled; every other tuner's is the initial State (``needs_initial``).
+IDENTITY_TUNERS = ("lora", "ffa_lora", "ia3")
 
 
 class DpoParams(BaseModel):
@@ -91,12 +103,25 @@ def dpo_loss(
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) summed log-probability of the labelled tokens; logits (B, T, V) predict t+1 from t."""
+    """(B,) summed log-probability of the labelled tokens; logits (B, T, V) predict t+1 from
+    t. Logits (B, P + T, V) of a model with a soft prompt on its input: the P virtual
+    positions are dropped first (``continuation_logits``)."""
+    logits = continuation_logits(logits, labels)  # (B, T, V)
     logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
     target = labels[:, 1:]  # (B, T-1)
     mask = target != IGNORE
     picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return (picked * mask).sum(-1)
+
+
+def needs_initial(model: torch.nn.Module) -> bool:
+    """Whether the reference of ``model`` is its initial State (every model but a peft model
+    whose adapters start as the identity): a model without peft adapters, or a peft soft
+    prompt (prompt tuning, prefix tuning, P-tuning), whose disabled form is not the start."""
+    if getattr(model, "disable_adapter", None) is None:
+        return True
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
 
 
 @contextmanager
@@ -110,7 +135,7 @@ def reference_model(model: torch.nn.Module):
     if disable is None:
         raise ValueError(
             "model.objective dpo: the reference model is the base model with the adapters disabled, "
-            f"but the model ({type(model).__name__}) has no peft adapter; use peft.method in {list(REFERENCE_TUNERS)}"
+            f"but the model ({type(model).__name__}) has no peft adapter; use peft.method in {list(IDENTITY_TUNERS)}"
         )
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -128,10 +153,17 @@ def logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], initial: State | None = None) -> torch.Tensor:
-    """(2B,) answer log-probabilities under the reference: the base model with the peft
-    adapters disabled, or, for a model without adapters, the model with its trainable
-    parameters replaced by ``initial`` (its initial trainable State) for this pass only."""
-    if getattr(model, "disable_adapter", None) is not None or initial is None:
+    """(2B,) answer log-probabilities under the reference: with ``initial`` (the model's
+    initial trainable State), the model with its trainable parameters replaced by it for
+    this pass only; without, the base model with the peft adapters disabled (the start of a
+    tuner whose adapters begin as the identity; refused where it is not, ``needs_initial``)."""
+    if initial is None:
+        if needs_initial(model):
+            raise ValueError(
+                "model.objective dpo: no initial State was bound (bind_initial; the workbench does it when it "
+                "builds the model), and this model's reference needs it: it has no peft adapter to disable, or "
+                "a soft prompt, whose disabled form is not where the run started"
+            )
         with torch.no_grad(), reference_model(model):
             return logps(model, batch)
     params = dict(model.named_parameters())
@@ -150,12 +182,12 @@ class DPO:
 
     def __init__(self, params: DpoParams):
         self.params = params
-        self.initial: State | None = None  # the reference State of a model without peft adapters
+        self.initial: State | None = None  # the reference State, where the reference needs one
 
     def bind_initial(self, model: torch.nn.Module, initial: State) -> None:
         """Remember the model's initial trainable State (the workbench's template, not
-        copied): the reference of tuners that have no adapter to disable."""
-        self.initial = initial if getattr(model, "disable_adapter", None) is None else None
+        copied): the reference of every tuner but the identity-starting peft adapters."""
+        self.initial = initial if needs_initial(model) else None
 
     def _encode_one(self, tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
         if self.params.format == "chat":
@@ -185,11 +217,6 @@ class DPO:
 
     def pair_terms(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         policy = logps(model, batch)  # (2B,)
-        if self.initial is None and getattr(model, "disable_adapter", None) is None:
-            raise ValueError(
-                "model.objective dpo: the model has no peft adapter to disable and no initial State was bound "
-                "(bind_initial; the workbench does it when it builds the model)"
-            )
         ref = reference_logps(model, batch, self.initial)  # (2B,)
         b = policy.shape[0] // 2
         losses, rc, rr = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], self.params.beta)
