@@ -204,7 +204,7 @@ def token_rows(csv: Path, out: Path) -> list[dict]:
         upd = LocalLearner().local_update(Instruction(1, 0, wb.initial_state()), ctx)
         if noise:
             upd = DpClientNoise(DpClientNoiseParams(clip_norm=0.5, noise_multiplier=1.0, clients_per_round=4)).after_train(upd, ctx)
-        pr = precision_recall(recover_tokens(upd.payload), batch_tokens(wb, examples))
+        pr = precision_recall(recover_tokens(upd.payload, model=wb.model), batch_tokens(wb, examples))
         rows.append({"update": name, **pr})
         print(rows[-1], flush=True)
 

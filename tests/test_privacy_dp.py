@@ -194,7 +194,8 @@ def test_tiny_run_writes_epsilon_and_resumes_bit_identically(tmp_path, monkeypat
     assert rows[1]["dp_clip.clip_norm"] == 0.5 and rows[2]["dp_clip.clip_norm"] != 0.5  # adapted
     assert all(r["dp_noise.noise"] == ("seeded" if key is None else "keyed") for r in rows[1:])
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
-    assert summary["privacy"] == {"dp_noise.epsilon": eps[-1], "dp_noise.delta": 1e-5}
+    assert summary["privacy"] == {"dp_noise.epsilon": eps[-1], "dp_noise.delta": 1e-5,
+                                  "dp_noise.noise": "seeded" if key is None else "keyed"}
     # 2 rounds, then resume to 3: the same final state, bit for bit
     LocalRuntime(from_dict(tiny_config(tmp_path, rounds=2, server_steps=steps, **over)), tmp_path / "part").run()
     part = LocalRuntime(from_dict(tiny_config(tmp_path, rounds=3, server_steps=steps, **over)), tmp_path / "part", resume=True)

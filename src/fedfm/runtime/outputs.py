@@ -98,7 +98,7 @@ def write_labels(out: str | Path, mapping: dict[str, int], num_labels: int, colu
     return path
 
 
-PRIVACY_KEYS = (".epsilon", ".epsilon_worst", ".delta")
+PRIVACY_KEYS = (".epsilon", ".epsilon_worst", ".delta", ".noise")
 
 
 def privacy_spent(rows: list[dict[str, Any]]) -> dict[str, Any]:
