@@ -17,7 +17,7 @@ Where the prompt sits, on an encoder classifier (``SEQ_CLS``): peft's prompt tun
 P-tuning *prepend* the P virtual tokens to the input embeddings, before ``[CLS]``, so the
 sequence is ``p_1 .. p_P [CLS] w_1 .. w_T`` with the soft tokens at positions 0 .. P-1.
 BERT's pooler, and so the classifier, reads position 0: the first *soft token's* hidden
-state, not ``[CLS]``'s (``tests/test_peft_prompt_cls.py`` checks this). Lester et al.
+state, not ``[CLS]``'s (``tests/test_peft_prompt_positions.py`` checks this). Lester et al.
 prepend the prompt too, but classify with a text-to-text decoder, where no position is
 special; fedfm keeps peft's layout (the hand-written ``personal_prompt``, ``fedapt`` and
 ``diprompt`` insert their prompts after ``[CLS]`` instead). Prefix tuning adds keys and
