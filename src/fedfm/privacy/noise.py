@@ -35,6 +35,19 @@ clients' shares ("mixed" when some were keyed and some not, with ``keyed_clients
 With ``max_epsilon`` set, a round that would spend more stops the run with
 ``PrivacyBudgetSpent`` (before the round's model is applied); a config whose planned
 rounds would spend more is refused before it starts (``privacy/checks.py``).
+
+``target_epsilon``: sigma is solved once, for the run's plan (``rounds``, clients, clients
+per round), the first time the step runs, and kept in its state (``planned_sigma``, and
+``plan``: those three numbers); every later round, a resumed run's included, uses the
+recorded sigma. A run resumed with another ``rounds`` (the one key of the plan a resume
+may change, ``runtime/checkpoint.py``) is refused with ``PlanChanged``, naming rounds,
+the recorded plan, sigma and target_epsilon, at the aggregation of its first round (its
+clients have trained; nothing of that round is applied or written, the last checkpoint
+stays). Refused rather than re-planned: solving the remaining rounds' sigma from the
+epsilon already spent would make the noise, and so the model, depend on when the run was
+interrupted (no uninterrupted run of that config gives it), and the budget left may be
+too small for any useful sigma. A run meant to be extended gives ``noise_multiplier``:
+its rounds may change on resume, epsilon grows with them, ``max_epsilon`` bounds it.
 """
 
 from __future__ import annotations
@@ -56,10 +69,16 @@ from fedfm.privacy.plan import round_plan
 
 
 KEYED_METRIC = "dp_client_noise.keyed"  # 1.0 when a client's share came from its noise key
+PLAN = "plan"  # int64 (3,): rounds, clients, clients per round that target_epsilon was solved for
+PLANNED_SIGMA = "planned_sigma"  # float64 (1,): the sigma it resolved to
 
 
 class PrivacyBudgetSpent(RuntimeError):
     """A round would spend more than ``max_epsilon``."""
+
+
+class PlanChanged(ValueError):
+    """A resumed run's plan differs from the one its ``target_epsilon`` was solved for."""
 
 
 class DpNoiseParams(BaseModel):
@@ -103,6 +122,28 @@ class DpNoise:
         self.p = params
         self.stage = "delta" if params.mode == "central" else "updates"
 
+    def _sigma(self, plan: Plan, rounds: int, state: State) -> tuple[float, State]:
+        """The run's sigma, and the state entries that fix it (module docstring)."""
+        if self.p.noise_multiplier is not None:
+            return self.p.noise_multiplier, {}
+        now = (rounds, plan.population, plan.sample_size)
+        if PLANNED_SIGMA not in state:
+            sigma = solve_noise_multiplier(plan, rounds, self.p.target_epsilon, self.p.delta)
+            return sigma, {PLAN: torch.tensor(now, dtype=torch.int64), PLANNED_SIGMA: torch.tensor([sigma], dtype=torch.float64)}
+        recorded = tuple(int(v) for v in state[PLAN].tolist())
+        sigma = float(state[PLANNED_SIGMA][0])
+        if recorded != now:
+            r, n, k = recorded
+            eps = epsilon(plan, [sigma] * rounds, self.p.delta)
+            raise PlanChanged(
+                f"dp_noise: target_epsilon {self.p.target_epsilon} was solved for the recorded plan of rounds {r} "
+                f"({k} of {n} clients per round): noise_multiplier {sigma:.4f}, used since the run's first round; "
+                f"this run asks for rounds {rounds} ({plan.sample_size} of {plan.population} clients per round), "
+                f"which with that noise would end at epsilon {eps:.3f}, not {self.p.target_epsilon} (delta "
+                f"{self.p.delta}). The noise of a target_epsilon is fixed for the whole run: resume with rounds: {r}, "
+                f"or start a new run (--overwrite) for rounds {rounds}")
+        return sigma, {PLAN: state[PLAN], PLANNED_SIGMA: state[PLANNED_SIGMA]}
+
     def _charge(self, ctx, state: State, accounted: float) -> tuple[State, dict]:
         history = state.get("sigmas", torch.zeros(0, dtype=torch.float64))
         sigmas = torch.cat([history, torch.tensor([accounted], dtype=torch.float64)])
@@ -115,12 +156,13 @@ class DpNoise:
 
     def __call__(self, value, ctx, state: State):
         plan = round_plan(ctx, "dp_noise", self.p.accountant)
-        sigma = resolved_sigma(self.p, plan, ctx.rounds)
+        sigma, fixed = self._sigma(plan, ctx.rounds, state)
         if self.p.mode == "distributed":
             m = plan.sample_size
             n = len(value)
             accounted = sigma * math.sqrt(n / m)
             new_state, metrics = self._charge(ctx, state, accounted)
+            new_state.update(fixed)
             flags = [u.metrics.get(KEYED_METRIC) for u in value]
             metrics.update(clients=n, noise=noise_key.summarize(flags), keyed_clients=sum(f == 1.0 for f in flags))
             return [replace(u, num_examples=1) for u in value], new_state, metrics
@@ -128,6 +170,7 @@ class DpNoise:
         n = int(notes.get(ctx, "n", "dp_noise"))
         sigma_delta = update_noise_multiplier(sigma, notes.get(ctx, "count_noise", "dp_noise"))
         new_state, metrics = self._charge(ctx, state, sigma)
+        new_state.update(fixed)
         std = sigma_delta * c / n
         src = noise_key.source("dp_noise", (ctx.seed, ctx.round), ctx.generator)
         metrics.update(noise_multiplier=sigma, update_noise_multiplier=sigma_delta, noise_std=std, clip_norm=c, noise=src.kind)
@@ -136,4 +179,4 @@ class DpNoise:
 
 register_server_step("dp_noise", DpNoise, DpNoiseParams)
 
-__all__ = ["DpNoise", "DpNoiseParams", "PrivacyBudgetSpent", "add_gaussian", "resolved_sigma"]
+__all__ = ["DpNoise", "DpNoiseParams", "PlanChanged", "PrivacyBudgetSpent", "add_gaussian", "resolved_sigma"]
