@@ -1,12 +1,26 @@
 """Checkpoints after every round, and resuming from the last complete one.
 
-``DIR/checkpoints/round-000007/`` holds ``state.safetensors`` (the server State),
-``algorithm.safetensors`` (server optimizer moments, control variates: the Algorithm's
-``state_dict``), ``rng.safetensors`` (the torch generator state) and ``checkpoint.json``
-(round number, python and numpy RNG states, client-store reference, running totals, the
-config fingerprint). The directory is written as ``round-000007.tmp`` and renamed when
-complete, so the rename is the commit point: a run killed at any moment leaves either the
-previous checkpoint or the new one, never a mix. Older checkpoints are then pruned.
+``DIR/checkpoints/round-000007/`` holds ``state.safetensors`` (the server state's
+``model`` group: the global shared State), ``algorithm.safetensors`` (every other group,
+flattened as ``group/name``: server optimizer moments, control variates, server steps'
+state such as ``dp_noise``'s sigmas), ``rng.safetensors`` (torch's global CPU generator state) and ``checkpoint.json``:
+the round number and the python and numpy RNG states (written here), plus the caller's
+``info``. The round loop's ``info`` (``runtime/loop.py``) is the config less ``rounds``,
+``runtime`` and ``name``, its digest (``config_digest``), torch's thread count, the
+backend, and the clients' outcomes: for each client the tag of its last staged round and
+whether the server accepted it (``client_outcomes``, sent with the client's next message
+so its store settles), and this round's, for the server's mirror store
+(``mirror_outcomes``). No running totals are stored: bytes, wall time and the metrics
+rows of a resumed run come from ``metrics.jsonl`` (``runtime/outputs.py``).
+
+A resume compares ``config_digest``: every key but ``RESUMABLE_CHANGES`` must be unchanged.
+``rounds`` may change (a finished run continued for more rounds), except where a step
+planned for the run's rounds: ``dp_noise`` with ``target_epsilon`` refuses a changed
+``rounds`` itself, from the plan recorded in its state (``privacy/noise.py``).
+
+The directory is written as ``round-000007.tmp`` and renamed when complete, so the rename
+is the commit point: a run killed at any moment leaves either the previous checkpoint or
+the new one, never a mix. Older checkpoints are then pruned.
 """
 
 from __future__ import annotations
