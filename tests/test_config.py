@@ -134,3 +134,23 @@ def test_a_misspelt_key_gets_the_closest_allowed_one(tmp_path):
         from_dict(raw, overrides=["aggregator.rule=trimmed_mean", "aggregator.bta=0.1"])
     with pytest.raises(ConfigError, match=r"server.zzz: Extra inputs are not permitted; allowed: check_fingerprint, "):
         from_dict(raw, overrides=["server.zzz=1"])
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["federation.clients=4", "federation.clients_per_round=1", "federation.min_clients=2"],
+         "min_clients (2) exceeds the 1 clients sampled per round (clients_per_round 1)"),
+        # ceil(0.25 * 8) = 2 sampled, 3 required
+        (["federation.clients=8", "federation.fraction=0.25", "federation.min_clients=3"],
+         "min_clients (3) exceeds the 2 clients sampled per round (ceil(fraction 0.25 x 8 clients))"),
+    ],
+)
+def test_min_clients_above_the_clients_sampled_per_round_is_refused(tiny, overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        from_dict(tiny, overrides=overrides)
+    assert "federation: " in str(err.value) and needle in str(err.value)
+    assert "so every round would be skipped" in str(err.value)
+    # exactly the clients sampled per round is fine: 2 of ceil(0.25 * 8) = 2
+    exp = from_dict(tiny, overrides=["federation.clients=8", "federation.fraction=0.25", "federation.min_clients=2"])
+    assert exp.federation.min_clients == 2

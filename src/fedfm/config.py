@@ -143,6 +143,14 @@ class FederationConfig(Strict):
             )
         if self.min_clients > self.clients:
             raise ValueError(f"min_clients ({self.min_clients}) exceeds clients ({self.clients})")
+        from fedfm.runtime.sampling import clients_per_round
+
+        k = clients_per_round(self, self.clients)
+        if self.min_clients > k:
+            how = (f"clients_per_round {self.clients_per_round}" if self.clients_per_round is not None
+                   else f"ceil(fraction {self.fraction} x {self.clients} clients)")
+            raise ValueError(f"min_clients ({self.min_clients}) exceeds the {k} clients sampled per round ({how}): "
+                             f"no round could reach min_clients, so every round would be skipped (after its retries)")
         names = [r.name for r in self.roles]
         if len(set(names)) != len(names):
             raise ValueError(f"roles: names must be unique, got {names}")
