@@ -105,3 +105,61 @@ def test_corrupted_bytes_are_a_decode_rejection(tmp_path):
     assert update is None and reason.startswith("decode failed: payload truncated")
     update, reason = receive(b"\xff" * 64)
     assert update is None and reason.startswith("decode failed")
+
+
+def test_dtypes_floating_where_the_spec_is_and_exact_elsewhere():
+    from fedfm.runtime.validate import check_dtypes
+
+    ok = {"a": torch.ones(2, 3, dtype=torch.float64), "b": torch.ones(4, dtype=torch.bfloat16)}
+    assert check_dtypes(ok, REF) is None  # another float dtype: accepted (the chain casts it)
+    bad = {"a": torch.ones(2, 3), "b": torch.ones(4, dtype=torch.bool)}
+    assert check_dtypes(bad, REF) == "dtype of 'b' is bool, expected a floating-point dtype (float32)"
+    bad = {"a": torch.ones(2, 3, dtype=torch.int64), "b": torch.ones(4)}
+    assert check_dtypes(bad, REF) == "dtype of 'a' is int64, expected a floating-point dtype (float32)"
+    seeds = {"seeds": torch.zeros(3, dtype=torch.int64)}  # a non-floating spec (FedKSeed's seeds): exactly its dtype
+    assert check_dtypes({"seeds": torch.zeros(3, dtype=torch.int64)}, seeds) is None
+    assert check_dtypes({"seeds": torch.zeros(3, dtype=torch.int32)}, seeds) == "dtype of 'seeds' is int32, expected int64"
+    assert check_dtypes({"seeds": torch.zeros(3)}, seeds) == "dtype of 'seeds' is float32, expected int64"
+    assert check_update(bad, {"num_examples": "3"}, REF, None) == "dtype of 'a' is int64, expected a floating-point dtype (float32)"
+
+
+def receive(stages: list, payload: dict, spec: dict = REF):
+    """What the server makes of a client's payload sent through ``stages`` (client 3, round 1)."""
+    from fedfm.codecs import CodecChain, CodecContext
+    from fedfm.runtime.receive import receive_update
+
+    chain = CodecChain.from_specs(stages, "codecs.up")
+    data = chain.encode(payload, {"cid": "3", "num_examples": "5"}, CodecContext("up", 1, 3, spec)).data
+    return receive_update(chain, data, 1, 3, spec, 0, None, None)
+
+
+def test_a_bool_or_integer_update_is_rejected_not_cast():
+    # a bool delta used to be cast to 1.0 everywhere and averaged in
+    for dtype in (torch.bool, torch.int64, torch.uint8):
+        update, reason = receive([], {"a": torch.ones(2, 3, dtype=dtype), "b": torch.ones(4)})
+        assert update is None and reason == f"dtype of 'a' is {str(dtype)[6:]}, expected a floating-point dtype (float32)"
+    # quantize leaves a non-floating tensor as it is: still refused after the chain
+    update, reason = receive([{"name": "quantize", "bits": 8}], {"a": torch.ones(2, 3), "b": torch.ones(4, dtype=torch.int64)})
+    assert update is None and reason == "dtype of 'b' is int64, expected a floating-point dtype (float32)"
+
+
+def test_other_float_dtypes_are_cast_to_the_spec_and_lossy_codecs_still_pass():
+    half = {"a": torch.full((2, 3), 0.5, dtype=torch.float16), "b": torch.full((4,), 0.25, dtype=torch.float64)}
+    update, reason = receive([], half)
+    assert reason is None and {k: v.dtype for k, v in update.payload.items()} == {"a": torch.float32, "b": torch.float32}
+    assert update.payload["a"].tolist() == [[0.5] * 3] * 2 and update.payload["b"].tolist() == [0.25] * 4
+    # a float64 value beyond float32's range becomes inf in the cast, and is refused as such
+    update, reason = receive([], {"a": torch.full((2, 3), 1e300, dtype=torch.float64), "b": torch.ones(4)})
+    assert update is None and reason == "inf in 'a'"
+    x = {"a": torch.tensor([[0.5, -1.0, 2.0], [0.0, 1.5, -0.5]]), "b": torch.tensor([1.0, 2.0, -3.0, 4.0])}
+    for stages in ([{"name": "fp16"}], [{"name": "bf16"}], [{"name": "quantize", "bits": 8}],
+                   [{"name": "topk", "fraction": 0.5}, {"name": "fp16"}]):
+        update, reason = receive(stages, x)
+        assert reason is None, (stages, reason)
+        assert all(v.dtype == torch.float32 for v in update.payload.values()), stages
+    # fp16 keeps these values exactly (halves and small integers)
+    assert torch.equal(receive([{"name": "fp16"}], x)[0].payload["a"], x["a"])
+    # a bf16 spec: quantize decodes to the dtype the client named (bf16), accepted as is
+    bf = {k: v.to(torch.bfloat16) for k, v in x.items()}
+    update, reason = receive([{"name": "quantize", "bits": 8}], bf, spec={k: torch.zeros_like(v) for k, v in bf.items()})
+    assert reason is None and all(v.dtype == torch.bfloat16 for v in update.payload.values())

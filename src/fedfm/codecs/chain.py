@@ -10,7 +10,12 @@ resets them (the runtime writes one sum per round into metrics.jsonl).
 last, nothing but ``checksum`` after ``compact``), naming ``codecs.up[i]``.
 
 ``decode`` runs the stages in reverse; any failure (truncated or corrupted bytes, a
-stage's consistency check, a tensor of the wrong shape) raises ``CodecError``.
+stage's consistency check, a tensor of the wrong shape) raises ``CodecError``. A decoded
+floating tensor is cast to the reference's dtype where that is floating point too (stages
+legitimately decode to another float dtype: ``quantize`` to the dtype the sender named,
+``fp16``/``bf16`` to float32); any other tensor keeps the dtype it arrived in, so the
+server's validation (``runtime/validate.py``, ``check_dtypes``) refuses a bool or integer
+tensor where the spec is floating point instead of a cast turning it into numbers.
 """
 
 from __future__ import annotations
@@ -120,5 +125,10 @@ class CodecChain:
         for k, t in payload.tensors.items():
             if tuple(t.shape) != tuple(ref[k].shape):
                 raise CodecError(f"decoded tensor '{k}' has shape {tuple(t.shape)}, expected {tuple(ref[k].shape)}")
-        state = {k: payload.tensors[k].to(ref[k].dtype) for k in ref}
+        state = {k: _as_reference(payload.tensors[k], ref[k]) for k in ref}
         return state, payload.meta
+
+
+def _as_reference(t, ref):
+    """Float to the reference's float dtype; any other tensor as it arrived (module docstring)."""
+    return t.to(ref.dtype) if t.is_floating_point() and ref.is_floating_point() else t

@@ -3,8 +3,18 @@
 Plain functions: each returns ``None`` when the check passes or a short reason naming the
 tensor or the field. ``check_update`` runs them all. A rejected update is logged with its
 reason and client id and never reaches the aggregator, so the server State cannot be
-corrupted by a NaN, a tensor of the wrong name or shape, an oversized payload, or a client
-holding a different base model (its fingerprint, ``core.state.fingerprint``, differs).
+corrupted by a NaN, a tensor of the wrong name, shape or dtype, an oversized payload, or a
+client holding a different base model (its fingerprint, ``core.state.fingerprint``, differs).
+
+Dtypes (``check_dtypes``), against the payload spec: where the spec's tensor is floating
+point, any floating dtype is accepted and the codec chain's decode casts it to the spec's
+(``codecs/chain.py``): the chain legitimately produces other float dtypes (a ``quantize``
+stage decodes to the dtype the sender named, ``fp16``/``bf16`` stages decode to float32,
+whatever the spec's dtype). A float64 value beyond the spec dtype's range becomes inf in
+that cast and is refused by ``check_finite``. A non-floating tensor (bool, int64, ...)
+where the spec's is floating point is refused: the chain leaves it as it arrived, so this
+check sees it (cast, a bool would count as a delta of 1.0). Where the spec's tensor is not
+floating point (FedKSeed's int64 seeds), the dtype must be exactly the spec's.
 """
 
 from __future__ import annotations
@@ -30,6 +40,22 @@ def check_names_shapes(payload: State, reference: State) -> str | None:
     for name, t in payload.items():
         if tuple(t.shape) != tuple(reference[name].shape):
             return f"shape of '{name}' is {tuple(t.shape)}, expected {tuple(reference[name].shape)}"
+    return None
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_dtypes(payload: State, reference: State) -> str | None:
+    """Floating point where the spec is (any float dtype), else exactly the spec's dtype."""
+    for name, t in payload.items():
+        want = reference[name].dtype
+        if reference[name].is_floating_point():
+            if not t.is_floating_point():
+                return f"dtype of '{name}' is {_name(t.dtype)}, expected a floating-point dtype ({_name(want)})"
+        elif t.dtype != want:
+            return f"dtype of '{name}' is {_name(t.dtype)}, expected {_name(want)}"
     return None
 
 
@@ -72,6 +98,7 @@ def check_update(payload: State, meta: dict[str, str], reference: State, fingerp
         check_fingerprint(meta, fingerprint),
         check_weight(meta),
         check_names_shapes(payload, reference),
+        check_dtypes(payload, reference),
     ):
         if reason is not None:
             return reason
