@@ -10,6 +10,13 @@ The number per round is ``federation.clients_per_round``, or ``ceil(fraction * c
 or every client. The generator is seeded from (seed, round, attempt) only, never from a
 global stream, so a round's sample is the same whatever ran before it (resume included);
 a retried round (too few clients returned) draws a fresh sample with ``attempt + 1``.
+
+``weighted`` with the ``fedavg`` rule (an example-weighted mean) counts a client's size
+twice, in its inclusion and in its weight: with nine clients of 100 examples and one of
+300, 2 a round, the large client's expected weight is 15/44 = 0.341 instead of its share
+1/4. An equal-weight mean (``trimmed_mean`` with ``beta: 0``) after ``weighted`` sampling
+is close to unbiased while every client's k * n_i / N is small. Nothing is refused;
+docs/algorithms.md ("Client sampling and example weights") has the table.
 """
 
 from __future__ import annotations
