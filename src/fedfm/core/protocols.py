@@ -29,6 +29,7 @@ from fedfm.core.types import ClientSpec, Instruction, ServerState, State, Update
 Stage = Literal["updates", "delta", "model"]
 TRAIN = "train"
 EVALUATE = "evaluate"
+SETTLE = "settle"  # the end of a run: each client settles its last staged writes (no payload)
 
 
 @dataclass

@@ -26,11 +26,7 @@ from fedfm.core.types import ServerState, State
 from fedfm.personalize.clustering import ifca_choice
 from fedfm.personalize.ifca import group_name
 from fedfm.runtime.client import LOCAL_KEY
-
-
-def worst_decile(values: list[float]) -> float:
-    k = max(1, -(-len(values) // 10))
-    return float(np.mean(sorted(values)[:k]))
+from fedfm.runtime.client_eval import worst_decile
 
 
 def client_accuracies(wb, state_of: Callable[[int], State], cids: Iterable[int]) -> dict[int, float]:

@@ -164,6 +164,7 @@ class FedAlgorithm:
         new: ServerState = dict(server_state)
         metrics: dict[str, Any] = {}
         kept = self.pipeline.run("updates", list(updates), new, ctx, metrics)
+        metrics["kept"] = [u.cid for u in kept]  # the round loop settles the others as not accepted
         if not kept:
             metrics["aggregated"] = 0
             return new, metrics

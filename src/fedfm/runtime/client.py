@@ -30,7 +30,7 @@ from typing import Any, Callable
 from fedfm.codecs import CodecChain, CodecContext
 from fedfm.codecs.base import Payload
 from fedfm.codecs.serialize import from_bytes, to_bytes
-from fedfm.core.protocols import EVALUATE, TRAIN, Envelope
+from fedfm.core.protocols import EVALUATE, SETTLE, TRAIN, Envelope
 from fedfm.core.types import Instruction, State, Update
 from fedfm.learners.middleware import build_middleware
 from fedfm.runtime.store import ClientStore
@@ -200,10 +200,21 @@ def evaluate(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float
     return evaluate_reply(env.wb.evaluate(state, env.wb.batches(items)), len(items))
 
 
+def settle(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
+    """The end of a run: settle the client's last staged writes by the server's decision
+    (otherwise they would wait for a next round that never comes)."""
+    cid = check_addressed(env, envelope)
+    tag, accepted = decode_settle(str(envelope.conf.get("settle", "")))
+    env.store.settle(cid, tag, accepted)
+    return b"", {}
+
+
 def handle(env: ClientEnv, envelope: Envelope) -> tuple[bytes, dict[str, float]]:
     """Answer one message: (reply bytes, numbers the client reports about itself)."""
     if envelope.phase == TRAIN:
         return train(env, envelope)
     if envelope.phase == EVALUATE:
         return evaluate(env, envelope)
+    if envelope.phase == SETTLE:
+        return settle(env, envelope)
     return exchange(env, envelope)

@@ -10,11 +10,15 @@ reply (runtime/receive.py), counting every received payload; aggregate the accep
 clients to evaluate on their own held-out slices (``eval.clients``); append the round to
 metrics.jsonl; checkpoint (runtime/checkpoint.py); settle the mirror store.
 
-A round with fewer than ``federation.min_clients`` accepted updates is retried with a
+A round with fewer than ``federation.min_clients`` accepted updates, counted after the
+server's ``updates``-stage steps (an update they leave out, e.g. a straggler past
+``sim_clock``'s deadline, is rejected like one that fails validation), is retried with a
 fresh sample or skipped, never aggregated. Client-store writes are staged per client and
-settled by the server's decision, delivered with the next message to that client
+settled by the server's decision, delivered with the next message to that client and,
+after the last round, with a ``settle`` message to every client contacted
 (runtime/store.py), so a rejected, failed or timed-out client, or a round redone after a
-resume, never leaves a write behind, on any transport.
+resume, never leaves a write behind, on any transport. A fresh start in a directory that
+holds an earlier run's metrics, summary or final model is refused without ``overwrite``.
 
 Every random choice derives from (seed, round, attempt, client); a run resumed from its
 last checkpoint ends bit-identical to an uninterrupted one at the same thread count.
@@ -23,7 +27,6 @@ last checkpoint ends bit-identical to an uninterrupted one at the same thread co
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -35,12 +38,13 @@ import torch
 from fedfm.codecs import CodecChain, CodecContext, CodecError
 from fedfm.codecs.base import Payload
 from fedfm.codecs.serialize import from_bytes, to_bytes
-from fedfm.core.protocols import EVALUATE, TRAIN, Envelope, RoundContext, Transport
+from fedfm.core.protocols import SETTLE, TRAIN, Envelope, RoundContext, Transport
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, Instruction, ServerState, Update, flatten_groups, unflatten_groups
 from fedfm.learners.loop import planned_steps
 from fedfm.runtime.algorithm import build_algorithm
 from fedfm.runtime.checkpoint import Checkpointer, config_digest
+from fedfm.runtime.client_eval import evaluate_on_clients
 from fedfm.runtime.faults import judge_client
 from fedfm.runtime.outputs import RunWriter, run_summary
 from fedfm.runtime.progress import RunProgress
@@ -53,16 +57,13 @@ from fedfm.runtime.wire import broadcast_payload, encode_settle, plain_config
 
 log = logging.getLogger("fedfm.runtime")
 AGGREGATE_TAG = 0xA66
+# A finished or started run's files, which a fresh start would replace (with its server/
+# and clients/ state): only with overwrite.
+EARLIER_RUN = ("metrics.jsonl", "summary.json", "final.safetensors")
 
 
 class ResumeError(ValueError):
     """A run directory that cannot be resumed (or started) with this config."""
-
-
-def worst_decile(values: list[float]) -> float:
-    """Mean of the lowest tenth of ``values`` (at least one value)."""
-    k = max(1, math.ceil(len(values) / 10))
-    return float(np.mean(sorted(values)[:k]))
 
 
 class RoundLoop:
@@ -198,30 +199,45 @@ class RoundLoop:
             rlog.phase_report(phase, round_state)
         return accepted, [e.cid for e in envelopes]
 
+    def _aggregate(self, rnd: int, attempt: int, server_state: ServerState, updates: list[Update],
+                   rlog: RoundLog) -> tuple[ServerState, dict[str, Any], list[Update]]:
+        """(new server state, the aggregation's metrics, the updates it kept). An update the
+        server's ``updates``-stage steps leave out (a straggler past ``sim_clock``'s
+        deadline, an outlier ``fedfa`` discards) is noted as rejected and its client's
+        staged writes are settled as not accepted, as for an update validation rejects."""
+        gen = torch.Generator().manual_seed(derive_seed(self.exp.seed, rnd, AGGREGATE_TAG))
+        ctx = RoundContext(rnd, self.exp.seed, gen, len(self.wb.clients), self.wb.clients, self.wb, attempt,
+                           rounds=self.exp.rounds, sample_size=self.sample_size)
+        new_state, metrics = self.algo.aggregate(server_state, updates, ctx)
+        kept = set(metrics.pop("kept"))
+        for u in updates:
+            if u.cid not in kept:
+                rlog.note("rejected", u.cid, attempt, reason="left out by the server's update steps")
+                self.outcomes[u.cid] = self.mirror_outcomes[u.cid] = (round_tag(rnd, attempt), False)
+        return new_state, metrics, [u for u in updates if u.cid in kept]
+
     def _round(self, rnd: int, server_state: ServerState) -> tuple[ServerState, dict[str, Any]]:
         fed = self.exp.federation
         rlog = RoundLog()
         self.mirror_outcomes = {}
         attempt, skipped = 0, None
+        agg_metrics: dict[str, Any] = {}
         while True:
             updates, contacted = self._attempt(rnd, attempt, server_state, rlog)
             if len(updates) >= fed.min_clients:
-                break
+                new_state, agg_metrics, updates = self._aggregate(rnd, attempt, server_state, updates, rlog)
+                if len(updates) >= fed.min_clients:
+                    server_state = new_state
+                    break
             for u in updates:  # an attempt with too few updates counts for nothing
                 self.outcomes[u.cid] = self.mirror_outcomes[u.cid] = (round_tag(rnd, attempt), False)
             if fed.on_too_few == "retry" and attempt < fed.max_retries:
                 attempt += 1
                 continue
-            skipped = f"{len(updates)} of min_clients {fed.min_clients} returned after {attempt + 1} attempt(s)"
+            skipped = f"{len(updates)} of min_clients {fed.min_clients} kept after {attempt + 1} attempt(s)"
             log.warning("round %d skipped: %s", rnd, skipped)
             updates = []
             break
-        agg_metrics: dict[str, Any] = {}
-        if updates:
-            gen = torch.Generator().manual_seed(derive_seed(self.exp.seed, rnd, AGGREGATE_TAG))
-            ctx = RoundContext(rnd, self.exp.seed, gen, len(self.wb.clients), self.wb.clients, self.wb, attempt,
-                               rounds=self.exp.rounds, sample_size=self.sample_size)
-            server_state, agg_metrics = self.algo.aggregate(server_state, updates, ctx)
         train_loss = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
         row: dict[str, Any] = {
             "round": rnd,
@@ -236,45 +252,25 @@ class RoundLoop:
             "attempts": rlog.attempts,
             "skipped": skipped,
             **rlog.phase_metrics,
-            **{k: v for k, v in agg_metrics.items() if k != "aggregated"},
+            **({k: v for k, v in agg_metrics.items() if k != "aggregated"} if skipped is None else {}),
         }
         row["codec_bytes"] = {"up": rlog.up_stages, "down": self.down.take_totals()}
         if rlog.phase_bytes:
             row["phase_bytes"] = rlog.phase_bytes
         return server_state, row
 
-    # -- per-client evaluation --------------------------------------------------------
-
-    def _client_eval(self, rnd: int, server_state: ServerState, row: dict[str, Any]) -> dict[str, Any]:
-        mode = self.exp.eval.clients
-        cids = [c.cid for c in self.wb.clients] if mode == "all" else list(row["sampled"])
-        cids = [c for c in cids if self.wb.clients[c].eval_indices]
-        data = to_bytes(Payload(dict(self.algo.model_state(server_state)), {"round": str(rnd)}))
-        envelopes = []
-        for cid in cids:
-            outcome = self.outcomes.get(cid)
-            view = outcome[0] if outcome is not None and outcome[1] else ""
-            conf = {"round": rnd, "cid": cid, "fingerprint": self.wb.fingerprint, "view": view}
-            envelopes.append(Envelope(cid, EVALUATE, conf, data))
+    def _settle_clients(self) -> None:
+        """After the last round: every contacted client settles its last staged writes by the
+        server's decision (a next round's first message would carry it, but there is none),
+        so the client store holds what the server aggregated. Idempotent: a later resume
+        sends the same decisions again."""
+        envelopes = [Envelope(cid, SETTLE, {"cid": cid, "fingerprint": self.wb.fingerprint, "settle": encode_settle(o)}, b"")
+                     for cid, o in sorted(self.outcomes.items())]
         replies = self.transport.exchange(envelopes)
-        acc, loss, up = [], [], 0
         for e in envelopes:
             reply = replies.get(e.cid)
             if reply is None or reply.error is not None:
-                log.warning("round %d: client %d could not evaluate: %s", rnd, e.cid, None if reply is None else reply.error)
-                continue
-            up += len(reply.data)
-            meta = from_bytes(reply.data).meta
-            if "metric.accuracy" in meta:
-                acc.append(float(meta["metric.accuracy"]))
-            if "metric.loss" in meta:
-                loss.append(float(meta["metric.loss"]))
-        out: dict[str, Any] = {"client_eval_bytes_down": len(data) * len(envelopes), "client_eval_bytes_up": up}
-        if acc:
-            out.update(client_accuracy_mean=float(np.mean(acc)), client_accuracy_worst10=worst_decile(acc), client_evaluated=len(acc))
-        if loss:
-            out["client_loss_mean"] = float(np.mean(loss))
-        return out
+                log.warning("client %d could not settle its last writes: %s", e.cid, None if reply is None else reply.error)
 
     # -- the run --------------------------------------------------------------------
 
@@ -283,6 +279,12 @@ class RoundLoop:
             raise ResumeError(
                 f"{self.out} holds a run with checkpoints (rounds {self.ckpt.rounds()}); "
                 "continue it with --resume, or replace it with --overwrite"
+            )
+        earlier = [n for n in EARLIER_RUN if (self.out / n).exists()]
+        if earlier and not self.overwrite:
+            raise ResumeError(
+                f"{self.out} holds an earlier run's files ({', '.join(earlier)}) and no checkpoint to continue from; "
+                "a new run would replace them: pass --overwrite (overwrite=True) or choose another directory"
             )
         self.ckpt.clear()
         for sub in ("server", "clients"):  # derived state of a replaced or unfinished run
@@ -356,11 +358,13 @@ class RoundLoop:
                 if evaluating:
                     row.update(wb.evaluate(self.algo.model_state(server_state)))
                     if exp.eval.clients != "none":
-                        row.update(self._client_eval(rnd, server_state, row))
+                        row.update(evaluate_on_clients(self.transport, self.wb, exp.eval.clients, rnd, self.algo.model_state(server_state),
+                                                      row["sampled"], self.outcomes))
                 row["wall_s"] = time.perf_counter() - t0
                 writer.log_round(row)
                 self._checkpoint(rnd, server_state)
                 self.prog.end_round(rnd, row)
+            self._settle_clients()
         final = self.algo.model_state(server_state)
         wall = time.perf_counter() - t_start
         summary = run_summary(writer.rows, self.exp, self.backend, wall, resumed_from, self.warnings, self.wb.fingerprint)
