@@ -9,7 +9,6 @@ can make a round smaller, and then the rule itself raises with the numbers.
 
 from __future__ import annotations
 
-import math
 
 from fedfm.aggregators.trimmed_mean import trim_count
 
@@ -17,11 +16,10 @@ MEASURING = ("backdoor_asr",)  # steps that only measure the model (they change 
 
 
 def per_round(fed) -> int:
-    if fed.clients_per_round is not None:
-        return fed.clients_per_round
-    if fed.fraction is not None:
-        return max(1, math.ceil(fed.fraction * fed.clients))
-    return fed.clients
+    """The clients a round samples (``runtime.sampling.clients_per_round``, the loop's own)."""
+    from fedfm.runtime.sampling import clients_per_round
+
+    return clients_per_round(fed, fed.clients)
 
 
 def rule_problem(rule: str, params: dict, n: int) -> str | None:
