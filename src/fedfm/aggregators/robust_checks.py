@@ -9,7 +9,6 @@ can make a round smaller, and then the rule itself raises with the numbers.
 
 from __future__ import annotations
 
-
 from fedfm.aggregators.trimmed_mean import trim_count
 
 MEASURING = ("backdoor_asr",)  # steps that only measure the model (they change nothing)
