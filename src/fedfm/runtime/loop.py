@@ -43,7 +43,7 @@ from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, Instruction, ServerState, Update, flatten_groups, unflatten_groups
 from fedfm.learners.loop import planned_steps
 from fedfm.runtime.algorithm import build_algorithm
-from fedfm.runtime.checkpoint import Checkpointer, config_digest
+from fedfm.runtime.checkpoint import RESUMABLE_CHANGES, Checkpointer, config_digest
 from fedfm.runtime.client_eval import evaluate_on_clients
 from fedfm.runtime.faults import judge_client
 from fedfm.runtime.outputs import RunWriter, run_summary
@@ -330,7 +330,7 @@ class RoundLoop:
 
     def _checkpoint(self, rnd: int, server_state: ServerState) -> None:
         if self.exp.server.checkpoint:
-            config = {k: v for k, v in self.exp.dump().items() if k not in ("rounds", "runtime", "name")}
+            config = {k: v for k, v in self.exp.dump().items() if k not in RESUMABLE_CHANGES}
             info = {
                 "config_digest": config_digest(self.exp),
                 "config": config,
