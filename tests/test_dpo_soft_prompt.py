@@ -1,7 +1,8 @@
 """DPO with peft's soft prompts on the tiny Llama of tests/tiny_llm.py: the answer tokens
 are scored at their own positions (the P virtual tokens' logits come first and are
 dropped), and the reference is the starting policy (the initial prompt), so round-0
-rewards are exactly 0."""
+rewards are exactly 0. For adapters that start as the identity the bound initial State
+gives exactly what disabling them gives."""
 
 from __future__ import annotations
 
@@ -119,6 +120,20 @@ def test_the_reference_of_a_soft_prompt_is_the_starting_policy(llm_dir, method):
     task.objective.initial = None
     with pytest.raises(ValueError, match="no initial State was bound"):
         task.loss(model, batch)
+
+
+def test_identity_adapters_initial_state_reference_equals_the_disabled_model(llm_dir):
+    task, model, tok = build(llm_dir)
+    model = apply_tuner(model, SimpleNamespace(method="lora", params=lambda: {"r": 4, "target_modules": ["q_proj"]}),
+                        "causal_lm").eval()
+    batch = task.collate(task.encode(PAIRS, tok, 48), tok)
+    initial = get_state(model)
+    task.bind_initial(model, initial)
+    assert task.objective.initial is initial  # kept for every tuner
+    gen = torch.Generator().manual_seed(1)
+    set_state(model, {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in initial.items()})
+    # B = 0 in the initial State: its reference is the base model exactly, as disable_adapter's
+    assert torch.equal(reference_logps(model, batch, initial), reference_logps(model, batch))
 
 
 def test_federated_dpo_with_prompt_tuning_starts_at_zero_rewards(tmp_path):

@@ -14,24 +14,23 @@ model and ref is the reference model. The implicit rewards are
 ``beta * (log pi - log ref)`` of each answer.
 
 The reference model is the model every run starts from (the policy at round 0), fixed
-across rounds, as in DPO, and no second copy of the base model is held for it:
+across rounds, as in DPO, and no second copy of the base model is held for it: the model's
+initial trainable State is re-applied for the reference pass only, through
+``torch.func.functional_call`` (the parameters are substituted in the forward pass; the
+model is not modified). That State is the workbench's template (``runtime/workbench.py``
+hands it over once through ``bind_initial``), which the workbench holds anyway: for
+``full`` it is a float32 CPU copy of every weight, the one copy a full fine-tune already
+costs; no further copy is made unless the model lives on another device or dtype, where
+each reference pass converts the tensors it substitutes (a temporary copy per batch).
 
-- peft adapters that start as the identity (``IDENTITY_TUNERS``: LoRA's and FFA-LoRA's B
-  start at zero, IA3's vectors at one): the base model with the adapters switched off
-  (peft's ``disable_adapter()`` context manager), which computes what the starting policy
-  computes;
-- every other tuner: the model's initial trainable State re-applied for the reference pass
-  only, through ``torch.func.functional_call`` (the parameters are substituted in the
-  forward pass; the model is not modified). That covers the tuners that change or wrap the
-  base weights (``full``, ``bitfit``, ``salience``, the hand-written ``adapter``, ...) and
-  peft's soft prompts (``prompt_tuning``, ``prefix_tuning``, ``p_tuning``): a soft prompt
-  does not start as the identity (its initial tokens change every output), so disabling it
-  would give the prompt-free base model, not the starting policy; the reference keeps the
-  initial prompt instead. That State is the workbench's template (``runtime/workbench.py``
-  hands it over once through ``bind_initial``), which the workbench holds anyway: for
-  ``full`` it is a float32 CPU copy of every weight, the one copy a full fine-tune already
-  costs; no further copy is made unless the model lives on another device or dtype, where
-  each reference pass converts the tensors it substitutes (a temporary copy per batch).
+This serves every tuner alike: those that change or wrap the base weights (``full``,
+``bitfit``, ``salience``, the hand-written ``adapter``, ...), the peft adapters, and
+peft's soft prompts (``prompt_tuning``, ``prefix_tuning``, ``p_tuning``), whose initial
+prompt already changes every output: their reference keeps the initial prompt. Switching
+the adapters off (peft's ``disable_adapter()``) gives the starting policy only for adapters
+that start as the identity (``IDENTITY_TUNERS``: LoRA's and FFA-LoRA's B start at zero,
+IA3's vectors at one); it remains the reference of ``reference_logps`` called without an
+initial State on such a model, and is refused for every other (``needs_initial``).
 
 So at round 0 policy = reference for every tuner: both implicit rewards are exactly 0,
 ``reward_accuracy`` is 0 and the loss is log 2.
@@ -74,8 +73,7 @@ from fedfm.tasks.causal_lm import (
 from fedfm.core.types import State
 from fedfm.tasks.objectives import register_objective
 
-# peft tuners whose adapters start as the identity: their reference is the model with the
-# adapters disabled; every other tuner's is the initial State (``needs_initial``).
+# peft tuners whose adapters start as the identity: disabling them gives the starting policy.
 IDENTITY_TUNERS = ("lora", "ffa_lora", "ia3")
 
 
@@ -115,9 +113,9 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def needs_initial(model: torch.nn.Module) -> bool:
-    """Whether the reference of ``model`` is its initial State (every model but a peft model
-    whose adapters start as the identity): a model without peft adapters, or a peft soft
-    prompt (prompt tuning, prefix tuning, P-tuning), whose disabled form is not the start."""
+    """Whether only the initial State can give ``model``'s reference, disabling its adapters
+    would not: a model without peft adapters, or a peft soft prompt (prompt tuning, prefix
+    tuning, P-tuning), whose disabled form is the prompt-free model, not the start."""
     if getattr(model, "disable_adapter", None) is None:
         return True
     config = getattr(model, "active_peft_config", None)
@@ -182,12 +180,12 @@ class DPO:
 
     def __init__(self, params: DpoParams):
         self.params = params
-        self.initial: State | None = None  # the reference State, where the reference needs one
+        self.initial: State | None = None  # the reference: the model's initial trainable State
 
     def bind_initial(self, model: torch.nn.Module, initial: State) -> None:
         """Remember the model's initial trainable State (the workbench's template, not
-        copied): the reference of every tuner but the identity-starting peft adapters."""
-        self.initial = initial if needs_initial(model) else None
+        copied): the reference, for every tuner."""
+        self.initial = initial
 
     def _encode_one(self, tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
         if self.params.format == "chat":
