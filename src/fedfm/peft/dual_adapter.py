@@ -3,9 +3,11 @@ side by side at every adapter placement, the structure of FedDAT (Chen et al. 20
 "FedDAT: An Approach for Foundation Model Finetuning in Multi-Modal Heterogeneous
 Federated Learning", AAAI).
 
-Placement, width and initialisation are those of ``peft/adapters.py`` (Houlsby or
-Pfeiffer placement after a sublayer's output projection; ``up`` starts at zero). Each
-placement holds:
+Placements, width and initialisation are those of ``peft/adapters.py`` (after a sublayer's
+output projection; ``up`` starts at zero), with two differences from its ``houlsby``
+variant: the adapters sit before BERT's hidden dropout (the ``adapter`` tuner now places
+them after it, as adapter-bert does), and the LayerNorms train only with
+``train_layernorm: true`` (``houlsby`` trains them by default). Each placement holds:
 
 - ``shared``: the global adapter (trainable, travels);
 - ``personal``: the client-specific adapter (trainable; meant to stay on the client with

@@ -34,7 +34,7 @@ from fedfm.peft import apply_tuner, get_state, set_state
 from fedfm.runtime.device import DeviceTask, resolve_device
 from fedfm.runtime.roles import apply_profiles
 from fedfm.tasks import build_task
-from fedfm.tasks.limits import check_max_length, position_limit
+from fedfm.tasks.limits import check_max_length, position_limit, prompt_positions
 
 HOLDOUT_TAG = 0x40D
 CONTENT_COLUMNS = ("text", "prompt", "response", "chosen", "rejected")  # what a server-only workbench drops
@@ -82,7 +82,7 @@ class Workbench:
         self.device = resolve_device(exp.runtime.device)  # before the (slow) model load
         self.task = build_task(exp.model.task)
         model, self.tokenizer = self.task.build(exp.model, exp.seed)
-        check_max_length(exp.data.max_length, position_limit(model.config))  # before any encoding or training
+        check_max_length(exp.data.max_length, position_limit(model.config), prompt=prompt_positions(exp.peft))  # before any encoding or training
         for field, on in (("train.unpad", exp.train.unpad), ("eval.unpad", exp.eval.unpad)):
             if on:
                 from fedfm.learners.unpad import unpad_problem
