@@ -278,6 +278,8 @@ def measure_rss(label: str, rounds: int, out: Path) -> dict:
     m = train["metrics"]
     steps = m.get("steps", 1.0)
     fwd = f"{m['forward_passes'] / steps:g}" if "forward_passes" in m else "1 + backward"
+    if "popsize" in m:  # FedBPT: the population per iteration, and the fitness of the final mean once a round
+        fwd = f"{m['popsize']:g} (+{m['forward_passes'] - m['popsize'] * steps:g} a round for the fitness)"
     return {"rss_inference_mb": inf["peak_mb"], "rss_train_mb": train["peak_mb"], "rss_after_build_mb": train["after_build_mb"],
             "forward_per_step": fwd}
 
