@@ -113,13 +113,17 @@ def invoke(monkeypatch, *args: str):
 
 
 def record_replies(rt) -> list[bytes]:
-    """Every reply's bytes that ``rt``'s transport brings back from now on (failed ones left out)."""
+    """Every reply's bytes that ``rt``'s transport brings back from now on (failed ones and
+    the end-of-run ``settle`` acknowledgements, which carry no payload, left out)."""
+    from fedfm.core.protocols import SETTLE
+
     sent: list[bytes] = []
     exchange = rt.transport.exchange
 
     def spy(envelopes, timeout=None):
         replies = exchange(envelopes, timeout)
-        sent.extend(r.data for r in replies.values() if r.error is None)
+        if all(e.phase != SETTLE for e in envelopes):
+            sent.extend(r.data for r in replies.values() if r.error is None)
         return replies
 
     rt.transport.exchange = spy

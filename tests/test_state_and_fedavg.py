@@ -14,6 +14,8 @@ from fedfm.config import from_dict
 from fedfm.peft import count_params, get_state, set_state
 from fedfm.runtime import LocalRuntime, Workbench
 
+from conftest import record_replies
+
 
 def test_fedavg_hand_computed():
     state = {"w": torch.tensor([1.0, 1.0])}
@@ -59,18 +61,10 @@ def test_full_finetuning_trains_everything(tiny):
     assert trainable == total
 
 
-def test_bytes_up_equals_safetensors_size_of_the_state(tmp_path, tiny, monkeypatch):
+def test_bytes_up_equals_safetensors_size_of_the_state(tmp_path, tiny):
     exp = from_dict(tiny, overrides=["rounds=1"])
     rt = LocalRuntime(exp, tmp_path / "run")
-    sent: list[bytes] = []
-    original = rt.transport.exchange
-
-    def capture(envelopes, timeout=None):
-        replies = original(envelopes, timeout)
-        sent.extend(r.data for r in replies.values())
-        return replies
-
-    monkeypatch.setattr(rt.transport, "exchange", capture)
+    sent = record_replies(rt)
     rt.run()
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
     state = rt.wb.initial_state()
