@@ -132,11 +132,15 @@ def test_reference_without_adapters_is_the_initial_state(llm_dir, tuner):
     assert not torch.allclose(policy, base, atol=1e-3)
     after = get_state(model)  # the reference pass substituted the weights without writing them
     assert all(torch.equal(after[k], moved[k]) for k in moved)
-    # the loss trains the policy: gradients reach the trainable weights, the reference has none
+    assert_trains_and_needs_the_initial_state(task, model, batch)
+
+
+def assert_trains_and_needs_the_initial_state(task, model, batch) -> None:
+    """The loss trains the policy (gradients reach every trainable weight; the reference
+    has none), and without a bound initial State there is no reference: refused."""
     model.train()
     task.loss(model, batch).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    # without a bound initial State, a model without adapters has no reference: refused
     task.objective.initial = None
     with pytest.raises(ValueError, match="no initial State was bound"):
         task.loss(model, batch)
