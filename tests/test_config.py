@@ -85,6 +85,8 @@ def test_an_invalid_list_item_override_is_blamed_on_it(tmp_path):
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("rounds: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

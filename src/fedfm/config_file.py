@@ -42,6 +42,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: str | Path) -> Any:
     """The YAML document of ``path`` (an empty file: ``{}``), or a ConfigError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
