@@ -84,18 +84,29 @@ class SelectedEntries(torch.nn.Module):
         return flat.view_as(base)
 
 
-def salience(model: torch.nn.Module, params: SalienceParams, task: str) -> torch.nn.Module:
+def selections(model: torch.nn.Module, params: SalienceParams) -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+    """(module name, module, selected indices) of every targeted layer, from its pretrained
+    weight; also what ``peft/merge_selected.py`` recomputes to load a finished run."""
+    return [
+        (name, module, select_top(salience_scores(module.weight, params.norm, params.granularity), params.fraction))
+        for name, module in find_modules(model, list(params.target_modules))
+    ]
+
+
+def train_selected(model: torch.nn.Module, chosen, granularity: str, train_head: bool) -> torch.nn.Module:
+    """Freeze ``model`` and make the chosen entries of each weight its only trainable part
+    (plus the task heads when ``train_head``)."""
     freeze_all(model)
-    for _, module in find_modules(model, list(params.target_modules)):
-        scores = salience_scores(module.weight, params.norm, params.granularity)
-        index = select_top(scores, params.fraction)
-        parametrize.register_parametrization(
-            module, "weight", SelectedEntries(module.weight, index, params.granularity)
-        )
+    for _, module, index in chosen:
+        parametrize.register_parametrization(module, "weight", SelectedEntries(module.weight, index, granularity))
         module.parametrizations.weight.original.requires_grad_(False)
-    if params.train_head:
+    if train_head:
         train_heads(model)
     return model
+
+
+def salience(model: torch.nn.Module, params: SalienceParams, task: str) -> torch.nn.Module:
+    return train_selected(model, selections(model, params), params.granularity, params.train_head)
 
 
 register_tuner("salience", salience, SalienceParams)

@@ -9,7 +9,8 @@ applied, wherever a tensor's name, with the tuner prefixes of either run strippe
 run (``BertForMaskedLM``: ``bert.*`` + ``cls.*``) thus initialises the encoder of a
 classification run (``BertForSequenceClassification``: ``bert.*`` + ``classifier.*``);
 the MLM head has no place in the classifier and is left out, the classifier starts as
-usual. Only the first run's *trained* tensors are in its final State: frozen layers (FFDAPT)
+usual. A ``salience`` or ``sparse`` run's selected entries are written into their weights
+(``peft/merge_selected.py`` recomputes the selection from that run's config.yaml). Only the first run's *trained* tensors are in its final State: frozen layers (FFDAPT)
 keep the pre-trained weights, which is what the second run loads anyway.
 
 Refused with a clear error: a missing file, a tensor whose shape differs from the base
@@ -69,10 +70,15 @@ def load_init(model: torch.nn.Module, path: str | Path) -> dict[str, int]:
             f"model.init_from: {f} holds adapter tensors ({adapters[0]}, ... {len(adapters)} in all) that would "
             "need merging into the base weights; chain a stage trained with peft.method full or ffdapt"
         )
+    from fedfm.peft.merge_selected import merge_selected
+
+    merged = merge_selected(model, state, f)  # salience / sparse runs: selected entries into their weights
     params = dict(model.named_parameters())
-    copied, skipped = 0, []
+    copied, skipped = len(merged), []
     with torch.no_grad():
         for name, t in state.items():
+            if name in merged:
+                continue
             target = params.get(base_name(name))
             if target is None:
                 skipped.append(name)
