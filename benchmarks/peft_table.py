@@ -10,6 +10,10 @@ training, and wall time relative to LoRA. Each finished method is saved as JSON 
     PYTHONPATH=src python benchmarks/peft_table.py                  # all methods, ~40 min
     PYTHONPATH=src python benchmarks/peft_table.py --methods lora,bitfit -o rounds=1
 
+``slora`` is a stages file (examples/peft/slora.yaml: 1 sparse round, then 2 LoRA rounds
+from the SVD of its update): one row over both stages, its trainable column giving both
+stages' counts; ``-o`` overrides apply to every stage.
+
 Wall times are only comparable within one invocation on an otherwise idle machine.
 """
 
@@ -21,21 +25,21 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "peft"
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 METHODS = [
     "lora", "full", "bitfit", "salience", "adapter_houlsby", "adapter_pfeiffer",
-    "prompt_tuning", "prefix_tuning", "p_tuning", "ffa_lora", "ia3",
+    "prompt_tuning", "prefix_tuning", "p_tuning", "ffa_lora", "ia3", "slora",
 ]
 FAMILY = {
     "full": "baseline", "bitfit": "selective", "salience": "selective",
     "adapter_houlsby": "additive", "adapter_pfeiffer": "additive", "prompt_tuning": "additive",
     "prefix_tuning": "additive", "p_tuning": "additive",
     "lora": "reparameterization", "ffa_lora": "reparameterization", "ia3": "reparameterization",
+    "slora": "reparameterization",
 }
+STAGED = {"slora"}  # stages files: their rounds add up to the quickstart's
 SHARED_KEYS = ("seed", "rounds", "model", "data", "federation", "codecs", "aggregator")
 
 
@@ -51,6 +55,54 @@ def load_method(name: str, overrides: list[str], threads: int):
     return exp
 
 
+def load_stages_method(name: str, overrides: list[str], threads: int, out: Path):
+    """The stages of a staged method, each checked against the quickstart job (rounds summed)."""
+    from fedfm.config import load_config
+    from fedfm.stages import load_stages
+
+    extra = [f"runtime.threads={threads}", "runtime.progress=false"]
+    _, stages = load_stages(EXAMPLES / f"{name}.yaml", out / "runs" / name, overrides + extra)
+    ref = load_config(QUICKSTART, overrides + extra)
+    for key in SHARED_KEYS:
+        def value(exp):  # the chain sets model.init_from of every stage after the first
+            return exp.model.model_copy(update={"init_from": None}) if key == "model" else getattr(exp, key)
+
+        same = (sum(st.exp.rounds for st in stages) == ref.rounds if key == "rounds"
+                else all(value(st.exp) == value(ref) for st in stages))
+        if not same:
+            raise SystemExit(f"examples/peft/{name}.yaml: '{key}' differs from the quickstart job")
+    return stages
+
+
+def run_staged(name: str, overrides: list[str], threads: int, out: Path) -> dict:
+    """A stages file (SLoRA: sparse, then LoRA): the rounds of every stage in one row; round 0
+    is the first stage's, the final accuracy the last stage's; bytes averaged over all rounds."""
+    from fedfm.peft import count_params
+    from fedfm.runtime import LocalRuntime
+
+    stages = load_stages_method(name, overrides, threads, out)
+    t0 = time.perf_counter()
+    rows, trainable = [], []
+    for i, st in enumerate(stages):
+        rt = LocalRuntime(st.exp, st.out, progress=False, overwrite=True)
+        rt.run()
+        trainable.append(count_params(rt.wb.model)[0])
+        stage_rows = [json.loads(line) for line in (st.out / "metrics.jsonl").read_text().splitlines()]
+        rows += stage_rows if i == 0 else stage_rows[1:]  # a later stage's round 0 is the previous final model
+        del rt
+        gc.collect()
+    wall = time.perf_counter() - t0
+    per_client = [r["bytes_up"] / len(r["clients"]) for r in rows if r["round"] >= 1 and r["clients"]]
+    return {
+        "method": name, "peft": [st.exp.peft.model_dump() for st in stages], "lr": stages[-1].exp.train.lr,
+        "overrides": overrides, "trainable": trainable[-1],
+        "trainable_text": " then ".join(f"{t:,}" for t in trainable), "base_params": base_model_params(stages[0].exp),
+        "bytes_up_per_client_round": sum(per_client) / len(per_client),
+        "accuracy": [r.get("accuracy") for r in rows], "loss": [r["loss"] for r in rows if r.get("loss") is not None],
+        "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
 def base_model_params(exp) -> int:
     from fedfm.tasks import build_task
 
@@ -62,9 +114,11 @@ def run_method(name: str, overrides: list[str], threads: int, out: Path) -> dict
     from fedfm.peft import count_params
     from fedfm.runtime import LocalRuntime
 
+    if name in STAGED:
+        return run_staged(name, overrides, threads, out)
     exp = load_method(name, overrides, threads)
     t0 = time.perf_counter()
-    rt = LocalRuntime(exp, out / "runs" / name, progress=False)
+    rt = LocalRuntime(exp, out / "runs" / name, progress=False, overwrite=True)  # the benchmark's own folder
     summary = rt.run()
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
@@ -94,6 +148,8 @@ def partial_result(name: str, overrides: list[str], threads: int, out: Path) -> 
     from fedfm.tasks import build_task
 
     path = out / "runs" / name / "metrics.jsonl"
+    if name in STAGED:
+        return None  # a stages file's rows are complete or absent
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     trained = [r for r in rows if r["round"] >= 1 and r["clients"]]
     if not trained:
@@ -144,7 +200,8 @@ def table(results: dict[str, dict]) -> str:
         loss = r.get("loss") or []
         loss_txt = f"{loss[0]:.3f} -> {loss[-1]:.3f}" if len(loss) > 1 else "n/a"
         lines.append(
-            f"| {name} | {FAMILY[name]} | {r['lr']:g} | {r['trainable']:,} | {100 * r['trainable'] / r['base_params']:.3f}% "
+            f"| {name} | {FAMILY[name]} | {r['lr']:g} | {r.get('trainable_text') or format(r['trainable'], ',')} "
+            f"| {100 * r['trainable'] / r['base_params']:.3f}% "
             f"| {r['bytes_up_per_client_round']:,.0f} | {pct_bytes} | {acc[0]:.3f} -> {final} | {loss_txt} | {wall} |"
         )
     return "\n".join(lines)
@@ -185,7 +242,9 @@ def main() -> None:
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             r["loss"] = [x["loss"] for x in rows if x.get("loss") is not None]
     print(table(results))
-    exp = load_method(names[0], args.override, args.threads)
+    from fedfm.config import load_config
+
+    exp = load_config(QUICKSTART, args.override)
     print(f"\nmajority-class accuracy of the test set: {majority_rate(exp):.3f}")
 
 

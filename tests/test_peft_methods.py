@@ -276,14 +276,19 @@ def test_example_configs_validate_and_share_the_quickstart_job():
     paths = sorted((root / "examples" / "peft").glob("*.yaml"))
     ref = load_config(root / "examples" / "quickstart.yaml")
     methods = set()
+    from fedfm.stages import is_stages_file, load_stages
+
     for path in paths:
-        exp = load_config(path)
-        methods.add(exp.peft.method)
-        for key in ("seed", "rounds", "model", "data", "federation", "aggregator", "codecs"):
-            assert getattr(exp, key) == getattr(ref, key), f"{path.name}: {key}"
+        exps = [s.exp for s in load_stages(path, "runs/x")[1]] if is_stages_file(path) else [load_config(path)]
+        methods.update(exp.peft.method for exp in exps)
+        assert sum(exp.rounds for exp in exps) == ref.rounds, path.name  # a stages file splits the rounds
+        for exp in exps:
+            assert exp.model.model_copy(update={"init_from": None}) == ref.model, path.name  # the chain sets init_from
+            for key in ("seed", "data", "federation", "aggregator", "codecs"):
+                assert getattr(exp, key) == getattr(ref, key), f"{path.name}: {key}"
     assert methods == {
         "full", "lora", "ffa_lora", "ia3", "bitfit", "salience", "adapter",
-        "prompt_tuning", "prefix_tuning", "p_tuning",
+        "prompt_tuning", "prefix_tuning", "p_tuning", "sparse",
     }
 
 

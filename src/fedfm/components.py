@@ -126,5 +126,6 @@ def combination_problems(exp) -> list[str]:
 
     problems += hetero_config_problems(exp)
     from fedfm.runtime.batched import batched_problem
-    problems += [p for p in [batched_problem(exp)] if p is not None]
+    from fedfm.peft.svd_init import svd_init_problem
+    problems += [p for p in [batched_problem(exp), svd_init_problem(exp)] if p is not None]
     return problems

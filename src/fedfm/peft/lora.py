@@ -1,10 +1,13 @@
 """LoRA through the ``peft`` library (Hu et al. 2022, "LoRA: Low-Rank Adaptation of
 Large Language Models"); the classification head stays trainable and is shared.
+``init: svd`` starts the factors from an earlier run's update (SLoRA, ``peft/svd_init.py``).
 """
 
 from __future__ import annotations
 
 import torch
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedfm.peft.base import head_modules, register_tuner
@@ -17,6 +20,11 @@ class LoraParams(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     train_head: bool = True
+    init: Literal["default", "svd"] = Field(
+        "default",
+        description="svd: B, A from the truncated SVD of model.init_from's update, base weights back to "
+        "the pretrained ones (SLoRA's second stage, peft/svd_init.py)",
+    )
 
 
 def lora_config(params: LoraParams, model: torch.nn.Module):

@@ -90,12 +90,21 @@ class Workbench:
                 problem = unpad_problem(model, field)
                 if problem is not None:
                     raise ValueError(f"model '{exp.model.package or exp.model.path}': {problem}")
+        pretrained = None
         if exp.model.init_from:
+            from fedfm.peft.svd_init import pretrained_weights, svd_targets
             from fedfm.personalize.init_from import load_init
 
+            targets = svd_targets(exp.peft)
+            if targets is not None:  # SLoRA: LoRA from the SVD of init_from's update
+                pretrained = pretrained_weights(model, targets)
             load_init(model, exp.model.init_from)
         torch.manual_seed(derive_seed(exp.seed, 0xADA))
         self.model = apply_tuner(model, exp.peft, exp.model.task)
+        if pretrained is not None:
+            from fedfm.peft.svd_init import init_from_difference
+
+            init_from_difference(self.model, pretrained)
         if self.device.type != "cpu":
             self.model.to(self.device)
             self.task = DeviceTask(self.task, self.device)
