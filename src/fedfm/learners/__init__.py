@@ -5,7 +5,7 @@ from fedfm.learners.loop import train_loop
 from fedfm.learners import local  # noqa: F401  (registers 'local')
 from fedfm.learners import fedprox, feddyn, scaffold  # noqa: F401  (register fedprox, feddyn, scaffold)
 from fedfm.learners import delay  # noqa: F401  (registers the 'delay' middleware)
-from fedfm.learners import mezo, fedkseed, fedbpt  # noqa: F401  (register mezo, fedkseed, fedbpt)
+from fedfm.learners import mezo, fedkseed, fedbpt, bdpl  # noqa: F401  (register mezo, fedkseed, fedbpt, bdpl)
 from fedfm.learners import fedra, hetrank, split  # noqa: F401  (register hetlora, flexlora, fedra, split)
 from fedfm.learners import splitfed  # noqa: F401  (registers learner and exchange splitfed)
 

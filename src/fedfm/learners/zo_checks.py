@@ -19,9 +19,11 @@ FEDBPT_TASKS = ("text_classification", "causal_lm")
 
 
 def zeroth_order_config_problems(exp) -> list[str]:
+    from fedfm.learners.bdpl import bdpl_config_problems
+
     name = exp.learner.name
     if name not in NON_STATE:
-        return []
+        return bdpl_config_problems(exp)
     problems = []
     steps = [s.get("name") for s in exp.server_steps]
     if not steps or steps[0] != STEP:

@@ -55,10 +55,14 @@ def check_max_length(max_length: int, limit: int | None, where: str = "the model
 
 
 def prompt_positions(peft_spec: Any) -> int:
-    """P of a soft-prompt ``peft.method`` (its ``num_virtual_tokens``, default included), else 0."""
+    """P of a soft-prompt ``peft.method`` (its ``num_virtual_tokens``, default included), or
+    the ``length`` of a ``discrete_prompt``, else 0."""
+    from fedfm.peft import tuners
+
+    if peft_spec.method == "discrete_prompt":
+        return int(tuners.parse("discrete_prompt", peft_spec.params(), "peft").length)
     if peft_spec.method not in PROMPT_METHODS:
         return 0
-    from fedfm.peft import tuners
 
     return int(tuners.parse(peft_spec.method, peft_spec.params(), "peft").num_virtual_tokens)
 
