@@ -35,7 +35,7 @@ log = logging.getLogger("fedfm.learners")
 
 POOL_BATCHES = 16
 # Learners with their own loop, which the switches would silently not reach.
-NOT_HONOURED = ("split", "mezo", "fedkseed", "fedbpt", "dp_sgd")
+NOT_HONOURED = ("split", "mezo", "fedkseed", "fedbpt", "bdpl", "dp_sgd")
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 
 
