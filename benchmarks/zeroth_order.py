@@ -2,7 +2,7 @@
 table into docs/zeroth_order.md (between the ``zo-table`` markers).
 
     PYTHONPATH=src nice -n 10 python benchmarks/zeroth_order.py --out runs/zeroth_order \
-        [--job tiny|minilm|smollm2] [--methods lora,mezo,fedmezo,fedkseed,fedbpt] [--rounds 5] \
+        [--job tiny|minilm|smollm2] [--methods lora,mezo,fedmezo,fedkseed,fedbpt,bdpl] [--rounds 5] \
         [--clients N] [--examples N] [--test-examples N] [--zo-steps N] [--rss-steps N] [--no-rss] [--table]
 
 ``--job minilm`` keeps each example config's model and data (MiniLM, Rotten Tomatoes) and
@@ -76,6 +76,8 @@ METHODS = {
     "fedbpt": (EX / "fedbpt.yaml", {"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4},
                                     "learner": {"dim": 20, "generations": 10, "projection_std": 0.02},
                                     "train": {"batch_size": 8}}),
+    "bdpl": (EX / "bdpl.yaml", {"peft": {"method": "discrete_prompt", "length": 4, "candidates": 50},
+                                "learner": {"samples": 8, "lr": 0.01, "steps": 10}, "train": {"batch_size": 8}}),
 }
 NOTES = {
     "lora": "backprop LoRA r4, AdamW lr 0.05, 2 epochs of batches of 8",
@@ -84,6 +86,7 @@ NOTES = {
     "fedkseed": "full parameters, K=4096, 20 steps/round, lr 1e-3",
     "fedkseed-pro": "as fedkseed, seeds drawn by score (seed_sampling: score)",
     "fedbpt": "4-token prompt, d=20, 10 CMA-ES generations/round (popsize 12)",
+    "bdpl": "4-token discrete prompt, 50 candidates, 8 prompts/step, 10 steps/round, lr 0.01",
 }
 
 SMOL_BATCH = {"train": {"batch_size": 4}, "eval": {"batch_size": 4}}  # inference measured at the training batch
@@ -110,6 +113,7 @@ MINILM = {
     "fedkseed": (EX / "fedkseed.yaml", {}),
     "fedkseed-pro": (EX / "fedkseed.yaml", {"learner": {"seed_sampling": "score"}}),
     "fedbpt": (EX / "fedbpt.yaml", {}),
+    "bdpl": (EX / "bdpl.yaml", {}),
 }
 NOTES_MINILM = {
     "lora": "backprop LoRA r8 (q, v), AdamW lr 3e-3, 1 epoch of batches of 16 (examples/quickstart.yaml)",
@@ -118,6 +122,7 @@ NOTES_MINILM = {
     "fedkseed": "full parameters (22.7M), K=4096, lr 1e-5, eps 1e-3",
     "fedkseed-pro": "as fedkseed, seeds drawn by score (seed_sampling: score)",
     "fedbpt": "20-token prompt, d=50, sigma0 1.0, CMA-ES popsize 4 + 3 ln d",
+    "bdpl": "15-token discrete prompt, 200 candidates, 8 prompts/step, lr 0.01",
 }
 
 
