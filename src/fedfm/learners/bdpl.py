@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
-from fedfm.learners.blackbox_api import InferenceAPI
+from fedfm.learners.blackbox_api import InferenceAPI, served
 from fedfm.learners.local import delta_update
 from fedfm.learners.loop import planned_steps
 from fedfm.learners.zo_core import cycle_batches
@@ -86,13 +86,11 @@ def make_token_api(model: torch.nn.Module, task) -> InferenceAPI:
     def call(ids: torch.Tensor, fn):
         if tuple(ids.shape) != shape or ids.dtype != torch.long or int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"prompt must be {shape[0]} token ids below {vocab} (got {tuple(ids.shape)}, {ids.dtype})")
-        holder.override = ids.clone()
-        try:
-            model.eval()
-            with torch.no_grad():
-                return fn()
-        finally:
-            holder.override = None
+        def swap():
+            holder.override = ids.clone()
+            return lambda: setattr(holder, "override", None)
+
+        return served(model, swap, fn)
 
     def loss(ids, batch):
         return call(ids, lambda: task.loss(model, batch).item())

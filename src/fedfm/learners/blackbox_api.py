@@ -1,4 +1,5 @@
-"""An inference-only API over the one base model, for black-box learners (FedBPT).
+"""An inference-only API over the one base model, for black-box learners (FedBPT; BDPL's
+token-id API, ``learners/bdpl.make_token_api``, shares ``InferenceAPI`` and ``served``).
 
 A model owner who will not hand out weights offers a service: send prompt embeddings and
 a batch, get back the loss or the logits. ``InferenceAPI`` is that service in process: it
@@ -41,6 +42,19 @@ class InferenceAPI:
         return self._logits(prompt, batch)
 
 
+def served(model: torch.nn.Module, swap: Callable[[], Callable[[], None]], fn: Callable):
+    """The provider answering one call: ``swap()`` puts the caller's prompt in place and
+    returns what takes it out again (run whatever happens); ``fn`` runs in eval mode
+    without gradients."""
+    undo = swap()
+    try:
+        model.eval()
+        with torch.no_grad():
+            return fn()
+    finally:
+        undo()
+
+
 def make_inference_api(model: torch.nn.Module, task: Any, prompt_name: str) -> InferenceAPI:
     """The provider's side: wraps ``model`` so that only the prompt can be varied."""
     param = dict(model.named_parameters())[prompt_name]
@@ -49,14 +63,13 @@ def make_inference_api(model: torch.nn.Module, task: Any, prompt_name: str) -> I
     def with_prompt(prompt: torch.Tensor, fn):
         if tuple(prompt.shape) != shape:
             raise ValueError(f"prompt has shape {tuple(prompt.shape)}, expected {shape}")
-        saved = param.data
-        try:
+
+        def swap():
+            saved = param.data
             param.data = prompt.detach().to(saved.device, saved.dtype).clone()
-            model.eval()
-            with torch.no_grad():
-                return fn()
-        finally:
-            param.data = saved
+            return lambda: setattr(param, "data", saved)
+
+        return served(model, swap, fn)
 
     def loss(prompt, batch):
         return with_prompt(prompt, lambda: task.loss(model, batch).item())
