@@ -122,7 +122,7 @@ NOTES_MINILM = {
     "fedkseed": "full parameters (22.7M), K=4096, lr 1e-5, eps 1e-3",
     "fedkseed-pro": "as fedkseed, seeds drawn by score (seed_sampling: score)",
     "fedbpt": "20-token prompt, d=50, sigma0 1.0, CMA-ES popsize 4 + 3 ln d",
-    "bdpl": "15-token discrete prompt, 200 candidates, 8 prompts/step, lr 0.01",
+    "bdpl": "15-token discrete prompt, 200 candidates, 8 prompts/step, lr 0.03",
 }
 
 
