@@ -30,14 +30,14 @@ EXAMPLES = ROOT / "examples" / "peft"
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 METHODS = [
     "lora", "full", "bitfit", "salience", "adapter_houlsby", "adapter_pfeiffer",
-    "prompt_tuning", "prefix_tuning", "p_tuning", "ffa_lora", "ia3", "slora",
+    "prompt_tuning", "prefix_tuning", "p_tuning", "ffa_lora", "ia3", "slora", "feature_attention",
 ]
 FAMILY = {
     "full": "baseline", "bitfit": "selective", "salience": "selective",
     "adapter_houlsby": "additive", "adapter_pfeiffer": "additive", "prompt_tuning": "additive",
     "prefix_tuning": "additive", "p_tuning": "additive",
     "lora": "reparameterization", "ffa_lora": "reparameterization", "ia3": "reparameterization",
-    "slora": "reparameterization",
+    "slora": "reparameterization", "feature_attention": "additive",
 }
 STAGED = {"slora"}  # stages files: their rounds add up to the quickstart's
 SHARED_KEYS = ("seed", "rounds", "model", "data", "federation", "codecs", "aggregator")

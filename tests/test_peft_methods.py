@@ -58,6 +58,8 @@ EXPECTED = {
     # the paper's L (2H + I): l_k (32) and l_v (32) on keys and values, l_ff (64) on the FFN's
     # inner activation (the input of output.dense), per layer: 2 x 128 + 66 = 322
     "ia3": ({"method": "ia3"}, 2 * (2 * 32 + 64) + HEAD),
+    # FedCLIP-inspired attention adapter on the head's 32 inputs: two 32x32 linears with biases
+    "feature_attention": ({"method": "feature_attention"}, 2 * (32 * 32 + 32) + HEAD),
 }
 
 
@@ -98,6 +100,23 @@ def test_frozen_parts_are_what_each_method_says(tmp_path):
     assert all(".adapter." in n or n.startswith("classifier") for n in get_state(pfeiffer))
     sal = workbench(tmp_path, {"method": "salience", "fraction": 0.25, "target_modules": ["query"]}).model
     assert all(n.endswith("parametrizations.weight.0.values") or n.startswith("classifier") for n in get_state(sal))
+
+
+def test_feature_attention_feeds_the_head_the_attended_normalised_pooled_state(tmp_path):
+    wb = workbench(tmp_path, {"method": "feature_attention"})
+    model = wb.model
+    batch = wb.task.collate(wb.examples(0)[:4], wb.tokenizer)
+    with torch.no_grad():
+        pooled = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output  # (4, 32)
+        att = model.feature_attention.attend
+        a = torch.softmax(att[2](torch.tanh(att[0](pooled))), dim=-1)
+        assert torch.allclose(a.sum(dim=-1), torch.ones(4))
+        f = a * pooled
+        # by hand, not through model.classifier (whose hook would attend again)
+        want = f / f.norm(dim=-1, keepdim=True) @ model.classifier.weight.T + model.classifier.bias  # (4, 2)
+        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(got, want, atol=1e-6)
+    assert {n.split(".")[0] for n in get_state(model)} == {"feature_attention", "classifier"}
 
 
 def test_ia3_rescales_keys_values_and_the_ffn_activation_only(tmp_path):
@@ -288,12 +307,12 @@ def test_example_configs_validate_and_share_the_quickstart_job():
                 assert getattr(exp, key) == getattr(ref, key), f"{path.name}: {key}"
     assert methods == {
         "full", "lora", "ffa_lora", "ia3", "bitfit", "salience", "adapter",
-        "prompt_tuning", "prefix_tuning", "p_tuning", "sparse",
+        "prompt_tuning", "prefix_tuning", "p_tuning", "sparse", "feature_attention",
     }
 
 
 RUNS = ["full", "lora", "ffa_lora", "bitfit", "salience_elements", "adapter_houlsby", "adapter_pfeiffer",
-        "prompt_tuning", "prefix_tuning", "p_tuning", "ia3"]
+        "prompt_tuning", "prefix_tuning", "p_tuning", "ia3", "feature_attention"]
 
 
 @pytest.mark.parametrize("key", RUNS)
