@@ -69,6 +69,17 @@ def tiny(tmp_path):
     return tiny_config(tmp_path)
 
 
+def finished_run(tmp_path_factory, name: str, make_raw):
+    """(runtime, OUT) of one local run of ``make_raw(folder)``, for a module-scoped fixture."""
+    from fedfm.config import from_dict
+    from fedfm.runtime.local import LocalRuntime
+
+    tmp = tmp_path_factory.mktemp(name)
+    rt = LocalRuntime(from_dict(make_raw(tmp)), tmp / "out")
+    rt.run()
+    return rt, tmp / "out"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models train faster on one thread than on two busy ones (opt in with

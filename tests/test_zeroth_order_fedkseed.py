@@ -21,7 +21,7 @@ from fedfm.learners import build_learner
 from fedfm.runtime.local import LocalRuntime
 from fedfm.runtime.store import ClientStore
 
-from conftest import tiny_config
+from conftest import finished_run, tiny_config
 
 K, STEPS = 16, 3
 
@@ -73,10 +73,7 @@ def test_config_refuses_fedkseed_without_its_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fedkseed")
-    rt = LocalRuntime(from_dict(fedkseed_raw(tmp)), tmp / "out")
-    rt.run()
-    return rt, tmp / "out"
+    return finished_run(tmp_path_factory, "fedkseed", fedkseed_raw)
 
 
 def test_server_model_is_the_replay_of_its_checkpointed_history(run):
