@@ -102,21 +102,39 @@ def test_frozen_parts_are_what_each_method_says(tmp_path):
     assert all(n.endswith("parametrizations.weight.0.values") or n.startswith("classifier") for n in get_state(sal))
 
 
-def test_feature_attention_feeds_the_head_the_attended_normalised_pooled_state(tmp_path):
-    wb = workbench(tmp_path, {"method": "feature_attention"})
+@pytest.mark.parametrize("features", ["mean", "head_input"])
+def test_feature_attention_feeds_the_head_the_attended_normalised_features(tmp_path, features):
+    wb = workbench(tmp_path, {"method": "feature_attention", "features": features})
     model = wb.model
-    batch = wb.task.collate(wb.examples(0)[:4], wb.tokenizer)
+    rows = [dict(r) for r in wb.examples(0)[:4]]
+    rows[0]["input_ids"] = rows[0]["input_ids"][:3] + rows[0]["input_ids"][-1:]  # [CLS] w w [SEP]: shorter
+    batch = wb.task.collate(rows, wb.tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert int((mask == 0).sum()) > 0  # the batch has padding, which the mean must leave out
     with torch.no_grad():
-        pooled = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output  # (4, 32)
+        out = model.bert(input_ids=ids, attention_mask=mask)
+        if features == "mean":  # the mean over the real tokens, by hand
+            f = (out.last_hidden_state * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)  # (4, 32)
+            assert torch.allclose(out.pooler_output, f)
+        else:  # BERT's pooler: tanh(W h_[CLS] + b)
+            f = model.bert.pooler.activation(model.bert.pooler.dense(out.last_hidden_state[:, 0]))
         att = model.feature_attention.attend
-        a = torch.softmax(att[2](torch.tanh(att[0](pooled))), dim=-1)
+        a = torch.softmax(att[2](torch.tanh(att[0](f))), dim=-1)
         assert torch.allclose(a.sum(dim=-1), torch.ones(4))
-        f = a * pooled
+        g = a * f
         # by hand, not through model.classifier (whose hook would attend again)
-        want = f / f.norm(dim=-1, keepdim=True) @ model.classifier.weight.T + model.classifier.bias  # (4, 2)
-        got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = g / g.norm(dim=-1, keepdim=True) @ model.classifier.weight.T + model.classifier.bias  # (4, 2)
+        got = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(got, want, atol=1e-6)
     assert {n.split(".")[0] for n in get_state(model)} == {"feature_attention", "classifier"}
+
+
+def test_feature_attention_mean_refuses_padding_free_bert(tmp_path):
+    from conftest import tiny_config
+
+    raw = tiny_config(tmp_path, peft={"method": "feature_attention"}, **{"eval.unpad": True})
+    with pytest.raises(ConfigError, match="eval.unpad: peft.method feature_attention with features: mean"):
+        from_dict(raw)
 
 
 def test_ia3_rescales_keys_values_and_the_ffn_activation_only(tmp_path):
