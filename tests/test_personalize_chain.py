@@ -66,3 +66,26 @@ def test_init_from_refusals(tmp_path):
     damaged.write_bytes(b"12345")  # shorter than a header
     with pytest.raises(ValueError, match=r"model.init_from: .*damaged.safetensors: not a readable safetensors file \(.*header"):
         Workbench(from_dict(tiny_config(tmp_path, **{"model.init_from": str(damaged)})))
+
+
+def test_a_chain_of_three_keeps_what_the_first_stage_trained(tmp_path):
+    """Stage 1 (bitfit) trains biases only, so its final State lacks the weights stage 0
+    (full) trained: a run started from stage 1 loads stage 0's State first, then stage 1's."""
+    first = tiny_config(tmp_path, rounds=1, peft={"method": "full"}, **{"train.steps": 1, "train.lr": 1e-3})
+    second = tiny_config(tmp_path, rounds=1, peft={"method": "bitfit"}, **{"train.steps": 1})
+    run_chain([first, second], tmp_path / "chain")
+    s0 = load_file(str(tmp_path / "chain" / "stage-0" / "final.safetensors"))
+    s1 = load_file(str(tmp_path / "chain" / "stage-1" / "final.safetensors"))
+    weight, bias = "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.query.bias"
+    assert weight in s0 and weight not in s1 and bias in s1
+    wb = Workbench(from_dict(tiny_config(tmp_path, peft={"method": "full"}, **{"model.init_from": str(tmp_path / "chain" / "stage-1")})))
+    params = dict(wb.model.named_parameters())
+    plain = dict(Workbench(from_dict(tiny_config(tmp_path, peft={"method": "full"}))).model.named_parameters())
+    assert torch.equal(params[weight], s0[weight]) and not torch.equal(s0[weight], plain[weight])
+    assert torch.equal(params[bias], s1[bias]) and not torch.equal(s1[bias], s0[bias])
+    # an earlier run that is gone is named, not skipped
+    import shutil
+
+    shutil.rmtree(tmp_path / "chain" / "stage-0")
+    with pytest.raises(FileNotFoundError, match="started from .*stage-0 .*which is not found"):
+        Workbench(from_dict(tiny_config(tmp_path, peft={"method": "full"}, **{"model.init_from": str(tmp_path / "chain" / "stage-1")})))

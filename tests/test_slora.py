@@ -142,3 +142,22 @@ def test_a_stages_file_runs_slora_and_at_full_rank_the_lora_stage_starts_where_t
                      for s in ("sparse", "lora"))
     assert first[-1]["loss"] != first[0]["loss"]  # the sparse stage trained
     assert math.isclose(second[0]["loss"], first[-1]["loss"], abs_tol=1e-5)  # r = 32: the whole update is in B A
+
+
+def test_a_salience_run_that_started_from_another_is_merged_on_the_weights_it_ranked(tmp_path):
+    from fedfm.peft.salience import salience_scores, select_top
+    from fedfm.personalize.init_from import run_chain
+
+    first = tiny_config(tmp_path, rounds=1, peft={"method": "full"}, **{"train.steps": 1, "train.lr": 0.05})
+    second = tiny_config(tmp_path, rounds=1, peft={"method": "salience", "fraction": 0.25, "target_modules": ["query"]})
+    run_chain([first, second], tmp_path / "chain")
+    w_first = load_file(str(tmp_path / "chain" / "stage-0" / "final.safetensors"))[QUERY0 + ".weight"]
+    values = load_file(str(tmp_path / "chain" / "stage-1" / "final.safetensors"))[QUERY0 + ".parametrizations.weight.0.values"]
+    rows = select_top(salience_scores(w_first, "l1", "row"), 0.25)  # ranked on stage 0's weights, as stage 1 did
+    assert not torch.equal(rows, select_top(salience_scores(pretrained(tmp_path), "l1", "row"), 0.25))
+    wb = Workbench(exp_of(tmp_path, {"method": "full"}, **{"model.init_from": str(tmp_path / "chain" / "stage-1")}))
+    w = dict(wb.model.named_parameters())[QUERY0 + ".weight"].detach()
+    assert torch.equal(w[rows], values)
+    rest = torch.ones(32, dtype=torch.bool)
+    rest[rows] = False
+    assert torch.equal(w[rest], w_first[rest])

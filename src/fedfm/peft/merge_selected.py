@@ -4,9 +4,9 @@ weights: ``model.init_from`` from such a run (a stage chained after it).
 Those tuners train a tensor of the selected entries of each targeted weight
 (``<layer>.parametrizations.weight.0.values``), and no index is stored: the selection is
 recomputed here from the finished run's ``config.yaml`` (its ``peft`` section) exactly as
-that run computed it: from the pretrained weights for ``salience`` (so a run that itself
-started from ``model.init_from`` is refused: its selection ranked other weights), from
-the mask seed for ``sparse``. Then ``W[index] = values`` in each layer, before the next
+that run computed it: from the weights it started from for ``salience`` (which the model
+holds here: ``load_init`` loads the runs it started from first), from the mask seed for
+``sparse``. Then ``W[index] = values`` in each layer, before the next
 run's tuner is applied. Written by hand: it inverts fedfm's own parametrization.
 """
 
@@ -25,8 +25,8 @@ def selected_keys(state: State) -> list[str]:
     return sorted(k for k in state if k.endswith(SELECTED))
 
 
-def _source_peft(source: Path) -> tuple[dict, dict]:
-    """(peft section, model section) of the config.yaml beside ``source``'s State."""
+def _source_peft(source: Path) -> dict:
+    """The peft section of the config.yaml beside ``source``'s State."""
     import yaml
 
     run_dir = source.parent
@@ -37,7 +37,7 @@ def _source_peft(source: Path) -> tuple[dict, dict]:
             f"no config.yaml beside it ({cfg}) to recompute which entries they are: give the finished run's folder"
         )
     raw = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
-    return dict(raw.get("peft") or {}), dict(raw.get("model") or {})
+    return dict(raw.get("peft") or {})
 
 
 def merge_selected(model: torch.nn.Module, state: State, source: Path) -> list[str]:
@@ -49,16 +49,11 @@ def merge_selected(model: torch.nn.Module, state: State, source: Path) -> list[s
     from fedfm.peft import salience, sparse
     from fedfm.peft.base import tuners
 
-    peft, model_cfg = _source_peft(source)
+    peft = _source_peft(source)
     method = peft.pop("method", None)
     peft.pop("local", None)
     if method not in ("salience", "sparse"):
         raise ValueError(f"model.init_from: {source} holds selected-entry tensors, but its run's peft.method is {method!r}")
-    if method == "salience" and model_cfg.get("init_from"):
-        raise ValueError(
-            f"model.init_from: the salience run of {source} itself started from model.init_from, so its selection "
-            "ranked weights this model does not hold; chain from a salience run that starts from the pretrained model"
-        )
     params = tuners.parse(method, peft, f"peft (of {source.parent / 'config.yaml'})")
     chosen = salience.selections(model, params) if method == "salience" else sparse.selections(model, params)
     rows = method == "salience" and params.granularity == "row"

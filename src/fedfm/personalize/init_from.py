@@ -4,7 +4,10 @@ Adapt Language Models to Domains and Tasks"; federated: FFDAPT, Jiang et al. 202
 
 ``model.init_from: RUN_DIR`` (or a ``.safetensors`` file) copies the tensors of that run's
 ``final.safetensors`` into the freshly loaded base model, *before* this run's tuner is
-applied, wherever a tensor's name, with the tuner prefixes of either run stripped
+applied, after those of the runs that run itself started from (its config.yaml's
+``model.init_from``, followed back to the first: a stage's final State holds only what
+that stage trained, so in a chain of three the first stage's tensors the second did not
+train would otherwise be lost; a missing earlier run is refused with its path), wherever a tensor's name, with the tuner prefixes of either run stripped
 (``base_model.model.``, ``.base_layer``), is a parameter of the base model. A masked-LM
 run (``BertForMaskedLM``: ``bert.*`` + ``cls.*``) thus initialises the encoder of a
 classification run (``BertForSequenceClassification``: ``bert.*`` + ``classifier.*``);
@@ -59,10 +62,37 @@ def base_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def load_init(model: torch.nn.Module, path: str | Path) -> dict[str, int]:
-    """Copy the matching tensors of ``path``'s final State into ``model`` (in place);
-    returns ``{"copied": n, "skipped": m}`` (skipped: names the base model lacks)."""
+def earlier_run(f: Path) -> Path | None:
+    """The ``model.init_from`` of the run that wrote ``f`` (its config.yaml), or None."""
+    import yaml
+
+    cfg = f.parent / "config.yaml"
+    if not cfg.is_file():
+        return None
+    given = ((yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("model") or {}).get("init_from")
+    if not given:
+        return None
+    path = Path(given).expanduser()
+    for candidate in (path, f.parent / path):  # as written (from the working directory), or from the run
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(
+        f"model.init_from: {f.parent} started from {given} (its config.yaml), which is not found; the chain "
+        "is loaded from its first run, so every earlier run must still be there"
+    )
+
+
+def load_init(model: torch.nn.Module, path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, int]:
+    """Copy the matching tensors of ``path``'s final State into ``model`` (in place), after
+    those of the runs it started from (its config.yaml's ``model.init_from``, in chain
+    order); returns ``{"copied": n, "skipped": m}`` for ``path`` (skipped: names the base
+    model lacks)."""
     f = state_file(path)
+    if f.resolve() in _seen:
+        raise ValueError(f"model.init_from: {f} is reached twice in its own chain of earlier runs")
+    parent = earlier_run(f)
+    if parent is not None:  # a stage's final State holds what that stage trained, not what it started from
+        load_init(model, parent, _seen + (f.resolve(),))
     state = read_state_file(f, "model.init_from:")
     adapters = sorted(k for k in state if ADAPTER.search(k))
     if adapters:
