@@ -161,3 +161,18 @@ def test_a_salience_run_that_started_from_another_is_merged_on_the_weights_it_ra
     rest = torch.ones(32, dtype=torch.bool)
     rest[rows] = False
     assert torch.equal(w[rest], w_first[rest])
+
+
+def test_after_a_longer_chain_the_lora_base_is_what_the_sparse_stage_started_from(tmp_path):
+    from fedfm.personalize.init_from import run_chain
+
+    first = tiny_config(tmp_path, rounds=1, peft={"method": "full"}, **{"train.steps": 1, "train.lr": 0.05})
+    second = tiny_config(tmp_path, rounds=1, peft={"method": "sparse", "density": 0.1, "target_modules": ["query", "value"]})
+    run_chain([first, second], tmp_path / "chain")
+    w_first = load_file(str(tmp_path / "chain" / "stage-0" / "final.safetensors"))[QUERY0 + ".weight"]
+    peft = {"method": "lora", "r": 32, "alpha": 64, "init": "svd", "target_modules": ["query", "value"]}
+    wb = Workbench(exp_of(tmp_path, peft, **{"model.init_from": str(tmp_path / "chain" / "stage-1")}))
+    layer = wb.model.get_submodule("base_model.model." + QUERY0)
+    assert torch.equal(layer.base_layer.weight, w_first)  # W0 = stage 0's weight, not the pretrained one
+    delta = 2.0 * layer.lora_B["default"].weight.detach() @ layer.lora_A["default"].weight.detach()
+    assert int((delta.abs() > 1e-6).sum()) <= 103  # only the sparse stage's 103 entries moved

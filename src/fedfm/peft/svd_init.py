@@ -4,7 +4,8 @@ Models").
 
 ``peft: {method: lora, init: svd}`` with ``model.init_from: RUN`` (a stage chained after a
 ``sparse`` or other non-adapter stage, ``examples/peft/slora.yaml``). For every LoRA target
-layer, with ``W0`` its pretrained weight and ``W1`` the weight after ``RUN``:
+layer, with ``W0`` the weight ``RUN`` started from (the pretrained one, or what the runs
+before ``RUN`` in its chain left) and ``W1`` the weight after ``RUN``:
 
     dW = W1 - W0 = U S V^T,    B = U_r sqrt(S_r / s),    A = sqrt(S_r / s) V_r^T
 

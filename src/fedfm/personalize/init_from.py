@@ -82,17 +82,25 @@ def earlier_run(f: Path) -> Path | None:
     )
 
 
-def load_init(model: torch.nn.Module, path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, int]:
-    """Copy the matching tensors of ``path``'s final State into ``model`` (in place), after
-    those of the runs it started from (its config.yaml's ``model.init_from``, in chain
-    order); returns ``{"copied": n, "skipped": m}`` for ``path`` (skipped: names the base
-    model lacks)."""
+def load_earlier(model: torch.nn.Module, path: str | Path, _seen: tuple[Path, ...] = ()) -> None:
+    """Load, in chain order, the runs that ``path``'s run started from (not ``path`` itself):
+    the weights that run trained from."""
     f = state_file(path)
     if f.resolve() in _seen:
         raise ValueError(f"model.init_from: {f} is reached twice in its own chain of earlier runs")
     parent = earlier_run(f)
     if parent is not None:  # a stage's final State holds what that stage trained, not what it started from
-        load_init(model, parent, _seen + (f.resolve(),))
+        load_init(model, parent, _seen=_seen + (f.resolve(),))
+
+
+def load_init(model: torch.nn.Module, path: str | Path, chain: bool = True, _seen: tuple[Path, ...] = ()) -> dict[str, int]:
+    """Copy the matching tensors of ``path``'s final State into ``model`` (in place), after
+    those of the runs it started from (its config.yaml's ``model.init_from``, in chain
+    order; ``chain=False`` when the caller loaded them, ``load_earlier``); returns
+    ``{"copied": n, "skipped": m}`` for ``path`` (skipped: names the base model lacks)."""
+    f = state_file(path)
+    if chain:
+        load_earlier(model, f, _seen)
     state = read_state_file(f, "model.init_from:")
     adapters = sorted(k for k in state if ADAPTER.search(k))
     if adapters:

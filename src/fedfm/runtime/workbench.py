@@ -93,12 +93,13 @@ class Workbench:
         pretrained = None
         if exp.model.init_from:
             from fedfm.peft.svd_init import pretrained_weights, svd_targets
-            from fedfm.personalize.init_from import load_init
+            from fedfm.personalize.init_from import load_earlier, load_init
 
+            load_earlier(model, exp.model.init_from)  # the weights the init_from run started from
             targets = svd_targets(exp.peft)
-            if targets is not None:  # SLoRA: LoRA from the SVD of init_from's update
+            if targets is not None:  # SLoRA: LoRA from the SVD of that run's update
                 pretrained = pretrained_weights(model, targets)
-            load_init(model, exp.model.init_from)
+            load_init(model, exp.model.init_from, chain=False)
         torch.manual_seed(derive_seed(exp.seed, 0xADA))
         self.model = apply_tuner(model, exp.peft, exp.model.task)
         if pretrained is not None:
