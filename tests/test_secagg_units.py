@@ -15,7 +15,7 @@ from fedfm.core.types import Update
 from fedfm.privacy.secagg import fixed_point, shamir
 from fedfm.privacy.secagg.common import mask_vector
 from fedfm.privacy.secagg.exchange import secagg_phases
-from fedfm.privacy.secagg.mask import mask_update
+from fedfm.privacy.secagg.mask import mask_update, weight_text
 from fedfm.privacy.secagg.params import SecAggParams
 from fedfm.runtime.store import ClientStore, round_tag
 
@@ -30,6 +30,14 @@ def test_shamir_three_of_five_by_hand():
     # A random split of a 32-byte seed: any 3 of 5 give it back.
     seed = bytes(range(32))
     assert shamir.combine(shamir.split(seed, 3, 5)[1:4]) == seed
+
+
+def test_the_masked_weight_has_one_width_whatever_the_mask():
+    # 2^24 - 1 = 16,777,215: 8 digits; a random masked word of any size takes 8 characters,
+    # so the payload header, and the bytes counted, do not change from run to run
+    assert [weight_text(w, 24) for w in (0, 5, 16_777_215)] == ["00000000", "00000005", "16777215"]
+    assert float(weight_text(5, 24)) == 5.0  # the server reads it back as before
+    assert len(weight_text(3, 32)) == len("4294967295")
 
 
 def test_masks_cancel_in_the_sum_of_three_constructed_vectors():

@@ -32,6 +32,13 @@ WEIGHT_META = "secagg_weight"
 CARRIERS = (torch.float32, torch.float64)
 
 
+def weight_text(word: int, bits: int) -> str:
+    """The masked weight as fixed-width decimal text (zero-padded to the digits of
+    2^bits - 1): a random mask must not change the header's length, or the payload's bytes
+    would differ from run to run (safetensors pads the header to 8 bytes)."""
+    return format(word, f"0{len(str((1 << bits) - 1))}d")
+
+
 def mask_update(update, ctx):
     """The update as masked words (see the module docstring); ``ctx`` is the client's
     ``LocalContext`` of this round (its id, round and store)."""
@@ -69,6 +76,6 @@ def mask_update(update, ctx):
         t = update.payload[k]
         out[k] = torch.from_numpy(masked[i : i + t.numel()].astype(np.float64)).reshape(t.shape).to(t.dtype)
         i += t.numel()
-    meta = {**update.meta, WEIGHT_META: str(int(masked[-1]))}
+    meta = {**update.meta, WEIGHT_META: weight_text(int(masked[-1]), bits)}
     return replace(update, payload={k: out[k] for k in update.payload}, num_examples=1, meta=meta)
 
