@@ -103,7 +103,7 @@ def init_from_difference(model: torch.nn.Module, pretrained: dict[str, torch.Ten
             lora_a[live] = a[live].to(lora_a.dtype)
             base.copy_(w0.to(base.dtype))
             norm = float(torch.linalg.norm(delta))
-            approx = scaling * lora_b.double() @ torch.where(live[:, None], lora_a.double(), 0.0)
+            approx = scaling * lora_b.double() @ lora_a.double()  # what the model adds (dead slots: B's column is 0)
             residuals[name] = float(torch.linalg.norm(delta - approx)) / norm if norm > 0 else 0.0
     if all(float(torch.count_nonzero(_lora_layer(model, n).lora_B[adapter].weight)) == 0 for n in pretrained):
         raise ValueError(
