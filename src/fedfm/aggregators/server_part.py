@@ -26,7 +26,7 @@ from fedfm.core.types import Instruction, ServerState, State, Update
 # the per-client hooks of parts whose clients hold differently shaped States (HetLoRA,
 # FlexLoRA, FedRA, SplitFed, update_clusters) or that broadcast groups not shaped like the
 # State (FedKSeed, FedBPT): None where a part does not use one
-HOOKS = ("instruction", "client_reference", "client_payload_spec", "combine_updates", "broadcast_reference")
+HOOKS = ("instruction", "client_reference", "client_payload_spec", "combine_updates", "broadcast_reference", "model_view", "report")
 MEMBERS = ("broadcast_groups", "sends_state", "init", "broadcast", "payload_spec", "combine", "phases", *HOOKS)
 
 
@@ -62,11 +62,17 @@ class ServerPart(Protocol):
     #     replaces "deltas over the global names -> rule -> combine"
     # broadcast_reference(cid, shared) -> {group: State}: the broadcast groups' shapes when
     #     they are not the State's
+    # model_view(server_state) -> State: the model the server evaluates and saves, when it
+    #     is not the State as stored (PruneFL: the State times its masks)
+    # report(server_state) -> dict: numbers about the new server state for the round's row
+    #     of metrics.jsonl, after aggregation (PruneFL: the density of the masks)
     instruction: Callable[[int, ServerState, object, int], Instruction] | None
     client_reference: Callable[[int, dict, State], State] | None
     client_payload_spec: Callable[[Instruction, State], State] | None
     combine_updates: Callable[[ServerState, Sequence[Update], Callable, object, RoundContext], tuple[ServerState, State]] | None
     broadcast_reference: Callable[[int, State], dict[str, State]] | None
+    model_view: Callable[[ServerState], State] | None
+    report: Callable[[ServerState], dict] | None
 
 
 class ServerPartBase:
@@ -81,6 +87,8 @@ class ServerPartBase:
     client_payload_spec = None
     combine_updates = None
     broadcast_reference = None
+    model_view = None
+    report = None
 
     def init(self, model: State) -> ServerState:
         return {}

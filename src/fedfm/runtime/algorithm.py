@@ -119,7 +119,10 @@ class FedAlgorithm:
         return state
 
     def model_state(self, server_state: ServerState) -> State:
-        return server_state[MODEL]
+        """The model the server evaluates and saves: the stored State, or the server half's
+        view of it (``model_view``, e.g. PruneFL's State times its masks)."""
+        view = self.server.model_view
+        return server_state[MODEL] if view is None else view(server_state)
 
     def configure(self, rnd: int, server_state: ServerState, clients: Sequence[ClientSpec]) -> dict[int, Instruction]:
         per_client = self.server.instruction
@@ -183,6 +186,8 @@ class FedAlgorithm:
         model, moments = self.optimizer(model, delta, moments, self.optimizer_params)
         new.update({OPT_PREFIX + slot: m for slot, m in moments.items()})
         new[MODEL] = self.pipeline.run("model", model, new, ctx, metrics)
+        if self.server.report is not None:
+            metrics.update(self.server.report(new))
         metrics["aggregated"] = len(kept)
         return new, metrics
 
