@@ -88,6 +88,11 @@ def test_full_trains_everything(tmp_path):
     # + 32x64+64 + 64x32+32; pooler 32x32+32; head 66
     layer = 4 * (32 * 32 + 32) + 2 * 64 + (32 * 64 + 64) + (64 * 32 + 32)
     assert trainable == total == (30522 + 128 + 2) * 32 + 64 + 2 * layer + (32 * 32 + 32) + HEAD
+    wb = workbench(tmp_path, {"method": "full", "exclude": ["*embeddings*"]})
+    trainable, total = count_params(wb.model)  # the three tables and their LayerNorm stay frozen
+    assert trainable == total - (30522 + 128 + 2) * 32 - 64 == 2 * layer + (32 * 32 + 32) + HEAD
+    with pytest.raises(ValueError, match=r"peft.exclude: \['\*embedding\*x'\] match no parameter"):
+        workbench(tmp_path, {"method": "full", "exclude": ["*embedding*x"]})
 
 
 def test_frozen_parts_are_what_each_method_says(tmp_path):

@@ -62,8 +62,10 @@ def test_combine_zeroes_pruned_entries_and_reconfigures_from_mean_squared_gradie
     server = _server(initial_density=0.5)
     model = {W: T([[3.0, -1.0], [0.5, -4.0]]), "enc.b": T([1.0])}
     ss = {MODEL: model, **server.init(model)}  # keeps 3 and -4
-    inst = server.instruction(0, ss, ClientSpec(0, []), 0)
+    inst = server.instruction(1, ss, ClientSpec(0, []), 0)
     assert inst.config == {"importance": True} and set(inst.broadcast[GROUP]) == {W}
+    every = PruneFLParams(reconfigure_every=2, reconfigure_until=4)
+    assert [every.reconfigures(r) for r in range(1, 7)] == [False, True, False, True, False, False]
     assert set(server.client_payload_spec(inst, model)) == {W, "enc.b", G2 + W}
     ctx = RoundContext(0, 0, torch.Generator(), 2)
     junk = {W: T([[0.5, 0.25], [0.125, 0.5]]), "enc.b": T([2.0])}  # a lossy codec left 0.25, 0.125 at pruned entries
@@ -107,9 +109,9 @@ def test_a_run_trains_the_pruned_model_and_keeps_pruned_entries_exactly_zero(tmp
     groups = load_file(str(tmp_path / "run" / "checkpoints" / "round-000003" / "algorithm.safetensors"))
     masks = {k.split("/", 1)[1]: unpack_mask(v, final[k.split("/", 1)[1]]) for k, v in groups.items() if k.startswith(GROUP + "/")}
     assert sorted(masks) == sorted(n for n, t in final.items() if "encoder" in n and t.dim() == 2)
-    # rounds 0 and 1 reconfigure (until 2), round 2 trains on round 1's masks: the last two densities agree
+    # rounds 1 and 2 reconfigure (until 2), round 3 trains on round 2's masks: the last two densities agree
     assert [("prunefl.density" in r) for r in rows] == [False, True, True, True]
-    assert rows[2]["prunefl.density"] == rows[3]["prunefl.density"] < 0.5
+    assert rows[1]["prunefl.density"] != rows[2]["prunefl.density"] == rows[3]["prunefl.density"] < 0.5
     assert rows[3]["prunefl.kept"] == sum(int(m.sum()) for m in masks.values())
     for n, m in masks.items():
         assert bool((final[n][~m] == 0).all()), n  # pruned: exactly zero

@@ -43,15 +43,16 @@ class PruneFLParams(BaseModel):
     prune: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
                              description="fnmatch patterns of the State's 2-D weights that may be pruned (task heads never are)")
     initial_density: float = Field(1.0, gt=0, le=1, description="share of each prunable weight kept at the start, by magnitude")
-    reconfigure_every: int = Field(1, ge=1, description="rounds between two reconfigurations of the mask")
-    reconfigure_until: int | None = Field(None, ge=1, description="no reconfiguration from this round on (None: never stop)")
+    reconfigure_every: int = Field(1, ge=1, description="rounds r with r % reconfigure_every == 0 reconfigure the mask")
+    reconfigure_until: int | None = Field(None, ge=1, description="the last round that reconfigures (None: never stop)")
     fixed_s: float = Field(10.0, gt=0, description="PruneFL's c: seconds of a round that do not scale with the entries kept")
     per_value_s: float = Field(1e-6, gt=0, description="PruneFL's t_j: seconds a round spends per kept entry (its bytes on the wire)")
 
     def reconfigures(self, rnd: int) -> bool:
-        """Whether round ``rnd``'s updates set the next mask."""
-        due = (rnd + 1) % self.reconfigure_every == 0
-        return due and (self.reconfigure_until is None or rnd < self.reconfigure_until)
+        """Whether round ``rnd``'s updates (rounds count from 1, as in metrics.jsonl) set the
+        masks of the rounds after it."""
+        due = rnd % self.reconfigure_every == 0
+        return due and (self.reconfigure_until is None or rnd <= self.reconfigure_until)
 
 
 class PruneFLLearner:
