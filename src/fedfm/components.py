@@ -125,9 +125,9 @@ def combination_problems(exp) -> list[str]:
     from fedfm.learners.hetero_checks import hetero_config_problems
 
     problems += hetero_config_problems(exp)
-    from fedfm.learners.prunefl import prunefl_config_problems
+    from fedfm.learners.masked import pruning_config_problems
 
-    problems += prunefl_config_problems(exp)
+    problems += pruning_config_problems(exp)
     from fedfm.runtime.batched import batched_problem
     from fedfm.peft.feature_attention import feature_attention_problem
     from fedfm.peft.svd_init import svd_init_problem

@@ -13,7 +13,7 @@ from fedfm.aggregators import zo_payload, fedkseed, fedbpt  # noqa: F401  (non_s
 from fedfm.aggregators import sim_clock  # noqa: F401  (registers sim_clock)
 from fedfm.aggregators import fedra, flexlora, hetlora  # noqa: F401  (server halves of heterogeneous clients)
 from fedfm.aggregators import splitfed  # noqa: F401  (server part of learner splitfed)
-from fedfm.aggregators import prunefl  # noqa: F401  (server part of learner prunefl)
+from fedfm.aggregators import flash, prunefl  # noqa: F401  (server parts of learners flash and prunefl)
 
 __all__ = [
     "Pipeline",

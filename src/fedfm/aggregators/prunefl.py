@@ -16,9 +16,8 @@ reconfiguration from the clients' squared gradients.
   over the clients that sent them (negative entries, which only an attack makes, count as
   zero), ranked by PruneFL's rule (``peft/pruning.select_kept``) with ``fixed_s`` as ``c``
   and ``per_value_s`` as every entry's ``t_j``. A re-added entry starts at zero.
-- ``model_view``: the model evaluated and saved is the State times its masks (a server
-  step on the delta, e.g. central DP noise, adds to pruned entries too; they act nowhere,
-  and the next round's delta zeroes them again).
+- the model evaluated and saved, the masks' shapes and the round's ``prunefl.density`` /
+  ``prunefl.kept``: ``aggregators/masked.py``.
 
 Differences from the paper, said here and in docs/compression.md: PruneFL's initial
 pruning runs iterative pruning on one selected client's data; here it is one-shot
@@ -36,40 +35,25 @@ from typing import Sequence
 
 import torch
 
-from fedfm.aggregators.server_part import ServerPartBase, register_server_part
+from fedfm.aggregators.masked import MaskedServer
+from fedfm.aggregators.server_part import register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State
-from fedfm.learners.prunefl import G2, GROUP, PruneFLParams
-from fedfm.peft.pruning import density, magnitude_masks, pack_mask, packed_like, prunable, select_kept, unpack_mask
+from fedfm.learners.prunefl import G2, GROUP
+from fedfm.peft.pruning import magnitude_masks, pack_mask, select_kept, zeroing_delta
 
 
-class PruneFLServer(ServerPartBase):
-    def __init__(self, params: PruneFLParams, num_clients: int):
-        self.params = params
-
-    def names(self, shared: State) -> list[str]:
-        found = prunable(shared, self.params.prune)
-        if not found:
-            two_d = [n for n, t in shared.items() if t.dim() == 2][:4]
-            raise ValueError(f"learner.prune {self.params.prune} matches no 2-D weight of the shared State outside the "
-                             f"task heads (2-D weights: {two_d}{'...' if len(two_d) == 4 else ''})")
-        return found
+class PruneFLServer(MaskedServer):
+    GROUP, PREFIX = GROUP, "prunefl"
 
     def init(self, model: State) -> ServerState:
         masks = magnitude_masks(model, self.names(model), self.params.initial_density)
         return {GROUP: {n: pack_mask(m) for n, m in masks.items()}}
 
-    def masks(self, server_state: ServerState) -> dict[str, torch.Tensor]:
-        model = server_state[MODEL]
-        return {n: unpack_mask(bits, model[n]) for n, bits in server_state[GROUP].items()}
-
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         return Instruction(round=rnd, cid=client.cid, state=server_state[MODEL],
                            config={"importance": self.params.reconfigures(rnd)},
                            broadcast={GROUP: server_state[GROUP]})
-
-    def broadcast_reference(self, cid: int, shared: State) -> dict[str, State]:
-        return {GROUP: packed_like(shared, self.names(shared))}
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:
         spec = dict(shared)
@@ -86,22 +70,7 @@ class PruneFLServer(ServerPartBase):
             scores = {n: torch.stack([p[G2 + n].float().clamp_min(0) for p in reporting]).mean(dim=0) for n in old}
             new = select_kept(scores, self.params.fixed_s, self.params.per_value_s)
             groups = {GROUP: {n: pack_mask(m) for n, m in new.items()}}
-        delta = dict(mean_delta)
-        for n in old:
-            kept = old[n] & new[n]
-            delta[n] = torch.where(kept, mean_delta[n].to(model[n].dtype), -model[n])
-        return groups, delta
-
-    def model_view(self, server_state: ServerState) -> State:
-        masks = self.masks(server_state)
-        return {n: t * masks[n] if n in masks else t for n, t in server_state[MODEL].items()}
-
-    def report(self, server_state: ServerState) -> dict:
-        """``prunefl.density``: the share of prunable entries the next round trains;
-        ``prunefl.kept``: their number."""
-        masks = self.masks(server_state)
-        kept = sum(int(m.sum()) for m in masks.values())
-        return {"prunefl.density": density(masks), "prunefl.kept": kept}
+        return groups, zeroing_delta(mean_delta, model, old, new)
 
 
 register_server_part("prunefl", PruneFLServer)

@@ -10,7 +10,9 @@ State whose names match one of the given ``fnmatch`` patterns, task heads exclud
 classifier keeps every entry: pruning a label's row would remove the label).
 
 ``magnitude_masks``: one-shot magnitude pruning, per weight: the ``ceil(density * numel)``
-entries of largest ``|w|`` are kept (ties to the lower index).
+entries of largest ``|w|`` are kept (ties to the lower index). ``random_masks``: seeded
+uniform masks of given per-weight densities. ``prune_and_regrow`` and
+``consensus_densities``: FLASH's discovery (``learners/flash.py``, ``aggregators/flash.py``).
 
 ``select_kept``: PruneFL's adaptive choice (Jiang et al. 2023, "Model Pruning Enables
 Efficient Federated Learning on Edge Devices", IEEE TNNLS): keep the set ``M`` of entries
@@ -29,15 +31,19 @@ position in State order. Written by hand: no library implements PruneFL's rule.
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Sequence
 
 import torch
 
 from fedfm.codecs.packing import pack_bits, unpack_bits
+from fedfm.core.seeding import derive_seed
 from fedfm.core.types import State
 from fedfm.peft.base import HEAD_MODULES
 from fedfm.peft.freezing import is_head
 from fedfm.peft.salience import select_top
+
+RANDOM_TAG = 0xF1A5
 
 
 def prunable(state: State, patterns: Sequence[str]) -> list[str]:
@@ -104,3 +110,83 @@ def density(masks: dict[str, torch.Tensor]) -> float:
     """The share of entries kept over all masks."""
     total = sum(m.numel() for m in masks.values())
     return sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+
+
+def zeroing_delta(delta: State, model: State, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> State:
+    """``delta`` kept at the entries kept before and after a round, ``-w`` at every other
+    entry of a masked weight: after ``model + delta`` the entries ``new`` prunes are exactly
+    zero (removed ones, and pruned ones a lossy codec or robust rule made non-zero) and an
+    entry ``new`` adds starts at zero."""
+    out = dict(delta)
+    for n in old:
+        out[n] = torch.where(old[n] & new[n], delta[n].to(model[n].dtype), -model[n])
+    return out
+
+
+def masked_view(model: State, masks: dict[str, torch.Tensor]) -> State:
+    """``model`` with each masked weight multiplied by its mask."""
+    return {n: t * masks[n] if n in masks else t for n, t in model.items()}
+
+
+def report(prefix: str, masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``<prefix>.density`` (share of prunable entries kept) and ``<prefix>.kept`` (their number)."""
+    return {f"{prefix}.density": density(masks), f"{prefix}.kept": sum(int(m.sum()) for m in masks.values())}
+
+
+def prune_and_regrow(weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                     masks: dict[str, torch.Tensor], rate: float) -> int:
+    """One dynamic-sparse-training update of ``masks``, in place: in each weight the
+    ``int(rate * kept)`` kept entries of smallest ``|w|`` are pruned (ties to the lower
+    index), then as many entries are grown back across all weights together, those of
+    largest ``|grad|`` among the entries not kept (a just-pruned entry may come back).
+    Weights whose entries are pruned are set to zero in place; a grown entry is zero
+    until trained. Global regrowth moves density between weights. Returns the count."""
+    moved = 0
+    for n, m in masks.items():
+        r = int(rate * int(m.sum()))
+        if r == 0:
+            continue
+        score = weights[n].detach().abs().float().masked_fill(~m, float("inf")).reshape(-1)  # (numel,)
+        drop = torch.sort(score, stable=True).indices[:r]
+        m.view(-1)[drop] = False
+        moved += r
+    if moved:
+        names = list(masks)
+        flat = torch.cat([grads[n].detach().abs().float().masked_fill(masks[n], -1.0).reshape(-1) for n in names])
+        grow = torch.sort(flat, descending=True, stable=True).indices[:moved]
+        keep = torch.cat([masks[n].reshape(-1) for n in names])
+        keep[grow] = True
+        start = 0
+        for n in names:
+            size = masks[n].numel()
+            masks[n].copy_(keep[start:start + size].view(masks[n].shape))
+            start += size
+    with torch.no_grad():
+        for n, m in masks.items():
+            weights[n].mul_(m)
+    return moved
+
+
+def consensus_densities(client_masks: list[dict[str, torch.Tensor]], target: float) -> dict[str, float]:
+    """FLASH's layer densities: each weight's share of kept entries averaged over the
+    clients' masks, all scaled by one factor so that the whole reaches ``target`` density,
+    each capped at 1 (so the whole may fall short of ``target`` when caps bind)."""
+    names = list(client_masks[0])
+    mean = {n: sum(float(cm[n].float().mean()) for cm in client_masks) / len(client_masks) for n in names}
+    total = sum(client_masks[0][n].numel() for n in names)
+    kept = sum(mean[n] * client_masks[0][n].numel() for n in names)
+    ratio = target * total / kept if kept > 0 else 0.0
+    return {n: min(mean[n] * ratio, 1.0) for n in names}
+
+
+def random_masks(shapes: dict[str, torch.Tensor], densities: dict[str, float], seed: int) -> dict[str, torch.Tensor]:
+    """Per weight, ``ceil(density * numel)`` entries drawn uniformly without replacement
+    (at least one) from a generator seeded by ``derive_seed(seed, position)``."""
+    masks = {}
+    for i, (n, like) in enumerate(shapes.items()):
+        k = max(1, math.ceil(densities[n] * like.numel()))
+        g = torch.Generator().manual_seed(derive_seed(seed, RANDOM_TAG, i))
+        keep = torch.zeros(like.numel(), dtype=torch.bool)
+        keep[torch.randperm(like.numel(), generator=g)[:k]] = True
+        masks[n] = keep.view(like.shape)
+    return masks

@@ -1,0 +1,73 @@
+"""FLASH's server half, the SPDST variant (Babakniya et al. 2023, "Revisiting Sparsity
+Hunting in Federated Learning: Why does Sparsity Consensus Matter?", TMLR): the sparsity
+consensus of the discovery round, then one fixed mask.
+
+- ``init``: uniform random masks, ``density`` of every prunable weight (``mask_seed``):
+  where the clients' discovery starts.
+- Round 1 (discovery): every sampled client is sent the State and those masks with
+  ``discover``, and sends back the masks its dynamic sparse training ended with
+  (``learners/flash.py``). ``combine_updates`` takes each weight's density averaged over
+  those masks, scales all of them by one factor so that the whole reaches ``density``
+  (each capped at 1; ``peft/pruning.consensus_densities``), and draws the fixed masks at
+  those densities, uniformly at random (FLASH's server mask: what is shared is how much of
+  each layer to keep, not which entries). The model does not move: FLASH discards the
+  discovery round's weights; here the model stays the pre-trained one.
+- Later rounds: the rule's delta on the pruned model, with pruned entries zeroed
+  (``peft/pruning.zeroing_delta``); masks, model view and ``flash.density`` /
+  ``flash.kept``: ``aggregators/masked.py``.
+
+The discovery round costs a round of training whose weights are not kept; its uplink is one
+bit per prunable entry per client. FLASH draws each entry of the final mask with
+probability ``density``; here exactly ``ceil(density * numel)`` entries of each weight.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fedfm.aggregators.masked import MaskedServer
+from fedfm.aggregators.server_part import register_server_part
+from fedfm.core.protocols import RoundContext
+from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
+from fedfm.learners.flash import FOUND, GROUP
+from fedfm.peft.pruning import consensus_densities, pack_mask, packed_like, random_masks, unpack_mask, zeroing_delta
+
+DISCOVERY_ROUND = 1
+
+
+class FlashServer(MaskedServer):
+    GROUP, PREFIX = GROUP, "flash"
+
+    def init(self, model: State) -> ServerState:
+        names = self.names(model)
+        masks = random_masks({n: model[n] for n in names}, {n: self.params.density for n in names}, self.params.mask_seed)
+        return {GROUP: {n: pack_mask(m) for n, m in masks.items()}}
+
+    def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
+        return Instruction(round=rnd, cid=client.cid, state=server_state[MODEL],
+                           config={"discover": rnd == DISCOVERY_ROUND}, broadcast={GROUP: server_state[GROUP]})
+
+    def client_payload_spec(self, instruction: Instruction, shared: State) -> State:
+        if instruction.config.get("discover"):
+            return {FOUND + n: t for n, t in packed_like(shared, self.names(shared)).items()}
+        return dict(shared)
+
+    def combine_updates(self, server_state: ServerState, updates: Sequence[Update], rule, rule_params,
+                        ctx: RoundContext) -> tuple[ServerState, State]:
+        model, masks = server_state[MODEL], self.masks(server_state)
+        if all(FOUND + n in u.payload for u in updates for n in masks):  # the discovery round
+            found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]
+            densities = consensus_densities(found, self.params.density)
+            fixed = random_masks({n: model[n] for n in masks}, densities, self.params.mask_seed + 1)
+            zero = {k: torch.zeros_like(v) for k, v in model.items()}
+            return {GROUP: {n: pack_mask(m) for n, m in fixed.items()}}, zero
+        deltas = [{k: u.payload[k] for k in model} for u in updates]
+        delta = rule(model, deltas, [float(u.num_examples) for u in updates], rule_params)
+        return {}, zeroing_delta(delta, model, masks, masks)
+
+
+register_server_part("flash", FlashServer)
+
+__all__ = ["FlashServer"]

@@ -1,0 +1,82 @@
+"""FLASH's client half, the SPDST variant (Babakniya et al. 2023, "Revisiting Sparsity
+Hunting in Federated Learning: Why does Sparsity Consensus Matter?", TMLR): one shared
+sparse mask, found once at the start from what the clients' sparse training prefers, then
+fixed for the whole run.
+
+Round 1 is the discovery round (``Instruction.config["discover"]``): the client trains the
+model pruned by the server's initial mask (uniform random, ``density`` in every weight)
+with dynamic sparse training: ``updates`` times during its local steps (evenly spaced;
+one, at the middle, by default: FLASH's choice for one local epoch) it prunes
+``prune_rate`` of each weight's kept entries by magnitude and grows as many back where the
+gradient is largest, over all weights together, so density moves between weights
+(``peft/pruning.prune_and_regrow``). It sends its final masks (``flash_mask.<name>``,
+packed bits), not its weights: FLASH discards the discovery round's training. (An entry
+pruned mid-round still has AdamW moments, which would move it; the client sets every
+pruned entry back to zero after each backward pass of the discovery round.) Later
+rounds train the pruned model on the server's fixed masks and send the delta
+(``learners/masked.py``).
+
+Metrics: ``density`` (of the masks trained, or discovered) and ``discovery``.
+
+Differences from FLASH, said here and in docs/compression.md: FLASH's clients run the
+sparse-learning library's prune-and-regrow (Dettmers and Zettlemoyer 2019), whose
+redistribution between layers follows the momentum; here regrowth by gradient magnitude
+(RigL's criterion), ranked over all weights, moves the density. FLASH's JMWST variant
+(masks updated during training) and hetero-FLASH are not implemented. Refused at config
+time with PruneFL (``learners/masked.pruning_config_problems``).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedfm.core.types import Instruction, Update
+from fedfm.learners.base import LocalContext, register_learner
+from fedfm.learners.loop import planned_steps
+from fedfm.learners.masked import received_masks, train_masked
+from fedfm.peft.pruning import density, pack_mask, prune_and_regrow
+
+GROUP = "flash.mask"
+FOUND = "flash_mask."
+
+
+class FlashParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prune: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
+                             description="fnmatch patterns of the State's 2-D weights that may be pruned (task heads never are)")
+    density: float = Field(0.1, gt=0, le=1, description="target share of prunable entries kept")
+    prune_rate: float = Field(0.5, gt=0, lt=1, description="share of kept entries pruned and regrown at each discovery update")
+    updates: int = Field(1, ge=1, description="prune-and-regrow updates during a client's discovery round")
+    mask_seed: int = Field(0, ge=0, description="seed of the initial and the final random masks")
+
+
+def update_steps(total: int, updates: int) -> set[int]:
+    """The local steps (0-based) after whose backward pass the masks are updated."""
+    return {total * j // (updates + 1) for j in range(1, updates + 1)}
+
+
+class FlashLearner:
+    def __init__(self, params: FlashParams | None = None):
+        self.params = params or FlashParams()
+
+    def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
+        masks = received_masks(instruction, ctx, GROUP)
+        discover = bool(instruction.config.get("discover", False))
+        due = update_steps(planned_steps(len(ctx.examples), ctx.train), self.params.updates)
+
+        def discovery(step: int, params, masks) -> None:
+            if step in due:
+                grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+                prune_and_regrow(params, grads, masks, self.params.prune_rate)
+            with torch.no_grad():  # AdamW's moments move an entry pruned mid-round: back to zero
+                for n, p in params.items():
+                    p.mul_(masks[n])
+
+        delta, metrics = train_masked(instruction, ctx, masks, discovery if discover else None)
+        payload = {FOUND + n: pack_mask(m.cpu()) for n, m in masks.items()} if discover else delta
+        metrics.update(density=density(masks), discovery=float(discover))
+        return Update(cid=ctx.cid, payload=payload, num_examples=len(ctx.examples), metrics=metrics)
+
+
+register_learner("flash", FlashLearner, FlashParams)

@@ -1,0 +1,92 @@
+"""Training a pruned model on a client: the part PruneFL and FLASH share.
+
+The instruction carries the shared State and, in the broadcast group ``group``, one packed
+mask per prunable weight (``peft/pruning.py``). ``train_masked`` multiplies each prunable
+weight by its mask (pruned entries are exactly zero), trains with the gradients of pruned
+entries zeroed after every backward pass (so they stay zero under SGD and AdamW: a zero
+gradient gives a zero step, and weight decay keeps a zero at zero) and returns the delta
+against the masked weights it received: zero at every pruned entry.
+
+``on_gradients(step, params, masks)``, when given, runs after each backward pass before
+the masking, with the dense gradients of every prunable weight (a pruned entry has one:
+the weight is a dense tensor whose zeros are values): PruneFL sums their squares, FLASH's
+discovery round prunes and regrows the masks in place there.
+
+``pruning_config_problems``: both learners prune the model's own weights, so
+``peft.method`` must be ``full`` (which makes them the State), and the server step must be
+plain FedAvg (``server_optimizer: {name: sgd, lr: 1.0}``): their servers zero a removed
+entry through the delta, exact only when the step adds the delta as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fedfm.core.types import Instruction
+from fedfm.learners.base import LocalContext
+from fedfm.learners.loop import train_loop
+from fedfm.peft.pruning import unpack_mask
+from fedfm.peft.state import get_state, set_state
+
+GradientHook = Callable[[int, dict[str, torch.nn.Parameter], dict[str, torch.Tensor]], None]
+
+
+def received_masks(instruction: Instruction, ctx: LocalContext, group: str) -> dict[str, torch.Tensor]:
+    """The masks of ``group`` unpacked to the model's weights (bool, on their device)."""
+    packed = instruction.broadcast.get(group)
+    if not packed:
+        raise ValueError(f"client {ctx.cid}: the instruction carries no masks ('{group}')")
+    params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
+    masks = {}
+    for name, bits in packed.items():
+        if name not in params:
+            raise ValueError(f"client {ctx.cid} received a mask for '{name}', which is not a trainable weight")
+        masks[name] = unpack_mask(bits, params[name]).to(params[name].device)
+    return masks
+
+
+def train_masked(instruction: Instruction, ctx: LocalContext, masks: dict[str, torch.Tensor],
+                 on_gradients: GradientHook | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(delta against the masked received State, the loop's metrics); ``masks`` may be
+    changed in place by ``on_gradients``."""
+    set_state(ctx.model, instruction.state)
+    params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, m in masks.items():
+            params[name].mul_(m)
+    start = get_state(ctx.model)
+    prunable = {n: params[n] for n in masks}
+    step = [0]
+
+    def after_backward() -> None:
+        if on_gradients is not None:
+            on_gradients(step[0], prunable, masks)
+        for name, m in masks.items():
+            if params[name].grad is not None:
+                params[name].grad.mul_(m)
+        step[0] += 1
+
+    metrics = train_loop(ctx, after_backward=after_backward)
+    trained = get_state(ctx.model)
+    return {k: trained[k] - start[k] for k in trained}, metrics
+
+
+PRUNING_LEARNERS = ("prunefl", "flash")
+
+
+def pruning_config_problems(exp) -> list[str]:
+    name = exp.learner.name
+    if name not in PRUNING_LEARNERS:
+        return []
+    problems = []
+    so = exp.server_optimizer
+    lr = so.params().get("lr", 1.0)
+    if so.name != "sgd" or lr != 1.0:
+        problems.append(f"learner {name}: server_optimizer must be {{name: sgd, lr: 1.0}} (got {so.name}, lr {lr}): "
+                        "the server averages, and zeroes a removed entry through the delta, exact only when "
+                        "the server adds the delta as it is")
+    if exp.peft.method != "full":
+        problems.append(f"learner {name} prunes the model's own weights: peft.method must be full (got {exp.peft.method})")
+    return problems

@@ -1,0 +1,74 @@
+"""FLASH (SPDST): prune-and-regrow, the sparsity consensus, the discovery round, by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from fedfm.config import ConfigError, from_dict
+from fedfm.learners.flash import GROUP, update_steps
+from fedfm.peft.pruning import consensus_densities, prune_and_regrow, random_masks, unpack_mask
+from fedfm.runtime.local import run_local
+
+T = torch.tensor
+
+
+def test_prune_and_regrow_moves_density_to_where_the_gradient_is():
+    w = {"a": T([[3.0, 1.0], [2.0, 4.0]]), "b": T([[0.0, 0.0]])}
+    g = {"a": torch.zeros(2, 2), "b": T([[5.0, 0.1]])}
+    m = {"a": torch.ones(2, 2, dtype=torch.bool), "b": torch.zeros(1, 2, dtype=torch.bool)}
+    # a: int(0.5 * 4) = 2 smallest |w| pruned (1 and 2); b keeps nothing, prunes nothing;
+    # 2 grown back over both: b's gradients 5 and 0.1 beat a's zeros
+    assert prune_and_regrow(w, g, m, 0.5) == 2
+    assert m["a"].tolist() == [[True, False], [False, True]] and m["b"].tolist() == [[True, True]]
+    assert w["a"].tolist() == [[3.0, 0.0], [0.0, 4.0]]  # pruned weights set to zero
+
+
+def test_consensus_scales_the_mean_layer_densities_to_the_target():
+    full, half, none = torch.ones(4, dtype=torch.bool), T([True, True, False, False]), torch.zeros(2, dtype=torch.bool)
+    masks = [{"a": half, "b": torch.ones(2, dtype=torch.bool)}, {"a": full, "b": none}]
+    # mean densities a 0.75, b 0.5: 4 of 6 kept; target 0.5 -> 3 of 6: factor 0.75
+    d = consensus_densities(masks, 0.5)
+    assert d == {"a": 0.5625, "b": 0.375}
+    assert consensus_densities(masks, 1.0) == {"a": 1.0, "b": 0.75}  # a capped at 1 (factor 1.5)
+    drawn = random_masks({"a": torch.zeros(4), "b": torch.zeros(2)}, d, seed=3)
+    assert int(drawn["a"].sum()) == 3 and int(drawn["b"].sum()) == 1  # ceil(2.25), ceil(0.75)
+    assert all(torch.equal(drawn[k], v) for k, v in random_masks({"a": torch.zeros(4), "b": torch.zeros(2)}, d, 3).items())
+
+
+def test_update_steps_are_evenly_spaced():
+    assert update_steps(16, 1) == {8} and update_steps(10, 3) == {2, 5, 7}
+
+
+def _raw(tmp_path, **over):
+    learner = {"name": "flash", "prune": ["*encoder*"], "density": 0.2}
+    return tiny_config(tmp_path, **{"peft": {"method": "full"}, "learner": learner, "rounds": 3, "train.epochs": 1, **over})
+
+
+def test_discovery_round_sends_masks_only_then_one_fixed_mask_is_trained(tmp_path):
+    run_local(from_dict(_raw(tmp_path, **{"codecs.up": [{"quantize": 8}]}), "<test>"), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    final = load_file(str(tmp_path / "run" / "final.safetensors"))
+    groups = load_file(str(tmp_path / "run" / "checkpoints" / "round-000003" / "algorithm.safetensors"))
+    masks = {k.split("/", 1)[1]: unpack_mask(v, final[k.split("/", 1)[1]]) for k, v in groups.items() if k.startswith(GROUP + "/")}
+    # 2 layers x (4 x 32x32 + 2 x 32x64) = 16,384 prunable entries; one bit each, 2,048 bytes, per client
+    assert sum(m.numel() for m in masks.values()) == 16384
+    assert 2048 * 2 < rows[1]["bytes_up"] < rows[2]["bytes_up"] / 100  # masks (+ headers), not weights
+    assert rows[1]["flash.density"] == rows[2]["flash.density"] == rows[3]["flash.density"]
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept == rows[3]["flash.kept"] and 0 <= kept - 0.2 * 16384 < 12  # ceil per weight: <= 1 more each
+    assert len({round(float(m.float().mean()), 3) for m in masks.values()}) > 1  # layers keep different shares
+    for n, m in masks.items():
+        assert bool((final[n][~m] == 0).all()), n
+    assert rows[-1]["accuracy"] > rows[1]["accuracy"] == rows[0]["accuracy"]  # the discovery round trains nothing kept
+
+
+@pytest.mark.parametrize("learner", ["flash", "prunefl"])
+def test_pruning_learners_need_full_and_plain_fedavg(tmp_path, learner):
+    raw = _raw(tmp_path, learner={"name": learner, "prune": ["*encoder*"]}, server_optimizer={"name": "fedavgm"})
+    with pytest.raises(ConfigError, match=rf"learner {learner}: server_optimizer must be \{{name: sgd, lr: 1.0\}} \(got fedavgm"):
+        from_dict(raw, "<test>")
