@@ -1,17 +1,21 @@
-"""Model pruning (PruneFL) against dense fine-tuning of the same weights: accuracy, density,
-bytes per client and round, wall time.
+"""Model pruning (PruneFL, FLASH) against dense fine-tuning of the same weights: accuracy,
+density, bytes per client and round, wall time.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/pruning.py [--out runs/bench_pruning]
         [--only dense,prunefl] [--reduced] [--table] [-o KEY=VALUE ...]
 
-Rows (each a run of ``examples/compression/prunefl.yaml`` with overrides, in this process,
-one after the other, torch threads 2):
+Rows (each a run of ``examples/compression/prunefl.yaml`` or ``flash.yaml`` with overrides,
+in this process, one after the other, torch threads 2):
 
 - ``dense``: the same job with learner ``local`` and no codec: every weight the pruned
   runs may cut is trained and sent, fp32 (the baseline);
 - ``prunefl``: the example as it is (no initial pruning; rounds 1 and 2 reconfigure);
-- ``prunefl_init30``: 30% of each encoder weight kept by magnitude before round 0, then
-  the same reconfigurations.
+- ``prunefl_init30``: 30% of each encoder weight kept by magnitude before round 1, then
+  the same reconfigurations;
+- ``flash``: ``examples/compression/flash.yaml`` as it is (density 0.5, the fixed mask
+  keeps each weight's largest entries; 4 rounds, the first the discovery round, so 3 of
+  training like the others);
+- ``flash_random``: the same with FLASH's own random pick (SPDST).
 
 ``--reduced`` runs the tests' tiny random-init BERT on their toy CSV instead (seconds).
 Results accumulate in OUT/results.jsonl (one line per finished run); ``--table`` prints the
@@ -30,11 +34,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "compression" / "prunefl.yaml"
+EXAMPLES = ROOT / "examples" / "compression"
 ROWS = {
     "dense": ["learner={name: local}", "codecs.up=[]", "codecs.down=[]"],
     "prunefl": [],
     "prunefl_init30": ["learner.initial_density=0.3"],
+    "flash": [],
+    "flash_random": ["learner.pick=random"],
 }
 TOY_CSV = ROOT / "runs" / "pruning-toy.csv"
 REDUCED = [
@@ -43,18 +49,19 @@ REDUCED = [
     "data.source=file", f"data.path={TOY_CSV}", "data.group_column=group", "data.max_length=16",
     "federation.clients=4", "federation.examples_per_client=40", "federation.test_examples=80",
     "train.lr=0.01", "train.batch_size=8",
-    "learner.fixed_s=1.0", "learner.per_value_s=1e-4",
+    "train.epochs=2",
 ]
+REDUCED_PRUNEFL = ["learner.fixed_s=1.0", "learner.per_value_s=1e-4"]
 
 
-def run_row(name: str, overrides: list[str], out: Path) -> dict:
+def run_row(name: str, overrides: list[str], out: Path, reduced: bool = False) -> dict:
     from fedfm.config import load_config
     from fedfm.runtime import LocalRuntime
 
     over = list(ROWS[name]) + overrides
-    if name == "dense":  # learner settings of the example would not validate for 'local'
-        over = [o for o in over if not o.startswith("learner.")]
-    exp = load_config(EXAMPLE, over)
+    if reduced and name.startswith("prunefl"):
+        over += REDUCED_PRUNEFL
+    exp = load_config(EXAMPLES / ("flash.yaml" if name.startswith("flash") else "prunefl.yaml"), over)
     t0 = time.perf_counter()
     LocalRuntime(exp, out / "runs" / name, progress=False, overwrite=True).run()  # the benchmark's own folder
     wall = time.perf_counter() - t0
@@ -63,7 +70,7 @@ def run_row(name: str, overrides: list[str], out: Path) -> dict:
     return {
         "row": name, "overrides": over, "wall_s": wall,
         "accuracy": [r.get("accuracy") for r in rows], "loss": [r.get("loss") for r in rows],
-        "density": [r.get("prunefl.density") for r in rows],
+        "density": [r.get("prunefl.density", r.get("flash.density")) for r in rows],
         "up_per_client_round": sum(r["bytes_up"] / len(r["clients"]) for r in trained) / len(trained),
         "down_per_client_round": sum(r["bytes_down"] / len(r["clients"]) for r in trained) / len(trained),
         "up_by_round": [r["bytes_up"] / len(r["clients"]) for r in trained],
@@ -115,7 +122,7 @@ def main() -> None:
         for name in args.only.split(","):
             if name not in ROWS:
                 raise SystemExit(f"--only: unknown row '{name}' (rows: {', '.join(ROWS)})")
-            result = run_row(name, overrides, out)
+            result = run_row(name, overrides, out, args.reduced)
             with store.open("a") as f:
                 f.write(json.dumps(result) + "\n")
             print(f"{name}: accuracy {fmt(result['accuracy'], '.3f')}, {result['wall_s']:.0f} s", flush=True)

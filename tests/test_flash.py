@@ -40,6 +40,29 @@ def test_consensus_scales_the_mean_layer_densities_to_the_target():
     assert all(torch.equal(drawn[k], v) for k, v in random_masks({"a": torch.zeros(4), "b": torch.zeros(2)}, d, 3).items())
 
 
+def test_the_server_keeps_each_weights_consensus_share_of_its_largest_entries():
+    from fedfm.aggregators.flash import FlashServer
+    from fedfm.core.protocols import RoundContext
+    from fedfm.core.types import MODEL, ClientSpec, Update
+    from fedfm.learners.flash import FOUND, FlashParams
+    from fedfm.peft.pruning import pack_mask
+
+    server = FlashServer(FlashParams(density=0.5, pick="magnitude"), 2)
+    model = {"enc.w": T([[3.0, -1.0], [0.5, -4.0]]), "enc.v": T([[1.0, 2.0]]), "classifier.weight": T([[1.0]])}
+    ss = {MODEL: model, **server.init(model)}
+    inst = server.instruction(1, ss, ClientSpec(0, []), 0)
+    assert inst.config == {"discover": True} and set(server.client_payload_spec(inst, model)) == {FOUND + "enc.w", FOUND + "enc.v"}
+    assert server.instruction(2, ss, ClientSpec(0, []), 0).config == {"discover": False}
+    found = [{"enc.w": T([[True, True], [False, False]]), "enc.v": T([[True, True]])},
+             {"enc.w": torch.ones(2, 2, dtype=torch.bool), "enc.v": torch.zeros(1, 2, dtype=torch.bool)}]
+    ups = [Update(i, {FOUND + n: pack_mask(m) for n, m in f.items()}, 5) for i, f in enumerate(found)]
+    groups, delta = server.combine_updates(ss, ups, None, None, RoundContext(1, 0, torch.Generator(), 2))
+    # densities w 0.5625 -> ceil(2.25) = 3 entries: |3|, |-4|, |-1|; v 0.375 -> 1 entry: |2|
+    new = {n: unpack_mask(b, model[n]) for n, b in groups[GROUP].items()}
+    assert new["enc.w"].tolist() == [[True, True], [False, True]] and new["enc.v"].tolist() == [[False, True]]
+    assert all(float(d.abs().sum()) == 0 for d in delta.values())  # the discovery round moves no weight
+
+
 def test_update_steps_are_evenly_spaced():
     assert update_steps(16, 1) == {8} and update_steps(10, 3) == {2, 5, 7}
 

@@ -10,7 +10,10 @@ consensus of the discovery round, then one fixed mask.
   those masks, scales all of them by one factor so that the whole reaches ``density``
   (each capped at 1; ``peft/pruning.consensus_densities``), and draws the fixed masks at
   those densities, uniformly at random (FLASH's server mask: what is shared is how much of
-  each layer to keep, not which entries). The model does not move: FLASH discards the
+  each layer to keep, not which entries), or, with ``pick: magnitude``, the entries of
+  largest ``|w|`` (how FLASH's JMWST variant picks its server mask's entries, here from
+  the pre-trained weights: a random cut of a pre-trained model removes what it learned
+  as readily as what it did not). The model does not move: FLASH discards the
   discovery round's weights; here the model stays the pre-trained one.
 - Later rounds: the rule's delta on the pruned model, with pruned entries zeroed
   (``peft/pruning.zeroing_delta``); masks, model view and ``flash.density`` /
@@ -32,7 +35,7 @@ from fedfm.aggregators.server_part import register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.learners.flash import FOUND, GROUP
-from fedfm.peft.pruning import consensus_densities, pack_mask, packed_like, random_masks, unpack_mask, zeroing_delta
+from fedfm.peft.pruning import consensus_densities, magnitude_masks, pack_mask, packed_like, random_masks, unpack_mask, zeroing_delta
 
 DISCOVERY_ROUND = 1
 
@@ -60,7 +63,10 @@ class FlashServer(MaskedServer):
         if all(FOUND + n in u.payload for u in updates for n in masks):  # the discovery round
             found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]
             densities = consensus_densities(found, self.params.density)
-            fixed = random_masks({n: model[n] for n in masks}, densities, self.params.mask_seed + 1)
+            if self.params.pick == "magnitude":
+                fixed = magnitude_masks(model, list(masks), densities)
+            else:
+                fixed = random_masks({n: model[n] for n in masks}, densities, self.params.mask_seed + 1)
             zero = {k: torch.zeros_like(v) for k, v in model.items()}
             return {GROUP: {n: pack_mask(m) for n, m in fixed.items()}}, zero
         deltas = [{k: u.payload[k] for k in model} for u in updates]

@@ -28,6 +28,8 @@ time with PruneFL (``learners/masked.pruning_config_problems``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +51,8 @@ class FlashParams(BaseModel):
     prune_rate: float = Field(0.5, gt=0, lt=1, description="share of kept entries pruned and regrown at each discovery update")
     updates: int = Field(1, ge=1, description="prune-and-regrow updates during a client's discovery round")
     mask_seed: int = Field(0, ge=0, description="seed of the initial and the final random masks")
+    pick: Literal["random", "magnitude"] = Field(
+        "random", description="which entries of each weight the fixed mask keeps: random (SPDST) or largest |w|")
 
 
 def update_steps(total: int, updates: int) -> set[int]:

@@ -70,13 +70,15 @@ def packed_like(state: State, names: Sequence[str]) -> State:
     return {n: torch.zeros((state[n].numel() + 7) // 8, dtype=torch.uint8) for n in names}
 
 
-def magnitude_masks(state: State, names: Sequence[str], density: float) -> dict[str, torch.Tensor]:
-    """Per weight, the ``ceil(density * numel)`` entries of largest ``|w|``."""
+def magnitude_masks(state: State, names: Sequence[str], density: float | dict[str, float]) -> dict[str, torch.Tensor]:
+    """Per weight, the ``ceil(density * numel)`` entries of largest ``|w|`` (at least one);
+    ``density`` is one for all, or one per name."""
     masks = {}
     for n in names:
         w = state[n]
         keep = torch.zeros(w.numel(), dtype=torch.bool)
-        keep[select_top(w.detach().float().abs().reshape(-1), density)] = True
+        d = density[n] if isinstance(density, dict) else density
+        keep[select_top(w.detach().float().abs().reshape(-1), d)] = True
         masks[n] = keep.view(w.shape)
     return masks
 
