@@ -95,3 +95,8 @@ def test_pruning_learners_need_full_and_plain_fedavg(tmp_path, learner):
     raw = _raw(tmp_path, learner={"name": learner, "prune": ["*encoder*"]}, server_optimizer={"name": "fedavgm"})
     with pytest.raises(ConfigError, match=rf"learner {learner}: server_optimizer must be \{{name: sgd, lr: 1.0\}} \(got fedavgm"):
         from_dict(raw, "<test>")
+    # the squared gradients (PruneFL) and discovered masks (FLASH) would travel outside clipping and noise
+    raw = _raw(tmp_path, learner={"name": learner, "prune": ["*encoder*"]},
+               server_steps=[{"name": "dp_clip", "clip_norm": 0.5}, {"name": "dp_noise", "noise_multiplier": 1.0}])
+    with pytest.raises(ConfigError, match=rf"learner.name: {learner}'s server half combines extra client tensors outside the DP"):
+        from_dict(raw, "<test>")

@@ -14,7 +14,7 @@ from fedfm.privacy.noise import DpNoiseParams, resolved_sigma
 from fedfm.privacy.noise_key import key_problem
 from fedfm.privacy.plan import plan_of
 
-SERVER_HALVES = ("scaffold", "feddyn")
+SERVER_HALVES = ("scaffold", "feddyn", "prunefl", "flash")  # flash, prunefl: masks and squared gradients
 
 
 def _steps(exp, name: str) -> list[tuple[int, dict]]:
