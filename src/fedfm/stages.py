@@ -14,7 +14,8 @@ The file holds ``stages:`` (and optionally ``name:``, the default ``--out`` fold
         config: {model: {...}, ...}     # ... or the experiment itself
 
 ``fedfm run FILE --out OUT`` (``cli_stages.py``) runs them in order into ``OUT/<stage
-name>/``; stage ``i + 1`` gets ``model.init_from: OUT/<stage i>``. Here: the schema, the
+name>/``; stage ``i + 1`` gets ``model.init_from: OUT/<stage i>``, made absolute (a
+finished chain is loaded from any working directory). Here: the schema, the
 loading with every check made before anything runs (``load_stages``), and what each
 stage's folder allows (``plan``). Refused, with the stage named:
 
@@ -156,9 +157,37 @@ def chain_problem(prev: Stage, stage: Stage) -> str | None:
     return None
 
 
+def chained_init(prev_out: Path, out: Path) -> str:
+    """The ``model.init_from`` of the stage writing to ``out``: ``prev_out`` absolute and
+    resolved, so the chain loads from any working directory (a later run, a benchmark).
+    A stage interrupted before these paths were absolute has checkpoints whose config holds
+    the same folder relative to the working directory; that spelling is kept, since
+    ``--resume`` (the round loop) compares the config with the checkpoint's and would see a
+    change where none is. (A finished stage's config.yaml is compared as absolute paths:
+    ``config_difference``.)"""
+    import json
+
+    from fedfm.personalize.init_from import absolute
+    from fedfm.runtime.checkpoint import PREFIX, Checkpointer
+
+    want = absolute(prev_out)
+    rounds = Checkpointer(out).rounds()
+    if not rounds:
+        return want
+    try:
+        info = json.loads((out / "checkpoints" / f"{PREFIX}{rounds[-1]:06d}" / "checkpoint.json").read_text())
+        saved = info["config"]["model"]["init_from"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return want
+    if isinstance(saved, str) and not Path(saved).is_absolute() and absolute(saved) == want:
+        return saved
+    return want
+
+
 def load_stages(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> tuple[StagesFile, list[Stage]]:
     """Every stage validated (schema, components, chain) before anything runs; the error
-    names the stage and the field. Stage ``i + 1`` gets ``model.init_from: OUT/<stage i>``."""
+    names the stage and the field. Stage ``i + 1`` gets ``model.init_from: OUT/<stage i>``
+    (absolute: ``chained_init``)."""
     path, out = Path(path), Path(out)
     spec = parse_stages_file(read_yaml(path), str(path))
     names = [st.name for st in spec.stages]
@@ -180,7 +209,7 @@ def load_stages(path: str | Path, out: str | Path, overrides: list[str] | None =
                 model = raw.setdefault("model", {})
                 if not isinstance(model, dict):
                     raise ConfigError("model: must be a mapping")
-                model["init_from"] = str(stages[-1].out)
+                model["init_from"] = chained_init(stages[-1].out, out / st.name)
             exp = from_dict(raw, source, ovs)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
@@ -227,12 +256,17 @@ def finished(stage: Stage) -> bool:
 
 
 def config_difference(stage: Stage) -> list[str]:
-    """Top-level keys in which a finished stage's config.yaml differs from the stage's config now."""
+    """Top-level keys in which a finished stage's config.yaml differs from the stage's config now
+    (``model.init_from`` compared as absolute paths: config.yaml records it so)."""
+    from fedfm.personalize.init_from import recorded
+
     try:
         saved = yaml.safe_load((stage.out / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return ["config.yaml (missing or unreadable)"]
-    now = stage.exp.dump()
+    if not isinstance(saved, dict):
+        return ["config.yaml (not a mapping)"]
+    saved, now = recorded(saved), recorded(stage.exp.dump())
     return sorted(k for k in set(saved) | set(now) if k not in FREE_KEYS and saved.get(k) != now.get(k))
 
 

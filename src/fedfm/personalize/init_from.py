@@ -7,7 +7,9 @@ Adapt Language Models to Domains and Tasks"; federated: FFDAPT, Jiang et al. 202
 applied, after those of the runs that run itself started from (its config.yaml's
 ``model.init_from``, followed back to the first: a stage's final State holds only what
 that stage trained, so in a chain of three the first stage's tensors the second did not
-train would otherwise be lost; a missing earlier run is refused with its path), wherever a tensor's name, with the tuner prefixes of either run stripped
+train would otherwise be lost; a missing earlier run is refused with its path and the
+config.yaml naming it; ``earlier_run`` says how an old relative path is looked for), wherever
+a tensor's name, with the tuner prefixes of either run stripped
 (``base_model.model.``, ``.base_layer``), is a parameter of the base model. A masked-LM
 run (``BertForMaskedLM``: ``bert.*`` + ``cls.*``) thus initialises the encoder of a
 classification run (``BertForSequenceClassification``: ``bert.*`` + ``classifier.*``);
@@ -24,8 +26,9 @@ weights first (not implemented: chain a ``full`` or ``ffdapt`` stage).
 A stages file (``fedfm.stages``: ``fedfm run STAGES.yaml --out DIR``) chains runs from one
 YAML file, with every stage checked before the first trains, ``--resume`` and
 ``--overwrite``. ``run_chain`` runs raw configs one after the other in one call (stage
-``i + 1`` with ``model.init_from`` set to stage ``i``'s folder, every config validated
-first): ``python -m fedfm.personalize.init_from dapt.yaml finetune.yaml --out runs/chain``.
+``i + 1`` with ``model.init_from`` set to stage ``i``'s folder, made absolute so the chain
+loads from any working directory, every config validated first):
+``python -m fedfm.personalize.init_from dapt.yaml finetune.yaml --out runs/chain``.
 """
 
 from __future__ import annotations
@@ -62,8 +65,40 @@ def base_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+def absolute(path: str | Path) -> str:
+    """``path`` made absolute and resolved (``~`` expanded). A run's ``model.init_from`` is
+    recorded this way (its config.yaml, a stage's ``model.init_from``) because a chain is
+    followed later from whatever working directory the next run or benchmark starts in:
+    a path relative to the directory the run was started from cannot be found from another."""
+    return str(Path(path).expanduser().resolve())
+
+
+def recorded(dump: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping (``Experiment.dump()`` or a config.yaml read back) with a relative
+    ``model.init_from`` made absolute against the working directory, as a run's config.yaml
+    records it; other values untouched (a copy when changed)."""
+    model = dump.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("init_from"), str) or Path(model["init_from"]).is_absolute():
+        return dump
+    return {**dump, "model": {**model, "init_from": absolute(model["init_from"])}}
+
+
+def _loadable(p: Path) -> bool:
+    """A finished run's folder or a .safetensors file: what a candidate for a relative path must be."""
+    return (p / "final.safetensors").is_file() if p.is_dir() else (p.is_file() and p.suffix == ".safetensors")
+
+
 def earlier_run(f: Path) -> Path | None:
-    """The ``model.init_from`` of the run that wrote ``f`` (its config.yaml), or None."""
+    """The ``model.init_from`` of the run that wrote ``f`` (its config.yaml), or None.
+
+    Runs written before init_from paths were recorded absolute may hold one relative to the
+    working directory that run was started from, which is not recorded. Tried, so the chain
+    loads from any working directory: the path as given (from the working directory now),
+    and the path below the run's folder and each folder above it, nearest first (``--out
+    runs/x`` from ``/p`` gives ``/p/runs/x/<stage>`` holding ``runs/x/<earlier stage>``: found
+    below ``/p``). Only an existing run folder or .safetensors file is accepted; when the
+    working directory's candidate and the nearest one above the run are both there but are
+    different runs, which one the chain meant is unknown, so that is refused, not guessed."""
     import yaml
 
     cfg = f.parent / "config.yaml"
@@ -73,12 +108,28 @@ def earlier_run(f: Path) -> Path | None:
     if not given:
         return None
     path = Path(given).expanduser()
-    for candidate in (path, f.parent / path):  # as written (from the working directory), or from the run
-        if candidate.exists():
-            return candidate
+    if path.is_absolute():
+        tried = [path]
+        found = path if path.exists() else None
+    else:
+        run = f.parent.absolute()
+        tried = [Path.cwd() / path] + [d / path for d in (run, *run.parents)]
+        here = tried[0] if _loadable(tried[0]) else None
+        near = next((c for c in tried[1:] if _loadable(c)), None)
+        if here is not None and near is not None and here.resolve() != near.resolve():
+            raise FileNotFoundError(
+                f"model.init_from: {f.parent} started from {given} ({cfg}), a path relative to the directory that "
+                f"run was started from, which could be {here.resolve()} (from the working directory) or "
+                f"{near.resolve()} (above the run): two different runs; write the right one as an absolute path "
+                f"into {cfg}"
+            )
+        found = here or near
+    if found is not None:
+        return found.resolve()
     raise FileNotFoundError(
-        f"model.init_from: {f.parent} started from {given} (its config.yaml), which is not found; the chain "
-        "is loaded from its first run, so every earlier run must still be there"
+        f"model.init_from: {f.parent} started from {given} ({cfg}), which is not found (tried "
+        f"{', '.join(str(c) for c in tried)}); the chain is loaded from its first run, so every earlier run "
+        "must still be there"
     )
 
 
@@ -141,7 +192,7 @@ def run_chain(stages: list[dict[str, Any]], out: str | Path, progress: bool = Fa
     for i, raw in enumerate(stages):  # every config validated before the first stage trains
         raw = copy.deepcopy(raw)
         if i > 0:
-            raw.setdefault("model", {})["init_from"] = str(Path(out) / f"stage-{i - 1}")
+            raw.setdefault("model", {})["init_from"] = absolute(Path(out) / f"stage-{i - 1}")
         exps.append(from_dict(raw, f"<stage {i}>"))
     return [run_local(exp, Path(out) / f"stage-{i}", progress=progress, overwrite=overwrite) for i, exp in enumerate(exps)]
 

@@ -59,7 +59,9 @@ class RunWriter:
     def __init__(self, out: str | Path, exp, resume_round: int | None = None):
         self.dir = Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / "config.yaml", yaml.safe_dump(exp.dump(), sort_keys=False).encode())
+        from fedfm.personalize.init_from import recorded  # model.init_from absolute: the chain loads from anywhere
+
+        atomic_write(self.dir / "config.yaml", yaml.safe_dump(recorded(exp.dump()), sort_keys=False).encode())
         self.metrics_path = self.dir / "metrics.jsonl"
         self.rows: list[dict[str, Any]] = []
         if resume_round is None:
