@@ -31,22 +31,19 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.loop import planned_steps
-from fedfm.learners.masked import received_masks, train_masked
+from fedfm.learners.masked import PrunableParams, received_masks, train_masked
 from fedfm.peft.pruning import density, pack_mask, prune_and_regrow
 
 GROUP = "flash.mask"
 FOUND = "flash_mask."
 
 
-class FlashParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prune: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
-                             description="fnmatch patterns of the State's 2-D weights that may be pruned (task heads never are)")
+class FlashParams(PrunableParams):
     density: float = Field(0.1, gt=0, le=1, description="target share of prunable entries kept")
     prune_rate: float = Field(0.5, gt=0, lt=1, description="share of kept entries pruned and regrown at each discovery update")
     updates: int = Field(1, ge=1, description="prune-and-regrow updates during a client's discovery round")

@@ -23,12 +23,21 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedfm.core.types import Instruction
 from fedfm.learners.base import LocalContext
 from fedfm.learners.loop import train_loop
 from fedfm.peft.pruning import unpack_mask
 from fedfm.peft.state import get_state, set_state
+
+class PrunableParams(BaseModel):
+    """The parameter both pruning learners take: which weights may be pruned."""
+
+    model_config = ConfigDict(extra="forbid")
+    prune: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
+                             description="fnmatch patterns of the State's 2-D weights that may be pruned (task heads never are)")
+
 
 GradientHook = Callable[[int, dict[str, torch.nn.Parameter], dict[str, torch.Tensor]], None]
 

@@ -21,21 +21,18 @@ other than ``sgd`` at lr 1, and ``peft.method`` other than ``full``.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
-from fedfm.learners.masked import received_masks, train_masked
+from fedfm.learners.masked import PrunableParams, received_masks, train_masked
 from fedfm.peft.pruning import density
 
 GROUP = "prunefl.mask"
 G2 = "prunefl_g2."
 
 
-class PruneFLParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prune: list[str] = Field(default_factory=lambda: ["*"], min_length=1,
-                             description="fnmatch patterns of the State's 2-D weights that may be pruned (task heads never are)")
+class PruneFLParams(PrunableParams):
     initial_density: float = Field(1.0, gt=0, le=1, description="share of each prunable weight kept at the start, by magnitude")
     reconfigure_every: int = Field(1, ge=1, description="rounds r with r % reconfigure_every == 0 reconfigure the mask")
     reconfigure_until: int | None = Field(None, ge=1, description="the last round that reconfigures (None: never stop)")
