@@ -12,6 +12,8 @@ in this process, one after the other, torch threads 2):
 - ``prunefl``: the example as it is (no initial pruning; rounds 1 and 2 reconfigure);
 - ``prunefl_init30``: 30% of each encoder weight kept by magnitude before round 1, then
   the same reconfigurations;
+- ``prunefl_100mbit``: the example with a 10x faster link in PruneFL's time model
+  (``per_value_s`` 3.2e-7: 4 bytes at 100 Mbit/s), which makes kept entries cheaper;
 - ``flash``: ``examples/compression/flash.yaml`` as it is (density 0.5, the fixed mask
   keeps each weight's largest entries; 4 rounds, the first the discovery round, so 3 of
   training like the others);
@@ -39,6 +41,7 @@ ROWS = {
     "dense": ["learner={name: local}", "codecs.up=[]", "codecs.down=[]"],
     "prunefl": [],
     "prunefl_init30": ["learner.initial_density=0.3"],
+    "prunefl_100mbit": ["learner.per_value_s=3.2e-7"],
     "flash": [],
     "flash_random": ["learner.pick=random"],
 }

@@ -100,3 +100,24 @@ def test_pruning_learners_need_full_and_plain_fedavg(tmp_path, learner):
                server_steps=[{"name": "dp_clip", "clip_norm": 0.5}, {"name": "dp_noise", "noise_multiplier": 1.0}])
     with pytest.raises(ConfigError, match=rf"learner.name: {learner}'s server half combines extra client tensors outside the DP"):
         from_dict(raw, "<test>")
+
+
+def test_flower_simulation_gives_the_same_run_with_faults_and_a_lossy_codec(tmp_path):
+    """The discovery round's mask payloads and the masked rounds, through Flower's simulation:
+    every metrics field but wall times, and the final State, as the local run's."""
+    from fedfm.runtime.flower.simulation import run_flower_simulation
+    from fedfm.runtime.local import LocalRuntime
+
+    over = {"codecs.up": [{"quantize": 8}], "faults.dropout": 0.5, "federation.clients": 3}
+    flower = from_dict(_raw(tmp_path, **over, runtime={"progress": False, "threads": 1, "backend": "flower",
+                                                       "flower": {"num_cpus": 2}}))
+    run_flower_simulation(flower, tmp_path / "flower")
+    LocalRuntime(from_dict(_raw(tmp_path, **over, runtime={"progress": False, "threads": 1})), tmp_path / "local").run()
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in open(out / "metrics.jsonl")]
+
+    a, b = rows(tmp_path / "flower"), rows(tmp_path / "local")
+    assert a == b and any(r.get("dropped") for r in b)
+    fa, fb = load_file(str(tmp_path / "flower" / "final.safetensors")), load_file(str(tmp_path / "local" / "final.safetensors"))
+    assert set(fa) == set(fb) and all(torch.equal(fa[k], fb[k]) for k in fa)
