@@ -76,9 +76,10 @@ def test_combine_zeroes_pruned_entries_and_reconfigures_from_mean_squared_gradie
     groups, delta = server.combine(ss, [p1, p2], junk, ctx)
     new = unpack_mask(groups[GROUP][W], model[W])
     assert new.tolist() == [[False, True], [False, True]]
-    # kept before and after: the rule's delta; removed: -w (3 -> 0); never kept or added: -w (0 at start: -0.5, -(-1))
-    assert delta[W].tolist() == [[-3.0, 1.0], [-0.5, 0.5]] and delta["enc.b"].tolist() == [2.0]
-    after = {MODEL: {k: model[k] + delta[k] for k in model}, **groups}
+    assert ss[MODEL][W].tolist() == [[3.0, -0.0], [0.0, -4.0]]  # stored pruned from the start
+    # kept before and after: the rule's delta; removed: -w (3 -> 0); never kept or added: -w = 0
+    assert delta[W].tolist() == [[-3.0, 0.0], [0.0, 0.5]] and delta["enc.b"].tolist() == [2.0]
+    after = {MODEL: {k: ss[MODEL][k] + delta[k] for k in model}, **groups}
     assert after[MODEL][W].tolist() == [[0.0, 0.0], [0.0, -3.5]]  # the added entry starts at zero
     assert server.report(after) == {"prunefl.density": 0.5, "prunefl.kept": 2}
     # a round without squared gradients keeps the masks and still zeroes what a codec left

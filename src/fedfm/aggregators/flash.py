@@ -3,7 +3,9 @@ Hunting in Federated Learning: Why does Sparsity Consensus Matter?", TMLR): the 
 consensus of the discovery round, then one fixed mask.
 
 - ``init``: uniform random masks, ``density`` of every prunable weight (``mask_seed``):
-  where the clients' discovery starts.
+  where the clients' discovery starts (each client prunes the model it receives by them;
+  the stored model stays whole, since the fixed masks keep entries these prune and FLASH
+  starts the pruned model afresh: the discovery round's downlink is the whole State).
 - Round 1 (discovery): every sampled client is sent the State and those masks with
   ``discover``, and sends back the masks its dynamic sparse training ended with
   (``learners/flash.py``). ``combine_updates`` takes each weight's density averaged over
@@ -13,8 +15,9 @@ consensus of the discovery round, then one fixed mask.
   each layer to keep, not which entries), or, with ``pick: magnitude``, the entries of
   largest ``|w|`` (how FLASH's JMWST variant picks its server mask's entries, here from
   the pre-trained weights: a random cut of a pre-trained model removes what it learned
-  as readily as what it did not). The model does not move: FLASH discards the
-  discovery round's weights; here the model stays the pre-trained one.
+  as readily as what it did not). The weights do not move (FLASH discards the
+  discovery round's training; here the model stays the pre-trained one), pruned by the
+  fixed masks.
 - Later rounds: the rule's delta on the pruned model, with pruned entries zeroed
   (``peft/pruning.zeroing_delta``); masks, model view and ``flash.density`` /
   ``flash.kept``: ``aggregators/masked.py``.
@@ -46,7 +49,7 @@ class FlashServer(MaskedServer):
     def init(self, model: State) -> ServerState:
         names = self.names(model)
         masks = random_masks({n: model[n] for n in names}, {n: self.params.density for n in names}, self.params.mask_seed)
-        return {GROUP: {n: pack_mask(m) for n, m in masks.items()}}
+        return {GROUP: {n: pack_mask(m) for n, m in masks.items()}}  # the stored model stays whole: see above
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         return Instruction(round=rnd, cid=client.cid, state=server_state[MODEL],
@@ -67,8 +70,8 @@ class FlashServer(MaskedServer):
                 fixed = magnitude_masks(model, list(masks), densities)
             else:
                 fixed = random_masks({n: model[n] for n in masks}, densities, self.params.mask_seed + 1)
-            zero = {k: torch.zeros_like(v) for k, v in model.items()}
-            return {GROUP: {n: pack_mask(m) for n, m in fixed.items()}}, zero
+            zero = {k: torch.zeros_like(v) for k, v in model.items()}  # the weights do not move ...
+            return {GROUP: {n: pack_mask(m) for n, m in fixed.items()}}, zeroing_delta(zero, model, fixed, fixed)  # ... but are pruned
         deltas = [{k: u.payload[k] for k in model} for u in updates]
         delta = rule(model, deltas, [float(u.num_examples) for u in updates], rule_params)
         return {}, zeroing_delta(delta, model, masks, masks)

@@ -4,8 +4,8 @@ reconfiguration from the clients' squared gradients.
 
 - ``init``: the prunable weights (``learner.prune``, ``peft/pruning.prunable``) and their
   first masks: every entry (``initial_density: 1``), or the largest ``|w|`` of each
-  weight. The masks are the server-state group ``prunefl.mask`` (packed bits), checkpointed
-  with the rest.
+  weight; the model is stored pruned by them. The masks are the server-state group
+  ``prunefl.mask`` (packed bits), checkpointed with the rest.
 - ``instruction``: every sampled client gets the shared State, the masks (counted in
   ``bytes_down``) and ``importance`` in a reconfiguration round (``reconfigure_every``,
   ``reconfigure_until``).
@@ -40,7 +40,7 @@ from fedfm.aggregators.server_part import register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State
 from fedfm.learners.prunefl import G2, GROUP
-from fedfm.peft.pruning import magnitude_masks, pack_mask, select_kept, zeroing_delta
+from fedfm.peft.pruning import magnitude_masks, masked_view, pack_mask, select_kept, zeroing_delta
 
 
 class PruneFLServer(MaskedServer):
@@ -48,7 +48,7 @@ class PruneFLServer(MaskedServer):
 
     def init(self, model: State) -> ServerState:
         masks = magnitude_masks(model, self.names(model), self.params.initial_density)
-        return {GROUP: {n: pack_mask(m) for n, m in masks.items()}}
+        return {MODEL: masked_view(model, masks), GROUP: {n: pack_mask(m) for n, m in masks.items()}}
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         return Instruction(round=rnd, cid=client.cid, state=server_state[MODEL],

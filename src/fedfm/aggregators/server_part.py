@@ -34,7 +34,10 @@ class ServerPart(Protocol):
     broadcast_groups: tuple[str, ...]  # names of the tensor groups sent beside the State
     sends_state: bool  # False: only the broadcast groups travel down (FedKSeed, FedBPT)
 
-    def init(self, model: State) -> ServerState: ...
+    def init(self, model: State) -> ServerState:
+        """This part's groups; a part may also return ``MODEL``, the model it starts from
+        (PruneFL, FLASH: the initial State pruned by their first masks)."""
+        ...
 
     def broadcast(self, server_state: ServerState) -> dict[str, State]: ...
 
