@@ -102,6 +102,9 @@ def test_pruning_learners_need_full_and_plain_fedavg(tmp_path, learner):
                server_steps=[{"name": "dp_clip", "clip_norm": 0.5}, {"name": "dp_noise", "noise_multiplier": 1.0}])
     with pytest.raises(ConfigError, match=rf"learner.name: {learner}'s server half combines extra client tensors outside the DP"):
         from_dict(raw, "<test>")
+    raw = _raw(tmp_path, learner={"name": learner, "prune": ["*encoder*"]}, exchanges=[{"name": "secagg", "bound": 1.0}])
+    with pytest.raises(ConfigError, match=rf"learner.name: {learner}'s server half combines individual client tensors"):
+        from_dict(raw, "<test>")
 
 
 def test_flower_simulation_gives_the_same_run_with_faults_and_a_lossy_codec(tmp_path):
