@@ -92,6 +92,11 @@ def test_discovery_round_sends_masks_only_then_one_fixed_mask_is_trained(tmp_pat
     assert rows[-1]["accuracy"] > rows[1]["accuracy"] == rows[0]["accuracy"]  # the discovery round trains nothing kept
 
 
+def test_flash_needs_a_round_after_discovery(tmp_path):
+    with pytest.raises(ConfigError, match=r"learner flash: rounds 1: round 1 is the discovery round"):
+        from_dict(_raw(tmp_path, rounds=1), "<test>")
+
+
 @pytest.mark.parametrize("learner", ["flash", "prunefl"])
 def test_pruning_learners_need_full_and_plain_fedavg(tmp_path, learner):
     raw = _raw(tmp_path, learner={"name": learner, "prune": ["*encoder*"]}, server_optimizer={"name": "fedavgm"})

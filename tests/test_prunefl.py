@@ -82,6 +82,9 @@ def test_combine_zeroes_pruned_entries_and_reconfigures_from_mean_squared_gradie
     after = {MODEL: {k: ss[MODEL][k] + delta[k] for k in model}, **groups}
     assert after[MODEL][W].tolist() == [[0.0, 0.0], [0.0, -3.5]]  # the added entry starts at zero
     assert server.report(after) == {"prunefl.density": 0.5, "prunefl.kept": 2}
+    # the run's last round keeps the masks it trained: the saved model is the one trained
+    last = RoundContext(3, 0, torch.Generator(), 2, rounds=3)
+    assert server.combine(ss, [p1, p2], junk, last)[0] == {}
     # a round without squared gradients keeps the masks and still zeroes what a codec left
     groups, delta = server.combine(after, [{}], junk, ctx)
     assert groups == {} and delta[W].tolist() == [[-0.0, 0.25], [-0.0, 0.5]]
@@ -126,6 +129,8 @@ def test_refused_with_the_field_named(tmp_path):
         from_dict(_raw(tmp_path, server_optimizer={"name": "fedadam"}), "<test>")
     with pytest.raises(ConfigError, match=r"peft.method must be full \(got lora\)"):
         from_dict(_raw(tmp_path, peft={"method": "lora", "r": 4, "alpha": 8, "target_modules": ["query"]}), "<test>")
+    with pytest.raises(ConfigError, match=r"learner.reconfigure_until: 3 with rounds 3: round 3's squared gradients"):
+        from_dict(_raw(tmp_path, **{"learner.reconfigure_until": 3}), "<test>")
     raw = _raw(tmp_path, **{"learner.prune": ["*nothing*"]})
     with pytest.raises(ValueError, match=r"learner.prune \['\*nothing\*'\] matches no 2-D weight"):
         run_local(from_dict(raw, "<test>"), tmp_path / "bad", progress=False)

@@ -15,7 +15,9 @@ reconfiguration from the clients' squared gradients.
   reconfiguration round the new masks come first: the clients' squared gradients, averaged
   over the clients that sent them (negative entries, which only an attack makes, count as
   zero), ranked by PruneFL's rule (``peft/pruning.select_kept``) with ``fixed_s`` as ``c``
-  and ``per_value_s`` as every entry's ``t_j``. A re-added entry starts at zero.
+  and ``per_value_s`` as every entry's ``t_j``. A re-added entry starts at zero. Never in
+  the run's last round: no round would train those masks, and the saved model is the one
+  trained (``reconfigure_until`` at or past ``rounds`` is refused at config time).
 - the model evaluated and saved, the masks' shapes and the round's ``prunefl.density`` /
   ``prunefl.kept``: ``aggregators/masked.py``.
 
@@ -66,7 +68,8 @@ class PruneFLServer(MaskedServer):
         model, old = server_state[MODEL], self.masks(server_state)
         new, groups = old, {}
         reporting = [p for p in payloads if all(G2 + n in p for n in old)]
-        if reporting:
+        last = ctx.rounds > 0 and ctx.round >= ctx.rounds  # masks no round would train: keep the trained ones
+        if reporting and not last:
             scores = {n: torch.stack([p[G2 + n].float().clamp_min(0) for p in reporting]).mean(dim=0) for n in old}
             new = select_kept(scores, self.params.fixed_s, self.params.per_value_s)
             groups = {GROUP: {n: pack_mask(m) for n, m in new.items()}}

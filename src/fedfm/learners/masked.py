@@ -15,7 +15,9 @@ discovery round prunes and regrows the masks in place there.
 ``pruning_config_problems``: both learners prune the model's own weights, so
 ``peft.method`` must be ``full`` (which makes them the State), and the server step must be
 plain FedAvg (``server_optimizer: {name: sgd, lr: 1.0}``): their servers zero a removed
-entry through the delta, exact only when the step adds the delta as it is.
+entry through the delta, exact only when the step adds the delta as it is. PruneFL's
+``reconfigure_until`` must be below ``rounds`` (the last round's new masks would train
+nowhere); FLASH needs ``rounds >= 2`` (round 1 discovers).
 """
 
 from __future__ import annotations
@@ -98,4 +100,12 @@ def pruning_config_problems(exp) -> list[str]:
                         "the server adds the delta as it is")
     if exp.peft.method != "full":
         problems.append(f"learner {name} prunes the model's own weights: peft.method must be full (got {exp.peft.method})")
+    given = exp.learner.params()
+    until = given.get("reconfigure_until")
+    if name == "prunefl" and isinstance(until, int) and until >= exp.rounds:
+        problems.append(f"learner.reconfigure_until: {until} with rounds {exp.rounds}: round {exp.rounds}'s squared gradients "
+                        "would be sent for masks no round trains; set it below rounds")
+    if name == "flash" and exp.rounds < 2:
+        problems.append(f"learner flash: rounds {exp.rounds}: round 1 is the discovery round, which trains nothing it keeps; "
+                        "give rounds >= 2")
     return problems
