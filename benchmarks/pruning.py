@@ -17,7 +17,9 @@ in this process, one after the other, torch threads 2):
 - ``flash``: ``examples/compression/flash.yaml`` as it is (density 0.5, the fixed mask
   keeps each weight's largest entries; 4 rounds, the first the discovery round, so 3 of
   training like the others);
-- ``flash_random``: the same with FLASH's own random pick (SPDST).
+- ``flash_random``: the same with FLASH's own random pick (SPDST);
+- ``flash_jmwst``: ``flash.yaml`` with ``variant: jmwst`` (the clients prune and regrow in
+  every training round, the server re-picks the mask from the aggregate).
 
 ``--reduced`` runs the tests' tiny random-init BERT on their toy CSV instead (seconds).
 Results accumulate in OUT/results.jsonl (one line per finished run); ``--table`` prints the
@@ -44,6 +46,7 @@ ROWS = {
     "prunefl_100mbit": ["learner.per_value_s=3.2e-7"],
     "flash": [],
     "flash_random": ["learner.pick=random"],
+    "flash_jmwst": ["learner.variant=jmwst"],
 }
 TOY_CSV = ROOT / "runs" / "pruning-toy.csv"
 REDUCED = [

@@ -51,8 +51,9 @@ def test_the_server_keeps_each_weights_consensus_share_of_its_largest_entries():
     model = {"enc.w": T([[3.0, -1.0], [0.5, -4.0]]), "enc.v": T([[1.0, 2.0]]), "classifier.weight": T([[1.0]])}
     ss = {MODEL: model, **server.init(model)}
     inst = server.instruction(1, ss, ClientSpec(0, []), 0)
-    assert inst.config == {"discover": True} and set(server.client_payload_spec(inst, model)) == {FOUND + "enc.w", FOUND + "enc.v"}
-    assert server.instruction(2, ss, ClientSpec(0, []), 0).config == {"discover": False}
+    assert inst.config == {"discover": True, "regrow": False}
+    assert set(server.client_payload_spec(inst, model)) == {FOUND + "enc.w", FOUND + "enc.v"}
+    assert server.instruction(2, ss, ClientSpec(0, []), 0).config == {"discover": False, "regrow": False}
     found = [{"enc.w": T([[True, True], [False, False]]), "enc.v": T([[True, True]])},
              {"enc.w": torch.ones(2, 2, dtype=torch.bool), "enc.v": torch.zeros(1, 2, dtype=torch.bool)}]
     ups = [Update(i, {FOUND + n: pack_mask(m) for n, m in f.items()}, 5) for i, f in enumerate(found)]
@@ -63,6 +64,33 @@ def test_the_server_keeps_each_weights_consensus_share_of_its_largest_entries():
     # no weight moves; the entries the fixed masks prune go to zero (-w)
     assert delta["enc.w"].tolist() == [[0.0, 0.0], [-0.5, 0.0]] and delta["enc.v"].tolist() == [[-1.0, 0.0]]
     assert delta["classifier.weight"].tolist() == [[0.0]]
+
+
+def test_jmwst_repicks_each_weights_share_from_the_aggregate():
+    from fedfm.aggregators.fedavg import fedavg
+    from fedfm.aggregators.flash import FlashServer
+    from fedfm.core.protocols import RoundContext
+    from fedfm.core.types import MODEL, ClientSpec, Update
+    from fedfm.learners.flash import FOUND, FlashParams
+    from fedfm.peft.pruning import pack_mask
+
+    server = FlashServer(FlashParams(density=0.5, variant="jmwst", update_every=2), 2)
+    assert [server.regrows(r) for r in range(1, 7)] == [False, False, True, False, True, False]  # training rounds 2, 4
+    assert not FlashServer(FlashParams(), 2).regrows(3)  # spdst: never
+    model = {"enc.w": T([[3.0, -1.0], [0.5, -4.0]]), "enc.v": T([[1.0, 2.0]])}
+    ss = {MODEL: model, GROUP: {n: pack_mask(torch.ones_like(t, dtype=torch.bool)) for n, t in model.items()}}
+    inst = server.instruction(3, ss, ClientSpec(0, []), 0)
+    assert inst.config == {"discover": False, "regrow": True}
+    assert set(server.client_payload_spec(inst, model)) == {"enc.w", "enc.v", FOUND + "enc.w", FOUND + "enc.v"}
+    found = [{"enc.w": T([[True, True], [False, False]]), "enc.v": T([[True, True]])},
+             {"enc.w": torch.ones(2, 2, dtype=torch.bool), "enc.v": torch.zeros(1, 2, dtype=torch.bool)}]
+    deltas = [{"enc.w": T([[0.0, 0.0], [4.0, 0.0]]), "enc.v": torch.zeros(1, 2)}, {"enc.w": torch.zeros(2, 2), "enc.v": torch.zeros(1, 2)}]
+    ups = [Update(i, {**deltas[i], **{FOUND + n: pack_mask(m) for n, m in f.items()}}, 1) for i, f in enumerate(found)]
+    groups, delta = server.combine_updates(ss, ups, fedavg, None, RoundContext(3, 0, torch.Generator(), 2))
+    # aggregate w [[3, -1], [2.5, -4]]: its 3 (ceil 2.25) largest |w| are kept; v [[1, 2]]: 1 entry, the 2
+    new = {n: unpack_mask(b, model[n]) for n, b in groups[GROUP].items()}
+    assert new["enc.w"].tolist() == [[True, False], [True, True]] and new["enc.v"].tolist() == [[False, True]]
+    assert delta["enc.w"].tolist() == [[0.0, 1.0], [2.0, 0.0]] and delta["enc.v"].tolist() == [[-1.0, 0.0]]
 
 
 def test_update_steps_are_evenly_spaced():
@@ -95,6 +123,21 @@ def test_discovery_round_sends_masks_only_then_one_fixed_mask_is_trained(tmp_pat
 def test_flash_needs_a_round_after_discovery(tmp_path):
     with pytest.raises(ConfigError, match=r"learner flash: rounds 1: round 1 is the discovery round"):
         from_dict(_raw(tmp_path, rounds=1), "<test>")
+
+
+def test_jmwst_run_keeps_the_target_density_with_pruned_entries_zero(tmp_path):
+    raw = _raw(tmp_path, rounds=4, **{"learner.variant": "jmwst", "learner.pick": "magnitude"})
+    run_local(from_dict(raw, "<test>"), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    final = load_file(str(tmp_path / "run" / "final.safetensors"))
+    groups = load_file(str(tmp_path / "run" / "checkpoints" / "round-000004" / "algorithm.safetensors"))
+    masks = {k.split("/", 1)[1]: unpack_mask(v, final[k.split("/", 1)[1]]) for k, v in groups.items() if k.startswith(GROUP + "/")}
+    for r in rows[2:]:  # every training round re-picks: the consensus share of 16,384 entries, ceil per weight
+        assert 0 <= r["flash.kept"] - 0.2 * 16384 < 12
+    assert rows[2]["bytes_up"] > rows[1]["bytes_up"] * 10  # deltas and masks after the discovery round's masks
+    for n, m in masks.items():
+        assert bool((final[n][~m] == 0).all()), n
+    assert rows[-1]["accuracy"] > rows[1]["accuracy"]
 
 
 @pytest.mark.parametrize("learner", ["flash", "prunefl"])

@@ -1,6 +1,7 @@
-"""FLASH's server half, the SPDST variant (Babakniya et al. 2023, "Revisiting Sparsity
+"""FLASH's server half, SPDST and JMWST (Babakniya et al. 2023, "Revisiting Sparsity
 Hunting in Federated Learning: Why does Sparsity Consensus Matter?", TMLR): the sparsity
-consensus of the discovery round, then one fixed mask.
+consensus of the discovery round, then one fixed mask (SPDST) or one re-picked from the
+aggregate (JMWST).
 
 - ``init``: uniform random masks, ``density`` of every prunable weight (``mask_seed``):
   where the clients' discovery starts (each client prunes the model it receives by them;
@@ -18,6 +19,12 @@ consensus of the discovery round, then one fixed mask.
   as readily as what it did not). The weights do not move (FLASH discards the
   discovery round's training; here the model stays the pre-trained one), pruned by the
   fixed masks.
+- ``variant: jmwst`` (FLASH's joint mask-weight sparse training): in every
+  ``update_every``-th round after discovery the clients prune and regrow as in discovery
+  and send their delta and masks; the rule combines the deltas (the clients' sparse models
+  averaged), the clients' masks give each weight's share (the same consensus), and the new
+  mask keeps that share of each weight's largest entries of the aggregate, which is then
+  pruned by it (also in the run's last round, so the saved model has the target density).
 - Later rounds: the rule's delta on the pruned model, with pruned entries zeroed
   (``peft/pruning.zeroing_delta``); masks, model view and ``flash.density`` /
   ``flash.kept``: ``aggregators/masked.py``.
@@ -53,17 +60,24 @@ class FlashServer(MaskedServer):
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         return Instruction(round=rnd, cid=client.cid, state=server_state[MODEL],
-                           config={"discover": rnd == DISCOVERY_ROUND}, broadcast={GROUP: server_state[GROUP]})
+                           config={"discover": rnd == DISCOVERY_ROUND, "regrow": self.regrows(rnd)},
+                           broadcast={GROUP: server_state[GROUP]})
+
+    def regrows(self, rnd: int) -> bool:
+        """JMWST: whether round ``rnd``'s clients prune and regrow, and the server re-picks."""
+        trained = rnd - DISCOVERY_ROUND  # training rounds after discovery: 1, 2, ...
+        return self.params.variant == "jmwst" and trained >= 1 and trained % self.params.update_every == 0
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:
+        found = {FOUND + n: t for n, t in packed_like(shared, self.names(shared)).items()}
         if instruction.config.get("discover"):
-            return {FOUND + n: t for n, t in packed_like(shared, self.names(shared)).items()}
-        return dict(shared)
+            return found
+        return {**shared, **found} if instruction.config.get("regrow") else dict(shared)
 
     def combine_updates(self, server_state: ServerState, updates: Sequence[Update], rule, rule_params,
                         ctx: RoundContext) -> tuple[ServerState, State]:
         model, masks = server_state[MODEL], self.masks(server_state)
-        if all(FOUND + n in u.payload for u in updates for n in masks):  # the discovery round
+        if ctx.round == DISCOVERY_ROUND:  # payloads of masks only
             found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]
             densities = consensus_densities(found, self.params.density)
             if self.params.pick == "magnitude":
@@ -74,7 +88,14 @@ class FlashServer(MaskedServer):
             return {GROUP: {n: pack_mask(m) for n, m in fixed.items()}}, zeroing_delta(zero, model, fixed, fixed)  # ... but are pruned
         deltas = [{k: u.payload[k] for k in model} for u in updates]
         delta = rule(model, deltas, [float(u.num_examples) for u in updates], rule_params)
-        return {}, zeroing_delta(delta, model, masks, masks)
+        if not all(FOUND + n in u.payload for u in updates for n in masks):
+            return {}, zeroing_delta(delta, model, masks, masks)
+        # JMWST: the clients' masks give each weight's share, the aggregate which entries
+        found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]
+        densities = consensus_densities(found, self.params.density)
+        aggregate = {n: model[n] + delta[n].to(model[n].dtype) for n in masks}
+        new = magnitude_masks(aggregate, list(masks), densities)
+        return {GROUP: {n: pack_mask(m) for n, m in new.items()}}, zeroing_delta(delta, model, new, new)
 
 
 register_server_part("flash", FlashServer)

@@ -1,7 +1,7 @@
-"""FLASH's client half, the SPDST variant (Babakniya et al. 2023, "Revisiting Sparsity
-Hunting in Federated Learning: Why does Sparsity Consensus Matter?", TMLR): one shared
-sparse mask, found once at the start from what the clients' sparse training prefers, then
-fixed for the whole run.
+"""FLASH's client half (Babakniya et al. 2023, "Revisiting Sparsity Hunting in Federated
+Learning: Why does Sparsity Consensus Matter?", TMLR): one shared sparse mask, found at the
+start from what the clients' sparse training prefers, then fixed for the whole run (SPDST)
+or re-picked during training (JMWST).
 
 Round 1 is the discovery round (``Instruction.config["discover"]``): the client trains the
 model pruned by the server's initial mask (uniform random, ``density`` in every weight)
@@ -16,13 +16,19 @@ pruned entry back to zero after each backward pass of the discovery round.) Late
 rounds train the pruned model on the server's fixed masks and send the delta
 (``learners/masked.py``).
 
-Metrics: ``density`` (of the masks trained, or discovered) and ``discovery``.
+With ``variant: jmwst`` (FLASH's joint mask-weight sparse training), a client keeps
+training that way in the rounds the server names (``regrow``: every ``update_every``-th
+round after discovery) and sends its delta and its final masks; the server picks the next
+mask from the aggregate (``aggregators/flash.py``). The delta of an entry the client
+pruned is ``-w`` (its model is sparse), of an entry it grew its trained value.
+
+Metrics: ``density`` (of the masks trained, or discovered), ``discovery``, ``regrow``.
 
 Differences from FLASH, said here and in docs/compression.md: FLASH's clients run the
 sparse-learning library's prune-and-regrow (Dettmers and Zettlemoyer 2019), whose
 redistribution between layers follows the momentum; here regrowth by gradient magnitude
-(RigL's criterion), ranked over all weights, moves the density. FLASH's JMWST variant
-(masks updated during training) and hetero-FLASH are not implemented. Refused at config
+(RigL's criterion), ranked over all weights, moves the density. Hetero-FLASH (per-client
+densities) is not implemented. Refused at config
 time with PruneFL (``learners/masked.pruning_config_problems``).
 """
 
@@ -50,6 +56,11 @@ class FlashParams(PrunableParams):
     mask_seed: int = Field(0, ge=0, description="seed of the initial and the final random masks")
     pick: Literal["random", "magnitude"] = Field(
         "random", description="which entries of each weight the fixed mask keeps: random (SPDST) or largest |w|")
+    variant: Literal["spdst", "jmwst"] = Field(
+        "spdst", description="spdst: the mask stays fixed after discovery; jmwst: clients keep pruning and regrowing, "
+                             "and the server re-picks the mask from the aggregate every update_every rounds")
+    update_every: int = Field(1, ge=1, description="jmwst: training rounds r (counted after discovery) with "
+                                                    "r % update_every == 0 update the mask")
 
 
 def update_steps(total: int, updates: int) -> set[int]:
@@ -64,6 +75,7 @@ class FlashLearner:
     def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
         masks = received_masks(instruction, ctx, GROUP)
         discover = bool(instruction.config.get("discover", False))
+        regrow = bool(instruction.config.get("regrow", False))
         due = update_steps(planned_steps(len(ctx.examples), ctx.train), self.params.updates)
 
         def discovery(step: int, params, masks) -> None:
@@ -74,9 +86,10 @@ class FlashLearner:
                 for n, p in params.items():
                     p.mul_(masks[n])
 
-        delta, metrics = train_masked(instruction, ctx, masks, discovery if discover else None)
-        payload = {FOUND + n: pack_mask(m.cpu()) for n, m in masks.items()} if discover else delta
-        metrics.update(density=density(masks), discovery=float(discover))
+        delta, metrics = train_masked(instruction, ctx, masks, discovery if discover or regrow else None)
+        found = {FOUND + n: pack_mask(m.cpu()) for n, m in masks.items()}
+        payload = found if discover else {**delta, **found} if regrow else delta
+        metrics.update(density=density(masks), discovery=float(discover), regrow=float(regrow))
         return Update(cid=ctx.cid, payload=payload, num_examples=len(ctx.examples), metrics=metrics)
 
 
