@@ -19,7 +19,9 @@ in this process, one after the other, torch threads 2):
   training like the others);
 - ``flash_random``: the same with FLASH's own random pick (SPDST);
 - ``flash_jmwst``: ``flash.yaml`` with ``variant: jmwst`` (the clients prune and regrow in
-  every training round, the server re-picks the mask from the aggregate).
+  every training round, the server re-picks the mask from the aggregate);
+  ``flash_jmwst_rate10``: the same pruning and regrowing 10% of the kept entries per update
+  instead of half.
 
 ``--reduced`` runs the tests' tiny random-init BERT on their toy CSV instead (seconds).
 Results accumulate in OUT/results.jsonl (one line per finished run); ``--table`` prints the
@@ -47,6 +49,7 @@ ROWS = {
     "flash": [],
     "flash_random": ["learner.pick=random"],
     "flash_jmwst": ["learner.variant=jmwst"],
+    "flash_jmwst_rate10": ["learner.variant=jmwst", "learner.prune_rate=0.1"],
 }
 TOY_CSV = ROOT / "runs" / "pruning-toy.csv"
 REDUCED = [
