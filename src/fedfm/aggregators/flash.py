@@ -88,7 +88,7 @@ class FlashServer(MaskedServer):
             return {GROUP: {n: pack_mask(m) for n, m in fixed.items()}}, zeroing_delta(zero, model, fixed, fixed)  # ... but are pruned
         deltas = [{k: u.payload[k] for k in model} for u in updates]
         delta = rule(model, deltas, [float(u.num_examples) for u in updates], rule_params)
-        if not all(FOUND + n in u.payload for u in updates for n in masks):
+        if not self.regrows(ctx.round):  # the round's own schedule, as for discovery
             return {}, zeroing_delta(delta, model, masks, masks)
         # JMWST: the clients' masks give each weight's share, the aggregate which entries
         found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]

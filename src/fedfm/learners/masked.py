@@ -33,6 +33,7 @@ from fedfm.learners.loop import train_loop
 from fedfm.peft.pruning import unpack_mask
 from fedfm.peft.state import get_state, set_state
 
+
 class PrunableParams(BaseModel):
     """The parameter both pruning learners take: which weights may be pruned."""
 
