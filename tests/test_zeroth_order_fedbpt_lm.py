@@ -95,4 +95,4 @@ def test_config_accepts_causal_lm_and_names_the_supported_tasks(tmp_path):
     assert exp.model.task == "causal_lm" and combination_problems(exp) == []
     other = exp.model_copy(update={"model": exp.model.model_copy(update={"task": "masked_lm"})})
     problems = zeroth_order_config_problems(other)
-    assert len(problems) == 1 and "masked_lm is not supported (supported: text_classification, causal_lm)" in problems[0]
+    assert len(problems) == 1 and "masked_lm is not supported (supported: text_classification, causal_lm, lm_classification)" in problems[0]

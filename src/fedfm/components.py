@@ -42,7 +42,7 @@ def validate_components(exp, source: str = "<config>") -> None:
         except RegistryError as exc:
             errors.append(f"  {exc}")
 
-    check(tasks.tasks.get, exp.model.task)
+    check(tasks.tasks.parse, exp.model.task, exp.model.task_options, "model.task_options")
     if exp.model.objective is not None:
         check(tasks.objectives.parse, exp.model.objective.name, exp.model.objective.params(), "model.objective")
     check(data.sources.parse, exp.data.source, exp.data.options, "data.options")
@@ -115,6 +115,9 @@ def combination_problems(exp) -> list[str]:
 
     problems += node_key_problems(exp)
     problems += objective_problems(exp)
+    from fedfm.tasks.verbalizer import verbalizer_problems
+
+    problems += verbalizer_problems(exp)
     from fedfm.ip.waffle import waffle_config_problems
 
     problems += waffle_config_problems(exp)

@@ -41,6 +41,9 @@ class ObjectiveSpec(Spec):
 
 class ModelConfig(Strict):
     task: str = "text_classification"
+    # The task's own parameters, validated against the schema it registered
+    # (``register_task(name, cls, params)``), e.g. lm_classification's template and label words.
+    task_options: dict[str, Any] = Field(default_factory=dict)
     package: str | None = None
     path: str | None = None
     # None: inferred from the data's labels before the model loads (fedfm.data.labels);

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+# Tasks whose rows carry class ids: a classifier's head, or a causal LM's label words.
+LABEL_TASKS = ("text_classification", "lm_classification")
 SHOWN = 10  # labels listed in a message before "... (N in all)"
 
 
@@ -105,7 +107,7 @@ def resolve_labels(exp, fed) -> Labels | None:
     None when the task has no class labels (causal LM). Call it after the federation is
     built and before the model loads; it sets ``exp.model.num_labels`` when it was unset.
     """
-    if exp.model.task != "text_classification" or "label" not in fed.frame.columns:
+    if exp.model.task not in LABEL_TASKS or "label" not in fed.frame.columns:
         return None
     where = f"data.path {exp.data.path}" if exp.data.path else f"data.source '{exp.data.source}'"
     labels = check_labels(fed, exp.model.num_labels, where)

@@ -22,13 +22,16 @@ a rule or codec that leaves it (a median, sparsification) cannot break the sampl
 Draws come from a generator seeded by the client seed (run seed, round, client).
 
 Differences from BDPL: candidates are a seeded vocabulary sample (``peft/discrete_prompt.py``),
-not PMI n-grams of the training text; the loss is the task's cross-entropy through the
-model's classification head (BDPL reads an MLM verbalizer), so on a model whose head is
-untrained the prompt can only do what that head allows (as for ``fedbpt``).
+not PMI n-grams of the training text; the loss is the task's cross-entropy: through the
+model's classification head with ``text_classification`` (on a model whose head is
+untrained the prompt can only do what that head allows, as for ``fedbpt``), or through a
+causal LM's label words with ``lm_classification`` (``tasks/verbalizer.py``: BDPL reads
+an MLM verbalizer at ``[MASK]``, here the next token after the template's answer cue; the
+prompt goes right before the text).
 
 Refused at config time (``bdpl_config_problems``): ``bdpl`` without ``discrete_prompt``
 and the reverse (argmax has no gradient for another learner), another task than
-text classification, and ``peft.local``.
+``text_classification`` or ``lm_classification``, and ``peft.local``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from fedfm.peft.discrete_prompt import PROBS
 from fedfm.peft.state import set_state
 
 BDPL_TAG = 0xBD91
+# an encoder's classification head, or a causal LM's label words (tasks/verbalizer.py)
+BDPL_TASKS = ("text_classification", "lm_classification")
 
 
 class BdplParams(BaseModel):
@@ -146,9 +151,9 @@ def bdpl_config_problems(exp) -> list[str]:
     if method == "discrete_prompt" and learner != "bdpl":
         problems.append(f"peft.method discrete_prompt is trained by learner bdpl only (got {learner}): its tokens are "
                         "chosen by argmax, which gives a gradient-based learner nothing to follow")
-    if exp.model.task != "text_classification":
+    if exp.model.task not in BDPL_TASKS:
         problems.append(f"peft.method discrete_prompt / learner bdpl: model.task {exp.model.task} is not supported "
-                        "(implemented for text_classification)")
+                        f"(implemented for {', '.join(BDPL_TASKS)})")
     if exp.peft.local:
         problems.append(f"learner bdpl: peft.local {exp.peft.local} is not supported (the distributions are the whole State)")
     return problems

@@ -14,8 +14,9 @@ STEP = "non_state_payload"
 # cluster_report clusters the deltas (zeros here) or needs its own learners,
 # dp_sgd_accountant needs the dp_sgd learner's metrics.
 MEASURING = ("backdoor_asr",)
-# tasks whose loss skips the prompt's virtual-token logits (causal_lm: tasks/causal_lm.continuation_logits)
-FEDBPT_TASKS = ("text_classification", "causal_lm")
+# tasks whose loss skips the prompt's virtual-token logits (causal_lm: tasks/causal_lm.continuation_logits;
+# lm_classification: tasks/verbalizer.answer_logits)
+FEDBPT_TASKS = ("text_classification", "causal_lm", "lm_classification")
 
 
 def zeroth_order_config_problems(exp) -> list[str]:

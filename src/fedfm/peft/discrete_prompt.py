@@ -2,7 +2,10 @@
 Prompt Learning for Pre-trained Language Models"), for the black-box learner ``bdpl``.
 
 ``peft: {method: discrete_prompt, length: n, candidates: K}``: the prompt is ``n`` real
-vocabulary tokens inserted after the first token (``[CLS]``) of every input; position
+vocabulary tokens inserted after the first token (``[CLS]``) of every input (on a causal
+LM, ``model.task: lm_classification``, which has no ``[CLS]``: right before each row's
+first real token, so at the start of a right-padded row and after a left-padded row's
+pads, with position ids recounted when the caller passes them); position
 ``i`` holds one of ``K`` candidate tokens, chosen by a categorical distribution ``p_i``.
 The trainable State is those distributions, ``discrete_prompt.probs`` (n, K), uniform at
 the start (BDPL's init); the model a client or the server evaluates uses the most likely
@@ -76,16 +79,44 @@ def insert_tokens(ids: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | 
     return out
 
 
+def insert_before_text(ids: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None, positions: bool):
+    """(B, T) -> (B, n + T): the prompt right before each row's first real token (mask
+    one), with mask ones; ``positions``: position ids counted over the real tokens too."""
+    b, t = ids.shape
+    n = prompt.numel()
+    mask = torch.ones_like(ids) if mask is None else mask
+    first = mask.argmax(dim=1, keepdim=True)  # (B, 1): 0 for a right-padded row, its pads for a left-padded one
+    j = torch.arange(n + t, device=ids.device).unsqueeze(0)  # (1, n + T)
+    rel = j - first  # (B, n + T): the prompt holds rel 0 .. n-1
+    in_prompt = (rel >= 0) & (rel < n)
+    src = torch.where(j < first, j, j - n).clamp(0, t - 1)  # (B, n + T) source column of a non-prompt position
+    p = prompt.to(ids.device, ids.dtype)[rel.clamp(0, n - 1)]  # (B, n + T)
+    out = {"input_ids": torch.where(in_prompt, p, ids.gather(1, src)),
+           "attention_mask": torch.where(in_prompt, torch.ones_like(rel, dtype=mask.dtype), mask.gather(1, src))}
+    if positions:
+        out["position_ids"] = (out["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
+    return out
+
+
+# tasks whose model is a causal LM without [CLS]: the prompt goes right before the text
+BEFORE_TEXT_TASKS = ("lm_classification",)
+
+
 def discrete_prompt(model: torch.nn.Module, params: DiscretePromptParams, task: str) -> torch.nn.Module:
     freeze_all(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     model.discrete_prompt = DiscretePrompt(candidate_ids(vocab, params), params.length)
     original = model.forward
+    before_text = task in BEFORE_TEXT_TASKS
 
     def forward(input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         if input_ids is None:
             raise ValueError("peft.method discrete_prompt: the model needs token ids (input_ids), not embeddings")
-        inserted = insert_tokens(input_ids, model.discrete_prompt.tokens(), attention_mask, token_type_ids)
+        if before_text:
+            given = kwargs.pop("position_ids", None) is not None
+            inserted = insert_before_text(input_ids, model.discrete_prompt.tokens(), attention_mask, given)
+        else:
+            inserted = insert_tokens(input_ids, model.discrete_prompt.tokens(), attention_mask, token_type_ids)
         return original(**inserted, **kwargs)
 
     model.forward = forward

@@ -6,6 +6,7 @@ from fedfm.tasks import causal_lm, text_classification  # noqa: F401  (registers
 from fedfm.tasks import dpo  # noqa: F401  (registers the dpo objective)
 from fedfm.tasks.objectives import objectives, register_objective
 from fedfm.tasks import masked_lm  # noqa: F401  (registers masked_lm)
+from fedfm.tasks import verbalizer  # noqa: F401  (registers lm_classification)
 
 __all__ = [
     "Task",
