@@ -21,7 +21,11 @@ in this process, one after the other, torch threads 2):
 - ``flash_jmwst``: ``flash.yaml`` with ``variant: jmwst`` (the clients prune and regrow in
   every training round, the server re-picks the mask from the aggregate);
   ``flash_jmwst_rate10``: the same pruning and regrowing 10% of the kept entries per update
-  instead of half.
+  instead of half;
+- ``flash_constant``: ``flash.yaml`` with the prune rate held at 0.5 at the discovery
+  update instead of FLASH's cosine annealing (which gives about 0.25 at mid-round);
+- ``flash_hetero``: ``examples/compression/flash_hetero.yaml`` (Hetero-FLASH: 2 clients
+  train half of the server's mask, 3 three quarters, 3 all of it).
 
 ``--reduced`` runs the tests' tiny random-init BERT on their toy CSV instead (seconds).
 Results accumulate in OUT/results.jsonl (one line per finished run); ``--table`` prints the
@@ -50,7 +54,10 @@ ROWS = {
     "flash_random": ["learner.pick=random"],
     "flash_jmwst": ["learner.variant=jmwst"],
     "flash_jmwst_rate10": ["learner.variant=jmwst", "learner.prune_rate=0.1"],
+    "flash_constant": ["learner.prune_rate_decay=constant"],
+    "flash_hetero": [],
 }
+FILES = {"flash_hetero": "flash_hetero.yaml"}  # rows of another example than their family's
 TOY_CSV = ROOT / "runs" / "pruning-toy.csv"
 REDUCED = [
     "model.init=random",
@@ -61,6 +68,8 @@ REDUCED = [
     "train.epochs=2",
 ]
 REDUCED_PRUNEFL = ["learner.fixed_s=1.0", "learner.per_value_s=1e-4"]
+REDUCED_HETERO = ["federation.roles=[{name: small, count: 1, profile: {capacity: 0.5}}, "
+                  "{name: medium, count: 1, profile: {capacity: 0.75}}]"]  # 4 clients
 
 
 def run_row(name: str, overrides: list[str], out: Path, reduced: bool = False) -> dict:
@@ -70,7 +79,10 @@ def run_row(name: str, overrides: list[str], out: Path, reduced: bool = False) -
     over = list(ROWS[name]) + overrides
     if reduced and name.startswith("prunefl"):
         over += REDUCED_PRUNEFL
-    exp = load_config(EXAMPLES / ("flash.yaml" if name.startswith("flash") else "prunefl.yaml"), over)
+    if reduced and name == "flash_hetero":
+        over += REDUCED_HETERO
+    file = FILES.get(name, "flash.yaml" if name.startswith("flash") else "prunefl.yaml")
+    exp = load_config(EXAMPLES / file, over)
     t0 = time.perf_counter()
     LocalRuntime(exp, out / "runs" / name, progress=False, overwrite=True).run()  # the benchmark's own folder
     wall = time.perf_counter() - t0

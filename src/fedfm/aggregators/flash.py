@@ -25,6 +25,13 @@ aggregate (JMWST).
   averaged), the clients' masks give each weight's share (the same consensus), and the new
   mask keeps that share of each weight's largest entries of the aggregate, which is then
   pruned by it (also in the run's last round, so the saved model has the target density).
+- Hetero-FLASH (``variant: spdst``): a client whose profile gives it a smaller share
+  (``profile.capacity``, or ``profile.density`` itself) is sent, after discovery, the
+  State and masks of its level (``aggregators/nested_masks.level_masks``: each weight's
+  largest entries of the server's mask, from the current model, as FLASH's server picks a
+  mask per density level every round), and each entry is combined over the clients that
+  hold it (``nested_combine``). With ``variant: jmwst`` it is refused (NotImplementedError
+  here, and at config time).
 - Later rounds: the rule's delta on the pruned model, with pruned entries zeroed
   (``peft/pruning.zeroing_delta``); masks, model view and ``flash.density`` /
   ``flash.kept``: ``aggregators/masked.py``.
@@ -45,7 +52,9 @@ from fedfm.aggregators.server_part import register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.learners.flash import FOUND, GROUP
-from fedfm.peft.pruning import consensus_densities, magnitude_masks, pack_mask, packed_like, random_masks, unpack_mask, zeroing_delta
+from fedfm.aggregators.nested_masks import client_share, level_masks, nested_combine
+from fedfm.peft.pruning import (consensus_densities, magnitude_masks, masked_view, pack_mask, packed_like, random_masks,
+                                unpack_mask, zeroing_delta)
 
 DISCOVERY_ROUND = 1
 
@@ -53,15 +62,40 @@ DISCOVERY_ROUND = 1
 class FlashServer(MaskedServer):
     GROUP, PREFIX = GROUP, "flash"
 
+    def __init__(self, params, num_clients: int):
+        super().__init__(params, num_clients)
+        self._levels: dict[float, dict[str, torch.Tensor]] = {}
+        self._levels_round = -1
+
     def init(self, model: State) -> ServerState:
         names = self.names(model)
         masks = random_masks({n: model[n] for n in names}, {n: self.params.density for n in names}, self.params.mask_seed)
         return {GROUP: {n: pack_mask(m) for n, m in masks.items()}}  # the stored model stays whole: see above
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
-        return Instruction(round=rnd, cid=client.cid, state=server_state[MODEL],
-                           config={"discover": rnd == DISCOVERY_ROUND, "regrow": self.regrows(rnd)},
+        config = {"discover": rnd == DISCOVERY_ROUND, "regrow": self.regrows(rnd)}
+        share = self.share(client.profile, client.cid)
+        if share < 1.0 and rnd != DISCOVERY_ROUND:  # Hetero-FLASH: the client's nested sub-mask
+            if self.params.variant == "jmwst":
+                raise NotImplementedError(f"client {client.cid}: per-client densities with FLASH variant jmwst are "
+                                          "not implemented (Hetero-FLASH here is SPDST's)")
+            mine = self.level(rnd, server_state, share)
+            return Instruction(round=rnd, cid=client.cid, state=masked_view(server_state[MODEL], mine), config=config,
+                               broadcast={GROUP: {n: pack_mask(m) for n, m in mine.items()}})
+        return Instruction(round=rnd, cid=client.cid, state=server_state[MODEL], config=config,
                            broadcast={GROUP: server_state[GROUP]})
+
+    def share(self, profile: dict, cid: int) -> float:
+        """The client's share of the server's mask (``aggregators/nested_masks.client_share``)."""
+        return client_share(profile, self.params.density, f"client {cid}")
+
+    def level(self, rnd: int, server_state: ServerState, share: float) -> dict[str, torch.Tensor]:
+        """The masks a client at ``share`` trains in round ``rnd`` (one computation per round and share)."""
+        if self._levels_round != rnd:
+            self._levels, self._levels_round = {}, rnd
+        if share not in self._levels:
+            self._levels[share] = level_masks(server_state[MODEL], self.masks(server_state), share)
+        return self._levels[share]
 
     def regrows(self, rnd: int) -> bool:
         """JMWST: whether round ``rnd``'s clients prune and regrow, and the server re-picks."""
@@ -77,6 +111,7 @@ class FlashServer(MaskedServer):
     def combine_updates(self, server_state: ServerState, updates: Sequence[Update], rule, rule_params,
                         ctx: RoundContext) -> tuple[ServerState, State]:
         model, masks = server_state[MODEL], self.masks(server_state)
+        profiles = {c.cid: c.profile for c in ctx.clients}
         if ctx.round == DISCOVERY_ROUND:  # payloads of masks only
             found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]
             densities = consensus_densities(found, self.params.density)
@@ -86,6 +121,10 @@ class FlashServer(MaskedServer):
                 fixed = random_masks({n: model[n] for n in masks}, densities, self.params.mask_seed + 1)
             zero = {k: torch.zeros_like(v) for k, v in model.items()}  # the weights do not move ...
             return {GROUP: {n: pack_mask(m) for n, m in fixed.items()}}, zeroing_delta(zero, model, fixed, fixed)  # ... but are pruned
+        shares = [self.share(profiles.get(u.cid, {}), u.cid) for u in updates]
+        if min(shares) < 1.0 and not self.regrows(ctx.round):  # Hetero-FLASH: entry by entry over its holders
+            delta = nested_combine(model, updates, shares, lambda f: self.level(ctx.round, server_state, f), rule, rule_params)
+            return {}, zeroing_delta(delta, model, masks, masks)
         deltas = [{k: u.payload[k] for k in model} for u in updates]
         delta = rule(model, deltas, [float(u.num_examples) for u in updates], rule_params)
         if not self.regrows(ctx.round):  # the round's own schedule, as for discovery

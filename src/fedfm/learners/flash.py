@@ -6,10 +6,14 @@ or re-picked during training (JMWST).
 Round 1 is the discovery round (``Instruction.config["discover"]``): the client trains the
 model pruned by the server's initial mask (uniform random, ``density`` in every weight)
 with dynamic sparse training: ``updates`` times during its local steps (evenly spaced;
-one, at the middle, by default: FLASH's choice for one local epoch) it prunes
-``prune_rate`` of each weight's kept entries by magnitude and grows as many back where the
-gradient is largest, over all weights together, so density moves between weights
-(``peft/pruning.prune_and_regrow``). It sends its final masks (``flash_mask.<name>``,
+one, at the middle, by default: FLASH's choice for one local epoch) it prunes a share of
+each weight's kept entries by magnitude and grows as many back where the gradient is
+largest, over all weights together, so density moves between weights
+(``peft/pruning.prune_and_regrow``). The share is ``prune_rate`` annealed over the local
+steps as FLASH's sparse training does (the sparse-learning library's cosine decay, stepped
+once per batch): after local step ``s`` of ``T`` it is
+``prune_rate * (1 + cos(pi (s + 1) / T)) / 2``, so FLASH's one update at the middle prunes
+about half of ``prune_rate``; ``prune_rate_decay: constant`` uses ``prune_rate`` itself. It sends its final masks (``flash_mask.<name>``,
 packed bits), not its weights: FLASH discards the discovery round's training. (An entry
 pruned mid-round still has AdamW moments, which would move it; the client sets every
 pruned entry back to zero after each backward pass of the discovery round.) Later
@@ -27,13 +31,17 @@ Metrics: ``density`` (of the masks trained, or discovered), ``discovery``, ``reg
 Differences from FLASH, said here and in docs/compression.md: FLASH's clients run the
 sparse-learning library's prune-and-regrow (Dettmers and Zettlemoyer 2019), whose
 redistribution between layers follows the momentum; here regrowth by gradient magnitude
-(RigL's criterion), ranked over all weights, moves the density. Hetero-FLASH (per-client
-densities) is not implemented. Refused at config
+(RigL's criterion), ranked over all weights, moves the density.
+
+Hetero-FLASH (per-client densities from ``federation.roles[].profile``, SPDST only): after
+discovery the server sends a smaller client a nested sub-mask of its mask
+(``aggregators/nested_masks.py``), which the client trains like any mask. Refused at config
 time with PruneFL (``learners/masked.pruning_config_problems``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -61,6 +69,16 @@ class FlashParams(PrunableParams):
                              "and the server re-picks the mask from the aggregate every update_every rounds")
     update_every: int = Field(1, ge=1, description="jmwst: training rounds r (counted after discovery) with "
                                                     "r % update_every == 0 update the mask")
+    prune_rate_decay: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: the rate at local step s of T is prune_rate * (1 + cos(pi (s+1) / T)) / 2, "
+                              "as FLASH's sparse training anneals it; constant: prune_rate at every update")
+
+
+def rate_at(params: FlashParams, step: int, total: int) -> float:
+    """The prune rate of an update after local step ``step`` (0-based) of ``total``."""
+    if params.prune_rate_decay == "constant":
+        return params.prune_rate
+    return params.prune_rate * (1.0 + math.cos(math.pi * (step + 1) / max(total, 1))) / 2.0
 
 
 def update_steps(total: int, updates: int) -> set[int]:
@@ -76,12 +94,13 @@ class FlashLearner:
         masks = received_masks(instruction, ctx, GROUP)
         discover = bool(instruction.config.get("discover", False))
         regrow = bool(instruction.config.get("regrow", False))
-        due = update_steps(planned_steps(len(ctx.examples), ctx.train), self.params.updates)
+        total = planned_steps(len(ctx.examples), ctx.train)
+        due = update_steps(total, self.params.updates)
 
         def discovery(step: int, params, masks) -> None:
             if step in due:
                 grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
-                prune_and_regrow(params, grads, masks, self.params.prune_rate)
+                prune_and_regrow(params, grads, masks, rate_at(self.params, step, total))
             with torch.no_grad():  # AdamW's moments move an entry pruned mid-round: back to zero
                 for n, p in params.items():
                     p.mul_(masks[n])

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedfm.aggregators.nested_masks import client_share
 from fedfm.core.types import Instruction
 from fedfm.learners.base import LocalContext
 from fedfm.learners.loop import train_loop
@@ -109,4 +110,24 @@ def pruning_config_problems(exp) -> list[str]:
     if name == "flash" and exp.rounds < 2:
         problems.append(f"learner flash: rounds {exp.rounds}: round 1 is the discovery round, which trains nothing it keeps; "
                         "give rounds >= 2")
+    if name == "flash":
+        problems += _share_problems(exp, given)
+    return problems
+
+
+def _share_problems(exp, given: dict) -> list[str]:
+    """Hetero-FLASH: each role's profile density/capacity valid, and only with SPDST."""
+    from fedfm.learners.flash import FlashParams  # imports this module
+
+    target = given.get("density", FlashParams.model_fields["density"].default)
+    problems, below = [], []
+    for role in exp.federation.roles:
+        try:
+            if client_share(role.profile, target, f"federation.roles '{role.name}'") < 1.0:
+                below.append(role.name)
+        except ValueError as e:
+            problems.append(str(e))
+    if below and given.get("variant") == "jmwst":
+        problems.append(f"learner flash: roles {below} train below learner.density (profile density/capacity): "
+                        "per-client densities are implemented for variant spdst only, not jmwst")
     return problems
