@@ -29,9 +29,12 @@ Differences from the authors' code: each iteration scores its candidates on one 
 (theirs: on the client's whole few-shot training set); their optional prompt-norm
 clipping and perturbed-data fitness ratio (off by default there) are not implemented.
 
-Tasks: text classification and causal LM. On a causal LM the API's loss is that of the
-sequence given the soft prompt: peft prepends the virtual tokens, and the task drops their
-logits (``tasks/causal_lm.continuation_logits``) before the next-token loss.
+Tasks: text classification, causal LM and classification by a causal LM's label words.
+On a causal LM the API's loss is that of the sequence given the soft prompt: peft prepends
+the virtual tokens, and the task drops their logits (``tasks/causal_lm.continuation_logits``)
+before the next-token loss. With ``lm_classification`` (``tasks/verbalizer.py``, BBT's
+verbalizer on a causal LM's next token) it is the cross-entropy over the label words'
+logits at the answer position, which the task counts from the end, past the prompt.
 """
 
 from __future__ import annotations
