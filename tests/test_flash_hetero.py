@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from fedfm.aggregators.fedavg import fedavg
 from fedfm.aggregators.flash import FlashServer
-from fedfm.aggregators.nested_masks import client_share, level_masks, nested_combine
+from fedfm.aggregators.nested_masks import client_share, holder_average, level_masks, nested_combine
 from fedfm.config import ConfigError, from_dict
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Update
@@ -85,9 +85,21 @@ def test_the_server_sends_a_small_client_its_sub_mask_and_combines_by_holders():
     _, delta = server.combine_updates(ss, ups, fedavg, None, ctx)
     # the 3 and the -4: both clients (3, 3); the -1: the big client alone (6); the pruned 0 stays 0
     assert delta["enc.w"].tolist() == [[3.0, 6.0], [0.0, 3.0]] and delta["classifier.weight"].tolist() == [[2.0]]
-    jmwst = FlashServer(FlashParams(density=0.5, variant="jmwst"), 2)
-    with pytest.raises(NotImplementedError, match="client 0: per-client densities with FLASH variant jmwst"):
-        jmwst.instruction(2, ss, small, 0)
+
+
+def test_jmwst_averages_each_entry_over_the_clients_whose_final_mask_keeps_it():
+    model = {"w": T([[2.0, 4.0, 0.0, 1.0]])}
+    received = [{"w": T([[False, True, False, False]])}, {"w": T([[True, True, False, True]])}]  # a small, a full client
+    held = [{"w": T([[False, False, True, False]])}, {"w": T([[True, True, False, False]])}]  # after pruning and regrowing
+    # client 0 pruned the 4 (-4) and grew entry 2 to 3; client 1 trained 2 -> 3, 4 -> 6, pruned the 1 (-1)
+    ups = [Update(0, {"w": T([[0.0, -4.0, 3.0, 0.0]])}, 1), Update(1, {"w": T([[1.0, 2.0, 0.0, -1.0]])}, 3)]
+    delta = holder_average(model, ups, received, held)
+    # entry 0: client 1 alone -> 3; entry 1: client 1 alone (client 0 dropped it) -> 6; entry 2: client 0 -> 3;
+    # entry 3: nobody keeps it -> 0
+    assert (model["w"] + delta["w"]).tolist() == [[3.0, 6.0, 3.0, 0.0]]
+    # had both kept entries 0 and 1 (weights 1:3): client 0's values there are 0 (never received) and 0 (4 - 4)
+    both = holder_average(model, ups, received, [held[1], held[1]])
+    assert (model["w"] + both["w"]).tolist() == [[(0 + 3 * 3) / 4, (0 + 3 * 6) / 4, 0.0, 0.0]]
 
 
 def _raw(tmp_path, roles, **over):
@@ -99,9 +111,25 @@ def _raw(tmp_path, roles, **over):
 def test_bad_profiles_and_jmwst_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"federation.roles 'big': profile.density must be a number in \(0, learner.density = 0.2\]"):
         from_dict(_raw(tmp_path, [{"name": "big", "count": 1, "profile": {"density": 0.3}}]), "<test>")
-    with pytest.raises(ConfigError, match=r"roles \['small'\] train below learner.density .* not jmwst"):
-        from_dict(_raw(tmp_path, [{"name": "small", "count": 1, "profile": {"capacity": 0.5}}],
-                       learner={"variant": "jmwst"}), "<test>")
+    small = [{"name": "small", "count": 1, "profile": {"capacity": 0.5}}]
+    with pytest.raises(ConfigError, match=r"roles \['small'\] train below learner.density .* jmwst: .* "
+                                          r"aggregator.rule must be fedavg \(got median\)"):
+        from_dict(_raw(tmp_path, small, learner={"variant": "jmwst"}, aggregator={"rule": "median"}), "<test>")
+    from_dict(_raw(tmp_path, small, learner={"variant": "jmwst"}), "<test>")  # fedavg: accepted
+
+
+def test_hetero_jmwst_run_keeps_the_target_density_with_pruned_entries_zero(tmp_path):
+    roles = [{"name": "small", "count": 1, "profile": {"capacity": 0.5}}]
+    raw = _raw(tmp_path, roles, rounds=4, learner={"variant": "jmwst", "pick": "magnitude"})
+    run_local(from_dict(raw, "<test>"), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    final = load_file(str(tmp_path / "run" / "final.safetensors"))
+    groups = load_file(str(tmp_path / "run" / "checkpoints" / "round-000004" / "algorithm.safetensors"))
+    for r in rows[2:]:  # the consensus share of 16,384 entries at 0.2, ceil per weight
+        assert 0 <= r["flash.kept"] - 0.2 * 16384 < 12
+    for key, bits in groups.items():
+        name = key.split("/", 1)[1]
+        assert bool((final[name][~unpack_mask(bits, final[name])] == 0).all()), name
 
 
 def test_flower_simulation_gives_the_same_hetero_run_with_faults_and_a_lossy_codec(tmp_path):

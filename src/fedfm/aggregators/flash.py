@@ -30,8 +30,9 @@ aggregate (JMWST).
   State and masks of its level (``aggregators/nested_masks.level_masks``: each weight's
   largest entries of the server's mask, from the current model, as FLASH's server picks a
   mask per density level every round), and each entry is combined over the clients that
-  hold it (``nested_combine``). With ``variant: jmwst`` it is refused (NotImplementedError
-  here, and at config time).
+  hold it (``nested_combine``). In a JMWST round, where the clients' masks change, each
+  entry is averaged over the clients whose final mask keeps it (``holder_average``;
+  ``aggregator.rule`` must be ``fedavg``, checked at config time) before the re-pick.
 - Later rounds: the rule's delta on the pruned model, with pruned entries zeroed
   (``peft/pruning.zeroing_delta``); masks, model view and ``flash.density`` /
   ``flash.kept``: ``aggregators/masked.py``.
@@ -52,7 +53,7 @@ from fedfm.aggregators.server_part import register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.learners.flash import FOUND, GROUP
-from fedfm.aggregators.nested_masks import client_share, level_masks, nested_combine
+from fedfm.aggregators.nested_masks import client_share, holder_average, level_masks, nested_combine
 from fedfm.peft.pruning import (consensus_densities, magnitude_masks, masked_view, pack_mask, packed_like, random_masks,
                                 unpack_mask, zeroing_delta)
 
@@ -76,9 +77,6 @@ class FlashServer(MaskedServer):
         config = {"discover": rnd == DISCOVERY_ROUND, "regrow": self.regrows(rnd)}
         share = self.share(client.profile, client.cid)
         if share < 1.0 and rnd != DISCOVERY_ROUND:  # Hetero-FLASH: the client's nested sub-mask
-            if self.params.variant == "jmwst":
-                raise NotImplementedError(f"client {client.cid}: per-client densities with FLASH variant jmwst are "
-                                          "not implemented (Hetero-FLASH here is SPDST's)")
             mine = self.level(rnd, server_state, share)
             return Instruction(round=rnd, cid=client.cid, state=masked_view(server_state[MODEL], mine), config=config,
                                broadcast={GROUP: {n: pack_mask(m) for n, m in mine.items()}})
@@ -131,6 +129,9 @@ class FlashServer(MaskedServer):
             return {}, zeroing_delta(delta, model, masks, masks)
         # JMWST: the clients' masks give each weight's share, the aggregate which entries
         found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]
+        if min(shares) < 1.0:  # Hetero-FLASH: each entry averaged over the clients whose final mask keeps it
+            received = [self.level(ctx.round, server_state, f) for f in shares]
+            delta.update(holder_average(model, updates, received, found))
         densities = consensus_densities(found, self.params.density)
         aggregate = {n: model[n] + delta[n].to(model[n].dtype) for n in masks}
         new = magnitude_masks(aggregate, list(masks), densities)

@@ -22,8 +22,14 @@ of the clients at ``f >= f_j``, each restricted to ``f_j``'s mask (every one of 
 all of it: a coordinate-wise rule gives the holder-wise average exactly, and a
 distance-based one such as Krum compares the clients on what they all trained). Tensors
 outside the masks (task heads, biases, norms) take the combination over all clients. An
-entry of the server's mask no client of the round holds does not move. Written by hand:
-no library combines nested sparse updates.
+entry of the server's mask no client of the round holds does not move.
+
+``holder_average``: in a JMWST round the clients prune and regrow their masks, so the
+holders of an entry no longer follow the levels: the entry's new value is the
+example-weighted mean of the trained values of the clients whose final mask keeps it
+(FLASH's masked average; zero where none does), computed here directly, so the rule must
+be ``fedavg`` (checked at config time). Written by hand: no library combines nested or
+per-client sparse updates.
 """
 
 from __future__ import annotations
@@ -96,4 +102,24 @@ def nested_combine(model: State, updates: Sequence[Update], shares: Sequence[flo
     return delta
 
 
-__all__ = ["client_share", "level_masks", "nested_combine"]
+def holder_average(model: State, updates: Sequence[Update], received: Sequence[dict[str, torch.Tensor]],
+                   held: Sequence[dict[str, torch.Tensor]]) -> State:
+    """FLASH's masked average when each client's mask changed during the round (JMWST):
+    per masked weight, the example-weighted mean of the clients' trained entries over the
+    clients whose final mask ``held[i]`` keeps them, as a delta on ``model`` (an entry none
+    keeps goes to zero). Client i trained ``model`` masked by ``received[i]`` and sent the
+    delta of its trained weights against that."""
+    delta: State = {}
+    for n in held[0]:
+        num = torch.zeros_like(model[n], dtype=torch.float64)
+        den = torch.zeros_like(model[n], dtype=torch.float64)
+        for u, got, keep in zip(updates, received, held):
+            trained = model[n].double() * got[n] + u.payload[n].double()  # (shape of w)
+            num += float(u.num_examples) * keep[n] * trained
+            den += float(u.num_examples) * keep[n]
+        mean = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+        delta[n] = (mean - model[n].double()).to(model[n].dtype)
+    return delta
+
+
+__all__ = ["client_share", "holder_average", "level_masks", "nested_combine"]

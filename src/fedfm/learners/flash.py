@@ -33,9 +33,10 @@ sparse-learning library's prune-and-regrow (Dettmers and Zettlemoyer 2019), whos
 redistribution between layers follows the momentum; here regrowth by gradient magnitude
 (RigL's criterion), ranked over all weights, moves the density.
 
-Hetero-FLASH (per-client densities from ``federation.roles[].profile``, SPDST only): after
-discovery the server sends a smaller client a nested sub-mask of its mask
-(``aggregators/nested_masks.py``), which the client trains like any mask. Refused at config
+Hetero-FLASH (per-client densities from ``federation.roles[].profile``): after discovery
+the server sends a smaller client a nested sub-mask of its mask
+(``aggregators/nested_masks.py``), which the client trains (and, in a JMWST round, prunes
+and regrows at its own density) like any mask. Refused at config
 time with PruneFL (``learners/masked.pruning_config_problems``).
 """
 

@@ -116,7 +116,7 @@ def pruning_config_problems(exp) -> list[str]:
 
 
 def _share_problems(exp, given: dict) -> list[str]:
-    """Hetero-FLASH: each role's profile density/capacity valid, and only with SPDST."""
+    """Hetero-FLASH: each role's profile density/capacity valid; with JMWST, rule fedavg."""
     from fedfm.learners.flash import FlashParams  # imports this module
 
     target = given.get("density", FlashParams.model_fields["density"].default)
@@ -127,7 +127,8 @@ def _share_problems(exp, given: dict) -> list[str]:
                 below.append(role.name)
         except ValueError as e:
             problems.append(str(e))
-    if below and given.get("variant") == "jmwst":
-        problems.append(f"learner flash: roles {below} train below learner.density (profile density/capacity): "
-                        "per-client densities are implemented for variant spdst only, not jmwst")
+    if below and given.get("variant") == "jmwst" and exp.aggregator.rule != "fedavg":
+        problems.append(f"learner flash: roles {below} train below learner.density (profile density/capacity) with "
+                        f"variant jmwst: each entry is averaged over the clients whose mask keeps it, so "
+                        f"aggregator.rule must be fedavg (got {exp.aggregator.rule})")
     return problems
