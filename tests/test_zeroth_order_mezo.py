@@ -120,3 +120,35 @@ def test_mezo_learner_sends_the_zeroth_order_delta(bench):
     residual = (basis @ coef).squeeze(1) - d
     assert d.norm() > 0
     assert residual.norm() <= 1e-3 * d.norm()
+
+
+def test_native_draws_are_torchs_float32_randn_and_the_learner_moves_along_them(tmp_path):
+    from fedfm.aggregators.zo_replay import ZO_TAG
+    from fedfm.core.seeding import derive_seed
+    from fedfm.learners.mezo import MEZO_TAG
+
+    g = torch.Generator().manual_seed(derive_seed(9, ZO_TAG, 2))
+    native = param_noise((8, 8), 9, 2, portable=False)
+    assert torch.equal(native, torch.randn(8, 8, generator=g)) and native.dtype == torch.float32
+    # from 16 entries torch's vectorised float32 kernel draws another sequence than the portable one
+    assert bool((native != param_noise((8, 8), 9, 2)).all())
+    raw = tiny_config(tmp_path)
+    raw["peft"] = {"method": "full"}
+    raw["learner"] = {"name": "mezo", "eps": 1e-3, "steps": 2, "draws": "native"}
+    raw["train"] = {"lr": 1e-3, "batch_size": 8, "steps": 2}
+    bench = Workbench(from_dict(raw))
+    inst = Instruction(round=1, cid=0, state=bench.initial_state())
+    ctx = bench.context(0, 1)
+    update = build_learner(bench.exp.learner).local_update(inst, ctx)
+    names = sorted(inst.state)
+    d = torch.cat([update.payload[n].flatten() for n in names]).double()
+
+    def residual(portable: bool) -> float:
+        dirs = [torch.cat([param_noise(inst.state[n].shape, derive_seed(ctx.seed, MEZO_TAG, t), i, portable).flatten()
+                           for i, n in enumerate(names)]) for t in range(2)]
+        basis = torch.stack(dirs, 1).double()
+        coef = torch.linalg.lstsq(basis, d.unsqueeze(1)).solution
+        return float(((basis @ coef).squeeze(1) - d).norm())
+
+    # the delta -lr (g1 z1 + g2 z2) lies in the span of the two native directions, not of the portable ones
+    assert residual(False) <= 1e-3 * float(d.norm()) and residual(True) > 0.5 * float(d.norm())

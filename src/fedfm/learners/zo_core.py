@@ -44,7 +44,7 @@ def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 @contextmanager
-def perturbed(model: torch.nn.Module, seed: int, scale: float) -> Iterator[None]:
+def perturbed(model: torch.nn.Module, seed: int, scale: float, portable: bool = True) -> Iterator[None]:
     """Forward passes inside see every trainable ``x`` as ``x + scale * z(seed)``; the
     stored parameters are never written. Raises if a trainable parameter was not reached
     through its owning module's forward."""
@@ -62,7 +62,7 @@ def perturbed(model: torch.nn.Module, seed: int, scale: float) -> Iterator[None]
                 pid = id(p)
                 depth[pid] = depth.get(pid, 0) + 1
                 if depth[pid] == 1:  # not already perturbed by an enclosing owner's forward
-                    z = param_noise(p.shape, seed, index[pid]).to(p.device, p.dtype)
+                    z = param_noise(p.shape, seed, index[pid], portable).to(p.device, p.dtype)
                     saved[pid] = p.data
                     p.data = z.mul_(scale).add_(p.data)  # x + scale z, in z's buffer: one extra tensor
                     fired.add(pid)
@@ -98,21 +98,22 @@ def perturbed(model: torch.nn.Module, seed: int, scale: float) -> Iterator[None]
 
 
 @torch.no_grad()
-def spsa_estimate(model: torch.nn.Module, loss_fn: Callable[[], float], seed: int, eps: float) -> tuple[float, float, float]:
+def spsa_estimate(model: torch.nn.Module, loss_fn: Callable[[], float], seed: int, eps: float,
+                  portable: bool = True) -> tuple[float, float, float]:
     """(projected gradient g, L(w + eps z), L(w - eps z)): two forward passes."""
-    with perturbed(model, seed, eps):
+    with perturbed(model, seed, eps, portable):
         plus = float(loss_fn())
-    with perturbed(model, seed, -eps):
+    with perturbed(model, seed, -eps, portable):
         minus = float(loss_fn())
     return (plus - minus) / (2.0 * eps), plus, minus
 
 
 @torch.no_grad()
-def step_along(model: torch.nn.Module, seed: int, coef: float) -> None:
+def step_along(model: torch.nn.Module, seed: int, coef: float, portable: bool = True) -> None:
     """In place: every trainable ``x <- x + coef * z(seed)`` (the update, ``coef = -lr g``)."""
     params = trainable_params(model)
     for i, (_, p) in enumerate(sorted(params.items())):
-        p.add_(param_noise(p.shape, seed, i).to(p.device, p.dtype).mul_(coef))  # unfused, as zo_replay
+        p.add_(param_noise(p.shape, seed, i, portable).to(p.device, p.dtype).mul_(coef))  # unfused, as zo_replay
 
 
 def cycle_batches(ctx, generator: torch.Generator):
@@ -124,9 +125,11 @@ def cycle_batches(ctx, generator: torch.Generator):
             yield ctx.task.collate(items, ctx.tokenizer)
 
 
-def zo_train(ctx, steps: int, eps: float, lr: float, seed_of: Callable[[int], int]) -> tuple[list[float], dict[str, float]]:
-    """``steps`` MeZO steps on ``ctx.model`` in place; step t perturbs along ``seed_of(t)``.
-    Returns the projected gradients and the metrics (2 forward passes per step)."""
+def zo_train(ctx, steps: int, eps: float, lr: float, seed_of: Callable[[int], int],
+             portable: bool = True) -> tuple[list[float], dict[str, float]]:
+    """``steps`` MeZO steps on ``ctx.model`` in place; step t perturbs along ``seed_of(t)``
+    (``portable``: the draw of ``zo_replay.param_noise``). Returns the projected gradients
+    and the metrics (2 forward passes per step)."""
     if not ctx.examples:
         raise ValueError(f"client {ctx.cid} has no training examples")
     model = ctx.model
@@ -136,8 +139,8 @@ def zo_train(ctx, steps: int, eps: float, lr: float, seed_of: Callable[[int], in
     for t in range(steps):
         batch = next(data)
         seed = seed_of(t)
-        g, plus, minus = spsa_estimate(model, lambda: ctx.task.loss(model, batch).item(), seed, eps)
-        step_along(model, seed, -lr * g)
+        g, plus, minus = spsa_estimate(model, lambda: ctx.task.loss(model, batch).item(), seed, eps, portable)
+        step_along(model, seed, -lr * g, portable)
         grads.append(g)
         loss_sum += 0.5 * (plus + minus)
         if ctx.on_step is not None:
