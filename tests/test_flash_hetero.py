@@ -39,6 +39,8 @@ def test_client_share_from_profile_density_or_capacity():
         client_share({"density": 0.2}, 0.1, "client 3")
     with pytest.raises(ValueError, match=r"client 4: profile.capacity must be a number in \(0, 1\], got 0"):
         client_share({"capacity": 0}, 0.1, "client 4")
+    with pytest.raises(ValueError, match=r"client 4: profile gives both density and capacity"):
+        client_share({"capacity": 0.5, "density": 0.05}, 0.1, "client 4")
 
 
 def test_level_masks_keep_the_largest_entries_of_the_servers_mask_nested():

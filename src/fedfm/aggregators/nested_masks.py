@@ -44,6 +44,9 @@ from fedfm.core.types import State, Update
 
 def client_share(profile: dict, target: float, who: str) -> float:
     """``f`` in (0, 1] for a client with ``profile`` under the learner's ``density``."""
+    if "density" in profile and "capacity" in profile:
+        raise ValueError(f"{who}: profile gives both density and capacity: give one (density is the client's share "
+                         "of prunable entries, capacity its share of the server's mask)")
     if "density" in profile:
         d = profile["density"]
         if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 < d <= target:
