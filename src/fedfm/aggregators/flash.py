@@ -25,7 +25,7 @@ aggregate (JMWST).
   averaged), the clients' masks give each weight's share (the same consensus), and the new
   mask keeps that share of each weight's largest entries of the aggregate, which is then
   pruned by it (also in the run's last round, so the saved model has the target density).
-- Hetero-FLASH (``variant: spdst``): a client whose profile gives it a smaller share
+- Hetero-FLASH: a client whose profile gives it a smaller share
   (``profile.capacity``, or ``profile.density`` itself) is sent, after discovery, the
   State and masks of its level (``aggregators/nested_masks.level_masks``: each weight's
   largest entries of the server's mask, from the current model, as FLASH's server picks a
@@ -123,13 +123,16 @@ class FlashServer(MaskedServer):
         if min(shares) < 1.0 and not self.regrows(ctx.round):  # Hetero-FLASH: entry by entry over its holders
             delta = nested_combine(model, updates, shares, lambda f: self.level(ctx.round, server_state, f), rule, rule_params)
             return {}, zeroing_delta(delta, model, masks, masks)
-        deltas = [{k: u.payload[k] for k in model} for u in updates]
-        delta = rule(model, deltas, [float(u.num_examples) for u in updates], rule_params)
+        hetero = min(shares) < 1.0  # only in a JMWST round here: the masked weights are averaged by holder below
+        keys = [k for k in model if not (hetero and k in masks)]
+        ruled = {k: model[k] for k in keys}
+        delta = rule(ruled, [{k: u.payload[k] for k in keys} for u in updates], [float(u.num_examples) for u in updates],
+                     rule_params)
         if not self.regrows(ctx.round):  # the round's own schedule, as for discovery
             return {}, zeroing_delta(delta, model, masks, masks)
         # JMWST: the clients' masks give each weight's share, the aggregate which entries
         found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]
-        if min(shares) < 1.0:  # Hetero-FLASH: each entry averaged over the clients whose final mask keeps it
+        if hetero:  # Hetero-FLASH: each entry averaged over the clients whose final mask keeps it
             received = [self.level(ctx.round, server_state, f) for f in shares]
             delta.update(holder_average(model, updates, received, found))
         densities = consensus_densities(found, self.params.density)
