@@ -1,13 +1,15 @@
 """Classification through a causal LM's label words (``model.task: lm_classification``,
 tasks/verbalizer.py) on SmolLM2-135M-Instruct and Rotten Tomatoes: the zero-shot accuracy
 (round 0 of the LoRA run, whose adapter starts at zero) and the accuracy after federated
-rounds of backprop LoRA, black-box FedBPT and BDPL, each from its example config; and
+rounds of backprop LoRA, black-box FedBPT (its soft prompt started from random vocabulary
+tokens, ``fedbpt``, or from an instruction's tokens, ``fedbpt_text``) and BDPL, each from
+its example config; and
 the zero-shot accuracy on the quickstart's 1,000 test reviews (``zeroshot``: the model as
 shipped, one evaluation in its own process), the test set of the MiniLM figures in
 docs/zeroth_order.md. Each row gives the majority-class share of its test set.
 
     PYTHONPATH=src nice -n 5 python benchmarks/verbalizer.py --out runs/verbalizer \
-        [--methods zeroshot,lora,fedbpt,bdpl] [--rounds N] [--test-examples N] [--zero-shot-examples N] [--table]
+        [--methods zeroshot,lora,fedbpt,fedbpt_text,bdpl] [--rounds N] [--test-examples N] [--zero-shot-examples N] [--table]
 
 Each method runs in its own ``fedfm run`` process on its config written to OUT/<method>.yaml
 (the example with the changes in METHODS and the options given); a row gives the test
@@ -31,12 +33,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDBPT = ROOT / "examples" / "zeroth_order" / "fedbpt_verbalizer.yaml"
+FEDBPT_TEXT = ROOT / "examples" / "zeroth_order" / "fedbpt_verbalizer_text.yaml"
 METHODS = {
     # label: (example config, changes on top of it, what the row is)
     "lora": (ROOT / "examples" / "peft" / "lora_verbalizer.yaml", {},
              "backprop LoRA r8 (q, v), AdamW, 1 epoch of batches of 8; round 0 = zero-shot (examples/peft/lora_verbalizer.yaml)"),
     "fedbpt": (FEDBPT, {}, "FedBPT: 5-token soft prompt, d=20, 3 CMA-ES generations of 12 a round "
                            "(examples/zeroth_order/fedbpt_verbalizer.yaml)"),
+    "fedbpt_text": (FEDBPT_TEXT, {}, "FedBPT as above, p_0 from the tokens of \"Negative or positive?\\n\" (init: text; "
+                                     "examples/zeroth_order/fedbpt_verbalizer_text.yaml)"),
     "bdpl": (FEDBPT, {"peft": {"method": "discrete_prompt", "length": 5, "candidates": 200},
                       "learner": {"name": "bdpl", "samples": 4, "lr": 0.03, "steps": 4},
                       "server_steps": []},
@@ -165,7 +170,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "verbalizer")
-    ap.add_argument("--methods", default="zeroshot,lora,fedbpt,bdpl")
+    ap.add_argument("--methods", default="zeroshot,lora,fedbpt,fedbpt_text,bdpl")
     ap.add_argument("--zero-shot-examples", type=int, default=None, help="test reviews of the zero-shot row (default the quickstart's 1,000)")
     ap.add_argument("--rounds", type=int, default=None, help="default: each example's own")
     ap.add_argument("--test-examples", type=int, default=None, help="default: each example's own (200)")

@@ -24,6 +24,20 @@ special; fedfm keeps peft's layout (the hand-written ``personal_prompt``, ``feda
 values only, so ``[CLS]`` stays at position 0 (its position id is P, after the prefix).
 On a causal LM the prompt precedes the text, as in the papers.
 
+``prompt_tuning``'s ``init`` picks p_0, the prompt before any training: ``sample_vocab``
+(the default) copies the word embeddings of P random vocabulary tokens;
+``random`` leaves ``torch.nn.Embedding``'s N(0, 1) init; ``text`` (peft's
+``PromptTuningInit.TEXT``, Lester et al.'s class-label/text init) copies the word
+embeddings of ``init_text``'s tokens. peft tokenizes the text with the model's own
+tokenizer as ``tokenizer(init_text)["input_ids"]`` (so with whatever special tokens that
+tokenizer adds: SmolLM2's adds none, a BERT tokenizer adds ``[CLS]`` and ``[SEP]``) and
+fits the n ids to P rows: n > P keeps the first P; n < P repeats the ids (``ids * ceil(P /
+n)``) and keeps the first P, so "a b c" with P = 5 gives rows a b c a b. The tokenizer is
+read from the model's directory (``model.config._name_or_path``, which ``from_pretrained``
+and ``AutoConfig.from_pretrained`` set to the directory ``tasks/loading.model_dir`` gave:
+``model.path``, or for a packaged GGUF model its converted cache folder, which holds the
+tokenizer files), offline; a model with no such directory is refused.
+
 Every soft prompt takes P positions of the model's position table
 (``tasks/limits.py`` checks ``data.max_length + P``). peft has no soft prompt for masked
 LMs (``model.task: masked_lm``): the three tuners refuse it.
@@ -32,10 +46,11 @@ LMs (``model.task: masked_lm``): the three tuners refuse it.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from fedfm.peft.base import head_modules, register_tuner
 
@@ -43,7 +58,28 @@ from fedfm.peft.base import head_modules, register_tuner
 class PromptTuningParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_virtual_tokens: int = Field(20, ge=1)
-    init: Literal["sample_vocab", "random"] = "sample_vocab"
+    init: Literal["sample_vocab", "random", "text"] = Field(
+        "sample_vocab", description="p_0: embeddings of random vocabulary tokens, N(0, 1), or of init_text's tokens"
+    )
+    init_text: str | None = Field(
+        None, validate_default=True,
+        description="with init text: the text whose token embeddings start the prompt (its tokens repeated or cut "
+                    "to num_virtual_tokens)",
+    )
+
+    @field_validator("init_text")
+    @classmethod
+    def _text_with_text_init(cls, value: str | None, info: ValidationInfo) -> str | None:
+        init = info.data.get("init")
+        if init is None:  # init itself failed validation; that error is reported
+            return value
+        if init == "text" and value is None:
+            raise ValueError("init: text needs the text whose tokens start the prompt, e.g. init_text: ' Is this review negative or positive?'")
+        if init != "text" and value is not None:
+            raise ValueError(f"init_text is only read with init: text (init is {init}); set peft.init: text or drop peft.init_text")
+        if value == "":
+            raise ValueError("empty; give the text whose tokens start the prompt")
+        return value
 
 
 class PrefixTuningParams(BaseModel):
@@ -84,13 +120,44 @@ def accept_past_key_values(model: torch.nn.Module) -> None:
     model.forward = forward
 
 
+def tokenizer_dir(model: torch.nn.Module) -> Path:
+    """The directory the model was loaded from (its config's ``_name_or_path``), which
+    must hold the tokenizer: ``init: text`` reads the tokenizer from it, offline."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    path = Path(name)
+    if not name or not path.is_dir():
+        raise ValueError(
+            f"peft.init_text: the model has no local directory to read its tokenizer from (name_or_path {name!r}); "
+            "use peft.init sample_vocab or random"
+        )
+    return path
+
+
+def text_token_ids(directory: Path, text: str, vocab_size: int) -> list[int]:
+    """``tokenizer(text)["input_ids"]`` as peft computes them, checked before peft uses them."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(directory)(text)["input_ids"]
+    if not ids:
+        raise ValueError(f"peft.init_text: {text!r} gives no tokens")
+    if max(ids) >= vocab_size:
+        raise ValueError(f"peft.init_text: token id {max(ids)} is outside the model's {vocab_size} word embeddings")
+    return ids
+
+
 def prompt_tuning(model: torch.nn.Module, params: PromptTuningParams, task: str) -> torch.nn.Module:
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
-    init = PromptTuningInit.SAMPLE_VOCAB if params.init == "sample_vocab" else PromptTuningInit.RANDOM
+    kind = task_type(model, "prompt_tuning", task)
+    text = {}
+    if params.init == "text":
+        directory = tokenizer_dir(model)
+        text_token_ids(directory, params.init_text, model.get_input_embeddings().num_embeddings)
+        text = {"prompt_tuning_init_text": params.init_text, "tokenizer_name_or_path": str(directory)}
+    init = {"sample_vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM,
+            "text": PromptTuningInit.TEXT}[params.init]
     config = PromptTuningConfig(
-        task_type=task_type(model, "prompt_tuning", task), num_virtual_tokens=params.num_virtual_tokens,
-        prompt_tuning_init=init,
+        task_type=kind, num_virtual_tokens=params.num_virtual_tokens, prompt_tuning_init=init, **text,
     )
     return get_peft_model(model, config)
 
