@@ -45,3 +45,42 @@ def test_check_goes_through_every_stage_and_names_the_failing_one(tmp_path, monk
     assert result.exit_code == 1
     assert "stage 'first': ok: " in out and "stage 'second': data.max_length=4096 exceeds" in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "chain").exists()
+
+
+def test_check_builds_the_tuned_model_on_the_meta_device(tmp_path, monkeypatch):
+    """Tiny BERT (2 layers), LoRA on query and value: 2 x 2 x (A, B) = 8 LoRA tensors plus the
+    classifier's weight and bias that peft keeps trainable = 10; no weights are read."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fedfm check read weights")
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", refuse)
+    cfg = write(tmp_path, tiny_config(tmp_path))
+    result, out = invoke(monkeypatch, "check", cfg)
+    assert result.exit_code == 0, out
+    assert "10 trainable tensors (lora)" in out
+    result, out = invoke(monkeypatch, "check", cfg, "-o", "model.init=pretrained")
+    assert result.exit_code == 0, out  # a pretrained model's check builds it from its config alone
+
+
+def test_check_meets_the_name_errors_run_meets_after_loading(tmp_path, monkeypatch):
+    cfg = write(tmp_path, tiny_config(tmp_path))
+    cases = [
+        (["peft.target_modules=[querry]"], "peft.target_modules: ['querry'] match no module of the model"),
+        (["peft.local=['*']"], "peft.local ['*'] matches every trainable parameter: nothing is shared"),
+    ]
+    full = write(tmp_path, tiny_config(tmp_path, peft={"method": "full"}), "full.yaml")
+    flash = write(tmp_path, tiny_config(tmp_path, peft={"method": "full", "exclude": ["*embeddings*"]},
+                                        learner={"name": "flash", "density": 0.5, "prune": ["*.dense.wieght"]}), "flash.yaml")
+    for args, message in cases:
+        result, out = invoke(monkeypatch, "check", cfg, "-o", *args)
+        assert result.exit_code == 1 and message in out, out
+    result, out = invoke(monkeypatch, "check", full, "-o", "peft.exclude=['*']")
+    assert result.exit_code == 1 and "peft.exclude: ['*'] matches every parameter of the model: nothing would train" in out
+    result, out = invoke(monkeypatch, "check", full, "-o", "peft.exclude=[nope]")
+    assert result.exit_code == 1 and "peft.exclude: ['nope'] match no parameter of the model" in out
+    result, out = invoke(monkeypatch, "check", flash)
+    assert result.exit_code == 1 and "learner.prune ['*.dense.wieght'] matches no 2-D weight" in out, out
+    result, out = invoke(monkeypatch, "check", flash, "-o", "learner.prune=['*.dense.weight']")
+    assert result.exit_code == 0, out

@@ -101,6 +101,15 @@ def _check_data(exp):
     return labels
 
 
+def _check_model(exp) -> int:
+    """The tuner's and algorithm's names and shapes on the model built on the meta device
+    (``runtime/skeleton.py``); returns the number of trainable tensors."""
+    from fedfm.runtime.algorithm import build_algorithm
+    from fedfm.runtime.skeleton import check_against_model
+
+    return check_against_model(exp, build_algorithm(exp), range(exp.federation.clients))
+
+
 def _what_data(exp) -> str:
     d = exp.data
     where = f" {d.path}" if d.path else ""
@@ -161,8 +170,8 @@ def _run_flower(exp, out: Path, resume: bool = False) -> dict:
 def check(config: Path, override: Overrides = None):
     """Check a config (or every stage of a stages file) as `fedfm run` does before it trains:
     the config and its components, the data against the model (labels, input length),
-    public texts of server steps. Loads no weights and writes nothing."""
-    from fedfm.runtime.algorithm import build_algorithm
+    public texts of server steps, and the tuner's and algorithm's names and shapes on the
+    model built from its config on the meta device. Loads no weights and writes nothing."""
     from fedfm.stages import default_out, is_stages_file, load_stages
 
     if is_stages_file(config):
@@ -178,12 +187,13 @@ def check(config: Path, override: Overrides = None):
     for where, exp in named:
         try:
             _check_data(exp)
-            build_algorithm(exp)
+            trainable = _check_model(exp)
         except USER_ERRORS as exc:
             fail(f"{where}{exc}")
         fed = exp.federation
         console.print(escape(f"{where}ok: {exp.name}, {exp.rounds} rounds, {fed.clients} clients, "
-                             f"learner {exp.learner.name}, aggregator {exp.aggregator.rule}"))
+                             f"learner {exp.learner.name}, aggregator {exp.aggregator.rule}, "
+                             f"{trainable} trainable tensors ({exp.peft.method})"))
 
 
 @data_app.command("describe")

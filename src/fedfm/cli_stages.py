@@ -4,7 +4,8 @@ stage's final model.
 
 Before the first stage trains: every stage's config is validated (``load_stages``), the
 data of every stage is checked against its model as ``fedfm run`` checks one config
-(labels, input length), and every stage's folder is checked against the flags (``plan``).
+(labels, input length), every stage's tuner and algorithm against its model's names and
+shapes on the meta device (``runtime/skeleton.py``), and every stage's folder is checked against the flags (``plan``).
 Then each stage runs as ``fedfm run`` runs one config: ``--overwrite`` replaces a stage's
 earlier run (kept until the new one's first checkpoint), ``--resume`` skips finished
 stages (final model present, same config) and continues an interrupted one from its last
@@ -40,6 +41,7 @@ def run_stages(config: Path, overrides: list[str] | None, out: Path | None, prog
         console.print(escape(f"stage {st.name} ({st.index + 1} of {len(stages)}): checking"))
         try:
             labels[st.name] = cli._check_data(st.exp)
+            cli._check_model(st.exp)  # a later stage's name errors surface before the first stage trains
         except cli.USER_ERRORS as exc:
             fail(f"stage {st.name!r}: {exc}")
     try:

@@ -110,10 +110,17 @@ class FedAlgorithm:
 
     # -- the server side -------------------------------------------------------------------
 
-    def init(self, initial: State) -> ServerState:
+    def shared_part(self, initial: State) -> State:
+        """The shared part of the initial trainable State; refused when it is empty."""
+        if not initial:
+            raise ValueError("the tuner (peft.method) leaves no parameter trainable: nothing to train or share")
         shared, _ = self.split(initial)
         if not shared:
             raise ValueError(f"peft.local {list(self.local_patterns)} matches every trainable parameter: nothing is shared")
+        return shared
+
+    def init(self, initial: State) -> ServerState:
+        shared = self.shared_part(initial)
         state: ServerState = {MODEL: {k: v.detach().clone() for k, v in shared.items()}}
         state.update(self.server.init(state[MODEL]))
         return state
