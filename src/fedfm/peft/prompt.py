@@ -27,8 +27,8 @@ On a causal LM the prompt precedes the text, as in the papers.
 ``prompt_tuning``'s ``init`` picks p_0, the prompt before any training: ``sample_vocab``
 (the default) copies the word embeddings of P random vocabulary tokens;
 ``random`` leaves ``torch.nn.Embedding``'s N(0, 1) init; ``text`` (peft's
-``PromptTuningInit.TEXT``, Lester et al.'s class-label/text init) copies the word
-embeddings of ``init_text``'s tokens. peft tokenizes the text with the model's own
+``PromptTuningInit.TEXT``; Lester et al.'s class-label init is the case of a text made of
+the label words) copies the word embeddings of ``init_text``'s tokens. peft tokenizes the text with the model's own
 tokenizer as ``tokenizer(init_text)["input_ids"]`` (so with whatever special tokens that
 tokenizer adds: SmolLM2's adds none, a BERT tokenizer adds ``[CLS]`` and ``[SEP]``) and
 fits the n ids to P rows: n > P keeps the first P; n < P repeats the ids (``ids * ceil(P /
@@ -74,7 +74,7 @@ class PromptTuningParams(BaseModel):
         if init is None:  # init itself failed validation; that error is reported
             return value
         if init == "text" and value is None:
-            raise ValueError("init: text needs the text whose tokens start the prompt, e.g. init_text: ' Is this review negative or positive?'")
+            raise ValueError("init: text needs the text whose tokens start the prompt, e.g. init_text: 'Negative or positive?'")
         if init != "text" and value is not None:
             raise ValueError(f"init_text is only read with init: text (init is {init}); set peft.init: text or drop peft.init_text")
         if value == "":
