@@ -106,6 +106,14 @@ def test_bad_field_in_stage_two_refused_before_anything_runs(tmp_path, monkeypat
     assert result.exit_code == 1, text
     assert "stage 'finetune'" in text and "max_length" in text
     assert not (tmp_path / "out" / "dapt").exists() and not (tmp_path / "out").exists()
+    # The tuner against the model's names (runtime/skeleton.py), on stage 2 too.
+    dapt, tune = stage_configs(tmp_path)
+    tune["peft"] = {"method": "full", "exclude": ["*embedings*"]}
+    path = write_stages(tmp_path, dapt, tune)
+    result, text = invoke(monkeypatch, "run", str(path), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1, text
+    assert "stage 'finetune': peft.exclude: ['*embedings*'] match no parameter of the model" in text
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_outputs_are_not_overwritten_without_the_flag(chain, tmp_path, monkeypatch):
