@@ -3,6 +3,8 @@ references of an Experiment against them (before any data or model loads)."""
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from fedfm import aggregators, attacks, codecs, data, learners, peft, tasks  # noqa: F401
 from fedfm import privacy  # noqa: F401  (registers dp_clip, dp_noise, dp_client_noise, dp_sgd)
 from fedfm import ip  # noqa: F401  (registers the waffle server step)
@@ -12,6 +14,7 @@ from fedfm.codecs.base import parse_stage
 from fedfm.core.exchanges import exchanges, parse_exchange
 from fedfm.learners.middleware import middlewares, parse_middleware
 from fedfm.config import ConfigError
+from fedfm.core.profile_keys import named_profile_keys, profile_key_problems
 from fedfm.core.registry import Registry, RegistryError
 
 
@@ -35,12 +38,17 @@ def registries() -> dict[str, Registry]:
 
 def validate_components(exp, source: str = "<config>") -> None:
     errors: list[str] = []
+    parsed: list[tuple[str, BaseModel]] = []  # (where, validated parameters): the profile keys they name
 
     def check(fn, *args):
         try:
-            fn(*args)
+            out = fn(*args)
         except RegistryError as exc:
             errors.append(f"  {exc}")
+            return
+        params = out[1] if isinstance(out, tuple) else out
+        if isinstance(params, BaseModel):
+            parsed.append((args[-1], params))
 
     check(tasks.tasks.parse, exp.model.task, exp.model.task_options, "model.task_options")
     if exp.model.objective is not None:
@@ -65,6 +73,8 @@ def validate_components(exp, source: str = "<config>") -> None:
     for i, role in enumerate(exp.federation.roles):
         for j, spec in enumerate(role.middleware):
             check(parse_middleware, spec, f"federation.roles[{i}].middleware[{j}]")
+    if not errors:  # the keys the config names are known once every component parses
+        errors += [f"  {p}" for p in profile_key_problems(exp.federation.roles, named_profile_keys(parsed))]
     for problem in combination_problems(exp):
         errors.append(f"  {problem}")
     if errors:

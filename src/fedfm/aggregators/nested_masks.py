@@ -39,7 +39,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from fedfm.core.profile_keys import register_profile_key
 from fedfm.core.types import State, Update
+
+register_profile_key("density", "flash: the client's own share of prunable entries, at most learner.density")
 
 
 def client_share(profile: dict, target: float, who: str) -> float:

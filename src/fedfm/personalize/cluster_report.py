@@ -43,6 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedfm.aggregators.pipeline import register_server_step
+from fedfm.core.profile_keys import profile_key_field
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import State, Update
 from fedfm.personalize.cluster_eval import client_accuracies, summary
@@ -57,7 +58,7 @@ class ClusterReportParams(BaseModel):
     k: int = Field(2, ge=1, description="clusters to find (source: updates)")
     warmup: int = Field(1, ge=1, description="first round whose updates may be clustered (source: updates)")
     truth_column: str | None = Field(None, description="data column giving each client's known group (majority)")
-    truth_profile: str | None = Field(None, description="profile key giving each client's known group")
+    truth_profile: str | None = profile_key_field(None, "profile key giving each client's known group")
     client_eval: Literal["none", "all"] = Field(
         "none", description="all: evaluate each client's held-out slice with its cluster's model (source: server)")
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedfm.core.profile_keys import register_profile_key
 from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.local import delta_update
@@ -99,3 +100,4 @@ def fedapt_config_problem(exp) -> str | None:
 
 
 register_learner("fedapt", FedAPTLearner, FedAPTLearnerParams)
+register_profile_key("domain", "fedapt: the client's domain index, 0..peft.num_domains - 1")

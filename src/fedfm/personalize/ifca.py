@@ -56,6 +56,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedfm.aggregators.server_part import ServerPartBase, register_server_part
+from fedfm.core.profile_keys import profile_key_field
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, Instruction, ServerState, State, Update
 from fedfm.learners.base import LocalContext, register_learner
@@ -77,7 +78,7 @@ class IFCAParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     k: int = Field(2, ge=1, description="number of cluster models K")
     assign: Literal["loss", "profile"] = Field("loss", description="loss: IFCA's lowest-loss choice; profile: given by profile_key")
-    profile_key: str = Field("cluster", description="profile key holding the cluster index (assign: profile)")
+    profile_key: str = profile_key_field("cluster", "profile key holding the cluster index (assign: profile)")
     assign_examples: int = Field(64, ge=1, description="training examples used to compare the K losses")
     init_std: float = Field(0.01, ge=0, description="std of the noise that makes clusters 1..K-1 differ at start")
     init_seed: int = Field(0, description="seed of that noise")

@@ -36,7 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-# The keys read here; other rooms may put their own keys in a profile (they are ignored).
+from fedfm.core.profile_keys import register_profile_key
+
+# The keys read here (core/profile_keys.py: a key no room registers and no config field names is refused).
 PROFILE_KEYS = ("rank", "layers", "cut", "capacity", "speed", "bandwidth_mbps", "up_mbps", "down_mbps", "memory_mb")
 
 
@@ -99,6 +101,17 @@ def resolve_link(profile: dict[str, Any], who: str = "client") -> tuple[float, f
     up = _positive(profile, "up_mbps", who) or both
     down = _positive(profile, "down_mbps", who) or both
     return _positive(profile, "speed", who) or 1.0, up, down
+
+
+register_profile_key("rank", "LoRA rank, 1..peft.r (hetlora, flexlora)")
+register_profile_key("layers", "transformer layers the client trains (fedra)")
+register_profile_key("cut", "split point: layers held by the client (split, splitfed)")
+register_profile_key("capacity", "fraction in (0, 1] from which rank/layers/cut not given are derived; flash: the share of the mask")
+register_profile_key("speed", "compute relative to the reference device (sim_clock)")
+register_profile_key("bandwidth_mbps", "link speed both ways, megabits per second (sim_clock)")
+register_profile_key("up_mbps", "uplink speed, megabits per second (sim_clock)")
+register_profile_key("down_mbps", "downlink speed, megabits per second (sim_clock)")
+register_profile_key("memory_mb", "the device's memory, recorded (reports)")
 
 
 @dataclass(frozen=True)
