@@ -136,6 +136,17 @@ def test_refused_with_the_field_named(tmp_path):
         run_local(from_dict(raw, "<test>"), tmp_path / "bad", progress=False)
 
 
+def test_capacity_and_density_roles_are_refused_as_only_flash_reads_them(tmp_path):
+    roles = [{"name": "fast", "count": 1, "profile": {"speed": 1.0}},  # sim_clock's key: accepted
+             {"name": "small", "count": 1, "profile": {"capacity": 0.5, "density": 0.1}}]
+    with pytest.raises(ConfigError) as err:
+        from_dict(_raw(tmp_path, **{"federation.roles": roles}), "<test>")
+    assert ("federation.roles 'small': profile capacity and density with learner prunefl, which ignores them: "
+            "only FLASH (learner: flash) reads capacity and density for pruning") in str(err.value)
+    assert "'fast'" not in str(err.value)
+    from_dict(_raw(tmp_path, **{"federation.roles": roles[:1]}), "<test>")
+
+
 def test_processes_transport_gives_the_same_run_with_faults_and_a_lossy_codec(tmp_path):
     from fedfm.runtime.local import LocalRuntime
 

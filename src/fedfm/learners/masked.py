@@ -17,7 +17,10 @@ discovery round prunes and regrows the masks in place there.
 plain FedAvg (``server_optimizer: {name: sgd, lr: 1.0}``): their servers zero a removed
 entry through the delta, exact only when the step adds the delta as it is. PruneFL's
 ``reconfigure_until`` must be below ``rounds`` (the last round's new masks would train
-nowhere); FLASH needs ``rounds >= 2`` (round 1 discovers).
+nowhere); FLASH needs ``rounds >= 2`` (round 1 discovers). A role's profile ``capacity``
+or ``density`` is refused with PruneFL: only FLASH reads them for pruning (Hetero-FLASH),
+and no other part of a PruneFL run reads them (rank, layers and cut come from them for
+HetLoRA, FedRA and split learning only).
 """
 
 from __future__ import annotations
@@ -112,6 +115,14 @@ def pruning_config_problems(exp) -> list[str]:
                         "give rounds >= 2")
     if name == "flash":
         problems += _share_problems(exp, given)
+    if name == "prunefl":
+        for role in exp.federation.roles:
+            keys = [k for k in ("capacity", "density") if k in role.profile]
+            if keys:
+                them = "them" if len(keys) > 1 else "it"
+                problems.append(f"federation.roles '{role.name}': profile {' and '.join(keys)} with learner prunefl, which "
+                                f"ignores {them}: only FLASH (learner: flash) reads capacity and density for pruning; "
+                                f"remove {them}, or use learner flash")
     return problems
 
 
