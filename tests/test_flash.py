@@ -41,7 +41,7 @@ def test_consensus_scales_the_mean_layer_densities_to_the_target():
 
 
 def test_the_server_keeps_each_weights_consensus_share_of_its_largest_entries():
-    from fedfm.aggregators.flash import FlashServer
+    from fedfm.aggregators.flash import SCHEDULE, FlashServer
     from fedfm.core.protocols import RoundContext
     from fedfm.core.types import MODEL, ClientSpec, Update
     from fedfm.learners.flash import FOUND, FlashParams
@@ -53,7 +53,8 @@ def test_the_server_keeps_each_weights_consensus_share_of_its_largest_entries():
     inst = server.instruction(1, ss, ClientSpec(0, []), 0)
     assert inst.config == {"discover": True, "regrow": False}
     assert set(server.client_payload_spec(inst, model)) == {FOUND + "enc.w", FOUND + "enc.v"}
-    assert server.instruction(2, ss, ClientSpec(0, []), 0).config == {"discover": False, "regrow": False}
+    # no round has aggregated yet (round 1 skipped): round 2 discovers
+    assert server.instruction(2, ss, ClientSpec(0, []), 0).config == {"discover": True, "regrow": False}
     found = [{"enc.w": T([[True, True], [False, False]]), "enc.v": T([[True, True]])},
              {"enc.w": torch.ones(2, 2, dtype=torch.bool), "enc.v": torch.zeros(1, 2, dtype=torch.bool)}]
     ups = [Update(i, {FOUND + n: pack_mask(m) for n, m in f.items()}, 5) for i, f in enumerate(found)]
@@ -64,6 +65,8 @@ def test_the_server_keeps_each_weights_consensus_share_of_its_largest_entries():
     # no weight moves; the entries the fixed masks prune go to zero (-w)
     assert delta["enc.w"].tolist() == [[0.0, 0.0], [-0.5, 0.0]] and delta["enc.v"].tolist() == [[-1.0, 0.0]]
     assert delta["classifier.weight"].tolist() == [[0.0]]
+    assert groups[SCHEDULE]["discovered"].tolist() == [1]  # after round 1's aggregation, round 2 trains
+    assert server.instruction(2, {**ss, **groups}, ClientSpec(0, []), 0).config == {"discover": False, "regrow": False}
 
 
 def test_jmwst_repicks_each_weights_share_from_the_aggregate():

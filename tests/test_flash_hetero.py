@@ -130,6 +130,8 @@ def test_hetero_jmwst_run_keeps_the_target_density_with_pruned_entries_zero(tmp_
     for r in rows[2:]:  # the consensus share of 16,384 entries at 0.2, ceil per weight
         assert 0 <= r["flash.kept"] - 0.2 * 16384 < 12
     for key, bits in groups.items():
+        if not key.startswith(GROUP + "/"):  # the masks (flash.schedule holds the discovery round)
+            continue
         name = key.split("/", 1)[1]
         assert bool((final[name][~unpack_mask(bits, final[name])] == 0).all()), name
 
@@ -156,6 +158,8 @@ def test_flower_simulation_gives_the_same_hetero_run_with_faults_and_a_lossy_cod
     assert set(fa) == set(fb) and all(torch.equal(fa[k], fb[k]) for k in fa)
     groups = load_file(str(tmp_path / "local" / "checkpoints" / "round-000003" / "algorithm.safetensors"))
     for key, bits in groups.items():
+        if not key.startswith(GROUP + "/"):  # the masks (flash.schedule holds the discovery round)
+            continue
         name = key.split("/", 1)[1]
         assert bool((fb[name][~unpack_mask(bits, fb[name])] == 0).all()), name
 

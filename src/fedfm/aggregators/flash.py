@@ -7,8 +7,12 @@ aggregate (JMWST).
   where the clients' discovery starts (each client prunes the model it receives by them;
   the stored model stays whole, since the fixed masks keep entries these prune and FLASH
   starts the pruned model afresh: the discovery round's downlink is the whole State).
-- Round 1 (discovery): every sampled client is sent the State and those masks with
-  ``discover``, and sends back the masks its dynamic sparse training ended with
+- The discovery round, the first round in which the server aggregates (round 1, unless
+  no update of it was aggregated: ``federation.on_too_few: skip``, every client dropped or
+  failed; the server-state group ``flash.schedule`` keeps the round that discovered, 0
+  before, checkpointed): every sampled client is sent the State and those masks with
+  ``discover`` (the client knows its phase from the instruction, never from the round
+  number), and sends back the masks its dynamic sparse training ended with
   (``learners/flash.py``). ``combine_updates`` takes each weight's density averaged over
   those masks, scales all of them by one factor so that the whole reaches ``density``
   (each capped at 1; ``peft/pruning.consensus_densities``), and draws the fixed masks at
@@ -57,7 +61,8 @@ from fedfm.aggregators.nested_masks import client_share, holder_average, level_m
 from fedfm.peft.pruning import (consensus_densities, magnitude_masks, masked_view, pack_mask, packed_like, random_masks,
                                 unpack_mask, zeroing_delta)
 
-DISCOVERY_ROUND = 1
+DISCOVERY_ROUND = 1  # where the schedule starts; a state without ``SCHEDULE`` discovered in it
+SCHEDULE = "flash.schedule"  # {"discovered": int64 (1,)}: the round whose aggregation discovered, 0 before
 
 
 class FlashServer(MaskedServer):
@@ -71,12 +76,21 @@ class FlashServer(MaskedServer):
     def init(self, model: State) -> ServerState:
         names = self.names(model)
         masks = random_masks({n: model[n] for n in names}, {n: self.params.density for n in names}, self.params.mask_seed)
-        return {GROUP: {n: pack_mask(m) for n, m in masks.items()}}  # the stored model stays whole: see above
+        return {GROUP: {n: pack_mask(m) for n, m in masks.items()},  # the stored model stays whole: see above
+                SCHEDULE: {"discovered": torch.zeros(1, dtype=torch.int64)}}
+
+    def discovery_round(self, rnd: int, server_state: ServerState) -> int:
+        """The round that discovers: the one that did, else ``rnd`` (no round has aggregated yet)."""
+        if SCHEDULE not in server_state:
+            return DISCOVERY_ROUND
+        done = int(server_state[SCHEDULE]["discovered"][0])
+        return done if done > 0 else rnd
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
-        config = {"discover": rnd == DISCOVERY_ROUND, "regrow": self.regrows(rnd)}
+        discovery = self.discovery_round(rnd, server_state)
+        config = {"discover": rnd == discovery, "regrow": self.regrows(rnd, discovery)}
         share = self.share(client.profile, client.cid)
-        if share < 1.0 and rnd != DISCOVERY_ROUND:  # Hetero-FLASH: the client's nested sub-mask
+        if share < 1.0 and rnd != discovery:  # Hetero-FLASH: the client's nested sub-mask
             mine = self.level(rnd, server_state, share)
             return Instruction(round=rnd, cid=client.cid, state=masked_view(server_state[MODEL], mine), config=config,
                                broadcast={GROUP: {n: pack_mask(m) for n, m in mine.items()}})
@@ -95,9 +109,10 @@ class FlashServer(MaskedServer):
             self._levels[share] = level_masks(server_state[MODEL], self.masks(server_state), share)
         return self._levels[share]
 
-    def regrows(self, rnd: int) -> bool:
-        """JMWST: whether round ``rnd``'s clients prune and regrow, and the server re-picks."""
-        trained = rnd - DISCOVERY_ROUND  # training rounds after discovery: 1, 2, ...
+    def regrows(self, rnd: int, discovery: int = DISCOVERY_ROUND) -> bool:
+        """JMWST: whether round ``rnd``'s clients prune and regrow, and the server re-picks,
+        after discovery in round ``discovery``."""
+        trained = rnd - discovery  # rounds after discovery: 1, 2, ...
         return self.params.variant == "jmwst" and trained >= 1 and trained % self.params.update_every == 0
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:
@@ -110,7 +125,8 @@ class FlashServer(MaskedServer):
                         ctx: RoundContext) -> tuple[ServerState, State]:
         model, masks = server_state[MODEL], self.masks(server_state)
         profiles = {c.cid: c.profile for c in ctx.clients}
-        if ctx.round == DISCOVERY_ROUND:  # payloads of masks only
+        discovery = self.discovery_round(ctx.round, server_state)
+        if ctx.round == discovery:  # payloads of masks only
             found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]
             densities = consensus_densities(found, self.params.density)
             if self.params.pick == "magnitude":
@@ -118,9 +134,11 @@ class FlashServer(MaskedServer):
             else:
                 fixed = random_masks({n: model[n] for n in masks}, densities, self.params.mask_seed + 1)
             zero = {k: torch.zeros_like(v) for k, v in model.items()}  # the weights do not move ...
-            return {GROUP: {n: pack_mask(m) for n, m in fixed.items()}}, zeroing_delta(zero, model, fixed, fixed)  # ... but are pruned
+            groups = {GROUP: {n: pack_mask(m) for n, m in fixed.items()}, SCHEDULE: {"discovered": torch.tensor([ctx.round])}}
+            return groups, zeroing_delta(zero, model, fixed, fixed)  # ... but are pruned
         shares = [self.share(profiles.get(u.cid, {}), u.cid) for u in updates]
-        if min(shares) < 1.0 and not self.regrows(ctx.round):  # Hetero-FLASH: entry by entry over its holders
+        regrow = self.regrows(ctx.round, discovery)
+        if min(shares) < 1.0 and not regrow:  # Hetero-FLASH: entry by entry over its holders
             delta = nested_combine(model, updates, shares, lambda f: self.level(ctx.round, server_state, f), rule, rule_params)
             return {}, zeroing_delta(delta, model, masks, masks)
         hetero = min(shares) < 1.0  # only in a JMWST round here: the masked weights are averaged by holder below
@@ -128,7 +146,7 @@ class FlashServer(MaskedServer):
         ruled = {k: model[k] for k in keys}
         delta = rule(ruled, [{k: u.payload[k] for k in keys} for u in updates], [float(u.num_examples) for u in updates],
                      rule_params)
-        if not self.regrows(ctx.round):  # the round's own schedule, as for discovery
+        if not regrow:  # the round's own schedule, as for discovery
             return {}, zeroing_delta(delta, model, masks, masks)
         # JMWST: the clients' masks give each weight's share, the aggregate which entries
         found = [{n: unpack_mask(u.payload[FOUND + n], model[n]) for n in masks} for u in updates]

@@ -3,7 +3,10 @@ Learning: Why does Sparsity Consensus Matter?", TMLR): one shared sparse mask, f
 start from what the clients' sparse training prefers, then fixed for the whole run (SPDST)
 or re-picked during training (JMWST).
 
-Round 1 is the discovery round (``Instruction.config["discover"]``): the client trains the
+The discovery round is the one whose instruction says so (``Instruction.config["discover"]``;
+the server's schedule, ``aggregators/flash.py``, makes it the first round it aggregates,
+round 1 unless that round aggregated nothing; the client never reads the round number):
+the client trains the
 model pruned by the server's initial mask (uniform random, ``density`` in every weight)
 with dynamic sparse training: ``updates`` times during its local steps (evenly spaced;
 one, at the middle, by default: FLASH's choice for one local epoch) it prunes a share of
@@ -22,7 +25,7 @@ rounds train the pruned model on the server's fixed masks and send the delta
 
 With ``variant: jmwst`` (FLASH's joint mask-weight sparse training), a client keeps
 training that way in the rounds the server names (``regrow``: every ``update_every``-th
-round after discovery) and sends its delta and its final masks; the server picks the next
+round after the discovery round) and sends its delta and its final masks; the server picks the next
 mask from the aggregate (``aggregators/flash.py``). The delta of an entry the client
 pruned is ``-w`` (its model is sparse), of an entry it grew its trained value.
 
@@ -68,7 +71,7 @@ class FlashParams(PrunableParams):
     variant: Literal["spdst", "jmwst"] = Field(
         "spdst", description="spdst: the mask stays fixed after discovery; jmwst: clients keep pruning and regrowing, "
                              "and the server re-picks the mask from the aggregate every update_every rounds")
-    update_every: int = Field(1, ge=1, description="jmwst: training rounds r (counted after discovery) with "
+    update_every: int = Field(1, ge=1, description="jmwst: rounds r counted after the discovery round with "
                                                     "r % update_every == 0 update the mask")
     prune_rate_decay: Literal["cosine", "constant"] = Field(
         "cosine", description="cosine: the rate at local step s of T is prune_rate * (1 + cos(pi (s+1) / T)) / 2, "

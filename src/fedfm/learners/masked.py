@@ -17,7 +17,7 @@ discovery round prunes and regrows the masks in place there.
 plain FedAvg (``server_optimizer: {name: sgd, lr: 1.0}``): their servers zero a removed
 entry through the delta, exact only when the step adds the delta as it is. PruneFL's
 ``reconfigure_until`` must be below ``rounds`` (the last round's new masks would train
-nowhere); FLASH needs ``rounds >= 2`` (round 1 discovers). A role's profile ``capacity``
+nowhere); FLASH needs ``rounds >= 2`` (its first aggregated round discovers). A role's profile ``capacity``
 or ``density`` is refused with PruneFL: only FLASH reads them for pruning (Hetero-FLASH),
 and no other part of a PruneFL run reads them (rank, layers and cut come from them for
 HetLoRA, FedRA and split learning only).
