@@ -305,7 +305,7 @@ class TensorBoardSink(Strict):
 
 
 class MlflowSink(Strict):
-    uri: str | None = Field(None, description="tracking URI; default: a file store in <run dir>/mlruns")
+    uri: str | None = Field(None, description="tracking URI; default: sqlite:///<run dir>/mlflow.db (an SQLite store in the run folder)")
     experiment: str | None = Field(None, description="MLflow experiment name; default: the run's name")
 
 
