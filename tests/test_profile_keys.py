@@ -73,3 +73,14 @@ def test_named_keys_and_problems_by_hand():
 
     [problem] = profile_key_problems([Role], named)
     assert problem.startswith("federation.roles 'r': unknown profile key 'lnag'; did you mean 'lang'?")
+
+
+def test_fedfm_list_profile_shows_every_key_with_its_meaning(monkeypatch):
+    from conftest import invoke
+
+    result, text = invoke(monkeypatch, "list")
+    assert result.exit_code == 0 and "federation.roles[].profile (keys, `fedfm list profile`): bandwidth_mbps, " in text
+    result, text = invoke(monkeypatch, "list", "profile")
+    assert result.exit_code == 0, text
+    assert "│ rank │ LoRA rank, 1..peft.r (hetlora, flexlora) │" in text
+    assert "│ density │ flash: the client's own share of prunable entries, at most learner.density │" in text

@@ -241,6 +241,9 @@ def report(
     console.print(f"[green]report[/] -> {page}")
 
 
+PROFILE = "federation.roles[].profile"
+
+
 @app.command("list")
 def list_components(
     name: Annotated[Optional[str], typer.Argument(help="a component (lora) or a YAML key (peft.method)")] = None,
@@ -249,11 +252,21 @@ def list_components(
     """List every registered component by the YAML key that selects it; with NAME (or
     --params), its parameters with their defaults and descriptions."""
     from fedfm.components import registries
+    from fedfm.core.profile_keys import profile_keys
 
     regs = registries()
     if name is None and not params:
         for key, reg in regs.items():
             console.print(f"[bold]{key}[/]: {', '.join(reg.names())}")
+        console.print(f"[bold]{PROFILE}[/] (keys, `fedfm list profile`): {', '.join(profile_keys())}")
+        return
+    if name in ("profile", PROFILE):
+        table = Table(title=f"{PROFILE}: the keys fedfm reads", title_justify="left")
+        for col in ("key", "what it means"):
+            table.add_column(col)
+        for key, what in profile_keys().items():
+            table.add_row(key, escape(what))
+        console.print(table)
         return
     if name is None:
         found = [(key, e) for key, reg in regs.items() for e in reg.entries()]
@@ -264,7 +277,7 @@ def list_components(
     if not found:
         import difflib
 
-        known = sorted({n for reg in regs.values() for n in reg.names()} | set(regs))
+        known = sorted({n for reg in regs.values() for n in reg.names()} | set(regs) | {"profile"})
         close = difflib.get_close_matches(name, known, n=3)
         console.print(f"[red]error:[/] no component or key '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
         raise typer.Exit(1)
