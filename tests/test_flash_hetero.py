@@ -118,6 +118,13 @@ def test_bad_profiles_and_jmwst_are_refused_before_training(tmp_path):
                                           r"aggregator.rule must be fedavg \(got median\)"):
         from_dict(_raw(tmp_path, small, learner={"variant": "jmwst"}, aggregator={"rule": "median"}), "<test>")
     from_dict(_raw(tmp_path, small, learner={"variant": "jmwst"}), "<test>")  # fedavg: accepted
+    # settings that would be capped or ignored
+    with pytest.raises(ConfigError, match=r"learner.updates: 5 with train.steps 4: .* set learner.updates to at most 4"):
+        from_dict(_raw(tmp_path, [], learner={"updates": 5}, **{"train.steps": 4}), "<test>")
+    from_dict(_raw(tmp_path, [], learner={"updates": 4}, **{"train.steps": 4}), "<test>")  # 4 distinct steps: 0, 1, 2, 3
+    with pytest.raises(ConfigError, match=r"learner.update_every: 2 acts with variant jmwst only"):
+        from_dict(_raw(tmp_path, [], learner={"update_every": 2}), "<test>")
+    from_dict(_raw(tmp_path, [], learner={"update_every": 2, "variant": "jmwst"}), "<test>")
 
 
 def test_hetero_jmwst_run_keeps_the_target_density_with_pruned_entries_zero(tmp_path):

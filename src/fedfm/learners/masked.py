@@ -114,7 +114,7 @@ def pruning_config_problems(exp) -> list[str]:
         problems.append(f"learner flash: rounds {exp.rounds}: round 1 is the discovery round, which trains nothing it keeps; "
                         "give rounds >= 2")
     if name == "flash":
-        problems += _share_problems(exp, given)
+        problems += _share_problems(exp, given) + _schedule_problems(exp, given)
     if name == "prunefl":
         for role in exp.federation.roles:
             keys = [k for k in ("capacity", "density") if k in role.profile]
@@ -123,6 +123,20 @@ def pruning_config_problems(exp) -> list[str]:
                 problems.append(f"federation.roles '{role.name}': profile {' and '.join(keys)} with learner prunefl, which "
                                 f"ignores {them}: only FLASH (learner: flash) reads capacity and density for pruning; "
                                 f"remove {them}, or use learner flash")
+    return problems
+
+
+def _schedule_problems(exp, given: dict) -> list[str]:
+    """FLASH's settings that would be capped or ignored: more discovery updates than local
+    steps (updates come after distinct steps), ``update_every`` without JMWST."""
+    problems = []
+    updates, steps = given.get("updates", 1), exp.train.steps
+    if steps is not None and updates > steps:
+        problems.append(f"learner.updates: {updates} with train.steps {steps}: a discovery round updates the mask after "
+                        f"distinct local steps, at most {steps}; set learner.updates to at most {steps}")
+    if given.get("update_every", 1) != 1 and given.get("variant", "spdst") != "jmwst":
+        problems.append(f"learner.update_every: {given['update_every']} acts with variant jmwst only (the SPDST mask stays "
+                        "fixed after discovery); remove it, or set learner.variant: jmwst")
     return problems
 
 
