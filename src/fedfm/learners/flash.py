@@ -5,19 +5,18 @@ or re-picked during training (JMWST).
 
 The discovery round is the one whose instruction says so (``Instruction.config["discover"]``;
 the server's schedule, ``aggregators/flash.py``, makes it the first round it aggregates,
-round 1 unless that round aggregated nothing; the client never reads the round number):
-the client trains the
-model pruned by the server's initial mask (uniform random, ``density`` in every weight)
-with dynamic sparse training: ``updates`` times during its local steps (evenly spaced;
-one, at the middle, by default: FLASH's choice for one local epoch) it prunes a share of
-each weight's kept entries by magnitude and grows as many back where the gradient is
-largest, over all weights together, so density moves between weights
+round 1 unless that round aggregated nothing; the client never reads the round number).
+In it the client trains the model pruned by the server's initial mask (uniform random,
+``density`` in every weight) with dynamic sparse training: ``updates`` times during its
+local steps (evenly spaced; one, at the middle, by default: FLASH's choice for one local
+epoch) it prunes a share of each weight's kept entries by magnitude and grows as many back
+where the gradient is largest, over all weights together, so density moves between weights
 (``peft/pruning.prune_and_regrow``). The share is ``prune_rate`` annealed over the local
 steps as FLASH's sparse training does (the sparse-learning library's cosine decay, stepped
 once per batch): after local step ``s`` of ``T`` it is
 ``prune_rate * (1 + cos(pi (s + 1) / T)) / 2``, so FLASH's one update at the middle prunes
-about half of ``prune_rate``; ``prune_rate_decay: constant`` uses ``prune_rate`` itself. It sends its final masks (``flash_mask.<name>``,
-packed bits), not its weights: FLASH discards the discovery round's training. (An entry
+about half of ``prune_rate``; ``prune_rate_decay: constant`` uses ``prune_rate`` itself.
+It sends its final masks (``flash_mask.<name>``, packed bits), not its weights: FLASH discards the discovery round's training. (An entry
 pruned mid-round still has AdamW moments, which would move it; the client sets every
 pruned entry back to zero after each backward pass of the discovery round.) Later
 rounds train the pruned model on the server's fixed masks and send the delta
