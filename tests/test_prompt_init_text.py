@@ -74,3 +74,14 @@ def test_a_model_without_a_directory_is_refused(tmp_path):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=120, **TINY_LLAMA))  # built in memory: no name_or_path
     with pytest.raises(ValueError, match=r"peft\.init_text: the model has no local directory"):
         prompt_tuning(model, PromptTuningParams(num_virtual_tokens=2, init="text", init_text="ab"), "causal_lm")
+
+
+def test_the_verbalizer_example_differs_from_fedbpt_verbalizer_by_the_init_only():
+    from pathlib import Path
+
+    from fedfm.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "zeroth_order"
+    text, base = (load_config(root / name).dump() for name in ("fedbpt_verbalizer_text.yaml", "fedbpt_verbalizer.yaml"))
+    assert text["peft"] == {**base["peft"], "init": "text", "init_text": "Negative or positive?\n"}
+    assert {k: v for k, v in text.items() if k not in ("name", "peft")} == {k: v for k, v in base.items() if k not in ("name", "peft")}
