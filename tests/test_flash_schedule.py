@@ -65,6 +65,7 @@ def test_a_skipped_first_round_discovers_in_round_two_then_trains(tmp_path):
     assert rows[1]["skipped"] and rows[1]["clients"] == [] and "flash.density" not in rows[1]
     assert [f["error"] for f in rows[1]["failed"]] == ["RuntimeError: no training in round 1"] * 2
     assert _discovered(out, 1) == [0] and _discovered(out, 2) == [2] and _discovered(out, 3) == [2]
+    assert [rows[r]["flash.discovered"] for r in (2, 3)] == [2, 2]  # in metrics.jsonl too
     # round 2 sends masks (1 bit per prunable entry: 2,048 bytes, + headers, per client), round 3 deltas
     assert 2048 * 2 < rows[2]["bytes_up"] < rows[3]["bytes_up"] / 100
     assert rows[2]["flash.density"] == rows[3]["flash.density"] and 0 <= rows[3]["flash.kept"] - 0.2 * 16384 < 12

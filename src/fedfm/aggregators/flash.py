@@ -79,6 +79,14 @@ class FlashServer(MaskedServer):
         return {GROUP: {n: pack_mask(m) for n, m in masks.items()},  # the stored model stays whole: see above
                 SCHEDULE: {"discovered": torch.zeros(1, dtype=torch.int64)}}
 
+    def report(self, server_state: ServerState) -> dict:
+        """``flash.density`` and ``flash.kept`` of the next round's masks, and
+        ``flash.discovered``: the round that discovered them (0 while none has)."""
+        out = super().report(server_state)
+        if SCHEDULE in server_state:
+            out[f"{self.PREFIX}.discovered"] = int(server_state[SCHEDULE]["discovered"][0])
+        return out
+
     def discovery_round(self, rnd: int, server_state: ServerState) -> int:
         """The round that discovers: the one that did, else ``rnd`` (no round has aggregated yet)."""
         if SCHEDULE not in server_state:
