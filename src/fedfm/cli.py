@@ -193,7 +193,7 @@ def check(config: Path, override: Overrides = None):
         fed = exp.federation
         console.print(escape(f"{where}ok: {exp.name}, {exp.rounds} rounds, {fed.clients} clients, "
                              f"learner {exp.learner.name}, aggregator {exp.aggregator.rule}, "
-                             f"{trainable} trainable tensors ({exp.peft.method})"))
+                             f"{trainable} trainable tensor{'' if trainable == 1 else 's'} ({exp.peft.method})"))
 
 
 @data_app.command("describe")
