@@ -39,9 +39,10 @@ def test_a_key_the_config_names_passes_there_only(tmp_path):
     assert exp.federation.roles[0].profile == {"language": 1}
     with pytest.raises(ConfigError, match=r"unknown profile key 'language'"):
         from_dict(_raw(tmp_path, {"language": 1}), "<test>")
-    # ifca reads the cluster from its profile_key ("cluster" by default)
-    from_dict(_raw(tmp_path, {"cluster": 1}, learner={"name": "ifca", "assign": "profile"}), "<test>")
-    from_dict(_raw(tmp_path, {"family": 1}, learner={"name": "ifca", "assign": "profile", "profile_key": "family"}), "<test>")
+    # ifca reads the cluster from its profile_key ("cluster" by default), for every client
+    both = lambda profile: {"federation.roles": [{"name": "phone", "count": 2, "profile": profile}]}  # noqa: E731
+    from_dict(_raw(tmp_path, {}, learner={"name": "ifca", "assign": "profile"}, **both({"cluster": 1})), "<test>")
+    from_dict(_raw(tmp_path, {}, learner={"name": "ifca", "assign": "profile", "profile_key": "family"}, **both({"family": 1})), "<test>")
 
 
 def test_role_is_set_by_the_runtime(tmp_path):

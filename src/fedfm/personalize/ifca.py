@@ -41,6 +41,10 @@ and ALIE / IPM would craft it; client middleware that changes the payload (``sig
 ``scaling``, ``gaussian_noise``, ``dp_client_noise``). Moving the weight out of the
 payload (into the update's metadata) would lift the ``updates``-stage refusals.
 
+Also refused at config time: ``k`` above ``federation.clients``; with ``assign: profile``,
+a client whose profile lacks the key or holds a value outside 0..K-1
+(``profile_clusters_problem``; a client in no role has an empty profile).
+
 Not implemented: IFCA's gradient-averaging variant; weight sharing between the K models
 (IFCA's shared layers; with ``peft.local`` a client's local part is the same whichever
 model it picks). Per-client evaluation (``eval.clients``) sends every client the State of
@@ -206,6 +210,26 @@ def roles_for_clusters(groups: dict[int, str], key: str = "cluster") -> list[dic
     ]
 
 
+def profile_clusters_problem(exp, key: str, k: int) -> str | None:
+    """``assign: profile``: every client (a client in no role has role ``default`` and an
+    empty profile) needs ``key``, an integer in 0..k-1; checked before training rather
+    than failing that client in every round."""
+    from fedfm.runtime.algorithm import client_profiles
+
+    try:
+        profiles = client_profiles(exp)
+    except ValueError:
+        return None  # the roles' own check reports it
+    for cid, profile in sorted(profiles.items()):
+        j = profile.get(key)
+        if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < k:
+            where = f"of role '{profile['role']}'" if profile["role"] != "default" else "in no role of federation.roles"
+            has = f"profile.{key} {j!r}" if key in profile else f"no profile.{key}"
+            return (f"learner ifca (assign: profile): client {cid} ({where}) has {has}; "
+                    f"it needs an integer in 0..{k - 1} (learner.k={k})")
+    return None
+
+
 def ifca_config_problem(exp) -> str | None:
     if exp.learner.name != "ifca":
         return None
@@ -214,6 +238,14 @@ def ifca_config_problem(exp) -> str | None:
     plain = plain_mean_problem(exp, "ifca")
     if plain is not None:
         return plain
+    params = exp.learner.params()
+    k, n = int(params.get("k", 2)), exp.federation.clients
+    if k > n:
+        return f"learner ifca: k={k} cluster models but only {n} clients (federation.clients): at most {n} can be trained"
+    if params.get("assign") == "profile":
+        problem = profile_clusters_problem(exp, params.get("profile_key", "cluster"), k)
+        if problem is not None:
+            return problem
     lossy = [s.get("name") for s in exp.codecs.up]
     if lossy:
         return f"learner ifca: uplink codecs {lossy} would also compress the cluster weight {WEIGHT}; not supported"

@@ -1,0 +1,43 @@
+"""Bad input to the adaptability components, refused before training with the client,
+role and field named."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedfm.config import ConfigError, from_dict
+from tests.conftest import tiny_config
+
+
+def refusal(raw: dict) -> str:
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw)
+    return " ".join(str(err.value).split())
+
+
+def roles(*clusters, key="cluster"):
+    return [{"name": f"r{c}", "cids": [c], "profile": {key: v}} for c, v in enumerate(clusters)]
+
+
+def test_ifca_refuses_more_cluster_models_than_clients(tmp_path):
+    # 2 clients can train at most 2 of K = 3 models.
+    raw = tiny_config(tmp_path, learner={"name": "ifca", "k": 3})
+    assert "learner ifca: k=3 cluster models but only 2 clients (federation.clients)" in refusal(raw)
+    assert from_dict(tiny_config(tmp_path, learner={"name": "ifca", "k": 2})).learner.name == "ifca"
+
+
+def test_ifca_profile_clusters_are_checked_for_every_client(tmp_path):
+    ifca = {"name": "ifca", "k": 2, "assign": "profile"}
+    # cluster index 2 with K = 2: client 1, role 'r1'
+    raw = tiny_config(tmp_path, learner=ifca, **{"federation.roles": roles(0, 2)})
+    assert "client 1 (of role 'r1') has profile.cluster 2; it needs an integer in 0..1 (learner.k=2)" in refusal(raw)
+    # client 1 in no role: no cluster at all
+    raw = tiny_config(tmp_path, learner=ifca, **{"federation.roles": roles(1)})
+    assert "client 1 (in no role of federation.roles) has no profile.cluster" in refusal(raw)
+    # no roles: client 0 is the first without one
+    assert "client 0 (in no role of federation.roles) has no profile.cluster" in refusal(tiny_config(tmp_path, learner=ifca))
+    # another profile_key is the one looked for
+    raw = tiny_config(tmp_path, learner={**ifca, "profile_key": "family"}, **{"federation.roles": roles(0, 1)})
+    assert "client 0 (of role 'r0') has no profile.family" in refusal(raw)
+    ok = tiny_config(tmp_path, learner={**ifca, "profile_key": "family"}, **{"federation.roles": roles(1, 0, key="family")})
+    assert from_dict(ok).learner.params()["profile_key"] == "family"
