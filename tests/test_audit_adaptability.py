@@ -41,3 +41,15 @@ def test_ifca_profile_clusters_are_checked_for_every_client(tmp_path):
     assert "client 0 (of role 'r0') has no profile.family" in refusal(raw)
     ok = tiny_config(tmp_path, learner={**ifca, "profile_key": "family"}, **{"federation.roles": roles(1, 0, key="family")})
     assert from_dict(ok).learner.params()["profile_key"] == "family"
+
+
+def test_fedapt_refuses_clients_that_no_role_gives_a_domain(tmp_path):
+    # 3 clients, one role of 2 (cids 0 and 2): client 1 would fail in every round.
+    over = {"peft": {"method": "fedapt", "num_virtual_tokens": 2, "num_domains": 2}, "learner": {"name": "fedapt"},
+            "federation.clients": 3}
+    raw = tiny_config(tmp_path, **over, **{"federation.roles": [{"name": "a", "cids": [0, 2], "profile": {"domain": 1}}]})
+    msg = refusal(raw)
+    assert "learner fedapt: client(s) [1] are in no role of federation.roles and have no profile.domain" in msg
+    assert "every client needs one in 0..1 (the roles cover 2 of 3 clients)" in msg
+    raw["federation"]["roles"].append({"name": "b", "cids": [1], "profile": {"domain": 0}})
+    assert from_dict(raw).learner.name == "fedapt"

@@ -96,6 +96,17 @@ def fedapt_config_problem(exp) -> str | None:
         d = role.profile.get("domain")
         if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < k:
             return f"learner fedapt: role '{role.name}' has profile.domain {d!r}, not an integer in 0..{k - 1} (peft.num_domains={k})"
+    from fedfm.runtime.algorithm import client_profiles
+
+    try:
+        profiles = client_profiles(exp)
+    except ValueError:
+        return None  # the roles' own check reports it
+    bare = sorted(cid for cid, profile in profiles.items() if "domain" not in profile)
+    if bare:
+        return (f"learner fedapt: client(s) {bare} are in no role of federation.roles and have no profile.domain; "
+                f"every client needs one in 0..{k - 1} (the roles cover {exp.federation.clients - len(bare)} of "
+                f"{exp.federation.clients} clients)")
     return None
 
 
