@@ -53,3 +53,10 @@ def test_fedapt_refuses_clients_that_no_role_gives_a_domain(tmp_path):
     assert "every client needs one in 0..1 (the roles cover 2 of 3 clients)" in msg
     raw["federation"]["roles"].append({"name": "b", "cids": [1], "profile": {"domain": 0}})
     assert from_dict(raw).learner.name == "fedapt"
+
+
+def test_feddat_refuses_personal_adapters_that_would_be_averaged(tmp_path):
+    raw = tiny_config(tmp_path, peft={"method": "dual_adapter"}, learner={"name": "feddat"})
+    assert "learner feddat: peft.local is empty, so the personal adapters would travel and be averaged" in refusal(raw)
+    raw["peft"]["local"] = ["*.personal.*"]
+    assert from_dict(raw).peft.local == ["*.personal.*"]

@@ -155,8 +155,9 @@ class FedDATLearner:
 
 
 def feddat_config_problem(exp) -> str | None:
-    """FedDAT needs the dual adapter on a classification task; its own loop does not
-    compile or unpad the model."""
+    """FedDAT needs the dual adapter on a classification task, with ``peft.local`` keeping
+    something on the clients (the personal adapters); its own loop does not compile or
+    unpad the model."""
     if exp.learner.name != "feddat":
         return None
     if exp.peft.method != "dual_adapter":
@@ -166,6 +167,9 @@ def feddat_config_problem(exp) -> str | None:
     off = [k for k, on in (("compile", exp.train.compile), ("unpad", exp.train.unpad)) if on]
     if off:
         return f"train.{off[0]}: learner feddat trains with its own two-step loop, which does not apply it; turn it off"
+    if not exp.peft.local:
+        return ("learner feddat: peft.local is empty, so the personal adapters would travel and be averaged like the "
+                "shared ones (no client keeps its own); set peft.local: ['*.personal.*']")
     return None
 
 
