@@ -60,3 +60,12 @@ def test_feddat_refuses_personal_adapters_that_would_be_averaged(tmp_path):
     assert "learner feddat: peft.local is empty, so the personal adapters would travel and be averaged" in refusal(raw)
     raw["peft"]["local"] = ["*.personal.*"]
     assert from_dict(raw).peft.local == ["*.personal.*"]
+
+
+def test_fedbfpt_refuses_more_local_layers_than_the_model_has_before_training(tmp_path):
+    # The tiny model has num_hidden_layers 2 (model.config_overrides): L_k = 3 cannot be built.
+    over = {"model.task": "masked_lm", "peft": {"method": "full"}, "rounds": 1}
+    raw = tiny_config(tmp_path, learner={"name": "fedbfpt", "rounds": 1, "local_layers": 3}, **over)
+    assert "learner fedbfpt: local_layers 3 exceeds the model's 2 transformer layers" in refusal(raw)
+    ok = tiny_config(tmp_path, learner={"name": "fedbfpt", "rounds": 1, "local_layers": 2}, **over)
+    assert from_dict(ok).learner.params()["local_layers"] == 2

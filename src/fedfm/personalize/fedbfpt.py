@@ -173,7 +173,31 @@ def fedbfpt_config_problem(exp) -> str | None:
                 f"schedule spreads over the run's rounds; set learner.rounds to {exp.rounds}")
     if exp.peft.method != "full":
         return f"learner fedbfpt trains whole transformer layers: use peft.method full (not {exp.peft.method})"
+    local = exp.learner.params().get("local_layers")
+    layers = configured_layers(exp.model) if local is not None else None
+    if layers is not None and local > layers:
+        return (f"learner fedbfpt: local_layers {local} exceeds the model's {layers} transformer layers "
+                "(num_hidden_layers of its config.json and model.config_overrides)")
     return None
+
+
+def configured_layers(model_cfg) -> int | None:
+    """``num_hidden_layers`` of the model's config.json with ``model.config_overrides``
+    applied (no weights read), or None where the config cannot be read here: the client
+    then refuses ``local_layers`` against the loaded model (``FedBFPTLearner.plan``)."""
+    from transformers import AutoConfig
+
+    from fedfm.tasks.loading import model_dir, quiet_transformers
+
+    try:
+        quiet_transformers()
+        config = AutoConfig.from_pretrained(model_dir(model_cfg))
+    except (OSError, ValueError, KeyError, ImportError):
+        return None
+    for key, value in model_cfg.config_overrides.items():
+        setattr(config, key, value)
+    layers = getattr(config, "num_hidden_layers", None)
+    return layers if isinstance(layers, int) else None
 
 
 register_learner("fedbfpt", FedBFPTLearner, FedBFPTParams)
