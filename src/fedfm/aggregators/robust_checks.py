@@ -43,6 +43,9 @@ def robust_problems(exp) -> list[str]:
     reason = rule_problem(exp.aggregator.rule, exp.aggregator.params(), n)
     if reason is not None:
         problems.append(reason)
+    from fedfm.attacks.checks import attack_problems
+
+    problems.extend(attack_problems(exp, n))
     names = [s.get("name") for s in exp.server_steps]
     if "centered_clip" in names:
         if exp.aggregator.rule != "fedavg":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedfm.attacks.checks import check_target
 from fedfm.learners.middleware import PassThrough, register_middleware
 
 
@@ -43,7 +44,9 @@ class LabelFlip(PassThrough):
         self.target = params.target
 
     def before_train(self, examples, ctx):
-        return flip_labels(examples, model_num_labels(ctx), self.target, ctx.cid)
+        num_labels = model_num_labels(ctx)
+        check_target(self.target, num_labels, "label_flip", ctx.cid)
+        return flip_labels(examples, num_labels, self.target, ctx.cid)
 
 
 register_middleware("label_flip", LabelFlip, LabelFlipParams)
