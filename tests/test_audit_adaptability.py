@@ -69,3 +69,22 @@ def test_fedbfpt_refuses_more_local_layers_than_the_model_has_before_training(tm
     assert "learner fedbfpt: local_layers 3 exceeds the model's 2 transformer layers" in refusal(raw)
     ok = tiny_config(tmp_path, learner={"name": "fedbfpt", "rounds": 1, "local_layers": 2}, **over)
     assert from_dict(ok).learner.params()["local_layers"] == 2
+
+
+def test_a_stages_file_whose_first_init_from_is_missing_or_unfinished_is_refused_first(tmp_path):
+    import yaml
+
+    from fedfm.stages import load_stages
+
+    first = tiny_config(tmp_path, peft={"method": "full"})
+    unfinished = tmp_path / "unfinished"  # a run folder without final.safetensors
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("{}")
+    for start, missing in ((tmp_path / "nope", tmp_path / "nope"), (unfinished, unfinished / "final.safetensors")):
+        first["model"]["init_from"] = str(start)
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump({"stages": [{"name": "a", "config": first}, {"name": "b", "config": tiny_config(tmp_path)}]}))
+        with pytest.raises(ConfigError) as err:
+            load_stages(path, tmp_path / "out")
+        assert f"stage 'a' (stages.0 of {path}): model.init_from: no final State at {missing}" in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -185,14 +185,17 @@ def test_stage_refusals(tmp_path):
 def test_overrides_files_and_the_first_stage_init(tmp_path):
     dapt, tune = stage_configs(tmp_path)
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune))
+    start = tmp_path / "some" / "run"  # the first stage's init_from must hold a final State
+    start.mkdir(parents=True)
+    (start / "final.safetensors").write_bytes(b"")
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"stages": [
-        {"name": "a", "config": {**dapt, "model": {**dapt["model"], "init_from": "/some/run"}}},
+        {"name": "a", "config": {**dapt, "model": {**dapt["model"], "init_from": str(start)}}},
         {"name": "b", "config": "tune.yaml", "overrides": ["train.lr=0.5"]},
     ]}))
     _, stages = load_stages(path, tmp_path / "out", ["seed=3", "b:train.batch_size=4"])
     a, b = (s.exp for s in stages)
-    assert a.model.init_from == "/some/run" and b.model.init_from == str(tmp_path / "out" / "a")
+    assert a.model.init_from == str(start) and b.model.init_from == str(tmp_path / "out" / "a")
     assert (a.seed, b.seed) == (3, 3) and b.train.lr == 0.5 and (a.train.batch_size, b.train.batch_size) == (8, 4)
     assert (a.name, b.name) == ("a", "b") and stages[1].source == str(tmp_path / "tune.yaml")
 

@@ -22,7 +22,8 @@ stage's folder allows (``plan``). Refused, with the stage named:
 - a bad field in any stage (the experiment schema and its component checks, via
   ``config.from_dict``), a duplicate or malformed stage name, an unknown key at the top;
 - ``model.init_from`` set in a stage after the first (the chain sets it: no precedence
-  rule to remember; the first stage may set it to start the chain from another run);
+  rule to remember; the first stage may set it to start the chain from another run, which
+  must hold a final State: a missing or unfinished run is refused before anything runs);
 - a stage whose base model (``model.package``/``path``, ``model.config_overrides``)
   differs from the previous stage's (the chain copies tensors by name and shape), and a
   previous stage whose tuner leaves adapter tensors (LoRA, prompts, ...) that
@@ -213,6 +214,13 @@ def load_stages(path: str | Path, out: str | Path, overrides: list[str] | None =
             exp = from_dict(raw, source, ovs)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        if not stages and exp.model.init_from:
+            from fedfm.personalize.init_from import state_file
+
+            try:  # the run the chain starts from: every later stage loads it too (load_earlier)
+                state_file(exp.model.init_from)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
         stage = Stage(i, st.name, exp, out / st.name, source)
         if exp.runtime.backend == "flower" and exp.runtime.flower.mode != "simulation":
             raise ConfigError(f"{where}: runtime.flower.mode {exp.runtime.flower.mode}: a stages file runs locally or "
