@@ -62,3 +62,50 @@ def test_target_outside_the_classes_names_the_client_when_num_labels_is_inferred
         LabelFlip(LabelFlipParams(target=2)).before_train(examples, ctx)
     with pytest.raises(ValueError, match=r"client 3: backdoor.target 2 is not a class"):
         Backdoor(BackdoorParams(target=2)).before_train(examples, ctx)
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        # 5 clients, krum f=1: a round of 3 leaves n - f - 2 = 0 neighbours; 4 works
+        ({"aggregator": {"rule": "krum", "f": 1}, "federation.clients": 5},
+         r"can end with 3 updates, and krum with f=1 needs .* at least f \+ 3 = 4 updates.*set federation.min_clients: 4"),
+        # 6 clients, multi_krum f=0 m=4: a round of 3 cannot average 4
+        ({"aggregator": {"rule": "multi_krum", "f": 0, "m": 4}, "federation.clients": 6},
+         r"can end with 3 updates, and multi_krum averages m=4 updates.*set federation.min_clients: 4"),
+        # 5 clients, trimmed_mean beta 0.5: a round of 4 trims floor(0.5 * 4) = 2 at each end
+        ({"aggregator": {"rule": "trimmed_mean", "beta": 0.5}, "federation.clients": 5},
+         r"can end with 4 updates, and trimmed_mean with beta=0.5 trims floor\(0.5 \* 4\) = 2 .*set federation.min_clients: 5"),
+    ],
+)
+def test_dropouts_that_can_shrink_a_round_below_the_rule_need_min_clients(tmp_path, over, message):
+    raw = tiny_config(tmp_path, **{"faults.dropout": 0.3, **over})
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+    n = int(message.split("min_clients: ")[1])
+    from_dict(tiny_config(tmp_path, **{"faults.dropout": 0.3, "federation.min_clients": n, **over}))
+    from_dict(tiny_config(tmp_path, **over))  # no dropouts configured: the rule's own check at run time
+
+
+def test_krum_round_too_small_names_min_clients():
+    import torch
+
+    from fedfm.aggregators.krum import krum_scores
+
+    with pytest.raises(ValueError, match=r"krum: 3 updates with f=1 leaves n - f - 2 = 0 neighbours.*federation.min_clients: 4"):
+        krum_scores(torch.zeros(3, 2), 1)
+
+
+def test_krum_run_with_dropouts_and_min_clients_skips_the_small_round(tmp_path):
+    import json
+
+    from fedfm.runtime import LocalRuntime
+
+    raw = tiny_config(tmp_path, **{"federation.clients": 5, "federation.min_clients": 4, "faults.dropout": 0.5,
+                                   "aggregator": {"rule": "krum", "f": 1}, "rounds": 2, "train.epochs": 1})
+    LocalRuntime(from_dict(raw), tmp_path / "run").run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    # seed 0: round 1 never keeps 4 of 5 in its 4 attempts (skipped, model unchanged); round 2
+    # keeps 4 on its 3rd attempt and Krum (f=1: 4 - 1 - 2 = 1 neighbour each) aggregates them
+    assert rows[0]["skipped"] == "1 of min_clients 4 kept after 4 attempt(s)" and rows[0]["clients"] == []
+    assert rows[1]["skipped"] is None and len(rows[1]["clients"]) == 4 and rows[1]["attempts"] == 3

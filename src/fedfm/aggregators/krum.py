@@ -9,7 +9,8 @@ Krum returns the update with the smallest score; Multi-Krum averages (unweighted
 ``m`` updates with the smallest scores (ties go to the lower client position). The
 guarantee needs ``n > 2f + 2``; fewer clients per round is refused at config time
 (``aggregators/robust_checks.py``), and a round that ends up with fewer than ``f + 3``
-updates (dropouts) raises a clear error.
+updates (dropouts) raises a clear error naming the ``federation.min_clients`` that would
+retry or skip it (refused at config time where ``faults`` make rounds lose clients).
 
 ``space: lora_product`` measures the distances between the clients' effective LoRA weight
 changes instead of between their (A, B) coordinates (``aggregators/lora_space.py``); the
@@ -43,7 +44,8 @@ def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
     n = x.shape[0]
     k = n - f - 2
     if k < 1:
-        raise ValueError(f"krum: {n} updates with f={f} leaves n - f - 2 = {k} neighbours (needs n >= f + 3; the guarantee needs n > 2f + 2)")
+        raise ValueError(f"krum: {n} updates with f={f} leaves n - f - 2 = {k} neighbours (needs n >= f + 3; the guarantee needs "
+                         f"n > 2f + 2); federation.min_clients: {f + 3} retries or skips a round this small")
     d = pairwise_sq_dists(x)  # (n, n)
     d.fill_diagonal_(float("inf"))
     return d.sort(dim=1).values[:, :k].sum(1)
@@ -62,7 +64,8 @@ def krum(state: State, deltas: Sequence[State], weights: Sequence[float], params
 
 def multi_krum(state: State, deltas: Sequence[State], weights: Sequence[float], params: MultiKrumParams) -> State:
     if params.m > len(deltas):
-        raise ValueError(f"multi_krum: m={params.m} exceeds the {len(deltas)} updates of the round")
+        raise ValueError(f"multi_krum: m={params.m} exceeds the {len(deltas)} updates of the round; "
+                         f"federation.min_clients: {params.m} retries or skips a round this small")
     chosen = krum_order(view(state, deltas, params.space), params.f)[: params.m]
     return mean_of(state, deltas, chosen)
 

@@ -4,7 +4,9 @@ with the numbers before any data or model loads (called from
 
 The number of updates a rule sees per round is the number of sampled clients
 (``federation.clients_per_round``, ``ceil(fraction * clients)``, or all clients); dropouts
-can make a round smaller, and then the rule itself raises with the numbers.
+can make a round smaller, and then the rule itself raises with the numbers. Where the
+config itself makes rounds lose clients (``faults.dropout``, a straggler ``deadline_s``),
+``federation.min_clients`` must keep every aggregated round within what the rule can take.
 """
 
 from __future__ import annotations
@@ -37,12 +39,53 @@ def rule_problem(rule: str, params: dict, n: int) -> str | None:
     return None
 
 
+def round_problem(rule: str, params: dict, r: int) -> str | None:
+    """Why ``rule`` cannot aggregate a round of ``r`` updates (what the rule itself raises
+    on), or None. Looser than ``rule_problem``: Krum runs from f + 3 updates, without its
+    guarantee below 2f + 3."""
+    f = int(params.get("f", 1))
+    if rule in ("krum", "multi_krum") and r < f + 3:
+        return f"{rule} with f={f} needs n - f - 2 >= 1 neighbours, so at least f + 3 = {f + 3} updates"
+    if rule == "multi_krum" and r < int(params.get("m", 1)):
+        return f"multi_krum averages m={params.get('m')} updates"
+    if rule == "bulyan" and r < 4 * f + 3:
+        return f"bulyan with f={f} needs at least 4f + 3 = {4 * f + 3} updates"
+    if rule == "trimmed_mean":
+        beta = float(params.get("beta", 0.1))
+        if 2 * trim_count(beta, r) >= r:
+            return f"trimmed_mean with beta={beta} trims floor({beta} * {r}) = {trim_count(beta, r)} at each end of {r} updates"
+    return None
+
+
+def shrink_problem(exp, n: int) -> str | None:
+    """A run whose rounds can lose clients by design (``faults.dropout``, a straggler
+    ``deadline_s``) must not let a round reach the rule smaller than it can aggregate:
+    ``federation.min_clients`` retries or skips such a round instead of stopping the run."""
+    fed, faults = exp.federation, exp.faults
+    why = (f"faults.dropout {faults.dropout}" if faults.dropout > 0 else
+           f"faults.stragglers.deadline_s {faults.stragglers.deadline_s}" if faults.stragglers.deadline_s is not None else None)
+    if why is None:
+        return None
+    params = exp.aggregator.params()
+    for r in range(n - 1, fed.min_clients - 1, -1):
+        reason = round_problem(exp.aggregator.rule, params, r)
+        if reason is not None:
+            return (f"federation.min_clients: with {why} a round of {n} clients can end with {r} updates, and "
+                    f"{reason}: the run would stop there; set federation.min_clients: {r + 1} (a smaller round is "
+                    f"then retried or skipped, federation.on_too_few), got {fed.min_clients}")
+    return None
+
+
 def robust_problems(exp) -> list[str]:
     problems = []
     n = per_round(exp.federation)
     reason = rule_problem(exp.aggregator.rule, exp.aggregator.params(), n)
     if reason is not None:
         problems.append(reason)
+    else:
+        shrink = shrink_problem(exp, n)
+        if shrink is not None:
+            problems.append(shrink)
     from fedfm.attacks.checks import attack_problems
 
     problems.extend(attack_problems(exp, n))
