@@ -85,6 +85,14 @@ def secagg_problems(exp) -> list[str]:
     if p is None:
         return problems
     n = per_round(exp.federation)
+    for j, d in enumerate(p.drop):
+        bad = [c for c in d.cids if not 0 <= c < exp.federation.clients]
+        if bad:
+            problems.append(f"{where}: drop[{j}].cids {bad} outside 0..{exp.federation.clients - 1} (federation.clients "
+                            f"{exp.federation.clients})")
+        never = [r for r in d.rounds or [] if r < 1]
+        if never:
+            problems.append(f"{where}: drop[{j}].rounds {never}: rounds count from 1 (round 0 is the evaluation before training)")
     if p.threshold is not None and p.threshold > n:
         problems.append(f"{where}: threshold {p.threshold} exceeds the {n} clients per round")
     cap = fixed_point.capacity_problem(n, p.bound, p.frac_bits, p.bits)

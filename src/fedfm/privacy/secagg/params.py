@@ -12,7 +12,7 @@ real dropout looks like (no reply) on every transport.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,7 +39,8 @@ class SecAggParams(BaseModel):
     threshold: int | None = Field(None, ge=1, description="t of Shamir t-of-n; default n - floor(n/3) of the n clients that advertise keys")
     weighting: Literal["num_examples", "uniform"] = Field(
         "num_examples", description="num_examples: each client sends n_i * update and n_i inside the masked vector (FedAvg); uniform: weight 1")
-    dropout: dict[Phase, float] = Field(default_factory=dict, description="per-phase probability that a client drops in that phase")
+    dropout: dict[Phase, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="per-phase probability that a client drops in that phase")
     drop: list[DropSpec] = Field(default_factory=list, description="clients that drop in a given phase (tests, demos)")
 
 
