@@ -1,9 +1,10 @@
 """``fedfm check``: a config checked as ``fedfm run`` checks it before training (config,
-data against the model, components), with nothing loaded beyond config.json and nothing
-written."""
+data against the model, components, the tuned model's names and shapes on the meta
+device, an init_from run's State), with no pre-trained weights read and nothing written."""
 
 from __future__ import annotations
 
+import torch
 import yaml
 
 from conftest import invoke, tiny_config
@@ -83,4 +84,36 @@ def test_check_meets_the_name_errors_run_meets_after_loading(tmp_path, monkeypat
     result, out = invoke(monkeypatch, "check", flash)
     assert result.exit_code == 1 and "learner.prune ['*.dense.wieght'] matches no 2-D weight" in out, out
     result, out = invoke(monkeypatch, "check", flash, "-o", "learner.prune=['*.dense.weight']")
+    assert result.exit_code == 0, out
+
+
+def test_check_reads_an_init_from_run_against_the_model(tmp_path, monkeypatch):
+    """A missing run, adapter tensors, a shape the model lacks: refused by check as by run."""
+    from safetensors.torch import save_file
+
+    cfg = write(tmp_path, tiny_config(tmp_path))
+    result, out = invoke(monkeypatch, "check", cfg, "-o", f"model.init_from={tmp_path / 'nope'}")
+    assert result.exit_code == 1 and f"model.init_from: no final State at {tmp_path / 'nope'}" in out, out
+    lora = tmp_path / "lora_run"
+    lora.mkdir()
+    save_file({"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight": torch.zeros(4, 32)},
+              str(lora / "final.safetensors"))
+    result, out = invoke(monkeypatch, "check", cfg, "-o", f"model.init_from={lora}")
+    assert result.exit_code == 1 and "holds adapter tensors" in out, out
+    wide = tmp_path / "wide.safetensors"
+    save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(10, 48)}, str(wide))
+    result, out = invoke(monkeypatch, "check", cfg, "-o", f"model.init_from={wide}")
+    assert result.exit_code == 1 and "'bert.embeddings.word_embeddings.weight' has shape (10, 48)" in out, out
+    fits = tmp_path / "fits.safetensors"
+    save_file({"bert.pooler.dense.bias": torch.zeros(32)}, str(fits))
+    result, out = invoke(monkeypatch, "check", cfg, "-o", f"model.init_from={fits}")
+    assert result.exit_code == 0, out
+
+
+def test_a_peft_local_pattern_that_matches_nothing_is_refused(tmp_path, monkeypatch):
+    """What the user meant to keep on the client would travel and be averaged."""
+    cfg = write(tmp_path, tiny_config(tmp_path))
+    result, out = invoke(monkeypatch, "check", cfg, "-o", "peft.local=['*classifier.*', 'personal.*']")
+    assert result.exit_code == 1 and "peft.local: ['personal.*'] match no trainable parameter" in out, out
+    result, out = invoke(monkeypatch, "check", cfg, "-o", "peft.local=['*classifier.*']")
     assert result.exit_code == 0, out

@@ -101,13 +101,14 @@ def _check_data(exp):
     return labels
 
 
-def _check_model(exp) -> int:
+def _check_model(exp, init_from: bool = True) -> int:
     """The tuner's and algorithm's names and shapes on the model built on the meta device
-    (``runtime/skeleton.py``); returns the number of trainable tensors."""
+    (``runtime/skeleton.py``); returns the number of trainable tensors. ``init_from=False``:
+    a later stage, whose ``model.init_from`` the stage before it writes."""
     from fedfm.runtime.algorithm import build_algorithm
     from fedfm.runtime.skeleton import check_against_model
 
-    return check_against_model(exp, build_algorithm(exp), range(exp.federation.clients))
+    return check_against_model(exp, build_algorithm(exp), range(exp.federation.clients), init_from)
 
 
 def _what_data(exp) -> str:
@@ -178,16 +179,17 @@ def check(config: Path, override: Overrides = None):
         from fedfm.config import ConfigError
 
         try:
-            named = [(f"stage {st.name!r}: ", st.exp) for st in load_stages(config, default_out(config), override or [])[1]]
+            named = [(f"stage {st.name!r}: ", st.exp, st.index == 0)
+                     for st in load_stages(config, default_out(config), override or [])[1]]
         except ConfigError as exc:
             console.print(f"[red]{escape(str(exc))}[/]")
             raise typer.Exit(2) from None
     else:
-        named = [("", _load(config, override))]
-    for where, exp in named:
+        named = [("", _load(config, override), True)]
+    for where, exp, first in named:
         try:
             _check_data(exp)
-            trainable = _check_model(exp)
+            trainable = _check_model(exp, init_from=first)
         except USER_ERRORS as exc:
             fail(f"{where}{exc}")
         fed = exp.federation

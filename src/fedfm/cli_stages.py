@@ -41,7 +41,7 @@ def run_stages(config: Path, overrides: list[str] | None, out: Path | None, prog
         console.print(escape(f"stage {st.name} ({st.index + 1} of {len(stages)}): checking"))
         try:
             labels[st.name] = cli._check_data(st.exp)
-            cli._check_model(st.exp)  # a later stage's name errors surface before the first stage trains
+            cli._check_model(st.exp, init_from=st.index == 0)  # a later stage's name errors surface before the first trains
         except cli.USER_ERRORS as exc:
             fail(f"stage {st.name!r}: {exc}")
     try:

@@ -114,6 +114,9 @@ class FedAlgorithm:
         """The shared part of the initial trainable State; refused when it is empty."""
         if not initial:
             raise ValueError("the tuner (peft.method) leaves no parameter trainable: nothing to train or share")
+        unmatched = [p for p in self.local_patterns if not any(fnmatch.fnmatchcase(n, p) for n in initial)]
+        if unmatched:  # what the user meant to keep on the client would travel and be averaged
+            raise ValueError(f"peft.local: {unmatched} match no trainable parameter (e.g. {list(initial)[:2]})")
         shared, _ = self.split(initial)
         if not shared:
             raise ValueError(f"peft.local {list(self.local_patterns)} matches every trainable parameter: nothing is shared")

@@ -6,13 +6,17 @@ leaves nothing trainable, ``peft.local`` patterns that keep every parameter at h
 ``learner.prune`` pattern that matches no weight, a client rank or layer count that the
 model cannot hold. ``fedfm run`` meets them once the weights are loaded. ``fedfm check``
 builds the same model from its config on the meta device (names and shapes, no storage:
-no weights are read and no memory is taken), applies the tuner as the workbench does
+the pre-trained weights are not read and no memory is taken), applies the tuner as the workbench does
 (``runtime/workbench.py``), and asks the algorithm what it asks at the start of a run:
 the shared and local split, and every client's downlink shapes (``down_reference``),
 which is where per-client shapes and the pruning masks' names are worked out.
 
-What it does not cover: anything computed from the weights' values (an ``init_from``
-run's weights, SLoRA's SVD, the first pruning masks) and the server's own
+A ``model.init_from`` run (and the runs it started from) is loaded into it as ``run``
+loads it (``personalize/init_from.py``): its final State is read, so a missing or
+unfinished run, adapter tensors and shapes that differ from the model's are refused here.
+
+What it does not cover: anything computed from the weights' values (SLoRA's SVD of an
+``init_from`` run's update, the first pruning masks) and the server's own
 initialisation (``FedAlgorithm.init``), which needs real tensors; ``fedfm run`` still
 checks those before round 1. The model's directory is resolved as ``run`` does, so a
 GGUF package is converted once (``tasks/gguf_cache.py``) and later runs reuse it.
@@ -28,14 +32,21 @@ from fedfm.tasks import build_task
 from fedfm.tasks.loading import model_dir
 
 
-def skeleton_model(exp) -> torch.nn.Module:
-    """The tuned model of ``exp`` on the meta device (its config, the tuner applied)."""
+def skeleton_model(exp, init_from: bool = True) -> torch.nn.Module:
+    """The tuned model of ``exp`` on the meta device (its config, the tuner applied);
+    ``init_from=False`` skips ``model.init_from`` (a later stage's, which an earlier stage
+    of the same file writes)."""
     from fedfm.learners.unpad import unpad_problem
 
     model_dir(exp.model)  # a package resolved (a GGUF converted once) outside the meta device
     spec = exp.model.model_copy(update={"init": "random"})  # from the config: no weights read
     with torch.device("meta"):
         model, _ = build_task(exp.model.task).build(spec, exp.seed)
+        if init_from and exp.model.init_from:  # names and shapes of the earlier runs' States against the model
+            from fedfm.personalize.init_from import load_earlier, load_init
+
+            load_earlier(model, exp.model.init_from)
+            load_init(model, exp.model.init_from, chain=False)
         for field, on in (("train.unpad", exp.train.unpad), ("eval.unpad", exp.eval.unpad)):
             problem = unpad_problem(model, field) if on else None
             if problem is not None:
@@ -48,10 +59,10 @@ def meta_state(model: torch.nn.Module) -> State:
     return {n: p.detach().to(torch.float32) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def check_against_model(exp, algorithm, client_ids) -> int:
+def check_against_model(exp, algorithm, client_ids, init_from: bool = True) -> int:
     """Raise what ``fedfm run`` would raise about names and shapes (see the module
     docstring); returns the number of trainable tensors."""
-    state = meta_state(skeleton_model(exp))
+    state = meta_state(skeleton_model(exp, init_from))
     algorithm.shared_part(state)
     for cid in client_ids:
         algorithm.down_reference(cid, state)
