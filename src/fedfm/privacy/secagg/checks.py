@@ -93,6 +93,12 @@ def secagg_problems(exp) -> list[str]:
         never = [r for r in d.rounds or [] if r < 1]
         if never:
             problems.append(f"{where}: drop[{j}].rounds {never}: rounds count from 1 (round 0 is the evaluation before training)")
+    if n < 2:
+        problems.append(f"{where}: {n} client per round: the sum of one client's input is that input, which the server "
+                        "would then see; secure aggregation needs at least 2 clients per round")
+    if p.threshold == 1:
+        problems.append(f"{where}: threshold 1 lets a round end with one survivor, whose input the server would then "
+                        "see as the sum; use at least 2 (default n - floor(n/3))")
     if p.threshold is not None and p.threshold > n:
         problems.append(f"{where}: threshold {p.threshold} exceeds the {n} clients per round")
     cap = fixed_point.capacity_problem(n, p.bound, p.frac_bits, p.bits)

@@ -26,8 +26,10 @@ class SecAggError(RuntimeError):
 
 
 def default_threshold(n: int) -> int:
-    """t = n - floor(n/3): recovers with up to a third dropped, and t > n/2 for n >= 2."""
-    return max(1, n - n // 3)
+    """t = n - floor(n/3): recovers with up to a third dropped, and t > n/2 for n >= 2. At
+    least 2: the sum of one client's input is that input, so a round left with one client
+    fails instead of handing it to the server."""
+    return max(2, n - n // 3)
 
 
 def crypto():

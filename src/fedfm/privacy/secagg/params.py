@@ -36,7 +36,7 @@ class SecAggParams(BaseModel):
     bound: float = Field(..., gt=0, description="clipping range: every coordinate of w * update is clipped to [-bound, bound] before encoding")
     frac_bits: int = Field(16, ge=0, le=30, description="fixed point: a coordinate x becomes round(x * 2^frac_bits)")
     bits: int = Field(24, ge=8, le=24, description="the sum is taken modulo 2^bits; masked words travel as float32 values, exact below 2^24")
-    threshold: int | None = Field(None, ge=1, description="t of Shamir t-of-n; default n - floor(n/3) of the n clients that advertise keys")
+    threshold: int | None = Field(None, ge=1, description="t of Shamir t-of-n, at least 2; default max(2, n - floor(n/3)) of the n clients keyed")
     weighting: Literal["num_examples", "uniform"] = Field(
         "num_examples", description="num_examples: each client sends n_i * update and n_i inside the masked vector (FedAvg); uniform: weight 1")
     dropout: dict[Phase, Annotated[float, Field(ge=0, le=1)]] = Field(
