@@ -47,11 +47,18 @@ def test_the_message_counts_the_prompt():
         check_max_length(45, 64, "tiny", prompt=20)
     assert str(err.value) == (
         "data.max_length=45 plus the soft prompt's 20 virtual tokens (peft.num_virtual_tokens) = 65 exceeds the "
-        "model's max_position_embeddings=64 (tiny); set data.max_length to at most 44, or lower peft.num_virtual_tokens"
+        "model's max_position_embeddings=64 (tiny); set data.max_length to at most 44, or peft.num_virtual_tokens to at most 19"
     )
     check_max_length(44, 64, "tiny", prompt=20)  # 64 positions: fits
-    with pytest.raises(ValueError, match="set peft.num_virtual_tokens below 64"):
+    check_max_length(45, 64, "tiny", prompt=19)  # 64 positions: fits
+    with pytest.raises(ValueError, match="set peft.num_virtual_tokens to at most 63$"):  # 64 - max_length 1
         check_max_length(1, 64, prompt=64)
+    with pytest.raises(ValueError, match="set peft.num_virtual_tokens to at most 48$"):  # 200 tokens, max_length 16
+        check_max_length(16, 64, prompt=200)
+    with pytest.raises(ValueError, match="set peft.num_virtual_tokens below 64 and data.max_length to at most 64 minus it$"):
+        check_max_length(64, 64, prompt=64)
+    with pytest.raises(ValueError, match=r"\(tiny\); set data.max_length to at most 44$"):  # no room for a prompt at 64
+        check_max_length(64, 64, "tiny", prompt=20)
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])

@@ -44,10 +44,13 @@ def check_max_length(max_length: int, limit: int | None, where: str = "the model
             f"data.max_length={max_length} exceeds the model's max_position_embeddings={limit} "
             f"({where}); set data.max_length to at most {limit}"
         )
-    fix = (
-        f"set data.max_length to at most {limit - prompt}, or lower peft.num_virtual_tokens"
-        if prompt < limit else f"set peft.num_virtual_tokens below {limit}"
-    )
+    room = limit - max_length  # the most virtual tokens this max_length leaves room for
+    tokens = f"peft.num_virtual_tokens to at most {room}"
+    if prompt < limit:
+        fix = f"set data.max_length to at most {limit - prompt}" + (f", or {tokens}" if room >= 1 else "")
+    else:
+        fix = f"set {tokens}" if room >= 1 else (
+            f"set peft.num_virtual_tokens below {limit} and data.max_length to at most {limit} minus it")
     raise ValueError(
         f"data.max_length={max_length} plus the soft prompt's {prompt} virtual tokens (peft.num_virtual_tokens) "
         f"= {max_length + prompt} exceeds the model's max_position_embeddings={limit} ({where}); {fix}"
