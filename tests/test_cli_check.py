@@ -117,3 +117,12 @@ def test_a_peft_local_pattern_that_matches_nothing_is_refused(tmp_path, monkeypa
     assert result.exit_code == 1 and "peft.local: ['personal.*'] match no trainable parameter" in out, out
     result, out = invoke(monkeypatch, "check", cfg, "-o", "peft.local=['*classifier.*']")
     assert result.exit_code == 0, out
+
+
+def test_check_warns_of_clients_too_small_to_hold_anything_out(tmp_path, monkeypatch):
+    cfg = write(tmp_path, tiny_config(tmp_path, **{"federation.client_holdout": 0.2, "federation.examples_per_client": 1}))
+    result, out = invoke(monkeypatch, "check", cfg)
+    assert result.exit_code == 0, out
+    assert "warning: federation.client_holdout: client(s) [0, 1] hold fewer than 2 examples" in out
+    result, out = invoke(monkeypatch, "check", cfg, "-o", "federation.examples_per_client=2")
+    assert result.exit_code == 0 and "client_holdout" not in out, out

@@ -94,6 +94,12 @@ def _check_data(exp):
             console.print(f"[yellow]warning:[/] {escape(line)}")
         shown = ", ".join(f"{name}={i}" for name, i in list(labels.mapping.items())[:10])
         console.print(escape(f"labels: {shown}{' ...' if len(labels.mapping) > 10 else ''} (model.num_labels {labels.num_labels})"))
+    if exp.federation.client_holdout > 0:  # runtime/workbench.split_holdout keeps at least one example training
+        alone = [c.cid for c in fed.clients if len(c.indices) < 2]
+        if alone:
+            console.print(f"[yellow]warning:[/] {escape(f'federation.client_holdout: client(s) {alone[:10]}')}"
+                          f"{' ...' if len(alone) > 10 else ''} hold fewer than 2 examples: nothing is held out "
+                          "for them, so they are not in the per-client evaluation")
     for line in check_public_data(exp):  # a server step's public text (ip/preserve.py)
         console.print(escape(f"public text of {line}"))
     console.print(escape(f"loading model: {_what_model(exp)}"))
