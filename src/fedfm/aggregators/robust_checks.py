@@ -3,10 +3,10 @@ with the numbers before any data or model loads (called from
 ``fedfm.components.combination_problems``).
 
 The number of updates a rule sees per round is the number of sampled clients
-(``federation.clients_per_round``, ``ceil(fraction * clients)``, or all clients); dropouts
-can make a round smaller, and then the rule itself raises with the numbers. Where the
-config itself makes rounds lose clients (``faults.dropout``, a straggler ``deadline_s``),
-``federation.min_clients`` must keep every aggregated round within what the rule can take.
+(``federation.clients_per_round``, ``ceil(fraction * clients)``, or all clients). A round
+that dropouts, stragglers past a deadline, failed or rejected clients leave smaller than
+the rule can combine (``round_problem``, ``fewest_updates``) is retried or skipped by the
+round loop like one below ``federation.min_clients`` (``runtime/loop.py``).
 """
 
 from __future__ import annotations
@@ -57,23 +57,15 @@ def round_problem(rule: str, params: dict, r: int) -> str | None:
     return None
 
 
-def shrink_problem(exp, n: int) -> str | None:
-    """A run whose rounds can lose clients by design (``faults.dropout``, a straggler
-    ``deadline_s``) must not let a round reach the rule smaller than it can aggregate:
-    ``federation.min_clients`` retries or skips such a round instead of stopping the run."""
-    fed, faults = exp.federation, exp.faults
-    why = (f"faults.dropout {faults.dropout}" if faults.dropout > 0 else
-           f"faults.stragglers.deadline_s {faults.stragglers.deadline_s}" if faults.stragglers.deadline_s is not None else None)
-    if why is None:
-        return None
-    params = exp.aggregator.params()
-    for r in range(n - 1, fed.min_clients - 1, -1):
-        reason = round_problem(exp.aggregator.rule, params, r)
-        if reason is not None:
-            return (f"federation.min_clients: with {why} a round of {n} clients can end with {r} updates, and "
-                    f"{reason}: the run would stop there; set federation.min_clients: {r + 1} (a smaller round is "
-                    f"then retried or skipped, federation.on_too_few), got {fed.min_clients}")
-    return None
+def fewest_updates(rule: str, params: dict, most: int) -> int:
+    """The fewest updates from which ``rule`` aggregates every round of up to ``most``
+    (one above the largest count ``round_problem`` refuses; 1 for a rule that takes any).
+    The round loop (``runtime/loop.py``) treats a round below it as one below
+    ``federation.min_clients``: retried or skipped, never a stopped run."""
+    for r in range(most, 0, -1):
+        if round_problem(rule, params, r) is not None:
+            return r + 1
+    return 1
 
 
 def robust_problems(exp) -> list[str]:
@@ -82,10 +74,6 @@ def robust_problems(exp) -> list[str]:
     reason = rule_problem(exp.aggregator.rule, exp.aggregator.params(), n)
     if reason is not None:
         problems.append(reason)
-    else:
-        shrink = shrink_problem(exp, n)
-        if shrink is not None:
-            problems.append(shrink)
     from fedfm.attacks.checks import attack_problems
 
     problems.extend(attack_problems(exp, n))

@@ -10,7 +10,8 @@ reply (runtime/receive.py), counting every received payload; aggregate the accep
 clients to evaluate on their own held-out slices (``eval.clients``); append the round to
 metrics.jsonl; checkpoint (runtime/checkpoint.py); settle the mirror store.
 
-A round with fewer than ``federation.min_clients`` accepted updates, counted after the
+A round with fewer than ``federation.min_clients`` accepted updates (or fewer than the
+aggregator rule can combine, ``aggregators/robust_checks.fewest_updates``), counted after the
 server's ``updates``-stage steps (an update they leave out, e.g. a straggler past
 ``sim_clock``'s deadline, is rejected like one that fails validation), is retried with a
 fresh sample or skipped, never aggregated. Client-store writes are staged per client and
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedfm.aggregators.robust_checks import fewest_updates
 from fedfm.codecs import CodecChain, CodecContext, CodecError
 from fedfm.codecs.base import Payload
 from fedfm.codecs.serialize import from_bytes, to_bytes
@@ -81,6 +83,12 @@ class RoundLoop:
         self.mirror_outcomes: dict[int, tuple[str, bool]] = {}  # this round's, for the mirror
         self.warnings: list[str] = []
         self.sample_size = clients_per_round(exp.federation, exp.federation.clients)  # the plan an accountant reads
+        # the fewest accepted updates a round aggregates: min_clients, or more where the rule needs more
+        # (a round that lost clients to failures or rejections is retried or skipped, not a stopped run)
+        rule_needs = fewest_updates(exp.aggregator.rule, exp.aggregator.params(), self.sample_size)
+        self.need = max(exp.federation.min_clients, rule_needs)
+        self.need_reason = (f"min_clients {exp.federation.min_clients}" if self.need == exp.federation.min_clients
+                            else f"the {rule_needs} updates aggregator {exp.aggregator.rule} needs")
 
     # -- one round ------------------------------------------------------------------
 
@@ -224,9 +232,9 @@ class RoundLoop:
         agg_metrics: dict[str, Any] = {}
         while True:
             updates, contacted = self._attempt(rnd, attempt, server_state, rlog)
-            if len(updates) >= fed.min_clients:
+            if len(updates) >= self.need:
                 new_state, agg_metrics, updates = self._aggregate(rnd, attempt, server_state, updates, rlog)
-                if len(updates) >= fed.min_clients:
+                if len(updates) >= self.need:
                     server_state = new_state
                     break
             for u in updates:  # an attempt with too few updates counts for nothing
@@ -234,7 +242,7 @@ class RoundLoop:
             if fed.on_too_few == "retry" and attempt < fed.max_retries:
                 attempt += 1
                 continue
-            skipped = f"{len(updates)} of min_clients {fed.min_clients} kept after {attempt + 1} attempt(s)"
+            skipped = f"{len(updates)} of {self.need_reason} kept after {attempt + 1} attempt(s)"
             log.warning("round %d skipped: %s", rnd, skipped)
             updates = []
             break
