@@ -126,3 +126,14 @@ def test_check_warns_of_clients_too_small_to_hold_anything_out(tmp_path, monkeyp
     assert "warning: federation.client_holdout: client(s) [0, 1] hold fewer than 2 examples" in out
     result, out = invoke(monkeypatch, "check", cfg, "-o", "federation.examples_per_client=2")
     assert result.exit_code == 0 and "client_holdout" not in out, out
+
+
+def test_check_refuses_an_attack_target_outside_the_classes_inferred_from_the_data(tmp_path, monkeypatch):
+    """model.num_labels unset: 2 classes come from the data, so target 5 is refused before training."""
+    raw = tiny_config(tmp_path, **{"model.num_labels": None})
+    raw["attack"] = {"name": "backdoor", "trigger": "cf", "target": 5, "fraction": 0.5}
+    cfg = write(tmp_path, raw)
+    result, out = invoke(monkeypatch, "check", cfg)
+    assert result.exit_code == 1 and "(backdoor): target 5 is not a class of the model (model.num_labels 2: classes 0..1)" in out, out
+    result, out = invoke(monkeypatch, "check", cfg, "-o", "attack.target=1")
+    assert result.exit_code == 0, out

@@ -82,6 +82,7 @@ def _write_labels(labels, exp, out: Path) -> None:
 
 def _check_data(exp):
     """The data against the model (labels, input length); returns the labels (or None)."""
+    from fedfm.attacks.checks import target_problems
     from fedfm.data import build_federation, load_source, resolve_labels
     from fedfm.ip.preserve import check_public_data
     from fedfm.tasks.limits import validate_model_inputs
@@ -89,6 +90,9 @@ def _check_data(exp):
     console.print(escape(f"loading data: {_what_data(exp)}"))
     fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
     labels = resolve_labels(exp, fed)
+    targets = target_problems(exp) if labels is not None else []  # with num_labels inferred from the data too
+    if targets:
+        raise ValueError("; ".join(targets))
     if labels is not None:
         for line in labels.warnings:
             console.print(f"[yellow]warning:[/] {escape(line)}")

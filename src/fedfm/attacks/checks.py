@@ -53,7 +53,9 @@ def _omniscient_problems(exp, n: int) -> list[str]:
     return problems
 
 
-def _target_problems(exp) -> list[str]:
+def target_problems(exp) -> list[str]:
+    """Targets of backdoor, label_flip and backdoor_asr that are no class of the model (once
+    ``model.num_labels`` is known: given, or inferred from the data by ``resolve_labels``)."""
     c = exp.model.num_labels
     if c is None:
         return []
@@ -74,7 +76,7 @@ def _target_problems(exp) -> list[str]:
 
 def attack_problems(exp, n: int) -> list[str]:
     """Reasons the attacks of ``exp`` cannot act, for ``n`` clients per round."""
-    return _omniscient_problems(exp, n) + _target_problems(exp)
+    return _omniscient_problems(exp, n) + target_problems(exp)
 
 
 def check_target(target: int | None, num_labels: int, attack: str, cid: int) -> None:
