@@ -151,7 +151,7 @@ def test_resume_skips_finished_stage_and_continues_the_interrupted_one(tmp_path,
     path.write_text(yaml.safe_dump(raw))
     result, text = invoke(monkeypatch, "run", str(path), "--out", str(out), "--resume")
     assert result.exit_code == 2, text
-    assert "stage 'dapt' finished in" in text and "another config" in text and "['train']" in text
+    assert "stage 'dapt' finished in" in text and "with another config (train.lr: was 0.01, now 0.5)" in text
     assert hashes(out / "dapt") == dapt_before
 
 

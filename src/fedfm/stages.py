@@ -264,9 +264,11 @@ def finished(stage: Stage) -> bool:
 
 
 def config_difference(stage: Stage) -> list[str]:
-    """Top-level keys in which a finished stage's config.yaml differs from the stage's config now
-    (``model.init_from`` compared as absolute paths: config.yaml records it so)."""
+    """Where a finished stage's config.yaml differs from the stage's config now, field by field
+    (``runtime/checkpoint.config_changes``; ``model.init_from`` compared as absolute paths:
+    config.yaml records it so)."""
     from fedfm.personalize.init_from import recorded
+    from fedfm.runtime.checkpoint import config_changes
 
     try:
         saved = yaml.safe_load((stage.out / "config.yaml").read_text()) or {}
@@ -275,7 +277,8 @@ def config_difference(stage: Stage) -> list[str]:
     if not isinstance(saved, dict):
         return ["config.yaml (not a mapping)"]
     saved, now = recorded(saved), recorded(stage.exp.dump())
-    return sorted(k for k in set(saved) | set(now) if k not in FREE_KEYS and saved.get(k) != now.get(k))
+    return config_changes({k: v for k, v in saved.items() if k not in FREE_KEYS},
+                          {k: v for k, v in now.items() if k not in FREE_KEYS})
 
 
 def plan(stages: list[Stage], resume: bool, overwrite: bool) -> list[str]:
@@ -310,7 +313,7 @@ def plan(stages: list[Stage], resume: bool, overwrite: bool) -> list[str]:
         if finished(st):
             differ = config_difference(st)
             if differ:
-                raise RunDirError(f"stage '{st.name}' finished in {out} with another config (it differs in {differ}): "
+                raise RunDirError(f"stage '{st.name}' finished in {out} with another config ({'; '.join(differ)}): "
                                   "pass --overwrite to run the stages again, or choose another --out")
             if earlier_open:
                 raise RunDirError(f"stage '{st.name}' is finished in {out}, but an earlier stage is not: it started from "

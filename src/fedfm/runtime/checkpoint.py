@@ -53,6 +53,24 @@ class Checkpoint:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def config_changes(old: Any, new: Any, path: str = "") -> list[str]:
+    """Where two config dumps differ, as dotted paths with both values (mappings compared key
+    by key, lists and values whole; each value cut to 60 characters), e.g.
+    ``federation.roles: was [...], now [...]``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            if old.get(k) != new.get(k):
+                out += config_changes(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+
+    def shown(v: Any) -> str:
+        text = "(unset)" if v is None else repr(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{path or 'the config'}: was {shown(old)}, now {shown(new)}"]
+
+
 def config_digest(exp) -> str:
     """Hash of the config minus the keys a resumed run may change."""
     d = {k: v for k, v in exp.dump().items() if k not in RESUMABLE_CHANGES}

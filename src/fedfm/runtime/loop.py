@@ -45,7 +45,7 @@ from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, Instruction, ServerState, Update, flatten_groups, unflatten_groups
 from fedfm.learners.loop import planned_steps
 from fedfm.runtime.algorithm import build_algorithm
-from fedfm.runtime.checkpoint import RESUMABLE_CHANGES, Checkpointer, config_digest
+from fedfm.runtime.checkpoint import RESUMABLE_CHANGES, Checkpointer, config_changes, config_digest
 from fedfm.runtime.client_eval import evaluate_on_clients
 from fedfm.runtime.faults import judge_client
 from fedfm.runtime.outputs import RunWriter, run_summary
@@ -318,10 +318,12 @@ class RoundLoop:
             return 1, server_state, writer, None
         digest = config_digest(self.exp)
         if ck.info.get("config_digest") != digest:
-            old = ck.info.get("config", {})
+            old = {k: v for k, v in ck.info.get("config", {}).items() if k not in RESUMABLE_CHANGES}
             new = {k: v for k, v in self.exp.dump().items() if k in old}
-            differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ResumeError(f"--resume: the config differs from the checkpointed run in {differ or 'its digest'}")
+            differ = config_changes(old, new)
+            raise ResumeError("--resume: the config differs from the checkpointed run: "
+                              f"{'; '.join(differ) if differ else 'in its digest'} (only {', '.join(RESUMABLE_CHANGES)} "
+                              "may change on a resume; --overwrite starts the run again)")
         threads = ck.info.get("threads")
         if threads != torch.get_num_threads():
             msg = (f"--resume: the run was checkpointed with {threads} torch threads and continues with "
