@@ -56,6 +56,10 @@ class StageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     primary: ClassVar[str | None] = None
 
+    def direction_problem(self, direction: str) -> str | None:
+        """Why these parameters cannot work in ``codecs.<direction>`` (up or down), or None."""
+        return None
+
 
 StageFactory = Callable[[BaseModel], Stage]
 codecs: Registry[StageFactory] = Registry("codecs")
@@ -86,7 +90,12 @@ def parse_stage(spec: dict[str, Any], where: str) -> tuple[str, BaseModel]:
             spec[primary] = value
         elif value not in (None, True):
             raise RegistryError(f"{where}.{name}: this stage takes no short-form value")
-    return name, codecs.parse(name, spec, where)
+    params = codecs.parse(name, spec, where)
+    direction = where.split("[")[0].removeprefix("codecs.") if where.startswith("codecs.") else None
+    problem = params.direction_problem(direction) if direction in ("up", "down") else None
+    if problem is not None:
+        raise RegistryError(f"{where}: {problem}")
+    return name, params
 
 
 def build_stage(spec: dict[str, Any], where: str) -> Stage:

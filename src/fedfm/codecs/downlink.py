@@ -23,6 +23,13 @@ KEY = "down_last"
 DELTA_META = "__delta"
 
 
+class DeltaParams(StageParams):
+    def direction_problem(self, direction: str) -> str | None:
+        if direction != "down":
+            return "'delta' compresses the server broadcast: use it in codecs.down only"
+        return None
+
+
 class DownlinkDelta:
     name = "delta"
 
@@ -67,4 +74,4 @@ def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     return set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)
 
 
-register_codec("delta", DownlinkDelta)
+register_codec("delta", DownlinkDelta, DeltaParams)

@@ -37,7 +37,16 @@ RANDK_SALT = 0x5AA5
 
 
 class SparsifyParams(StageParams):
-    error_feedback: bool = Field(False, description="keep the dropped mass per client and add it to the next update")
+    error_feedback: bool = Field(False, description="keep the dropped mass per client and add it to the next update (codecs.up only)")
+
+    def direction_problem(self, direction: str) -> str | None:
+        if direction == "down" and self.error_feedback:
+            return (
+                "error_feedback is for codecs.up only: the broadcast is the State, not an update, so a residual "
+                "would add dropped State values again every round; put {delta: true} first in codecs.down instead "
+                "(each delta is taken against what the client reconstructed, which corrects the loss)"
+            )
+        return None
 
 
 class TopKParams(SparsifyParams):
