@@ -173,9 +173,14 @@ def encode_labels(col: pd.Series, names: list[str] | None, where: str = "data.la
 
     Integer labels without ``data.labels`` are already class ids and are kept as they are
     (names None): 0/1 stays 0/1, and a label 37 needs ``model.num_labels`` of at least 38.
+    Whole numbers written as floats (``1.0``, as a spreadsheet or pandas writes a column
+    that once held a blank) are integer labels too; other numbers are names in numeric
+    order (``2.5`` before ``10.5``), not in the order of their text.
     """
     no_empty_cells(col, where, "label")
     if names is None:
+        if pd.api.types.is_float_dtype(col) and bool((np.isfinite(col) & (col == np.floor(col))).all()):
+            col = col.astype(np.int64)
         if pd.api.types.is_integer_dtype(col):
             ids = col.astype(int)
             if (ids < 0).any():
@@ -184,7 +189,10 @@ def encode_labels(col: pd.Series, names: list[str] | None, where: str = "data.la
                     f"or list the values in data.labels to map them"
                 )
             return ids.tolist(), None
-        names = sorted(col.astype(str).unique())
+        if pd.api.types.is_float_dtype(col):
+            names = [str(v) for v in sorted(col.unique())]
+        else:
+            names = sorted(col.astype(str).unique())
     names = [str(n) for n in names]
     index = {n: i for i, n in enumerate(names)}
     unknown = sorted(set(col.astype(str)) - set(index))

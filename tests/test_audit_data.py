@@ -1,0 +1,39 @@
+"""User data a demanding user may bring: float labels, tiny pools, skewed partitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedfm.config import FederationConfig
+from fedfm.core.types import ClientSpec
+from fedfm.data.federated import Federation, build_federation
+from fedfm.data.labels import single_class
+from fedfm.data.sources import encode_labels
+
+
+def test_whole_numbers_written_as_floats_are_class_ids():
+    # as a CSV column that once held a blank is written back: 1.0, 0.0, ...
+    assert encode_labels(pd.Series([1.0, 0.0, 2.0, 10.0]), None) == ([1, 0, 2, 10], None)
+
+
+def test_other_numbers_are_names_in_numeric_order():
+    # as text, "10.5" would sort before "2.5"
+    assert encode_labels(pd.Series([0.5, 10.5, 2.5, 0.5]), None) == ([0, 2, 1, 0], ["0.5", "2.5", "10.5"])
+    assert encode_labels(pd.Series([float("inf"), 1.0]), None) == ([1, 0], ["1.0", "inf"])
+
+
+def test_float_labels_from_a_csv_file(tmp_path):
+    from fedfm.data.sources import local_file
+
+    path = tmp_path / "f.csv"
+    path.write_text("text,label\na,1.0\nb,0.0\nc,1.0\n")
+
+    class Cfg:
+        path, format, encoding = str(tmp_path / "f.csv"), None, "utf-8"
+        text_column, label_column, group_column, labels = "text", "label", None, None
+
+    frame = local_file(Cfg, None)
+    assert frame["label"].tolist() == [1, 0, 1]
+    assert "label_names" not in frame.attrs
