@@ -37,3 +37,19 @@ def test_float_labels_from_a_csv_file(tmp_path):
     frame = local_file(Cfg, None)
     assert frame["label"].tolist() == [1, 0, 1]
     assert "label_names" not in frame.attrs
+
+
+def _two_clients():
+    frame = pd.DataFrame({"text": list("abcdef"), "label": [0, 0, 0, 1, 0, 1]})
+    clients = [ClientSpec(cid=0, indices=[0, 1]), ClientSpec(cid=1, indices=[2, 3])]
+    return Federation(frame=frame, clients=clients, test_indices=np.array([4, 5]))
+
+
+def test_one_class_client_hint_follows_the_partitioner():
+    fed = _two_clients()  # client 0 holds label 0 only
+    (natural,) = single_class(fed, ["0", "1"], "natural")
+    assert natural.startswith("1 of 2 clients hold one class only: client 0 (label 0).")
+    assert "subsample: random" in natural
+    (skewed,) = single_class(fed, ["0", "1"], "dirichlet")
+    assert "subsample" not in skewed
+    assert "label skew of federation.partitioner 'dirichlet'" in skewed

@@ -55,8 +55,11 @@ def _named(ids: list[int], names: list[str]) -> list[str]:
     return [names[i] if i < len(names) and names[i] != str(i) else str(i) for i in ids]
 
 
-def single_class(fed, names: list[str]) -> list[str]:
-    """Warnings for the training set, the test set and each client holding one class only."""
+def single_class(fed, names: list[str], partitioner: str | None = None) -> list[str]:
+    """Warnings for the training set, the test set and each client holding one class only.
+
+    The hint about ``subsample`` is for the natural partitioner (or an unknown one); under
+    a label-skew partitioner (dirichlet, shards) a one-class client is its skew."""
     frame, out = fed.frame, []
     labels = frame["label"].to_numpy()
     train = np.unique(labels[[i for c in fed.clients for i in c.indices]])
@@ -72,15 +75,18 @@ def single_class(fed, names: list[str]) -> list[str]:
     lonely = [(cid, ys) for cid, ys in lonely if len(ys) == 1]
     if lonely and (len(train) > 1 or len(fed.clients) > 1):
         which = ", ".join(f"client {cid} (label {_named(ys.tolist(), names)[0]})" for cid, ys in lonely[:SHOWN])
-        out.append(
-            f"{len(lonely)} of {len(fed.clients)} clients hold one class only: {which}. With the natural "
-            f"partitioner and examples_per_client on a file sorted by label, set "
-            f"federation.partitioner.subsample: random (or stratified)"
-        )
+        if partitioner in (None, "natural"):
+            hint = (
+                "With the natural partitioner and examples_per_client on a file sorted by label, set "
+                "federation.partitioner.subsample: random (or stratified)"
+            )
+        else:
+            hint = f"This is the label skew of federation.partitioner '{partitioner}'; use iid if it is not meant"
+        out.append(f"{len(lonely)} of {len(fed.clients)} clients hold one class only: {which}. {hint}")
     return out
 
 
-def check_labels(fed, num_labels: int | None, where: str = "the data") -> Labels:
+def check_labels(fed, num_labels: int | None, where: str = "the data", partitioner: str | None = None) -> Labels:
     """The mapping and the number of classes, checked against ``num_labels`` when given."""
     frame = fed.frame
     names = label_names(frame)
@@ -95,7 +101,7 @@ def check_labels(fed, num_labels: int | None, where: str = "the data") -> Labels
             f"or leave it out to infer it from the data"
         )
     mapping = {name: i for i, name in enumerate(names)}
-    warnings = single_class(fed, names)
+    warnings = single_class(fed, names, partitioner)
     if num_labels == 1:
         warnings.append("model.num_labels is 1: a one-class classifier learns nothing")
     return Labels(mapping=mapping, num_labels=num_labels, warnings=warnings)
@@ -110,7 +116,7 @@ def resolve_labels(exp, fed) -> Labels | None:
     if exp.model.task not in LABEL_TASKS or "label" not in fed.frame.columns:
         return None
     where = f"data.path {exp.data.path}" if exp.data.path else f"data.source '{exp.data.source}'"
-    labels = check_labels(fed, exp.model.num_labels, where)
+    labels = check_labels(fed, exp.model.num_labels, where, exp.federation.partitioner.name)
     if exp.model.num_labels is None:
         exp.model.num_labels = labels.num_labels
     return labels
