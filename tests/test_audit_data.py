@@ -53,3 +53,25 @@ def test_one_class_client_hint_follows_the_partitioner():
     (skewed,) = single_class(fed, ["0", "1"], "dirichlet")
     assert "subsample" not in skewed
     assert "label skew of federation.partitioner 'dirichlet'" in skewed
+
+
+def _frame(n_groups: int, per_group: int) -> pd.DataFrame:
+    rows = [{"text": f"t{g}-{i}", "label": i % 2, "group": f"g{g}"} for g in range(n_groups) for i in range(per_group)]
+    return pd.DataFrame(rows)
+
+
+def test_test_set_taking_every_group_names_the_counts():
+    # 3 groups of 4 rows; 9 test rows need 3 whole groups: all 12 rows, none left to train
+    cfg = FederationConfig(clients=1, partitioner={"name": "iid"}, test_examples=9)
+    with pytest.raises(ValueError, match=r"test_examples=9: .* took all 3 groups \(12 rows\)"):
+        build_federation(_frame(3, 4), cfg, 0)
+
+
+def test_more_shards_than_examples_is_refused():
+    # 12 rows, 1 test group of 4 held out: a pool of 8; 2 clients x 5 shards = 10 > 8
+    cfg = FederationConfig(clients=2, partitioner={"name": "shards", "shards_per_client": 5}, test_examples=4)
+    with pytest.raises(ValueError, match=r"shards_per_client=5: 2 clients x 5 = 10 shards, but the training pool holds 8"):
+        build_federation(_frame(3, 4), cfg, 0)
+    cfg = FederationConfig(clients=2, partitioner={"name": "shards", "shards_per_client": 4}, test_examples=4)
+    fed = build_federation(_frame(3, 4), cfg, 0)
+    assert sorted(len(c.indices) for c in fed.clients) == [4, 4]

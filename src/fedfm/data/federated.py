@@ -44,7 +44,11 @@ def _held_out(frame: pd.DataFrame, n_test: int, rng: np.random.Generator) -> tup
     test = np.sort(rng.permutation(held)[:n_test])
     pool = np.flatnonzero(~np.isin(groups, groups[held]))
     if len(pool) == 0:
-        raise ValueError("federation.test_examples: the held-out groups leave no training data")
+        raise ValueError(
+            f"federation.test_examples={n_test}: the test set holds out whole groups until they hold "
+            f"{n_test} rows, which took all {len(names)} groups ({n} rows) and leaves no training data; "
+            f"lower federation.test_examples"
+        )
     return test, pool
 
 

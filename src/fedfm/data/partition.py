@@ -112,6 +112,12 @@ def natural(labels, groups, n, rng, params) -> list[np.ndarray]:
 
 def shards(labels, groups, n, rng, params: ShardParams) -> list[np.ndarray]:
     labels = np.asarray(labels)
+    if n * params.shards_per_client > len(labels):
+        raise ValueError(
+            f"federation.partitioner.shards_per_client={params.shards_per_client}: {n} clients x "
+            f"{params.shards_per_client} = {n * params.shards_per_client} shards, but the training pool holds "
+            f"{len(labels)} examples (a shard needs one at least); lower shards_per_client or the clients"
+        )
     order = np.argsort(labels, kind="stable")
     pieces = np.array_split(order, n * params.shards_per_client)
     deal = rng.permutation(len(pieces))
