@@ -30,7 +30,7 @@ from fedfm.core.protocols import RoundContext
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.peft.hetero import layer_of, layer_subset, num_layers
-from fedfm.runtime.capacity import resolve_size
+from fedfm.runtime.capacity import client_who, resolve_size
 
 TAG = 0xFED7A
 
@@ -88,11 +88,14 @@ class FedRAServer(ServerPartBase):
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         model = server_state[MODEL]
         total = num_layers(model)
-        count = resolve_size(client.profile, "layers", total, f"client {client.cid}")
+        count = resolve_size(client.profile, "layers", total, client_who(client.cid, client.profile))
         layers = allocation(seed, rnd, client.cid, count, total)
         return Instruction(round=rnd, cid=client.cid, state=model, config={"layers": layers})
 
     def client_reference(self, cid: int, profile: dict, shared: State) -> State:
+        # the client's layer count against the model's, here too: fedfm check and the start
+        # of a run ask every client's reference, so a count past the model is refused before training
+        resolve_size(profile, "layers", num_layers(shared), client_who(cid, profile))
         return shared
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:

@@ -35,7 +35,7 @@ from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.peft.hetero import lora_pairs, lora_rank, pad, products, truncate
-from fedfm.runtime.capacity import resolve_size
+from fedfm.runtime.capacity import client_who, resolve_size
 
 GROUP = "hetlora.rank"
 
@@ -45,7 +45,7 @@ def tier_rank(profile: dict, shared: State, cid: int) -> int:
     full = lora_rank(shared)
     if full == 0:
         raise ValueError("HetLoRA/FlexLoRA need peft.method lora: the shared State has no LoRA factors")
-    return resolve_size(profile, "rank", full, f"client {cid}")
+    return resolve_size(profile, "rank", full, client_who(cid, profile))
 
 
 def module_weights(modules: Sequence[State], examples: Sequence[float], weighting: str) -> dict[str, list[float]]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State
 from fedfm.peft.hetero import layer_of, num_layers
-from fedfm.runtime.capacity import resolve_size
+from fedfm.runtime.capacity import client_who, resolve_size
 
 
 def client_side(name: str, cut: int) -> bool:
@@ -41,7 +41,7 @@ def cut_of(profile: dict, model: State, cid: int) -> int:
     total = num_layers(model)
     if total == 0:
         raise ValueError("splitfed: no trainable State name carries a layer index ('.layer.<i>.'): nowhere to cut")
-    return resolve_size(profile, "cut", total, f"client {cid}")  # no key: every layer (the server keeps the head)
+    return resolve_size(profile, "cut", total, client_who(cid, profile))  # no key: every layer (the server keeps the head)
 
 
 def client_names(model: State, cut: int) -> list[str]:

@@ -19,8 +19,13 @@ def _ranked_roles(exp) -> list[tuple[str, object]]:
 
 
 def hetero_config_problems(exp) -> list[str]:
+    from fedfm.runtime.capacity import profile_problems
+
     name = exp.learner.name
     problems: list[str] = []
+    ranked = name in RANK_LEARNERS and exp.peft.method == "lora"  # rank is checked against peft.r below
+    for role in exp.federation.roles:
+        problems += profile_problems(role.profile, f"federation.roles '{role.name}'", skip=("rank",) if ranked else ())
     if name in RANK_LEARNERS:
         if exp.peft.method != "lora":
             problems.append(

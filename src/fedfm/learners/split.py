@@ -70,7 +70,7 @@ from fedfm.learners.local import delta_update
 from fedfm.learners.loop import batches, make_optimizer, planned_steps
 from fedfm.aggregators.splitfed import client_side  # noqa: F401  (embeddings and layers < cut)
 from fedfm.peft.state import set_state
-from fedfm.runtime.capacity import resolve_size
+from fedfm.runtime.capacity import client_who, resolve_size
 
 
 @dataclass
@@ -178,7 +178,7 @@ class SplitLearner:
     def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
         parts = bert_parts(ctx.model)
         total = len(parts.layers)
-        cut = resolve_size(ctx.profile, "cut", total, f"client {ctx.cid}")
+        cut = resolve_size(ctx.profile, "cut", total, client_who(ctx.cid, ctx.profile))
         up, down = self.up, self.down
         set_state(ctx.model, instruction.state)
         cfg = ctx.train

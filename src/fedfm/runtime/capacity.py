@@ -59,9 +59,39 @@ def _positive(profile: dict[str, Any], key: str, who: str) -> float | None:
     value = profile.get(key)
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:  # NaN too
         raise ValueError(f"{who}: profile.{key} must be a positive number, got {value!r}")
     return float(value)
+
+
+def client_who(cid: int, profile: dict[str, Any]) -> str:
+    """How errors name a client: ``client 3 (role 'phone')`` (the role the runtime set)."""
+    role = profile.get("role")
+    return f"client {cid}" if role is None else f"client {cid} (role '{role}')"
+
+
+SIZE_KEYS = ("rank", "layers", "cut")
+POSITIVE_KEYS = ("capacity", "speed", "bandwidth_mbps", "up_mbps", "down_mbps", "memory_mb")
+
+
+def profile_problems(profile: dict[str, Any], where: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with a profile's values without the model (config time): ``rank``,
+    ``layers`` and ``cut`` integers >= 1, ``capacity`` in (0, 1], the others positive; the
+    sizes against the model are checked where it is known (``resolve_size``)."""
+    problems = []
+    for key in SIZE_KEYS:
+        value = profile.get(key)
+        if key not in skip and value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            problems.append(f"{where}: profile.{key} must be an integer >= 1, got {value!r}")
+    for key in POSITIVE_KEYS:
+        try:
+            value = _positive(profile, key, where)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        if key == "capacity" and value is not None and value > 1:
+            problems.append(f"{where}: profile.capacity must be in (0, 1], got {value:g}")
+    return problems
 
 
 def resolve_capacity(profile: dict[str, Any], full_rank: int, full_layers: int, who: str = "client") -> Capacity:
