@@ -207,5 +207,12 @@ class FedBPTServer(ServerPartBase):
         delta[name] = (target - model[name].to(torch.float32)).to(model[name].dtype)
         return {GROUP: new}, delta
 
+    def report(self, server_state: ServerState) -> dict:
+        """The round's row: how many client means the server ES was told (0: fewer than the
+        m sampled arrived, the distribution stayed) and the step size clients start from next."""
+        dist = server_state[GROUP]
+        told = dist["told"]
+        return {"fedbpt.told": int(told[-1]) if told.numel() else 0, "fedbpt.sigma": float(dist[SIGMA].reshape(-1)[0])}
+
 
 register_server_part("fedbpt", FedBPTServer)
