@@ -29,3 +29,17 @@ def test_fedbpt_reports_how_many_means_the_server_es_was_told():
     groups, _ = server.combine(ss, two, {}, RoundContext(1, 0, torch.Generator(), 2, sample_size=2))
     row = server.report({**ss, **groups})
     assert row["fedbpt.told"] == 2 and 0 < row["fedbpt.sigma"] < 1
+
+
+def test_discrete_prompt_min_id_past_the_vocabulary_is_named():
+    # min_id 40000 on a 30522-id vocabulary used to say "exceeds the -9478 vocabulary ids"
+    import pytest
+
+    from fedfm.peft.discrete_prompt import DiscretePromptParams, candidate_ids
+
+    with pytest.raises(ValueError, match=r"peft.min_id=40000 leaves no candidate: it must be below the vocabulary size 30522"):
+        candidate_ids(30522, DiscretePromptParams(candidates=10, min_id=40000))
+    # 30522 - 30512 = 10 ids left: exactly 10 candidates fit, 11 do not
+    assert candidate_ids(30522, DiscretePromptParams(candidates=10, min_id=30512)).tolist() == list(range(30512, 30522))
+    with pytest.raises(ValueError, match=r"peft.candidates=11 exceeds the 10 vocabulary ids"):
+        candidate_ids(30522, DiscretePromptParams(candidates=11, min_id=30512))

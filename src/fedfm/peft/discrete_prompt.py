@@ -43,6 +43,8 @@ class DiscretePromptParams(BaseModel):
 def candidate_ids(vocab_size: int, params: DiscretePromptParams) -> torch.Tensor:
     """K sorted distinct ids from ``[min_id, vocab_size)``, drawn with ``candidate_seed``."""
     span = vocab_size - params.min_id
+    if span <= 0:
+        raise ValueError(f"peft.min_id={params.min_id} leaves no candidate: it must be below the vocabulary size {vocab_size}")
     if params.candidates > span:
         raise ValueError(f"peft.candidates={params.candidates} exceeds the {span} vocabulary ids from peft.min_id="
                          f"{params.min_id} to the vocabulary size {vocab_size}")
