@@ -119,6 +119,10 @@ class ClientWatermark:
 
     def __init__(self, params: ClientWatermarkParams):
         self.params = params
+        # the keys now, so that a missing key_env variable stops the run before any training
+        self._master = secret(params.key, params.key_env, "client_watermark")
+        owner = params.owner_key is not None or params.owner_key_env is not None
+        self._owner = secret(params.owner_key, params.owner_key_env, "client_watermark owner") if owner else None
         self._triggers: dict[int, list[dict]] = {}
         self._parts: dict[int, tuple[int, ...]] = {}
         self._preserver = None
@@ -127,9 +131,8 @@ class ClientWatermark:
         if cid not in self._triggers:
             p = self.params
             spec = p.spec(wb.exp.model.task, wb.exp.model.num_labels)
-            own = trigger_set(client_key(secret(p.key, p.key_env, "client_watermark"), cid), spec, wb.tokenizer)
-            owner = p.owner_key is not None or p.owner_key_env is not None
-            extra = trigger_set(secret(p.owner_key, p.owner_key_env, "client_watermark owner"), owner_spec(p, wb.exp), wb.tokenizer) if owner else []
+            own = trigger_set(client_key(self._master, cid), spec, wb.tokenizer)
+            extra = trigger_set(self._owner, owner_spec(p, wb.exp), wb.tokenizer) if self._owner is not None else []
             self._triggers[cid] = own + extra
             self._parts[cid] = (len(own), len(extra)) if extra else ()  # the threshold holds for each set
         return self._triggers[cid]

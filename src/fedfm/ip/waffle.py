@@ -126,13 +126,14 @@ class Waffle:
 
     def __init__(self, params: WaffleParams):
         self.params = params
+        self._key = params.secret()  # a missing key_env variable stops the run before any training
         self._triggers: list[dict] | None = None
         self._preserver = None
 
     def triggers(self, wb) -> list[dict]:
         if self._triggers is None:
             spec = self.params.spec(wb.exp.model.task, wb.exp.model.num_labels)
-            self._triggers = trigger_set(self.params.secret(), spec, wb.tokenizer)
+            self._triggers = trigger_set(self._key, spec, wb.tokenizer)
         return self._triggers
 
     def __call__(self, model_state: State, ctx, state: State):
