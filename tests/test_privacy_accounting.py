@@ -121,3 +121,22 @@ def test_budget_check_at_config_time_uses_the_same_accountant(tmp_path):
         from_dict(tiny_config(tmp_path, server_steps=steps, **over))
     steps[1]["max_epsilon"] = 16.4
     from_dict(tiny_config(tmp_path, server_steps=steps, **over))
+
+
+def test_pld_solves_sigma_without_exhausting_memory():
+    """Full participation, one round: the PLD's sigma for epsilon 4 is the analytic Gaussian
+    mechanism's (Balle and Wang 2018): delta(4) = Phi(-4 s + 1/(2s)) - e^4 Phi(-4 s - 1/(2s)) = 1e-5.
+    The search starts at PLD_MIN_SIGMA (from 1e-3 it asked for 76 GB)."""
+    import math
+    from statistics import NormalDist
+
+    from fedfm.privacy.accounting import PLD_MIN_SIGMA
+
+    sigma = solve_noise_multiplier(Plan(8, 8, accountant="pld"), 1, 4.0, 1e-5)
+    phi = NormalDist().cdf
+    delta = phi(-4.0 * sigma + 1 / (2 * sigma)) - math.exp(4.0) * phi(-4.0 * sigma - 1 / (2 * sigma))
+    assert delta == pytest.approx(1e-5, rel=0.01) and sigma == pytest.approx(1.0813, abs=1e-3)
+    with pytest.raises(ValueError, match=rf"noise multiplier 0.05 is below {PLD_MIN_SIGMA}, .* use accountant: rdp"):
+        epsilon(Plan(8, 8, accountant="pld"), [1.0, 0.05], 1e-5)
+    with pytest.raises(ValueError, match=r"target_epsilon 1000000000.0: over 1 round\(s\) it takes a noise multiplier below 0.001"):
+        solve_noise_multiplier(Plan(8, 8), 1, 1e9, 1e-5)
