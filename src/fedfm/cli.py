@@ -153,6 +153,31 @@ def _done(exp, summary: dict, out: Path) -> None:
         f"down {summary['total_bytes_down']:,} B; {format_duration(summary['wall_s'])}{across}; "
         f"peak RSS {summary['peak_rss_mb']:.0f} MB -> {out}"
     )
+    _warn_skipped(summary, out)
+
+
+def _warn_skipped(summary: dict, out: Path) -> None:
+    """Say when rounds were skipped, with the first client failure (metrics.jsonl), so a
+    config error that fails every client does not pass as a finished run."""
+    import json
+
+    skipped = summary.get("skipped_rounds") or []
+    if not skipped:
+        return
+    first = None
+    try:
+        for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+            failed = json.loads(line).get("failed") or []
+            if failed:
+                first = failed[0]
+                break
+    except (OSError, ValueError):
+        pass
+    whole = len(skipped) >= summary.get("rounds", len(skipped) + 1)
+    head = ("every round was skipped: no update was aggregated and the final model is the initial one"
+            if whole else f"{len(skipped)} of {summary.get('rounds')} rounds skipped ({skipped[:10]})")
+    cause = f"; first failure: client {first.get('cid')}: {first.get('error')}" if isinstance(first, dict) else ""
+    console.print(f"[yellow]warning:[/] {escape(head + cause)} (metrics.jsonl: skipped, failed)")
 
 
 def _run_flower(exp, out: Path, resume: bool = False) -> dict:
