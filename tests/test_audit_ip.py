@@ -37,3 +37,42 @@ def test_check_and_run_refuse_a_missing_key_before_any_round(tmp_path, monkeypat
         assert result.exit_code != 0, out
         assert f"environment variable {UNSET} (key_env) is not set or empty" in out
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A run folder without a watermark: config.yaml and the untrained final.safetensors."""
+    from safetensors.torch import save_file
+
+    from fedfm.config import from_dict
+    from fedfm.ip.loading import build_base
+
+    tmp = tmp_path_factory.mktemp("plain")
+    raw = tiny_config(tmp)
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(from_dict(raw).dump()))
+    _, template = build_base(from_dict(raw))
+    save_file({k: v.contiguous() for k, v in template.items()}, str(run / "final.safetensors"))
+    return run
+
+
+def test_verify_says_when_the_run_has_no_watermark_step(plain_run, monkeypatch):
+    result, out = invoke(monkeypatch, "watermark", "verify", str(plain_run), "--key", "k", "--trigger-size", "30")
+    assert result.exit_code == 1, out
+    assert "has no waffle step (a run without a watermark?); checking 30 triggers of 12 tokens" in out
+    assert "not verified" in out
+
+
+def test_trace_refuses_no_clients_and_does_not_trace_a_model_without_keys(plain_run, monkeypatch):
+    result, out = invoke(monkeypatch, "watermark", "trace", str(plain_run), "--key", "m", "--clients", "0")
+    assert result.exit_code == 2 and "--clients 0: give the number of clients, 1 or more" in out
+    result, out = invoke(monkeypatch, "watermark", "trace", str(plain_run), "--key", "m", "--clients", "3")
+    assert result.exit_code == 1, out
+    assert "Bonferroni-adjusted over 3 keys" in out and "not traced" in out and "(alpha 1e-06)" in out
+
+
+def test_verify_and_trace_name_a_missing_folder(tmp_path, monkeypatch):
+    for command in (["verify", "--key", "k"], ["trace", "--key", "m", "--clients", "2"]):
+        result, out = invoke(monkeypatch, "watermark", command[0], str(tmp_path / "nowhere"), *command[1:])
+        assert result.exit_code == 2 and "nowhere: not a run directory nor a .safetensors file" in out

@@ -44,10 +44,15 @@ def _suspect(model: Path, config: Path | None, size, length, cont, steps=("waffl
 
     try:
         exp, base, state = load_suspect(model, config)
-        return base, state, trigger_spec(exp, size, length, cont, steps)
+        spec = trigger_spec(exp, size, length, cont, steps)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
+    if not any(isinstance(s, dict) and s.get("name") in steps for s in exp.server_steps):
+        console.print(f"note: the config of {model} has no {' or '.join(steps)} step (a run without a watermark?); "
+                      f"checking {spec.size} triggers of {spec.length} tokens (--trigger-size, --trigger-length, "
+                      "else the defaults)")
+    return base, state, spec
 
 
 @watermark_app.command("verify")
@@ -90,16 +95,21 @@ def watermark_trace(
     trigger_size: WmSize = None,
     trigger_length: WmLength = None,
     continuation: WmCont = None,
+    alpha: Annotated[float, typer.Option(help="largest adjusted p-value that counts as traced")] = 1e-6,
 ):
     """Name the client whose key the leaked model answers best, with every client's figures.
 
     The table gives each key's own binomial p-value; the suspect's p-value is
-    Bonferroni-adjusted, min(1, N x its own), for picking the best of the N keys."""
+    Bonferroni-adjusted, min(1, N x its own), for picking the best of the N keys.
+    Exit status 0 when traced (adjusted p < alpha), 1 when not."""
     from fedfm.ip import client_key, trace_keys
 
     master = key is not None or key_env is not None
     if bool(keys) == master or master != (clients is not None):
         console.print("[red]error:[/] give either --keys K0 --keys K1 ... or --key MASTER (or --key-env VAR) --clients N")
+        raise typer.Exit(2)
+    if clients is not None and clients < 1:
+        console.print(f"[red]error:[/] --clients {clients}: give the number of clients, 1 or more (client ids 0..N-1)")
         raise typer.Exit(2)
     if keys:
         labelled = dict(enumerate(keys))
@@ -114,8 +124,12 @@ def watermark_trace(
     for cid, v in result.verdicts.items():
         table.add_row(str(cid), f"{v.hits}/{v.total}{unit(spec)}", f"{v.accuracy:.4f}", f"{v.p_value:.3g}")
     console.print(table)
+    ok = result.verified(alpha)
     console.print(f"suspect: client {result.suspect} (p-value {result.p_value:.3g}, Bonferroni-adjusted over "
-                  f"{len(result.verdicts)} keys; its own key's p-value {result.p_raw:.3g})")
+                  f"{len(result.verdicts)} keys; its own key's p-value {result.p_raw:.3g}): "
+                  + ("[green]traced[/]" if ok else "[yellow]not traced[/], no key is answered better than chance allows")
+                  + f" (alpha {alpha:g})")
+    raise typer.Exit(0 if ok else 1)
 
 
 @watermark_app.command("copy")
