@@ -60,7 +60,7 @@ def test_report_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "a" / "report" / "report.html").exists()
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
-    assert bad.exit_code == 1 and "no metrics.jsonl" in bad.output
+    assert bad.exit_code == 1 and "missing: no such folder" in bad.output
 
 
 def test_report_replaces_only_its_own_files(tmp_path):

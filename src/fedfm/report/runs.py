@@ -42,6 +42,10 @@ class Run:
 def load_run(path: str | Path) -> Run:
     d = Path(path)
     metrics = d / "metrics.jsonl"
+    if not d.exists():
+        raise FileNotFoundError(f"{d}: no such folder")
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: a file, not a run directory")
     if not metrics.is_file():
         raise FileNotFoundError(f"{d}: no metrics.jsonl (is it a fedfm run directory?)")
     rows = read_metrics(metrics)

@@ -157,11 +157,30 @@ def open_sinks(exp, out: str | Path, resume_round: int | None = None) -> list[Si
     sinks: list[Sink] = []
     if cfg.tensorboard is not None:
         log_dir = Path(cfg.tensorboard.dir) if cfg.tensorboard.dir else out / "tensorboard"
-        if resume_round is None and not cfg.tensorboard.dir:  # a replaced run's events in the default folder
-            for old in log_dir.glob("events.out.tfevents.*"):
-                old.unlink()
-        sinks.append(TensorBoardSink(log_dir, resume_round))
+        field = "tracking.tensorboard.dir" if cfg.tensorboard.dir else "tracking.tensorboard"
+        try:
+            if resume_round is None and not cfg.tensorboard.dir:  # a replaced run's events in the default folder
+                for old in log_dir.glob("events.out.tfevents.*"):
+                    old.unlink()
+            sinks.append(TensorBoardSink(log_dir, resume_round))
+        except OSError as exc:
+            _close(sinks)
+            raise ValueError(f"{field}: cannot write TensorBoard events to {log_dir} ({exc.strerror or exc})") from None
     if cfg.mlflow is not None:
         uri = cfg.mlflow.uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        sinks.append(MlflowSink(uri, cfg.mlflow.experiment or exp.name, out.name, out, resume_round))
+        field = "tracking.mlflow.uri" if cfg.mlflow.uri else "tracking.mlflow"
+        try:
+            sinks.append(MlflowSink(uri, cfg.mlflow.experiment or exp.name, out.name, out, resume_round))
+        except ImportError:
+            _close(sinks)
+            raise
+        except Exception as exc:  # MLflow raises its own exception types, and OSError from the store
+            _close(sinks)
+            raise ValueError(f"{field}: cannot open the MLflow store {uri} ({type(exc).__name__}: {exc})") from None
     return sinks
+
+
+def _close(sinks: list[Sink]) -> None:
+    """Close the sinks already opened when a later one fails."""
+    for sink in sinks:
+        sink.close()
