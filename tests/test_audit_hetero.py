@@ -60,3 +60,22 @@ def test_fedra_layers_past_the_model_refused_by_the_reference(tmp_path):
     assert part.client_reference(0, {"layers": 2, "role": "phone"}, shared) is shared
     with pytest.raises(ValueError, match=r"client 0 \(role 'phone'\): profile.layers = 3 exceeds the model's 2"):
         part.client_reference(0, {"layers": 3, "role": "phone"}, shared)
+
+
+def test_sim_clock_server_seconds_per_step_replaces_the_measured_server_time():
+    """SplitFed reports server_s (measured); given 0.5 s per step, 4 steps cost 2.0 s, unscaled by speed:
+    compute = 4 * 0.25 / 0.5 + 2.0 = 4.0."""
+    import torch
+
+    from fedfm.aggregators.sim_clock import timing_of
+    from fedfm.core.types import Update
+    from fedfm.runtime.capacity import client_seconds
+
+    update = Update(cid=3, num_examples=8, payload={"w": torch.zeros(2)},
+                    metrics={"steps": 4, "step_s": 9.0, "server_s": 0.123})
+    measured = timing_of(update, {"speed": 0.5}, 0.25)
+    fixed = timing_of(update, {"speed": 0.5}, 0.25, server_seconds_per_step=0.5)
+    assert measured.server_s == 0.123 and fixed.server_s == 2.0
+    assert client_seconds(fixed)["compute"] == 4.0
+    plain = Update(cid=4, num_examples=8, payload={"w": torch.zeros(2)}, metrics={"steps": 4})
+    assert timing_of(plain, {}, 0.25, server_seconds_per_step=0.5).server_s == 0.0  # no split learning: nothing added

@@ -10,7 +10,10 @@ same as up. A learner whose link carries more than its payload (split learning: 
 activations and their gradients at every step; its server-side half never travels)
 reports ``wire_bytes_up`` / ``wire_bytes_down``, which replace both; SplitFed also reports
 ``server_s``, the main server's seconds for that client, added to its compute time
-unscaled (the client waits for the server at every step; the server is not the phone). These are raw
+unscaled (the client waits for the server at every step; the server is not the phone);
+``server_seconds_per_step`` replaces the measured seconds by that many per client step, so
+that with ``seconds_per_step`` too the clock, and which clients miss a deadline, no longer
+depend on the machine. These are raw
 tensor bytes before the codec chains (split learning: the activation chains' encoded
 bytes): the round loop's encoded counts (``bytes_up``/``bytes_down``) are not visible to a server step.
 
@@ -37,13 +40,17 @@ class SimClockParams(BaseModel):
         None, gt=0, description="cost of one local step on a speed-1.0 device; unset: each client's measured step_s"
     )
     deadline_s: float | None = Field(None, gt=0, description="drop updates whose simulated time exceeds this")
+    server_seconds_per_step: float | None = Field(
+        None, gt=0, description="split learning: the main server's seconds per client step; unset: its measured server_s"
+    )
 
 
 def payload_bytes(payload: State) -> int:
     return sum(t.numel() * t.element_size() for t in payload.values())
 
 
-def timing_of(update: Update, profile: dict, seconds_per_step: float | None) -> ClientTiming:
+def timing_of(update: Update, profile: dict, seconds_per_step: float | None,
+              server_seconds_per_step: float | None = None) -> ClientTiming:
     who = f"client {update.cid}"
     if "steps" not in update.metrics:
         raise ValueError(f"sim_clock: {who} reported no 'steps' metric")
@@ -55,6 +62,8 @@ def timing_of(update: Update, profile: dict, seconds_per_step: float | None) -> 
     up_bytes = int(m.get("wire_bytes_up", payload_bytes(update.payload)))
     down_bytes = int(m.get("wire_bytes_down", m.get("bytes_down", up_bytes)))
     server_s = float(m.get("server_s", 0.0))  # split learning: the main server's seconds for this client
+    if "server_s" in m and server_seconds_per_step is not None:  # given: the clock no longer depends on the machine
+        server_s = server_seconds_per_step * int(m["steps"])
     return ClientTiming(update.cid, int(update.metrics["steps"]), float(step_s), down_bytes, up_bytes, speed, down, up, server_s)
 
 
@@ -65,10 +74,12 @@ class SimClock:
 
     def __init__(self, params: SimClockParams):
         self.seconds_per_step, self.deadline_s = params.seconds_per_step, params.deadline_s
+        self.server_seconds_per_step = params.server_seconds_per_step
 
     def __call__(self, updates: list[Update], ctx, state: State):
         profiles = {c.cid: c.profile for c in ctx.clients} if ctx is not None else {}
-        timings = [timing_of(u, profiles.get(u.cid, {}), self.seconds_per_step) for u in updates]
+        timings = [timing_of(u, profiles.get(u.cid, {}), self.seconds_per_step, self.server_seconds_per_step)
+                   for u in updates]
         sim, late = round_clock(timings, self.deadline_s)
         total = float(state["total"].item()) + sim if "total" in state else sim
         metrics: dict = {"sim_time_s": sim, "sim_total_s": total, "late": len(late)}
