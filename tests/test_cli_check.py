@@ -137,3 +137,18 @@ def test_check_refuses_an_attack_target_outside_the_classes_inferred_from_the_da
     assert result.exit_code == 1 and "(backdoor): target 5 is not a class of the model (model.num_labels 2: classes 0..1)" in out, out
     result, out = invoke(monkeypatch, "check", cfg, "-o", "attack.target=1")
     assert result.exit_code == 0, out
+
+
+def test_check_refuses_a_tracking_place_under_a_file(tmp_path, monkeypatch):
+    from fedfm.tracking.sinks import place_problem
+
+    blocker = tmp_path / "data.csv"
+    blocker.write_text("x")
+    assert place_problem(blocker / "tb") == f"{blocker} is a file, not a folder"
+    assert place_problem(tmp_path / "new" / "tb") is None  # created by the run
+    cfg = write(tmp_path, tiny_config(tmp_path))
+    result, out = invoke(monkeypatch, "check", cfg, "-o", f"tracking.tensorboard={{dir: {blocker / 'tb'}}}")
+    assert result.exit_code == 1 and f"tracking.tensorboard.dir: cannot write TensorBoard events to {blocker / 'tb'}" in out, out
+    result, out = invoke(monkeypatch, "check", cfg, "-o", f"tracking.mlflow={{uri: 'sqlite:///{blocker}/m.db'}}")
+    assert result.exit_code == 1 and "tracking.mlflow.uri: cannot open the MLflow store" in out, out
+    assert not (tmp_path / "new").exists()

@@ -85,14 +85,16 @@ def _check_data(exp):
     from fedfm.attacks.checks import target_problems
     from fedfm.data import build_federation, load_source, resolve_labels
     from fedfm.ip.preserve import check_public_data
+    from fedfm.tracking.sinks import tracking_problems
     from fedfm.tasks.limits import validate_model_inputs
 
     console.print(escape(f"loading data: {_what_data(exp)}"))
     fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
     labels = resolve_labels(exp, fed)
     targets = target_problems(exp) if labels is not None else []  # with num_labels inferred from the data too
-    if targets:
-        raise ValueError("; ".join(targets))
+    places = tracking_problems(exp)  # read only: a place the run could not write
+    if targets or places:
+        raise ValueError("; ".join(targets + places))
     if labels is not None:
         for line in labels.warnings:
             console.print(f"[yellow]warning:[/] {escape(line)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Protocol
@@ -184,3 +185,39 @@ def _close(sinks: list[Sink]) -> None:
     """Close the sinks already opened when a later one fails."""
     for sink in sinks:
         sink.close()
+
+
+def place_problem(path: str | Path) -> str | None:
+    """Why a folder (or a file's folder) could not be created and written, read without
+    writing anything (``fedfm check``), or None: an existing part of the path that is a
+    file, or a nearest existing folder that this user cannot write."""
+    p = Path(path).expanduser().absolute()
+    for part in [p, *p.parents]:
+        if part.exists():
+            if not part.is_dir():
+                return f"{part} is a file, not a folder"
+            if not os.access(part, os.W_OK | os.X_OK):
+                return f"{part} is not writable"
+            return None
+    return None
+
+
+def tracking_problems(exp) -> list[str]:
+    """The tracking places of ``exp`` that a run could not write (``place_problem``); the
+    default places are in the run folder, which the run checks itself."""
+    cfg, problems = exp.tracking, []
+    if cfg.tensorboard is not None and cfg.tensorboard.dir:
+        why = place_problem(cfg.tensorboard.dir)
+        if why:
+            problems.append(f"tracking.tensorboard.dir: cannot write TensorBoard events to {cfg.tensorboard.dir} ({why})")
+    uri = (cfg.mlflow.uri if cfg.mlflow is not None else None) or ""
+    if uri.startswith("sqlite:///"):
+        target = Path(uri[len("sqlite:///"):]).parent  # the database file's folder
+    elif uri.startswith("file://"):
+        target = Path(uri[len("file://"):])
+    else:
+        target = None  # a server (http...) or the default store in the run folder
+    why = place_problem(target) if target is not None else None
+    if why:
+        problems.append(f"tracking.mlflow.uri: cannot open the MLflow store {uri} ({why})")
+    return problems
