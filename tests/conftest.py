@@ -139,3 +139,21 @@ def record_replies(rt) -> list[bytes]:
 
     rt.transport.exchange = spy
     return sent
+
+
+def register_failing_middleware(name: str, fails, message: str) -> str:
+    """Register client middleware ``name`` whose ``before_train`` raises
+    ``RuntimeError(message)`` when ``fails(ctx)`` is true (a client that cannot train)."""
+    from fedfm.learners.middleware import PassThrough, register_middleware
+
+    class Failing(PassThrough):
+        def __init__(self, params=None):
+            pass
+
+        def before_train(self, examples, ctx):
+            if fails(ctx):
+                raise RuntimeError(message)
+            return examples
+
+    register_middleware(name, Failing)
+    return name

@@ -4,22 +4,11 @@ that fails every client does not pass as a finished run."""
 from __future__ import annotations
 
 import yaml
-from conftest import invoke, tiny_config
-
-from fedfm.learners.middleware import PassThrough, register_middleware
+from conftest import invoke, tiny_config, register_failing_middleware
 
 
-class AlwaysFail(PassThrough):
-    def __init__(self, params=None):
-        pass
 
-    def before_train(self, examples, ctx):
-        if ctx.round == 1 or ctx.cid == 0:
-            raise RuntimeError("cannot train")
-        return examples
-
-
-register_middleware("test_cli_always_fail", AlwaysFail)
+register_failing_middleware("test_cli_always_fail", lambda ctx: ctx.round == 1 or ctx.cid == 0, "cannot train")
 
 
 def test_run_warns_of_skipped_rounds_with_the_first_failure(tmp_path, monkeypatch):

@@ -5,28 +5,17 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, register_failing_middleware
 from safetensors.torch import load_file
 
 from fedfm.aggregators.flash import SCHEDULE, FlashServer
 from fedfm.config import from_dict
 from fedfm.core.types import MODEL, ClientSpec
 from fedfm.learners.flash import FlashParams
-from fedfm.learners.middleware import PassThrough, register_middleware
 from fedfm.runtime.local import LocalRuntime
 
 
-class RefuseRoundOne(PassThrough):
-    def __init__(self, params=None):
-        pass
-
-    def before_train(self, examples, ctx):
-        if ctx.round == 1:
-            raise RuntimeError("no training in round 1")
-        return examples
-
-
-register_middleware("test_flash_refuse_round_one", RefuseRoundOne)
+register_failing_middleware("test_flash_refuse_round_one", lambda ctx: ctx.round == 1, "no training in round 1")
 
 
 def _raw(tmp_path, **over) -> dict:

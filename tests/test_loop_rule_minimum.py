@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import json
 
-from conftest import tiny_config
+from conftest import tiny_config, register_failing_middleware
 
 from fedfm.aggregators.robust_checks import fewest_updates
 from fedfm.config import from_dict
-from fedfm.learners.middleware import PassThrough, register_middleware
 from fedfm.runtime.local import LocalRuntime
 
 
-class FailRoundOne(PassThrough):
-    def __init__(self, params=None):
-        pass
-
-    def before_train(self, examples, ctx):
-        if ctx.round == 1:
-            raise RuntimeError("broken in round 1")
-        return examples
-
-
-register_middleware("test_loop_fail_round_one", FailRoundOne)
+register_failing_middleware("test_loop_fail_round_one", lambda ctx: ctx.round == 1, "broken in round 1")
 
 
 def test_fewest_updates_by_hand():

@@ -158,4 +158,4 @@ def watermark_copy(
 
 
 if __name__ == "__main__":
-    app()
+    watermark_app()
