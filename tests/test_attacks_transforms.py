@@ -99,7 +99,10 @@ def test_alie_by_hand():
     assert m["skipped"] == 0
     # no attacker sampled this round: unchanged
     out, _, m = Alie(AlieParams())(ups[:3], omni_ctx(["default"] * 3 + ["attacker"] * 2), {})
-    assert out == ups[:3] and m["attackers"] == 0
+    assert out == ups[:3] and m == {"attackers": 0, "skipped": 0}
+    # only attackers sampled: no honest mean, left as is, and the round says so
+    out, _, m = Alie(AlieParams())(ups[3:], omni_ctx(["default"] * 3 + ["attacker"] * 2), {})
+    assert out == ups[3:] and m == {"attackers": 0, "skipped": 1}
     # the paper's example size: n = 50, f = 12 -> s = floor(26) - 12 = 14, z = Phi^-1(36/50) = 0.582842
     assert alie_z(50, 12) == pytest.approx(0.582842, abs=1e-6)
 
@@ -126,4 +129,6 @@ def test_ipm_by_hand():
     out, _, m = Ipm(IpmParams(epsilon=0.5))(ups, omni_ctx(["default"] * 3 + ["evil"]), {})
     assert float(out[3].payload["w"]) == 50.0 and m["attackers"] == 0  # role 'attacker' by default
     out, _, m = Ipm(IpmParams(epsilon=0.5, role="evil"))(ups, omni_ctx(["default"] * 3 + ["evil"]), {})
-    assert float(out[3].payload["w"]) == pytest.approx(-1.0) and m["attackers"] == 1
+    assert float(out[3].payload["w"]) == pytest.approx(-1.0) and m == {"attackers": 1, "skipped": 0}
+    out, _, m = Ipm(IpmParams(role="evil"))(ups[3:], omni_ctx(["default"] * 3 + ["evil"]), {})  # no honest update
+    assert out == ups[3:] and m == {"attackers": 0, "skipped": 1}

@@ -26,7 +26,9 @@ lives in attacks/ and no aggregator knows of it.
   Inner Product Manipulation"): every attacker sends ``-epsilon * mu``.
 
 A round with no attacker or no honest update is left as is. Metrics: ``attackers`` (how
-many updates were replaced) and, for ALIE, ``z`` and ``skipped``.
+many updates were replaced), ``skipped`` (1 when the round held attackers but was left
+unattacked: no honest update to craft from, or ALIE's undefined z_max; 0 otherwise) and,
+for ALIE, ``z``.
 
 Both craft every tensor of the payload, so they are refused at config time with learner
 ``ifca``, whose payload also carries its cluster weight (``personalize/ifca.py``).
@@ -103,8 +105,8 @@ class Alie:
 
     def __call__(self, updates: list[Update], ctx, state: State):
         bad, honest = split_roles(updates, ctx, self.p.role)
-        if not bad or not honest:
-            return updates, state, {"attackers": 0, "skipped": 0}
+        if not bad or not honest:  # skipped: attackers there, but no honest update to craft from
+            return updates, state, {"attackers": 0, "skipped": int(bool(bad))}
         z = self.p.z if self.p.z is not None else alie_z(len(updates), len(bad))
         if z is None:  # attackers a majority of the round: z_max undefined (module docstring)
             return updates, state, {"attackers": 0, "skipped": 1}
@@ -123,11 +125,11 @@ class Ipm:
 
     def __call__(self, updates: list[Update], ctx, state: State):
         bad, honest = split_roles(updates, ctx, self.p.role)
-        if not bad or not honest:
-            return updates, state, {"attackers": 0}
+        if not bad or not honest:  # skipped: attackers there, but no honest update to craft from
+            return updates, state, {"attackers": 0, "skipped": int(bool(bad))}
         mu, _ = honest_stats(updates, honest)
         crafted = {k: -self.p.epsilon * mu[k] for k in mu}
-        return replace_attackers(updates, bad, crafted), state, {"attackers": len(bad)}
+        return replace_attackers(updates, bad, crafted), state, {"attackers": len(bad), "skipped": 0}
 
 
 register_server_step("alie", Alie, AlieParams)
