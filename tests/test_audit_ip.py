@@ -76,3 +76,19 @@ def test_verify_and_trace_name_a_missing_folder(tmp_path, monkeypatch):
     for command in (["verify", "--key", "k"], ["trace", "--key", "m", "--clients", "2"]):
         result, out = invoke(monkeypatch, "watermark", command[0], str(tmp_path / "nowhere"), *command[1:])
         assert result.exit_code == 2 and "nowhere: not a run directory nor a .safetensors file" in out
+
+
+def test_an_unfinished_run_points_to_its_last_checkpoint(tmp_path):
+    from fedfm.ip.loading import resolve
+
+    run = tmp_path / "run"
+    for r in (0, 2, 1):
+        (run / "checkpoints" / f"round-00000{r}").mkdir(parents=True)
+        (run / "checkpoints" / f"round-00000{r}" / "state.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no final.safetensors in this directory \(an unfinished run: its last "
+                                                r"checkpoint's global model is .*round-000002/state.safetensors; give "
+                                                r"that file, with --config .*run/config.yaml\)"):
+        resolve(run)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no final.safetensors in this directory$"):
+        resolve(tmp_path / "empty")

@@ -34,7 +34,10 @@ def resolve(model: str | Path, config: str | Path | None = None) -> tuple[Path, 
     else:
         raise FileNotFoundError(f"MODEL {path}: not a run directory nor a .safetensors file")
     if not weights.is_file():
-        raise FileNotFoundError(f"MODEL {path}: no {FINAL} in this directory")
+        rounds = sorted((path / "checkpoints").glob("round-*/state.safetensors")) if path.is_dir() else []
+        hint = (f" (an unfinished run: its last checkpoint's global model is {rounds[-1]}; give that file, "
+                f"with --config {path / 'config.yaml'})") if rounds else ""
+        raise FileNotFoundError(f"MODEL {path}: no {FINAL} in this directory{hint}")
     cfg = Path(config) if config is not None else weights.parent / "config.yaml"
     if not cfg.is_file():
         raise FileNotFoundError(f"no config.yaml beside {weights}; pass --config")
