@@ -35,3 +35,20 @@ def test_a_round_failures_leave_too_small_for_krum_is_retried_then_skipped(tmp_p
     assert rows[1]["skipped"] == "3 of the 4 updates aggregator krum needs kept after 2 attempt(s)"
     assert rows[1]["clients"] == [] and len(rows[1]["failed"]) == 4
     assert sorted(rows[2]["clients"]) == [0, 1, 2, 3, 4] and rows[2]["skipped"] is None
+
+
+def test_the_algorithm_aggregates_nothing_below_the_rule_minimum(tmp_path):
+    """After the updates-stage steps (which may leave updates out), 3 updates are below
+    Krum's f + 3 = 4: nothing is combined, the loop then retries or skips the round."""
+    import torch
+
+    from fedfm.core.types import MODEL, Update
+    from fedfm.runtime.algorithm import build_algorithm
+
+    exp = from_dict(tiny_config(tmp_path, **{"federation.clients": 5, "aggregator": {"rule": "krum", "f": 1}}), "<test>")
+    algo = build_algorithm(exp)
+    assert algo.fewest_updates == 4
+    state = {MODEL: {"w": torch.zeros(2)}}
+    ups = [Update(cid=c, num_examples=1, payload={"w": torch.ones(2)}) for c in range(3)]
+    new, metrics = algo.aggregate(state, ups, None)
+    assert metrics == {"kept": [0, 1, 2], "aggregated": 0} and torch.equal(new[MODEL]["w"], torch.zeros(2))

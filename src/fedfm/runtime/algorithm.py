@@ -47,6 +47,7 @@ import fnmatch
 from typing import Any, Sequence
 
 from fedfm.aggregators import Pipeline, aggregators, build_server_part, server_optimizers
+from fedfm.aggregators.robust_checks import fewest_updates
 from fedfm.aggregators.server_part import ServerPart, ServerPartBase
 from fedfm.core.exchanges import build_phases, check_phases
 from fedfm.core.protocols import RoundContext
@@ -71,6 +72,7 @@ class FedAlgorithm:
         phases: Sequence = (),
         profiles: dict[int, dict[str, Any]] | None = None,
         seed: int = 0,
+        fewest_updates: int = 1,
     ):
         self.learner = learner
         self.rule, self.rule_params = rule, rule_params
@@ -81,6 +83,9 @@ class FedAlgorithm:
         self.phases = list(phases)  # extra exchange phases of every round (core/exchanges.py)
         self.profiles = dict(profiles or {})  # cid -> ClientSpec.profile (runtime/roles.py)
         self.seed = seed
+        # the fewest updates the rule combines (aggregators/robust_checks.fewest_updates): fewer,
+        # after the ``updates``-stage steps, aggregate nothing (the round loop retries or skips)
+        self.fewest_updates = fewest_updates
         self.issued: dict[int, Instruction] = {}  # last instruction per client (per-client shapes)
         self.base: State | None = None  # the base trainable State, for learners sent no State
 
@@ -178,7 +183,7 @@ class FedAlgorithm:
         metrics: dict[str, Any] = {}
         kept = self.pipeline.run("updates", list(updates), new, ctx, metrics)
         metrics["kept"] = [u.cid for u in kept]  # the round loop settles the others as not accepted
-        if not kept:
+        if len(kept) < max(1, self.fewest_updates):
             metrics["aggregated"] = 0
             return new, metrics
         model = new[MODEL]
@@ -230,6 +235,7 @@ def build_algorithm(exp) -> FedAlgorithm:
         phases=[*build_phases(exp.exchanges), *own_phases],
         profiles=client_profiles(exp),
         seed=exp.seed,
+        fewest_updates=fewest_updates(spec.rule, spec.params(), exp.federation.clients),
     )
 
 

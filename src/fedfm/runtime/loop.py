@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfm.aggregators.robust_checks import fewest_updates
 from fedfm.codecs import CodecChain, CodecContext, CodecError
 from fedfm.codecs.base import Payload
 from fedfm.codecs.serialize import from_bytes, to_bytes
@@ -85,7 +84,7 @@ class RoundLoop:
         self.sample_size = clients_per_round(exp.federation, exp.federation.clients)  # the plan an accountant reads
         # the fewest accepted updates a round aggregates: min_clients, or more where the rule needs more
         # (a round that lost clients to failures or rejections is retried or skipped, not a stopped run)
-        rule_needs = fewest_updates(exp.aggregator.rule, exp.aggregator.params(), self.sample_size)
+        rule_needs = self.algo.fewest_updates
         self.need = max(exp.federation.min_clients, rule_needs)
         self.need_reason = (f"min_clients {exp.federation.min_clients}" if self.need == exp.federation.min_clients
                             else f"the {rule_needs} updates aggregator {exp.aggregator.rule} needs")
