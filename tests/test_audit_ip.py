@@ -92,3 +92,23 @@ def test_an_unfinished_run_points_to_its_last_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no final.safetensors in this directory$"):
         resolve(tmp_path / "empty")
+
+
+def test_a_run_recorded_under_older_rules_still_loads_for_verification(tmp_path):
+    """codecs.down with error_feedback is refused today; a run that recorded it still loads."""
+    from safetensors.torch import save_file
+
+    from fedfm.config import ConfigError, load_config
+    from fedfm.ip.loading import load_suspect
+
+    run = tmp_path / "run"
+    run.mkdir()
+    raw = tiny_config(tmp_path, **{"codecs.down": [{"topk": 0.5, "error_feedback": True}]})
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    save_file({}, str(run / "final.safetensors"))
+    with pytest.raises(ConfigError, match=r"codecs.down\[0\]: error_feedback is for codecs.up only"):
+        load_config(run / "config.yaml")
+    exp, _, state = load_suspect(run)
+    assert exp.codecs.down == [{"topk": 0.5, "error_feedback": True}] and len(state) == 10  # the tiny LoRA's template
+    with pytest.raises(ConfigError, match="error_feedback is for codecs.up only"):  # a --config given is checked
+        load_suspect(run, run / "config.yaml")

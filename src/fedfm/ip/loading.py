@@ -68,7 +68,8 @@ def complete(template: State, tensors: State, source: str) -> State:
 def load_suspect(model: str | Path, config: str | Path | None = None):
     """(experiment, Base, full trainable State of the suspect model)."""
     cfg, weights = resolve(model, config)
-    exp = load_config(cfg)
+    # the run's own config.yaml as recorded (a check added since must not lock a run out); a --config given is checked
+    exp = load_config(cfg, components=config is not None)
     tensors = read_state_file(weights, "MODEL")  # before the model is built: a damaged file fails at once
     base, template = build_base(exp)
     return exp, base, complete(template, tensors, str(weights))
