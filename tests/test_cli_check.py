@@ -152,3 +152,14 @@ def test_check_refuses_a_tracking_place_under_a_file(tmp_path, monkeypatch):
     result, out = invoke(monkeypatch, "check", cfg, "-o", f"tracking.mlflow={{uri: 'sqlite:///{blocker}/m.db'}}")
     assert result.exit_code == 1 and "tracking.mlflow.uri: cannot open the MLflow store" in out, out
     assert not (tmp_path / "new").exists()
+
+
+def test_check_resolves_the_split_learners_cut_against_the_model(tmp_path, monkeypatch):
+    """Tiny BERT has 2 layers: cut 3 fails on the client at run time; check names it first."""
+    raw = tiny_config(tmp_path, **{"learner": {"name": "split"},
+                                   "federation.roles": [{"name": "phone", "count": 1, "profile": {"cut": 3}}]})
+    cfg = write(tmp_path, raw)
+    result, out = invoke(monkeypatch, "check", cfg)
+    assert result.exit_code == 1 and "(role 'phone'): profile.cut = 3 exceeds the model's 2" in out, out
+    result, out = invoke(monkeypatch, "check", cfg, "-o", "federation.roles.0.profile.cut=1")
+    assert result.exit_code == 0, out

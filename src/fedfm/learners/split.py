@@ -162,6 +162,14 @@ def payload_size(tensors: State, meta: dict[str, str] | None = None) -> int:
     return len(to_bytes(Payload(dict(tensors), {k: str(v) for k, v in (meta or {}).items()})))
 
 
+def check_cuts(model: torch.nn.Module, profiles: dict[int, dict[str, Any]]) -> None:
+    """Every client's ``cut`` against the model's layers, as ``local_update`` resolves it
+    (``fedfm check`` runs it on the meta-device model: ``runtime/skeleton.py``)."""
+    total = len(bert_parts(model).layers)
+    for cid, profile in sorted(profiles.items()):
+        resolve_size(profile, "cut", total, client_who(cid, profile))
+
+
 class SplitParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     act_codecs: list[dict[str, Any]] = Field(default_factory=list, description="codec chain of the activations (up)")

@@ -9,7 +9,8 @@ builds the same model from its config on the meta device (names and shapes, no s
 the pre-trained weights are not read and no memory is taken), applies the tuner as the workbench does
 (``runtime/workbench.py``), and asks the algorithm what it asks at the start of a run:
 the shared and local split, and every client's downlink shapes (``down_reference``),
-which is where per-client shapes and the pruning masks' names are worked out.
+which is where per-client shapes and the pruning masks' names are worked out; for the
+``split`` learner, which has no server half, every client's ``cut`` against the layers.
 
 A ``model.init_from`` run (and the runs it started from) is loaded into it as ``run``
 loads it (``personalize/init_from.py``): its final State is read, so a missing or
@@ -62,8 +63,13 @@ def meta_state(model: torch.nn.Module) -> State:
 def check_against_model(exp, algorithm, client_ids, init_from: bool = True) -> int:
     """Raise what ``fedfm run`` would raise about names and shapes (see the module
     docstring); returns the number of trainable tensors."""
-    state = meta_state(skeleton_model(exp, init_from))
+    model = skeleton_model(exp, init_from)
+    state = meta_state(model)
     algorithm.shared_part(state)
     for cid in client_ids:
         algorithm.down_reference(cid, state)
+    if exp.learner.name == "split":  # its cut is resolved on the client, against the model (no server part)
+        from fedfm.learners.split import check_cuts
+
+        check_cuts(model, {cid: algorithm.profiles.get(cid, {}) for cid in client_ids})
     return len(state)
