@@ -8,9 +8,10 @@ With ``n`` updates of which at most ``f`` are Byzantine, each update ``i`` gets 
 Krum returns the update with the smallest score; Multi-Krum averages (unweighted) the
 ``m`` updates with the smallest scores (ties go to the lower client position). The
 guarantee needs ``n > 2f + 2``; fewer clients per round is refused at config time
-(``aggregators/robust_checks.py``), and a round that ends up with fewer than ``f + 3``
-updates (dropouts) raises a clear error naming the ``federation.min_clients`` that would
-retry or skip it (refused at config time where ``faults`` make rounds lose clients).
+(``aggregators/robust_checks.py``). A round that ends up with fewer than ``f + 3`` updates
+(dropouts, failed or rejected clients) is retried or skipped by the round loop
+(``robust_checks.fewest_updates``); called directly with so few, the rule raises, naming
+the ``federation.min_clients`` that would retry or skip such a round.
 
 ``space: lora_product`` measures the distances between the clients' effective LoRA weight
 changes instead of between their (A, B) coordinates (``aggregators/lora_space.py``); the

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.attacks.checks import check_target
+from fedfm.attacks.checks import check_target, model_classes
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import State
 from fedfm.learners.middleware import PassThrough, register_middleware
@@ -62,9 +62,9 @@ class Backdoor(PassThrough):
         self.p = params
 
     def before_train(self, examples, ctx):
-        num_labels = getattr(getattr(getattr(ctx, "model", None), "config", None), "num_labels", None)
-        if num_labels:
-            check_target(self.p.target, int(num_labels), "backdoor", ctx.cid)
+        num_labels = model_classes(ctx)
+        if num_labels is not None:
+            check_target(self.p.target, num_labels, "backdoor", ctx.cid)
         return poison(examples, trigger_ids(ctx.tokenizer, self.p.trigger), self.p, derive_seed(ctx.seed, BACKDOOR_TAG), ctx.cid)
 
 

@@ -79,6 +79,12 @@ def attack_problems(exp, n: int) -> list[str]:
     return _omniscient_problems(exp, n) + target_problems(exp)
 
 
+def model_classes(ctx) -> int | None:
+    """The number of classes of the client's model (its config's ``num_labels``), or None."""
+    n = getattr(getattr(getattr(ctx, "model", None), "config", None), "num_labels", None)
+    return int(n) if n else None
+
+
 def check_target(target: int | None, num_labels: int, attack: str, cid: int) -> None:
     """Raise, naming the client, when ``target`` is not a class of the model."""
     if target is not None and not 0 <= target < num_labels:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.attacks.checks import check_target
+from fedfm.attacks.checks import check_target, model_classes
 from fedfm.learners.middleware import PassThrough, register_middleware
 
 
@@ -22,10 +22,10 @@ class LabelFlipParams(BaseModel):
 
 
 def model_num_labels(ctx) -> int:
-    n = getattr(getattr(ctx.model, "config", None), "num_labels", None)
-    if not n:
+    n = model_classes(ctx)
+    if n is None:
         raise ValueError(f"client {ctx.cid}: label_flip needs a classification model with num_labels")
-    return int(n)
+    return n
 
 
 def flip_labels(examples: list[dict], num_labels: int, target: int | None, cid: int) -> list[dict]:

@@ -185,17 +185,12 @@ def configured_layers(model_cfg) -> int | None:
     """``num_hidden_layers`` of the model's config.json with ``model.config_overrides``
     applied (no weights read), or None where the config cannot be read here: the client
     then refuses ``local_layers`` against the loaded model (``FedBFPTLearner.plan``)."""
-    from transformers import AutoConfig
-
-    from fedfm.tasks.loading import model_dir, quiet_transformers
+    from fedfm.tasks.limits import configured_model
 
     try:
-        quiet_transformers()
-        config = AutoConfig.from_pretrained(model_dir(model_cfg))
+        config, _ = configured_model(model_cfg)
     except (OSError, ValueError, KeyError, ImportError):
         return None
-    for key, value in model_cfg.config_overrides.items():
-        setattr(config, key, value)
     layers = getattr(config, "num_hidden_layers", None)
     return layers if isinstance(layers, int) else None
 

@@ -78,8 +78,9 @@ def model_prompt_positions(model: Any) -> int:
     return int(config.num_virtual_tokens)
 
 
-def model_limit(model_cfg: Any) -> tuple[int | None, str]:
-    """(position limit, model directory) from config.json plus ``model.config_overrides``."""
+def configured_model(model_cfg: Any) -> tuple[Any, str]:
+    """(the model's config: config.json plus ``model.config_overrides``, its directory); no
+    weights are read."""
     from transformers import AutoConfig
 
     from fedfm.tasks.loading import model_dir, quiet_transformers
@@ -91,7 +92,13 @@ def model_limit(model_cfg: Any) -> tuple[int | None, str]:
     config = AutoConfig.from_pretrained(directory)
     for key, value in model_cfg.config_overrides.items():
         setattr(config, key, value)
-    return position_limit(config), str(directory)
+    return config, str(directory)
+
+
+def model_limit(model_cfg: Any) -> tuple[int | None, str]:
+    """(position limit, model directory) from config.json plus ``model.config_overrides``."""
+    config, directory = configured_model(model_cfg)
+    return position_limit(config), directory
 
 
 def validate_model_inputs(exp) -> None:
