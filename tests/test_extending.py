@@ -71,10 +71,11 @@ def test_a_server_part_lacking_members_is_named_when_built():
     try:
         with pytest.raises(TypeError) as err:
             build_server_part("bare_test_part", None, 2)
-        assert "learner 'bare_test_part' (Bare) lacks ['sends_state', 'phases', 'instruction', 'client_reference', " \
+        assert "learner 'bare_test_part' (Bare) lacks ['sends_state', 'phases', 'fewest_updates', 'instruction', 'client_reference', " \
                "'client_payload_spec', 'combine_updates', 'broadcast_reference', 'model_view', 'report']" in str(err.value)
     finally:
         server_parts._entries.pop("bare_test_part")
     plain = build_server_part("local", None, 2)  # a learner with no server half: the base part's values
     assert type(plain) is ServerPartBase and plain.payload_spec({"w": 1}) == {"w": 1}
     assert plain.combine({}, [], {"w": 2}, None) == ({}, {"w": 2}) and plain.phases() == [] and plain.instruction is None
+    assert plain.fewest_updates(5) == 1  # combines whatever the round keeps

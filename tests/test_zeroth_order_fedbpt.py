@@ -241,3 +241,20 @@ def test_resume_is_bit_identical(run, tmp_path):
     for k, v in want["fedbpt.dist"].items():
         assert torch.equal(v, got["fedbpt.dist"][k]), k
     assert all(torch.equal(v, got[MODEL][k]) for k, v in want[MODEL].items())
+
+
+def test_the_loop_retries_then_skips_a_round_that_lost_a_client(tmp_path):
+    """The server ES recombines all m sampled clients, so a round with fewer is retried or
+    skipped like one below min_clients. Dropout 0.4, seed 0 (runtime/faults.drops_out):
+    round 1, attempt 0: both clients return; round 2: client 0 drops in attempts 0 and 1."""
+    raw = fedbpt_raw(tmp_path, rounds=2)
+    raw["faults"] = {"dropout": 0.4}
+    raw["federation"]["max_retries"] = 1
+    out = tmp_path / "out"
+    rt = LocalRuntime(from_dict(raw), out)
+    rt.run()
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert rows[1]["round"] == 1 and rows[1]["fedbpt.told"] == 2 and rows[1]["attempts"] == 1
+    assert rows[2]["skipped"] == "1 of the 2 updates (all 2 sampled) the server part of learner fedbpt combines kept after 2 attempt(s)"
+    assert "fedbpt.told" not in rows[2] and rows[2]["clients"] == []
+    assert rt.loop.server_state["fedbpt.dist"]["told"].tolist() == [2]  # only round 1 was told

@@ -40,9 +40,11 @@ history that determines the ES: every told client mean and fitness (``sol`` (N, 
 size set before each tell (``sigma_set``). ``global_es`` rebuilds the ES by replaying the
 history from a fresh ES (a few d x d updates per round, run in every aggregation: nothing
 about the ES lives outside the server state, so a resumed run is bit-identical; the
-points ``ask`` draws do not enter ``tell``, tested). A round in which fewer than m
-clients report leaves the distribution unchanged: CMA-ES's recombination needs m parents
-(the authors' server waits for all of them).
+points ``ask`` draws do not enter ``tell``, tested). CMA-ES's recombination needs all m
+parents and the authors' server waits for every client, so the part declares
+``fewest_updates`` = m: the round loop retries a round that lost a client (dropped, failed,
+rejected) with a fresh sample, or skips it (``federation.on_too_few``); ``combine`` called
+directly with fewer leaves the distribution unchanged (``told`` 0).
 
 The server sends no State (``sends_state = False``): the broadcast group ``fedbpt`` holds
 ``mean`` (d,), ``sigma`` (1,) and ``cov`` (d, d), float64, and the client rebuilds its
@@ -156,6 +158,9 @@ class FedBPTServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
         self.params = params
         self._a: torch.Tensor | None = None
+
+    def fewest_updates(self, sample_size: int) -> int:
+        return sample_size  # the server ES recombines every sampled client's mean
 
     def matrix(self, prompt: torch.Tensor) -> torch.Tensor:
         if self._a is None:

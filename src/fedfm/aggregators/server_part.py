@@ -27,7 +27,7 @@ from fedfm.core.types import Instruction, ServerState, State, Update
 # FlexLoRA, FedRA, SplitFed, update_clusters) or that broadcast groups not shaped like the
 # State (FedKSeed, FedBPT): None where a part does not use one
 HOOKS = ("instruction", "client_reference", "client_payload_spec", "combine_updates", "broadcast_reference", "model_view", "report")
-MEMBERS = ("broadcast_groups", "sends_state", "init", "broadcast", "payload_spec", "combine", "phases", *HOOKS)
+MEMBERS = ("broadcast_groups", "sends_state", "init", "broadcast", "payload_spec", "combine", "phases", "fewest_updates", *HOOKS)
 
 
 class ServerPart(Protocol):
@@ -52,6 +52,12 @@ class ServerPart(Protocol):
 
     def phases(self) -> list:
         """Exchange phases this part adds to every round (``core.protocols.ExchangePhase``)."""
+        ...
+
+    def fewest_updates(self, sample_size: int) -> int:
+        """The fewest updates this part combines when a round samples ``sample_size``
+        clients (FedBPT: all of them); the round loop retries or skips a round with fewer,
+        as it does below the aggregator rule's minimum."""
         ...
 
     # Per-client hooks (None when unused), with these signatures:
@@ -108,6 +114,9 @@ class ServerPartBase:
 
     def phases(self) -> list:
         return []
+
+    def fewest_updates(self, sample_size: int) -> int:
+        return 1
 
 
 ServerPartFactory = Callable[[object, int], ServerPart]  # (learner params, number of clients)

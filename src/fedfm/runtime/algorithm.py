@@ -54,6 +54,7 @@ from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.learners import build_learner
 from fedfm.runtime.roles import assign_roles
+from fedfm.runtime.sampling import clients_per_round
 
 OPT_PREFIX = "opt."
 
@@ -73,6 +74,7 @@ class FedAlgorithm:
         profiles: dict[int, dict[str, Any]] | None = None,
         seed: int = 0,
         fewest_updates: int = 1,
+        fewest_reason: str = "",
     ):
         self.learner = learner
         self.rule, self.rule_params = rule, rule_params
@@ -83,9 +85,11 @@ class FedAlgorithm:
         self.phases = list(phases)  # extra exchange phases of every round (core/exchanges.py)
         self.profiles = dict(profiles or {})  # cid -> ClientSpec.profile (runtime/roles.py)
         self.seed = seed
-        # the fewest updates the rule combines (aggregators/robust_checks.fewest_updates): fewer,
-        # after the ``updates``-stage steps, aggregate nothing (the round loop retries or skips)
+        # the fewest updates the rule (aggregators/robust_checks.fewest_updates) or the server
+        # part combines: fewer, after the ``updates``-stage steps, aggregate nothing (the round
+        # loop retries or skips the round, and says why with ``fewest_reason``)
         self.fewest_updates = fewest_updates
+        self.fewest_reason = fewest_reason or f"the {fewest_updates} updates the aggregator needs"
         self.issued: dict[int, Instruction] = {}  # last instruction per client (per-client shapes)
         self.base: State | None = None  # the base trainable State, for learners sent no State
 
@@ -222,6 +226,7 @@ def build_algorithm(exp) -> FedAlgorithm:
     learner_params_model = learners.parse(exp.learner.name, exp.learner.params(), "learner")
     spec, so = exp.aggregator, exp.server_optimizer
     server_part = build_server_part(exp.learner.name, learner_params_model, exp.federation.clients)
+    fewest, reason = fewest_combined(exp, server_part)
     own_phases = check_phases(server_part.phases(), f"learner '{exp.learner.name}' (its server part's phases)")
     return FedAlgorithm(
         learner=build_learner(exp.learner),
@@ -235,8 +240,22 @@ def build_algorithm(exp) -> FedAlgorithm:
         phases=[*build_phases(exp.exchanges), *own_phases],
         profiles=client_profiles(exp),
         seed=exp.seed,
-        fewest_updates=fewest_updates(spec.rule, spec.params(), exp.federation.clients),
+        fewest_updates=fewest,
+        fewest_reason=reason,
     )
+
+
+def fewest_combined(exp, server_part: ServerPart) -> tuple[int, str]:
+    """The fewest updates a round aggregates, for the rule and the server part (FedBPT's
+    server ES recombines all the clients a round samples), and the reason the loop gives
+    for a round below it."""
+    spec = exp.aggregator
+    rule_min = fewest_updates(spec.rule, spec.params(), exp.federation.clients)
+    sampled = clients_per_round(exp.federation, exp.federation.clients)
+    part_min = server_part.fewest_updates(sampled)
+    if part_min > rule_min:
+        return part_min, f"the {part_min} updates (all {sampled} sampled) the server part of learner {exp.learner.name} combines"
+    return rule_min, f"the {rule_min} updates aggregator {spec.rule} needs"
 
 
 def client_profiles(exp) -> dict[int, dict[str, Any]]:

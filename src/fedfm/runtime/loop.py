@@ -11,7 +11,7 @@ clients to evaluate on their own held-out slices (``eval.clients``); append the 
 metrics.jsonl; checkpoint (runtime/checkpoint.py); settle the mirror store.
 
 A round with fewer than ``federation.min_clients`` accepted updates (or fewer than the
-aggregator rule can combine, ``aggregators/robust_checks.fewest_updates``), counted after the
+aggregator rule or the learner's server part combines, ``FedAlgorithm.fewest_updates``), counted after the
 server's ``updates``-stage steps (an update they leave out, e.g. a straggler past
 ``sim_clock``'s deadline, is rejected like one that fails validation), is retried with a
 fresh sample or skipped, never aggregated. Client-store writes are staged per client and
@@ -84,10 +84,9 @@ class RoundLoop:
         self.sample_size = clients_per_round(exp.federation, exp.federation.clients)  # the plan an accountant reads
         # the fewest accepted updates a round aggregates: min_clients, or more where the rule needs more
         # (a round that lost clients to failures or rejections is retried or skipped, not a stopped run)
-        rule_needs = self.algo.fewest_updates
-        self.need = max(exp.federation.min_clients, rule_needs)
+        self.need = max(exp.federation.min_clients, self.algo.fewest_updates)
         self.need_reason = (f"min_clients {exp.federation.min_clients}" if self.need == exp.federation.min_clients
-                            else f"the {rule_needs} updates aggregator {exp.aggregator.rule} needs")
+                            else self.algo.fewest_reason)
 
     # -- one round ------------------------------------------------------------------
 
