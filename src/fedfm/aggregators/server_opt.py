@@ -46,7 +46,7 @@ def register_server_optimizer(name: str, fn: ServerOptimizer, params: type[BaseM
 
 class SgdParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lr: float = Field(1.0, gt=0, description="server learning rate; 1.0 is plain FedAvg")
+    lr: float = Field(1.0, gt=0, allow_inf_nan=False, description="server learning rate; 1.0 is plain FedAvg")
 
 
 class AvgMParams(SgdParams):
@@ -55,10 +55,10 @@ class AvgMParams(SgdParams):
 
 class AdaptiveParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lr: float = Field(1e-2, gt=0, description="server learning rate eta")
+    lr: float = Field(1e-2, gt=0, allow_inf_nan=False, description="server learning rate eta")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0, description="adaptivity: added to sqrt(v); v starts at tau^2")
+    tau: float = Field(1e-3, gt=0, allow_inf_nan=False, description="adaptivity: added to sqrt(v); v starts at tau^2")
 
 
 class AdagradParams(AdaptiveParams):

@@ -30,7 +30,7 @@ STORE_KEY = "feddyn_grad"
 
 class FedDynParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    alpha: float = Field(0.01, gt=0, description="dynamic regularization weight alpha")
+    alpha: float = Field(0.01, gt=0, allow_inf_nan=False, description="dynamic regularization weight alpha")
 
 
 def client_gradient_update(grad_prev: State, delta: State, alpha: float) -> State:

@@ -21,7 +21,7 @@ from fedfm.peft.state import set_state
 
 class FedProxParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mu: float = Field(0.01, ge=0, description="weight of the proximal term mu/2 ||w - w_global||^2")
+    mu: float = Field(0.01, ge=0, allow_inf_nan=False, description="weight of the proximal term mu/2 ||w - w_global||^2")
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

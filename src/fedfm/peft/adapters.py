@@ -57,7 +57,7 @@ class AdapterParams(BaseModel):
     variant: Literal["houlsby", "pfeiffer"] = "houlsby"
     reduction_factor: int = Field(16, ge=1, description="bottleneck = hidden // reduction_factor")
     activation: Literal["relu", "gelu", "tanh"] = "relu"
-    init_std: float = Field(0.01, ge=0, description="std of the down projection's normal init")
+    init_std: float = Field(0.01, ge=0, allow_inf_nan=False, description="std of the down projection's normal init")
     attn_pattern: str | None = Field(None, description="regex of attention output projections")
     ffn_pattern: str | None = Field(None, description="regex of FFN output projections")
     train_layernorm: bool | None = Field(

@@ -16,7 +16,7 @@ from fedfm.peft.base import head_modules, register_tuner
 class LoraParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     r: int = Field(8, ge=1, description="rank of the update")
-    alpha: float = Field(16.0, gt=0, description="scaling numerator (scale = alpha / r)")
+    alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     train_head: bool = True
