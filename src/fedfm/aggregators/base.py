@@ -20,6 +20,18 @@ Rule = Callable[[State, Sequence[State], Sequence[float], BaseModel], State]
 aggregators: Registry[Rule] = Registry("aggregator.rule")
 
 
+class TooFewUpdates(ValueError):
+    """A rule was given fewer updates than it can combine (Krum below f + 3, Bulyan below
+    4f + 3, multi-Krum below m, a trimmed mean that trims them all). The round loop never
+    hands a rule a round this small (it retries or skips it, ``runtime/loop.py``); a server
+    half that combines a group over its holders only leaves that group unmoved
+    (``aggregators/holders.py``). ``fewest``: the fewest updates the rule combines."""
+
+    def __init__(self, message: str, fewest: int):
+        super().__init__(message)
+        self.fewest = fewest
+
+
 def register_aggregator(name: str, fn: Rule, params: type[BaseModel] = NoParams) -> Rule:
     return aggregators.register(name, fn, params)
 

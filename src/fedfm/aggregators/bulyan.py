@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from fedfm.aggregators.base import register_aggregator
+from fedfm.aggregators.base import TooFewUpdates, register_aggregator
 from fedfm.aggregators.flat import stack, unstack, view, pairwise_sq_dists
 from fedfm.aggregators.krum import KrumParams
 from fedfm.core.types import State
@@ -54,8 +54,8 @@ def closest_to_median_mean(values: torch.Tensor, beta: int) -> torch.Tensor:
 def bulyan(state: State, deltas: Sequence[State], weights: Sequence[float], params: KrumParams) -> State:
     n, f = len(deltas), params.f
     if n < 4 * f + 3:
-        raise ValueError(f"bulyan: {n} updates with f={f}; Bulyan needs n >= 4f + 3 = {4 * f + 3}; "
-                         f"federation.min_clients: {4 * f + 3} retries or skips a round this small")
+        raise TooFewUpdates(f"bulyan: {n} updates with f={f}; Bulyan needs n >= 4f + 3 = {4 * f + 3}; "
+                         f"federation.min_clients: {4 * f + 3} retries or skips a round this small", 4 * f + 3)
     chosen = bulyan_select(view(state, deltas, params.space), f)
     x = stack(state, [deltas[i] for i in chosen])  # (theta, d)
     return unstack(state, closest_to_median_mean(x, len(chosen) - 2 * f))

@@ -11,7 +11,9 @@ layer for its forward pass) and its layers in ``Instruction.config["layers"]``, 
 the LoRA factors of those layers only (``learners/fedra.py``), and sends those plus the
 tensors outside every layer (the task head). The server combines each layer over its
 contributors only: the rule runs once per layer on the clients whose row of ``M`` has it,
-with their weights; a layer no client trained keeps its value (zero delta).
+with their weights; a layer no client trained keeps its value (zero delta), and so does a
+layer trained by fewer clients than the rule combines (Krum with f = 1 needs 4; noted under
+``held_back`` in the round's row, ``aggregators/holders.py``).
 
 FedRA-inspired in one respect: the paper builds each client's sub-model from its
 allocated layers alone; here the unallocated layers stay in the client's forward pass,
@@ -25,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedfm.aggregators.holders import combine_holders
 from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.seeding import derive_seed
@@ -52,9 +55,12 @@ def allocation_matrix(seed: int, rnd: int, counts: dict[int, int], total: int) -
     return m
 
 
-def per_layer_delta(model: State, payloads: Sequence[State], weights: Sequence[float], rule, rule_params) -> tuple[State, dict[str, int]]:
+def per_layer_delta(model: State, payloads: Sequence[State], weights: Sequence[float], rule, rule_params,
+                    notes: dict | None = None) -> tuple[State, dict[str, int]]:
     """(delta, contributors per group): each group of names (one per layer, and one for the
-    names outside every layer) is combined by the rule over the payloads holding it."""
+    names outside every layer) is combined by the rule over the payloads holding it; a layer
+    held by fewer than the rule combines stays (``aggregators/holders.py``, noted as
+    ``layer <i>``)."""
     groups: dict[str, list[str]] = {}
     for name in model:
         layer = layer_of(name)
@@ -68,10 +74,8 @@ def per_layer_delta(model: State, payloads: Sequence[State], weights: Sequence[f
                 raise ValueError(f"a payload holds part of group '{key}' only")
         counts[key] = len(held)
         sub = {n: model[n] for n in names}
-        if not held:
-            delta.update({n: model[n].new_zeros(model[n].shape) for n in names})
-            continue
-        delta.update(rule(sub, [{n: payloads[i][n] for n in names} for i in held], [weights[i] for i in held], rule_params))
+        delta.update(combine_holders(rule, rule_params, sub, [{n: payloads[i][n] for n in names} for i in held],
+                                     [weights[i] for i in held], key if key == "rest" else f"layer {key}", notes))
     return delta, counts
 
 
@@ -103,7 +107,8 @@ class FedRAServer(ServerPartBase):
 
     def combine_updates(self, server_state: ServerState, updates: Sequence[Update], rule, rule_params, ctx: RoundContext):
         model = server_state[MODEL]
-        delta, self.last_counts = per_layer_delta(model, [u.payload for u in updates], [float(u.num_examples) for u in updates], rule, rule_params)
+        delta, self.last_counts = per_layer_delta(model, [u.payload for u in updates], [float(u.num_examples) for u in updates],
+                                                  rule, rule_params, ctx.notes if ctx is not None else None)
         return {}, delta
 
 

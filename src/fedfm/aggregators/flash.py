@@ -147,7 +147,8 @@ class FlashServer(MaskedServer):
         shares = [self.share(profiles.get(u.cid, {}), u.cid) for u in updates]
         regrow = self.regrows(ctx.round, discovery)
         if min(shares) < 1.0 and not regrow:  # Hetero-FLASH: entry by entry over its holders
-            delta = nested_combine(model, updates, shares, lambda f: self.level(ctx.round, server_state, f), rule, rule_params)
+            delta = nested_combine(model, updates, shares, lambda f: self.level(ctx.round, server_state, f), rule, rule_params,
+                                   ctx.notes)
             return {}, zeroing_delta(delta, model, masks, masks)
         hetero = min(shares) < 1.0  # only in a JMWST round here: the masked weights are averaged by holder below
         keys = [k for k in model if not (hetero and k in masks)]

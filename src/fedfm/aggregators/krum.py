@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.base import register_aggregator
+from fedfm.aggregators.base import TooFewUpdates, register_aggregator
 from fedfm.aggregators.flat import Space, mean_of, pairwise_sq_dists, view
 from fedfm.core.types import State
 
@@ -45,8 +45,8 @@ def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
     n = x.shape[0]
     k = n - f - 2
     if k < 1:
-        raise ValueError(f"krum: {n} updates with f={f} leaves n - f - 2 = {k} neighbours (needs n >= f + 3; the guarantee needs "
-                         f"n > 2f + 2); federation.min_clients: {f + 3} retries or skips a round this small")
+        raise TooFewUpdates(f"krum: {n} updates with f={f} leaves n - f - 2 = {k} neighbours (needs n >= f + 3; the guarantee needs "
+                         f"n > 2f + 2); federation.min_clients: {f + 3} retries or skips a round this small", f + 3)
     d = pairwise_sq_dists(x)  # (n, n)
     d.fill_diagonal_(float("inf"))
     return d.sort(dim=1).values[:, :k].sum(1)
@@ -65,8 +65,8 @@ def krum(state: State, deltas: Sequence[State], weights: Sequence[float], params
 
 def multi_krum(state: State, deltas: Sequence[State], weights: Sequence[float], params: MultiKrumParams) -> State:
     if params.m > len(deltas):
-        raise ValueError(f"multi_krum: m={params.m} exceeds the {len(deltas)} updates of the round; "
-                         f"federation.min_clients: {params.m} retries or skips a round this small")
+        raise TooFewUpdates(f"multi_krum: m={params.m} exceeds the {len(deltas)} updates of the round; "
+                         f"federation.min_clients: {params.m} retries or skips a round this small", params.m)
     chosen = krum_order(view(state, deltas, params.space), params.f)[: params.m]
     return mean_of(state, deltas, chosen)
 

@@ -22,7 +22,11 @@ of the clients at ``f >= f_j``, each restricted to ``f_j``'s mask (every one of 
 all of it: a coordinate-wise rule gives the holder-wise average exactly, and a
 distance-based one such as Krum compares the clients on what they all trained). Tensors
 outside the masks (task heads, biases, norms) take the combination over all clients. An
-entry of the server's mask no client of the round holds does not move.
+entry of the server's mask no client of the round holds does not move; nor do the entries
+of a level held by fewer clients than the rule combines (Krum with f = 1 needs 4: a robust
+rule is not replaced by a plain mean behind its back; noted under ``held_back`` in the
+round's row, ``aggregators/holders.py``). The first level holds every client of the
+round, which the round loop keeps at the rule's minimum.
 
 ``holder_average``: in a JMWST round the clients prune and regrow their masks, so the
 holders of an entry no longer follow the levels: the entry's new value is the
@@ -39,6 +43,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from fedfm.aggregators.holders import combine_holders
 from fedfm.core.profile_keys import register_profile_key
 from fedfm.core.types import State, Update
 
@@ -83,9 +88,12 @@ Rule = Callable[..., State]
 
 
 def nested_combine(model: State, updates: Sequence[Update], shares: Sequence[float],
-                   level_of: Callable[[float], dict[str, torch.Tensor]], rule: Rule, rule_params) -> State:
+                   level_of: Callable[[float], dict[str, torch.Tensor]], rule: Rule, rule_params,
+                   notes: dict | None = None) -> State:
     """The rule's delta on ``model``, each masked entry combined over the clients holding it;
-    ``shares[i]`` is ``updates[i]``'s ``f``, ``level_of(f)`` its masks (nested in ``f``)."""
+    ``shares[i]`` is ``updates[i]``'s ``f``, ``level_of(f)`` its masks (nested in ``f``).
+    A level above the first held by fewer clients than the rule combines leaves its new
+    entries where they are (``aggregators/holders.py``, noted as ``level <f>``)."""
     levels = sorted(set(shares))
     weights = [float(u.num_examples) for u in updates]
     delta: State = {}
@@ -95,7 +103,7 @@ def nested_combine(model: State, updates: Sequence[Update], shares: Sequence[flo
         who = [i for i, s in enumerate(shares) if s >= f]
         deltas = [{k: (u.payload[k] * masks[k] if k in masks else u.payload[k]) for k in model}
                   for u in (updates[i] for i in who)]
-        combined = rule(model, deltas, [weights[i] for i in who], rule_params)
+        combined = combine_holders(rule, rule_params, model, deltas, [weights[i] for i in who], f"level {f:g}", notes)
         for k in model:
             if k not in masks:
                 if below is None:  # held by every client: the first level has them all

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.base import register_aggregator
+from fedfm.aggregators.base import TooFewUpdates, register_aggregator
 from fedfm.core.types import State
 
 
@@ -36,7 +36,8 @@ def trimmed_mean(state: State, deltas: Sequence[State], weights: Sequence[float]
         raise ValueError("trimmed_mean needs at least one update")
     k = trim_count(params.beta, n)
     if 2 * k >= n:
-        raise ValueError(f"trimmed_mean: beta={params.beta} trims {k} of {n} updates at each end, leaving none (needs 2k < n)")
+        raise TooFewUpdates(f"trimmed_mean: beta={params.beta} trims {k} of {n} updates at each end, leaving none (needs 2k < n)",
+                            n + 1)
     out: State = {}
     for name in state:
         ordered = torch.stack([d[name].to(torch.float64) for d in deltas]).sort(dim=0).values  # (n, *shape)

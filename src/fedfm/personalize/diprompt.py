@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedfm.aggregators.holders import combine_holders
 from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ServerState, State, Update
@@ -172,10 +173,12 @@ def counts_of(update: Update, m: int) -> list[float]:
     return counts
 
 
-def per_domain_delta(model: State, updates: Sequence[Update], rule, rule_params, momentum: float = 0.0) -> tuple[State, list[int]]:
+def per_domain_delta(model: State, updates: Sequence[Update], rule, rule_params, momentum: float = 0.0,
+                     notes: dict | None = None) -> tuple[State, list[int]]:
     """(delta, contributors per domain): the shared names by the rule over every update
     (weights num_examples), each domain prompt over the updates that trained it (weights
-    their counts), scaled by ``1 - momentum``; a prompt nobody trained: zero delta."""
+    their counts), scaled by ``1 - momentum``; a prompt nobody trained, or trained by fewer
+    clients than the rule combines: zero delta (``aggregators/holders.py``)."""
     domains = domain_names(model)
     counts = [counts_of(u, len(domains)) for u in updates]
     shared = [n for n in model if n not in set(domains.values())]
@@ -185,10 +188,8 @@ def per_domain_delta(model: State, updates: Sequence[Update], rule, rule_params,
     for m, name in domains.items():
         held = [i for i, c in enumerate(counts) if c[m] > 0]
         contributors.append(len(held))
-        if not held:
-            delta[name] = torch.zeros_like(model[name])
-            continue
-        mean = rule({name: model[name]}, [{name: updates[i].payload[name]} for i in held], [counts[i][m] for i in held], rule_params)[name]
+        mean = combine_holders(rule, rule_params, {name: model[name]}, [{name: updates[i].payload[name]} for i in held],
+                               [counts[i][m] for i in held], f"domain {m}", notes)[name]
         delta[name] = (1 - momentum) * mean
     return delta, contributors
 
@@ -204,7 +205,8 @@ class DiPromptServer(ServerPartBase):
         return {}
 
     def combine_updates(self, server_state: ServerState, updates: Sequence[Update], rule, rule_params, ctx: RoundContext):
-        delta, self.last_contributors = per_domain_delta(server_state[MODEL], updates, rule, rule_params, self.p.domain_momentum)
+        delta, self.last_contributors = per_domain_delta(server_state[MODEL], updates, rule, rule_params, self.p.domain_momentum,
+                                                         ctx.notes if ctx is not None else None)
         return {}, delta
 
 

@@ -47,6 +47,7 @@ import fnmatch
 from typing import Any, Sequence
 
 from fedfm.aggregators import Pipeline, aggregators, build_server_part, server_optimizers
+from fedfm.aggregators.holders import HELD_BACK
 from fedfm.aggregators.robust_checks import fewest_updates
 from fedfm.aggregators.server_part import ServerPart, ServerPartBase
 from fedfm.core.exchanges import build_phases, check_phases
@@ -195,6 +196,8 @@ class FedAlgorithm:
         if hetero is not None:
             groups, delta = hetero(new, kept, self.rule, self.rule_params, ctx)
             new.update(groups)
+            if ctx is not None and ctx.notes.get(HELD_BACK):  # groups too few holders left unmoved
+                metrics[HELD_BACK] = dict(sorted(ctx.notes[HELD_BACK].items()))
         else:
             deltas = [{k: u.payload[k] for k in model} for u in kept]
             delta = self.rule(model, deltas, [float(u.num_examples) for u in kept], self.rule_params)
