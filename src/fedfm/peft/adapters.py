@@ -33,7 +33,7 @@ import re
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedfm.peft.base import head_modules, register_tuner
 from fedfm.peft.freezing import freeze_all, is_head, set_submodule, train_heads
@@ -64,6 +64,16 @@ class AdapterParams(BaseModel):
         None, description="train every LayerNorm; default: true for peft.method adapter, variant houlsby (as Houlsby et al.), else false"
     )
     train_head: bool = True
+
+    @field_validator("attn_pattern", "ffn_pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression ({exc}): {value!r}") from None
+        return value
 
 
 class Bottleneck(torch.nn.Module):

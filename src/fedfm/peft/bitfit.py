@@ -39,7 +39,11 @@ def bitfit(model: torch.nn.Module, params: BitFitParams, task: str) -> torch.nn.
         p.requires_grad_(True)
         chosen += 1
     if chosen == 0:
-        raise ValueError("peft.method bitfit: the model has no bias parameters to train")
+        if any(name.split(".")[-1] == "bias" for name, _ in model.named_parameters()):
+            raise ValueError("peft.include_layernorm: false leaves bitfit nothing to train: the model's only biases "
+                             "are its norms'; set it to true or use another peft.method")
+        raise ValueError(f"peft.method bitfit: {type(model).__name__} has no bias parameters to train "
+                         "(e.g. Llama-style models); use lora, ia3 or adapter")
     if params.train_head:
         train_heads(model)
     return model

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedfm.peft.base import head_modules, register_tuner
-from fedfm.peft.freezing import matches
+from fedfm.peft.freezing import is_head, matches
 
 _BERT = (r".*\.attention\.self\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense")
 _DECODER = (r".*\.self_attn\.(k_proj|v_proj)|.*\.mlp\.down_proj", r".*\.mlp\.down_proj")
@@ -58,11 +58,24 @@ class IA3Params(BaseModel):
         return self
 
 
-def check_suffix_targets(model: torch.nn.Module, targets: list[str], key: str) -> None:
-    names = [n for n, _ in model.named_modules()]
-    missing = [t for t in targets if not any(matches(n, t) for n in names)]
+def check_suffix_targets(model: torch.nn.Module, targets: list[str], key: str, heads: list[str] | None = None) -> None:
+    """Each target matches some module (peft's suffix rule), none is only the task head
+    (``heads``: the heads ``train_head`` trains whole, which peft leaves untargeted), and
+    every module it names is one IA3 can rescale (linear, Conv2d, transformers' Conv1D)."""
+    heads = heads or []
+    modules = list(model.named_modules())
+    missing = [t for t in targets if not any(matches(n, t) for n, _ in modules)]
     if missing:
         raise ValueError(f"{key}: {missing} match no module of the model")
+    for target in targets:
+        named = [(n, m) for n, m in modules if matches(n, target) and not is_head(n, heads)]
+        if not named:
+            raise ValueError(f"{key}: '{target}' names the task head, which peft.train_head trains whole; "
+                             "drop it, or set train_head: false")
+        for n, m in named:
+            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and type(m).__name__ != "Conv1D":
+                raise ValueError(f"{key}: '{target}' matches '{n}', a {type(m).__name__}; IA3 rescales the "
+                                 "outputs (or inputs) of linear layers only (e.g. key, value, output.dense)")
 
 
 def default_targets(model: torch.nn.Module) -> tuple[str, str]:
@@ -81,7 +94,8 @@ def ia3(model: torch.nn.Module, params: IA3Params, task: str) -> torch.nn.Module
     from peft import IA3Config, get_peft_model
 
     if params.target_modules is not None:
-        check_suffix_targets(model, params.target_modules, "peft.target_modules")
+        check_suffix_targets(model, params.target_modules, "peft.target_modules",
+                             head_modules(model) if params.train_head else [])
         targets, feedforward = params.target_modules, params.feedforward_modules
     else:
         targets, feedforward = default_targets(model)
