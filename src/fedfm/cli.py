@@ -108,9 +108,22 @@ def _check_data(exp):
                           "for them, so they are not in the per-client evaluation")
     for line in check_public_data(exp):  # a server step's public text (ip/preserve.py)
         console.print(escape(f"public text of {line}"))
+    _dp_outlook(exp)
     console.print(escape(f"loading model: {_what_model(exp)}"))
     validate_model_inputs(exp)
     return labels
+
+
+def _dp_outlook(exp) -> None:
+    """The client-level DP plan (noise multiplier, epsilon over the planned rounds), and a
+    warning when its noise swamps every update (privacy/outlook.py)."""
+    from fedfm.privacy.outlook import dp_outlook
+
+    lines, warnings = dp_outlook(exp)
+    for line in lines:
+        console.print(escape(f"privacy: {line}"))
+    for line in warnings:
+        console.print(f"[yellow]warning:[/] {escape(line)}")
 
 
 def _check_model(exp, init_from: bool = True) -> int:
