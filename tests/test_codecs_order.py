@@ -18,6 +18,8 @@ from fedfm.core.registry import RegistryError
         ([{"topk": 0.5}, {"compact": True}, {"quantize": 8}], r"codecs.up\[2\]: 'quantize' cannot follow 'compact' \(codecs.up\[1\]\)"),
         ([{"topk": 0.5}, {"checksum": True}, {"fp16": True}], r"codecs.up\[2\]: 'fp16' cannot follow 'checksum' \(codecs.up\[1\]\)"),
         ([{"checksum": True}, {"compact": True}], r"codecs.up\[1\]: 'compact' cannot follow 'checksum'.*must be the last stage"),
+        # fp16 leaves no float32 tensor: bf16 after it would cast nothing, and the payload travel as fp16
+        ([{"fp16": True}, {"topk": 0.5}, {"bf16": True}], r"codecs.up\[2\]: 'bf16' after 'fp16' \(codecs.up\[0\]\) casts nothing"),
     ],
 )
 def test_orders_that_cannot_decode_are_refused(specs, message):
@@ -33,6 +35,7 @@ def test_orders_that_cannot_decode_are_refused(specs, message):
         [{"topk": 0.5}, {"skip_zero": True}, {"compact": True}],
         [{"compact": True}],
         [{"checksum": True}],
+        [{"quantize": 8}, {"bf16": True}],  # casts the float32 scales
     ],
 )
 def test_legal_orders_build_and_round_trip(specs):

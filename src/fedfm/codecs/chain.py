@@ -28,6 +28,9 @@ from fedfm.core.registry import RegistryError
 from fedfm.core.types import State
 
 
+CASTS = ("cast", "fp16", "bf16")  # codecs/cast.py's stage names
+
+
 def order_problem(names: list[str], where: str) -> str | None:
     """Why this order of stage names cannot work, naming ``where[i]``, or None.
 
@@ -35,8 +38,15 @@ def order_problem(names: list[str], where: str) -> str | None:
     that (a lossy one makes every payload fail the check). ``compact`` may be followed by
     ``checksum`` only: it renames every entry to a position and concatenates them into one
     flat tensor per dtype, which no other stage can read (``[compact, topk]`` sparsifies
-    the flat tensor, and decoding fails to find it in the reference State).
+    the flat tensor, and decoding fails to find it in the reference State). One cast stage
+    (``fp16``, ``bf16``, ``cast``) at most: a cast turns every float32 tensor to half, so a
+    second finds none and does nothing (``[fp16, bf16]`` travels as fp16).
     """
+    casts = [i for i, n in enumerate(names) if n in CASTS]
+    if len(casts) > 1:
+        i, j = casts[:2]
+        return (f"{where}[{j}]: '{names[j]}' after '{names[i]}' ({where}[{i}]) casts nothing: the first cast leaves "
+                "no float32 tensor; keep one cast stage")
     for i, name in enumerate(names):
         later = [(j, n) for j, n in enumerate(names) if j > i]
         if name == "checksum" and later:
