@@ -39,6 +39,34 @@ def test_infinite_hyperparameters_are_refused_naming_the_field(tmp_path, section
         from_dict(raw)
 
 
+
+@pytest.mark.parametrize(
+    "section,spec,field,message",
+    [
+        ("server_optimizer", {"name": "sgd", "lr": 0}, "server_optimizer.lr", "greater than 0"),
+        ("server_optimizer", {"name": "fedadam", "lr": -0.01}, "server_optimizer.lr", "greater than 0"),
+        ("server_optimizer", {"name": "fedadam", "tau": 0}, "server_optimizer.tau", "greater than 0"),
+        ("server_optimizer", {"name": "fedyogi", "beta2": 1.0}, "server_optimizer.beta2", "less than 1"),
+        ("server_optimizer", {"name": "fedadagrad", "beta1": -0.1}, "server_optimizer.beta1", "greater than or equal to 0"),
+        ("server_optimizer", {"name": "fedavgm", "momentum": 1.0}, "server_optimizer.momentum", "less than 1"),
+        ("learner", {"name": "fedprox", "mu": -0.5}, "learner.mu", "greater than or equal to 0"),
+        ("learner", {"name": "feddyn", "alpha": 0}, "learner.alpha", "greater than 0"),
+        ("learner", {"name": "scaffold", "control_update": "option2"}, "learner.control_update", "'delta' or 'mean_grad'"),
+        ("peft", {"method": "lora", "r": 0}, "peft.r", "greater than or equal to 1"),
+        ("peft", {"method": "prompt_tuning", "num_virtual_tokens": 0}, "peft.num_virtual_tokens", "greater than or equal to 1"),
+        ("peft", {"method": "prefix_tuning", "num_virtual_tokens": 0}, "peft.num_virtual_tokens", "greater than or equal to 1"),
+        ("peft", {"method": "salience", "fraction": 0}, "peft.fraction", "greater than 0"),
+        ("peft", {"method": "salience", "fraction": 1.5}, "peft.fraction", "less than or equal to 1"),
+        ("peft", {"method": "sparse", "density": 0}, "peft.density", "greater than 0"),
+        ("peft", {"method": "salience", "target_modules": []}, "peft.target_modules", "at least 1 item"),
+    ],
+)
+def test_out_of_range_values_name_the_field(tmp_path, section, spec, field, message):
+    raw = tiny_config(tmp_path)
+    raw[section] = spec
+    with pytest.raises(ConfigError, match=rf"{field}: .*{message}"):
+        from_dict(raw)
+
 # -- tuners on the tiny BERT (hidden 32, 2 layers, FFN 64, 2 labels) -------------------
 
 def tiny_bert() -> torch.nn.Module:
@@ -142,3 +170,60 @@ def test_bitfit_without_biases_names_the_reason():
     norms = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.LayerNorm(4))
     with pytest.raises(ValueError, match="peft.include_layernorm: false leaves bitfit nothing to train"):
         bitfit(norms, BitFitParams(include_layernorm=False, train_head=False), "text_classification")
+
+
+# -- one server round through the composed algorithm, by hand ---------------------------
+
+def algorithm(tmp_path, **over):
+    from fedfm.runtime.algorithm import build_algorithm
+
+    return build_algorithm(from_dict(tiny_config(tmp_path, **{"federation.clients": 4, **over})))
+
+
+def server_round(algo, ss, updates):
+    from fedfm.core.protocols import RoundContext
+
+    ctx = RoundContext(round=1, seed=0, generator=torch.Generator().manual_seed(0), num_clients=4)
+    return algo.aggregate(ss, updates, ctx)
+
+
+def test_scaffold_with_fedadam_and_half_the_clients_by_hand(tmp_path):
+    from fedfm.core.types import Update
+
+    algo = algorithm(tmp_path, learner={"name": "scaffold"},
+                     server_optimizer={"name": "fedadam", "lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3})
+    ss = algo.init({"w": torch.tensor([1.0, -2.0])})
+    ups = [  # 2 of N = 4 clients return, holding 1 and 3 examples
+        Update(0, {"w": torch.tensor([0.4, 0.0]), "scaffold_c/w": torch.tensor([1.0, 2.0])}, 1),
+        Update(1, {"w": torch.tensor([0.0, -0.4]), "scaffold_c/w": torch.tensor([3.0, -2.0])}, 3),
+    ]
+    ss, _ = server_round(algo, ss, ups)
+    # c <- c + |S|/N mean(dc) = 0 + 2/4 * [2, 0]  (Karimireddy et al., Algorithm 1, line 17)
+    assert torch.allclose(ss["scaffold.c"]["w"], torch.tensor([1.0, 0.0]))
+    # delta = 1/4 [0.4, 0] + 3/4 [0, -0.4] = [0.1, -0.3] (example-weighted); FedAdam (Reddi et al.):
+    # m = 0.1 delta = [0.01, -0.03];  v = 0.99 tau^2 + 0.01 delta^2 = [1.0099e-4, 9.0099e-4]
+    assert torch.allclose(ss["opt.m"]["w"], torch.tensor([0.01, -0.03]))
+    assert torch.allclose(ss["opt.v"]["w"], torch.tensor([1.0099e-4, 9.0099e-4]))
+    expected = [1.0 + 0.1 * 0.01 / (math.sqrt(1.0099e-4) + 1e-3), -2.0 - 0.1 * 0.03 / (math.sqrt(9.0099e-4) + 1e-3)]
+    assert torch.allclose(ss["model"]["w"], torch.tensor(expected))  # [1.0905028, -2.0967226]
+    assert torch.allclose(ss["model"]["w"], torch.tensor([1.0905028, -2.0967226]))
+
+
+def test_feddyn_with_fedavgm_over_two_rounds_by_hand(tmp_path):
+    from fedfm.core.types import Update
+
+    algo = algorithm(tmp_path, learner={"name": "feddyn", "alpha": 0.5},
+                     server_optimizer={"name": "fedavgm", "lr": 1.0, "momentum": 0.9})
+    ss = algo.init({"w": torch.zeros(2)})
+    ups = [Update(0, {"w": torch.tensor([1.0, 2.0])}, 5), Update(1, {"w": torch.tensor([3.0, -2.0])}, 5)]
+    ss, _ = server_round(algo, ss, ups)
+    # h = 0 - alpha/m sum(delta) = -0.5/4 [4, 0] = [-0.5, 0];  pseudo = mean - h/alpha = [2, 0] + [1, 0]
+    # FedAvgM: v = [3, 0], w = [3, 0]
+    assert torch.allclose(ss["feddyn.h"]["w"], torch.tensor([-0.5, 0.0]))
+    assert torch.allclose(ss["model"]["w"], torch.tensor([3.0, 0.0]))
+    ss, _ = server_round(algo, ss, ups)
+    # h = [-0.5, 0] - 0.125 [4, 0] = [-1, 0];  pseudo = [2, 0] + [2, 0] = [4, 0]
+    # v = 0.9 [3, 0] + [4, 0] = [6.7, 0];  w = [3, 0] + [6.7, 0] = [9.7, 0]
+    assert torch.allclose(ss["feddyn.h"]["w"], torch.tensor([-1.0, 0.0]))
+    assert torch.allclose(ss["opt.v"]["w"], torch.tensor([6.7, 0.0]))
+    assert torch.allclose(ss["model"]["w"], torch.tensor([9.7, 0.0]))

@@ -18,6 +18,7 @@ that of the loss alone; both are accepted.)
 
 from __future__ import annotations
 
+from fedfm.core.registry import RegistryError
 from fedfm.learners.base import learners
 
 
@@ -27,7 +28,10 @@ def scaffold_config_problem(exp) -> str | None:
     if spec.name != "scaffold":
         return None
     given = spec.params()
-    params = learners.parse("scaffold", given, "learner")
+    try:
+        params = learners.parse("scaffold", given, "learner")
+    except RegistryError:
+        return None  # the learner section's own check reports it, in the config error's list
     if params.control_update != "delta":
         return None
     origin = "" if "control_update" in given else " (the default)"
