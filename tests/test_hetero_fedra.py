@@ -7,6 +7,7 @@ import torch
 
 from fedfm.aggregators.fedavg import fedavg
 from fedfm.aggregators.fedra import FedRAServer, allocation, allocation_matrix, per_layer_delta
+from fedfm.peft.hetero import layer_of
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import MODEL, ClientSpec, Update
 
@@ -51,3 +52,54 @@ def test_server_half_sends_all_and_accepts_the_allocated_layers():
     _, delta = server.combine_updates(ss, ups, fedavg, None, RoundContext(5, 0, torch.Generator(), 2, []))
     untouched = L1 if inst.config["layers"] == [0] else L0
     assert torch.equal(delta[untouched], T([0.0])) and torch.equal(delta[HEAD], T([1.0]))
+
+
+def _fedra_client(tmp_path, forward: str, layers: list[int]):
+    """One client update of a 4-layer tiny BERT with LoRA, told to train ``layers``; returns
+    (update, calls per layer of the forward passes, the workbench)."""
+    from collections import Counter
+
+    from conftest import tiny_config
+
+    from fedfm.config import from_dict
+    from fedfm.core.types import Instruction
+    from fedfm.learners.fedra import FedRALearner, FedRAParams
+    from fedfm.peft.layer_stack import layer_stack
+    from fedfm.runtime.workbench import Workbench
+
+    raw = tiny_config(tmp_path, **{"model.config_overrides.num_hidden_layers": 4, "train.steps": 2})
+    raw["learner"] = {"name": "fedra", "forward": forward}
+    wb = Workbench(from_dict(raw))
+    stack = layer_stack(wb.model, "test")[2]
+    calls = Counter()
+    hooks = [m.register_forward_hook(lambda *_, i=i: calls.update([i])) for i, m in enumerate(stack)]
+    try:
+        inst = Instruction(round=1, cid=0, state=wb.initial_state(), config={"layers": layers})
+        up = FedRALearner(FedRAParams(forward=forward)).local_update(inst, wb.context(0, 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert layer_stack(wb.model, "test")[2] is stack  # the whole stack is back
+    assert all(p.requires_grad for n, p in wb.model.named_parameters() if "lora_" in n)  # and every flag
+    return up, dict(calls), wb
+
+
+def test_the_allocated_sub_model_runs_only_its_layers(tmp_path):
+    # layers 1 and 3 of 4, 2 steps: the paper's sub-model runs layers 1 and 3 once a step, never 0 or 2
+    up, calls, _ = _fedra_client(tmp_path, "allocated", [3, 1])
+    assert calls == {1: 2, 3: 2}
+    assert {layer_of(k) for k in up.payload} == {1, 3, None} and up.metrics["layers"] == 2.0
+    assert all(bool(up.payload[k].any()) for k in up.payload if ".lora_B." in k)  # both layers trained
+    # forward: full runs every layer, the unallocated ones frozen: the same payload names
+    full, calls, _ = _fedra_client(tmp_path, "full", [3, 1])
+    assert calls == {0: 2, 1: 2, 2: 2, 3: 2} and set(full.payload) == set(up.payload)
+
+
+def test_a_model_without_a_layer_stack_is_refused_for_the_sub_model():
+    import pytest
+
+    from fedfm.learners.fedra import check_stack
+
+    with pytest.raises(ValueError, match=r"learner fedra \(forward: allocated; forward: full runs every layer and needs none\): "
+                                         r"the model has no layer stack"):
+        check_stack(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -15,10 +15,10 @@ with their weights; a layer no client trained keeps its value (zero delta), and 
 layer trained by fewer clients than the rule combines (Krum with f = 1 needs 4; noted under
 ``held_back`` in the round's row, ``aggregators/holders.py``).
 
-FedRA-inspired in one respect: the paper builds each client's sub-model from its
-allocated layers alone; here the unallocated layers stay in the client's forward pass,
-frozen (the brief of this framework), so the client's memory and compute are those of the
-whole model; the simulated clock (``sim_clock``) charges each tier its profile ``speed``.
+The client trains the paper's sub-model, its allocated layers alone in their order
+(``learner.forward: allocated``, ``learners/fedra.py``); ``forward: full`` keeps the
+unallocated layers in its forward pass, frozen (FedRA-inspired). The simulated clock
+(``sim_clock``) charges each tier its measured step cost over its profile ``speed``.
 """
 
 from __future__ import annotations

@@ -47,9 +47,6 @@ the adaptability techniques (``personalize/``).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,7 +54,10 @@ from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.local import delta_update
 from fedfm.learners.loop import train_loop
+from fedfm.peft.layer_stack import kept_layers, layer_stack
 from fedfm.peft.state import set_state
+
+WHO = "learner fedbfpt"
 
 
 class FedBFPTParams(BaseModel):
@@ -96,15 +96,6 @@ def local_layers(layer: int, local: int, num_layers: int, generator: torch.Gener
     return keep + sorted(drawn.tolist())
 
 
-def layer_stack(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
-    """(parent, attribute, ModuleList) of the transformer layers (``.layer`` or ``.layers``)."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layer", "layers"):
-            parent_name, _, attr = name.rpartition(".")
-            return (model.get_submodule(parent_name) if parent_name else model), attr, module
-    raise ValueError("learner fedbfpt: the model has no layer stack (a ModuleList named 'layer' or 'layers')")
-
-
 def embedding_params(model: torch.nn.Module) -> set[int]:
     """ids of the embedding parameters: every nn.Embedding's, and every parameter under a
     module named ``*embeddings`` / ``embed_*`` (BERT's embedding LayerNorm)."""
@@ -125,22 +116,6 @@ def trained_params(model: torch.nn.Module, full: torch.nn.ModuleList, layer: int
     return out | {id(p) for p in full[layer].parameters() if p.requires_grad}
 
 
-@contextmanager
-def local_model(model: torch.nn.Module, keep: list[int], train: set[int]) -> Iterator[None]:
-    """The model with only the ``keep`` layers (in order) and only ``train`` trainable; restored after."""
-    parent, attr, full = layer_stack(model)
-    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in train]
-    setattr(parent, attr, torch.nn.ModuleList([full[i] for i in keep]))
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        setattr(parent, attr, full)
-        for p in frozen:
-            p.requires_grad_(True)
-
-
 class FedBFPTLearner:
     def __init__(self, params: FedBFPTParams):
         self.p = params
@@ -155,9 +130,9 @@ class FedBFPTLearner:
 
     def local_update(self, instruction: Instruction, ctx: LocalContext) -> Update:
         set_state(ctx.model, instruction.state)
-        _, _, full = layer_stack(ctx.model)
+        _, _, full = layer_stack(ctx.model, WHO)
         layer, keep = self.plan(instruction.round, len(full), torch.Generator().manual_seed(ctx.seed))
-        with local_model(ctx.model, keep, trained_params(ctx.model, full, layer)):
+        with kept_layers(ctx.model, keep, trained_params(ctx.model, full, layer), WHO):
             metrics = train_loop(ctx)
         update = delta_update(instruction, ctx, metrics)
         update.metrics = {**update.metrics, "layer": float(layer), "local_layers": float(len(keep))}

@@ -10,7 +10,8 @@ the pre-trained weights are not read and no memory is taken), applies the tuner 
 (``runtime/workbench.py``), and asks the algorithm what it asks at the start of a run:
 the shared and local split, and every client's downlink shapes (``down_reference``),
 which is where per-client shapes and the pruning masks' names are worked out; for the
-``split`` learner, which has no server half, every client's ``cut`` against the layers.
+``split`` learner, which has no server half, every client's ``cut`` against the layers;
+for ``fedra``'s sub-models, the layer stack they are cut from.
 
 A ``model.init_from`` run (and the runs it started from) is loaded into it as ``run``
 loads it (``personalize/init_from.py``): its final State is read, so a missing or
@@ -72,4 +73,8 @@ def check_against_model(exp, algorithm, client_ids, init_from: bool = True) -> i
         from fedfm.learners.split import check_cuts
 
         check_cuts(model, {cid: algorithm.profiles.get(cid, {}) for cid in client_ids})
+    if exp.learner.name == "fedra" and exp.learner.params().get("forward", "allocated") == "allocated":
+        from fedfm.learners.fedra import check_stack
+
+        check_stack(model)
     return len(state)
