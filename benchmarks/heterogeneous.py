@@ -7,7 +7,8 @@ Runs every config of examples/heterogeneous/ (three tiers: phone, laptop, server
 configs) one after the other in this process (torch threads 2):
 
 - ``uniform_weakest``: everyone at the weakest tier's capacity (LoRA rank 2);
-- ``hetlora``, ``flexlora``: per-tier ranks 2/4/8; ``fedra``: per-tier layers 2/4/6;
+- ``hetlora``, ``flexlora``: per-tier ranks 2/4/8; ``fedra``: per-tier layers 2/4/6 (each client
+  runs the sub-model of its allocated layers; ``fedra_full_forward``: every layer, frozen);
 - ``lora_ceiling``: LoRA r=8 everywhere, as if every device could afford it;
 - ``split`` (cut 3 for everyone) and ``split_multicut`` (cuts 1/3/5 by tier): split steps
   run inside the client function (learner ``split``);
@@ -45,7 +46,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "heterogeneous"
-RUNS = ["uniform_weakest", "hetlora", "flexlora", "fedra", "lora_ceiling", "split", "split_multicut", "splitfed", "splitfed_multicut"]
+RUNS = ["uniform_weakest", "hetlora", "flexlora", "fedra", "fedra_full_forward", "lora_ceiling", "split", "split_multicut", "splitfed", "splitfed_multicut"]
 SPLIT_CUTS = (1, 2, 3)  # the reduced job's cuts (4 layers)
 TIERS = ["phone", "laptop", "server"]
 TOY_CSV = ROOT / "runs" / "heterogeneous-toy.csv"
