@@ -13,6 +13,8 @@ The server side keeps only what it needs: the base model (for evaluation and ser
 steps) and the test set. It reads the data source once to compute the seeded partition
 (the test rows, client sizes and profiles), then drops the text of every client row;
 clients' examples are never held or tokenized here (``Workbench(server_only=True)``).
+The clients' nodes are found (``FlowerTransport.discover``) before the loop starts, so a
+deployment short of nodes stops before round 0 with the missing client ids named.
 ``make_server_app(defaults)`` builds an app with a fixed run config (``fedfm run`` with
 the simulation runtime) and puts the run summary in ``result`` for the caller.
 """
@@ -58,6 +60,8 @@ def make_server_app(defaults: dict[str, Any] | None = None, result: dict[str, An
             progress=RunProgress(exp.rounds, bool(settings.get("progress", False)) and exp.runtime.progress),
             backend=transport.name,
         )
+        if transport.nodes is None:  # every client's node found before the first round: nothing written on a shortfall
+            transport.nodes = transport.discover()
         summary = loop.run()
         if result is not None:
             result["summary"] = summary

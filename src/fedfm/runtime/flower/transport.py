@@ -29,6 +29,10 @@ log = logging.getLogger("fedfm.flower")
 QUERY = "query"
 
 
+class FlowerSetupError(RuntimeError):
+    """The deployment cannot serve the experiment (nodes missing, two nodes for one client)."""
+
+
 def message(conf: dict[str, Any], data: bytes | None, node: int, kind: str) -> Message:
     content = RecordDict({CONFIG_KEY: ConfigRecord(conf)})
     if data is not None:
@@ -45,43 +49,51 @@ class FlowerTransport:
         self.verdicts: list[dict] = []
         self.bound = node_keys.bindings(cfg.nodes) if getattr(cfg, "nodes", None) else None
 
-    def _wait(self) -> tuple[list[int], dict[int, bytes | None]]:
-        """The SuperLink's node ids (and, with bound keys, each node's public key), once there
-        are enough of them or the wait is over: a node per client, or every bound key present."""
-        deadline = time.monotonic() + self.cfg.wait_for_nodes_s
-        while True:
-            if self.bound is None:
-                nodes, keys = [int(n) for n in self.grid.get_node_ids()], {}
-                enough = len(nodes) >= self.num_clients
-            else:
-                keys = {int(i.node_id): _key(i) for i in self.grid.get_nodes()}
-                nodes, enough = list(keys), set(self.bound) <= set(keys.values())
-            if enough or time.monotonic() >= deadline:
-                return nodes, keys
-            time.sleep(0.5)
+    def _seen(self) -> tuple[list[int], dict[int, bytes | None]]:
+        """The SuperLink's node ids now (and, with bound keys, each node's public key)."""
+        if self.bound is None:
+            return [int(n) for n in self.grid.get_node_ids()], {}
+        keys = {int(i.node_id): _key(i) for i in self.grid.get_nodes()}
+        return list(keys), keys
 
-    def discover(self) -> dict[int, int]:
-        """fedfm client id -> Flower node id, asking every node which client it serves (and,
-        with ``runtime.flower.nodes``, admitting it only for the client its key is bound to)."""
-        nodes, keys = self._wait()
-        query = [message({"want": "cid"}, None, node, QUERY) for node in nodes]
+    def _ask(self, nodes: list[int], timeout: float) -> dict[int, int | None]:
+        """Ask ``nodes`` which client each serves: node -> claimed cid (None: no usable answer)."""
         claims: dict[int, int | None] = {node: None for node in nodes}
-        mapping: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(query, timeout=self.cfg.wait_for_nodes_s):
+        query = [message({"want": "cid"}, None, node, QUERY) for node in nodes]
+        for reply in self.grid.send_and_receive(query, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %s did not say which client it serves: %s", node, reply.error.reason)
+                log.warning("node %s did not say which client it serves: %s", node, error_reason(reply.error.reason))
                 continue
             try:
-                cid = int(reply.content[CONFIG_KEY]["cid"])
+                claims[node] = int(reply.content[CONFIG_KEY]["cid"])
             except (KeyError, TypeError, ValueError):
                 log.warning("node %s answered the client-id query with no integer cid", node)
-                continue
-            claims[node] = cid
-            if self.bound is None:
-                if cid in mapping:
-                    raise ValueError(f"client {cid} is served by two nodes ({mapping[cid]} and {node}); give each SuperNode its own cid")
-                mapping[cid] = node
+        return claims
+
+    def _served(self, claims: dict[int, int | None], keys: dict[int, bytes | None]) -> bool:
+        if self.bound is None:
+            return set(range(self.num_clients)) <= set(claims.values())
+        return set(self.bound) <= {keys.get(n) for n in claims}
+
+    def discover(self) -> dict[int, int]:
+        """fedfm client id -> Flower node id. Every node is asked once which client it serves,
+        as it connects, until every client is served (with ``runtime.flower.nodes``: every
+        bound key has answered) or ``runtime.flower.wait_for_nodes_s`` is over; a node with
+        ``runtime.flower.nodes`` is admitted only for the client its key is bound to."""
+        wait = self.cfg.wait_for_nodes_s
+        deadline = time.monotonic() + wait
+        claims: dict[int, int | None] = {}
+        keys: dict[int, bytes | None] = {}
+        while True:
+            nodes, now_keys = self._seen()
+            keys.update(now_keys)
+            new = [n for n in nodes if n not in claims]
+            if new:
+                claims.update(self._ask(new, max(1.0, deadline - time.monotonic())))
+            if self._served(claims, keys) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
         if self.bound is not None:
             mapping, verdicts = node_keys.admit(keys, claims, self.bound)
             for v in verdicts:
@@ -92,11 +104,34 @@ class FlowerTransport:
             if not mapping:
                 raise RuntimeError(f"no node was admitted: {[v.row() for v in verdicts]}")
             return mapping
-        missing = sorted(set(range(self.num_clients)) - set(mapping))
+        return self._map(claims)
+
+    def _map(self, claims: dict[int, int | None]) -> dict[int, int]:
+        """Client -> node from the nodes' answers; a client claimed by two nodes, or a client
+        no node serves, stops the run with the nodes and client ids named."""
+        n = self.num_clients
+        by_cid: dict[int, list[int]] = {}
+        for node, cid in sorted(claims.items()):
+            if cid is not None:
+                by_cid.setdefault(cid, []).append(node)
+        twice = {cid: nodes for cid, nodes in by_cid.items() if len(nodes) > 1 and 0 <= cid < n}
+        if twice:
+            cid, nodes = min(twice.items())
+            raise FlowerSetupError(f"client {cid} is served by two nodes ({nodes[0]} and {nodes[1]}); "
+                                   "give each SuperNode its own cid in --node-config")
+        outside = {node: cid for node, cid in claims.items() if cid is not None and not 0 <= cid < n}
+        for node, cid in outside.items():
+            log.warning("node %s claims client %s, outside 0..%s (federation.clients is %s): it is not used", node, cid, n - 1, n)
+        mapping = {cid: nodes[0] for cid, nodes in by_cid.items() if 0 <= cid < n}
+        missing = sorted(set(range(n)) - set(mapping))
         if missing:
-            raise RuntimeError(
-                f"no node serves clients {missing[:10]} (federation.clients is {self.num_clients}; "
-                f"{len(mapping)} node(s) answered within runtime.flower.wait_for_nodes_s={self.cfg.wait_for_nodes_s})"
+            silent = sorted(node for node, cid in claims.items() if cid is None)
+            more = [f"node(s) {sorted(outside)} claim client ids {sorted(set(outside.values()))} outside 0..{n - 1}"] if outside else []
+            more += [f"node(s) {silent[:10]} did not say which client they serve (no cid in --node-config?)"] if silent else []
+            raise FlowerSetupError(
+                f"no node serves clients {missing[:10]} (federation.clients is {n}; {len(mapping)} node(s) served a "
+                f"client within runtime.flower.wait_for_nodes_s={self.cfg.wait_for_nodes_s:g})"
+                + "".join(f"; {m}" for m in more)
             )
         return mapping
 
@@ -115,12 +150,20 @@ class FlowerTransport:
         if not envelopes:
             return replies
         messages = [message({**e.conf, "phase": e.phase}, e.data, self.nodes[e.cid], kinds.get(e.phase, "query")) for e in envelopes]
-        for reply in self.grid.send_and_receive(messages, timeout=timeout or self.cfg.round_timeout_s):
-            cid = node_cid.get(reply.metadata.src_node_id)
+        wait = timeout or self.cfg.round_timeout_s
+        began = time.monotonic()
+        got = list(self.grid.send_and_receive(messages, timeout=wait))
+        waited = time.monotonic() - began >= wait
+        # The grid gives each message its id as it pushes it; the SuperLink answers a message to a
+        # node that stopped sending heartbeats itself (source: the SuperLink), so match by message id.
+        sent = {getattr(m.metadata, "message_id", ""): e.cid for m, e in zip(messages, envelopes)}
+        sent.pop("", None)
+        for reply in got:
+            cid = sent.get(getattr(reply.metadata, "reply_to_message_id", ""), node_cid.get(reply.metadata.src_node_id))
             if cid is None:
                 continue
             if reply.has_error():
-                reason = str(reply.error.reason)
+                reason = error_reason(reply.error.reason)
                 replies[cid] = Reply(cid, error=f"{reason[:500]}{' ...' if len(reason) > 500 else ''}")
                 continue
             try:
@@ -130,6 +173,11 @@ class FlowerTransport:
                 continue
             info = dict(reply.content[METRICS_KEY]) if METRICS_KEY in reply.content else {}
             replies[cid] = Reply(cid, data=data, info={k: float(v) for k, v in info.items()})
+        limit = f"{'' if timeout else 'runtime.flower.round_timeout_s='}{wait:g} s"
+        for e in envelopes:
+            if e.cid not in replies:
+                why = f"within {limit}" if waited else f"(the SuperLink gave none back before {limit}: its SuperNode may have left)"
+                replies[e.cid] = Reply(e.cid, error=f"no reply from node {self.nodes[e.cid]} {why}")
         return replies
 
     def close(self) -> None:
@@ -145,3 +193,13 @@ def _key(info) -> bytes | None:
         return node_keys.canonical(raw)
     except ValueError:
         return None
+
+
+def error_reason(reason) -> str:
+    """Flower's text for an exception in a ClientApp, ``<class 'ValueError'>:<'message'>``,
+    as ``ValueError: message``; any other reason as it is."""
+    import re
+
+    text = str(reason)
+    found = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<(['\"])(.*)\2>", text, flags=re.S)
+    return f"{found.group(1)}: {found.group(3)}" if found else text
