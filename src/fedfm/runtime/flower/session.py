@@ -43,9 +43,14 @@ def check_cid(exp, cid: int) -> int:
 def owner_federation(exp, cid: int, data_path: str) -> Federation:
     """A federation in which client ``cid`` owns every row of its own data file."""
     cfg = DataConfig(source="file", path=data_path, max_length=exp.data.max_length, label_column="label")
-    frame = load_source(cfg)
+    try:
+        frame = load_source(cfg)
+    except (OSError, ValueError, KeyError) as exc:  # the node's own file: name the node config key, not data.path
+        what = str(exc).replace("data.path: ", "").replace("data.label_column", "column")
+        kind = FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError
+        raise kind(f"client {cid}: node config data-path {data_path}: {what}") from None
     if len(frame) == 0:
-        raise ValueError(f"client {cid}: data file {data_path} has no rows")
+        raise ValueError(f"client {cid}: node config data-path {data_path}: the file has no rows")
     own = list(range(len(frame)))
     clients = [ClientSpec(cid=i, indices=own if i == cid else []) for i in range(exp.federation.clients)]
     return Federation(frame=frame, clients=clients, test_indices=np.array([], dtype=int))
