@@ -59,17 +59,25 @@ def flower_submit(
     superlink: Annotated[Optional[str], typer.Option(help="connection name (default: runtime.flower.superlink)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory on the SuperLink machine")] = None,
     override: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run in --out")] = False,
 ):
-    """`flwr run` the shipped app on a running SuperLink, the experiment in the run config."""
+    """`flwr run` the shipped app on a running SuperLink, the experiment in the run config
+    (always as a deployment: runtime.backend flower, runtime.flower.mode deployment). The
+    output streams as it comes; a run whose ServerApp failed exits 1 with its error."""
     exp = _load(config, override)
-    from fedfm.runtime.flower.deployment import submit
+    from fedfm.config import ConfigError
+    from fedfm.runtime.flower.deployment import run_failure, submit
 
+    if resume and overwrite:
+        fail("give at most one of --resume and --overwrite", 2)
     try:
-        done = submit(exp, out or Path("runs") / exp.name, superlink)
-    except ValueError as exc:
-        fail(str(exc))
-    console.print(done.stdout + done.stderr)
-    raise typer.Exit(done.returncode)
+        done = submit(exp, out or Path("runs") / exp.name, superlink, resume=resume, overwrite=overwrite)
+    except (ValueError, ConfigError, FileNotFoundError) as exc:
+        fail(str(exc), 2)
+    if done.returncode != 0:
+        why = run_failure(done.stdout) or f"flwr run exited with {done.returncode}"
+        fail(f"the run on SuperLink '{superlink or exp.runtime.flower.superlink}' failed: {why}")
 
 
 @flower_app.command("keys")

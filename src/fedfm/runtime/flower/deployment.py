@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedfm.runtime.flower.simulation import quiet_flower_env
 
@@ -144,6 +144,16 @@ def supernode_command(
     ]  # fmt: skip
 
 
+def check_address(address: str) -> None:
+    """A SuperLink address is ``HOST:PORT`` (``[IPv6]:PORT``), port 1..65535; anything else
+    is refused here, rather than by ``flwr run`` later as "connection unavailable"."""
+    import re
+
+    found = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})", address.strip())
+    if found is None or not 1 <= int(found.group(2)) <= 65535:
+        raise ValueError(f"SuperLink address '{address}' is not HOST:PORT (e.g. superlink.example.org:9093 or 127.0.0.1:9093)")
+
+
 def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | Path | None = None, insecure: bool = False,
                      overwrite: bool = False) -> Path:
     """Add a SuperLink connection to ``$FLWR_HOME/config.toml`` and make it the default;
@@ -153,6 +163,7 @@ def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | P
     import tomli
     import tomli_w
 
+    check_address(address)
     entry: dict[str, Any] = {"address": address}
     if insecure:
         entry["insecure"] = True
@@ -180,12 +191,29 @@ def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | P
     return path
 
 
+def as_deployment(exp):
+    """``exp`` as a Flower deployment run (``runtime.backend: flower``, ``runtime.flower.mode:
+    deployment``), validated again: what ``submit`` sends, whatever backend the file names
+    (the documented ``fedfm flower submit examples/quickstart.yaml`` names none). A setting
+    the deployment cannot run (e.g. ``runtime.transport: processes``) is refused here, by
+    name, before anything is sent."""
+    from fedfm.config import from_dict
+
+    if exp.runtime.backend == "flower" and exp.runtime.flower.mode == "deployment":
+        return exp
+    raw = exp.dump()
+    raw["runtime"]["backend"] = "flower"
+    raw["runtime"]["flower"]["mode"] = "deployment"
+    return from_dict(raw, "the experiment as a Flower deployment (runtime.backend flower, runtime.flower.mode deployment)")
+
+
 def run_config_file(exp, out: str | Path, path: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """The run-config overrides (TOML) that carry the experiment to every node."""
     import tomli_w
 
     from fedfm.runtime.flower.payload import experiment_text
 
+    exp = as_deployment(exp)
     if exp.data.path and Path(exp.data.path).expanduser().exists():
         exp = exp.model_copy(deep=True)
         exp.data.path = str(Path(exp.data.path).expanduser().resolve())  # the ServerApp runs elsewhere
@@ -211,17 +239,103 @@ def submit_command(exp, out: str | Path, superlink: str | None, run_config: str 
     return cmd
 
 
-def submit(exp, out: str | Path, superlink: str | None = None, app_dir: str | Path | None = None, env: dict[str, str] | None = None, timeout: float | None = None, resume: bool = False, overwrite: bool = False) -> subprocess.CompletedProcess:
-    """``flwr run`` the experiment on a running SuperLink and wait for it (``--stream``).
-    The SuperLink is always named (``superlink`` or ``runtime.flower.superlink``): without a
-    name ``flwr`` would use its own default connection (in Flower 1.42 a local simulation
-    SuperLink it starts, that installs the app's dependencies from the network)."""
+FAILED_MARKS = ("ServerApp raised an exception", "Exit Code: ")
+
+
+def run_failure(output: str) -> str | None:
+    """Why a streamed ``flwr run`` failed, from its output (None: it did not): the exception
+    line of the ServerApp's last traceback, else Flower's exit-code line."""
+    if not any(mark in output for mark in FAILED_MARKS):
+        return None
+    lines = [line.rstrip() for line in output.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    if starts:
+        after = [line for line in lines[starts[-1] + 1:] if line and not line[0].isspace()]
+        if after:
+            return _short_exception(after[0])
+    codes = [line for line in lines if "Exit Code: " in line]
+    return f"Flower exit code {codes[-1].split('Exit Code: ', 1)[1]}" if codes else "the ServerApp raised an exception"
+
+
+def _short_exception(line: str) -> str:
+    """``pkg.module.SomeError: message`` -> ``SomeError: message``."""
+    name, _, message = line.partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}: {message}"
+
+
+class TracebackFilter:
+    """Drops the indented frames of a traceback from streamed output, keeping its
+    ``Traceback`` header and its exception line: a user mistake reads as one message."""
+
+    def __init__(self):
+        self.inside = False
+
+    def __call__(self, line: str) -> str | None:
+        if line.startswith("Traceback (most recent call last)"):
+            self.inside = True
+            return "Traceback (frames left out; the exception follows):\n"
+        if self.inside and (line[:1].isspace() or not line.strip()):
+            return None
+        self.inside = False
+        return line
+
+
+def print_line(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+def run_streamed(cmd: list[str], env: dict[str, str], timeout: float | None, echo: Callable[[str], Any] | None) -> subprocess.CompletedProcess:
+    """Run ``cmd``, passing each output line (tracebacks' frames left out) to ``echo`` as it
+    comes; the whole output is in ``stdout``. Past ``timeout`` the process (and its
+    children) is stopped and ``subprocess.TimeoutExpired`` raised."""
+    import threading
+
+    from fedfm.runtime.flower.loopback import stop_process
+
+    lines: list[str] = []
+    shown = TracebackFilter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            kept = shown(line)
+            if echo is not None and kept is not None:
+                echo(kept)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process(proc, grace=5)
+        reader.join(5)
+        raise subprocess.TimeoutExpired(cmd, timeout, output="".join(lines)) from None
+    reader.join(30)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), "")
+
+
+def submit(exp, out: str | Path, superlink: str | None = None, app_dir: str | Path | None = None, env: dict[str, str] | None = None,
+           timeout: float | None = None, resume: bool = False, overwrite: bool = False, echo: Callable[[str], Any] | None = print_line) -> subprocess.CompletedProcess:
+    """``flwr run`` the experiment on a running SuperLink and wait for it (``--stream``),
+    each line of its output passed to ``echo`` as it comes (None: kept quiet). The SuperLink
+    is always named (``superlink`` or ``runtime.flower.superlink``): without a name ``flwr``
+    would use its own default connection (in Flower 1.42 a local simulation SuperLink it
+    starts, that installs the app's dependencies from the network). ``flwr run`` exits 0
+    even when the ServerApp failed; such a run is returned with returncode 1 (``run_failure``
+    says why)."""
     link = superlink or exp.runtime.flower.superlink
     if not link:
         raise ValueError("no SuperLink named: pass --superlink NAME or set runtime.flower.superlink "
                          "(add a connection with `fedfm flower connection NAME ADDRESS --root-certificates CA`)")
+    exp = as_deployment(exp)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rc_path = run_config_file(exp, out, out / "flower-run-config.toml", resume, overwrite)
     cmd = submit_command(exp, out, link, rc_path, app_dir)
-    return subprocess.run(cmd, env=flower_env(env), timeout=timeout, capture_output=True, text=True)
+    done = run_streamed(cmd, flower_env(env), timeout, echo)
+    if done.returncode == 0 and run_failure(done.stdout):
+        done.returncode = 1
+    return done
+
