@@ -227,3 +227,13 @@ def test_feddyn_with_fedavgm_over_two_rounds_by_hand(tmp_path):
     assert torch.allclose(ss["feddyn.h"]["w"], torch.tensor([-1.0, 0.0]))
     assert torch.allclose(ss["opt.v"]["w"], torch.tensor([6.7, 0.0]))
     assert torch.allclose(ss["model"]["w"], torch.tensor([9.7, 0.0]))
+
+
+def test_adapter_bottleneck_of_zero_width_is_refused():
+    # hidden 32 // 64 = 0: the bottleneck was silently widened to 1
+    with pytest.raises(ValueError, match=r"peft.reduction_factor: 64 exceeds the width 32 of "
+                                         r"'bert.encoder.layer.0.attention.output.dense'"):
+        tuned({"method": "adapter", "reduction_factor": 64})
+    # 32 // 32 = 1: one bottleneck unit, down 32x1 + 1, up 1x32 + 32 = 97 per adapter, 4 adapters,
+    # the head and (Houlsby) the 5 LayerNorms' 64 values each
+    assert trainable_count(tuned({"method": "adapter", "reduction_factor": 32})) == 4 * 97 + 66 + 5 * 64

@@ -151,6 +151,11 @@ def adapter_targets(model: torch.nn.Module, params: AdapterParams) -> list[str]:
         if not hit:
             raise ValueError(f"{key}: '{pattern}' matches no linear module of the model")
         names += hit
+    for name in names:
+        width = model.get_submodule(name).out_features
+        if width // params.reduction_factor == 0:
+            raise ValueError(f"peft.reduction_factor: {params.reduction_factor} exceeds the width {width} of '{name}': "
+                             f"the bottleneck {width} // {params.reduction_factor} would be 0; use at most {width}")
     return sorted(set(names))
 
 
