@@ -37,11 +37,18 @@ def client_side(name: str, cut: int) -> bool:
 
 def cut_of(profile: dict, model: State, cid: int) -> int:
     """Client ``cid``'s cut: its profile's ``cut`` (or ``capacity``) against the number of
-    transformer layers that carry trainable tensors."""
+    transformer layers that carry trainable tensors (the server part sees the trainable
+    State only: with the top layers frozen, e.g. ``peft: {method: full, exclude: [...]}``,
+    that is fewer than the model's, and learner ``split``, which counts the model's, may
+    take a cut this refuses)."""
     total = num_layers(model)
     if total == 0:
         raise ValueError("splitfed: no trainable State name carries a layer index ('.layer.<i>.'): nowhere to cut")
-    return resolve_size(profile, "cut", total, client_who(cid, profile))  # no key: every layer (the server keeps the head)
+    try:  # no key: every layer (the server keeps the head)
+        return resolve_size(profile, "cut", total, client_who(cid, profile))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (learner splitfed counts the {total} transformer layers that carry trainable tensors; "
+                         "frozen layers above them run on the server)") from None
 
 
 def client_names(model: State, cut: int) -> list[str]:
