@@ -29,7 +29,10 @@ stage's folder allows (``plan``). Refused, with the stage named:
   previous stage whose tuner leaves adapter tensors (LoRA, prompts, ...) that
   ``model.init_from`` cannot load (``personalize/init_from.py``): checked before the first
   stage trains, not when the second starts;
-- a Flower deployment stage (its final model is written on the SuperLink machine).
+- a Flower deployment stage (its final model is written on the SuperLink machine);
+- a first stage whose ``model.init_from`` (or a run that run started from) lies in one of
+  this file's stage folders under ``--out``: the chain would start from its own output;
+- a stage ``config`` file that is itself a stages file (stages do not nest).
 
 The data-against-model checks of ``fedfm run`` (labels, input length) are run on every
 stage by the CLI before the first stage starts.
@@ -135,6 +138,9 @@ def _stage_raw(st: StageSpec, base_file: Path, where: str) -> tuple[dict[str, An
         raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: config {path}: the top level must be a mapping")
+        if "stages" in raw:
+            raise ConfigError(f"config {path} is itself a stages file; a stage's config is one experiment "
+                              "(stages do not nest: list its stages in this file)")
         return raw, str(path)
     return copy.deepcopy(st.config), str(base_file)
 
@@ -185,6 +191,28 @@ def chained_init(prev_out: Path, out: Path) -> str:
     return want
 
 
+def written_by_chain(init_from: str, folders: dict[str, Path]) -> str | None:
+    """How the run at ``init_from``, or a run it started from (its config.yaml's
+    ``model.init_from``, followed back), lies in one of the stages' ``folders``, or None."""
+    from fedfm.personalize.init_from import earlier_run, state_file
+
+    roots = {name: folder.expanduser().resolve() for name, folder in folders.items()}
+    f: Path | None = state_file(init_from).resolve()
+    seen: set[Path] = set()
+    while f is not None and f not in seen:
+        seen.add(f)
+        for name, root in roots.items():
+            if f == root or root in f.parents:
+                how = "is" if len(seen) == 1 else "started from a run that is"
+                return f"{how} in the folder of stage '{name}' ({root})"
+        try:
+            f = earlier_run(f)
+            f = state_file(f).resolve() if f is not None else None
+        except (FileNotFoundError, ValueError, OSError):
+            return None  # an unreadable chain is refused where it is loaded (fedfm check, the run)
+    return None
+
+
 def load_stages(path: str | Path, out: str | Path, overrides: list[str] | None = None) -> tuple[StagesFile, list[Stage]]:
     """Every stage validated (schema, components, chain) before anything runs; the error
     names the stage and the field. Stage ``i + 1`` gets ``model.init_from: OUT/<stage i>``
@@ -221,6 +249,11 @@ def load_stages(path: str | Path, out: str | Path, overrides: list[str] | None =
                 state_file(exp.model.init_from)
             except FileNotFoundError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
+            inside = written_by_chain(exp.model.init_from, {n: out / n for n in names})
+            if inside:
+                raise ConfigError(f"{where}: model.init_from {exp.model.init_from} {inside}, which this file's stages "
+                                  "write: the chain would start from its own output (a cycle); start it from a run "
+                                  "outside --out, or choose another --out")
         stage = Stage(i, st.name, exp, out / st.name, source)
         if exp.runtime.backend == "flower" and exp.runtime.flower.mode != "simulation":
             raise ConfigError(f"{where}: runtime.flower.mode {exp.runtime.flower.mode}: a stages file runs locally or "

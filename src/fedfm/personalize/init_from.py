@@ -19,7 +19,9 @@ usual. A ``salience`` or ``sparse`` run's selected entries are written into thei
 keep the pre-trained weights, which is what the second run loads anyway.
 
 Refused with a clear error: a missing file, a tensor whose shape differs from the base
-model's, a State none of whose tensors names a base-model parameter, and adapter tensors
+model's, a State none of whose tensors names a base-model parameter, tensors of blocks
+past the end of one of the model's module lists (a run of a deeper model: its top layers
+would be dropped without a word), and adapter tensors
 (LoRA ``lora_A``/``lora_B``, bottleneck adapters) which would need merging into the
 weights first (not implemented: chain a ``full`` or ``ffdapt`` stage).
 
@@ -133,6 +135,22 @@ def earlier_run(f: Path) -> Path | None:
     )
 
 
+def beyond_the_model(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """The ``names`` (State names the model has no parameter for) that sit in a numbered
+    block of one of the model's module lists past its end (``bert.encoder.layer.2.*`` for a
+    2-layer model): a deeper model's tensors, not another head's, which may be left out."""
+    lists = {n: len(m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)}
+    out = []
+    for name in names:
+        parts = base_name(name).split(".")
+        for i in range(1, len(parts)):
+            parent = ".".join(parts[:i])
+            if parent in lists and parts[i].isdigit() and int(parts[i]) >= lists[parent]:
+                out.append(name)
+                break
+    return out
+
+
 def load_earlier(model: torch.nn.Module, path: str | Path, _seen: tuple[Path, ...] = ()) -> None:
     """Load, in chain order, the runs that ``path``'s run started from (not ``path`` itself):
     the weights that run trained from."""
@@ -178,6 +196,13 @@ def load_init(model: torch.nn.Module, path: str | Path, chain: bool = True, _see
             copied += 1
     if copied == 0:
         raise ValueError(f"model.init_from: none of the {len(state)} tensors of {f} names a parameter of the model (first: {next(iter(state), None)})")
+    beyond = beyond_the_model(model, skipped)
+    if beyond:
+        raise ValueError(
+            f"model.init_from: {f} holds '{beyond[0]}' ({len(beyond)} tensor(s) in all), a block of a module list "
+            "this model holds fewer of: it was trained on a deeper model (another model.config_overrides or "
+            "model.package/path); give this run the same model"
+        )
     log.info("model.init_from: %d tensors copied from %s, %d without a place in this model (%s...)", copied, f, len(skipped), skipped[:2])
     return {"copied": copied, "skipped": len(skipped)}
 
