@@ -237,3 +237,38 @@ def test_adapter_bottleneck_of_zero_width_is_refused():
     # 32 // 32 = 1: one bottleneck unit, down 32x1 + 1, up 1x32 + 32 = 97 per adapter, 4 adapters,
     # the head and (Houlsby) the 5 LayerNorms' 64 values each
     assert trainable_count(tuned({"method": "adapter", "reduction_factor": 32})) == 4 * 97 + 66 + 5 * 64
+
+
+# -- clients on a bfloat16 model ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_bench(tmp_path_factory):
+    from fedfm.runtime.workbench import Workbench
+
+    return Workbench(from_dict(tiny_config(tmp_path_factory.mktemp("bf16"), **{"model.dtype": "bfloat16"})))
+
+
+@pytest.mark.parametrize("learner", [{"name": "local"}, {"name": "fedprox", "mu": 0.1}, {"name": "feddyn", "alpha": 0.1},
+                                     {"name": "scaffold", "control_update": "delta"}])
+def test_an_untrained_client_on_a_bf16_model_sends_a_zero_delta(bf16_bench, tmp_path, learner):
+    # The server's float32 State is off the bfloat16 grid (as after any FedAdam step); the
+    # client starts from its rounding. With lr 1e-30 nothing moves, so the delta must be 0:
+    # it was the rounding error (1e-4 here), which FedAdam turned into steps of ~lr.
+    from fedfm.config import TrainConfig
+    from fedfm.core.types import Instruction
+    from fedfm.learners import build_learner
+    from fedfm.runtime.store import ClientStore
+
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in bf16_bench.initial_state().items()}
+    assert any(not torch.equal(v.bfloat16().float(), v) for v in state.values())
+    store = ClientStore(tmp_path / "store")
+    ctx = bf16_bench.context(0, 1, store=store)
+    ctx.train = TrainConfig(optimizer="sgd", lr=1e-30, steps=1, batch_size=8, max_grad_norm=None)
+    spec = type("Spec", (), {"name": learner["name"], "params": lambda self: {k: v for k, v in learner.items() if k != "name"}})()
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    update = build_learner(spec).local_update(Instruction(1, 0, state, broadcast={"scaffold_c": zeros}), ctx)
+    assert all(torch.count_nonzero(v) == 0 for v in update.payload.values())  # c_i too: -(x - y)/(K lr) = 0
+    for key in ("feddyn_grad", "scaffold_c"):  # g_k = -alpha (v - w) = 0, c_i = 0
+        kept = store.get(0, key)
+        assert kept is None or all(torch.count_nonzero(v) == 0 for v in kept.values())

@@ -10,8 +10,16 @@ from fedfm.peft.state import get_state, set_state
 
 
 def delta_update(instruction: Instruction, ctx: LocalContext, metrics: dict[str, float]) -> Update:
+    """The delta ``trained - start`` over the trainable State, where ``start`` is the
+    instruction's State as the model holds it (cast to each parameter's dtype, as
+    ``set_state`` copied it in): on a bfloat16 or float16 model, the rounding of the
+    server's float32 State is not a move the client made. Without that, an untrained
+    client reported the rounding error as its update, which FedAdam/FedYogi amplify to
+    steps of about the server lr per coordinate and FedDyn/SCAFFOLD accumulate in h, g_k and
+    c_i; the server keeps the float32 State and adds the clients' real moves to it."""
     trained = get_state(ctx.model)
-    delta = {k: trained[k] - instruction.state[k].to(trained[k].dtype) for k in trained}
+    dtypes = {n: p.dtype for n, p in ctx.model.named_parameters() if p.requires_grad}
+    delta = {k: trained[k] - instruction.state[k].to(dtypes[k]).to(trained[k].dtype) for k in trained}
     return Update(cid=ctx.cid, payload=delta, num_examples=len(ctx.examples), metrics=metrics)
 
 
