@@ -216,3 +216,44 @@ def test_a_supernodes_missing_data_file_is_named_with_its_client(tmp_path):
     (tmp_path / "nolabel.csv").write_text("text\nfine film\n")
     with pytest.raises(ValueError, match=r"^client 0: node config data-path .*nolabel.csv: .*label"):
         owner_federation(exp, 0, str(tmp_path / "nolabel.csv"))
+
+
+def test_simulation_resources_the_machine_lacks_are_refused_by_name(tmp_path):
+    from fedfm.runtime.flower.simulation import resource_problems
+
+    exp = from_dict(tiny_config(tmp_path, **{"runtime.backend": "flower", "runtime.flower.num_gpus": 1, "runtime.flower.num_cpus": 4}))
+    assert resource_problems(exp, cpus=2, gpus=0) == [
+        "runtime.flower.num_cpus 4: this machine has 2 CPU core(s); Ray could not place one virtual client (use at most 2)",
+        "runtime.flower.num_gpus 1: this machine has no CUDA GPU; Ray could not place one virtual client (use 0, the default)",
+    ]
+    assert resource_problems(exp, cpus=4, gpus=1) == []
+    half = from_dict(tiny_config(tmp_path, **{"runtime.backend": "flower", "runtime.flower.num_gpus": 0.5}))
+    assert resource_problems(half, cpus=2, gpus=1) == []  # two clients share one GPU
+
+
+def test_a_crashed_simulation_runtime_stops_the_servers_wait(stand_in):
+    """With ``stop`` (simulation), replies are pulled in a loop that gives up once the
+    runtime has crashed, instead of waiting round_timeout_s for replies that never come."""
+    import threading
+
+    class SilentGrid:
+        pulls = 0
+
+        def push_messages(self, messages):
+            return [f"m{i}" for i, _ in enumerate(messages)]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            if self.pulls == 3:
+                stop.set()  # Flower's runtime crashed while the ServerApp waited
+            return []
+
+    stop = threading.Event()
+    grid = SilentGrid()
+    tr = FlowerTransport(grid, 1, FlowerConfig(round_timeout_s=3600), "simulation", stop=stop)
+    tr.nodes = {0: 5}
+    from fedfm.core.protocols import Envelope
+
+    with pytest.raises(FlowerSetupError, match="the Flower simulation runtime stopped"):
+        tr.exchange([Envelope(0, "train", {}, b"")])
+    assert grid.pulls == 3

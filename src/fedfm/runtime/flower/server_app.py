@@ -34,7 +34,7 @@ def truthy(value: Any) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
 
-def make_server_app(defaults: dict[str, Any] | None = None, result: dict[str, Any] | None = None) -> ServerApp:
+def make_server_app(defaults: dict[str, Any] | None = None, result: dict[str, Any] | None = None, stop=None) -> ServerApp:
     server = ServerApp()
 
     @server.main()
@@ -52,7 +52,8 @@ def make_server_app(defaults: dict[str, Any] | None = None, result: dict[str, An
             torch.set_num_threads(exp.runtime.threads)
         out = str(settings.get("out") or "") or str(Path("runs") / exp.name)
         mode = exp.runtime.flower.mode
-        transport = FlowerTransport(grid, exp.federation.clients, exp.runtime.flower, mode, record=Path(out) / "nodes.jsonl")
+        transport = FlowerTransport(grid, exp.federation.clients, exp.runtime.flower, mode, record=Path(out) / "nodes.jsonl",
+                                    stop=stop)
         loop = RoundLoop(
             exp, out, transport, Workbench(exp, server_only=True),
             resume=truthy(settings.get("resume", False)),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,37 @@ def backend_config(exp) -> dict[str, Any]:
     }
 
 
+def resource_problems(exp, cpus: int | None = None, gpus: int | None = None) -> list[str]:
+    """What keeps Ray from placing even one virtual client on this machine: Flower would
+    stop with "ActorPool is empty" from deep inside its runtime (and the run would wait
+    for nodes that never come), so it is refused by name before anything starts."""
+    cfg = exp.runtime.flower
+    if cpus is None:
+        cpus = os.cpu_count() or 1
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    out = []
+    if cfg.num_cpus > cpus:
+        out.append(f"runtime.flower.num_cpus {cfg.num_cpus:g}: this machine has {cpus} CPU core(s); Ray could not place "
+                   f"one virtual client (use at most {cpus})")
+    if cfg.num_gpus > gpus:
+        have = f"{gpus} CUDA GPU(s)" if gpus else "no CUDA GPU"
+        out.append(f"runtime.flower.num_gpus {cfg.num_gpus:g}: this machine has {have}; Ray could not place one virtual "
+                   f"client (use {'0, the default' if not gpus else f'at most {gpus}'})")
+    return out
+
+
 def run_flower_simulation(exp, out: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run ``exp`` on the Ray simulation runtime; returns the run summary. ``resume``
     continues the run in ``out`` from its last checkpoint, as on the local backend."""
     from fedfm.runtime.flower import require_flwr
 
     require_flwr()
+    problems = resource_problems(exp)
+    if problems:
+        raise ValueError("; ".join(problems))
     quiet_flower_env()
     if exp.runtime.threads:
         # Ray actors inherit the driver's environment: cap the BLAS/OpenMP pools as well.
@@ -64,13 +90,21 @@ def run_flower_simulation(exp, out: str | Path, resume: bool = False, overwrite:
     out = Path(out).resolve()
     settings = {"experiment": experiment_text(exp), "out": str(out), "resume": resume, "overwrite": overwrite}
     result: dict[str, Any] = {}
-    run_simulation(
-        server_app=make_server_app(settings, result),
-        client_app=make_client_app(settings),
-        num_supernodes=exp.federation.clients,
-        backend_config=backend_config(exp),
-        verbose_logging=exp.runtime.flower.verbose,
-    )
+    stop = threading.Event()  # set if the runtime crashes: the ServerApp thread stops waiting for replies
+    try:
+        run_simulation(
+            server_app=make_server_app(settings, result, stop=stop),
+            client_app=make_client_app(settings),
+            num_supernodes=exp.federation.clients,
+            backend_config=backend_config(exp),
+            verbose_logging=exp.runtime.flower.verbose,
+        )
+    except Exception as exc:
+        stop.set()
+        cause = exc
+        while cause.__cause__ is not None:  # Flower wraps the runtime's error twice: name the first one
+            cause = cause.__cause__
+        raise RuntimeError(f"the Flower simulation runtime stopped: {type(cause).__name__}: {cause} (see the log above)") from None
     if "summary" not in result:
         raise RuntimeError("the Flower simulation ended without a result; see the log above")
     return result["summary"]

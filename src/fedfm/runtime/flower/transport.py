@@ -41,13 +41,37 @@ def message(conf: dict[str, Any], data: bytes | None, node: int, kind: str) -> M
 
 
 class FlowerTransport:
-    def __init__(self, grid: Grid, num_clients: int, cfg, mode: str, record: str | Path | None = None):
+    def __init__(self, grid: Grid, num_clients: int, cfg, mode: str, record: str | Path | None = None, stop=None):
         self.grid, self.num_clients, self.cfg = grid, num_clients, cfg
         self.name = f"flower-{mode}"
         self.nodes: dict[int, int] | None = None
         self.record = record  # nodes.jsonl: one verdict per node when runtime.flower.nodes binds keys
         self.verdicts: list[dict] = []
         self.bound = node_keys.bindings(cfg.nodes) if getattr(cfg, "nodes", None) else None
+        self.stop = stop  # simulation: a threading.Event set when Flower's simulation runtime has crashed
+
+    def _send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        """The grid's send_and_receive; with ``stop`` (simulation) the same push / pull loop,
+        which gives up as soon as ``stop`` is set: a crashed Ray runtime answers nothing, and
+        this thread must not keep the process waiting for round_timeout_s."""
+        if self.stop is None:
+            return list(self.grid.send_and_receive(messages, timeout=timeout))
+        pending = {i for i in self.grid.push_messages(messages) if i}
+        got: list[Message] = []
+        end = time.monotonic() + timeout
+        while pending:
+            self._check_stop()
+            replies = list(self.grid.pull_messages(pending))
+            got += replies
+            pending -= {r.metadata.reply_to_message_id for r in replies}
+            if not pending or time.monotonic() >= end:
+                break
+            time.sleep(0.1)
+        return got
+
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise FlowerSetupError("the Flower simulation runtime stopped; the ServerApp gives up (see the error above)")
 
     def _seen(self) -> tuple[list[int], dict[int, bytes | None]]:
         """The SuperLink's node ids now (and, with bound keys, each node's public key)."""
@@ -60,7 +84,7 @@ class FlowerTransport:
         """Ask ``nodes`` which client each serves: node -> claimed cid (None: no usable answer)."""
         claims: dict[int, int | None] = {node: None for node in nodes}
         query = [message({"want": "cid"}, None, node, QUERY) for node in nodes]
-        for reply in self.grid.send_and_receive(query, timeout=timeout):
+        for reply in self._send_and_receive(query, timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %s did not say which client it serves: %s", node, error_reason(reply.error.reason))
@@ -93,6 +117,7 @@ class FlowerTransport:
                 claims.update(self._ask(new, max(1.0, deadline - time.monotonic())))
             if self._served(claims, keys) or time.monotonic() >= deadline:
                 break
+            self._check_stop()
             time.sleep(0.5)
         if self.bound is not None:
             mapping, verdicts = node_keys.admit(keys, claims, self.bound)
@@ -152,7 +177,7 @@ class FlowerTransport:
         messages = [message({**e.conf, "phase": e.phase}, e.data, self.nodes[e.cid], kinds.get(e.phase, "query")) for e in envelopes]
         wait = timeout or self.cfg.round_timeout_s
         began = time.monotonic()
-        got = list(self.grid.send_and_receive(messages, timeout=wait))
+        got = self._send_and_receive(messages, wait)
         waited = time.monotonic() - began >= wait
         # The grid gives each message its id as it pushes it; the SuperLink answers a message to a
         # node that stopped sending heartbeats itself (source: the SuperLink), so match by message id.
