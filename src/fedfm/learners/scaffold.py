@@ -70,13 +70,13 @@ class ScaffoldLearner:
         set_state(ctx.model, instruction.state)
         params = trainable(ctx.model)
         correction = anchored(params, {k: c[k] - c_i[k] for k in c_i})
-        grad_sum = {n: torch.zeros_like(p) for n, p in params.items()}
+        grad_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}  # float32 on a bf16 model too
 
         def correct() -> None:
             for n, p in params.items():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                grad_sum[n].add_(p.grad)
+                grad_sum[n].add_(p.grad.to(torch.float32))
                 p.grad.add_(correction[n])
 
         metrics = train_loop(ctx, after_backward=correct)
