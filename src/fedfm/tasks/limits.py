@@ -134,19 +134,24 @@ def validate_model_inputs(exp) -> None:
 
 def data_problems(exp, frame: Any = None) -> None:
     """The causal LM task's rows against its tokenizer, as ``fedfm run`` encodes them
-    (every row, before anything trains): raises the first problem. ``frame``: the source's
-    table (default: read again)."""
-    if exp.model.task != "causal_lm":
+    (every row, before anything trains), and the masked LM's texts (none blank): raises the
+    first problem. ``frame``: the source's table (default: read again)."""
+    if exp.model.task not in ("causal_lm", "masked_lm"):
         return
     from transformers import AutoTokenizer
 
     from fedfm.data import load_source
-    from fedfm.tasks.causal_lm import CausalLM
+    from fedfm.tasks.causal_lm import CausalLM, blank_rows
     from fedfm.tasks.loading import model_dir
     from fedfm.tasks.objectives import build_objective
 
     if frame is None:
         frame = load_source(exp.data)
+    if exp.model.task == "masked_lm":
+        blank = blank_rows(frame, "text")
+        if blank:
+            raise ValueError(f"model.task masked_lm: {blank} have no token to mask (an empty text): fill or drop them")
+        return
     if exp.model.objective is None and "prompt" not in frame.columns:
         return  # plain text: every row encodes
     task = CausalLM()

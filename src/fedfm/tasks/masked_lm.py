@@ -8,6 +8,8 @@ no MLM head, the head starts from random init), encodes the ``text`` column (lab
 any, are ignored), and masks 15% of the non-special tokens of each example (at least one):
 80% become ``[MASK]``, 10% a random token, 10% stay; the loss is the cross-entropy on the
 masked positions. Metrics: ``loss`` and ``accuracy`` (masked tokens predicted exactly).
+A row with no token to mask (an empty text) is refused, naming the data rows: a batch of
+such rows would have no masked position and a NaN loss.
 
 The masking is *static* (as in the original BERT data pipeline): drawn from a generator
 seeded by the example's own token ids, so the same example is masked alike in every
@@ -87,10 +89,15 @@ class MaskedLM:
         enc = tokenizer(list(frame["text"].astype(str)), truncation=True, max_length=max_length, padding=False)
         special = set(tokenizer.all_special_ids)
         vocab = len(tokenizer)
-        out = []
-        for ids in enc["input_ids"]:
+        out, empty = [], []
+        for i, ids in zip(frame.index, enc["input_ids"]):
             inputs, labels = mask_example(ids, special, tokenizer.mask_token_id, vocab)
+            if all(y == IGNORE for y in labels):
+                empty.append(int(i) + 1)
             out.append({"input_ids": inputs, "labels": labels})
+        if empty:  # a batch of such rows has no masked token: a NaN loss
+            raise ValueError(f"model.task masked_lm: {len(empty)} row(s) (data rows {', '.join(map(str, empty[:5]))}, "
+                             "counted from 1) have no token to mask (an empty text): fill or drop them")
         return out
 
     def collate(self, examples: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
