@@ -257,3 +257,28 @@ def test_a_crashed_simulation_runtime_stops_the_servers_wait(stand_in):
     with pytest.raises(FlowerSetupError, match="the Flower simulation runtime stopped"):
         tr.exchange([Envelope(0, "train", {}, b"")])
     assert grid.pulls == 3
+
+
+def test_bound_keys_are_checked_before_anything_is_sent_or_registered(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import yaml
+
+    from fedfm.cli import app
+    from fedfm.runtime.flower.deployment import submit
+    from fedfm.runtime.flower.node_keys import generate_node_key
+
+    _, good = generate_node_key(tmp_path / "keys", "node-0")
+    (tmp_path / "garbage.pub").write_text("not a key\n")
+    raw = tiny_config(tmp_path, **{"runtime.backend": "flower", "runtime.flower.mode": "deployment"})
+    raw["runtime"]["flower"]["nodes"] = {0: str(good), 1: str(tmp_path / "garbage.pub")}
+    with pytest.raises(ValueError, match=r"runtime.flower.nodes\[1\]: .*garbage.pub: not an OpenSSH public key line"):
+        submit(from_dict(raw), tmp_path / "run", "prod")
+    assert not (tmp_path / "run").exists()  # nothing written, no flwr started
+    raw["runtime"]["flower"]["nodes"] = {0: str(good), 1: str(tmp_path / "keys" / "node-1.pub")}  # never made
+    (tmp_path / "auth.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr("fedfm.runtime.flower.node_keys.register_keys", lambda *a, **k: pytest.fail("registered"))
+    result = CliRunner().invoke(app, ["flower", "register", str(tmp_path / "auth.yaml"), "--superlink", "prod"],
+                                env={"COLUMNS": "1000"})
+    assert result.exit_code == 2
+    assert "error: runtime.flower.nodes[1]: public key file" in result.output and "node-1.pub does not exist" in result.output

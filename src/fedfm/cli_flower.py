@@ -115,11 +115,14 @@ def flower_register(
     import tempfile
 
     exp = _load(config, override)
-    from fedfm.runtime.flower.node_keys import key_text, register_keys
+    from fedfm.runtime.flower.node_keys import key_problem, key_text, register_keys
 
     if not exp.runtime.flower.nodes:
         console.print("[red]error:[/] runtime.flower.nodes is empty: nothing to register")
         raise typer.Exit(2)
+    problem = key_problem(exp.runtime.flower.nodes)
+    if problem is not None:
+        fail(problem, 2)
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for cid, value in exp.runtime.flower.nodes.items():

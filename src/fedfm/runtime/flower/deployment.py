@@ -330,6 +330,11 @@ def submit(exp, out: str | Path, superlink: str | None = None, app_dir: str | Pa
         raise ValueError("no SuperLink named: pass --superlink NAME or set runtime.flower.superlink "
                          "(add a connection with `fedfm flower connection NAME ADDRESS --root-certificates CA`)")
     exp = as_deployment(exp)
+    from fedfm.runtime.flower.node_keys import key_problem
+
+    problem = key_problem(exp.runtime.flower.nodes)  # here, not in the ServerApp after the upload
+    if problem is not None:
+        raise ValueError(problem)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rc_path = run_config_file(exp, out, out / "flower-run-config.toml", resume, overwrite)

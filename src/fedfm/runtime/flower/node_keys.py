@@ -99,13 +99,15 @@ def key_text(value: str, base: str | Path | None = None) -> str:
 def canonical(key: bytes | str) -> bytes:
     """DER SubjectPublicKeyInfo of an OpenSSH line (str) or a PEM key (bytes, as Flower's
     ``NodeInfo.public_key``), so keys from both sides compare byte for byte."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization as ser
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    if isinstance(key, str):
-        loaded = ser.load_ssh_public_key(key.encode())
-    else:
-        loaded = ser.load_pem_public_key(key)
+    try:
+        loaded = ser.load_ssh_public_key(key.encode()) if isinstance(key, str) else ser.load_pem_public_key(key)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        shown = key if isinstance(key, str) else key.decode(errors="replace")
+        raise ValueError(f"not an OpenSSH public key line ({exc}): '{shown[:40]}{'...' if len(shown) > 40 else ''}'") from None
     if not isinstance(loaded, ec.EllipticCurvePublicKey):
         raise ValueError(f"not an EC public key ({type(loaded).__name__}); Flower's SuperNode keys are EC (P-384)")
     return loaded.public_bytes(ser.Encoding.DER, ser.PublicFormat.SubjectPublicKeyInfo)
@@ -118,7 +120,8 @@ def bindings(nodes: Mapping[int, str], base: str | Path | None = None) -> dict[b
         try:
             key = canonical(key_text(value, base))
         except (ValueError, FileNotFoundError) as exc:
-            raise ValueError(f"runtime.flower.nodes[{cid}]: {exc}") from None
+            named = "" if str(value).strip().startswith(KEY_PREFIX) or isinstance(exc, FileNotFoundError) else f"{value}: "
+            raise ValueError(f"runtime.flower.nodes[{cid}]: {named}{exc}") from None
         if key in out:
             raise ValueError(f"runtime.flower.nodes: clients {out[key]} and {cid} are bound to the same public key; give each node its own key")
         out[key] = int(cid)
@@ -138,6 +141,20 @@ def config_problems(exp) -> list[str]:
     if bad:
         problems.append(f"runtime.flower.nodes: client ids {bad} are outside 0..{n - 1} (federation.clients is {n})")
     return problems
+
+
+def key_problem(nodes: Mapping[int, str] | None) -> str | None:
+    """Why the keys of ``runtime.flower.nodes`` cannot be bound (a key file missing, not an
+    EC public key, one key for two clients), or None. Checked where the keys are used
+    (``submit``, ``fedfm flower register``), not when a config loads: an example config
+    names key files that ``fedfm flower keys`` writes later."""
+    if not nodes:
+        return None
+    try:
+        bindings(nodes)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)
