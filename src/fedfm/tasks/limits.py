@@ -124,12 +124,13 @@ def encoder_problem(config: Any, task: str) -> str | None:
             "model.config_overrides: {is_decoder: true} to train it with a causal mask")
 
 
-def validate_model_inputs(exp) -> None:
+def validate_model_inputs(exp, frame: Any = None) -> None:
     """``data.max_length`` plus a soft prompt's virtual tokens against the model's position
-    limit, from its config alone; then the data against the task (``data_problems``)."""
+    limit, from its config alone; then the data against the task (``data_problems``;
+    ``frame``: the source's table when the caller has it, else read again)."""
     limit, directory = model_limit(exp.model)
     check_max_length(exp.data.max_length, limit, directory, prompt_positions(exp.peft))
-    data_problems(exp)
+    data_problems(exp, frame)
 
 
 def data_problems(exp, frame: Any = None) -> None:
