@@ -35,7 +35,13 @@ once instead of waiting for the parent's client to end. A client that kills the 
 it trains in takes the run down when the parent trains it, as on the sequential transport.
 
 CUDA cannot be used in a forked process, so ``processes`` needs ``runtime.device: cpu``
-(refused at config time otherwise).
+(refused at config time otherwise). Nor can GNU OpenMP (libgomp, the OpenMP runtime of
+the PyPI torch wheels): once the parent has run a parallel region on several threads (its
+evaluation does), a forked child that runs one on several threads waits forever for the
+parent's pool threads, which do not exist in the child. With libgomp, ``threads_per_worker``
+above 1 is therefore refused at config time (``gnu_openmp``); several one-thread workers
+give the same concurrency. Workers are forked as the round needs them: never more than
+the clients waiting to be served, whatever ``runtime.workers`` says.
 """
 
 from __future__ import annotations
@@ -75,12 +81,37 @@ def transport_problem(exp) -> str | None:
                 "CUDA cannot be used in forked worker processes")
     if "fork" not in mp.get_all_start_methods():
         return "runtime.transport: processes needs the 'fork' start method, which this platform lacks"
+    return threads_problem(rt.threads_per_worker)
+
+
+def gnu_openmp() -> bool:
+    """Whether torch's OpenMP runtime in this process is GNU libgomp (read from the
+    process's mapped libraries; False where they cannot be read)."""
+    import torch  # noqa: F401  (loads torch's OpenMP runtime)
+
+    try:
+        with open("/proc/self/maps") as f:
+            return "libgomp" in f.read()
+    except OSError:
+        return False
+
+
+def threads_problem(threads_per_worker: int) -> str | None:
+    """``runtime.threads_per_worker`` above 1 under GNU OpenMP: a forked worker would hang
+    in its first multi-threaded operation (module doc); None when fine."""
+    if threads_per_worker > 1 and gnu_openmp():
+        return (f"runtime.threads_per_worker: {threads_per_worker}: this torch uses GNU OpenMP (libgomp), under which "
+                "a worker forked after the run's process computed on several threads hangs in its first "
+                "multi-threaded operation; use runtime.threads_per_worker: 1 and more runtime.workers instead")
     return None
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(threads_per_worker: int, parent_trains: bool = False) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // threads_per_worker - (1 if parent_trains else 0))
+    return max(1, available_cores() // threads_per_worker - (1 if parent_trains else 0))
 
 
 def hide_cuda(torch) -> None:
@@ -180,24 +211,38 @@ class ProcessTransport:
         on_end: Callable[[], None] | None = None,
         parent_trains: bool = False,
     ):
+        problem = threads_problem(threads_per_worker)
+        if problem is not None:
+            raise ValueError(problem)
+        if workers is not None and workers < 1:
+            raise ValueError(f"runtime.workers must be >= 1, got {workers}")
         self.env = env
         self.threads = threads_per_worker
         self.parent_trains = parent_trains
         self.workers = workers or default_workers(threads_per_worker, parent_trains)
+        cores = available_cores()
+        used = self.workers * threads_per_worker + (threads_per_worker if parent_trains else 0)
+        if used > cores:
+            log.warning("runtime.workers %d x runtime.threads_per_worker %d%s = %d threads on %d CPU cores: "
+                        "the workers will compete for the cores", self.workers, threads_per_worker,
+                        " + the parent's" if parent_trains else "", used, cores)
         self.on_start, self.on_end = on_start, on_end
         self.slots: list[_Slot] = []
         self.restarts = 0  # workers forked again after one died
 
-    def _ensure(self) -> None:
-        """Fork the workers now (after the model is loaded), and again for any that died."""
+    def _ensure(self, waiting: int) -> None:
+        """Fork the workers now (after the model is loaded), and again for any that died;
+        no more than ``waiting`` idle ones (the clients still to hand out)."""
         for i, slot in enumerate(self.slots):
             if slot.busy is None and not slot.proc.is_alive():
                 slot.proc.join()
                 slot.conn.close()
                 self.slots[i] = _Slot(self.env, self.threads)
                 self.restarts += 1
-        while len(self.slots) < self.workers:
+        idle = sum(1 for s in self.slots if s.busy is None)
+        while len(self.slots) < self.workers and idle < waiting:
             self.slots.append(_Slot(self.env, self.threads))
+            idle += 1
 
     def _finish(self, slot: _Slot, reply: Reply, replies: dict[int, Reply]) -> None:
         replies[slot.busy.cid] = reply
@@ -253,7 +298,7 @@ class ProcessTransport:
         replies: dict[int, Reply] = {}
         queue = list(envelopes)
         while queue or any(s.busy is not None for s in self.slots):
-            self._ensure()
+            self._ensure(len(queue) - (1 if self.parent_trains else 0))
             self._dispatch(queue, replies)
             if self.parent_trains and queue:  # the workers are busy: the parent takes the next client
                 envelope = queue.pop(0)

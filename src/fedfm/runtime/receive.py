@@ -8,7 +8,7 @@ from __future__ import annotations
 from fedfm.codecs import CodecChain, CodecContext, CodecError
 from fedfm.core.types import State, Update
 from fedfm.runtime.validate import check_size, check_update
-from fedfm.runtime.wire import metrics_from_meta
+from fedfm.runtime.wire import metrics_from_meta, metrics_problem
 
 
 def receive_update(
@@ -32,7 +32,7 @@ def receive_update(
         return None, f"decode failed: {exc}"
     if meta.get("cid") != str(cid):
         return None, f"payload claims to come from client {meta.get('cid')}"
-    reason = check_update(payload, meta, spec, fingerprint)
+    reason = check_update(payload, meta, spec, fingerprint) or metrics_problem(meta)
     if reason is not None:
         return None, reason
     return Update(cid=cid, payload=payload, num_examples=int(meta["num_examples"]), metrics=metrics_from_meta(meta), meta=meta), None

@@ -11,6 +11,7 @@ the store decision) travel beside the bytes (``Envelope.conf``).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from fedfm.core.types import Instruction, State, Update
@@ -45,6 +46,21 @@ def update_meta(cid: int, update: Update, fingerprint: str) -> dict[str, str]:
 
 def metrics_from_meta(meta: dict[str, str]) -> dict[str, float]:
     return {k[len("metric."):]: float(v) for k, v in meta.items() if k.startswith("metric.")}
+
+
+def metrics_problem(meta: dict[str, str]) -> str | None:
+    """Why an update's ``metric.*`` entries cannot be read as finite numbers (they are the
+    client's text: a garbled one must reject the update, not stop the round); None when fine."""
+    for k, v in meta.items():
+        if not k.startswith("metric."):
+            continue
+        try:
+            value = float(v)
+        except (TypeError, ValueError):
+            return f"{k} {v!r} is not a number"
+        if not math.isfinite(value):
+            return f"{k} is {value}"
+    return None
 
 
 def encode_settle(outcome: tuple[str, bool] | None) -> str:
