@@ -272,3 +272,39 @@ def test_an_untrained_client_on_a_bf16_model_sends_a_zero_delta(bf16_bench, tmp_
     for key in ("feddyn_grad", "scaffold_c"):  # g_k = -alpha (v - w) = 0, c_i = 0
         kept = store.get(0, key)
         assert kept is None or all(torch.count_nonzero(v) == 0 for v in kept.values())
+
+
+# -- FedProx by value (Li et al. 2020) --------------------------------------------------
+
+def test_fedprox_second_step_adds_lr_squared_mu_times_the_first_gradient(tmp_path):
+    # Two plain-SGD steps on one full batch, dropout off. FedProx's first step equals plain
+    # SGD's (v = w); its second adds -lr mu (v1 - w) = lr^2 mu g(w):
+    #   delta_prox - delta_plain = -lr mu delta_plain(1 step)
+    import dataclasses
+
+    from conftest import TINY_BERT
+    from fedfm.core.types import Instruction
+    from fedfm.learners import build_learner
+    from fedfm.runtime.workbench import Workbench
+
+    raw = tiny_config(tmp_path)
+    raw["model"]["config_overrides"] = {**TINY_BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    raw["train"] = {"optimizer": "sgd", "lr": 0.1, "max_grad_norm": None, "steps": 2, "batch_size": 1024}
+    wb = Workbench(from_dict(raw))
+    g = torch.Generator().manual_seed(1)
+    state = {k: (0.05 * torch.randn(v.shape, generator=g) if "lora_B" in k else v) for k, v in wb.initial_state().items()}
+
+    def delta(name, steps, **params):
+        spec = type("Spec", (), {"name": name, "params": lambda self: params})()
+        ctx = wb.context(0, 1)
+        ctx = dataclasses.replace(ctx, train=ctx.train.model_copy(update={"steps": steps}))
+        return build_learner(spec).local_update(Instruction(1, 0, state), ctx).payload
+
+    one, plain, prox = delta("local", 1), delta("local", 2), delta("fedprox", 2, mu=2.0)
+    largest = 0.0
+    for k in state:
+        expected = -0.1 * 2.0 * one[k]
+        got = prox[k] - plain[k]
+        largest = max(largest, float(expected.abs().max()))
+        assert torch.allclose(got, expected, rtol=1e-3, atol=1e-7), (k, float((got - expected).abs().max()))
+    assert largest > 1e-3  # not vacuous: the head's shift is of order lr^2 mu |g|
