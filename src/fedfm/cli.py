@@ -110,7 +110,7 @@ def _check_data(exp):
         console.print(escape(f"public text of {line}"))
     _dp_outlook(exp)
     console.print(escape(f"loading model: {_what_model(exp)}"))
-    validate_model_inputs(exp)
+    validate_model_inputs(exp, fed.frame)  # the rows as read above, not read again
     return labels
 
 
