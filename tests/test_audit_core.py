@@ -308,3 +308,13 @@ def test_fedprox_second_step_adds_lr_squared_mu_times_the_first_gradient(tmp_pat
         largest = max(largest, float(expected.abs().max()))
         assert torch.allclose(got, expected, rtol=1e-3, atol=1e-7), (k, float((got - expected).abs().max()))
     assert largest > 1e-3  # not vacuous: the head's shift is of order lr^2 mu |g|
+
+
+def test_ffa_lora_refuses_embedding_targets():
+    # peft's embedding LoRA (lora_embedding_A zero, lora_embedding_B random) kept both factors
+    # trainable under ffa_lora: not FFA-LoRA, silently
+    with pytest.raises(ValueError, match=r"peft.target_modules: 'word_embeddings' matches the embedding "
+                                         r"'bert.embeddings.word_embeddings': ffa_lora freezes A"):
+        tuned({"method": "ffa_lora", "r": 4, "target_modules": ["query", "word_embeddings"]})
+    m = tuned({"method": "ffa_lora", "r": 4, "target_modules": ["query"], "a_seed": 0})
+    assert trainable_count(m) == 2 * 32 * 4 + 66  # B of the 2 queries and the head

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 
 from fedfm.peft.base import register_tuner
+from fedfm.peft.freezing import matches
 from fedfm.peft.lora import LoraParams, lora
 
 
@@ -28,7 +29,20 @@ def lora_a_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter
     return [(n, p) for n, p in model.named_parameters() if ".lora_A." in n]
 
 
+def check_no_embeddings(model: torch.nn.Module, targets: list[str]) -> None:
+    """peft's LoRA on an embedding table starts A at zero and B random (names
+    ``lora_embedding_A/B``), the reverse of a linear layer's: a frozen random A does not
+    exist there, and both factors would train."""
+    for name, module in model.named_modules():
+        hit = [t for t in targets if matches(name, t)]
+        if hit and isinstance(module, torch.nn.Embedding):
+            raise ValueError(f"peft.target_modules: '{hit[0]}' matches the embedding '{name}': ffa_lora freezes A at "
+                             "a random init, which peft's embedding LoRA does not have (its A starts at zero); "
+                             "target linear layers, or use method lora")
+
+
 def ffa_lora(model: torch.nn.Module, params: FfaLoraParams, task: str) -> torch.nn.Module:
+    check_no_embeddings(model, list(params.target_modules))
     model = lora(model, params, task)
     gen = torch.Generator().manual_seed(params.a_seed) if params.a_seed is not None else None
     for _, p in lora_a_weights(model):
