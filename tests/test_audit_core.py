@@ -318,3 +318,21 @@ def test_ffa_lora_refuses_embedding_targets():
         tuned({"method": "ffa_lora", "r": 4, "target_modules": ["query", "word_embeddings"]})
     m = tuned({"method": "ffa_lora", "r": 4, "target_modules": ["query"], "a_seed": 0})
     assert trainable_count(m) == 2 * 32 * 4 + 66  # B of the 2 queries and the head
+
+
+def test_scaffold_client_without_a_step_fails_instead_of_sending_nan(tmp_path):
+    # A client middleware may leave a client no example; c_i+ = mean of 0 gradients was 0/0
+    from fedfm.core.types import Instruction
+    from fedfm.learners import build_learner
+    from fedfm.runtime.store import ClientStore
+    from fedfm.runtime.workbench import Workbench
+
+    wb = Workbench(from_dict(tiny_config(tmp_path)))
+    state = wb.initial_state()
+    ctx = wb.context(0, 1, store=ClientStore(tmp_path / "store"))
+    ctx.examples = []
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    spec = type("Spec", (), {"name": "scaffold", "params": lambda self: {}})()
+    with pytest.raises(ValueError, match="scaffold: client 0 took no local step"):
+        build_learner(spec).local_update(Instruction(1, 0, state, broadcast={"scaffold_c": zeros}), ctx)
+    assert ctx.store.get(0, "scaffold_c") is None  # nothing stored

@@ -82,6 +82,9 @@ class ScaffoldLearner:
         metrics = train_loop(ctx, after_backward=correct)
         update = delta_update(instruction, ctx, metrics)
         steps = int(metrics["steps"])
+        if steps == 0:  # c_i+ is a mean over the K local steps; with none it is undefined (0/0)
+            raise ValueError(f"scaffold: client {ctx.cid} took no local step (no training examples left), so its "
+                             "control variate cannot be updated")
         if self.control_update == "delta":
             c_new, dc = client_control_update(c_i, c, update.payload, steps, ctx.train.lr)
         else:
