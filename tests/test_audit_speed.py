@@ -111,3 +111,25 @@ def test_readable_metrics_are_kept():
     update, why = receive_update(CodecChain([]), _reply_bytes(**{"metric.train_loss": "0.5", "metric.steps": "2.0"}), 1, 0,
                                  {"w": torch.zeros(2)}, 0, None, "f")
     assert why is None and update.metrics == {"train_loss": 0.5, "steps": 2.0} and update.num_examples == 3
+
+
+# -- training switches (learners/speed.py) --------------------------------------------------
+
+
+@pytest.mark.parametrize("switch", ["autocast", "bucket_by_length", "compile", "unpad"])
+def test_splitfed_refuses_the_training_switches(tmp_path, switch):
+    # splitfed trains with its own loop: the switches were accepted and silently not applied.
+    raw = tiny_config(tmp_path, **{"learner.name": "splitfed", "exchanges": [{"name": "splitfed", "steps": 1}],
+                                   f"train.{switch}": "bf16" if switch == "autocast" else True})
+    with pytest.raises(ConfigError, match=re.escape(f"train.{switch}: learner 'splitfed' trains with its own loop")):
+        from_dict(raw)
+
+
+def test_every_builtin_learner_is_known_to_honour_the_switches_or_not():
+    # A new learner must be put in HONOURED (it trains with train_loop) or NOT_HONOURED
+    # (refused at config time with a switch on), so no switch is silently ignored.
+    from fedfm.learners import learners
+    from fedfm.learners.speed import HONOURED, NOT_HONOURED
+
+    assert not set(HONOURED) & set(NOT_HONOURED)
+    assert sorted(set(learners.names()) - set(HONOURED) - set(NOT_HONOURED)) == []

@@ -35,7 +35,11 @@ log = logging.getLogger("fedfm.learners")
 
 POOL_BATCHES = 16
 # Learners with their own loop, which the switches would silently not reach.
-NOT_HONOURED = ("split", "mezo", "fedkseed", "fedbpt", "bdpl", "dp_sgd")
+NOT_HONOURED = ("split", "splitfed", "mezo", "fedkseed", "fedbpt", "bdpl", "dp_sgd")
+# The built-in learners that train with ``train_loop`` (tests/test_audit_speed.py checks
+# that every built-in learner is in one of the two lists).
+HONOURED = ("local", "fedprox", "feddyn", "scaffold", "hetlora", "flexlora", "fedra", "ifca", "feddat",
+            "fedbfpt", "fedapt", "diprompt", "flash", "prunefl", "update_clusters")
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 
 
