@@ -49,6 +49,9 @@ def test_infinite_hyperparameters_are_refused_naming_the_field(tmp_path, section
         ("server_optimizer", {"name": "fedyogi", "beta2": 1.0}, "server_optimizer.beta2", "less than 1"),
         ("server_optimizer", {"name": "fedadagrad", "beta1": -0.1}, "server_optimizer.beta1", "greater than or equal to 0"),
         ("server_optimizer", {"name": "fedavgm", "momentum": 1.0}, "server_optimizer.momentum", "less than 1"),
+        # FedAdagrad has no beta2 (v sums every delta^2): it was accepted and ignored
+        ("server_optimizer", {"name": "fedadagrad", "beta2": 0.9}, "server_optimizer.beta2", "Extra inputs are not permitted"),
+        ("server_optimizer", {"name": "fedavgm", "beta1": 0.9}, "server_optimizer.beta1", "Extra inputs are not permitted"),
         ("learner", {"name": "fedprox", "mu": -0.5}, "learner.mu", "greater than or equal to 0"),
         ("learner", {"name": "feddyn", "alpha": 0}, "learner.alpha", "greater than 0"),
         ("learner", {"name": "scaffold", "control_update": "option2"}, "learner.control_update", "'delta' or 'mean_grad'"),

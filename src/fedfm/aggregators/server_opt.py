@@ -53,16 +53,18 @@ class AvgMParams(SgdParams):
     momentum: float = Field(0.9, ge=0, lt=1, description="server momentum beta")
 
 
-class AdaptiveParams(BaseModel):
+class AdagradParams(BaseModel):
+    """FedAdagrad's: no beta2 (v sums every delta^2), so a beta2 given is refused, not ignored."""
+
     model_config = ConfigDict(extra="forbid")
     lr: float = Field(1e-2, gt=0, allow_inf_nan=False, description="server learning rate eta")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
+    beta1: float = Field(0.0, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, allow_inf_nan=False, description="adaptivity: added to sqrt(v); v starts at tau^2")
 
 
-class AdagradParams(AdaptiveParams):
-    beta1: float = Field(0.0, ge=0, lt=1)
+class AdaptiveParams(AdagradParams):
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
 
 
 def _zeros(state: State) -> State:
