@@ -133,3 +133,14 @@ def test_every_builtin_learner_is_known_to_honour_the_switches_or_not():
 
     assert not set(HONOURED) & set(NOT_HONOURED)
     assert sorted(set(learners.names()) - set(HONOURED) - set(NOT_HONOURED)) == []
+
+
+# -- the batched transport -----------------------------------------------------------------
+
+
+def test_batched_transport_refuses_an_unknown_kernel_at_construction():
+    # Before: accepted, then every chunk of every round failed in bind() (all clients failed).
+    from fedfm.runtime.batched import BatchedTransport
+
+    with pytest.raises(ValueError, match=re.escape("runtime.batch_kernel must be one of ['auto', 'segments', 'stacked'], got 'bmm'")):
+        BatchedTransport(_env(), batch_clients=2, kernel="bmm")

@@ -89,10 +89,13 @@ class BatchedTransport:
         on_start: Callable[[int], None] | None = None,
         on_end: Callable[[], None] | None = None,
     ):
+        from fedfm.peft.multi_lora import KERNELS, AdapterBatch
+
         if batch_clients < 1:
             raise ValueError(f"runtime.batch_clients must be >= 1, got {batch_clients}")
+        if kernel not in ("auto", *KERNELS):
+            raise ValueError(f"runtime.batch_kernel must be one of {['auto', *KERNELS]}, got '{kernel}'")
         self.env, self.k = env, batch_clients
-        from fedfm.peft.multi_lora import AdapterBatch
         from fedfm.peft.state import trainable_names
 
         AdapterBatch(env.wb.model, trainable_names(env.wb.model))  # refuses an unsupported trainable State now, not every round
