@@ -339,3 +339,21 @@ def test_scaffold_client_without_a_step_fails_instead_of_sending_nan(tmp_path):
     with pytest.raises(ValueError, match="scaffold: client 0 took no local step"):
         build_learner(spec).local_update(Instruction(1, 0, state, broadcast={"scaffold_c": zeros}), ctx)
     assert ctx.store.get(0, "scaffold_c") is None  # nothing stored
+
+
+@pytest.mark.parametrize(
+    "peft,message",
+    [  # both were accepted and silently had no effect
+        ({"method": "prefix_tuning", "encoder_hidden_size": 64}, "peft: Value error, encoder_hidden_size is the width "
+                                                                 "of the projection MLP, which projection: false"),
+        ({"method": "adapter", "variant": "pfeiffer", "attn_pattern": r"\.attention\.output\.dense$"},
+         "peft: Value error, attn_pattern places the attention adapter, which variant pfeiffer"),
+    ],
+)
+def test_a_parameter_the_chosen_variant_ignores_is_refused(tmp_path, peft, message):
+    raw = tiny_config(tmp_path)
+    raw["peft"] = peft
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+    raw["peft"] = {**peft, **({"projection": True} if "encoder_hidden_size" in peft else {"variant": "houlsby"})}
+    from_dict(raw)  # with the variant that reads it

@@ -33,7 +33,7 @@ import re
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedfm.peft.base import head_modules, register_tuner
 from fedfm.peft.freezing import freeze_all, is_head, set_submodule, train_heads
@@ -64,6 +64,13 @@ class AdapterParams(BaseModel):
         None, description="train every LayerNorm; default: true for peft.method adapter, variant houlsby (as Houlsby et al.), else false"
     )
     train_head: bool = True
+
+    @model_validator(mode="after")
+    def _attn_with_houlsby(self):
+        if self.attn_pattern is not None and self.variant == "pfeiffer":
+            raise ValueError("attn_pattern places the attention adapter, which variant pfeiffer (FFN only) does not "
+                             "have; use variant houlsby or drop attn_pattern")
+        return self
 
     @field_validator("attn_pattern", "ffn_pattern")
     @classmethod

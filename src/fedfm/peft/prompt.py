@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fedfm.peft.base import head_modules, register_tuner
 
@@ -87,6 +87,13 @@ class PrefixTuningParams(BaseModel):
     num_virtual_tokens: int = Field(20, ge=1)
     projection: bool = Field(False, description="reparameterize through an MLP (Li and Liang); off = P-tuning v2")
     encoder_hidden_size: int = Field(128, ge=1, description="MLP width when projection is on")
+
+    @model_validator(mode="after")
+    def _width_with_projection(self):
+        if "encoder_hidden_size" in self.model_fields_set and not self.projection:
+            raise ValueError("encoder_hidden_size is the width of the projection MLP, which projection: false "
+                             "(P-tuning v2) does not have; set projection: true or drop encoder_hidden_size")
+        return self
 
 
 class PTuningParams(BaseModel):
