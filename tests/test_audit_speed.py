@@ -144,3 +144,27 @@ def test_batched_transport_refuses_an_unknown_kernel_at_construction():
 
     with pytest.raises(ValueError, match=re.escape("runtime.batch_kernel must be one of ['auto', 'segments', 'stacked'], got 'bmm'")):
         BatchedTransport(_env(), batch_clients=2, kernel="bmm")
+
+
+# -- resuming with another transport -----------------------------------------------------
+
+
+def _final(rt) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in rt.final_state.items()}
+
+
+def test_resume_with_the_processes_transport_is_bit_identical(tmp_path):
+    # runtime.* may change on --resume. The processes transport at threads_per_worker equal
+    # to runtime.threads trains each client with the same bits, so a run resumed on it ends
+    # as the uninterrupted sequential run does (docs/speed.md, "Resuming with other levers").
+    from fedfm.runtime.local import LocalRuntime
+
+    over = {"rounds": 2, "train.steps": 2, "runtime.threads": 1}
+    whole = LocalRuntime(from_dict(tiny_config(tmp_path, **over)), tmp_path / "whole")
+    whole.run()
+    LocalRuntime(from_dict(tiny_config(tmp_path, **{**over, "rounds": 1})), tmp_path / "part").run()
+    resumed = LocalRuntime(from_dict(tiny_config(tmp_path, **{**over, "runtime.transport": "processes", "runtime.workers": 2})),
+                           tmp_path / "part", resume=True)
+    resumed.run()
+    a, b = _final(whole), _final(resumed)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
