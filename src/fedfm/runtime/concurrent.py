@@ -84,6 +84,7 @@ def transport_problem(exp) -> str | None:
     return threads_problem(rt.threads_per_worker)
 
 
+@functools.lru_cache(maxsize=1)
 def gnu_openmp() -> bool:
     """Whether torch's OpenMP runtime in this process is GNU libgomp (read from the
     process's mapped libraries; False where they cannot be read)."""
