@@ -357,3 +357,24 @@ def test_a_parameter_the_chosen_variant_ignores_is_refused(tmp_path, peft, messa
         from_dict(raw)
     raw["peft"] = {**peft, **({"projection": True} if "encoder_hidden_size" in peft else {"variant": "houlsby"})}
     from_dict(raw)  # with the variant that reads it
+
+
+@pytest.mark.parametrize(
+    "peft,switch",
+    [({"method": "adapter"}, "train.unpad"), ({"method": "adapter", "variant": "pfeiffer"}, "train.unpad"),
+     ({"method": "adapter"}, "eval.unpad"), ({"method": "prefix_tuning", "num_virtual_tokens": 4}, "eval.unpad")],
+)
+def test_tuners_the_padding_free_encoder_cannot_run_are_refused(tmp_path, peft, switch):
+    # before: 'Identity' object has no attribute 'p' (adapters) / IndexError (prefix) from learners/unpad.py,
+    # at round 0's evaluation or in every client (each round skipped)
+    raw = tiny_config(tmp_path, **{switch: True})
+    raw["peft"] = peft
+    with pytest.raises(ConfigError, match=rf"{switch}: peft.method {peft['method']} cannot run padding-free"):
+        from_dict(raw)
+
+
+@pytest.mark.parametrize("peft", [{"method": "lora", "r": 4}, {"method": "ia3"}, {"method": "prompt_tuning", "num_virtual_tokens": 4}])
+def test_tuners_the_padding_free_encoder_runs_pass(tmp_path, peft):
+    raw = tiny_config(tmp_path, **{"train.unpad": True, "eval.unpad": True})
+    raw["peft"] = peft
+    from_dict(raw)

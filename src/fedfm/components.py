@@ -144,5 +144,7 @@ def combination_problems(exp) -> list[str]:
     from fedfm.runtime.batched import batched_problem
     from fedfm.peft.feature_attention import feature_attention_problem
     from fedfm.peft.svd_init import svd_init_problem
-    problems += [p for p in [batched_problem(exp), svd_init_problem(exp), feature_attention_problem(exp)] if p is not None]
+    from fedfm.peft.checks import unpad_problem
+    problems += [p for p in [batched_problem(exp), svd_init_problem(exp), feature_attention_problem(exp), unpad_problem(exp)]
+                 if p is not None]
     return problems
