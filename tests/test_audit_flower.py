@@ -227,8 +227,12 @@ def test_simulation_resources_the_machine_lacks_are_refused_by_name(tmp_path):
         "runtime.flower.num_gpus 1: this machine has no CUDA GPU; Ray could not place one virtual client (use 0, the default)",
     ]
     assert resource_problems(exp, cpus=4, gpus=1) == []
-    half = from_dict(tiny_config(tmp_path, **{"runtime.backend": "flower", "runtime.flower.num_gpus": 0.5}))
+    half = from_dict(tiny_config(tmp_path, **{"runtime.backend": "flower", "runtime.flower.num_gpus": 0.5, "runtime.device": "cuda"}))
     assert resource_problems(half, cpus=2, gpus=1) == []  # two clients share one GPU
+    blind = from_dict(tiny_config(tmp_path, **{"runtime.backend": "flower", "runtime.device": "cuda"}))
+    assert resource_problems(blind, cpus=2, gpus=1) == [
+        "runtime.device cuda: a virtual client sees only the GPUs runtime.flower.num_gpus gives it (Ray hides the others), "
+        "and that is 0; set runtime.flower.num_gpus (e.g. 1, or 0.5 for two clients per GPU)"]
 
 
 def test_a_crashed_simulation_runtime_stops_the_servers_wait(stand_in):

@@ -65,6 +65,9 @@ def resource_problems(exp, cpus: int | None = None, gpus: int | None = None) -> 
         have = f"{gpus} CUDA GPU(s)" if gpus else "no CUDA GPU"
         out.append(f"runtime.flower.num_gpus {cfg.num_gpus:g}: this machine has {have}; Ray could not place one virtual "
                    f"client (use {'0, the default' if not gpus else f'at most {gpus}'})")
+    if exp.runtime.device == "cuda" and cfg.num_gpus == 0:
+        out.append("runtime.device cuda: a virtual client sees only the GPUs runtime.flower.num_gpus gives it (Ray hides "
+                   "the others), and that is 0; set runtime.flower.num_gpus (e.g. 1, or 0.5 for two clients per GPU)")
     return out
 
 
