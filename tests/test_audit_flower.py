@@ -286,3 +286,22 @@ def test_bound_keys_are_checked_before_anything_is_sent_or_registered(tmp_path, 
                                 env={"COLUMNS": "1000"})
     assert result.exit_code == 2
     assert "error: runtime.flower.nodes[1]: public key file" in result.output and "node-1.pub does not exist" in result.output
+
+
+def test_a_node_config_client_id_that_is_no_integer_is_named():
+    from fedfm.runtime.flower.client_app import node_cid
+
+    assert node_cid(SimpleNamespace(node_config={"cid": "3"}, node_id=7)) == 3
+    with pytest.raises(ValueError, match=r"^node 7: node config cid='abc' is not a client id \(an integer\)$"):
+        node_cid(SimpleNamespace(node_config={"cid": "abc"}, node_id=7))
+    with pytest.raises(ValueError, match=r"node 7: node config names no client; start the SuperNode with --node-config 'cid=<id>'"):
+        node_cid(SimpleNamespace(node_config={"client": 1}, node_id=7))
+
+
+def test_a_connection_is_either_tls_or_insecure(tmp_path):
+    from fedfm.runtime.flower.deployment import write_connection
+
+    (tmp_path / "ca.crt").write_text("PEM")
+    with pytest.raises(ValueError, match="either --root-certificates .TLS. or --insecure, not both"):
+        write_connection(tmp_path, "prod", "127.0.0.1:9093", ca=tmp_path / "ca.crt", insecure=True)
+    assert not (tmp_path / "config.toml").exists()

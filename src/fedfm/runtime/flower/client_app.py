@@ -46,7 +46,10 @@ def node_cid(context: Context) -> int:
     cfg = context.node_config
     for key in ("cid", "partition-id"):
         if key in cfg:
-            return int(cfg[key])
+            try:
+                return int(cfg[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"node {context.node_id}: node config {key}={cfg[key]!r} is not a client id (an integer)") from None
     raise ValueError(f"node {context.node_id}: node config names no client; start the SuperNode with --node-config 'cid=<id>'")
 
 

@@ -165,6 +165,8 @@ def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | P
 
     check_address(address)
     entry: dict[str, Any] = {"address": address}
+    if insecure and ca is not None:
+        raise ValueError("give either --root-certificates (TLS) or --insecure, not both")
     if insecure:
         entry["insecure"] = True
     elif ca is not None:
@@ -287,22 +289,23 @@ def print_line(line: str) -> None:
 
 def run_streamed(cmd: list[str], env: dict[str, str], timeout: float | None, echo: Callable[[str], Any] | None) -> subprocess.CompletedProcess:
     """Run ``cmd``, passing each output line (tracebacks' frames left out) to ``echo`` as it
-    comes; the whole output is in ``stdout``. Past ``timeout`` the process (and its
+    comes; the same lines are in ``stdout``. Past ``timeout`` the process (and its
     children) is stopped and ``subprocess.TimeoutExpired`` raised."""
     import threading
 
     from fedfm.runtime.flower.loopback import stop_process
 
-    lines: list[str] = []
+    lines: list[str] = []  # what was shown: a traceback's frames are left out here too
     shown = TracebackFilter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
 
     def pump() -> None:
         for line in proc.stdout:
-            lines.append(line)
             kept = shown(line)
-            if echo is not None and kept is not None:
-                echo(kept)
+            if kept is not None:
+                lines.append(kept)
+                if echo is not None:
+                    echo(kept)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
