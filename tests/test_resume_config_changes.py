@@ -27,3 +27,26 @@ def test_a_resume_with_another_lr_names_the_field(tmp_path):
                                           r"now 0.02 \(only rounds, runtime, name, tracking may change"):
         LocalRuntime(from_dict(raw2, "<test>"), tmp_path / "run", resume=True).run()
     LocalRuntime(from_dict(tiny_config(tmp_path, rounds=2, **{"train.steps": 1}), "<test>"), tmp_path / "run", resume=True).run()
+
+
+def test_math_lever_changes_by_hand():
+    from fedfm.runtime.checkpoint import math_lever_changes
+
+    seq = {"transport": "sequential", "device": "cpu", "batch_clients": 4, "batch_kernel": "auto"}
+    assert math_lever_changes(seq, {**seq, "transport": "processes", "workers": 2}) == []  # the same bits
+    assert math_lever_changes(seq, {**seq, "transport": "batched", "batch_clients": 2}) == [
+        "runtime.transport: was 'sequential', now 'batched'", "runtime.batch_clients: was 4, now 2"]
+    assert math_lever_changes(seq, {**seq, "device": "cuda"}) == ["runtime.device: was 'cpu', now 'cuda'"]
+    assert math_lever_changes(seq, {**seq, "batch_clients": 8}) == []  # read by the batched transport only
+
+
+def test_a_resume_on_the_batched_transport_warns_that_the_math_changes(tmp_path):
+    import json
+
+    over = {"train.steps": 1, "runtime.threads": 1}
+    LocalRuntime(from_dict(tiny_config(tmp_path, rounds=1, **over), "<test>"), tmp_path / "run").run()
+    raw = tiny_config(tmp_path, rounds=2, **{**over, "runtime.transport": "batched"})
+    LocalRuntime(from_dict(raw, "<test>"), tmp_path / "run", resume=True).run()
+    warnings = json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"]
+    assert warnings == ["--resume: runtime.transport: was 'sequential', now 'batched': the float math changes from the "
+                        "resumed round on, so the result will not be bit-identical to an uninterrupted run"]

@@ -6,7 +6,8 @@ flattened as ``group/name``: server optimizer moments, control variates, server 
 state such as ``dp_noise``'s sigmas), ``rng.safetensors`` (torch's global CPU generator state) and ``checkpoint.json``:
 the round number and the python and numpy RNG states (written here), plus the caller's
 ``info``. The round loop's ``info`` (``runtime/loop.py``) is the config less ``rounds``,
-``runtime`` and ``name``, its digest (``config_digest``), torch's thread count, the
+``runtime`` and ``name``, its digest (``config_digest``), the ``runtime`` section apart
+(``math_lever_changes``), torch's thread count, the
 backend, and the clients' outcomes: for each client the tag of its last staged round and
 whether the server accepted it (``client_outcomes``, sent with the client's next message
 so its store settles), and this round's, for the server's mirror store
@@ -69,6 +70,17 @@ def config_changes(old: Any, new: Any, path: str = "") -> list[str]:
         return text if len(text) <= 60 else text[:57] + "..."
 
     return [f"{path or 'the config'}: was {shown(old)}, now {shown(new)}"]
+
+
+def math_lever_changes(old: dict, new: dict) -> list[str]:
+    """The ``runtime`` changes of a resume that change the float math from the resumed round
+    on (docs/speed.md, "Resuming with other levers"): the device, the batched transport
+    (wider batches, other dropout masks) or its settings. ``sequential`` and ``processes``
+    train every client with the same bits (the thread count is checked on its own)."""
+    keys = ["device"]
+    if "batched" in (old.get("transport"), new.get("transport")):
+        keys += ["transport", "batch_clients", "batch_kernel"]
+    return [c for k in keys if k in old and old.get(k) != new.get(k) for c in config_changes(old[k], new.get(k), f"runtime.{k}")]
 
 
 def config_digest(exp) -> str:

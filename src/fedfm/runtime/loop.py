@@ -44,7 +44,7 @@ from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, Instruction, ServerState, Update, flatten_groups, unflatten_groups
 from fedfm.learners.loop import planned_steps
 from fedfm.runtime.algorithm import build_algorithm
-from fedfm.runtime.checkpoint import RESUMABLE_CHANGES, Checkpointer, config_changes, config_digest
+from fedfm.runtime.checkpoint import RESUMABLE_CHANGES, Checkpointer, config_changes, config_digest, math_lever_changes
 from fedfm.runtime.client_eval import evaluate_on_clients
 from fedfm.runtime.faults import judge_client
 from fedfm.runtime.outputs import RunWriter, run_summary
@@ -322,11 +322,16 @@ class RoundLoop:
             raise ResumeError("--resume: the config differs from the checkpointed run: "
                               f"{'; '.join(differ) if differ else 'in its digest'} (only {', '.join(RESUMABLE_CHANGES)} "
                               "may change on a resume; --overwrite starts the run again)")
-        threads = ck.info.get("threads")
+        threads, notes = ck.info.get("threads"), []
         if threads != torch.get_num_threads():
-            msg = (f"--resume: the run was checkpointed with {threads} torch threads and continues with "
-                   f"{torch.get_num_threads()}; float sums depend on the thread count, so the result will not be "
-                   "bit-identical to an uninterrupted run (set runtime.threads to keep it)")
+            notes.append(f"--resume: the run was checkpointed with {threads} torch threads and continues with "
+                         f"{torch.get_num_threads()}; float sums depend on the thread count, so the result will not be "
+                         "bit-identical to an uninterrupted run (set runtime.threads to keep it)")
+        levers = math_lever_changes(ck.info.get("runtime", {}), self.exp.dump()["runtime"])
+        if levers:
+            notes.append(f"--resume: {'; '.join(levers)}: the float math changes from the resumed round on, so the "
+                         "result will not be bit-identical to an uninterrupted run")
+        for msg in notes:
             log.warning(msg)
             self.warnings.append(msg)
         server_state = {MODEL: ck.state, **unflatten_groups(ck.algorithm)}
@@ -338,10 +343,11 @@ class RoundLoop:
 
     def _checkpoint(self, rnd: int, server_state: ServerState) -> None:
         if self.exp.server.checkpoint:
-            config = {k: v for k, v in self.exp.dump().items() if k not in RESUMABLE_CHANGES}
+            dump = self.exp.dump()
             info = {
                 "config_digest": config_digest(self.exp),
-                "config": config,
+                "config": {k: v for k, v in dump.items() if k not in RESUMABLE_CHANGES},
+                "runtime": dump["runtime"],  # what a resume with other levers warns about
                 "threads": torch.get_num_threads(),
                 "backend": self.backend,
                 "client_outcomes": {str(c): list(o) for c, o in sorted(self.outcomes.items())},
