@@ -163,3 +163,14 @@ def test_check_resolves_the_split_learners_cut_against_the_model(tmp_path, monke
     assert result.exit_code == 1 and "(role 'phone'): profile.cut = 3 exceeds the model's 2" in out, out
     result, out = invoke(monkeypatch, "check", cfg, "-o", "federation.roles.0.profile.cut=1")
     assert result.exit_code == 0, out
+
+
+def test_check_refuses_what_the_batched_adapters_cannot_serve_and_a_missing_gpu(tmp_path, monkeypatch):
+    # LoRA on the word embeddings trains lora_embedding_A/B, which batched adapters do not serve
+    raw = tiny_config(tmp_path, **{"runtime.transport": "batched",
+                                   "peft.target_modules": ["query", "value", "word_embeddings"]})
+    result, out = invoke(monkeypatch, "check", write(tmp_path, raw))
+    assert result.exit_code == 1 and "runtime.transport: batched: batched adapters: trainable parameter" in out, out
+    if not torch.cuda.is_available():  # as run refuses it before the model loads
+        result, out = invoke(monkeypatch, "check", write(tmp_path, tiny_config(tmp_path, **{"runtime.device": "cuda"})))
+        assert result.exit_code == 1 and "runtime.device is 'cuda' but torch finds no CUDA device here" in out, out

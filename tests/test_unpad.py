@@ -166,8 +166,10 @@ def test_refusals(tmp_path):
         from_dict(tiny_config(tmp_path, **{"train.unpad": True, "runtime.transport": "batched"}))
     with pytest.raises(ConfigError, match="train.unpad"):
         from_dict(tiny_config(tmp_path, **{"train.unpad": True, "learner.name": "mezo"}))
-    with pytest.raises(ConfigError, match="eval.unpad"):
-        from_dict(tiny_config(tmp_path, **{"eval.unpad": True, "runtime.transport": "batched"}))
+    with pytest.raises(ConfigError, match="eval.unpad"):  # the joint evaluation of the clients' models
+        from_dict(tiny_config(tmp_path, **{"eval.unpad": True, "runtime.transport": "batched", "eval.clients": "sampled",
+                                           "federation.client_holdout": 0.2}))
+    from_dict(tiny_config(tmp_path, **{"eval.unpad": True, "runtime.transport": "batched"}))  # the server's evaluation only
     llm = tiny_llm_config(tmp_path)
     with pytest.raises(ValueError, match="eval.unpad: true supports BERT-family encoders"):
         Workbench(from_dict({**llm, "eval": {**llm.get("eval", {}), "unpad": True}}))

@@ -63,7 +63,7 @@ def batched_problem(exp) -> str | None:
         return f"{where} does not support train.compile: true (its adapter layers are patched per batch); turn one off"
     if exp.train.unpad:
         return f"{where} does not support train.unpad: true (its adapters slice the padded batch by client); turn one off"
-    if exp.eval.unpad:
+    if exp.eval.unpad and exp.eval.clients != "none":
         return f"{where} does not support eval.unpad: true (its joint evaluation slices the padded batch by client); turn one off"
     return None
 

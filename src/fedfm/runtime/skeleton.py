@@ -11,7 +11,9 @@ the pre-trained weights are not read and no memory is taken), applies the tuner 
 the shared and local split, and every client's downlink shapes (``down_reference``),
 which is where per-client shapes and the pruning masks' names are worked out; for the
 ``split`` learner, which has no server half, every client's ``cut`` against the layers;
-for ``fedra``'s sub-models, the layer stack they are cut from.
+for ``fedra``'s sub-models, the layer stack they are cut from; for the batched transport,
+that its per-example adapters serve every trainable tensor; and ``runtime.device``
+against this machine (a local run's device).
 
 A ``model.init_from`` run (and the runs it started from) is loaded into it as ``run``
 loads it (``personalize/init_from.py``): its final State is read, so a missing or
@@ -77,4 +79,15 @@ def check_against_model(exp, algorithm, client_ids, init_from: bool = True) -> i
         from fedfm.learners.fedra import check_stack
 
         check_stack(model)
+    if exp.runtime.transport == "batched":  # the trainable tensors its per-example adapters can serve
+        from fedfm.peft.multi_lora import AdapterBatch
+
+        try:
+            AdapterBatch(model, list(state))
+        except NotImplementedError as exc:
+            raise ValueError(f"runtime.transport: batched: {exc}") from None
+    if exp.runtime.backend == "local":  # a Flower run's device is its clients' machines'
+        from fedfm.runtime.device import resolve_device
+
+        resolve_device(exp.runtime.device)
     return len(state)
