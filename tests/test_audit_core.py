@@ -378,3 +378,27 @@ def test_tuners_the_padding_free_encoder_runs_pass(tmp_path, peft):
     raw = tiny_config(tmp_path, **{"train.unpad": True, "eval.unpad": True})
     raw["peft"] = peft
     from_dict(raw)
+
+
+def test_server_optimizer_must_add_the_delta_as_is_names_its_real_lr(tmp_path):
+    # fedadam's lr defaults to 0.01: the refusal used to say "lr 1.0" (the sgd default it read)
+    from fedfm.aggregators.server_opt import not_as_is
+    from fedfm.config import ServerOptimizerSpec as Spec
+
+    assert not_as_is(Spec(name="sgd")) is None
+    assert not_as_is(Spec(name="sgd", lr=0.5)) == "sgd (lr 0.5)"
+    assert not_as_is(Spec(name="fedadam")) == "fedadam (lr 0.01)"
+    assert not_as_is(Spec(name="fedavgm", lr=1.0)) == "fedavgm (lr 1.0)"  # momentum: not as is
+
+
+@pytest.mark.parametrize("field", ["train.lr", "train.weight_decay", "train.max_grad_norm"])
+def test_an_infinite_client_setting_is_refused(tmp_path, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.") + r".*finite number"):
+        from_dict(tiny_config(tmp_path, **{field: float("inf")}))
+
+
+def test_bdpl_refuses_a_server_optimizer_that_does_not_average(tmp_path):
+    raw = tiny_config(tmp_path, **{"peft": {"method": "discrete_prompt"}, "learner": {"name": "bdpl"},
+                                   "server_optimizer": {"name": "fedadam"}})
+    with pytest.raises(ConfigError, match=r"learner bdpl: the server averages .* \(got fedadam \(lr 0.01\)\)"):
+        from_dict(raw)

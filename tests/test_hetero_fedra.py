@@ -103,3 +103,14 @@ def test_a_model_without_a_layer_stack_is_refused_for_the_sub_model():
     with pytest.raises(ValueError, match=r"learner fedra \(forward: allocated; forward: full runs every layer and needs none\): "
                                          r"the model has no layer stack"):
         check_stack(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_fedra_with_a_soft_prompt_is_refused_before_training(tmp_path, monkeypatch):
+    import yaml
+    from conftest import invoke, tiny_config
+
+    raw = tiny_config(tmp_path, **{"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4}, "learner": {"name": "fedra"}})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result, out = invoke(monkeypatch, "check", str(path))
+    assert result.exit_code == 1 and "learner fedra: no trainable State name carries a layer index" in out, out

@@ -187,13 +187,13 @@ class ServerOptimizerSpec(Spec):
 
 class TrainConfig(Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, allow_inf_nan=False)
     momentum: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     epochs: int = Field(1, ge=1)
     steps: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
     # Speed switches (docs/speed.md): bf16 autocast of the forward pass (changes the
     # float math), torch.compile of the model (same math up to kernel fusion), and
     # length-bucketed batches (changes which examples share a batch), padding-free BERT

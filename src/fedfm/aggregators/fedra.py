@@ -79,14 +79,23 @@ def per_layer_delta(model: State, payloads: Sequence[State], weights: Sequence[f
     return delta, counts
 
 
+def layer_count(shared: State) -> int:
+    """The shared State's layer count; refused when no name carries a layer index (a soft
+    prompt, a head only: nothing to allocate)."""
+    total = num_layers(shared)
+    if total == 0:
+        raise ValueError("learner fedra: no trainable State name carries a layer index ('.layer.<i>.'): nothing to "
+                         "allocate; use a tuner inside the layers (lora, adapter, ia3, bitfit, full), not a soft prompt")
+    return total
+
+
 class FedRAServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
         self.num_clients = num_clients
         self.last_counts: dict[str, int] = {}
 
     def init(self, model: State) -> ServerState:
-        if num_layers(model) == 0:
-            raise ValueError("FedRA: no State name carries a layer index ('.layer.<i>.'): nothing to allocate")
+        layer_count(model)
         return {}
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
@@ -99,7 +108,7 @@ class FedRAServer(ServerPartBase):
     def client_reference(self, cid: int, profile: dict, shared: State) -> State:
         # the client's layer count against the model's, here too: fedfm check and the start
         # of a run ask every client's reference, so a count past the model is refused before training
-        resolve_size(profile, "layers", num_layers(shared), client_who(cid, profile))
+        resolve_size(profile, "layers", layer_count(shared), client_who(cid, profile))
         return shared
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:

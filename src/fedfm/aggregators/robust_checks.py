@@ -11,6 +11,7 @@ round loop like one below ``federation.min_clients`` (``runtime/loop.py``).
 
 from __future__ import annotations
 
+from fedfm.aggregators.server_opt import not_as_is
 from fedfm.aggregators.trimmed_mean import trim_count
 
 MEASURING = ("backdoor_asr",)  # steps that only measure the model (they change nothing)
@@ -94,13 +95,12 @@ def robust_problems(exp) -> list[str]:
     if "backdoor_asr" in names and exp.model.task != "text_classification":
         problems.append(f"server_steps: backdoor_asr measures a classification backdoor; model.task is {exp.model.task}")
     if "fedfa" in names:
-        so = exp.server_optimizer
-        lr = float(so.params().get("lr", 1.0))
+        got = not_as_is(exp.server_optimizer)
         later = [n for n in names[names.index("fedfa") + 1 :] if n not in MEASURING]
-        if exp.aggregator.rule != "fedavg" or so.name != "sgd" or lr != 1.0 or exp.peft.local or later or exp.learner.name in ("scaffold", "feddyn"):
+        if exp.aggregator.rule != "fedavg" or got is not None or exp.peft.local or later or exp.learner.name in ("scaffold", "feddyn"):
             problems.append(
                 "server_steps: fedfa tracks the global model itself (aggregators/fedfa.py) and needs aggregator.rule fedavg, "
                 f"server_optimizer sgd with lr 1, no peft.local, no later server step and learner local/fedprox "
-                f"(got rule {exp.aggregator.rule}, optimizer {so.name} lr {lr}, peft.local {exp.peft.local}, later steps {later}, learner {exp.learner.name})"
+                f"(got rule {exp.aggregator.rule}, optimizer {got or 'sgd (lr 1.0)'}, peft.local {exp.peft.local}, later steps {later}, learner {exp.learner.name})"
             )
     return problems

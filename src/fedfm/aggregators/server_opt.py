@@ -123,3 +123,15 @@ register_server_optimizer("fedavgm", fedavgm, AvgMParams)
 register_server_optimizer("fedadam", fedadam, AdaptiveParams)
 register_server_optimizer("fedyogi", fedyogi, AdaptiveParams)
 register_server_optimizer("fedadagrad", fedadagrad, AdagradParams)
+
+
+def not_as_is(so) -> str | None:
+    """None when ``server_optimizer`` adds the combined delta as it is (``sgd`` at lr 1), else
+    what it is, with its own defaults (``"fedadam (lr 0.01)"``): for the server halves and
+    steps that compute the model step themselves. A config whose parameters do not parse is
+    left to the registry's check (None)."""
+    try:
+        lr = server_optimizers.parse(so.name, so.params(), "server_optimizer").model_dump().get("lr")
+    except Exception:
+        return None
+    return None if so.name == "sgd" and lr == 1.0 else f"{so.name} (lr {lr})"

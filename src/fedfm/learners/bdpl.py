@@ -156,4 +156,10 @@ def bdpl_config_problems(exp) -> list[str]:
                         f"(implemented for {', '.join(BDPL_TASKS)})")
     if exp.peft.local:
         problems.append(f"learner bdpl: peft.local {exp.peft.local} is not supported (the distributions are the whole State)")
+    from fedfm.aggregators.server_opt import not_as_is
+
+    got = not_as_is(exp.server_optimizer) if learner == "bdpl" else None
+    if got is not None:
+        problems.append(f"learner bdpl: the server averages the clients' categorical distributions; server_optimizer must "
+                        f"be sgd with lr 1.0 (got {got}), whose steps would leave the probabilities off the simplex")
     return problems

@@ -40,12 +40,13 @@ def hetero_config_problems(exp) -> list[str]:
                         "the one base model carries LoRA at the largest rank"
                     )
     if name == "flexlora":
-        so = exp.server_optimizer
-        lr = so.params().get("lr", 1.0)
-        if so.name != "sgd" or lr != 1.0:
+        from fedfm.aggregators.server_opt import not_as_is
+
+        got = not_as_is(exp.server_optimizer)
+        if got is not None:
             problems.append(
                 f"learner.name flexlora replaces the global factors by the SVD of the aggregated B A each round: "
-                f"server_optimizer must be sgd with lr 1.0 (got {so.name}, lr {lr})"
+                f"server_optimizer must be sgd with lr 1.0 (got {got})"
             )
     if name == "split" and exp.model.task != "text_classification":
         problems.append(f"learner.name split runs BERT-family sequence classifiers: model.task is {exp.model.task}")

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedfm.aggregators.nested_masks import client_share
+from fedfm.aggregators.server_opt import not_as_is
 from fedfm.core.types import Instruction
 from fedfm.learners.base import LocalContext
 from fedfm.learners.loop import train_loop
@@ -97,10 +98,9 @@ def pruning_config_problems(exp) -> list[str]:
     if name not in PRUNING_LEARNERS:
         return []
     problems = []
-    so = exp.server_optimizer
-    lr = so.params().get("lr", 1.0)
-    if so.name != "sgd" or lr != 1.0:
-        problems.append(f"learner {name}: server_optimizer must be {{name: sgd, lr: 1.0}} (got {so.name}, lr {lr}): "
+    got = not_as_is(exp.server_optimizer)
+    if got is not None:
+        problems.append(f"learner {name}: server_optimizer must be {{name: sgd, lr: 1.0}} (got {got}): "
                         "the server averages, and zeroes a removed entry through the delta, exact only when "
                         "the server adds the delta as it is")
     if exp.peft.method != "full":

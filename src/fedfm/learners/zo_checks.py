@@ -48,12 +48,13 @@ def zeroth_order_config_problems(exp) -> list[str]:
             f"aggregator.rule: learner {name} supports only fedavg (got {exp.aggregator.rule}): its server half "
             f"combines the payloads itself ({own}) and would silently ignore any other rule"
         )
-    so = exp.server_optimizer
-    lr = so.params().get("lr", 1.0)
-    if so.name != "sgd" or float(lr) != 1.0:
+    from fedfm.aggregators.server_opt import not_as_is
+
+    got = not_as_is(exp.server_optimizer)
+    if got is not None:
         problems.append(
             f"learner {name}: the server half computes the model step itself; server_optimizer must be sgd with "
-            f"lr 1.0 (got {so.name} lr {lr})"
+            f"lr 1.0 (got {got})"
         )
     if exp.codecs.up:
         problems.append(f"learner {name}: its payload is a few scalars per step; codecs.up must be empty (got {exp.codecs.up})")

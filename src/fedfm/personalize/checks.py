@@ -19,9 +19,11 @@ def plain_mean_problem(exp, learner: str) -> str | None:
     others directly: only FedAvg with a plain ``sgd`` step of lr 1 treats them alike."""
     if exp.aggregator.rule != "fedavg":
         return f"learner {learner}: aggregates each cluster by its weighted mean; aggregator.rule '{exp.aggregator.rule}' would apply to cluster 0 only"
-    so = exp.server_optimizer
-    if so.name != "sgd" or float(so.params().get("lr", 1.0)) != 1.0 or float(so.params().get("momentum", 0.0)) != 0.0:
-        return f"learner {learner}: needs server_optimizer sgd with lr 1 (clusters 1..K-1 are moved by their plain mean)"
+    from fedfm.aggregators.server_opt import not_as_is
+
+    got = not_as_is(exp.server_optimizer)
+    if got is not None:
+        return f"learner {learner}: needs server_optimizer sgd with lr 1, not {got} (clusters 1..K-1 are moved by their plain mean)"
     return None
 
 
