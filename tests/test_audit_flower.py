@@ -305,3 +305,21 @@ def test_a_connection_is_either_tls_or_insecure(tmp_path):
     with pytest.raises(ValueError, match="either --root-certificates .TLS. or --insecure, not both"):
         write_connection(tmp_path, "prod", "127.0.0.1:9093", ca=tmp_path / "ca.crt", insecure=True)
     assert not (tmp_path / "config.toml").exists()
+
+
+def test_a_task_without_labels_gets_no_owner_files(tmp_path):
+    """A data owner's file holds text and label; a causal LM experiment (as
+    examples/shakespeare.yaml) is refused by name, where export-partitions raised a
+    KeyError about a missing 'label' column."""
+    from fedfm.runtime.flower.deployment import export_partitions
+    from fedfm.runtime.flower.session import owner_federation
+
+    exp = from_dict(tiny_config(tmp_path))
+    lm = exp.model_copy(deep=True)
+    lm.model.task = "causal_lm"
+    with pytest.raises(ValueError, match=r"^export-partitions: model.task causal_lm: a SuperNode's own data file "
+                                         r"\(node config data-path; columns text and label\) serves text_classification"):
+        export_partitions(lm, tmp_path / "parts")
+    assert not (tmp_path / "parts").exists()
+    with pytest.raises(ValueError, match=r"^client 1: model.task causal_lm: .*start the SuperNodes without data-path"):
+        owner_federation(lm, 1, str(tmp_path / "toy.csv"))

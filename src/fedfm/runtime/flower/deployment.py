@@ -63,15 +63,22 @@ def export_partitions(exp, out_dir: str | Path, fmt: str = "parquet", overwrite:
     in the same order, so a deployment on these files trains on the same data. A client file
     already there is replaced only with ``overwrite``; without it nothing is written."""
     from fedfm.data import build_federation, load_source
+    from fedfm.runtime.flower.session import owner_file_problem
 
     if fmt not in ("parquet", "jsonl"):
         raise ValueError(f"export-partitions: format '{fmt}' is not parquet or jsonl")
+    problem = owner_file_problem(exp)
+    if problem is not None:
+        raise ValueError(f"export-partitions: {problem}")
     if exp.data.label_column is None:
         raise ValueError("export-partitions: data.label_column is unset; client files need labels")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"export-partitions: --out {out} is a file, not a folder")
     fed = build_federation(load_source(exp.data), exp.federation, exp.seed)
+    if "label" not in fed.frame.columns:
+        raise ValueError(f"export-partitions: data.source '{exp.data.source}' gives no labels (columns: "
+                         f"{', '.join(map(str, fed.frame.columns))}); client files need text and label")
     paths = {c.cid: out / f"client_{c.cid}.{fmt}" for c in fed.clients}
     there = [p.name for p in paths.values() if p.exists()]
     if there and not overwrite:

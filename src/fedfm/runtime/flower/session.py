@@ -40,8 +40,23 @@ def check_cid(exp, cid: int) -> int:
     return int(cid)
 
 
+def owner_file_problem(exp) -> str | None:
+    """Why a data owner's own file (columns ``text`` and ``label``) cannot feed ``exp``, or None:
+    only tasks that learn class labels read such a file."""
+    from fedfm.data.labels import LABEL_TASKS
+
+    if exp.model.task in LABEL_TASKS:
+        return None
+    return (f"model.task {exp.model.task}: a SuperNode's own data file (node config data-path; columns text and label) "
+            f"serves {' and '.join(LABEL_TASKS)} only; start the SuperNodes without data-path, so that each reads "
+            "its partition (cid) of the experiment's data source")
+
+
 def owner_federation(exp, cid: int, data_path: str) -> Federation:
     """A federation in which client ``cid`` owns every row of its own data file."""
+    problem = owner_file_problem(exp)
+    if problem is not None:
+        raise ValueError(f"client {cid}: {problem}")
     cfg = DataConfig(source="file", path=data_path, max_length=exp.data.max_length, label_column="label")
     try:
         frame = load_source(cfg)
