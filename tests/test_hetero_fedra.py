@@ -39,19 +39,28 @@ def test_allocation_is_seeded_sized_and_distinct():
     assert m.shape == (3, 6) and m.sum(1).tolist() == [1, 2, 6] and np.all(m[2] == 1)
 
 
-def test_server_half_sends_all_and_accepts_the_allocated_layers():
+def test_server_half_sends_the_sub_model_and_accepts_the_allocated_layers():
+    from fedfm.learners.fedra import FedRAParams
+
     model = {L0: T([1.0]), L1: T([1.0]), HEAD: T([1.0])}
-    server = FedRAServer(None, 2)
+    server = FedRAServer(None, 2)  # forward: allocated, the paper's sub-model
     server.init(model)
     ss = {MODEL: model}
     inst = server.instruction(5, ss, ClientSpec(0, [], {"layers": 1}), seed=0)
-    assert set(inst.state) == set(model) and len(inst.config["layers"]) == 1
+    mine = L0 if inst.config["layers"] == [0] else L1
+    assert set(inst.state) == {mine, HEAD} and len(inst.config["layers"]) == 1  # its layer and the head only
+    # both ends compute the names it receives from the instruction's plain config
+    assert set(server.client_reference(0, {"layers": 1}, model, {"layers": inst.config["layers"]})) == {mine, HEAD}
+    assert set(server.client_reference(0, {"layers": 1}, model, None)) == set(model)  # outside a round: the sizes only
     spec = server.client_payload_spec(inst, model)
-    assert set(spec) == {HEAD, L0 if inst.config["layers"] == [0] else L1}
+    assert set(spec) == {HEAD, mine}
     ups = [Update(0, {k: torch.ones(1) for k in spec}, 2)]
     _, delta = server.combine_updates(ss, ups, fedavg, None, RoundContext(5, 0, torch.Generator(), 2, []))
-    untouched = L1 if inst.config["layers"] == [0] else L0
+    untouched = L1 if mine == L0 else L0
     assert torch.equal(delta[untouched], T([0.0])) and torch.equal(delta[HEAD], T([1.0]))
+    full = FedRAServer(FedRAParams(forward="full"), 2)  # every layer runs: the whole State
+    assert set(full.instruction(5, ss, ClientSpec(0, [], {"layers": 1}), seed=0).state) == set(model)
+    assert set(full.client_reference(0, {"layers": 1}, model, {"layers": inst.config["layers"]})) == set(model)
 
 
 def _fedra_client(tmp_path, forward: str, layers: list[int]):
@@ -114,3 +123,35 @@ def test_fedra_with_a_soft_prompt_is_refused_before_training(tmp_path, monkeypat
     path.write_text(yaml.safe_dump(raw))
     result, out = invoke(monkeypatch, "check", str(path))
     assert result.exit_code == 1 and "learner fedra: no trainable State name carries a layer index" in out, out
+
+
+def test_a_sub_model_client_is_sent_its_layers_only_on_every_transport(tmp_path):
+    """4 layers, each of 2 clients trains 1: the broadcast holds 1 layer's LoRA and the head,
+    not 4 layers'; the processes transport (the broadcast decoded in a worker, its names
+    from the instruction's config) gives the sequential run's rows."""
+    import json
+
+    from conftest import tiny_config
+
+    from fedfm.config import from_dict
+    from fedfm.runtime.local import LocalRuntime
+
+    def run(name, **over):
+        raw = tiny_config(tmp_path, rounds=2, **{"model.config_overrides.num_hidden_layers": 4, "train.steps": 2,
+                                                 "federation.roles": [{"name": "one", "count": 2, "profile": {"layers": 1}}],
+                                                 "runtime": {"progress": False, "threads": 1}, **over})
+        LocalRuntime(from_dict(raw), tmp_path / name).run()
+        return [{k: v for k, v in json.loads(x).items() if k != "wall_s"} for x in open(tmp_path / name / "metrics.jsonl")]
+
+    sub = run("sub", learner={"name": "fedra"})
+    full = run("full", learner={"name": "fedra", "forward": "full"})
+    # LoRA r 4 on query and value: a layer's 2 x (4x32 + 32x4) = 512 floats = 2,048 bytes. Each client
+    # is sent 3 layers fewer: 2 x 3 x 2,048 = 12,288 bytes of floats a round, and 2 x 12 tensors'
+    # entries fewer in the safetensors header (name, dtype, shape, offsets: under 200 bytes each)
+    saved = [f["bytes_down"] - s["bytes_down"] for s, f in zip(sub[1:], full[1:])]
+    assert all(12_288 < d < 12_288 + 24 * 200 for d in saved), saved
+    workers = run("workers", learner={"name": "fedra"},
+                  runtime={"progress": False, "threads": 1, "transport": "processes", "workers": 2})
+    # every field but the upload's size, whose header carries the measured step_s (a float of varying digits)
+    same = lambda rows: [{k: v for k, v in r.items() if k not in ("bytes_up", "codec_bytes")} for r in rows]  # noqa: E731
+    assert same(workers) == same(sub)

@@ -6,18 +6,22 @@ Every round the server draws an allocation matrix ``M`` (clients x layers, 0/1):
 gets ``l_k`` distinct layers drawn uniformly without replacement, ``l_k`` its tier's layer
 count (``federation.roles[].profile.layers``, ``runtime/capacity.py``). Row k is drawn
 from a generator seeded by ``derive_seed(seed, round, k, TAG)``, so it is the same in
-every process and on a retry. The client receives the whole shared State (it needs every
-layer for its forward pass) and its layers in ``Instruction.config["layers"]``, trains
-the LoRA factors of those layers only (``learners/fedra.py``), and sends those plus the
-tensors outside every layer (the task head). The server combines each layer over its
+every process and on a retry. The client receives its layers in
+``Instruction.config["layers"]`` and, with the paper's sub-model (``learner.forward:
+allocated``), the shared State of those layers and of the tensors outside every layer
+(the task head) only, as the authors' server sends each client its sub-model
+(``client_reference`` reads the layers from the instruction's config, so both ends agree
+on the names); with ``forward: full`` the whole shared State (its forward pass runs every
+layer). It trains the LoRA factors of its layers only (``learners/fedra.py``) and sends
+those plus the tensors outside every layer. The server combines each layer over its
 contributors only: the rule runs once per layer on the clients whose row of ``M`` has it,
 with their weights; a layer no client trained keeps its value (zero delta), and so does a
 layer trained by fewer clients than the rule combines (Krum with f = 1 needs 4; noted under
 ``held_back`` in the round's row, ``aggregators/holders.py``).
 
 The client trains the paper's sub-model, its allocated layers alone in their order
-(``learner.forward: allocated``, ``learners/fedra.py``); ``forward: full`` keeps the
-unallocated layers in its forward pass, frozen (FedRA-inspired). The simulated clock
+(``learner.forward: allocated``); ``forward: full`` keeps the unallocated layers in its
+forward pass, frozen (FedRA-inspired). The simulated clock
 (``sim_clock``) charges each tier its measured step cost over its profile ``speed``.
 """
 
@@ -93,6 +97,8 @@ class FedRAServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
         self.num_clients = num_clients
         self.last_counts: dict[str, int] = {}
+        # the paper's sub-model: a client is sent its allocated layers (and the tensors outside every layer) only
+        self.sub_model = params is None or params.forward == "allocated"
 
     def init(self, model: State) -> ServerState:
         layer_count(model)
@@ -103,12 +109,15 @@ class FedRAServer(ServerPartBase):
         total = num_layers(model)
         count = resolve_size(client.profile, "layers", total, client_who(client.cid, client.profile))
         layers = allocation(seed, rnd, client.cid, count, total)
-        return Instruction(round=rnd, cid=client.cid, state=model, config={"layers": layers})
+        state = layer_subset(model, layers) if self.sub_model else model
+        return Instruction(round=rnd, cid=client.cid, state=state, config={"layers": layers})
 
-    def client_reference(self, cid: int, profile: dict, shared: State) -> State:
+    def client_reference(self, cid: int, profile: dict, shared: State, config: dict | None = None) -> State:
         # the client's layer count against the model's, here too: fedfm check and the start
         # of a run ask every client's reference, so a count past the model is refused before training
         resolve_size(profile, "layers", layer_count(shared), client_who(cid, profile))
+        if self.sub_model and config is not None:
+            return layer_subset(shared, [int(i) for i in config["layers"]])
         return shared
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:

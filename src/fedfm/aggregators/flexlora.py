@@ -65,7 +65,7 @@ class FlexLoraServer(ServerPartBase):
         rank = tier_rank(client.profile, server_state[MODEL], client.cid)
         return Instruction(round=rnd, cid=client.cid, state=truncate(server_state[MODEL], rank), config={"rank": rank})
 
-    def client_reference(self, cid: int, profile: dict, shared: State) -> State:
+    def client_reference(self, cid: int, profile: dict, shared: State, config: dict | None = None) -> State:
         return truncate(shared, tier_rank(profile, shared, cid))
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:

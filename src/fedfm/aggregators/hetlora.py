@@ -101,7 +101,7 @@ class HetLoraServer(ServerPartBase):
         state, rank = self.issued(server_state, client.profile, client.cid)
         return Instruction(round=rnd, cid=client.cid, state=state, config={"rank": rank})
 
-    def client_reference(self, cid: int, profile: dict, shared: State) -> State:
+    def client_reference(self, cid: int, profile: dict, shared: State, config: dict | None = None) -> State:
         return truncate(shared, tier_rank(profile, shared, cid))
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:

@@ -63,8 +63,10 @@ class ServerPart(Protocol):
     # Per-client hooks (None when unused), with these signatures:
     # instruction(rnd, server_state, client, seed) -> Instruction: one client's own State
     #     (e.g. truncated to its rank) and config
-    # client_reference(cid, profile, shared) -> State: the names and shapes client cid
-    #     receives (both ends compute it)
+    # client_reference(cid, profile, shared, config) -> State: the names and shapes client
+    #     cid receives (both ends compute it; ``config``: the plain settings of the
+    #     instruction it is sent with, as they travel, or None outside a round, e.g.
+    #     ``fedfm check``: FedRA's allocated layers)
     # client_payload_spec(instruction, shared) -> State: what the client may send back,
     #     given the instruction it was issued
     # combine_updates(server_state, updates, rule, rule_params, ctx) -> (groups, delta):
@@ -76,7 +78,7 @@ class ServerPart(Protocol):
     # report(server_state) -> dict: numbers about the new server state for the round's row
     #     of metrics.jsonl, after aggregation (PruneFL: the density of the masks)
     instruction: Callable[[int, ServerState, object, int], Instruction] | None
-    client_reference: Callable[[int, dict, State], State] | None
+    client_reference: Callable[[int, dict, State, dict | None], State] | None
     client_payload_spec: Callable[[Instruction, State], State] | None
     combine_updates: Callable[[ServerState, Sequence[Update], Callable, object, RoundContext], tuple[ServerState, State]] | None
     broadcast_reference: Callable[[int, State], dict[str, State]] | None

@@ -79,7 +79,7 @@ class SplitFedServer(ServerPartBase):
         state = {n: model[n] for n in client_names(model, cut)}
         return Instruction(round=rnd, cid=client.cid, state=state, config={"cut": cut})
 
-    def client_reference(self, cid: int, profile: dict, shared: State) -> State:
+    def client_reference(self, cid: int, profile: dict, shared: State, config: dict | None = None) -> State:
         cut = cut_of(profile, shared, cid)
         return {n: shared[n] for n in client_names(shared, cut)}
 

@@ -19,7 +19,10 @@ tensors outside every layer (the task head) are trained by every client.
   frozen: the client's compute and activation memory are the whole model's, and its
   allocated layers are trained in the context of the whole network.
 
-The payload is the delta of the allocated layers and of the tensors outside every layer.
+The client is sent the shared State of its layers and of the tensors outside every layer
+only under ``allocated`` (the whole State under ``full``). The payload is the delta of the
+allocated layers and of the tensors outside every layer, measured from the State as the
+model holds it (``learners/local.delta_update``).
 Metrics: ``steps``, ``step_s`` (measured), ``bytes_down``, ``layers`` (how many it trained).
 """
 
@@ -32,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedfm.core.types import Instruction, Update
 from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.hetrank import state_bytes, timed_train
+from fedfm.learners.local import delta_update
 from fedfm.peft.hetero import layer_of, layer_subset
 from fedfm.peft.layer_stack import kept_layers, layer_stack, trainable_only
 from fedfm.peft.state import get_state, set_state
@@ -60,7 +64,9 @@ class FedRALearner:
         if "layers" not in instruction.config:
             raise ValueError(f"fedra: the instruction for client {ctx.cid} names no layers to train")
         layers = [int(i) for i in instruction.config["layers"]]
-        set_state(ctx.model, instruction.state)
+        # a sub-model's client is sent its layers (and the head) only: the other layers keep
+        # what the model holds, outside its forward pass
+        set_state(ctx.model, {**get_state(ctx.model), **instruction.state})
         # out of the optimizer and of the weight gradients for this round: the other layers' tensors
         train = [p for n, p in ctx.model.named_parameters() if p.requires_grad and (layer_of(n) is None or layer_of(n) in layers)]
         if self.params is None or self.params.forward == "allocated":  # the paper's sub-model
@@ -69,10 +75,8 @@ class FedRALearner:
             scope = trainable_only(ctx.model, map(id, train))
         with scope:
             metrics = timed_train(ctx)
-        trained = layer_subset(get_state(ctx.model), layers)
-        delta = {k: trained[k] - instruction.state[k].to(trained[k].dtype) for k in trained}
         metrics.update(layers=float(len(layers)), bytes_down=float(state_bytes(instruction.state)))
-        return Update(cid=ctx.cid, payload=delta, num_examples=len(ctx.examples), metrics=metrics)
+        return delta_update(instruction, ctx, metrics, names=layer_subset(instruction.state, layers))
 
 
 register_learner("fedra", FedRALearner, FedRAParams)

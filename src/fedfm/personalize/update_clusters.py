@@ -169,7 +169,7 @@ class UpdateClustersServer(ServerPartBase):
         j, state = served(server_state, client.cid)
         return Instruction(round=rnd, cid=client.cid, state=state, config={META: j})
 
-    def client_reference(self, cid: int, profile: dict, shared: State) -> State:
+    def client_reference(self, cid: int, profile: dict, shared: State, config: dict | None = None) -> State:
         return shared  # every cluster's model has the global State's names and shapes
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:

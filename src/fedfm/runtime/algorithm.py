@@ -165,15 +165,16 @@ class FedAlgorithm:
             return per_client(self.issued[cid], shared)
         return self.server.payload_spec(shared)
 
-    def down_reference(self, cid: int, template: State) -> State:
+    def down_reference(self, cid: int, template: State, config: dict | None = None) -> State:
         """What client ``cid`` receives: the shared State (unless the server half sends none)
         and each broadcast group (entries ``<group>/<name>``, shaped as the server half's
-        ``broadcast_reference`` declares, else like the State's), computed alike on both ends."""
+        ``broadcast_reference`` declares, else like the State's), computed alike on both ends;
+        ``config``: the plain settings of the instruction it comes with (None outside a round)."""
         self.base = template
         shared, _ = self.split(template)
         per_client = self.server.client_reference
         if per_client is not None:
-            shared = per_client(cid, self.profiles.get(cid, {}), shared)
+            shared = per_client(cid, self.profiles.get(cid, {}), shared, config)
         ref = dict(shared) if self.sends_state else {}
         own = self.server.broadcast_reference
         if own is not None:

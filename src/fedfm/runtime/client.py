@@ -92,8 +92,8 @@ def local_part(env: ClientEnv, cid: int) -> State:
     return stored if stored is not None else env.algo.split(env.wb.template)[1]
 
 
-def receive_broadcast(env: ClientEnv, cid: int, rnd: int, data: bytes) -> tuple[State, dict[str, State]]:
-    ref = env.algo.down_reference(cid, env.wb.template)
+def receive_broadcast(env: ClientEnv, cid: int, rnd: int, data: bytes, config: dict) -> tuple[State, dict[str, State]]:
+    ref = env.algo.down_reference(cid, env.wb.template, config)
     ctx = CodecContext("down", rnd, cid, ref, seed=env.exp.seed, store=env.store)
     received, _ = env.down.decode(data, ctx)
     return split_broadcast(received)
@@ -138,9 +138,10 @@ def prepare_train(env: ClientEnv, envelope: Envelope) -> TrainJob:
     conf = envelope.conf
     cid, rnd = check_addressed(env, envelope), int(conf["round"])
     open_round(env, cid, conf)
-    shared, groups = receive_broadcast(env, cid, rnd, envelope.data)
+    config = json.loads(conf.get("instruction", "{}"))
+    shared, groups = receive_broadcast(env, cid, rnd, envelope.data, config)
     local = local_part(env, cid)
-    inst = Instruction(round=rnd, cid=cid, state={**shared, **local}, config=json.loads(conf.get("instruction", "{}")), broadcast=groups)
+    inst = Instruction(round=rnd, cid=cid, state={**shared, **local}, config=config, broadcast=groups)
     ctx = env.wb.context(cid, rnd, on_step=env.on_step, store=env.store)
     for mw in env.middleware(cid):
         ctx.examples = mw.before_train(ctx.examples, ctx)

@@ -27,6 +27,7 @@ last checkpoint ends bit-identical to an uninterrupted one at the same thread co
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -93,7 +94,7 @@ class RoundLoop:
     def _broadcast(self, rnd: int, inst: Instruction, tag: str, rlog: RoundLog) -> bytes:
         cid = inst.cid
         self.mirror.stage(cid, tag)
-        ref = self.algo.down_reference(cid, self.wb.template)
+        ref = self.algo.down_reference(cid, self.wb.template, json.loads(plain_config(inst.config)))
         ctx = CodecContext("down", rnd, cid, ref, seed=self.exp.seed, store=self.mirror)
         sent = self.down.encode(broadcast_payload(inst), {"round": str(rnd)}, ctx)
         rlog.bytes_down += sent.nbytes
