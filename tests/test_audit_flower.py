@@ -323,3 +323,22 @@ def test_a_task_without_labels_gets_no_owner_files(tmp_path):
     assert not (tmp_path / "parts").exists()
     with pytest.raises(ValueError, match=r"^client 1: model.task causal_lm: .*start the SuperNodes without data-path"):
         owner_federation(lm, 1, str(tmp_path / "toy.csv"))
+
+
+def test_an_out_folder_that_is_a_file_is_named_not_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    import yaml
+
+    from fedfm.cli import app
+
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    (tmp_path / "afile").write_text("")
+    run = CliRunner()
+    env = {"COLUMNS": "1000"}
+    done = run.invoke(app, ["flower", "submit", str(tmp_path / "job.yaml"), "--superlink", "prod", "--out", str(tmp_path / "afile")], env=env)
+    assert done.exit_code == 2 and f"error: --out {tmp_path / 'afile'} is a file, not a folder" in done.output
+    done = run.invoke(app, ["flower", "export-partitions", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "afile" / "x")], env=env)
+    assert done.exit_code == 1 and f"error: --out {tmp_path / 'afile' / 'x'}: Not a directory" in done.output
+    done = run.invoke(app, ["flower", "keys", "--out", str(tmp_path / "afile" / "k"), "--clients", "1"], env=env)
+    assert done.exit_code == 1 and f"error: --out {tmp_path / 'afile' / 'k'}: Not a directory" in done.output

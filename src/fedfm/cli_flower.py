@@ -29,6 +29,8 @@ def flower_export(
         paths = export_partitions(exp, out, overwrite=overwrite)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
+    except OSError as exc:  # --out under a file, no permission, ...
+        fail(f"--out {out}: {exc.strerror or exc}")
     for path in paths:
         console.print(str(path))
 
@@ -75,6 +77,8 @@ def flower_submit(
         done = submit(exp, out or Path("runs") / exp.name, superlink, resume=resume, overwrite=overwrite)
     except (ValueError, ConfigError, FileNotFoundError) as exc:
         fail(str(exc), 2)
+    except OSError as exc:  # --out is a file, or under one, ...
+        fail(f"--out {out or Path('runs') / exp.name}: {exc.strerror or exc}", 2)
     if done.returncode != 0:
         why = run_failure(done.stdout) or f"flwr run exited with {done.returncode}"
         fail(f"the run on SuperLink '{superlink or exp.runtime.flower.superlink}' failed: {why}")
@@ -98,6 +102,10 @@ def flower_keys(
         problem = f"--out {out} already holds {', '.join(there[:4])}{more}; a node key is never replaced: pick another --out"
     if problem is not None:
         fail(problem)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under a file, no permission, ...
+        fail(f"--out {out}: {exc.strerror or exc}")
     console.print("runtime:\n  flower:\n    nodes:")
     for cid, name in enumerate(names):
         _, public = generate_node_key(out, name)

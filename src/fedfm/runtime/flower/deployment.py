@@ -346,6 +346,8 @@ def submit(exp, out: str | Path, superlink: str | None = None, app_dir: str | Pa
     if problem is not None:
         raise ValueError(problem)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rc_path = run_config_file(exp, out, out / "flower-run-config.toml", resume, overwrite)
     cmd = submit_command(exp, out, link, rc_path, app_dir)
