@@ -23,7 +23,9 @@ Per-client shapes (heterogeneous clients: HetLoRA, FlexLoRA, FedRA). A server pa
 implement four per-client hooks (``aggregators/server_part.py``; None where unused):
 ``instruction(rnd, server_state, client, seed)`` builds one client's Instruction (its own
 State, e.g. LoRA factors truncated to its rank, and config, e.g. its layers);
-``client_reference(cid, profile, shared)`` gives the shapes that client receives;
+``client_reference(cid, profile, shared, config)`` gives the names and shapes that client
+receives (``config``: the instruction's plain settings as they travel, e.g. FedRA's
+allocated layers, so both ends agree; None outside a round);
 ``client_payload_spec(instruction, shared)`` what it may send back given what it was
 issued; ``combine_updates(server_state, updates, rule, rule_params, ctx)`` replaces
 "deltas over the global names -> rule -> combine" for payloads of different shapes. The
