@@ -255,6 +255,6 @@ def test_the_loop_retries_then_skips_a_round_that_lost_a_client(tmp_path):
     rt.run()
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert rows[1]["round"] == 1 and rows[1]["fedbpt.told"] == 2 and rows[1]["attempts"] == 1
-    assert rows[2]["skipped"] == "1 of the 2 updates (all 2 sampled) the server part of learner fedbpt combines kept after 2 attempt(s)"
+    assert rows[2]["skipped"] == "1 of the 2 updates the server part of learner fedbpt combines (2 sampled a round) kept after 2 attempt(s)"
     assert "fedbpt.told" not in rows[2] and rows[2]["clients"] == []
     assert rt.loop.server_state["fedbpt.dist"]["told"].tolist() == [2]  # only round 1 was told

@@ -260,7 +260,7 @@ def fewest_combined(exp, server_part: ServerPart) -> tuple[int, str]:
     sampled = clients_per_round(exp.federation, exp.federation.clients)
     part_min = server_part.fewest_updates(sampled)
     if part_min > rule_min:
-        return part_min, f"the {part_min} updates (all {sampled} sampled) the server part of learner {exp.learner.name} combines"
+        return part_min, f"the {part_min} updates the server part of learner {exp.learner.name} combines ({sampled} sampled a round)"
     return rule_min, f"the {rule_min} updates aggregator {spec.rule} needs"
 
 
