@@ -102,6 +102,9 @@ def run_flower_simulation(exp, out: str | Path, resume: bool = False, overwrite:
             backend_config=backend_config(exp),
             verbose_logging=exp.runtime.flower.verbose,
         )
+    except KeyboardInterrupt:  # Ctrl-C: the ServerApp thread stops waiting too, the caller says how to resume
+        stop.set()
+        raise
     except Exception as exc:
         stop.set()
         cause = exc
