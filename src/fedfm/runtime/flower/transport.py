@@ -5,9 +5,14 @@ serves), then carries each ``Envelope`` as a Message: the plain settings in a
 ``ConfigRecord``, the encoded bytes as one flat uint8 array (``payload``), and each reply
 back as bytes plus the numbers the client reports (a ``MetricRecord``). With
 ``runtime.flower.nodes`` a node is admitted only for the client its public key is bound to
-(``node_keys``); the verdicts go to ``<run>/nodes.jsonl``. A reply that is a
-Flower error becomes a failed ``Reply``; a client that does not answer within
-``runtime.flower.round_timeout_s`` is missing from the result. Everything else (faults,
+(``node_keys``); the verdicts go to ``<run>/nodes.jsonl``. Nodes are asked as they
+connect, until every client is served or ``runtime.flower.wait_for_nodes_s`` is over; a
+client no node serves, or two nodes claiming one client, stop the run with the nodes named
+(``FlowerSetupError``). A reply that is a Flower error becomes a failed ``Reply`` (matched
+by message id, since the SuperLink itself answers for a node that stopped sending
+heartbeats); a client with no reply when the grid returns gets a failed ``Reply`` naming
+its node. In simulation a ``stop`` event (set when Flower's runtime crashed or on Ctrl-C)
+ends the wait for replies at once. Everything else (faults,
 validation, byte counting, checkpoints) is the round loop's (``runtime/loop.py``).
 """
 
