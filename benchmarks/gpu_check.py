@@ -7,8 +7,9 @@ installed. Writes each part's output to ``--out`` and prints a summary.
    ``train.unpad`` (the fused CUDA dropout kernel's mask), ``runtime.transport: batched``
    with ``runtime.batch_kernel`` ``segments`` and ``stacked``, and per-client evaluation
    through the batched transport; then the processes transport on the CPU of the GPU
-   machine (its workers must hide CUDA: ``runtime/concurrent.py`` ``hide_cuda``). Each
-   prints its final accuracy and loss, and failed clients if any.
+   machine (its workers must hide CUDA: ``runtime/concurrent.py`` ``hide_cuda``), in a
+   fresh process: one that has used CUDA cannot fork workers that train (``cuda_used``).
+   Each prints its final accuracy and loss, and failed clients if any.
 2. ``speed``: ``benchmarks/speed.py --device cuda`` on the full quickstart: sequential fedfm
    against ``batched2``, ``batched4``, ``batched8`` (``stacked``, the CUDA default),
    ``batched8+segments`` and ``unpad`` (the GPU goal: clients per second of the training
@@ -63,22 +64,44 @@ def smoke(out: Path, device: str) -> list[str]:
     lines = []
     tmp = Path(tempfile.mkdtemp())
     jobs = [(name, {"runtime.device": device, **over}) for name, over in SMOKE.items()]
-    jobs.append(("processes on the CPU", {"runtime.device": "cpu", "runtime.transport": "processes", "runtime.workers": 2,
-                                          "runtime.threads_per_worker": 1, "runtime.threads": 2}))
     for i, (name, over) in enumerate(jobs):
-        t0 = time.perf_counter()
-        try:
-            LocalRuntime(from_dict(tiny_config(tmp, **over)), tmp / f"run{i}").run()
-            rows = [json.loads(x) for x in (tmp / f"run{i}" / "metrics.jsonl").read_text().splitlines()]
-            failed = [f for r in rows for f in r.get("failed", [])]
-            last = rows[-1]
-            lines.append(f"{name}: {time.perf_counter() - t0:.1f} s, accuracy {last.get('accuracy')}, loss {last.get('loss')}, "
-                         f"failed clients {json.dumps(failed)[:600]}")
-        except Exception:
-            lines.append(f"{name}: FAILED\n{traceback.format_exc()}")
+        lines.append(smoke_job(name, over, tmp / f"run{i}", tiny_config, from_dict, LocalRuntime))
         print(lines[-1], flush=True)
+    # in a fresh interpreter: this one has used CUDA, after which forked workers cannot train
+    done = subprocess.run([sys.executable, __file__, "--processes-job", str(tmp / "processes")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    lines.append((done.stdout.strip().splitlines() or [f"processes on the CPU: FAILED\n{done.stderr[-2000:]}"])[-1])
+    print(lines[-1], flush=True)
     (out / "smoke.txt").write_text("\n".join(lines) + "\n")
     return lines
+
+
+def smoke_job(name: str, over: dict, out: Path, tiny_config, from_dict, runtime) -> str:
+    """One tiny job: its final accuracy and loss, and its failed clients, in one line."""
+    t0 = time.perf_counter()
+    try:
+        runtime(from_dict(tiny_config(out.parent, **over)), out).run()
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        failed = [f for r in rows for f in r.get("failed", [])]
+        last = rows[-1]
+        return (f"{name}: {time.perf_counter() - t0:.1f} s, accuracy {last.get('accuracy')}, loss {last.get('loss')}, "
+                f"failed clients {json.dumps(failed)[:600]}")
+    except Exception:
+        return f"{name}: FAILED\n{traceback.format_exc()}"
+
+
+def processes_job(out: Path) -> None:
+    """The processes transport on the CPU, alone in this (fresh) process."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_config
+
+    from fedfm.config import from_dict
+    from fedfm.runtime import LocalRuntime
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    over = {"runtime.device": "cpu", "runtime.transport": "processes", "runtime.workers": 2,
+            "runtime.threads_per_worker": 1, "runtime.threads": 2}
+    print(smoke_job("processes on the CPU", over, out, tiny_config, from_dict, LocalRuntime), flush=True)
 
 
 def script(out: Path, name: str, cmd: list[str], timeout: float) -> str:
@@ -96,6 +119,8 @@ def script(out: Path, name: str, cmd: list[str], timeout: float) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--processes-job"]:
+        return processes_job(Path(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--parts", default="smoke,speed,training")

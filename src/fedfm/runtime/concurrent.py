@@ -35,7 +35,10 @@ once instead of waiting for the parent's client to end. A client that kills the 
 it trains in takes the run down when the parent trains it, as on the sequential transport.
 
 CUDA cannot be used in a forked process, so ``processes`` needs ``runtime.device: cpu``
-(refused at config time otherwise). Nor can GNU OpenMP (libgomp, the OpenMP runtime of
+(refused at config time otherwise), and a process that has already used CUDA (an earlier
+run in the same interpreter) cannot fork workers that train: autograd's device threads do
+not survive the fork, and every client failed (seen on an H200), so the transport refuses
+to start there (``cuda_used``). Nor can GNU OpenMP (libgomp, the OpenMP runtime of
 the PyPI torch wheels): once the parent has run a parallel region on several threads (its
 evaluation does), a forked child that runs one on several threads waits forever for the
 parent's pool threads, which do not exist in the child. With libgomp, ``threads_per_worker``
@@ -113,6 +116,14 @@ def available_cores() -> int:
 
 def default_workers(threads_per_worker: int, parent_trains: bool = False) -> int:
     return max(1, available_cores() // threads_per_worker - (1 if parent_trains else 0))
+
+
+def cuda_used() -> bool:
+    """Whether this process has initialised CUDA (its autograd may then hold device threads,
+    which a forked worker cannot use: seen on an H200 after a CUDA run in the same process)."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
 def hide_cuda(torch) -> None:
@@ -215,6 +226,12 @@ class ProcessTransport:
         problem = threads_problem(threads_per_worker)
         if problem is not None:
             raise ValueError(problem)
+        if cuda_used():
+            raise RuntimeError(
+                "runtime.transport: processes: this process has already used CUDA (an earlier run in the same "
+                "interpreter, say), and PyTorch's autograd cannot train in a process forked after that (every "
+                "client would fail: 'Unable to handle autograd's threading in combination with fork-based "
+                "multiprocessing'); start the run in a fresh process")
         if workers is not None and workers < 1:
             raise ValueError(f"runtime.workers must be >= 1, got {workers}")
         self.env = env
