@@ -168,3 +168,16 @@ def test_resume_with_the_processes_transport_is_bit_identical(tmp_path):
     resumed.run()
     a, b = _final(whole), _final(resumed)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_process_that_used_cuda_does_not_fork_workers(monkeypatch):
+    # on an H200, workers forked after a CUDA run in the same process failed every client in
+    # autograd ("Unable to handle autograd's threading in combination with fork-based
+    # multiprocessing"); the transport now refuses to start there, naming the cause
+    from fedfm.runtime import concurrent
+
+    monkeypatch.setattr(concurrent, "cuda_used", lambda: True)
+    with pytest.raises(RuntimeError, match=r"runtime.transport: processes: this process has already used CUDA"):
+        ProcessTransport(_env(), workers=1)
+    monkeypatch.setattr(concurrent, "cuda_used", lambda: False)
+    ProcessTransport(_env(), workers=1)  # a fresh process: no worker forked until a round needs one
