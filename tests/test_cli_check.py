@@ -174,3 +174,12 @@ def test_check_refuses_what_the_batched_adapters_cannot_serve_and_a_missing_gpu(
     if not torch.cuda.is_available():  # as run refuses it before the model loads
         result, out = invoke(monkeypatch, "check", write(tmp_path, tiny_config(tmp_path, **{"runtime.device": "cuda"})))
         assert result.exit_code == 1 and "runtime.device is 'cuda' but torch finds no CUDA device here" in out, out
+
+
+def test_check_refuses_a_flower_simulation_this_machine_cannot_place(tmp_path, monkeypatch):
+    # Ray would stop with "ActorPool is empty" from inside Flower; run and check refuse it by name
+    cores = __import__("os").cpu_count() or 1
+    raw = tiny_config(tmp_path, **{"runtime": {"backend": "flower", "progress": False,
+                                               "flower": {"mode": "simulation", "num_cpus": cores + 1}}})
+    result, out = invoke(monkeypatch, "check", write(tmp_path, raw))
+    assert result.exit_code == 1 and f"runtime.flower.num_cpus {cores + 1}: this machine has {cores} CPU core(s)" in out, out

@@ -61,7 +61,7 @@ def run(
 
     def start() -> dict:
         _check_inputs(exp, out)
-        return _execute(exp, out, progress, rd.mode == "resume")
+        return _execute(exp, out, progress, rd.mode == "resume", rd.mode == "overwrite")
 
     summary = guarded(rd, start, lambda: continue_command(config, override, out))
     drop_replaced(out)
@@ -136,6 +136,22 @@ def _check_model(exp, init_from: bool = True) -> int:
     return check_against_model(exp, build_algorithm(exp), range(exp.federation.clients), init_from)
 
 
+def _check_flower(exp) -> None:
+    """What a Flower run checks where it starts: the simulation's resources on this machine,
+    and the SuperNodes' key files (``runtime.flower.nodes``)."""
+    if exp.runtime.backend != "flower":
+        return
+    from fedfm.runtime.flower.node_keys import key_problem
+
+    problems = [p for p in [key_problem(exp.runtime.flower.nodes)] if p]
+    if exp.runtime.flower.mode == "simulation":
+        from fedfm.runtime.flower.simulation import resource_problems
+
+        problems += resource_problems(exp)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def _what_data(exp) -> str:
     d = exp.data
     where = f" {d.path}" if d.path else ""
@@ -148,9 +164,9 @@ def _what_model(exp) -> str:
     return f"{m.package or m.path} ({m.task}, {weights}, {m.dtype})"
 
 
-def _execute(exp, out: Path, progress: bool, resume: bool) -> dict:
+def _execute(exp, out: Path, progress: bool, resume: bool, overwrite: bool = False) -> dict:
     if exp.runtime.backend == "flower":
-        return _run_flower(exp, out, resume)
+        return _run_flower(exp, out, resume, overwrite)
     from fedfm.runtime import run_local
 
     return run_local(exp, out, progress=progress and exp.runtime.progress, resume=resume)
@@ -195,7 +211,7 @@ def _warn_skipped(summary: dict, out: Path) -> None:
     console.print(f"[yellow]warning:[/] {escape(head + cause)} (metrics.jsonl: skipped, failed)")
 
 
-def _run_flower(exp, out: Path, resume: bool = False) -> dict:
+def _run_flower(exp, out: Path, resume: bool = False, overwrite: bool = False) -> dict:
     """``runtime.backend: flower``: the Ray simulation here, or a run on a SuperLink."""
     import json
 
@@ -206,11 +222,12 @@ def _run_flower(exp, out: Path, resume: bool = False) -> dict:
         from fedfm.runtime.flower.simulation import run_flower_simulation
 
         return run_flower_simulation(exp, out, resume=resume)
-    from fedfm.runtime.flower.deployment import submit
+    from fedfm.runtime.flower.deployment import run_failure, submit
 
-    done = submit(exp, out, resume=resume)
-    if done.returncode != 0:
-        raise RuntimeError(f"flwr run failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    # the ServerApp on the SuperLink's machine writes OUT: it is told to replace a run there too
+    done = submit(exp, out, resume=resume, overwrite=overwrite)
+    if done.returncode != 0:  # its output was streamed as it came
+        raise RuntimeError(f"the run on the SuperLink failed: {run_failure(done.stdout or '') or f'exit code {done.returncode}'}")
     summary = Path(out) / "summary.json"
     if not summary.exists():
         raise RuntimeError(f"the run ended but {summary} is missing (the ServerApp writes it on the SuperLink machine)")
@@ -240,6 +257,7 @@ def check(config: Path, override: Overrides = None):
         try:
             _check_data(exp)
             trainable = _check_model(exp, init_from=first)
+            _check_flower(exp)
         except USER_ERRORS as exc:
             fail(f"{where}{exc}")
         fed = exp.federation
