@@ -288,8 +288,7 @@ class RuntimeConfig(Strict):
     transport: Literal["sequential", "processes", "batched"] = Field(
         "sequential", description="sequential | processes (worker processes) | batched (several clients' LoRA in one forward pass)")
     workers: int | None = Field(None, ge=1, description="worker processes (processes transport); default: CPU cores // threads_per_worker")
-    threads_per_worker: int = Field(1, ge=1, description="torch threads in each worker process (1 under GNU OpenMP, "
-                                                         "where a forked worker hangs in a multi-threaded op)")
+    threads_per_worker: int = Field(1, ge=1, description="torch threads in each worker process (1 under GNU OpenMP, where a forked worker hangs in a multi-threaded op)")
     parent_trains: bool = Field(False, description="processes transport: the run's own process trains clients too "
                                 "(one process fewer for the same concurrency; default workers: cores // threads_per_worker - 1)")
     batch_clients: int = Field(4, ge=1, description="clients trained together in one forward pass (batched transport)")
