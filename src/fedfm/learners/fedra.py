@@ -64,12 +64,13 @@ class FedRALearner:
         if "layers" not in instruction.config:
             raise ValueError(f"fedra: the instruction for client {ctx.cid} names no layers to train")
         layers = [int(i) for i in instruction.config["layers"]]
+        sub_model = self.params is None or self.params.forward == "allocated"
         # a sub-model's client is sent its layers (and the head) only: the other layers keep
         # what the model holds, outside its forward pass
-        set_state(ctx.model, {**get_state(ctx.model), **instruction.state})
+        set_state(ctx.model, {**get_state(ctx.model), **instruction.state} if sub_model else instruction.state)
         # out of the optimizer and of the weight gradients for this round: the other layers' tensors
         train = [p for n, p in ctx.model.named_parameters() if p.requires_grad and (layer_of(n) is None or layer_of(n) in layers)]
-        if self.params is None or self.params.forward == "allocated":  # the paper's sub-model
+        if sub_model:  # the paper's sub-model
             scope = kept_layers(ctx.model, sorted(layers), map(id, train), WHO)
         else:
             scope = trainable_only(ctx.model, map(id, train))
