@@ -16,6 +16,14 @@ def write(tmp_path, raw, name="cfg.yaml"):
     return str(path)
 
 
+def refused_then_passes(monkeypatch, cfg: str, message: str, fix: str) -> None:
+    """``fedfm check cfg`` exits 1 naming ``message``; with the override ``fix`` it passes."""
+    result, out = invoke(monkeypatch, "check", cfg)
+    assert result.exit_code == 1 and message in out, out
+    result, out = invoke(monkeypatch, "check", cfg, "-o", fix)
+    assert result.exit_code == 0, out
+
+
 def test_check_passes_a_good_config_and_writes_nothing(tmp_path, monkeypatch):
     cfg = write(tmp_path, tiny_config(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -132,11 +140,8 @@ def test_check_refuses_an_attack_target_outside_the_classes_inferred_from_the_da
     """model.num_labels unset: 2 classes come from the data, so target 5 is refused before training."""
     raw = tiny_config(tmp_path, **{"model.num_labels": None})
     raw["attack"] = {"name": "backdoor", "trigger": "cf", "target": 5, "fraction": 0.5}
-    cfg = write(tmp_path, raw)
-    result, out = invoke(monkeypatch, "check", cfg)
-    assert result.exit_code == 1 and "(backdoor): target 5 is not a class of the model (model.num_labels 2: classes 0..1)" in out, out
-    result, out = invoke(monkeypatch, "check", cfg, "-o", "attack.target=1")
-    assert result.exit_code == 0, out
+    refused_then_passes(monkeypatch, write(tmp_path, raw),
+                        "(backdoor): target 5 is not a class of the model (model.num_labels 2: classes 0..1)", "attack.target=1")
 
 
 def test_check_refuses_a_tracking_place_under_a_file(tmp_path, monkeypatch):
@@ -158,11 +163,8 @@ def test_check_resolves_the_split_learners_cut_against_the_model(tmp_path, monke
     """Tiny BERT has 2 layers: cut 3 fails on the client at run time; check names it first."""
     raw = tiny_config(tmp_path, **{"learner": {"name": "split"},
                                    "federation.roles": [{"name": "phone", "count": 1, "profile": {"cut": 3}}]})
-    cfg = write(tmp_path, raw)
-    result, out = invoke(monkeypatch, "check", cfg)
-    assert result.exit_code == 1 and "(role 'phone'): profile.cut = 3 exceeds the model's 2" in out, out
-    result, out = invoke(monkeypatch, "check", cfg, "-o", "federation.roles.0.profile.cut=1")
-    assert result.exit_code == 0, out
+    refused_then_passes(monkeypatch, write(tmp_path, raw), "(role 'phone'): profile.cut = 3 exceeds the model's 2",
+                        "federation.roles.0.profile.cut=1")
 
 
 def test_check_refuses_what_the_batched_adapters_cannot_serve_and_a_missing_gpu(tmp_path, monkeypatch):
