@@ -52,6 +52,9 @@ REDUCED = [
 REDUCED_FOR = {
     "adaptability/dapt_fedbfpt.yaml": ["learner.rounds=1"],  # the layer schedule spreads over learner.rounds
     "adaptability/update_clusters.yaml": ["rounds=2", "learner.warmup_rounds=1"],  # needs warmup_rounds < rounds
+    "compression/flash.yaml": ["rounds=2"],  # round 1 is FLASH's discovery round, which keeps nothing
+    "compression/flash_hetero.yaml": ["rounds=2"],
+    "compression/prunefl.yaml": ["rounds=2", "learner.reconfigure_until=1"],  # needs reconfigure_until < rounds
 }
 
 
