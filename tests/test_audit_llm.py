@@ -162,15 +162,34 @@ def test_label_words_first_tokens_by_hand_and_unknown_words_refused():
 # -- split learning ---------------------------------------------------------------------
 
 
-def test_splitfed_cut_counts_the_trained_layers_and_says_so():
+def test_splitfed_cut_counts_the_models_layers_frozen_ones_included(tmp_path):
+    # Tiny BERT with 2 layers, fully fine-tuned with layer 1 frozen: the trainable State's
+    # names carry layer 0 only, but the cut counts the model's 2 layers, as learner split
+    # does. No key: cut 2 (the client runs both layers; the server the head); capacity 0.5:
+    # round(0.5 * 2) = 1; cut 3 is past the model's 2.
     from fedfm.aggregators.splitfed import client_names, cut_of
+    from fedfm.config import from_dict
+    from fedfm.core.types import MODEL
+    from fedfm.runtime import LocalRuntime
 
-    state = {f"bert.encoder.layer.{i}.attention.self.query.lora_A.weight": torch.zeros(1) for i in range(2)}
-    state["classifier.weight"] = torch.zeros(1)
-    assert cut_of({}, state, 0) == 2 and cut_of({"capacity": 0.5}, state, 0) == 1 and cut_of({"cut": 1}, state, 0) == 1
-    assert client_names(state, 1) == ["bert.encoder.layer.0.attention.self.query.lora_A.weight"]
-    with pytest.raises(ValueError, match=r"profile.cut = 3 exceeds the model's 2 \(learner splitfed counts the 2 transformer layers"):
-        cut_of({"cut": 3}, state, 0)
+    assert cut_of({}, 2, 0) == 2 and cut_of({"capacity": 0.5}, 2, 0) == 1 and cut_of({"cut": 1}, 2, 0) == 1
+    with pytest.raises(ValueError, match=r"profile.cut = 3 exceeds the model's 2"):
+        cut_of({"cut": 3}, 2, 0)
+    raw = tiny_config(tmp_path, rounds=1, **{"learner": {"name": "splitfed"}, "exchanges": [{"name": "splitfed", "steps": 1}],
+                                             "peft": {"method": "full", "exclude": ["*layer.1.*"]},
+                                             "federation.roles": [{"name": "all", "count": 1, "profile": {}},
+                                                                  {"name": "half", "count": 1, "profile": {"capacity": 0.5}}]})
+    rt = LocalRuntime(from_dict(raw), tmp_path / "run")
+    rt.run()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
+    assert row["failed"] == [] and row["rejected"] == [] and sorted(row["clients"]) == [0, 1]
+    part, state = rt.loop.algo.server, rt.loop.final_state
+    assert part.layers == 2 and not any(".layer.1." in n for n in state)
+    cuts = {c.cid: part.instruction(2, {MODEL: state}, c, 0).config["cut"]
+            for c in rt.wb.clients}
+    assert cuts == {0: 2, 1: 1}
+    assert client_names(state, 2) == [n for n in state if ".layer.0." in n or ".embeddings." in n]  # all but the head
+    assert not any(n.startswith("classifier") for n in client_names(state, 2))
 
 
 # -- init_from and stages ---------------------------------------------------------------

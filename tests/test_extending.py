@@ -72,7 +72,7 @@ def test_a_server_part_lacking_members_is_named_when_built():
         with pytest.raises(TypeError) as err:
             build_server_part("bare_test_part", None, 2)
         assert "learner 'bare_test_part' (Bare) lacks ['sends_state', 'phases', 'fewest_updates', 'instruction', 'client_reference', " \
-               "'client_payload_spec', 'combine_updates', 'broadcast_reference', 'model_view', 'report']" in str(err.value)
+               "'client_payload_spec', 'combine_updates', 'broadcast_reference', 'model_view', 'report', 'bind_model']" in str(err.value)
     finally:
         server_parts._entries.pop("bare_test_part")
     plain = build_server_part("local", None, 2)  # a learner with no server half: the base part's values

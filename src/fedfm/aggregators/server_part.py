@@ -26,7 +26,8 @@ from fedfm.core.types import Instruction, ServerState, State, Update
 # the per-client hooks of parts whose clients hold differently shaped States (HetLoRA,
 # FlexLoRA, FedRA, SplitFed, update_clusters) or that broadcast groups not shaped like the
 # State (FedKSeed, FedBPT): None where a part does not use one
-HOOKS = ("instruction", "client_reference", "client_payload_spec", "combine_updates", "broadcast_reference", "model_view", "report")
+HOOKS = ("instruction", "client_reference", "client_payload_spec", "combine_updates", "broadcast_reference", "model_view", "report",
+         "bind_model")
 MEMBERS = ("broadcast_groups", "sends_state", "init", "broadcast", "payload_spec", "combine", "phases", "fewest_updates", *HOOKS)
 
 
@@ -77,6 +78,10 @@ class ServerPart(Protocol):
     #     is not the State as stored (PruneFL: the State times its masks)
     # report(server_state) -> dict: numbers about the new server state for the round's row
     #     of metrics.jsonl, after aggregation (PruneFL: the density of the masks)
+    # bind_model(model) -> None: the tuned model the State belongs to, given once by each
+    #     process that holds one (server, client, ``fedfm check``'s meta-device skeleton)
+    #     before any other hook runs there (SplitFed: the model's layer count, frozen layers
+    #     included, which the trainable State's names cannot tell)
     instruction: Callable[[int, ServerState, object, int], Instruction] | None
     client_reference: Callable[[int, dict, State, dict | None], State] | None
     client_payload_spec: Callable[[Instruction, State], State] | None
@@ -84,6 +89,7 @@ class ServerPart(Protocol):
     broadcast_reference: Callable[[int, State], dict[str, State]] | None
     model_view: Callable[[ServerState], State] | None
     report: Callable[[ServerState], dict] | None
+    bind_model: Callable[[object], None] | None
 
 
 class ServerPartBase:
@@ -100,6 +106,7 @@ class ServerPartBase:
     broadcast_reference = None
     model_view = None
     report = None
+    bind_model = None
 
     def init(self, model: State) -> ServerState:
         return {}

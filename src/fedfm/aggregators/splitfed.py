@@ -10,8 +10,10 @@ gradient back) and averages its copies at the end of the round. Here both averag
 the round's aggregation rule over the clients' full-model deltas (client-side delta from
 the client, server-side delta from the client's server copy), weighted by example count.
 Several cut points by capacity (FedSplitX-inspired, Shin et al. 2023: several cut points;
-no auxiliary networks) come from the profile's ``cut``: each client's delta covers the
-whole model whatever its cut, so averaging over every name is well defined.
+no auxiliary networks) come from the profile's ``cut`` (or ``capacity``), counted against
+the model's transformer layers as learner ``split`` counts them, frozen layers included
+(the part is given the model by ``bind_model``): each client's delta covers the whole
+model whatever its cut, so averaging over every name is well defined.
 
 ``SplitFedServer`` is the server part (``aggregators/server_part.py``): each client's
 train instruction carries only the client-side weights at its cut (so the downlink of the
@@ -35,20 +37,19 @@ def client_side(name: str, cut: int) -> bool:
     return ".embeddings." in name or (layer is not None and layer < cut)
 
 
-def cut_of(profile: dict, model: State, cid: int) -> int:
-    """Client ``cid``'s cut: its profile's ``cut`` (or ``capacity``) against the number of
-    transformer layers that carry trainable tensors (the server part sees the trainable
-    State only: with the top layers frozen, e.g. ``peft: {method: full, exclude: [...]}``,
-    that is fewer than the model's, and learner ``split``, which counts the model's, may
-    take a cut this refuses)."""
-    total = num_layers(model)
-    if total == 0:
-        raise ValueError("splitfed: no trainable State name carries a layer index ('.layer.<i>.'): nowhere to cut")
-    try:  # no key: every layer (the server keeps the head)
-        return resolve_size(profile, "cut", total, client_who(cid, profile))
-    except ValueError as exc:
-        raise ValueError(f"{exc} (learner splitfed counts the {total} transformer layers that carry trainable tensors; "
-                         "frozen layers above them run on the server)") from None
+def cut_of(profile: dict, layers: int, cid: int) -> int:
+    """Client ``cid``'s cut: its profile's ``cut`` (or ``capacity``) against the model's
+    ``layers`` transformer layers, frozen ones included, as learner ``split`` counts them
+    (no key: every layer; the server keeps the head)."""
+    return resolve_size(profile, "cut", layers, client_who(cid, profile))
+
+
+def model_layers(model) -> int:
+    """The transformer layers of a (tuned) BERT-family classifier, as the client's split
+    forward runs them (``learners/split.py`` ``bert_parts``)."""
+    from fedfm.learners.split import bert_parts  # the learner's room imports this one
+
+    return len(bert_parts(model).layers)
 
 
 def client_names(model: State, cut: int) -> list[str]:
@@ -64,6 +65,15 @@ class SplitFedServer(ServerPartBase):
 
     def __init__(self, params, num_clients: int):
         self.num_clients = num_clients
+        self.layers: int | None = None  # the model's transformer layers (bind_model)
+
+    def bind_model(self, model) -> None:
+        self.layers = model_layers(model)
+
+    def cut(self, profile: dict, cid: int) -> int:
+        if self.layers is None:
+            raise RuntimeError("splitfed: the server part counts its cut against the model: call bind_model(model) first")
+        return cut_of(profile, self.layers, cid)
 
     def init(self, model: State) -> ServerState:
         if num_layers(model) == 0:
@@ -75,12 +85,12 @@ class SplitFedServer(ServerPartBase):
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         model = server_state[MODEL]
-        cut = cut_of(client.profile, model, client.cid)
+        cut = self.cut(client.profile, client.cid)
         state = {n: model[n] for n in client_names(model, cut)}
         return Instruction(round=rnd, cid=client.cid, state=state, config={"cut": cut})
 
     def client_reference(self, cid: int, profile: dict, shared: State, config: dict | None = None) -> State:
-        cut = cut_of(profile, shared, cid)
+        cut = self.cut(profile, cid)
         return {n: shared[n] for n in client_names(shared, cut)}
 
     def client_payload_spec(self, instruction: Instruction, shared: State) -> State:
@@ -90,4 +100,4 @@ class SplitFedServer(ServerPartBase):
 register_server_part("splitfed", SplitFedServer)
 
 
-__all__ = ["SplitFedServer", "client_names", "client_side", "cut_of", "server_names"]
+__all__ = ["SplitFedServer", "client_names", "client_side", "cut_of", "model_layers", "server_names"]

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.splitfed import client_names, cut_of
+from fedfm.aggregators.splitfed import client_names, cut_of, model_layers
 from fedfm.core.exchanges import register_exchange
 from fedfm.core.protocols import ExchangePhaseBase
 from fedfm.core.seeding import derive_seed
@@ -230,7 +230,7 @@ class SplitFedPhase(ExchangePhaseBase):
         half = ServerHalf(wb, model, wb.exp.seed, rnd)
         steps = {}
         for cid in participants:
-            half.open(cid, cut_of(wb.clients[cid].profile, model, cid))
+            half.open(cid, cut_of(wb.clients[cid].profile, model_layers(wb.model), cid))
             steps[cid] = client_steps(len(wb.clients[cid].indices), wb.exp.train, self.steps)
         return RoundSplit(half, steps)
 

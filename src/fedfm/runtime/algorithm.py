@@ -105,6 +105,12 @@ class FedAlgorithm:
                 return p
         raise ValueError(f"unknown exchange phase '{name}' (this run has {[p.name for p in self.phases] or 'none'})")
 
+    def bind_model(self, model) -> None:
+        """Give the server part the tuned model its State belongs to (once per process that
+        holds one; ``ServerPart.bind_model``)."""
+        if self.server.bind_model is not None:
+            self.server.bind_model(model)
+
     @property
     def sends_state(self) -> bool:
         """False when the server half sends only its broadcast groups (no State)."""

@@ -52,6 +52,7 @@ class ClientEnv:
 
     @classmethod
     def build(cls, exp, wb, algo, store: ClientStore) -> "ClientEnv":
+        algo.bind_model(wb.model)
         return cls(
             exp=exp,
             wb=wb,

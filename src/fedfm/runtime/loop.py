@@ -75,6 +75,7 @@ class RoundLoop:
         self.resume, self.overwrite, self.backend = resume, overwrite, backend
         self.prog = progress or RunProgress(exp.rounds, False)
         self.algo = build_algorithm(exp)
+        self.algo.bind_model(workbench.model)
         self.up = CodecChain.from_specs(exp.codecs.up, "codecs.up")
         self.down = CodecChain.from_specs(exp.codecs.down, "codecs.down")
         self.mirror = ClientStore(self.out / "server" / "mirror")

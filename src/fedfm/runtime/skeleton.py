@@ -68,6 +68,7 @@ def check_against_model(exp, algorithm, client_ids, init_from: bool = True) -> i
     docstring); returns the number of trainable tensors."""
     model = skeleton_model(exp, init_from)
     state = meta_state(model)
+    algorithm.bind_model(model)
     algorithm.shared_part(state)
     for cid in client_ids:
         algorithm.down_reference(cid, state)
