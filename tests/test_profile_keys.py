@@ -7,7 +7,7 @@ from conftest import tiny_config
 from pydantic import BaseModel
 
 from fedfm.config import ConfigError, from_dict
-from fedfm.core.profile_keys import named_profile_keys, profile_key_field, profile_key_problems, profile_keys
+from fedfm.core.profile_keys import named_profile_keys, profile_key_field, profile_key_problems, profile_keys, register_profile_key
 from fedfm.runtime.capacity import PROFILE_KEYS
 
 
@@ -85,3 +85,48 @@ def test_fedfm_list_profile_shows_every_key_with_its_meaning(monkeypatch):
     assert result.exit_code == 0, text
     assert "│ rank │ LoRA rank, 1..peft.r (hetlora, flexlora) │" in text
     assert "│ density │ flash: the client's own share of prunable entries, at most learner.density │" in text
+
+
+def test_a_key_no_setting_of_the_run_reads_is_named(tmp_path):
+    from fedfm.core.profile_keys import unread_profile_keys
+
+    roles = {"federation.roles": [{"name": "phone", "count": 1, "profile": {"rank": 2, "speed": 0.5, "memory_mb": 512}},
+                                  {"name": "laptop", "count": 1, "profile": {"rank": 4}}]}
+    # learner local reads no rank; no sim_clock step reads speed; memory_mb declares no reader
+    exp = from_dict(tiny_config(tmp_path, **roles), "<test>")
+    assert unread_profile_keys(exp) == [
+        "federation.roles 'phone', 'laptop': profile.rank is read only with learner.name hetlora or flexlora; this run ignores it",
+        "federation.roles 'phone': profile.speed is read only with server_steps sim_clock; this run ignores it",
+    ]
+    exp = from_dict(tiny_config(tmp_path, learner={"name": "hetlora"}, server_steps=[{"name": "sim_clock"}], **roles), "<test>")
+    assert unread_profile_keys(exp) == []
+
+
+def test_check_warns_of_an_unread_key(tmp_path, monkeypatch):
+    import yaml
+
+    from conftest import invoke
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_raw(tmp_path, {"layers": 1})))
+    result, text = invoke(monkeypatch, "check", str(path))
+    assert result.exit_code == 0, text
+    assert "warning: federation.roles 'phone': profile.layers is read only with learner.name fedra; this run ignores it" in text
+
+
+def test_a_reader_must_name_a_setting():
+    with pytest.raises(ValueError, match=r"register_profile_key 'x': read_by entries are '<config path>=<value>', got 'fedra'"):
+        register_profile_key("x", "a key", ("fedra",))
+    assert "x" not in profile_keys()  # nothing registered
+
+
+def test_no_example_sets_a_key_it_does_not_read():
+    from pathlib import Path
+
+    from fedfm.config import load_config
+    from fedfm.core.profile_keys import unread_profile_keys
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    found = {str(p.relative_to(root)): unread_profile_keys(load_config(p))
+             for p in sorted(root.rglob("*.yaml")) if "profile:" in p.read_text()}
+    assert len(found) >= 10 and all(lines == [] for lines in found.values()), found

@@ -47,7 +47,8 @@ from fedfm.aggregators.holders import combine_holders
 from fedfm.core.profile_keys import register_profile_key
 from fedfm.core.types import State, Update
 
-register_profile_key("density", "flash: the client's own share of prunable entries, at most learner.density")
+register_profile_key("density", "flash: the client's own share of prunable entries, at most learner.density",
+                     ("learner.name=flash",))
 
 
 def client_share(profile: dict, target: float, who: str) -> float:

@@ -18,6 +18,12 @@ names is known to the config that names it, so a user's own metadata key
 neither registered nor named by the config is refused, naming the role, the key, its
 close matches and the known keys. ``role`` is set by the runtime to the role's name
 (``runtime/roles.py``) and is refused in a profile.
+
+A room may also say which settings read its key (``read_by``: ``"learner.name=fedra"``,
+``"peft.method=fedapt"``, ``"server_steps=sim_clock"``). ``unread_profile_keys`` then names
+a role's key that no setting of this run reads (``rank`` with learner ``fedra``): ``fedfm
+check`` and ``fedfm run`` warn, since the run goes on as if the key were absent. A key
+registered without ``read_by`` (``memory_mb``, a plugin's) is never named.
 """
 
 from __future__ import annotations
@@ -30,18 +36,40 @@ from pydantic import BaseModel, Field
 RESERVED = "role"
 MARK = "names_profile_key"  # json_schema_extra flag of a parameter whose value is a profile key
 _keys: dict[str, list[str]] = {}
+_readers: dict[str, list[str]] = {}  # key -> "<config path>=<value>" settings that read it
 
 
-def register_profile_key(name: str, help: str) -> str:
-    """Declare that a room reads ``profile[name]``; ``help`` says what it means."""
+def register_profile_key(name: str, help: str, read_by: Iterable[str] = ()) -> str:
+    """Declare that a room reads ``profile[name]``; ``help`` says what it means, ``read_by``
+    the settings under which it is read (``"learner.name=hetlora"``; see the module
+    docstring)."""
     if not name or not isinstance(name, str):
         raise ValueError(f"register_profile_key: name must be a non-empty string, got {name!r}")
     if name == RESERVED:
         raise ValueError(f"register_profile_key: '{RESERVED}' is set by the runtime to the role's name")
+    read_by = [str(e) for e in read_by]
+    for entry in read_by:
+        path, sep, value = entry.partition("=")
+        if not sep or not path or not value:
+            raise ValueError(f"register_profile_key {name!r}: read_by entries are '<config path>=<value>', got {entry!r}")
     helps = _keys.setdefault(name, [])
     if help not in helps:
         helps.append(help)
+    for entry in read_by:
+        readers = _readers.setdefault(name, [])
+        if entry not in readers:
+            readers.append(entry)
     return name
+
+
+def _setting(exp, path: str) -> list[str]:
+    """The value(s) of a config path: ``server_steps`` gives the steps' names."""
+    if path == "server_steps":
+        return [str(s.get("name")) for s in exp.server_steps]
+    node = exp
+    for part in path.split("."):
+        node = getattr(node, part, None)  # a path the config lacks: nothing reads the key
+    return [] if node is None else [str(node)]
 
 
 def profile_keys() -> dict[str, str]:
@@ -90,4 +118,27 @@ def profile_key_problems(roles, named: dict[str, str]) -> list[str]:
     return problems
 
 
-__all__ = ["named_profile_keys", "profile_key_field", "profile_key_problems", "profile_keys", "register_profile_key"]
+def _readers_said(readers: list[str]) -> str:
+    """``["learner.name=split", "learner.name=splitfed"]`` -> ``learner.name split or splitfed``."""
+    by_path: dict[str, list[str]] = {}
+    for entry in readers:
+        path, _, value = entry.partition("=")
+        by_path.setdefault(path, []).append(value)
+    return " or ".join(f"{path} {' or '.join(values)}" for path, values in by_path.items())
+
+
+def unread_profile_keys(exp) -> list[str]:
+    """One line per profile key that roles set and no setting of ``exp`` reads (its
+    ``read_by``): the run goes on as if the key were absent."""
+    roles_of: dict[str, list[str]] = {}
+    for role in exp.federation.roles:
+        for key in role.profile:
+            readers = _readers.get(key)
+            if readers and not any(value in _setting(exp, path) for path, _, value in (r.partition("=") for r in readers)):
+                roles_of.setdefault(key, []).append(role.name)
+    return [f"federation.roles {', '.join(repr(r) for r in roles)}: profile.{key} is read only with "
+            f"{_readers_said(_readers[key])}; this run ignores it" for key, roles in roles_of.items()]
+
+
+__all__ = ["named_profile_keys", "profile_key_field", "profile_key_problems", "profile_keys", "register_profile_key",
+           "unread_profile_keys"]

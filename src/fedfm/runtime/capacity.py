@@ -133,14 +133,17 @@ def resolve_link(profile: dict[str, Any], who: str = "client") -> tuple[float, f
     return _positive(profile, "speed", who) or 1.0, up, down
 
 
-register_profile_key("rank", "LoRA rank, 1..peft.r (hetlora, flexlora)")
-register_profile_key("layers", "transformer layers the client trains (fedra)")
-register_profile_key("cut", "split point: layers held by the client (split, splitfed)")
-register_profile_key("capacity", "fraction in (0, 1] from which rank/layers/cut not given are derived; flash: the share of the mask")
-register_profile_key("speed", "compute relative to the reference device (sim_clock)")
-register_profile_key("bandwidth_mbps", "link speed both ways, megabits per second (sim_clock)")
-register_profile_key("up_mbps", "uplink speed, megabits per second (sim_clock)")
-register_profile_key("down_mbps", "downlink speed, megabits per second (sim_clock)")
+SIZED_BY_CAPACITY = ("hetlora", "flexlora", "fedra", "split", "splitfed", "flash")  # learners that size a client by it
+CLOCK = ("server_steps=sim_clock",)
+register_profile_key("rank", "LoRA rank, 1..peft.r (hetlora, flexlora)", ("learner.name=hetlora", "learner.name=flexlora"))
+register_profile_key("layers", "transformer layers the client trains (fedra)", ("learner.name=fedra",))
+register_profile_key("cut", "split point: layers held by the client (split, splitfed)", ("learner.name=split", "learner.name=splitfed"))
+register_profile_key("capacity", "fraction in (0, 1] from which rank/layers/cut not given are derived; flash: the share of the mask",
+                     tuple(f"learner.name={n}" for n in SIZED_BY_CAPACITY))
+register_profile_key("speed", "compute relative to the reference device (sim_clock)", CLOCK)
+register_profile_key("bandwidth_mbps", "link speed both ways, megabits per second (sim_clock)", CLOCK)
+register_profile_key("up_mbps", "uplink speed, megabits per second (sim_clock)", CLOCK)
+register_profile_key("down_mbps", "downlink speed, megabits per second (sim_clock)", CLOCK)
 register_profile_key("memory_mb", "the device's memory, recorded (reports)")
 
 
