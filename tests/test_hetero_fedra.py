@@ -152,6 +152,13 @@ def test_a_sub_model_client_is_sent_its_layers_only_on_every_transport(tmp_path)
     assert all(12_288 < d < 12_288 + 24 * 200 for d in saved), saved
     workers = run("workers", learner={"name": "fedra"},
                   runtime={"progress": False, "threads": 1, "transport": "processes", "workers": 2})
-    # every field but the upload's size, whose header carries the measured step_s (a float of varying digits)
-    same = lambda rows: [{k: v for k, v in r.items() if k not in ("bytes_up", "codec_bytes")} for r in rows]  # noqa: E731
-    assert same(workers) == same(sub)
+    # every field, the upload's size too: its header carries the measured step_s at a fixed width
+    assert workers == sub
+
+
+def test_measured_seconds_travel_at_a_fixed_width():
+    from fedfm.runtime.wire import metric_text
+
+    assert metric_text("step_s", 0.1) == "1.000000e-01" and metric_text("step_s", 0.0123456789) == "1.234568e-02"
+    assert len(metric_text("step_s", 3.0)) == len(metric_text("step_s", 1 / 3)) == 12
+    assert metric_text("loss", 1 / 3) == "0.3333333333333333" and metric_text("steps", 2.0) == "2.0"  # exact

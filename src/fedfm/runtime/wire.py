@@ -36,11 +36,21 @@ def split_broadcast(received: State) -> tuple[State, dict[str, State]]:
     return state, groups
 
 
+SECONDS = "_s"  # a metric named ``*_s`` is seconds the client measured (``step_s``)
+
+
+def metric_text(name: str, value: float) -> str:
+    """A metric as it travels: exact (``repr``), except measured seconds (``*_s``), which
+    travel at a fixed width of 7 significant digits, so that an update's bytes do not
+    depend on how many digits the clock gave this time."""
+    return format(value, ".6e") if name.endswith(SECONDS) else repr(value)
+
+
 def update_meta(cid: int, update: Update, fingerprint: str) -> dict[str, str]:
     meta = {"cid": str(cid), "num_examples": str(update.num_examples), "fingerprint": fingerprint, **update.meta}
     for k, v in update.metrics.items():
         if isinstance(v, (int, float)):
-            meta[f"metric.{k}"] = repr(float(v))
+            meta[f"metric.{k}"] = metric_text(k, float(v))
     return meta
 
 
