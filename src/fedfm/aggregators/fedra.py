@@ -4,7 +4,10 @@ round and per-layer aggregation over the clients that trained each layer.
 
 Every round the server draws an allocation matrix ``M`` (clients x layers, 0/1): client k
 gets ``l_k`` distinct layers drawn uniformly without replacement, ``l_k`` its tier's layer
-count (``federation.roles[].profile.layers``, ``runtime/capacity.py``). Row k is drawn
+count (``federation.roles[].profile.layers``, ``runtime/capacity.py``), among the model's
+transformer layers, frozen ones included (the part is given the model by ``bind_model``:
+with ``peft: {method: full, exclude: ["*layer.5.*"]}`` a 6-layer model still has 6 layers
+to allocate, and a client given the frozen one runs it in its sub-model). Row k is drawn
 from a generator seeded by ``derive_seed(seed, round, k, TAG)``, so it is the same in
 every process and on a retry. The client receives its layers in
 ``Instruction.config["layers"]`` and, with the paper's sub-model (``learner.forward:
@@ -37,6 +40,7 @@ from fedfm.core.protocols import RoundContext
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.peft.hetero import layer_of, layer_subset, num_layers
+from fedfm.peft.layer_stack import layer_stack
 from fedfm.runtime.capacity import client_who, resolve_size
 
 TAG = 0xFED7A
@@ -93,12 +97,29 @@ def layer_count(shared: State) -> int:
     return total
 
 
+def model_layers(model) -> int | None:
+    """The length of the model's layer stack (``peft/layer_stack.py``); None without one."""
+    try:
+        return len(layer_stack(model, "learner fedra")[2])
+    except ValueError:
+        return None
+
+
 class FedRAServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
         self.num_clients = num_clients
+        self.layers: int | None = None  # the model's transformer layers (bind_model); None: the State's
         self.last_counts: dict[str, int] = {}
         # the paper's sub-model: a client is sent its allocated layers (and the tensors outside every layer) only
         self.sub_model = params is None or params.forward == "allocated"
+
+    def bind_model(self, model) -> None:
+        self.layers = model_layers(model)
+
+    def total(self, shared: State) -> int:
+        """The layers allocated among: the model's, else the trainable State's."""
+        count = layer_count(shared)
+        return count if self.layers is None else max(self.layers, count)
 
     def init(self, model: State) -> ServerState:
         layer_count(model)
@@ -106,7 +127,7 @@ class FedRAServer(ServerPartBase):
 
     def instruction(self, rnd: int, server_state: ServerState, client: ClientSpec, seed: int) -> Instruction:
         model = server_state[MODEL]
-        total = num_layers(model)
+        total = self.total(model)
         count = resolve_size(client.profile, "layers", total, client_who(client.cid, client.profile))
         layers = allocation(seed, rnd, client.cid, count, total)
         state = layer_subset(model, layers) if self.sub_model else model
@@ -115,7 +136,7 @@ class FedRAServer(ServerPartBase):
     def client_reference(self, cid: int, profile: dict, shared: State, config: dict | None = None) -> State:
         # the client's layer count against the model's, here too: fedfm check and the start
         # of a run ask every client's reference, so a count past the model is refused before training
-        resolve_size(profile, "layers", layer_count(shared), client_who(cid, profile))
+        resolve_size(profile, "layers", self.total(shared), client_who(cid, profile))
         if self.sub_model and config is not None:
             return layer_subset(shared, [int(i) for i in config["layers"]])
         return shared

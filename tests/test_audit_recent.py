@@ -1,0 +1,36 @@
+"""Audit of recent features: FedRA's layer count, profile keys' readers, ..."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedfm.aggregators.fedra import FedRAServer
+from fedfm.core.types import MODEL, ClientSpec
+
+
+class _Stack(torch.nn.Module):
+    """A model of 3 layers (``encoder.layer.<i>``) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Module()
+        self.encoder.layer = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+        self.head = torch.nn.Linear(2, 2)
+
+
+def test_fedra_allocates_among_the_models_layers_frozen_ones_included():
+    # the top layer frozen: the trainable State names layers 0 and 1 only
+    state = {"encoder.layer.0.weight": torch.zeros(2, 2), "encoder.layer.1.weight": torch.zeros(2, 2),
+             "head.weight": torch.zeros(2, 2)}
+    server = FedRAServer(None, 1)
+    server.bind_model(_Stack())
+    client = ClientSpec(0, [0], {"role": "big", "layers": 3})
+    assert server.client_reference(0, client.profile, state) == state
+    ins = server.instruction(1, {MODEL: state}, client, 0)
+    assert ins.config["layers"] == [0, 1, 2]  # all 3 of the model's layers, the frozen one too
+    with pytest.raises(ValueError, match=r"profile.layers = 4 exceeds the model's 3"):
+        server.client_reference(0, {"layers": 4}, state)
+    # without the model, the State's 2 layers (the count before bind_model)
+    with pytest.raises(ValueError, match=r"profile.layers = 3 exceeds the model's 2"):
+        FedRAServer(None, 1).client_reference(0, {"layers": 3}, state)
