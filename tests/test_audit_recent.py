@@ -34,3 +34,20 @@ def test_fedra_allocates_among_the_models_layers_frozen_ones_included():
     # without the model, the State's 2 layers (the count before bind_model)
     with pytest.raises(ValueError, match=r"profile.layers = 3 exceeds the model's 2"):
         FedRAServer(None, 1).client_reference(0, {"layers": 3}, state)
+
+
+def _exp(learner: str, peft: str, profile: dict):
+    from types import SimpleNamespace as NS
+
+    role = NS(name="east", profile=profile)
+    return NS(learner=NS(name=learner), peft=NS(method=peft), server_steps=[], federation=NS(roles=[role]))
+
+
+def test_profile_domain_is_read_by_learner_fedapt_only():
+    import fedfm.personalize.fedapt  # noqa: F401  (registers domain)
+    from fedfm.core.profile_keys import unread_profile_keys
+
+    # the fedapt tuner under learner local never reads the domain (personalize/fedapt.client_domain)
+    lines = unread_profile_keys(_exp("local", "fedapt", {"domain": 1}))
+    assert lines == ["federation.roles 'east': profile.domain is read only with learner.name fedapt; this run ignores it"]
+    assert unread_profile_keys(_exp("fedapt", "fedapt", {"domain": 1})) == []

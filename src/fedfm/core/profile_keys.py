@@ -20,7 +20,7 @@ close matches and the known keys. ``role`` is set by the runtime to the role's n
 (``runtime/roles.py``) and is refused in a profile.
 
 A room may also say which settings read its key (``read_by``: ``"learner.name=fedra"``,
-``"peft.method=fedapt"``, ``"server_steps=sim_clock"``). ``unread_profile_keys`` then names
+``"learner.name=fedapt"``, ``"server_steps=sim_clock"``). ``unread_profile_keys`` then names
 a role's key that no setting of this run reads (``rank`` with learner ``fedra``): ``fedfm
 check`` and ``fedfm run`` warn, since the run goes on as if the key were absent. A key
 registered without ``read_by`` (``memory_mb``, a plugin's) is never named.

@@ -111,4 +111,4 @@ def fedapt_config_problem(exp) -> str | None:
 
 
 register_learner("fedapt", FedAPTLearner, FedAPTLearnerParams)
-register_profile_key("domain", "fedapt: the client's domain index, 0..peft.num_domains - 1", ("peft.method=fedapt",))
+register_profile_key("domain", "fedapt: the client's domain index, 0..peft.num_domains - 1", ("learner.name=fedapt",))
