@@ -51,3 +51,22 @@ def test_profile_domain_is_read_by_learner_fedapt_only():
     lines = unread_profile_keys(_exp("local", "fedapt", {"domain": 1}))
     assert lines == ["federation.roles 'east': profile.domain is read only with learner.name fedapt; this run ignores it"]
     assert unread_profile_keys(_exp("fedapt", "fedapt", {"domain": 1})) == []
+
+
+@pytest.mark.parametrize("model, given", [
+    ("fedfm.privacy.noise:DpNoiseParams", {"noise_multiplier": float("inf")}),
+    ("fedfm.privacy.noise:DpNoiseParams", {"target_epsilon": float("nan")}),
+    ("fedfm.privacy.clipping:DpClipParams", {"clip_norm": float("inf")}),
+    ("fedfm.privacy.distributed:DpClientNoiseParams", {"clip_norm": 1.0, "noise_multiplier": float("inf"), "clients_per_round": 2}),
+    ("fedfm.privacy.dp_sgd:DpSgdParams", {"clip_norm": float("inf"), "noise_multiplier": 1.0}),
+    ("fedfm.privacy.secagg.params:SecAggParams", {"bound": float("inf")}),
+])
+def test_infinite_privacy_settings_are_refused(model, given):
+    # an infinite sigma turned every coordinate of the model into inf/NaN; an infinite clip norm clipped nothing
+    import importlib
+
+    from pydantic import ValidationError
+
+    module, _, name = model.partition(":")
+    with pytest.raises(ValidationError, match="finite number"):
+        getattr(importlib.import_module(module), name)(**given)

@@ -52,7 +52,7 @@ from fedfm.privacy import noise_key, notes
 
 
 class DpClipParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite sigma or norm is refused by name
     clip_norm: float = Field(..., gt=0, description="C: the fixed clip norm, or the initial one when adaptive")
     target_quantile: float | None = Field(
         None, gt=0, lt=1, description="adaptive clipping (Andrew et al. 2021): the fraction of updates to leave unclipped")

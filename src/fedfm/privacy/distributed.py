@@ -40,7 +40,7 @@ NOISE_TAG = 0xD9
 
 
 class DpClientNoiseParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite sigma or norm is refused by name
     clip_norm: float = Field(..., gt=0, description="C: each client clips its update to this L2 norm")
     noise_multiplier: float = Field(..., gt=0, description="sigma: the noise of the SUM is sigma * C")
     clients_per_round: int = Field(..., ge=1, description="m: the noise is shared among this many clients")

@@ -67,7 +67,7 @@ NOISE_KEYED = "dp_sgd.noise_keyed"  # 1.0 when the client's batches and noise ca
 
 
 class DpSgdParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite sigma or norm is refused by name
     clip_norm: float = Field(..., gt=0, description="C: each example's gradient is clipped to this L2 norm")
     noise_multiplier: float = Field(..., ge=0, description="sigma: noise std on the summed gradients over C")
 

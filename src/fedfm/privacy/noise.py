@@ -82,7 +82,7 @@ class PlanChanged(ValueError):
 
 
 class DpNoiseParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite sigma or norm is refused by name
     mode: Literal["central", "distributed"] = Field("central", description="server adds the noise, or the clients do")
     noise_multiplier: float | None = Field(None, gt=0, description="sigma: noise std on the sum over the clip norm")
     target_epsilon: float | None = Field(None, gt=0, description="solve sigma so that the configured rounds spend this epsilon")

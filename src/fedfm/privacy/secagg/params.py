@@ -32,7 +32,7 @@ class DropSpec(BaseModel):
 
 
 class SecAggParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite sigma or norm is refused by name
     bound: float = Field(..., gt=0, description="clipping range: every coordinate of w * update is clipped to [-bound, bound] before encoding")
     frac_bits: int = Field(16, ge=0, le=30, description="fixed point: a coordinate x becomes round(x * 2^frac_bits)")
     bits: int = Field(24, ge=8, le=24, description="the sum is taken modulo 2^bits; masked words travel as float32 values, exact below 2^24")
