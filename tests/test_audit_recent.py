@@ -70,3 +70,18 @@ def test_infinite_privacy_settings_are_refused(model, given):
     module, _, name = model.partition(":")
     with pytest.raises(ValidationError, match="finite number"):
         getattr(importlib.import_module(module), name)(**given)
+
+
+@pytest.mark.parametrize("key, spec, field", [
+    ("server_steps", [{"name": "sim_clock", "deadline_s": float("inf")}], r"server_steps\[0\]\.deadline_s"),
+    ("server_steps", [{"name": "clip_updates", "max_norm": float("inf")}], r"server_steps\[0\]\.max_norm"),
+    ("learner", {"name": "mezo", "lr": float("inf")}, r"learner\.lr"),
+    ("federation.partitioner", {"name": "dirichlet", "alpha": float("inf")}, r"federation\.partitioner\.alpha"),
+])
+def test_every_component_refuses_inf_and_nan_by_field(tmp_path, key, spec, field):
+    # each passed gt=0 before: a deadline of inf, a clip of inf, a learning rate of inf
+    from conftest import tiny_config
+    from fedfm.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=field + ": Input should be a finite number"):
+        from_dict(tiny_config(tmp_path, **{key: spec}))

@@ -2,11 +2,14 @@
 
 Every component is registered under a YAML name together with a pydantic model of its
 parameters, so a config such as ``peft: {method: lora, r: 8}`` is validated against the
-component's own schema before anything loads, and errors name the offending key.
+component's own schema before anything loads, and errors name the offending key. A
+float that is inf or NaN is refused in every component's parameters (``gt=0`` lets inf
+through: a learning rate, noise scale or deadline of inf passed and broke the run later).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
@@ -65,7 +68,7 @@ class Registry(Generic[T]):
         """Validate ``params`` for component ``name``; errors name ``where.<field>``."""
         entry = self.get(name)
         try:
-            return entry.params(**params)
+            parsed = entry.params(**params)
         except ValidationError as exc:
             lines = []
             for err in exc.errors():
@@ -73,6 +76,22 @@ class Registry(Generic[T]):
                 msg = err["msg"] + key_hint(entry.params, err)
                 lines.append(f"{where}.{loc}: {msg}" if loc else f"{where}: {msg}")
             raise RegistryError("; ".join(lines)) from None
+        bad = [".".join(loc) for loc in non_finite(parsed.model_dump())]
+        if bad:
+            raise RegistryError("; ".join(f"{where}.{loc}: Input should be a finite number" for loc in bad))
+        return parsed
+
+
+def non_finite(value: Any, loc: tuple[str, ...] = ()):
+    """The locations of inf and NaN floats in a dumped parameter model."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield loc
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from non_finite(v, (*loc, str(k)))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from non_finite(v, (*loc, str(i)))
 
 
 def registered(registry: Registry[Callable[..., Any]], name: str, params: type[BaseModel] = NoParams):
