@@ -85,3 +85,13 @@ def test_every_component_refuses_inf_and_nan_by_field(tmp_path, key, spec, field
 
     with pytest.raises(ConfigError, match=field + ": Input should be a finite number"):
         from_dict(tiny_config(tmp_path, **{key: spec}))
+
+
+def test_a_second_sparsifier_is_refused_by_place():
+    from fedfm.codecs.chain import CodecChain
+    from fedfm.core.registry import RegistryError
+
+    # [randk, topk] was accepted and every payload then failed to decode ("sparse values arrived without indices")
+    with pytest.raises(RegistryError, match=r"codecs.up\[1\]: 'topk' after 'randk' \(codecs.up\[0\]\).*keep one sparsifier"):
+        CodecChain.from_specs([{"name": "randk", "fraction": 0.5}, {"name": "topk", "fraction": 0.5}], "codecs.up")
+    assert CodecChain.from_specs([{"name": "topk", "fraction": 0.5}, {"name": "fp16"}], "codecs.up").names == ["topk", "fp16"]

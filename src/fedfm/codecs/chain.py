@@ -29,6 +29,7 @@ from fedfm.core.types import State
 
 
 CASTS = ("cast", "fp16", "bf16")  # codecs/cast.py's stage names
+SPARSIFIERS = ("topk", "randk", "threshold")  # codecs/sparsify.py's stage names
 
 
 def order_problem(names: list[str], where: str) -> str | None:
@@ -40,13 +41,21 @@ def order_problem(names: list[str], where: str) -> str | None:
     flat tensor per dtype, which no other stage can read (``[compact, topk]`` sparsifies
     the flat tensor, and decoding fails to find it in the reference State). One cast stage
     (``fp16``, ``bf16``, ``cast``) at most: a cast turns every float32 tensor to half, so a
-    second finds none and does nothing (``[fp16, bf16]`` travels as fp16).
+    second finds none and does nothing (``[fp16, bf16]`` travels as fp16). One sparsifier
+    (``topk``, ``randk``, ``threshold``) at most: the first sends each tensor in a sparse wire
+    form under another name, so a second acts only on the tensors the first happened to send
+    dense, and ``[randk, topk]`` failed to decode every payload.
     """
     casts = [i for i, n in enumerate(names) if n in CASTS]
     if len(casts) > 1:
         i, j = casts[:2]
         return (f"{where}[{j}]: '{names[j]}' after '{names[i]}' ({where}[{i}]) casts nothing: the first cast leaves "
                 "no float32 tensor; keep one cast stage")
+    sparse = [i for i, n in enumerate(names) if n in SPARSIFIERS]
+    if len(sparse) > 1:
+        i, j = sparse[:2]
+        return (f"{where}[{j}]: '{names[j]}' after '{names[i]}' ({where}[{i}]): the first sparsifier sends each tensor "
+                "in a sparse form the second cannot read; keep one sparsifier")
     for i, name in enumerate(names):
         later = [(j, n) for j, n in enumerate(names) if j > i]
         if name == "checksum" and later:
