@@ -95,3 +95,13 @@ def test_a_second_sparsifier_is_refused_by_place():
     with pytest.raises(RegistryError, match=r"codecs.up\[1\]: 'topk' after 'randk' \(codecs.up\[0\]\).*keep one sparsifier"):
         CodecChain.from_specs([{"name": "randk", "fraction": 0.5}, {"name": "topk", "fraction": 0.5}], "codecs.up")
     assert CodecChain.from_specs([{"name": "topk", "fraction": 0.5}, {"name": "fp16"}], "codecs.up").names == ["topk", "fp16"]
+
+
+def test_a_second_quantize_is_refused_by_place():
+    from fedfm.codecs.chain import CodecChain
+    from fedfm.core.registry import RegistryError
+
+    # [quantize, fp16, quantize] was accepted and every payload then failed to decode ("__scale is missing")
+    specs = [{"name": "quantize", "bits": 8}, {"name": "fp16"}, {"name": "quantize", "bits": 8}]
+    with pytest.raises(RegistryError, match=r"codecs.down\[2\]: a second 'quantize' \(codecs.down\[0\] is the first\)"):
+        CodecChain.from_specs(specs, "codecs.down")

@@ -44,13 +44,19 @@ def order_problem(names: list[str], where: str) -> str | None:
     second finds none and does nothing (``[fp16, bf16]`` travels as fp16). One sparsifier
     (``topk``, ``randk``, ``threshold``) at most: the first sends each tensor in a sparse wire
     form under another name, so a second acts only on the tensors the first happened to send
-    dense, and ``[randk, topk]`` failed to decode every payload.
+    dense, and ``[randk, topk]`` failed to decode every payload. One ``quantize`` at most
+    (``[quantize, fp16, quantize]`` failed to decode every payload).
     """
     casts = [i for i, n in enumerate(names) if n in CASTS]
     if len(casts) > 1:
         i, j = casts[:2]
         return (f"{where}[{j}]: '{names[j]}' after '{names[i]}' ({where}[{i}]) casts nothing: the first cast leaves "
                 "no float32 tensor; keep one cast stage")
+    quant = [i for i, n in enumerate(names) if n == "quantize"]
+    if len(quant) > 1:
+        i, j = quant[:2]
+        return (f"{where}[{j}]: a second 'quantize' ({where}[{i}] is the first) would quantize the first one's "
+                "scales (and after a cast fail to decode every payload); keep one quantize stage")
     sparse = [i for i, n in enumerate(names) if n in SPARSIFIERS]
     if len(sparse) > 1:
         i, j = sparse[:2]
