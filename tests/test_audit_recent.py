@@ -105,3 +105,18 @@ def test_a_second_quantize_is_refused_by_place():
     specs = [{"name": "quantize", "bits": 8}, {"name": "fp16"}, {"name": "quantize", "bits": 8}]
     with pytest.raises(RegistryError, match=r"codecs.down\[2\]: a second 'quantize' \(codecs.down\[0\] is the first\)"):
         CodecChain.from_specs(specs, "codecs.down")
+
+
+def test_the_dp_outlook_warns_on_the_multiplier_adaptive_clipping_raises(tmp_path):
+    from conftest import tiny_config
+    from fedfm.config import from_dict
+    from fedfm.privacy.outlook import dp_outlook
+
+    # sigma 0.99 and count noise 0.5: sigma_Delta = (0.99^-2 - (2 * 0.5)^-2)^-1/2 = (1.020304 - 1)^-1/2 = 7.018,
+    # above the 4 clients per round (std 7.018 / 4 = 1.754 clip norms); sigma alone (0.99) was not warned about
+    steps = [{"name": "dp_clip", "clip_norm": 0.5, "target_quantile": 0.5, "count_noise": 0.5},
+             {"name": "dp_noise", "noise_multiplier": 0.99}]
+    exp = from_dict(tiny_config(tmp_path, server_steps=steps, **{"federation.clients": 8, "federation.clients_per_round": 4}))
+    lines, warnings = dp_outlook(exp)
+    assert "noise_multiplier 0.99 (updates: 7.018, raised for adaptive clipping) (given), 4 of 8" in lines[0]
+    assert len(warnings) == 1 and "noise_multiplier 7.018 on the updates with 4 clients per round adds noise of std 1.754" in warnings[0]
