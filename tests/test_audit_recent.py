@@ -120,3 +120,13 @@ def test_the_dp_outlook_warns_on_the_multiplier_adaptive_clipping_raises(tmp_pat
     lines, warnings = dp_outlook(exp)
     assert "noise_multiplier 0.99 (updates: 7.018, raised for adaptive clipping) (given), 4 of 8" in lines[0]
     assert len(warnings) == 1 and "noise_multiplier 7.018 on the updates with 4 clients per round adds noise of std 1.754" in warnings[0]
+
+
+def test_a_resume_from_cpu_to_auto_on_a_cpu_machine_is_the_same_device(monkeypatch):
+    from fedfm.runtime.checkpoint import math_lever_changes
+
+    seq = {"transport": "sequential", "device": "cpu", "batch_clients": 4, "batch_kernel": "auto"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert math_lever_changes(seq, {**seq, "device": "auto"}) == []  # warned "was 'cpu', now 'auto'" before
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert math_lever_changes(seq, {**seq, "device": "auto"}) == ["runtime.device: was 'cpu', now 'auto'"]

@@ -76,11 +76,17 @@ def math_lever_changes(old: dict, new: dict) -> list[str]:
     """The ``runtime`` changes of a resume that change the float math from the resumed round
     on (docs/speed.md, "Resuming with other levers"): the device, the batched transport
     (wider batches, other dropout masks) or its settings. ``sequential`` and ``processes``
-    train every client with the same bits (the thread count is checked on its own)."""
+    train every client with the same bits (the thread count is checked on its own). A
+    device now ``auto`` is compared as it resolves here (``cpu`` then ``auto`` on a machine
+    without a GPU is the same device); one recorded as ``auto`` is compared as written."""
     keys = ["device"]
     if "batched" in (old.get("transport"), new.get("transport")):
         keys += ["transport", "batch_clients", "batch_kernel"]
-    return [c for k in keys if k in old and old.get(k) != new.get(k) for c in config_changes(old[k], new.get(k), f"runtime.{k}")]
+    same = {}
+    if new.get("device") == "auto" and old.get("device") in ("cpu", "cuda"):  # auto as it resolves here
+        same["device"] = old["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    return [c for k in keys if k in old and old.get(k) != new.get(k) and not same.get(k)
+            for c in config_changes(old[k], new.get(k), f"runtime.{k}")]
 
 
 def config_digest(exp) -> str:
