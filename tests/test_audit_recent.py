@@ -130,3 +130,23 @@ def test_a_resume_from_cpu_to_auto_on_a_cpu_machine_is_the_same_device(monkeypat
     assert math_lever_changes(seq, {**seq, "device": "auto"}) == []  # warned "was 'cpu', now 'auto'" before
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert math_lever_changes(seq, {**seq, "device": "auto"}) == ["runtime.device: was 'cpu', now 'auto'"]
+
+
+def test_a_held_back_layer_gets_a_zero_delta_that_momentum_still_moves():
+    from fedfm.aggregators.base import aggregators
+    from fedfm.aggregators.fedra import per_layer_delta
+    from fedfm.aggregators.server_opt import AvgMParams, fedavgm, sgd, SgdParams
+
+    model = {"encoder.layer.0.w": torch.zeros(1), "encoder.layer.1.w": torch.zeros(1)}
+    krum = aggregators.get("krum")
+    # layer 0 held by 4 clients (Krum f=1 needs 4), layer 1 by 2: held back
+    payloads = [{"encoder.layer.0.w": torch.tensor([v]), **({"encoder.layer.1.w": torch.tensor([5.0])} if i < 2 else {})}
+                for i, v in enumerate([1.0, 1.0, 1.0, 9.0])]
+    notes: dict = {}
+    delta, counts = per_layer_delta(model, payloads, [1.0] * 4, krum.obj, krum.params(f=1), notes)
+    assert counts == {"0": 4, "1": 2} and float(delta["encoder.layer.1.w"]) == 0.0
+    assert notes["held_back"] == {"layer 1": "2 holder(s), the rule combines at least 4"}
+    # sgd: the held-back layer stays; fedavgm (momentum 0.5, last round's v = 2): it moves by 0.5 * 2 = 1
+    assert float(sgd(model, delta, {}, SgdParams())[0]["encoder.layer.1.w"]) == 0.0
+    moments = {"v": {"encoder.layer.0.w": torch.zeros(1), "encoder.layer.1.w": torch.tensor([2.0])}}
+    assert float(fedavgm(model, delta, moments, AvgMParams(momentum=0.5))[0]["encoder.layer.1.w"]) == 1.0

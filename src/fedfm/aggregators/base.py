@@ -24,7 +24,7 @@ class TooFewUpdates(ValueError):
     """A rule was given fewer updates than it can combine (Krum below f + 3, Bulyan below
     4f + 3, multi-Krum below m, a trimmed mean that trims them all). The round loop never
     hands a rule a round this small (it retries or skips it, ``runtime/loop.py``); a server
-    half that combines a group over its holders only leaves that group unmoved
+    half that combines a group over its holders only gives that group a zero delta
     (``aggregators/holders.py``). ``fewest``: the fewest updates the rule combines."""
 
     def __init__(self, message: str, fewest: int):

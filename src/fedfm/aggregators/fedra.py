@@ -18,7 +18,8 @@ on the names); with ``forward: full`` the whole shared State (its forward pass r
 layer). It trains the LoRA factors of its layers only (``learners/fedra.py``) and sends
 those plus the tensors outside every layer. The server combines each layer over its
 contributors only: the rule runs once per layer on the clients whose row of ``M`` has it,
-with their weights; a layer no client trained keeps its value (zero delta), and so does a
+with their weights; a layer no client trained gets a zero delta (it keeps its value under
+a plain ``sgd`` server optimizer; one with momentum still moves it), and so does a
 layer trained by fewer clients than the rule combines (Krum with f = 1 needs 4; noted under
 ``held_back`` in the round's row, ``aggregators/holders.py``).
 

@@ -4,8 +4,10 @@ DiPrompt's domain prompts), so each group is combined over the clients that trai
 
 The round loop holds the rule's minimum for the whole round (``runtime/loop.py``), but a
 group's holders are a subset: a layer two clients trained cannot be combined by Krum with
-f = 1 (it needs f + 3 = 4). Such a group stays where it is this round, as one nobody
-trained does, rather than being averaged behind the robust rule's back; the reason is
+f = 1 (it needs f + 3 = 4). Such a group gets a zero delta this round, as one nobody
+trained does, rather than being averaged behind the robust rule's back (so it stays where
+it is under a plain ``sgd`` server optimizer; ``fedavgm``, ``fedadam`` and ``fedyogi``
+still move it by their moments of earlier rounds); the reason is
 noted under ``held_back`` in the round's row of metrics.jsonl (``note_held_back``, read
 by ``runtime/algorithm.FedAlgorithm.aggregate``).
 """
