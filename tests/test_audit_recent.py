@@ -150,3 +150,13 @@ def test_a_held_back_layer_gets_a_zero_delta_that_momentum_still_moves():
     assert float(sgd(model, delta, {}, SgdParams())[0]["encoder.layer.1.w"]) == 0.0
     moments = {"v": {"encoder.layer.0.w": torch.zeros(1), "encoder.layer.1.w": torch.tensor([2.0])}}
     assert float(fedavgm(model, delta, moments, AvgMParams(momentum=0.5))[0]["encoder.layer.1.w"]) == 1.0
+
+
+def test_an_infinite_profile_speed_or_bandwidth_is_refused():
+    from fedfm.runtime.capacity import profile_problems, resolve_link
+
+    # speed .inf made a client's compute time 0 s, bandwidth .inf its transfers free
+    assert profile_problems({"speed": float("inf"), "up_mbps": 5}, "r") == ["r: profile.speed must be a positive number, got inf"]
+    with pytest.raises(ValueError, match=r"client 1: profile.bandwidth_mbps must be a positive number, got inf"):
+        resolve_link({"bandwidth_mbps": float("inf")}, "client 1")
+    assert resolve_link({"speed": 0.5, "bandwidth_mbps": 20}) == (0.5, 20.0, 20.0)

@@ -33,6 +33,7 @@ per-step cost, and the federation's speed mix does not depend on the machine run
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -59,7 +60,7 @@ def _positive(profile: dict[str, Any], key: str, who: str) -> float | None:
     value = profile.get(key)
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:  # NaN too
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:  # NaN and inf too
         raise ValueError(f"{who}: profile.{key} must be a positive number, got {value!r}")
     return float(value)
 
