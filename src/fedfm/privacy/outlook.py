@@ -1,7 +1,7 @@
-"""What a run's client-level DP will spend and do, before it starts: ``fedfm check`` prints
-the noise multiplier (given, or solved for ``target_epsilon``), the clients per round and
-the epsilon the planned rounds spend; ``fedfm check`` and ``fedfm run`` warn when that
-noise swamps every update.
+"""What a run's client-level DP will spend and do, before it starts: ``fedfm check`` and
+``fedfm run`` print the noise multiplier (given, or solved for ``target_epsilon``), the
+clients per round and the epsilon the planned rounds spend, and warn when that noise
+swamps every update.
 
 The warning's criterion: ``dp_noise`` adds noise of std ``sigma * C / n`` to every
 coordinate of the mean of ``n`` updates clipped to norm ``C`` (``privacy/noise.py``), so
