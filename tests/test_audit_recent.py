@@ -160,3 +160,17 @@ def test_an_infinite_profile_speed_or_bandwidth_is_refused():
     with pytest.raises(ValueError, match=r"client 1: profile.bandwidth_mbps must be a positive number, got inf"):
         resolve_link({"bandwidth_mbps": float("inf")}, "client 1")
     assert resolve_link({"speed": 0.5, "bandwidth_mbps": 20}) == (0.5, 20.0, 20.0)
+
+
+def test_a_resume_that_changes_the_threads_a_client_trains_with_on_processes_is_named():
+    from fedfm.runtime.checkpoint import math_lever_changes
+
+    seq = {"transport": "sequential", "device": "cpu", "threads": 2, "threads_per_worker": 1}
+    procs = {**seq, "transport": "processes"}
+    # sequential with 2 threads, then workers of 1: the clients' float sums change, the run's own thread count does not
+    assert math_lever_changes(seq, procs) == [
+        "each client trained with 2 torch thread(s), now 1 (runtime.threads 2, runtime.threads_per_worker 1)"]
+    assert math_lever_changes(procs, {**procs, "threads_per_worker": 2}) == [
+        "each client trained with 1 torch thread(s), now 2 (runtime.threads_per_worker 1, runtime.threads_per_worker 2)"]
+    assert math_lever_changes({**seq, "threads": 1}, procs) == []  # the same bits (docs/speed.md)
+    assert math_lever_changes({**seq, "threads": None}, procs) == []  # torch's default: not said by the settings

@@ -78,15 +78,37 @@ def math_lever_changes(old: dict, new: dict) -> list[str]:
     (wider batches, other dropout masks) or its settings. ``sequential`` and ``processes``
     train every client with the same bits (the thread count is checked on its own). A
     device now ``auto`` is compared as it resolves here (``cpu`` then ``auto`` on a machine
-    without a GPU is the same device); one recorded as ``auto`` is compared as written."""
+    without a GPU is the same device); one recorded as ``auto`` is compared as written. To or
+    from ``processes``, a change of the threads each client trains with (its workers'
+    ``threads_per_worker`` against ``threads``) is named too: the loop's own thread check
+    sees the run's process only."""
     keys = ["device"]
     if "batched" in (old.get("transport"), new.get("transport")):
         keys += ["transport", "batch_clients", "batch_kernel"]
     same = {}
     if new.get("device") == "auto" and old.get("device") in ("cpu", "cuda"):  # auto as it resolves here
         same["device"] = old["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    return [c for k in keys if k in old and old.get(k) != new.get(k) and not same.get(k)
-            for c in config_changes(old[k], new.get(k), f"runtime.{k}")]
+    changes = [c for k in keys if k in old and old.get(k) != new.get(k) and not same.get(k)
+               for c in config_changes(old[k], new.get(k), f"runtime.{k}")]
+    if "processes" in (old.get("transport"), new.get("transport")) and "batched" not in (old.get("transport"), new.get("transport")):
+        was, now = _client_threads(old), _client_threads(new)
+        if was is not None and now is not None and was != now:
+            changes.append(f"each client trained with {was} torch thread(s), now {now} ({_threads_key(old)} {was}, "
+                           f"{_threads_key(new)} {now})")
+    return changes
+
+
+def _threads_key(rt: dict) -> str:
+    return "runtime.threads_per_worker" if rt.get("transport") == "processes" else "runtime.threads"
+
+
+def _client_threads(rt: dict) -> int | None:
+    """The torch threads each client trains with under the ``runtime`` settings ``rt``: a
+    worker's (and the parent's, with parent_trains) on ``processes``, else ``threads`` (None:
+    torch's default, which the settings do not say)."""
+    if rt.get("transport") == "processes":
+        return rt.get("threads_per_worker", 1)
+    return rt.get("threads")
 
 
 def config_digest(exp) -> str:
