@@ -174,3 +174,20 @@ def test_a_resume_that_changes_the_threads_a_client_trains_with_on_processes_is_
         "each client trained with 1 torch thread(s), now 2 (runtime.threads_per_worker 1, runtime.threads_per_worker 2)"]
     assert math_lever_changes({**seq, "threads": 1}, procs) == []  # the same bits (docs/speed.md)
     assert math_lever_changes({**seq, "threads": None}, procs) == []  # torch's default: not said by the settings
+
+
+def test_a_profile_key_a_config_field_names_is_read_there(tmp_path):
+    # ifca with profile_key: domain reads each client's domain; fedfm check and run warned
+    # "profile.domain is read only with learner.name fedapt; this run ignores it"
+    from conftest import tiny_config
+    from fedfm.components import config_profile_keys
+    from fedfm.config import from_dict
+    from fedfm.core.profile_keys import unread_profile_keys
+
+    roles = [{"name": "a", "count": 1, "profile": {"domain": 0}}, {"name": "b", "count": 1, "profile": {"domain": 1}}]
+    exp = from_dict(tiny_config(tmp_path, **{"learner": {"name": "ifca", "assign": "profile", "profile_key": "domain"},
+                                             "federation.roles": roles}))
+    assert config_profile_keys(exp) == {"domain": "learner.profile_key"}
+    assert unread_profile_keys(exp, config_profile_keys(exp)) == []
+    assert unread_profile_keys(exp) == ["federation.roles 'a', 'b': profile.domain is read only with learner.name fedapt; "
+                                        "this run ignores it"]  # without the named keys: the false warning

@@ -83,6 +83,7 @@ def _write_labels(labels, exp, out: Path) -> None:
 def _check_data(exp):
     """The data against the model (labels, input length); returns the labels (or None)."""
     from fedfm.attacks.checks import target_problems
+    from fedfm.components import config_profile_keys
     from fedfm.core.profile_keys import unread_profile_keys
     from fedfm.data import build_federation, load_source, resolve_labels
     from fedfm.ip.preserve import check_public_data
@@ -109,7 +110,7 @@ def _check_data(exp):
                           "for them, so they are not in the per-client evaluation")
     for line in check_public_data(exp):  # a server step's public text (ip/preserve.py)
         console.print(escape(f"public text of {line}"))
-    for line in unread_profile_keys(exp):  # e.g. a rank that learner fedra never reads
+    for line in unread_profile_keys(exp, config_profile_keys(exp)):  # e.g. a rank that learner fedra never reads
         console.print(f"[yellow]warning:[/] {escape(line)}")
     _dp_outlook(exp)
     console.print(escape(f"loading model: {_what_model(exp)}"))

@@ -37,6 +37,23 @@ def registries() -> dict[str, Registry]:
 
 
 def validate_components(exp, source: str = "<config>") -> None:
+    errors, parsed = parse_components(exp)
+    if not errors:  # the keys the config names are known once every component parses
+        errors += [f"  {p}" for p in profile_key_problems(exp.federation.roles, named_profile_keys(parsed))]
+    for problem in combination_problems(exp):
+        errors.append(f"  {problem}")
+    if errors:
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(errors))
+
+
+def config_profile_keys(exp) -> dict[str, str]:
+    """profile key -> the config field naming it (``ifca``'s ``profile_key``,
+    ``cluster_report``'s ``truth_profile``), over a config that validated."""
+    return named_profile_keys(parse_components(exp)[1])
+
+
+def parse_components(exp) -> tuple[list[str], list[tuple[str, BaseModel]]]:
+    """(errors, [(where, validated parameters)]) of every component the config names."""
     errors: list[str] = []
     parsed: list[tuple[str, BaseModel]] = []  # (where, validated parameters): the profile keys they name
 
@@ -73,12 +90,7 @@ def validate_components(exp, source: str = "<config>") -> None:
     for i, role in enumerate(exp.federation.roles):
         for j, spec in enumerate(role.middleware):
             check(parse_middleware, spec, f"federation.roles[{i}].middleware[{j}]")
-    if not errors:  # the keys the config names are known once every component parses
-        errors += [f"  {p}" for p in profile_key_problems(exp.federation.roles, named_profile_keys(parsed))]
-    for problem in combination_problems(exp):
-        errors.append(f"  {problem}")
-    if errors:
-        raise ConfigError(f"invalid config {source}:\n" + "\n".join(errors))
+    return errors, parsed
 
 
 def check_stage_order(specs: list, where: str) -> None:

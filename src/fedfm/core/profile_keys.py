@@ -21,7 +21,8 @@ close matches and the known keys. ``role`` is set by the runtime to the role's n
 
 A room may also say which settings read its key (``read_by``: ``"learner.name=fedra"``,
 ``"learner.name=fedapt"``, ``"server_steps=sim_clock"``). ``unread_profile_keys`` then names
-a role's key that no setting of this run reads (``rank`` with learner ``fedra``): ``fedfm
+a role's key that no setting of this run reads and no config field of it names (``rank``
+with learner ``fedra``; not ``domain`` under ``ifca``'s ``profile_key: domain``): ``fedfm
 check`` and ``fedfm run`` warn, since the run goes on as if the key were absent. A key
 registered without ``read_by`` (``memory_mb``, a plugin's) is never named.
 """
@@ -127,14 +128,17 @@ def _readers_said(readers: list[str]) -> str:
     return " or ".join(f"{path} {' or '.join(values)}" for path, values in by_path.items())
 
 
-def unread_profile_keys(exp) -> list[str]:
+def unread_profile_keys(exp, named: Iterable[str] = ()) -> list[str]:
     """One line per profile key that roles set and no setting of ``exp`` reads (its
-    ``read_by``): the run goes on as if the key were absent."""
+    ``read_by``): the run goes on as if the key were absent. ``named``: the keys a config
+    field of ``exp`` names (``named_profile_keys``), read there whatever their ``read_by``
+    (``ifca``'s ``profile_key: domain``)."""
+    named = set(named)
     roles_of: dict[str, list[str]] = {}
     for role in exp.federation.roles:
         for key in role.profile:
             readers = _readers.get(key)
-            if readers and not any(value in _setting(exp, path) for path, _, value in (r.partition("=") for r in readers)):
+            if readers and key not in named and not any(value in _setting(exp, path) for path, _, value in (r.partition("=") for r in readers)):
                 roles_of.setdefault(key, []).append(role.name)
     return [f"federation.roles {', '.join(repr(r) for r in roles)}: profile.{key} is read only with "
             f"{_readers_said(_readers[key])}; this run ignores it" for key, roles in roles_of.items()]
