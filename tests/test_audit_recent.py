@@ -191,3 +191,23 @@ def test_a_profile_key_a_config_field_names_is_read_there(tmp_path):
     assert unread_profile_keys(exp, config_profile_keys(exp)) == []
     assert unread_profile_keys(exp) == ["federation.roles 'a', 'b': profile.domain is read only with learner.name fedapt; "
                                         "this run ignores it"]  # without the named keys: the false warning
+
+
+@pytest.mark.parametrize("learner, step", [
+    ("fedra", {"name": "centered_clip", "tau": 1.0}),
+    ("hetlora", {"name": "alie", "role": "bad"}),
+    ("flexlora", {"name": "cluster_report", "source": "updates", "k": 2}),
+])
+def test_steps_that_line_updates_up_by_name_are_refused_with_per_client_payloads(tmp_path, learner, step):
+    # fedra + centered_clip ran until the first round whose two clients trained different
+    # layers, then stopped on a bare KeyError naming a LoRA tensor
+    import re
+
+    from conftest import tiny_config
+    from fedfm.config import ConfigError, from_dict
+
+    roles = [{"name": "good", "count": 1, "profile": {}}, {"name": "bad", "count": 1, "profile": {}}]
+    raw = tiny_config(tmp_path, learner={"name": learner}, server_steps=[step], **{"federation.roles": roles})
+    with pytest.raises(ConfigError, match=re.escape(f"server_steps[0] ({step['name']}) lines up every update of a round "
+                                                    f"name by name, but learner {learner}'s clients")):
+        from_dict(raw)

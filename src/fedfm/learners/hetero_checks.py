@@ -57,6 +57,34 @@ def hetero_config_problems(exp) -> list[str]:
             "split never calls, so the prompt would get no gradient; use a tuner inside the layers (lora, adapter, ia3, bitfit, full)"
         )
     problems += splitfed_problems(exp)
+    problems += cross_client_step_problems(exp)
+    return problems
+
+
+# Learners whose clients send differently named (fedra: the allocated layers) or shaped
+# (hetlora, flexlora: factors truncated to the client's rank) payloads in one round.
+PER_CLIENT_PAYLOAD = ("fedra", "hetlora", "flexlora")
+# Server steps that line every update of a round up name by name (stacking, or the first
+# update's names): centered clipping, FedFA's outlier scores, the omniscient attacks' honest
+# mean and std, cluster_report's clustering of the updates.
+CROSS_CLIENT_STEPS = ("centered_clip", "fedfa", "alie", "ipm")
+
+
+def cross_client_step_problems(exp) -> list[str]:
+    """A step of ``CROSS_CLIENT_STEPS`` with a learner of ``PER_CLIENT_PAYLOAD``: the first
+    round whose clients send different names or shapes stopped the run on a bare KeyError
+    (or a stack of unequal sizes)."""
+    name = exp.learner.name
+    if name not in PER_CLIENT_PAYLOAD:
+        return []
+    problems = []
+    for i, spec in enumerate(exp.server_steps):
+        step = spec.get("name")
+        if step in CROSS_CLIENT_STEPS or (step == "cluster_report" and spec.get("source", "meta") == "updates"):
+            what = "allocated layers" if name == "fedra" else "LoRA rank"
+            problems.append(f"server_steps[{i}] ({step}) lines up every update of a round name by name, but learner {name}'s "
+                            f"clients send the tensors of their own {what}, so the updates differ in names or shapes; "
+                            f"remove it, or use a learner whose clients all send the whole State")
     return problems
 
 
