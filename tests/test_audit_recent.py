@@ -211,3 +211,13 @@ def test_steps_that_line_updates_up_by_name_are_refused_with_per_client_payloads
     with pytest.raises(ConfigError, match=re.escape(f"server_steps[0] ({step['name']}) lines up every update of a round "
                                                     f"name by name, but learner {learner}'s clients")):
         from_dict(raw)
+
+
+def test_a_profile_key_given_to_the_learner_says_where_it_goes(tmp_path):
+    from conftest import tiny_config
+    from fedfm.config import ConfigError, from_dict
+
+    # "learner.layers: Extra inputs are not permitted; allowed: forward" said nothing of the roles
+    with pytest.raises(ConfigError, match=r"learner\.layers: Extra inputs are not permitted; allowed: forward; 'layers' is a "
+                                          r"client's profile key: federation\.roles\[\]\.profile\.layers"):
+        from_dict(tiny_config(tmp_path, learner={"name": "fedra", "layers": 2}))

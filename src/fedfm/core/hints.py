@@ -2,8 +2,9 @@
 
 Pydantic says ``Extra inputs are not permitted`` for a misspelt key (``train.lrr``) and
 stops there; this adds the closest allowed key of that section (``did you mean 'lr'?``),
-or the allowed keys when none is close. Written by hand: pydantic has no suggestions, and
-it is ``difflib`` over the model's field names.
+or the allowed keys when none is close, and, for a client's profile key
+(``learner: {name: fedra, layers: 2}``), where it goes. Written by hand: pydantic has no
+suggestions, and it is ``difflib`` over the model's field names.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import difflib
 from typing import Any, Sequence, get_args
 
 from pydantic import BaseModel
+
+from fedfm.core.profile_keys import profile_keys
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -44,7 +47,10 @@ def key_hint(model: type[BaseModel] | None, err: dict[str, Any]) -> str:
     if section is None:
         return ""
     allowed = sorted(section.model_fields)
-    close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1, cutoff=0.6)
+    key = str(err["loc"][-1])
+    # learner: {name: fedra, layers: 2}: a client's size, which each role's profile gives
+    profile = f"; '{key}' is a client's profile key: federation.roles[].profile.{key}" if key in profile_keys() else ""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     if close:
-        return f"; did you mean '{close[0]}'?"
-    return f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"; did you mean '{close[0]}'?{profile}"
+    return (f"; allowed: {', '.join(allowed)}" if allowed else "") + profile
