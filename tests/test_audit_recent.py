@@ -221,3 +221,17 @@ def test_a_profile_key_given_to_the_learner_says_where_it_goes(tmp_path):
     with pytest.raises(ConfigError, match=r"learner\.layers: Extra inputs are not permitted; allowed: forward; 'layers' is a "
                                           r"client's profile key: federation\.roles\[\]\.profile\.layers"):
         from_dict(tiny_config(tmp_path, learner={"name": "fedra", "layers": 2}))
+
+
+def test_a_server_step_that_misses_an_entry_is_named():
+    # fedra + centered_clip ended the run on "error: 'base_model.model...lora_A.default.weight'" alone
+    from types import SimpleNamespace as NS
+
+    from fedfm.aggregators.centered_clip import CenteredClip, CenteredClipParams
+    from fedfm.aggregators.pipeline import Pipeline
+    from fedfm.core.types import Update
+
+    pipe = Pipeline([CenteredClip(CenteredClipParams(tau=1.0))])
+    ups = [Update(0, {"l.layer.0.w": torch.ones(2)}, 1), Update(1, {"l.layer.1.w": torch.ones(2)}, 1)]
+    with pytest.raises(ValueError, match=r"server step 'centered_clip' \(stage updates, round 3\) found no entry 'l.layer.0.w'"):
+        pipe.run("updates", ups, {}, NS(round=3), {})

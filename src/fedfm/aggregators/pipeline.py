@@ -89,7 +89,12 @@ class Pipeline:
             if p.step.stage != stage:
                 continue
             own: State = server_state.get(p.group, {})
-            value, new_state, m = p.step(value, ctx, own)
+            try:
+                value, new_state, m = p.step(value, ctx, own)
+            except KeyError as exc:  # a bare KeyError prints as the key alone: name the step
+                rnd = getattr(ctx, "round", None)
+                raise ValueError(f"server step '{p.step.name}' (stage {stage}{'' if rnd is None else f', round {rnd}'}) "
+                                 f"found no entry {exc} in what it was given") from exc
             if new_state:
                 server_state[p.group] = new_state
             for k, v in (m or {}).items():
