@@ -391,7 +391,9 @@ def test_server_optimizer_must_add_the_delta_as_is_names_its_real_lr(tmp_path):
     assert not_as_is(Spec(name="fedavgm", lr=1.0)) == "fedavgm (lr 1.0)"  # momentum: not as is
 
 
-@pytest.mark.parametrize("field", ["train.lr", "train.weight_decay", "train.max_grad_norm"])
+@pytest.mark.parametrize("field", ["train.lr", "train.weight_decay", "train.max_grad_norm", "faults.stragglers.high",
+                                   "faults.stragglers.seconds_per_step", "faults.stragglers.deadline_s",
+                                   "runtime.flower.round_timeout_s", "runtime.flower.num_cpus"])
 def test_an_infinite_client_setting_is_refused(tmp_path, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.") + r".*finite number"):
         from_dict(tiny_config(tmp_path, **{field: float("inf")}))

@@ -50,3 +50,29 @@ def test_a_resume_on_the_batched_transport_warns_that_the_math_changes(tmp_path)
     warnings = json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"]
     assert warnings == ["--resume: runtime.transport: was 'sequential', now 'batched': the float math changes from the "
                         "resumed round on, so the result will not be bit-identical to an uninterrupted run"]
+
+
+def test_a_checkpoint_records_the_device_auto_resolved_to_and_a_resume_elsewhere_is_told(tmp_path):
+    # device auto on this CPU machine resolves to cpu; the checkpoint keeps "cpu", so a
+    # resume where auto resolves to cuda (here: the recorded device edited to cuda, as a
+    # GPU machine's checkpoint) warns, naming both devices
+    import json
+
+    over = {"train.steps": 1, "runtime.threads": 1, "runtime.device": "auto"}
+    LocalRuntime(from_dict(tiny_config(tmp_path, rounds=1, **over), "<test>"), tmp_path / "run").run()
+    [path] = (tmp_path / "run" / "checkpoints").rglob("checkpoint.json")
+    body = json.loads(path.read_text())
+    assert body["runtime"]["device"] == "cpu"
+    body["runtime"]["device"] = "cuda"
+    path.write_text(json.dumps(body))
+    LocalRuntime(from_dict(tiny_config(tmp_path, rounds=2, **over), "<test>"), tmp_path / "run", resume=True).run()
+    warnings = json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"]
+    assert warnings == ["--resume: runtime.device: was 'cuda', now 'cpu': the float math changes from the resumed round "
+                        "on, so the result will not be bit-identical to an uninterrupted run"]
+
+
+def test_a_device_recorded_as_auto_is_not_compared():
+    from fedfm.runtime.checkpoint import math_lever_changes
+
+    seq = {"transport": "sequential", "device": "auto", "batch_clients": 4, "batch_kernel": "auto"}
+    assert math_lever_changes(seq, {**seq, "device": "cpu"}) == [] and math_lever_changes(seq, {**seq, "device": "cuda"}) == []

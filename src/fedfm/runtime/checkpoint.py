@@ -76,9 +76,11 @@ def math_lever_changes(old: dict, new: dict) -> list[str]:
     """The ``runtime`` changes of a resume that change the float math from the resumed round
     on (docs/speed.md, "Resuming with other levers"): the device, the batched transport
     (wider batches, other dropout masks) or its settings. ``sequential`` and ``processes``
-    train every client with the same bits (the thread count is checked on its own). A
-    device now ``auto`` is compared as it resolves here (``cpu`` then ``auto`` on a machine
-    without a GPU is the same device); one recorded as ``auto`` is compared as written. To or
+    train every client with the same bits (the thread count is checked on its own). The
+    round loop records and passes the device as it resolved (``runtime/loop.py``); given
+    ``auto``, a device now is compared as it resolves here (``cpu`` then ``auto`` on a
+    machine without a GPU is the same device), and one recorded as ``auto`` (a checkpoint
+    that kept the setting, not the device) is not compared. To or
     from ``processes``, a change of the threads each client trains with (its workers'
     ``threads_per_worker`` against ``threads``) is named too: the loop's own thread check
     sees the run's process only."""
@@ -88,6 +90,8 @@ def math_lever_changes(old: dict, new: dict) -> list[str]:
     same = {}
     if new.get("device") == "auto" and old.get("device") in ("cpu", "cuda"):  # auto as it resolves here
         same["device"] = old["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if old.get("device") == "auto":  # which device it was is not recorded
+        same["device"] = True
     changes = [c for k in keys if k in old and old.get(k) != new.get(k) and not same.get(k)
                for c in config_changes(old[k], new.get(k), f"runtime.{k}")]
     if "processes" in (old.get("transport"), new.get("transport")) and "batched" not in (old.get("transport"), new.get("transport")):
