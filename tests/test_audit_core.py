@@ -388,7 +388,8 @@ def test_server_optimizer_must_add_the_delta_as_is_names_its_real_lr(tmp_path):
     assert not_as_is(Spec(name="sgd")) is None
     assert not_as_is(Spec(name="sgd", lr=0.5)) == "sgd (lr 0.5)"
     assert not_as_is(Spec(name="fedadam")) == "fedadam (lr 0.01)"
-    assert not_as_is(Spec(name="fedavgm", lr=1.0)) == "fedavgm (lr 1.0)"  # momentum: not as is
+    assert not_as_is(Spec(name="fedavgm", lr=1.0)) == "fedavgm (lr 1.0, momentum 0.9)"  # momentum: not as is
+    assert not_as_is(Spec(name="fedavgm", lr=1.0, momentum=0.0)) is None  # v = delta: w + delta
 
 
 @pytest.mark.parametrize("field", ["train.lr", "train.weight_decay", "train.max_grad_norm", "faults.stragglers.high",

@@ -126,12 +126,16 @@ register_server_optimizer("fedadagrad", fedadagrad, AdagradParams)
 
 
 def not_as_is(so) -> str | None:
-    """None when ``server_optimizer`` adds the combined delta as it is (``sgd`` at lr 1), else
+    """None when ``server_optimizer`` adds the combined delta as it is (``sgd`` at lr 1, or
+    ``fedavgm`` at lr 1 and momentum 0), else
     what it is, with its own defaults (``"fedadam (lr 0.01)"``): for the server halves and
     steps that compute the model step themselves. A config whose parameters do not parse is
     left to the registry's check (None)."""
     try:
-        lr = server_optimizers.parse(so.name, so.params(), "server_optimizer").model_dump().get("lr")
+        params = server_optimizers.parse(so.name, so.params(), "server_optimizer").model_dump()
     except Exception:
         return None
-    return None if so.name == "sgd" and lr == 1.0 else f"{so.name} (lr {lr})"
+    lr, momentum = params.get("lr"), params.get("momentum")
+    if lr == 1.0 and (so.name == "sgd" or (so.name == "fedavgm" and momentum == 0)):  # fedavgm at momentum 0: v = delta
+        return None
+    return f"{so.name} (lr {lr}{'' if momentum is None else f', momentum {momentum}'})"
