@@ -103,3 +103,20 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def test_the_dropout_outlook_by_hand(tmp_path):
+    from conftest import tiny_config
+
+    from fedfm.runtime.fault_outlook import attempt_keeps, dropout_outlook
+
+    assert attempt_keeps(8, 8, 0.2) == pytest.approx(0.8 ** 8)  # FedBPT: every sampled client must stay
+    assert attempt_keeps(4, 2, 0.5) == pytest.approx(11 / 16)  # (C(4,2) + C(4,3) + C(4,4)) / 2^4
+    # 2 clients, min_clients 2, dropout 0.5: an attempt keeps both with 0.25; 4 attempts all fail with 0.75^4
+    raw = tiny_config(tmp_path, **{"faults.dropout": 0.5, "federation.min_clients": 2})
+    assert dropout_outlook(from_dict(raw)) == [
+        "faults.dropout 0.5: a round needs 2 of its 2 sampled clients (min_clients 2); an attempt keeps that many with "
+        "probability 0.250, so with federation.max_retries 3 a round is skipped with probability 0.316 (about 0.6 of 2 "
+        "rounds), from dropout alone"]
+    # min_clients 1: 1 - 0.5^2 = 0.75 an attempt, 0.25^4 = 0.004 a round: below the 0.05 that warns
+    assert dropout_outlook(from_dict(tiny_config(tmp_path, **{"faults.dropout": 0.5}))) == []

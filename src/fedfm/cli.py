@@ -87,6 +87,7 @@ def _check_data(exp):
     from fedfm.core.profile_keys import unread_profile_keys
     from fedfm.data import build_federation, load_source, resolve_labels
     from fedfm.ip.preserve import check_public_data
+    from fedfm.runtime.fault_outlook import dropout_outlook
     from fedfm.tracking.sinks import tracking_problems
     from fedfm.tasks.limits import validate_model_inputs
 
@@ -113,6 +114,8 @@ def _check_data(exp):
     for line in unread_profile_keys(exp, config_profile_keys(exp)):  # e.g. a rank that learner fedra never reads
         console.print(f"[yellow]warning:[/] {escape(line)}")
     _dp_outlook(exp)
+    for line in dropout_outlook(exp):  # a round the dropout leaves below what it needs
+        console.print(f"[yellow]warning:[/] {escape(line)}")
     console.print(escape(f"loading model: {_what_model(exp)}"))
     validate_model_inputs(exp, fed.frame)  # the rows as read above, not read again
     return labels
