@@ -183,3 +183,30 @@ def test_example_configs_validate():
     for path in paths:
         exp = load_config(path)
         assert exp.codecs.up, path
+
+
+def test_the_downlink_delta_is_taken_per_tensor_and_remembers_what_was_not_sent(tmp_path):
+    # round 1: {head, layer0} whole; round 2: {head, layer1}: head as a delta, layer1 whole;
+    # round 3: {head, layer0}: layer0 as a delta against round 1's value (kept while unsent)
+    from fedfm.codecs import Payload
+    from fedfm.codecs.downlink import DownlinkDelta
+
+    stage = DownlinkDelta()
+    ctx = CodecContext(direction="down", round=1, cid=3, reference={}, store=ClientStore(tmp_path / "s"))
+    head, l0, l1 = torch.tensor([1.0, 2.0]), torch.tensor([3.0]), torch.tensor([5.0, 5.0])
+
+    def send(tensors):
+        sent = stage.encode(Payload(tensors, {}), ctx)
+        got = stage.decode(Payload(sent.tensors, dict(sent.meta)), ctx)
+        assert all(torch.equal(got.tensors[k], tensors[k]) for k in tensors)
+        return sent
+
+    assert send({"head": head, "layer0": l0}).meta["__delta"] == "0"
+    sent = send({"head": head + 1, "layer1": l1})
+    assert sent.meta["__delta"] == '["head"]' and sent.tensors["head"].tolist() == [1.0, 1.0] and torch.equal(sent.tensors["layer1"], l1)
+    sent = send({"head": head + 1, "layer0": l0 + 0.5})
+    assert sent.meta["__delta"] == "1" and sent.tensors["layer0"].tolist() == [0.5] and sent.tensors["head"].tolist() == [0.0, 0.0]
+    with pytest.raises(CodecError, match=r"a downlink delta of \['layer2'\] arrived but the last received State lacks them"):
+        stage.decode(Payload({"layer2": l0}, {"__delta": '["layer2"]'}), ctx)
+    with pytest.raises(CodecError, match=r"lacks a valid '__delta' entry \(got '\[\"nope\"\]'\)"):
+        stage.decode(Payload({"head": head}, {"__delta": '["nope"]'}), ctx)

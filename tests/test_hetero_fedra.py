@@ -162,3 +162,26 @@ def test_measured_seconds_travel_at_a_fixed_width():
     assert metric_text("step_s", 0.1) == "1.000000e-01" and metric_text("step_s", 0.0123456789) == "1.234568e-02"
     assert len(metric_text("step_s", 3.0)) == len(metric_text("step_s", 1 / 3)) == 12
     assert metric_text("loss", 1 / 3) == "0.3333333333333333" and metric_text("steps", 2.0) == "2.0"  # exact
+
+
+def test_a_sub_model_client_gets_the_downlink_delta_for_what_it_held_before(tmp_path):
+    """4 layers, each of 2 clients trains 1 a round: with codecs.down [delta] every round's
+    sub-model decodes (per tensor: test_codecs_chain.py) and the client's reconstruction
+    keeps the head and every layer it was sent so far."""
+    import json
+
+    from conftest import tiny_config
+
+    from fedfm.config import from_dict
+    from fedfm.runtime.local import LocalRuntime
+
+    raw = tiny_config(tmp_path, rounds=3, **{"model.config_overrides.num_hidden_layers": 4, "train.steps": 1,
+                                             "federation.roles": [{"name": "one", "count": 2, "profile": {"layers": 1}}],
+                                             "learner": {"name": "fedra"}, "codecs.down": [{"delta": True}],
+                                             "peft.train_head": True})
+    rt = LocalRuntime(from_dict(raw), tmp_path / "run")
+    rt.run()
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")][1:]
+    assert all(r["failed"] == [] and r["rejected"] == [] and sorted(r["clients"]) == [0, 1] for r in rows)
+    held = rt.store.get(0, "down_last")  # client 0's reconstruction: the head and every layer it was sent so far
+    assert any(".classifier." in n for n in held) and 1 <= len({n.split(".layer.")[1].split(".")[0] for n in held if ".layer." in n}) <= 3

@@ -9,11 +9,18 @@ What the client reconstructs (previous + decoded delta, lossy stages included) i
 the client store under ``down_last``; the next delta is taken against that
 reconstruction, so quantization and sparsification errors are corrected in later rounds
 instead of accumulating. A client that never received anything gets the full State.
-In simulation the server and the client read the same store; on separate machines the
+The delta is taken tensor by tensor: a tensor the client did not receive last time, or
+received with another shape, travels whole, and what the client holds of a tensor not
+sent this time stays for a later round (FedRA's sub-models, whose allocated layers change
+every round: the head, and a layer the client was allocated before, travel as deltas). The
+payload's ``__delta`` entry says which: ``1`` every tensor, ``0`` none, else the JSON list
+of the names sent as deltas. In simulation the server and the client read the same store; on separate machines the
 server keeps the mirror of each client's reconstruction by decoding what it sent.
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -44,34 +51,45 @@ class DownlinkDelta:
 
     def encode(self, payload: Payload, ctx: CodecContext) -> Payload:
         self._check(ctx)
-        prev = ctx.store.get(ctx.cid, KEY)
+        prev = ctx.store.get(ctx.cid, KEY) or {}
         meta = dict(payload.meta)
-        tensors = payload.tensors
-        if prev is not None and _same_layout(prev, tensors):
-            tensors = {k: t - prev[k].to(t.dtype) for k, t in tensors.items()}
-            meta[DELTA_META] = "1"
-        else:
-            meta[DELTA_META] = "0"
-        return Payload(dict(tensors), meta)
+        tensors = dict(payload.tensors)
+        held = [k for k, t in tensors.items() if k in prev and prev[k].shape == t.shape]
+        for k in held:
+            tensors[k] = tensors[k] - prev[k].to(tensors[k].dtype)
+        meta[DELTA_META] = "0" if not held else "1" if len(held) == len(tensors) else json.dumps(sorted(held))
+        return Payload(tensors, meta)
 
     def decode(self, payload: Payload, ctx: CodecContext) -> Payload:
         self._check(ctx)
         meta = dict(payload.meta)
-        flag = meta.pop(DELTA_META, None)
-        tensors = payload.tensors
-        if flag == "1":
-            prev = ctx.store.get(ctx.cid, KEY)
-            if prev is None or not _same_layout(prev, tensors):
-                raise CodecError(f"client {ctx.cid}: a downlink delta arrived but the last received State is missing or differs")
-            tensors = {k: prev[k].to(t.dtype) + t for k, t in tensors.items()}
-        elif flag != "0":
-            raise CodecError(f"downlink payload lacks a valid '{DELTA_META}' flag (got {flag!r})")
-        ctx.store.put(ctx.cid, KEY, tensors)
-        return Payload(dict(tensors), meta)
+        names = _delta_names(meta.pop(DELTA_META, None), payload.tensors)
+        tensors = dict(payload.tensors)
+        prev = ctx.store.get(ctx.cid, KEY) or {}
+        if names:
+            missing = [k for k in names if k not in prev or prev[k].shape != tensors[k].shape]
+            if missing:
+                raise CodecError(f"client {ctx.cid}: a downlink delta of {missing[:3]} arrived but the last received State "
+                                 "lacks them or holds another shape")
+            for k in names:
+                tensors[k] = prev[k].to(tensors[k].dtype) + tensors[k]
+        ctx.store.put(ctx.cid, KEY, {**prev, **tensors})  # a tensor not sent this time stays as last received
+        return Payload(tensors, meta)
 
 
-def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)
+def _delta_names(flag: str | None, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names a payload's ``__delta`` entry says were sent as deltas."""
+    if flag == "1":
+        return list(tensors)
+    if flag == "0":
+        return []
+    try:
+        names = json.loads(flag) if flag is not None else None
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n in tensors for n in names):
+        raise CodecError(f"downlink payload lacks a valid '{DELTA_META}' entry (got {flag!r}): '1', '0' or a list of its tensors")
+    return names
 
 
 register_codec("delta", DownlinkDelta, DeltaParams)
