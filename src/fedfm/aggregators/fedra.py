@@ -41,7 +41,7 @@ from fedfm.core.protocols import RoundContext
 from fedfm.core.seeding import derive_seed
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State, Update
 from fedfm.peft.hetero import layer_of, layer_subset, num_layers
-from fedfm.peft.layer_stack import layer_stack
+from fedfm.peft.layer_stack import stack_size
 from fedfm.runtime.capacity import client_who, resolve_size
 
 TAG = 0xFED7A
@@ -98,14 +98,6 @@ def layer_count(shared: State) -> int:
     return total
 
 
-def model_layers(model) -> int | None:
-    """The length of the model's layer stack (``peft/layer_stack.py``); None without one."""
-    try:
-        return len(layer_stack(model, "learner fedra")[2])
-    except ValueError:
-        return None
-
-
 class FedRAServer(ServerPartBase):
     def __init__(self, params, num_clients: int):
         self.num_clients = num_clients
@@ -115,7 +107,10 @@ class FedRAServer(ServerPartBase):
         self.sub_model = params is None or params.forward == "allocated"
 
     def bind_model(self, model) -> None:
-        self.layers = model_layers(model)
+        try:
+            self.layers = stack_size(model, "learner fedra")
+        except ValueError:  # no layer stack: the trainable State's layers (forward: full)
+            self.layers = None
 
     def total(self, shared: State) -> int:
         """The layers allocated among: the model's, else the trainable State's."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 from fedfm.aggregators.server_part import ServerPartBase, register_server_part
 from fedfm.core.types import MODEL, ClientSpec, Instruction, ServerState, State
 from fedfm.peft.hetero import layer_of, num_layers
+from fedfm.peft.layer_stack import stack_size
 from fedfm.runtime.capacity import client_who, resolve_size
 
 
@@ -42,14 +43,6 @@ def cut_of(profile: dict, layers: int, cid: int) -> int:
     ``layers`` transformer layers, frozen ones included, as learner ``split`` counts them
     (no key: every layer; the server keeps the head)."""
     return resolve_size(profile, "cut", layers, client_who(cid, profile))
-
-
-def model_layers(model) -> int:
-    """The transformer layers of a (tuned) BERT-family classifier, as the client's split
-    forward runs them (``learners/split.py`` ``bert_parts``)."""
-    from fedfm.learners.split import bert_parts  # the learner's room imports this one
-
-    return len(bert_parts(model).layers)
 
 
 def client_names(model: State, cut: int) -> list[str]:
@@ -68,7 +61,7 @@ class SplitFedServer(ServerPartBase):
         self.layers: int | None = None  # the model's transformer layers (bind_model)
 
     def bind_model(self, model) -> None:
-        self.layers = model_layers(model)
+        self.layers = stack_size(model, "learner splitfed")
 
     def cut(self, profile: dict, cid: int) -> int:
         if self.layers is None:
@@ -100,4 +93,4 @@ class SplitFedServer(ServerPartBase):
 register_server_part("splitfed", SplitFedServer)
 
 
-__all__ = ["SplitFedServer", "client_names", "client_side", "cut_of", "model_layers", "server_names"]
+__all__ = ["SplitFedServer", "client_names", "client_side", "cut_of", "server_names"]

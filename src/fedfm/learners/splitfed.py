@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.splitfed import client_names, cut_of, model_layers
+from fedfm.aggregators.splitfed import client_names, cut_of
 from fedfm.core.exchanges import register_exchange
 from fedfm.core.protocols import ExchangePhaseBase
 from fedfm.core.seeding import derive_seed
@@ -58,6 +58,7 @@ from fedfm.learners.base import LocalContext, register_learner
 from fedfm.learners.loop import batches, make_optimizer, planned_steps
 from fedfm.learners.split import bert_parts, client_forward, client_side, payload_size, smashed_data
 from fedfm.learners.splitfed_server import ServerHalf
+from fedfm.peft.layer_stack import stack_size
 from fedfm.peft.state import trainable_names
 
 KEY = "splitfed"  # the client store entry of the round's client-side state
@@ -230,7 +231,7 @@ class SplitFedPhase(ExchangePhaseBase):
         half = ServerHalf(wb, model, wb.exp.seed, rnd)
         steps = {}
         for cid in participants:
-            half.open(cid, cut_of(wb.clients[cid].profile, model_layers(wb.model), cid))
+            half.open(cid, cut_of(wb.clients[cid].profile, stack_size(wb.model, "learner splitfed"), cid))
             steps[cid] = client_steps(len(wb.clients[cid].indices), wb.exp.train, self.steps)
         return RoundSplit(half, steps)
 

@@ -29,6 +29,12 @@ def layer_stack(model: torch.nn.Module, who: str) -> tuple[torch.nn.Module, str,
     raise ValueError(f"{who}: the model has no layer stack (a ModuleList named 'layer' or 'layers')")
 
 
+def stack_size(model: torch.nn.Module, who: str) -> int:
+    """How many transformer layers the model's stack holds, frozen ones included (the count
+    FedRA allocates among and SplitFed cuts in; ``ServerPart.bind_model``)."""
+    return len(layer_stack(model, who)[2])
+
+
 @contextmanager
 def trainable_only(model: torch.nn.Module, train: Iterable[int]) -> Iterator[None]:
     """Only the parameters whose ids are in ``train`` trainable (out of the optimizer and of
