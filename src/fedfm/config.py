@@ -20,9 +20,7 @@ __all__ = ["ConfigError", "Experiment", "apply_overrides", "from_dict", "load_co
 
 
 class Strict(BaseModel):
-    # no float setting of a section means anything at inf or NaN (a straggler speed, a
-    # deadline, a timeout): refused by field, as the components' parameters are
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf/NaN: refused by field
 
 
 class Spec(BaseModel):

@@ -329,7 +329,7 @@ class RoundLoop:
             notes.append(f"--resume: the run was checkpointed with {threads} torch threads and continues with "
                          f"{torch.get_num_threads()}; float sums depend on the thread count, so the result will not be "
                          "bit-identical to an uninterrupted run (set runtime.threads to keep it)")
-        levers = math_lever_changes(ck.info.get("runtime", {}), self._runtime_record())
+        levers = math_lever_changes(ck.info.get("runtime", {}), self._runtime_record(self.exp.dump()["runtime"]))
         if levers:
             notes.append(f"--resume: {'; '.join(levers)}: the float math changes from the resumed round on, so the "
                          "result will not be bit-identical to an uninterrupted run")
@@ -343,10 +343,10 @@ class RoundLoop:
         log.info("resuming %s after round %d", self.out, ck.round)
         return ck.round + 1, server_state, writer, ck.round
 
-    def _runtime_record(self) -> dict:
+    def _runtime_record(self, runtime: dict) -> dict:
         """The ``runtime`` section with the device as it resolved (``auto``: cpu or cuda), so
         that a resume on a machine where ``auto`` resolves otherwise is told so."""
-        return {**self.exp.dump()["runtime"], "device": self.wb.device.type}
+        return {**runtime, "device": self.wb.device.type}
 
     def _checkpoint(self, rnd: int, server_state: ServerState) -> None:
         if self.exp.server.checkpoint:
@@ -354,7 +354,7 @@ class RoundLoop:
             info = {
                 "config_digest": config_digest(self.exp),
                 "config": {k: v for k, v in dump.items() if k not in RESUMABLE_CHANGES},
-                "runtime": self._runtime_record(),  # what a resume with other levers warns about
+                "runtime": self._runtime_record(dump["runtime"]),  # what a resume with other levers warns about
                 "threads": torch.get_num_threads(),
                 "backend": self.backend,
                 "client_outcomes": {str(c): list(o) for c, o in sorted(self.outcomes.items())},
