@@ -117,6 +117,31 @@ def test_the_dropout_outlook_by_hand(tmp_path):
     assert dropout_outlook(from_dict(raw)) == [
         "faults.dropout 0.5: a round needs 2 of its 2 sampled clients (min_clients 2); an attempt keeps that many with "
         "probability 0.250, so with federation.max_retries 3 a round is skipped with probability 0.316 (about 0.6 of 2 "
-        "rounds), from dropout alone"]
+        "rounds), from random dropout alone"]
     # min_clients 1: 1 - 0.5^2 = 0.75 an attempt, 0.25^4 = 0.004 a round: below the 0.05 that warns
     assert dropout_outlook(from_dict(tiny_config(tmp_path, **{"faults.dropout": 0.5}))) == []
+
+
+def test_the_outlook_counts_secure_aggregations_phase_dropout_by_hand(tmp_path):
+    from conftest import tiny_config
+
+    from fedfm.privacy.secagg.params import SecAggParams, dropout_stages
+    from fedfm.runtime.fault_outlook import attempt_keeps, chain_keeps, dropout_outlook
+
+    assert chain_keeps(4, 2, 0.5, lambda n: []) == pytest.approx(attempt_keeps(4, 2, 0.5)) == pytest.approx(11 / 16)
+    stages = lambda n: dropout_stages(SecAggParams(bound=1.0), n)  # noqa: E731
+    # 3 sampled, dropout 0.5; t = max(2, n - n // 3) = 2 for n = 2 or 3: P(n >= 2) = 4/8
+    assert chain_keeps(3, 1, 0.5, stages) == pytest.approx(0.5)
+    # and half of the masked inputs lost in train: n=3 (1/8) keeps 2 of 3 with 1/2, n=2 (3/8) both with 1/4
+    stages = lambda n: dropout_stages(SecAggParams(bound=1.0, dropout={"train": 0.5}), n)  # noqa: E731
+    assert chain_keeps(3, 1, 0.5, stages) == pytest.approx(1 / 8 * 1 / 2 + 3 / 8 * 1 / 4)
+    # need 3 (min_clients) is checked after train: only n=3 and all 3 masked: 1/8 * 1/8
+    assert chain_keeps(3, 3, 0.5, stages) == pytest.approx(1 / 64)
+    # the run: 2 clients, no faults.dropout, unmask dropout 0.5: t = 2, so both must answer: 1/4 an attempt
+    secagg = [{"name": "secagg", "bound": 1.0, "dropout": {"unmask": 0.5}}]
+    assert dropout_outlook(from_dict(tiny_config(tmp_path, exchanges=secagg))) == [
+        "the per-phase dropout of exchanges[0] (secagg): a round needs 1 of its 2 sampled clients (min_clients 1) and "
+        "every phase's threshold; an attempt keeps that many with probability 0.250, so with federation.max_retries 3 "
+        "a round is skipped with probability 0.316 (about 0.6 of 2 rounds), from random dropout alone"]
+    secagg[0]["dropout"] = {"unmask": 0.01}  # 0.98 an attempt: no warning
+    assert dropout_outlook(from_dict(tiny_config(tmp_path, exchanges=secagg))) == []

@@ -80,7 +80,8 @@ from fedfm.privacy.secagg.common import (
     rows,
 )
 from fedfm.privacy.secagg.mask import mask_update
-from fedfm.privacy.secagg.params import SecAggParams, SimulatedDropout, simulated_drop
+from fedfm.privacy.secagg.params import SecAggParams, SimulatedDropout, dropout_stages, simulated_drop
+from fedfm.runtime.fault_outlook import register_dropout_stages
 from fedfm.privacy.secagg.unmask import unmask_mean
 
 log = logging.getLogger("fedfm.privacy.secagg")
@@ -352,4 +353,5 @@ def secagg_phases(params: SecAggParams) -> list:
 
 
 register_exchange("secagg", secagg_phases, SecAggParams)
+register_dropout_stages("secagg", dropout_stages)
 

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedfm.core.seeding import derive_seed
+from fedfm.privacy.secagg.common import default_threshold
+from fedfm.runtime.fault_outlook import Stage
 from fedfm.runtime.faults import drops_out
 
 Phase = Literal["advertise", "share", "route", "train", "unmask"]
@@ -50,6 +52,16 @@ def simulated_drop(p: SecAggParams, phase: str, seed: int, rnd: int, attempt: in
         if d.phase == phase and cid in d.cids and (d.rounds is None or rnd in d.rounds):
             return True
     return drops_out(float(p.dropout.get(phase, 0.0)), derive_seed(seed, PHASE_TAG[phase]), rnd, attempt, cid)
+
+
+def dropout_stages(p: SecAggParams, n: int) -> list[Stage]:
+    """Where a client drops at random (``dropout``) in a round whose phases began with ``n``
+    clients, for the dropout outlook (``runtime/fault_outlook.py``): every phase needs t
+    left (the threshold, fixed from ``n``); the ``train`` draw decides the masked inputs
+    U3; ``unmask`` needs t of U3 to answer. The fixed ``drop`` list is not counted."""
+    t = p.threshold or default_threshold(n)
+    when = {"train": "train", "unmask": "after_train"}
+    return [Stage(ph, float(p.dropout.get(ph, 0.0)), t, when.get(ph, "before_train")) for ph in PHASES]
 
 
 class SimulatedDropout(RuntimeError):
