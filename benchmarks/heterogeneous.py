@@ -78,11 +78,15 @@ SPLITFED_STEPS = {k: ["exchanges=[{name: splitfed, steps: 5}]"] for k in ("split
 
 
 def reduced_roles(label: str) -> str:
+    """The tiers with the one capacity key the run's learner reads (rank, layers or cut)
+    beside ``sim_clock``'s speed and bandwidth."""
     ranks = RANKS.get(label, (2, 4, 8))
     layers, cuts = (1, 2, 4), ((2, 2, 2) if label in ("split", "splitfed") else SPLIT_CUTS)
+    key = "rank" if label in ("hetlora", "flexlora", *RANKS) else "layers" if label.startswith("fedra") else "cut" if label.startswith("split") else None
     roles = []
     for tier, r, n, c, (speed, mbps) in zip(TIERS, ranks, layers, cuts, LINKS):
-        profile = f"{{rank: {r}, layers: {n}, cut: {c}, speed: {speed}, bandwidth_mbps: {mbps}}}"
+        capacity = {"rank": f"rank: {r}, ", "layers": f"layers: {n}, ", "cut": f"cut: {c}, ", None: ""}[key]
+        profile = f"{{{capacity}speed: {speed}, bandwidth_mbps: {mbps}}}"
         roles.append(f"{{name: {tier}, count: 2, profile: {profile}}}")
     return "federation.roles=[" + ", ".join(roles) + "]"
 
@@ -114,10 +118,14 @@ def client_weights_mb(exp, cut: int) -> float:
 
 
 def run_one(label: str, overrides: list[str], out: Path) -> dict:
+    from fedfm.components import config_profile_keys
     from fedfm.config import load_config
+    from fedfm.core.profile_keys import unread_profile_keys
     from fedfm.runtime import LocalRuntime
 
     exp = load_config(EXAMPLES / f"{label}.yaml", overrides=overrides)
+    unread = unread_profile_keys(exp, config_profile_keys(exp))
+    assert not unread, f"{label}: {unread}"  # the tiers carry only what the run reads
     t0 = time.perf_counter()
     LocalRuntime(exp, out / label, progress=False, overwrite=True).run()
     wall = time.perf_counter() - t0
