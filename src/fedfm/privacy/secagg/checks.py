@@ -18,6 +18,7 @@ time, each client refuses at masking time a weight that could make the sum wrap
 from __future__ import annotations
 
 from fedfm.privacy.secagg import fixed_point
+from fedfm.privacy.secagg.graph import holders
 from fedfm.privacy.secagg.params import SecAggParams
 
 INDIVIDUAL_RULES = {
@@ -101,6 +102,9 @@ def secagg_problems(exp) -> list[str]:
                         "see as the sum; use at least 2 (default n - floor(n/3))")
     if p.threshold is not None and p.threshold > n:
         problems.append(f"{where}: threshold {p.threshold} exceeds the {n} clients per round")
+    elif p.threshold is not None and p.threshold > holders(n, p.neighbours):
+        problems.append(f"{where}: threshold {p.threshold} exceeds the {p.neighbours + 1} holders of each client's shares "
+                        f"(itself and its neighbours {p.neighbours})")
     cap = fixed_point.capacity_problem(n, p.bound, p.frac_bits, p.bits)
     if cap is not None:
         problems.append(f"{where}: {cap}")

@@ -79,6 +79,7 @@ from fedfm.privacy.secagg.common import (
     ids_text,
     rows,
 )
+from fedfm.privacy.secagg.graph import connected, holders, neighbours
 from fedfm.privacy.secagg.mask import mask_update
 from fedfm.privacy.secagg.params import SecAggParams, SimulatedDropout, dropout_stages, simulated_drop
 from fedfm.runtime.fault_outlook import register_dropout_stages
@@ -132,7 +133,7 @@ class Advertise(_Phase):
 
     def messages(self, rnd, participants, round_state):
         sa = self._state(round_state)
-        sa["round"], sa["t"] = rnd, self.p.threshold or default_threshold(len(participants))
+        sa["round"], sa["t"] = rnd, self.p.threshold or default_threshold(holders(len(participants), self.p.neighbours))
         return {cid: (self._meta(round_state), {}) for cid in participants}
 
     def client(self, env, cid, rnd, meta, tensors):
@@ -167,6 +168,7 @@ class Share(_Phase):
         if "failed" in sa:
             return {}
         roster = b"".join(id_bytes(u) + c + s for u, (c, s) in sorted(sa["keys"].items()))
+        sa["graph"] = neighbours(sorted(sa["keys"]), roster, self.p.neighbours)
         table = as_tensor(roster, record.ROSTER_ROW)
         return {cid: (self._meta(round_state, threshold=str(sa["t"])), {"roster": table}) for cid in participants}
 
@@ -181,19 +183,23 @@ class Share(_Phase):
         if roster.get(cid) != (c.public_of(c_sk), c.public_of(s_sk)):
             raise ValueError(f"client {cid}: the roster of round {rnd} does not carry the keys it advertised")
         ids, t = sorted(roster), int(meta["threshold"])
-        if not 1 <= t <= len(ids):
-            raise ValueError(f"client {cid}: threshold {t} outside 1..{len(ids)} (the roster's size)")
+        mine = neighbours(ids, as_bytes(rec["roster"]), self.p.neighbours)[cid]
+        if not 1 <= t <= len(mine) + 1:
+            raise ValueError(f"client {cid}: threshold {t} outside 1..{len(mine) + 1} (itself and its neighbours)")
         b = os.urandom(32)
         s_shares, b_shares = shamir.split(s_sk, t, len(ids)), shamir.split(b, t, len(ids))
         boxes = b""
-        for i, v in enumerate(ids):
+        for i, v in enumerate(ids):  # share x = i + 1 of every secret: the holder's place in the roster
             plain = shamir.share_bytes(s_shares[i]) + shamir.share_bytes(b_shares[i])
             if v == cid:
                 rec["own"] = as_tensor(plain)
                 continue
+            if v not in mine:  # SecAgg+: only the neighbours hold shares
+                continue
             key = c.agree(c_sk, roster[v][0], b"enc")
             boxes += id_bytes(v) + c.encrypt(key, id_bytes(cid) + id_bytes(v) + plain, _ad(rnd, attempt, cid, v))
         rec["b"], rec["threshold"] = as_tensor(b), torch.tensor([t], dtype=torch.int64)
+        rec["neighbours"] = torch.tensor(sorted(mine), dtype=torch.int64)
         env.store.put(cid, record.KEY, rec)
         return {}, {"commit": as_tensor(hashlib.sha256(b).digest()), "boxes": as_tensor(boxes, BOX)}
 
@@ -204,7 +210,7 @@ class Share(_Phase):
             try:
                 commit = as_bytes(t["commit"])
                 mine = {id_of(r): r[4:] for r in rows(t["boxes"], BOX, "share message")}
-                if len(commit) != 32 or set(mine) != set(sa["keys"]) - {u}:
+                if len(commit) != 32 or set(mine) != sa["graph"][u]:
                     raise ValueError(f"commitment of {len(commit)} bytes, shares for {sorted(mine)}")
             except (KeyError, ValueError) as exc:
                 sa["notes"].append(f"client {u}: malformed share message ({exc}); left out")
@@ -271,6 +277,10 @@ class Unmask(_Phase):
         if len(sa["u3"]) < sa["t"]:
             self._fail(rnd, round_state, f"{len(sa['u3'])} masked inputs arrived, fewer than the threshold t = {sa['t']}")
             return {}
+        if not connected(sa["graph"], sa["u3"]):  # SecAgg+: each part's sum would be unmasked on its own
+            self._fail(rnd, round_state, f"the masked inputs of {ids_text(sa['u3'])} are not connected in the neighbour graph: "
+                       "unmasking would reveal the sum of each part")
+            return {}
         meta = self._meta(round_state, survivors=ids_text(sa["u3"]), dropped=ids_text(sa["dropped"]))
         return {u: (dict(meta), {}) for u in sa["u3"]}
 
@@ -286,6 +296,9 @@ class Unmask(_Phase):
                              f"which overlap or leave the clients U2 {sorted(u2)}")
         if len(survivors) < t:
             raise ValueError(f"client {cid}: only {len(survivors)} survivors, fewer than t = {t}: no shares are sent")
+        if not connected(neighbours(sorted(record.roster(rec)), as_bytes(rec["roster"]), self.p.neighbours), survivors):
+            raise ValueError(f"client {cid}: the survivors {survivors} are not connected in the neighbour graph: unmasking "
+                             "would reveal the sum of each part; no shares are sent")
         roster, c_sk = record.roster(rec), record.key(rec, "c_sk")
         own = record.key(rec, "own")
         held = {cid: (own[:SHARE_RECORD], own[SHARE_RECORD:])}

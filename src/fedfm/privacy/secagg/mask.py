@@ -9,7 +9,7 @@ and encoded as round(x * 2^frac_bits) modulo 2^bits; w follows as one more word.
 weight above (2^(bits-1) - 1) // |U2| is refused (an error naming the client, the round
 and the sum it could reach): then no sum of the survivors' weights can wrap. The
 words plus the mask PRG(b_u) + sum_{v in U2, v != u} sign(u, v) PRG(s_uv) (modulo
-2^bits) replace the update: the tensors carry the masked words as float32 values (exact,
+2^bits; with SecAgg+'s ``neighbours``, v runs over u's neighbours in U2 only) replace the update: the tensors carry the masked words as float32 values (exact,
 bits <= 24), the metadata the masked weight, and the example count in clear is 1. The
 keys, b_u, U2 and the settings come from the client's secure-aggregation record, written
 by the exchange phases of the same round (``exchange.py``, ``record.py``).
@@ -69,7 +69,9 @@ def mask_update(update, ctx):
                     cid, rnd, clipped, flat.size, bound)
     words = np.concatenate([fixed_point.encode(flat, bound, frac_bits, bits), np.array([w], dtype=np.uint32)])
     s_pks = {u: keys[1] for u, keys in record.roster(rec).items()}
-    masked = (words + mask_vector(cid, record.key(rec, "b"), record.key(rec, "s_sk"), s_pks, u2, words.size, bits))
+    mine = set(rec["neighbours"].tolist())  # every other client, or SecAgg+'s neighbours
+    members = [u for u in u2 if u in mine]
+    masked = (words + mask_vector(cid, record.key(rec, "b"), record.key(rec, "s_sk"), s_pks, members, words.size, bits))
     masked &= fixed_point.ring_mask(bits)
     out, i = {}, 0
     for k in names:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedfm.core.seeding import derive_seed
 from fedfm.privacy.secagg.common import default_threshold
+from fedfm.privacy.secagg.graph import holders
 from fedfm.runtime.fault_outlook import Stage
 from fedfm.runtime.faults import drops_out
 
@@ -38,12 +39,22 @@ class SecAggParams(BaseModel):
     bound: float = Field(..., gt=0, description="clipping range: every coordinate of w * update is clipped to [-bound, bound] before encoding")
     frac_bits: int = Field(16, ge=0, le=30, description="fixed point: a coordinate x becomes round(x * 2^frac_bits)")
     bits: int = Field(24, ge=8, le=24, description="the sum is taken modulo 2^bits; masked words travel as float32 values, exact below 2^24")
-    threshold: int | None = Field(None, ge=1, description="t of Shamir t-of-n, at least 2; default max(2, n - floor(n/3)) of the n clients keyed")
+    threshold: int | None = Field(None, ge=1, description="t of Shamir t-of-n, at least 2; default max(2, n - floor(n/3)) of the n "
+                                  "holders of a client's shares (the clients keyed, or with neighbours k: min(n, k + 1))")
+    neighbours: int | None = Field(None, ge=2, description="SecAgg+ (Bell et al. 2020): each client shares with and masks against "
+                                   "only its k neighbours of a Harary graph H(k, n) (even k); default every other client (SecAgg)")
     weighting: Literal["num_examples", "uniform"] = Field(
         "num_examples", description="num_examples: each client sends n_i * update and n_i inside the masked vector (FedAvg); uniform: weight 1")
     dropout: dict[Phase, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=dict, description="per-phase probability that a client drops in that phase")
     drop: list[DropSpec] = Field(default_factory=list, description="clients that drop in a given phase (tests, demos)")
+
+    @field_validator("neighbours")
+    @classmethod
+    def _even(cls, k: int | None) -> int | None:
+        if k is not None and k % 2:
+            raise ValueError(f"neighbours {k} is odd: the Harary graph links each client to k/2 on either side of a ring, so k is even")
+        return k
 
 
 def simulated_drop(p: SecAggParams, phase: str, seed: int, rnd: int, attempt: int, cid: int) -> bool:
@@ -58,8 +69,10 @@ def dropout_stages(p: SecAggParams, n: int) -> list[Stage]:
     """Where a client drops at random (``dropout``) in a round whose phases began with ``n``
     clients, for the dropout outlook (``runtime/fault_outlook.py``): every phase needs t
     left (the threshold, fixed from ``n``); the ``train`` draw decides the masked inputs
-    U3; ``unmask`` needs t of U3 to answer. The fixed ``drop`` list is not counted."""
-    t = p.threshold or default_threshold(n)
+    U3; ``unmask`` needs t of U3 to answer. The fixed ``drop`` list is not counted, nor,
+    with ``neighbours``, a neighbourhood left below t or a graph cut by dropped clients
+    (``graph.py``): the outlook is then a lower bound."""
+    t = p.threshold or default_threshold(holders(n, p.neighbours))
     when = {"train": "train", "unmask": "after_train"}
     return [Stage(ph, float(p.dropout.get(ph, 0.0)), t, when.get(ph, "before_train")) for ph in PHASES]
 

@@ -1,8 +1,9 @@
 """The server's last step of secure aggregation (Bonawitz et al. 2017): from the
 survivors' masked inputs and the reconstructed secrets to the decoded weighted mean.
 
-total = sum over survivors u of y_u - PRG(b_u), then for every dropped d and survivor v
--/+ PRG(s_vd) (v added +PRG(s_vd) when v < d), modulo 2^bits; the last word is sum(w),
+total = sum over survivors u of y_u - PRG(b_u), then for every dropped d and surviving
+neighbour v of d (every survivor, without SecAgg+'s ``neighbours``) -/+ PRG(s_vd) (v added
++PRG(s_vd) when v < d), modulo 2^bits; the last word is sum(w),
 the others sum(encode(w x)); the mean is decode(...) / sum(w).
 """
 
@@ -49,7 +50,7 @@ def unmask_mean(p: SecAggParams, sa: dict, updates) -> dict[str, torch.Tensor]:
     for d in sa["dropped"]:
         s_sk = recover(f"dropped client {d}'s mask key", sa["shares"].get((d, "s"), []), t,
                        lambda s, d=d: c.public_of(s) == keys[d][1], notes, holders)
-        for v in sorted(x.cid for x in updates):
+        for v in sorted(x.cid for x in updates if x.cid in sa["graph"][d]):  # d masked against its neighbours only
             mask = c.prg(c.agree(s_sk, keys[v][1], b"mask"), length)
             total = total - mask if v < d else total + mask  # v added +PRG(s_vd) when v < d
     total = total & ring
