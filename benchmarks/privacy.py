@@ -6,6 +6,14 @@ fine-tuning vs LoRA), and the cost of secure aggregation per round.
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy [--write-doc]
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy --secagg-rounds-only [--write-doc]
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy --attacks-only [--write-doc]
+    PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy.py --out runs/privacy-full --full [--write-doc]
+
+``--full`` runs the DP rows (client-level DP-FedAvg and DP-SGD at every epsilon, each with
+the loss-threshold membership attack) and the label-recovery rows on the quickstart itself
+(examples/quickstart.yaml as written: pretrained MiniLM, 8 clients x 250 Rotten Tomatoes
+reviews, 3 rounds, 1,000 test reviews; DP-SGD keeps its optimizer, AdamW lr 3e-3, batch
+16) and writes the block ``table-full``; ``--full --secagg-rounds-only`` runs the rounds with
+and without secure aggregation on the quickstart and writes ``secagg-rounds-full``.
 
 ``--secagg-rounds-only`` runs only the rounds with and without secure aggregation
 (``exchanges: secagg``) on the same job and writes only their table (bytes and wall time
@@ -34,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from fedfm.attacks.label_recovery import head_bias_name, single_label
 from fedfm.attacks.lira import offline_lira_attack
@@ -61,6 +70,7 @@ EPSILONS = [math.inf, 8.0, 4.0, 1.0]
 CLIENT_CLIP, SAMPLE_CLIP = 0.5, 1.0
 TARGET: dict = {}  # the non-private run's final state: the target of offline LiRA
 TINY = TINY_BERT  # tests/conftest.py's tiny random-init BERT
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 
 
 def base(csv: Path) -> dict:
@@ -73,6 +83,13 @@ def base(csv: Path) -> dict:
         "train": {"lr": 0.05, "batch_size": 8, "epochs": 2},
         "runtime": {"progress": False, "threads": 2},
     }
+
+
+def quickstart(_csv: Path | None = None) -> dict:
+    """--full: the quickstart as written, two threads, no progress bar."""
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["runtime"] = {"progress": False, "threads": 2}
+    return raw
 
 
 def run(raw: dict, wb: Workbench, out: Path, keep: dict | None = None) -> dict:
@@ -90,12 +107,15 @@ def run(raw: dict, wb: Workbench, out: Path, keep: dict | None = None) -> dict:
     return {"accuracy": last["accuracy"], "epsilon": eps, **mia, "wall_s": time.perf_counter() - t0}
 
 
-def privacy_rows(csv: Path, out: Path, sample: bool) -> list[dict]:
-    raw0 = base(csv)
+def privacy_rows(csv: Path, out: Path, sample: bool, make=base) -> list[dict]:
+    """The DP rows on the job ``make(csv)`` builds (the reduced one, or ``quickstart``).
+    DP-SGD on the reduced job trains with SGD lr 0.5, batch 8, 2 epochs; on the quickstart
+    with its own ``train`` (AdamW lr 3e-3, batch 16, 1 epoch)."""
+    raw0 = make(csv)
     wb = Workbench(from_dict(raw0))
     rows = []
     for eps in EPSILONS:
-        raw = base(csv)
+        raw = make(csv)
         if eps < math.inf:
             raw["server_steps"] = [{"name": "dp_clip", "clip_norm": CLIENT_CLIP},
                                    {"name": "dp_noise", "target_epsilon": eps, "delta": DELTA}]
@@ -105,14 +125,14 @@ def privacy_rows(csv: Path, out: Path, sample: bool) -> list[dict]:
     if not sample:
         return rows, wb
     sizes = [len(c.indices) for c in wb.clients]
-    train = {"optimizer": "sgd", "lr": 0.5, "batch_size": 8, "epochs": 2}
+    train = {"optimizer": "sgd", "lr": 0.5, "batch_size": 8, "epochs": 2} if make is base else dict(raw0["train"])
     # each client's DP-SGD steps over the run; sigma is the largest any client needs for eps
     steps = [raw0["rounds"] * planned_steps(n, from_dict({**raw0, "train": train}).train) for n in sizes]
     for eps in EPSILONS:
-        raw = base(csv)
+        raw = make(csv)
         raw["train"] = dict(train)
         sigma = 0.0 if eps == math.inf else max(
-            solve_noise_multiplier(Plan(n, 8, "poisson"), k, eps, DELTA) for n, k in zip(sizes, steps))
+            solve_noise_multiplier(Plan(n, train["batch_size"], "poisson"), k, eps, DELTA) for n, k in zip(sizes, steps))
         raw["learner"] = {"name": "dp_sgd", "clip_norm": SAMPLE_CLIP, "noise_multiplier": sigma}
         raw["server_steps"] = [{"name": "dp_sgd_accountant", "delta": DELTA}]
         r = run(raw, wb, out / f"sample_eps{eps}")
@@ -277,17 +297,20 @@ def timed_run(raw: dict, wb: Workbench, out: Path) -> tuple[dict, list[dict], di
     return rt.final_state, read_metrics(out / "metrics.jsonl"), wall
 
 
-def secagg_round_rows(csv: Path, out: Path, wb: Workbench | None = None) -> list[dict]:
-    """The job above with and without secure aggregation,
-    and with one client dropped after masking (unmask) and one before its masked input."""
+def secagg_round_rows(csv: Path, out: Path, wb: Workbench | None = None, make=base) -> list[dict]:
+    """The job ``make(csv)`` builds (the reduced one, or ``quickstart``) with and without
+    secure aggregation, with one client dropped after masking (unmask) and one before
+    its masked input, and with SecAgg+ (neighbours 2 of 4, or 4 of 8)."""
+    k = 2 if make is base else 4  # SecAgg+: 2 of the reduced job's 4 clients, 4 of the quickstart's 8
     runs = {"plain FedAvg": None, "SecAgg": {}, "SecAgg, client 1 drops after masking": {"drop": [{"phase": "unmask", "cids": [1]}]},
-            "SecAgg, client 1 drops before its masked input": {"drop": [{"phase": "train", "cids": [1]}]}}
-    wb = wb or Workbench(from_dict(base(csv)))
+            "SecAgg, client 1 drops before its masked input": {"drop": [{"phase": "train", "cids": [1]}]},
+            f"SecAgg+, {k} neighbours": {"neighbours": k}}
+    wb = wb or Workbench(from_dict(make(csv)))
     rows, plain_final, plain_clients = [], None, None
     for label, extra in runs.items():
-        raw = base(csv)
-        if extra is not None:
-            raw["exchanges"] = [{**SECAGG, **extra}]
+        raw = make(csv)
+        if extra is not None:  # the quickstart's 8 clients: bound 32 (8 x 32 x 2^14 < 2^23), as examples/privacy/secagg.yaml
+            raw["exchanges"] = [{**SECAGG, **({} if make is base else {"bound": 32.0}), **extra}]
         final, metrics, wall = timed_run(raw, wb, out / re.sub(r"\W+", "_", label))
         rounds = [m for m in metrics if m["round"] > 0]
         k = len(rounds)
@@ -317,6 +340,8 @@ def main() -> None:
     ap.add_argument("--skip-sample", action="store_true", help="leave out the DP-SGD rows (one backward pass per example: slow)")
     ap.add_argument("--secagg-rounds-only", action="store_true", help="only the rounds with and without secure aggregation")
     ap.add_argument("--attacks-only", action="store_true", help="only the non-private run, offline LiRA and token recovery (the attacks block)")
+    ap.add_argument("--full", action="store_true", help="the DP and label-recovery rows on the quickstart as written (block table-full); "
+                    "with --secagg-rounds-only, its rounds with and without secure aggregation (block secagg-rounds-full)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -325,11 +350,21 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.secagg_rounds_only:
         t0 = time.process_time()
-        text = secagg_round_table(secagg_round_rows(csv, out / "secagg_rounds"))
+        text = secagg_round_table(secagg_round_rows(csv, out / "secagg_rounds", make=quickstart if args.full else base))
         text += f"\n\n(benchmark process CPU time: {time.process_time() - t0:.0f} s)"
         print(text)
         if args.write_doc:
-            write_block("secagg-rounds", text)
+            write_block("secagg-rounds-full" if args.full else "secagg-rounds", text)
+        return
+    if args.full:
+        t0 = time.perf_counter()
+        dp, wb = privacy_rows(csv, out, not args.skip_sample, make=quickstart)
+        text = table(dp, label_rows(wb), [])
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
+        text += f"\n\n(benchmark wall time {time.perf_counter() - t0:.0f} s, process CPU time {cpu.ru_utime + cpu.ru_stime:.0f} s)"
+        print(text)
+        if args.write_doc:
+            write_block("table-full", text)
         return
     if args.attacks_only:
         wb = Workbench(from_dict(base(csv)))

@@ -48,6 +48,8 @@ def table(dp: list[dict], labels: list[dict], sa: list[dict]) -> str:
                      f"{r['tpr_at_1pct_fpr']:.3f} | {r['wall_s']:.1f} |")
     lines += ["", "| update seen by the attacker | fraction of labels recovered (iDLG, one example, one step) |", "|---|---|"]
     lines += [f"| {r['noise']} | {r['label_accuracy']:.2f} (of {r['n']}) |" for r in labels]
+    if not sa:  # --full: no SecAgg rows
+        return "\n".join(lines)
     lines += ["", "| payload | d | clients | dropped | bytes up (all phases) | bytes down | plain float32 up | SecAgg wall s | plain fixed-point sum s |",
               "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['payload']} | {r['d']} | {r['clients']} | {r['dropped']} | {r['bytes_up']:,} | {r['bytes_down']:,} | "
