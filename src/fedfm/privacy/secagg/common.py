@@ -92,14 +92,6 @@ def mask_vector(cid: int, b: bytes, s_sk: bytes, s_pks: dict[int, bytes], member
     return m & fixed_point.ring_mask(bits)
 
 
-def on_curve(subset, share, secret: bytes) -> bool:
-    """Whether ``share`` lies on the polynomial of ``subset`` (t - 1 of them plus it give ``secret``)."""
-    try:
-        return shamir.combine(list(subset[:-1]) + [share]) == secret
-    except ValueError:
-        return False
-
-
 MAX_TRIES = 512  # t-subsets tried before a secret whose shares disagree is given up
 
 
@@ -128,11 +120,13 @@ def recover(what: str, shares: list[tuple[int, int]], t: int, valid: Callable[[b
         tries += 1
         subset = [shares[i] for i in idx]
         try:
-            secret = shamir.combine(subset)
+            f = shamir.evaluator(subset)  # the subset's polynomial: the secret at 0, the other shares checked on it
+            secret = shamir.secret_of(f(0))
         except ValueError:
             continue
         if valid(secret):
-            for x in [x for x, y in shares if (x, y) not in subset and not on_curve(subset, (x, y), secret)]:
+            used = dict(subset)  # a share off the subset's polynomial is malformed
+            for x in [x for x, y in shares if used.get(x) != y and (x in used or f(x) != y)]:
                 notes.append(f"share {x} of {what} is malformed; not used")
             return secret
     who = ", ".join(f"client {holders[x]}" if holders and x in holders else f"share {x}" for x, _ in shares)

@@ -7,13 +7,14 @@ reveal nothing. Coefficients come from the operating system's CSPRNG (``secrets`
 
 Written here because no well-kept Python package offers Shamir sharing over a field this
 size (``cryptography`` has none; PyCryptodome's ``Crypto.Protocol.SecretSharing`` is
-limited to 16-byte secrets); it is 40 lines of textbook arithmetic, tested against its
+limited to 16-byte secrets); it is textbook arithmetic, tested against its
 definition.
 """
 
 from __future__ import annotations
 
 import secrets
+from functools import lru_cache
 from typing import Sequence
 
 PRIME = 2**521 - 1
@@ -38,20 +39,53 @@ def split(secret: bytes, t: int, n: int) -> list[tuple[int, int]]:
 
 def combine(shares: Sequence[tuple[int, int]], length: int = 32) -> bytes:
     """The secret from shares (any t of them, distinct x); Lagrange interpolation at 0."""
-    xs = [x for x, _ in shares]
-    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
-        raise ValueError(f"shamir: share indices must be distinct and nonzero, got {xs}")
-    s = 0
-    for i, (xi, yi) in enumerate(shares):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(shares):
-            if i != j:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        s = (s + yi * num * pow(den, -1, PRIME)) % PRIME
-    if s >= 2 ** (8 * length):
+    return secret_of(evaluator(shares)(0), length)
+
+
+def secret_of(value: int, length: int = 32) -> bytes:
+    """f(0) as the secret's bytes; a value too large for a secret means a malformed share."""
+    if value >= 2 ** (8 * length):
         raise ValueError("shamir: the shares do not interpolate to a secret of the expected size (malformed share)")
-    return s.to_bytes(length, "big")
+    return value.to_bytes(length, "big")
+
+
+@lru_cache(maxsize=256)
+def _inverse_denominators(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """1 / prod_{m != j} (x_j - x_m) for every j: the same for every secret whose shares
+    come from the same holders (a round's secrets mostly do), so it is computed once."""
+    out = []
+    for j, xj in enumerate(xs):
+        den = 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                den = den * (xj - xm) % PRIME
+        out.append(pow(den, -1, PRIME))
+    return tuple(out)
+
+
+def evaluator(shares: Sequence[tuple[int, int]]):
+    """f(x) for the polynomial through ``shares`` (t of them, distinct x), in O(t) per x:
+    f(x) = sum_j y_j N_j(x) / D_j with D_j = prod_{m != j} (x_j - x_m) inverted once per
+    set of indices (``_inverse_denominators``) and N_j(x) = prod_{m != j} (x - x_m) from
+    prefix and suffix products. Checking the n - t other shares of a secret this way costs
+    O(n t), not the O(n t^2) of one interpolation per share."""
+    xs, ys = tuple(x for x, _ in shares), [y for _, y in shares]
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise ValueError(f"shamir: share indices must be distinct and nonzero, got {list(xs)}")
+    coef = [y * inv % PRIME for y, inv in zip(ys, _inverse_denominators(xs))]
+
+    def at(x: int) -> int:
+        t = len(xs)
+        prefix = [1] * (t + 1)
+        for i, xi in enumerate(xs):
+            prefix[i + 1] = prefix[i] * (x - xi) % PRIME
+        total, suffix = 0, 1
+        for j in range(t - 1, -1, -1):
+            total = (total + coef[j] * prefix[j] % PRIME * suffix) % PRIME
+            suffix = suffix * (x - xs[j]) % PRIME
+        return total
+
+    return at
 
 
 def share_bytes(share: tuple[int, int]) -> bytes:
