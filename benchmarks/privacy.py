@@ -291,7 +291,7 @@ def timed_run(raw: dict, wb: Workbench, out: Path) -> tuple[dict, list[dict], di
         for fn in ("messages", "receive", "transform"):
             setattr(ph, fn, clock(ph.name, getattr(ph, fn)))
     for ph in rt.algo.phases:  # the in-process clients' side
-        if hasattr(ph, "on_train_reply"):
+        if ph.on_train_reply is not None:  # None on the phases without the hook (ExchangePhaseBase)
             ph.on_train_reply = clock("secagg_mask", ph.on_train_reply)
     rt.run()
     return rt.final_state, read_metrics(out / "metrics.jsonl"), wall
