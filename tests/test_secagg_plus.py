@@ -31,7 +31,8 @@ def test_the_harary_graph_by_hand():
     ring4 = graph.neighbours(IDS, b"roster", 4)
     assert all(ring4[ring[i]] == {ring[i - 2], ring[i - 1], ring[(i + 1) % 6], ring[(i + 2) % 6]} for i in range(6))
     assert graph.neighbours(IDS, b"roster", 6) == graph.neighbours(IDS, b"roster", None) == {u: set(IDS) - {u} for u in IDS}
-    assert graph.ring_order(IDS, b"another roster") != ring  # the order follows the roster's bytes
+    assert graph.ring_order(IDS, b"another roster") != ring  # the order follows the public seed
+    assert graph.graph_seed(1, 0, [2, 0]) == bytes([0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2])  # round, attempt, sorted ids
     cycle = {u: {(u - 1) % 6, (u + 1) % 6} for u in IDS}  # 0-1-2-3-4-5-0
     assert graph.connected(cycle, [0, 2, 3, 4, 5])  # one client out: a path
     assert graph.connected(cycle, [0, 3, 4, 5]) and not graph.connected(cycle, [0, 2, 3, 5])  # 1, 2 out vs 1, 4 out
@@ -85,8 +86,11 @@ def test_secagg_plus_unmasks_the_same_sum_with_fewer_share_bytes(full):
     assert ref["phase_bytes"]["secagg_share"]["up"] == 6 * nbytes({"commit": u8(32), "boxes": u8(5, 180)}, {})
     assert row["phase_bytes"]["secagg_route"]["down"] == 6 * nbytes({"inbox": u8(2, 180)}, {"attempt": "0", "u2": "0,1,2,3,4,5"})
     assert row["phase_bytes"]["secagg_unmask"]["up"] == 6 * nbytes({"shares": u8(3, 75)}, {"refused": ""})
-    # the threshold is of the 3 holders: t = max(2, 3 - 1) = 2, sent in the share phase's meta
-    assert row["phase_bytes"]["secagg_share"]["down"] == 6 * nbytes({"roster": u8(6, 68)}, {"attempt": "0", "threshold": "2"})
+    # down: the 6 ids (4 B each) and the keys of itself and its 2 neighbours (68 B each), not
+    # all 6 clients' keys; the threshold is of the 3 holders: t = max(2, 3 - 1) = 2
+    assert row["phase_bytes"]["secagg_share"]["down"] == 6 * nbytes({"ids": u8(24), "roster": u8(3, 68)},
+                                                                    {"attempt": "0", "threshold": "2"})
+    assert ref["phase_bytes"]["secagg_share"]["down"] == 6 * nbytes({"roster": u8(6, 68)}, {"attempt": "0", "threshold": "4"})
     assert row["phase_bytes"]["secagg_advertise"] == ref["phase_bytes"]["secagg_advertise"]
 
 

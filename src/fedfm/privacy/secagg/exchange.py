@@ -8,7 +8,8 @@ YAML: ``exchanges: [{name: secagg, bound: 0.5, frac_bits: 16, bits: 24}]``. A ro
 1. ``secagg_advertise`` (before training): each client draws two X25519 key pairs (c for
    encrypting shares, s for masks), keeps the private keys in its client store and sends
    c_pk, s_pk. U1 = the clients whose keys arrived.
-2. ``secagg_share``: the server sends U1's roster; each client draws its self-mask seed
+2. ``secagg_share``: the server sends U1's roster (with SecAgg+'s ``neighbours``, U1's ids
+   and the keys of the client's neighbours only, ``graph.py``); each client draws its self-mask seed
    b_u, splits b_u and s_sk t-of-|U1| (Shamir, ``shamir.py``), and sends SHA-256(b_u) and,
    for every other v in U1, AES-256-GCM(KA(c_u, c_v); u || v || share of s_sk || share of
    b_u). U2 = the clients whose shares arrived.
@@ -79,7 +80,7 @@ from fedfm.privacy.secagg.common import (
     ids_text,
     rows,
 )
-from fedfm.privacy.secagg.graph import connected, holders, neighbours
+from fedfm.privacy.secagg.graph import connected, graph_seed, holders, neighbours
 from fedfm.privacy.secagg.mask import mask_update
 from fedfm.privacy.secagg.params import SecAggParams, SimulatedDropout, dropout_stages, simulated_drop
 from fedfm.runtime.fault_outlook import register_dropout_stages
@@ -167,10 +168,16 @@ class Share(_Phase):
         sa = self._state(round_state)
         if "failed" in sa:
             return {}
-        roster = b"".join(id_bytes(u) + c + s for u, (c, s) in sorted(sa["keys"].items()))
-        sa["graph"] = neighbours(sorted(sa["keys"]), roster, self.p.neighbours)
-        table = as_tensor(roster, record.ROSTER_ROW)
-        return {cid: (self._meta(round_state, threshold=str(sa["t"])), {"roster": table}) for cid in participants}
+        ids = sorted(sa["keys"])
+        sa["graph"] = neighbours(ids, graph_seed(rnd, round_state.get("attempt", 0), ids), self.p.neighbours)
+        row = {u: id_bytes(u) + c + s for u, (c, s) in sa["keys"].items()}
+        meta = self._meta(round_state, threshold=str(sa["t"]))
+        if self.p.neighbours is None:  # SecAgg: everyone's keys
+            table = as_tensor(b"".join(row[u] for u in ids), record.ROSTER_ROW)
+            return {cid: (dict(meta), {"roster": table}) for cid in participants}
+        every = as_tensor(b"".join(id_bytes(u) for u in ids))  # SecAgg+: the ids, and the neighbours' keys
+        return {cid: (dict(meta), {"ids": every, "roster": as_tensor(b"".join(row[u] for u in sorted(sa["graph"][cid] | {cid})),
+                                                                     record.ROSTER_ROW)}) for cid in participants}
 
     def client(self, env, cid, rnd, meta, tensors):
         attempt = int(meta["attempt"])
@@ -182,8 +189,12 @@ class Share(_Phase):
         c_sk, s_sk = record.key(rec, "c_sk"), record.key(rec, "s_sk")
         if roster.get(cid) != (c.public_of(c_sk), c.public_of(s_sk)):
             raise ValueError(f"client {cid}: the roster of round {rnd} does not carry the keys it advertised")
-        ids, t = sorted(roster), int(meta["threshold"])
-        mine = neighbours(ids, as_bytes(rec["roster"]), self.p.neighbours)[cid]
+        ids = [id_of(r) for r in rows(tensors["ids"], 4, "ids")] if "ids" in tensors else sorted(roster)
+        t = int(meta["threshold"])
+        mine = neighbours(ids, graph_seed(rnd, attempt, ids), self.p.neighbours)[cid]
+        if set(roster) != mine | {cid}:
+            raise ValueError(f"client {cid}: the roster of round {rnd} carries the keys of {sorted(roster)}, not of itself "
+                             f"and its neighbours {sorted(mine)}")
         if not 1 <= t <= len(mine) + 1:
             raise ValueError(f"client {cid}: threshold {t} outside 1..{len(mine) + 1} (itself and its neighbours)")
         b = os.urandom(32)
@@ -199,7 +210,7 @@ class Share(_Phase):
             key = c.agree(c_sk, roster[v][0], b"enc")
             boxes += id_bytes(v) + c.encrypt(key, id_bytes(cid) + id_bytes(v) + plain, _ad(rnd, attempt, cid, v))
         rec["b"], rec["threshold"] = as_tensor(b), torch.tensor([t], dtype=torch.int64)
-        rec["neighbours"] = torch.tensor(sorted(mine), dtype=torch.int64)
+        rec["neighbours"], rec["ids"] = torch.tensor(sorted(mine), dtype=torch.int64), torch.tensor(ids, dtype=torch.int64)
         env.store.put(cid, record.KEY, rec)
         return {}, {"commit": as_tensor(hashlib.sha256(b).digest()), "boxes": as_tensor(boxes, BOX)}
 
@@ -296,7 +307,8 @@ class Unmask(_Phase):
                              f"which overlap or leave the clients U2 {sorted(u2)}")
         if len(survivors) < t:
             raise ValueError(f"client {cid}: only {len(survivors)} survivors, fewer than t = {t}: no shares are sent")
-        if not connected(neighbours(sorted(record.roster(rec)), as_bytes(rec["roster"]), self.p.neighbours), survivors):
+        ids = rec["ids"].tolist()
+        if not connected(neighbours(ids, graph_seed(rnd, attempt, ids), self.p.neighbours), survivors):
             raise ValueError(f"client {cid}: the survivors {survivors} are not connected in the neighbour graph: unmasking "
                              "would reveal the sum of each part; no shares are sent")
         roster, c_sk = record.roster(rec), record.key(rec, "c_sk")

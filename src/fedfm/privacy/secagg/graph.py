@@ -6,10 +6,13 @@ against, every other client: O(n) keys, shares and masks per client, O(n^2) in a
 SecAgg+ a client does so only with its ``k`` neighbours in a k-regular graph, so each
 client's work and traffic grow with k, not n. The graph is a Harary graph H(k, n) over a
 random order of the clients, as in Bell et al.: the clients on a ring, each linked to
-the k/2 nearest on either side (``neighbours: k``, even). The order is drawn from the
-roster itself (ids sorted by SHA-256(SHA-256(roster) || id)), so every client computes
-the same graph from the roster it is sent and the server has nothing to choose. With
-k >= n - 1 every client is every other's neighbour: Bonawitz et al.'s protocol.
+the k/2 nearest on either side (``neighbours: k``, even). The order is drawn from public
+bytes (``graph_seed``: the round, the attempt and the ids of the clients keyed; ids sorted
+by SHA-256(SHA-256(seed) || id)), so every client computes the same graph from the ids it
+is sent, the graph changes every round, and the server has nothing to choose but whom to
+key. The server then sends each client the keys of its neighbours only (and the ids,
+4 bytes each), as in Bell et al. With k >= n - 1 every client is every other's
+neighbour: Bonawitz et al.'s protocol.
 
 What the server learns: the masks of two neighbours cancel only in a sum that holds
 both, so from the masked inputs U3 the server can unmask the sum over each connected
@@ -29,19 +32,24 @@ import hashlib
 from collections import deque
 
 
-def ring_order(ids: list[int], roster: bytes) -> list[int]:
-    """The clients in the ring's order: sorted by SHA-256(SHA-256(roster) || id)."""
-    seed = hashlib.sha256(roster).digest()
-    return sorted(ids, key=lambda u: hashlib.sha256(seed + u.to_bytes(4, "big")).digest())
+def graph_seed(rnd: int, attempt: int, ids: list[int]) -> bytes:
+    """The public bytes the ring's order is drawn from."""
+    return b"".join(u.to_bytes(4, "big") for u in [rnd, attempt, *sorted(ids)])
 
 
-def neighbours(ids: list[int], roster: bytes, k: int | None) -> dict[int, set[int]]:
+def ring_order(ids: list[int], seed: bytes) -> list[int]:
+    """The clients in the ring's order: sorted by SHA-256(SHA-256(seed) || id)."""
+    digest = hashlib.sha256(seed).digest()
+    return sorted(ids, key=lambda u: hashlib.sha256(digest + u.to_bytes(4, "big")).digest())
+
+
+def neighbours(ids: list[int], seed: bytes, k: int | None) -> dict[int, set[int]]:
     """Each client's neighbours in H(k, n) over ``ring_order``; every other client when k
     is None or k >= n - 1."""
     n = len(ids)
     if k is None or k >= n - 1:
         return {u: set(ids) - {u} for u in ids}
-    ring = ring_order(ids, roster)
+    ring = ring_order(ids, seed)
     out: dict[int, set[int]] = {u: set() for u in ids}
     for i, u in enumerate(ring):
         for step in range(1, k // 2 + 1):

@@ -1,7 +1,8 @@
 """A client's secure-aggregation state between the phases of one round attempt, kept in
 its client store (key ``secagg``, ``runtime/store.py``) as uint8/int64/float64 tensors:
-its two X25519 private keys, the round and attempt they belong to, the roster, its
-self-mask seed b_u, its own shares, the ciphertexts routed to it and the set U2.
+its two X25519 private keys, the round and attempt they belong to, the roster, the ids
+keyed and its neighbours among them, its self-mask seed b_u, its own shares, the
+ciphertexts routed to it and the set U2.
 
 The store is the client's own disk; the record is deleted by the client once it has sent
 its unmasking shares (a client that drops before that leaves it behind until its next
