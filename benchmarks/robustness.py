@@ -94,6 +94,7 @@ DEFENSES = {
     "geometric_median": {"aggregator": {"rule": "geometric_median"}},
     "clipped_clustering": {"aggregator": {"rule": "clipped_clustering"}},
     "clipped_clustering_product": {"aggregator": {"rule": "clipped_clustering", "space": "lora_product"}},
+    "clipped_clustering_history": {"aggregator": {"rule": "clipped_clustering", "clip": "none"}, "server_steps": [{"name": "history_clip"}]},
     "centered_clip": {"server_steps": [{"name": "centered_clip", "tau": BOUND}]},
     "norm_bound_weak_dp": {"server_steps": [{"name": "norm_bound", "max_norm": BOUND}, {"name": "weak_dp", "std": 0.001}]},
     "fedfa": {"server_steps": [{"name": "fedfa"}]},

@@ -8,7 +8,8 @@ from fedfm.aggregators.pipeline import Pipeline, register_server_step, server_st
 from fedfm.aggregators.server_opt import register_server_optimizer, server_optimizers
 from fedfm.aggregators.server_part import ServerPartBase, build_server_part, register_server_part, server_parts
 from fedfm.aggregators import clip, feddyn, scaffold  # noqa: F401  (register steps and server parts)
-from fedfm.aggregators import bulyan, centered_clip, clipped_clustering, fedfa, geomed, krum, norm_bound, trimmed_mean  # noqa: F401  (robust rules and steps)
+from fedfm.aggregators import bulyan, centered_clip, clipped_clustering, fedfa, geomed, history_clip, krum, norm_bound  # noqa: F401  (robust rules and steps)
+from fedfm.aggregators import trimmed_mean  # noqa: F401  (robust rule)
 from fedfm.aggregators import zo_payload, fedkseed, fedbpt  # noqa: F401  (non_state_payload step, FedKSeed and FedBPT server halves)
 from fedfm.aggregators import sim_clock  # noqa: F401  (registers sim_clock)
 from fedfm.aggregators import fedra, flexlora, hetlora  # noqa: F401  (server halves of heterogeneous clients)

@@ -8,16 +8,24 @@ Aggregation Schemes in Federated Learning", IEEE Transactions on Big Data).
 3. aggregate: the unweighted mean of the clipped updates of the larger cluster (on a tie,
    the cluster holding the lowest client position).
 
-What differs from the paper: the paper's ``tau`` is the median of the norms of *all*
-updates seen so far (a history kept across rounds); a rule here is a pure function of one
-round, so ``tau`` is the median of this round's norms. ``space: lora_product`` computes the
-cosine distances on LoRA's effective weight changes (``aggregators/lora_space.py``); the
-clipping and the mean are always on the sent coordinates.
+``tau``: in the paper, the median of the norms of *all* updates seen so far, a history
+kept across rounds. A rule is a pure function of one round, so the rule alone
+(``clip: round``, the default) clips to the median of this round's norms: "ClippedClustering
+with a per-round tau". The paper's rule is the server step ``history_clip``
+(``aggregators/history_clip.py``, which keeps the norms) followed by this rule with
+``clip: none``:
+
+    aggregator: {rule: clipped_clustering, clip: none}
+    server_steps: [{name: history_clip}]
+
+``space: lora_product`` computes the cosine distances on LoRA's effective weight changes
+(``aggregators/lora_space.py``); the clipping and the mean are always on the sent
+coordinates.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +39,9 @@ from fedfm.core.types import State
 class ClippedClusteringParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     space: Space = Field("coordinates", description="cosine distances on the sent coordinates or on LoRA's product B@A")
+    clip: Literal["round", "none"] = Field(
+        "round", description="round: clip to the median of this round's norms; none: the updates come clipped "
+        "(server step history_clip: the paper's median of every norm seen)")
 
 
 def clip_rows(x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -65,7 +76,7 @@ def larger_cluster(dist: np.ndarray) -> list[int]:
 
 def clipped_clustering(state: State, deltas: Sequence[State], weights: Sequence[float], params: ClippedClusteringParams) -> State:
     x = stack(state, deltas)
-    clipped, _ = clip_rows(x)
+    clipped = clip_rows(x)[0] if params.clip == "round" else x
     if params.space == "coordinates":
         measured = clipped
     else:
