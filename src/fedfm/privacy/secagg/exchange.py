@@ -8,11 +8,12 @@ YAML: ``exchanges: [{name: secagg, bound: 0.5, frac_bits: 16, bits: 24}]``. A ro
 1. ``secagg_advertise`` (before training): each client draws two X25519 key pairs (c for
    encrypting shares, s for masks), keeps the private keys in its client store and sends
    c_pk, s_pk. U1 = the clients whose keys arrived.
-2. ``secagg_share``: the server sends U1's roster (with SecAgg+'s ``neighbours``, U1's ids
-   and the keys of the client's neighbours only, ``graph.py``); each client draws its self-mask seed
-   b_u, splits b_u and s_sk t-of-|U1| (Shamir, ``shamir.py``), and sends SHA-256(b_u) and,
-   for every other v in U1, AES-256-GCM(KA(c_u, c_v); u || v || share of s_sk || share of
-   b_u). U2 = the clients whose shares arrived.
+2. ``secagg_share``: the server sends U1's roster (with SecAgg+'s ``neighbours``: U1's ids
+   and the keys of the client's neighbours only, ``graph.py``); each client draws its
+   self-mask seed b_u, splits b_u and s_sk t-of-|U1| (Shamir, ``shamir.py``; SecAgg+:
+   t-of-(k+1), itself and its neighbours), and sends SHA-256(b_u) and, for every other v
+   in U1 (SecAgg+: every neighbour), AES-256-GCM(KA(c_u, c_v); u || v || share of s_sk ||
+   share of b_u). U2 = the clients whose shares arrived.
 3. ``secagg_route``: the server routes to each v in U2 the ciphertexts addressed to v and
    the set U2 (Bonawitz's round 2 downlink; a separate exchange here because the train
    message carries only the model). Only the clients that take them train.
@@ -83,8 +84,8 @@ from fedfm.privacy.secagg.common import (
 from fedfm.privacy.secagg.graph import connected, graph_seed, holders, neighbours
 from fedfm.privacy.secagg.mask import mask_update
 from fedfm.privacy.secagg.params import SecAggParams, SimulatedDropout, dropout_stages, simulated_drop
-from fedfm.runtime.fault_outlook import register_dropout_stages
 from fedfm.privacy.secagg.unmask import unmask_mean
+from fedfm.runtime.fault_outlook import register_dropout_stages
 
 log = logging.getLogger("fedfm.privacy.secagg")
 BOX = 4 + CIPHERTEXT  # peer id || ciphertext
@@ -189,6 +190,8 @@ class Share(_Phase):
         c_sk, s_sk = record.key(rec, "c_sk"), record.key(rec, "s_sk")
         if roster.get(cid) != (c.public_of(c_sk), c.public_of(s_sk)):
             raise ValueError(f"client {cid}: the roster of round {rnd} does not carry the keys it advertised")
+        if self.p.neighbours is not None and "ids" not in tensors:
+            raise ValueError(f"client {cid}: the share message of round {rnd} lacks the ids keyed (SecAgg+ needs them for the graph)")
         ids = [id_of(r) for r in rows(tensors["ids"], 4, "ids")] if "ids" in tensors else sorted(roster)
         t = int(meta["threshold"])
         mine = neighbours(ids, graph_seed(rnd, attempt, ids), self.p.neighbours)[cid]
