@@ -17,7 +17,7 @@ and without secure aggregation on the quickstart and writes ``secagg-rounds-full
 
 ``--secagg-rounds-only`` runs only the rounds with and without secure aggregation
 (``exchanges: secagg``) on the same job and writes only their table (bytes and wall time
-per phase); ``--attacks-only`` only the non-private run, offline LiRA and token recovery
+per phase); ``--attacks-only`` only the non-private run, offline and online LiRA and token recovery
 (the attacks block).
 
 The reduced job (not the quickstart): the tiny random-init BERT of the tests (hidden 32,
@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from fedfm.attacks.label_recovery import head_bias_name, single_label
-from fedfm.attacks.lira import offline_lira_attack
+from fedfm.attacks.lira import offline_lira_attack, online_lira_attack
 from fedfm.attacks.membership import loss_threshold_attack
 from fedfm.attacks.token_recovery import batch_tokens, precision_recall, recover_tokens
 from fedfm.config import from_dict
@@ -142,13 +142,15 @@ def privacy_rows(csv: Path, out: Path, sample: bool, make=base) -> list[dict]:
 
 
 REFERENCES = 4
+ONLINE_REFERENCES = 8  # online LiRA: each candidate IN for about 4, OUT for about 4
 
 
 def lira_rows(csv: Path, wb: Workbench, out: Path) -> list[dict]:
-    """Loss threshold vs offline LiRA against the non-private run of the reduced job.
-    Candidates: client 0's training examples (members) vs as many test examples. Reference
-    (OUT) models: the same recipe (4 clients by group, 2 rounds, ...) on a random half of
-    the population (the rows of clients 1-3: no candidate), seeds 1..REFERENCES."""
+    """Loss threshold vs offline and online LiRA against the non-private run of the reduced
+    job. Candidates: client 0's training examples (members) vs as many test examples.
+    Offline reference (OUT) models: the same recipe (4 clients by group, 2 rounds, ...) on a
+    random half of the population (the rows of clients 1-3: no candidate), seeds
+    1..REFERENCES; online: ``online_references``."""
     members = wb.examples(0)
     test = wb._rows(wb.federation.test_indices.tolist())[: len(members)]
     members = members[: len(test)]
@@ -178,7 +180,57 @@ def lira_rows(csv: Path, wb: Workbench, out: Path) -> list[dict]:
         name = "offline LiRA, " + ("global variance" if fixed else "per-example variance")
         rows.append({"attack": name, **r, "wall_s": wall})
         print(rows[-1], flush=True)
+    t0 = time.perf_counter()
+    online, inside = online_references(wb, population, members, test, out)
+    wall = time.perf_counter() - t0
+    # a candidate with fewer than 2 IN or 2 OUT models (drawn into too many test sets) is left out
+    keep = (inside.sum(axis=0) >= 2) & ((~inside).sum(axis=0) >= 2)
+    m_keep, t_keep = keep[: len(members)], keep[len(members) :]
+    kept_m = [e for e, k in zip(members, m_keep) if k]
+    kept_t = [e for e, k in zip(test, t_keep) if k]
+    print(f"online LiRA: {len(kept_m)} of {len(members)} members and {len(kept_t)} of {len(test)} non-members "
+          "have 2 IN and 2 OUT reference models", flush=True)
+    for fixed in (False, True):
+        r = online_lira_attack(wb, TARGET["state"], online, inside[:, keep], kept_m, kept_t, fixed_variance=fixed)
+        name = "online LiRA, " + ("global variance" if fixed else "per-example variance") + f" ({len(kept_m)} + {len(kept_t)} candidates)"
+        rows.append({"attack": name, **r, "wall_s": wall})
+        print(rows[-1], flush=True)
     return rows
+
+
+def online_references(wb: Workbench, population, members: list[dict], test: list[dict], out: Path):
+    """Online LiRA's reference models: the recipe (without groups, clients split iid) run on
+    a random half of the population plus a random half of the candidates, in complementary pairs (the second run of a pair
+    takes the other half of the candidates), so every candidate is IN for about half of
+    them. IN is read off each run's clients' rows (a candidate its federation put in its
+    test set is OUT); rows are matched by (text, label)."""
+    import pandas as pd
+
+    frame = wb.federation.frame
+    rows = list(wb.clients[0].indices[: len(members)]) + list(wb.federation.test_indices.tolist()[: len(test)])
+    candidates = frame.iloc[rows]
+    keys = [(t, int(y)) for t, y in zip(candidates["text"], candidates["label"])]
+    states, inside = [], []
+    rng = np.random.default_rng(0)
+    half = np.arange(0)
+    for k in range(ONLINE_REFERENCES):
+        half = rng.permutation(len(keys))[: len(keys) // 2] if k % 2 == 0 else np.setdiff1d(np.arange(len(keys)), half)
+        data = pd.concat([population.sample(frac=0.5, random_state=100 + k), candidates.iloc[half]])
+        path = out / f"online_population_{k}.csv"
+        data[["text", "label"]].to_csv(path, index=False)
+        raw = base(path)
+        # no groups, clients iid: every row but the 8 test ones reaches a client (with groups,
+        # the test set holds out whole groups and their other rows are used nowhere)
+        raw["data"]["group_column"] = None
+        raw["federation"].update(test_examples=8, partitioner={"name": "iid"})
+        ref_wb = Workbench(from_dict(raw))
+        rt = LocalRuntime(from_dict(raw), out / f"online_reference_{k}", workbench=ref_wb, overwrite=True)
+        rt.run()
+        own = ref_wb.federation.frame
+        trained = {(own.iloc[i]["text"], int(own.iloc[i]["label"])) for c in ref_wb.clients for i in c.indices}
+        states.append(rt.final_state)
+        inside.append([key in trained for key in keys])
+    return states, np.array(inside, dtype=bool)
 
 
 def label_rows(wb: Workbench, n: int = 30) -> list[dict]:
@@ -339,7 +391,7 @@ def main() -> None:
     ap.add_argument("--write-doc", action="store_true")
     ap.add_argument("--skip-sample", action="store_true", help="leave out the DP-SGD rows (one backward pass per example: slow)")
     ap.add_argument("--secagg-rounds-only", action="store_true", help="only the rounds with and without secure aggregation")
-    ap.add_argument("--attacks-only", action="store_true", help="only the non-private run, offline LiRA and token recovery (the attacks block)")
+    ap.add_argument("--attacks-only", action="store_true", help="only the non-private run, offline and online LiRA and token recovery (the attacks block)")
     ap.add_argument("--full", action="store_true", help="the DP and label-recovery rows on the quickstart as written (block table-full); "
                     "with --secagg-rounds-only, its rounds with and without secure aggregation (block secagg-rounds-full)")
     args = ap.parse_args()

@@ -208,3 +208,52 @@ def test_offline_lira_separates_members_on_an_overfit_tiny_model(tmp_path):
     assert got["references"] == 4 and got["auc"] > 0.8, got
     fixed = offline_lira_attack(wb, target, refs, members, nonmembers, fixed_variance=True)
     assert fixed["auc"] > 0.8, fixed
+
+
+def test_online_lira_by_hand():
+    from fedfm.attacks.lira import online_scores
+
+    # 4 reference models, 2 candidates. A: IN (models 0, 1) 2, 4 -> mu 3, sigma 1; OUT -1, 1 -> mu 0,
+    # sigma 1; observed 3: log N(3; 3, 1) - log N(3; 0, 1) = 0 + 9/2 = 4.5.
+    # B: IN (models 2, 3) 1, 3 -> mu 2, sigma 1; OUT 0, 2 -> mu 1, sigma 1; observed 0: -4/2 + 1/2 = -1.5
+    ref = np.array([[2.0, 0.0], [4.0, 2.0], [-1.0, 1.0], [1.0, 3.0]])
+    inside = np.array([[True, False], [True, False], [False, True], [False, True]])
+    assert online_scores(np.array([3.0, 0.0]), ref, inside) == pytest.approx([4.5, -1.5])
+    # unequal variances: A's IN 1, 5 -> mu 3, sigma 2; observed 3: (0 - log 2) - (-4.5 - log 1) = 4.5 - 0.693147
+    ref2 = ref.copy()
+    ref2[0, 0], ref2[1, 0] = 1.0, 5.0
+    assert online_scores(np.array([3.0, 0.0]), ref2, inside)[0] == pytest.approx(4.5 - np.log(2))
+    # pooled: sigma_in^2 = (4 + 4 + 1 + 1) / 4 = 2.5, sigma_out 1: A: -0 - log(1.5811) + 4.5 = 4.041880
+    assert online_scores(np.array([3.0, 0.0]), ref2, inside, fixed_variance=True)[0] == pytest.approx(4.5 - 0.5 * np.log(2.5))
+    with pytest.raises(ValueError, match="candidate 1 has 1 IN reference model"):
+        online_scores(np.array([3.0, 0.0]), ref[:3], inside[:3])
+
+
+def test_online_lira_separates_members_on_an_overfit_tiny_model(tmp_path):
+    # The target memorises 16 randomly labelled members; 8 reference models each train the
+    # same recipe on a random 16 of the 32 candidates (members and non-members), so every
+    # candidate is IN for some and OUT for others.
+    from fedfm.attacks.lira import online_lira_attack
+
+    exp = from_dict(tiny_config(tmp_path, **{"train.lr": 0.05, "train.steps": 25, "train.batch_size": 16}))
+    wb = Workbench(exp)
+    rng = np.random.default_rng(0)
+    relabel = lambda es: [{**e, "label": int(rng.integers(0, 2))} for e in es]  # noqa: E731
+    members, nonmembers = relabel(wb.examples(0)[:16]), relabel(wb.examples(1)[:16])
+    pool = members + nonmembers
+
+    def train(examples, k):
+        ctx = wb.context(0, k + 1)
+        ctx.examples = examples
+        upd = LocalLearner().local_update(Instruction(k + 1, 0, wb.initial_state()), ctx)
+        return {n: v + upd.payload[n] for n, v in wb.initial_state().items()}
+
+    target = train(members, 0)
+    inside = np.zeros((8, 32), dtype=bool)
+    for i in range(8):  # halves by a balanced design: every candidate IN exactly 4 times
+        inside[i, rng.permutation(32)[:16] if i % 2 == 0 else ~inside[i - 1]] = True
+    refs = [train([pool[j] for j in np.flatnonzero(inside[i])], i + 1) for i in range(8)]
+    got = online_lira_attack(wb, target, refs, inside, members, nonmembers, fixed_variance=True)
+    assert got["references"] == 8 and got["auc"] > 0.8, got
+    per_example = online_lira_attack(wb, target, refs, inside, members, nonmembers)  # 4 IN and 4 OUT each
+    assert per_example["auc"] > 0.8, per_example

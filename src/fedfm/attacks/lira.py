@@ -1,5 +1,5 @@
-"""Calibrated membership inference: offline LiRA (Carlini et al. 2022, "Membership
-Inference Attacks From First Principles", Algorithm 1, offline variant).
+"""Calibrated membership inference: LiRA (Carlini et al. 2022, "Membership Inference
+Attacks From First Principles", Algorithm 1), offline and online.
 
 The attacker trains reference models WITHOUT the target examples ("OUT" models: the same
 federated recipe run on population data that excludes every candidate), and for each
@@ -16,8 +16,18 @@ noisy, and the paper uses one global variance then ("fixed variance", its Sectio
 ``fixed_variance=True`` pools sigma over all candidates. Implemented: phi, the Gaussian
 fit, the score, and the attack's AUC / TPR at 1% FPR given the reference states; how the
 reference models are trained is the caller's (a recipe: see benchmarks/privacy.py and
-tests/test_privacy_attacks.py). Not implemented: the online variant (IN models per
-example) and augmentation queries.
+tests/test_privacy_attacks.py).
+
+Online (Algorithm 1 as written): the reference models are trained on random halves of a
+pool that holds the candidates, so each candidate is IN for some of them and OUT for the
+others (``inside[i, j]``: reference i trained on candidate j). Gaussians are fitted to
+its IN and OUT confidences, and the score is the log likelihood ratio
+
+    score = log N(phi_obs; mu_in, sigma_in^2) - log N(phi_obs; mu_out, sigma_out^2)
+
+(per candidate variances, or with ``fixed_variance`` sigma_in and sigma_out each pooled
+over all candidates). A candidate needs an IN and an OUT model (two of each for its own
+variances). Not implemented: augmentation queries (several views of one example).
 
 Written here rather than taken from a library: the paper's reference code is a research
 script for image models, and the arithmetic is a few lines of numpy.
@@ -86,6 +96,57 @@ def offline_scores(observed: np.ndarray, reference: np.ndarray, fixed_variance: 
     else:
         sigma = ref.std(axis=0)
     return normal_cdf((obs - mu) / np.maximum(sigma, MIN_STD))
+
+
+def _fit(ref: np.ndarray, mask: np.ndarray, fixed_variance: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate (column) mean and std of ``ref`` over the rows where ``mask`` holds;
+    std pooled over every (row, column) in ``mask`` with ``fixed_variance``."""
+    count = mask.sum(axis=0)
+    mu = np.where(mask, ref, 0.0).sum(axis=0) / np.maximum(count, 1)
+    dev = np.where(mask, (ref - mu) ** 2, 0.0)
+    if fixed_variance:
+        sigma = np.full_like(mu, np.sqrt(dev.sum() / max(int(mask.sum()), 1)))
+    else:
+        sigma = np.sqrt(dev.sum(axis=0) / np.maximum(count, 1))
+    return mu, np.maximum(sigma, MIN_STD)
+
+
+def online_scores(observed: np.ndarray, reference: np.ndarray, inside: np.ndarray, fixed_variance: bool = False) -> np.ndarray:
+    """Online LiRA score per candidate: log N(phi_obs; mu_in, sigma_in^2) - log N(phi_obs;
+    mu_out, sigma_out^2). ``reference``: (k, n) phi of k reference models; ``inside``:
+    (k, n) bool, reference i trained on candidate j. Population standard deviations
+    (ddof 0), per candidate or pooled."""
+    obs = np.asarray(observed, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    inside = np.asarray(inside, dtype=bool)
+    if ref.ndim != 2 or ref.shape[1] != obs.shape[0] or inside.shape != ref.shape:
+        raise ValueError(f"online LiRA: reference and inside must be (models, candidates) = (k, {obs.shape[0]}), "
+                         f"got {ref.shape} and {inside.shape}")
+    least = 1 if fixed_variance else 2
+    for name, mask in (("IN", inside), ("OUT", ~inside)):
+        short = np.flatnonzero(mask.sum(axis=0) < least)
+        if short.size:
+            raise ValueError(f"online LiRA: candidate {int(short[0])} has {int(mask[:, short[0]].sum())} {name} reference "
+                             f"model(s); it needs {least}" + ("" if fixed_variance else " (or fixed_variance)"))
+    mu_in, sd_in = _fit(ref, inside, fixed_variance)
+    mu_out, sd_out = _fit(ref, ~inside, fixed_variance)
+
+    def log_pdf(x, mu, sd):
+        return -0.5 * ((x - mu) / sd) ** 2 - np.log(sd)
+
+    return log_pdf(obs, mu_in, sd_in) - log_pdf(obs, mu_out, sd_out)
+
+
+def online_lira_attack(workbench, target_state, reference_states: list, inside: np.ndarray, members: list[dict],
+                       nonmembers: list[dict], fixed_variance: bool = False) -> dict[str, float]:
+    """AUC and TPR@1%FPR of online LiRA against ``target_state``; ``inside[i, j]``: reference
+    state i was trained on candidate j of ``members + nonmembers``."""
+    candidates = members + nonmembers
+    observed = confidences(workbench, target_state, candidates)
+    reference = np.stack([confidences(workbench, s, candidates) for s in reference_states])
+    scores = online_scores(observed, reference, inside, fixed_variance)
+    sm, sn = scores[: len(members)], scores[len(members) :]
+    return {"auc": roc_auc(sm, sn), "tpr_at_1pct_fpr": tpr_at_fpr(sm, sn, 0.01), "references": len(reference_states)}
 
 
 def offline_lira_attack(workbench, target_state, reference_states: list, members: list[dict], nonmembers: list[dict],
