@@ -53,13 +53,24 @@ def test_tiny_run_with_alie_and_fedfa(tmp_path):
             "server_steps": [{"name": "fedfa", "synthetic": 4, "length": 8}],
         },
     )
-    rt = LocalRuntime(from_dict(raw), tmp_path / "run")
-    rt.run()
+    from fedfm.aggregators import fedfa
+
+    seen = []
+    real = fedfa.synthetic_fisher
+    fedfa.synthetic_fisher = lambda wb, model, *a: seen.append({k: v.clone() for k, v in model.items()}) or real(wb, model, *a)
+    try:
+        rt = LocalRuntime(from_dict(raw), tmp_path / "run")
+        models = []
+        real_round = rt.loop._aggregate
+        rt.loop._aggregate = lambda rnd, attempt, ss, *a: models.append(dict(ss["model"])) or real_round(rnd, attempt, ss, *a)
+        rt.run()
+    finally:
+        fedfa.synthetic_fisher = real
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["alie.attackers"] == 1 and "fedfa.discarded" in rows[1]
-    # the filter's tracked model is the server's model, exactly
-    tracked = rt.loop.server_state["step.1.fedfa"]
-    assert all(torch.equal(tracked[k], v) for k, v in rt.loop.server_state["model"].items())
+    # the Fisher of each round is taken at the model that round started from (RoundContext.model)
+    assert len(seen) == len(models) == 2
+    assert all(torch.equal(s[k], m[k]) for s, m in zip(seen, models) for k in s)
 
 
 def test_every_robustness_example_validates():

@@ -73,9 +73,7 @@ def test_fedfa_identity_curvature_by_hand():
     assert torch.allclose(scores, torch.tensor([0.0, 0.005, 0.005, 0.0, 8.0], dtype=torch.float64))
     assert outliers(scores, 2.0) == [4]
     kept, state, m = FedFA(FedFAParams(curvature="identity"))(u, ctx(), {})
-    assert [x.cid for x in kept] == [0, 1, 2, 3] and m["discarded"] == 1
-    # tracked model: 0 + weighted mean of kept (weights 10, 20, 30, 40): (1 + 2.2 + 2.7 + 4) / 10 = 0.99
-    assert float(state["w"]) == pytest.approx(0.99)
+    assert [x.cid for x in kept] == [0, 1, 2, 3] and m["discarded"] == 1 and state == {}  # it keeps no state
     # MAD 0 (most clients identical): every score above the median is an outlier
     assert outliers(torch.tensor([0.0, 0.0, 0.0, 0.0, 9.0], dtype=torch.float64), 2.0) == [4]
 
@@ -88,8 +86,7 @@ def test_fedfa_identity_curvature_by_hand():
         ({"federation.clients": 8, "aggregator": {"rule": "bulyan", "f": 2}}, "at least 4f \\+ 3 = 11 clients per round, got 8"),
         ({"federation.clients": 4, "aggregator": {"rule": "trimmed_mean", "beta": 0.5}}, "k = floor\\(0.5 \\* 4\\) = 2 at each end; needs 2k < n = 4"),
         ({"aggregator": {"rule": "median"}, "server_steps": [{"name": "centered_clip", "tau": 1.0}]}, "centered_clip .* set aggregator.rule: fedavg"),
-        ({"server_optimizer": {"name": "fedadam"}, "server_steps": [{"name": "fedfa"}]}, "fedfa tracks the global model"),
-        ({"server_steps": [{"name": "fedfa"}, {"name": "weak_dp", "std": 0.1}]}, "later steps \\['weak_dp'\\]"),
+        ({"learner": {"name": "scaffold"}, "server_steps": [{"name": "fedfa"}]}, "a scaffold payload carries the learner's own tensors"),
         ({"model.task": "masked_lm", "server_steps": [{"name": "backdoor_asr"}]}, "backdoor_asr measures a classification backdoor"),
         ({"learner": {"name": "scaffold"}, "server_steps": [{"name": "norm_bound", "max_norm": 1.0}]}, "norm_bound bounds the norm .* control deltas"),
         ({"learner": {"name": "scaffold"}, "server_steps": [{"name": "clip_updates", "max_norm": 1.0}]}, "clip_updates bounds the norm"),
@@ -110,9 +107,10 @@ def test_norm_bound_with_feddyn_and_scaffold_with_a_robust_rule_are_accepted(tmp
 
 
 def test_accepted_when_the_numbers_work(tmp_path):
-    # backdoor_asr only measures the model: fedfa's tracking stays exact after it
-    raw = tiny_config(tmp_path, **{"server_steps": [{"name": "fedfa"}, {"name": "backdoor_asr"}]})
-    assert [s["name"] for s in from_dict(raw).server_steps] == ["fedfa", "backdoor_asr"]
+    # fedfa reads the round's model (RoundContext.model): any optimizer, later steps, local tensors
+    raw = tiny_config(tmp_path, **{"server_steps": [{"name": "fedfa"}, {"name": "weak_dp", "std": 0.1}],
+                                   "server_optimizer": {"name": "fedadam"}})
+    assert [s["name"] for s in from_dict(raw).server_steps] == ["fedfa", "weak_dp"]
     raw = tiny_config(tmp_path, **{"federation.clients": 7, "federation.partitioner": {"name": "iid"}, "aggregator": {"rule": "bulyan", "f": 1}})
     assert from_dict(raw).aggregator.rule == "bulyan"
     raw = tiny_config(tmp_path, **{"federation.clients": 5, "federation.partitioner": {"name": "iid"}, "aggregator": {"rule": "krum", "f": 1}})

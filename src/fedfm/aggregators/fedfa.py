@@ -24,13 +24,12 @@ Hessian *reassignment* (redistributing the curvature of embedding rows to the wo
 matter) are not implemented; the synthetic data here is uniform random tokens. So this
 is "Fed-FA-inspired", not Fed-FA.
 
-The current global model: a step at stage ``updates`` does not receive the server's model
-State (``RoundContext`` has no such field), so the step tracks it in its own checkpointed
-state: it starts from the workbench's initial State and adds, each round, the
-example-weighted mean of the updates it kept. That is exactly the server's model when the
-rule is ``fedavg``, the server optimizer ``sgd`` with lr 1, no later step changes the
-updates or the delta, and ``peft.local`` is empty; other settings are refused at config
-time (``aggregators/robust_checks.py``). Metrics: ``discarded``, ``indicator_median``.
+The current global model is the round's ``RoundContext.model`` (the State the round started
+from), whatever the rule, server optimizer or later steps; the step keeps no state. Where
+a context carries no model (a step called outside a run), the workbench's initial State
+is used. With ``peft.local`` the Fisher is taken on the model completed by the initial
+local tensors (the server holds no client's own). Metrics: ``discarded``,
+``indicator_median``.
 """
 
 from __future__ import annotations
@@ -40,8 +39,6 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedfm.aggregators.base import apply_delta
-from fedfm.aggregators.fedavg import fedavg
 from fedfm.aggregators.median import coordinate_median
 from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.seeding import derive_seed
@@ -123,8 +120,11 @@ class FedFA:
         if not updates:
             return updates, state, {}
         names = list(updates[0].payload)
-        if state:
-            model = dict(state)
+        if ctx.model is not None:
+            missing = [k for k in names if k not in ctx.model]
+            if missing:
+                raise ValueError(f"fedfa: the updates carry {missing[:3]}, which the model State does not hold")
+            model = {k: ctx.model[k] for k in names}
         elif ctx.workbench is not None:
             model = {k: ctx.workbench.template[k].clone() for k in names}
         else:
@@ -139,9 +139,7 @@ class FedFA:
         scores = indicators(payloads, h)
         drop = set(outliers(scores, self.p.kappa))
         kept = [u for i, u in enumerate(updates) if i not in drop]
-        delta = fedavg(model, [u.payload for u in kept], [float(u.num_examples) for u in kept])
-        metrics = {"discarded": len(drop), "indicator_median": float(scores.median())}
-        return kept, apply_delta(model, delta), metrics
+        return kept, {}, {"discarded": len(drop), "indicator_median": float(scores.median())}
 
 
 register_server_step("fedfa", FedFA, FedFAParams)

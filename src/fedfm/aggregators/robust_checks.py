@@ -11,10 +11,7 @@ round loop like one below ``federation.min_clients`` (``runtime/loop.py``).
 
 from __future__ import annotations
 
-from fedfm.aggregators.server_opt import not_as_is
 from fedfm.aggregators.trimmed_mean import trim_count
-
-MEASURING = ("backdoor_asr",)  # steps that only measure the model (they change nothing)
 
 
 def per_round(fed) -> int:
@@ -98,13 +95,7 @@ def robust_problems(exp) -> list[str]:
                         "aggregator.clip: none (the paper's ClippedClustering)")
     if "backdoor_asr" in names and exp.model.task != "text_classification":
         problems.append(f"server_steps: backdoor_asr measures a classification backdoor; model.task is {exp.model.task}")
-    if "fedfa" in names:
-        got = not_as_is(exp.server_optimizer)
-        later = [n for n in names[names.index("fedfa") + 1 :] if n not in MEASURING]
-        if exp.aggregator.rule != "fedavg" or got is not None or exp.peft.local or later or exp.learner.name in ("scaffold", "feddyn"):
-            problems.append(
-                "server_steps: fedfa tracks the global model itself (aggregators/fedfa.py) and needs aggregator.rule fedavg, "
-                f"server_optimizer sgd with lr 1, no peft.local, no later server step and learner local/fedprox "
-                f"(got rule {exp.aggregator.rule}, optimizer {got or 'sgd (lr 1.0)'}, peft.local {exp.peft.local}, later steps {later}, learner {exp.learner.name})"
-            )
+    if "fedfa" in names and exp.learner.name in ("scaffold", "feddyn"):
+        problems.append(f"server_steps: fedfa scores an update against the model it changes; a {exp.learner.name} payload "
+                        "carries the learner's own tensors too: use learner local or fedprox")
     return problems

@@ -43,7 +43,9 @@ class RoundContext:
     tells ``dp_noise`` its clip norm and count); a fresh context per aggregation, so notes
     never leak into another round. ``rounds`` and ``sample_size`` are the run's plan (its
     number of rounds, the clients it samples per round): what a privacy accountant needs,
-    0 where no run gives them.
+    0 where no run gives them. ``model`` is the model State the round started from (what
+    the server evaluates; read only), for steps that score updates against it (``fedfa``'s
+    Fisher); None where no run gives it.
     """
 
     round: int
@@ -56,6 +58,7 @@ class RoundContext:
     notes: dict[str, Any] = field(default_factory=dict)
     rounds: int = 0
     sample_size: int = 0
+    model: State | None = None
 
 
 class Algorithm(Protocol):

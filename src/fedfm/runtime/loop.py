@@ -215,7 +215,7 @@ class RoundLoop:
         staged writes are settled as not accepted, as for an update validation rejects."""
         gen = torch.Generator().manual_seed(derive_seed(self.exp.seed, rnd, AGGREGATE_TAG))
         ctx = RoundContext(rnd, self.exp.seed, gen, len(self.wb.clients), self.wb.clients, self.wb, attempt,
-                           rounds=self.exp.rounds, sample_size=self.sample_size)
+                           rounds=self.exp.rounds, sample_size=self.sample_size, model=self.algo.model_state(server_state))
         new_state, metrics = self.algo.aggregate(server_state, updates, ctx)
         kept = set(metrics.pop("kept"))
         for u in updates:
