@@ -145,3 +145,10 @@ def test_the_outlook_counts_secure_aggregations_phase_dropout_by_hand(tmp_path):
         "a round is skipped with probability 0.316 (about 0.6 of 2 rounds), from random dropout alone"]
     secagg[0]["dropout"] = {"unmask": 0.01}  # 0.98 an attempt: no warning
     assert dropout_outlook(from_dict(tiny_config(tmp_path, exchanges=secagg))) == []
+    # no per-phase dropout, faults.dropout 0.5: min_clients 1 alone would keep an attempt with
+    # 1 - 0.25 = 0.75, but t = 2 of 2 needs both: 0.25 an attempt, 0.75^4 = 0.316 a round
+    plain = [{"name": "secagg", "bound": 1.0}]
+    assert dropout_outlook(from_dict(tiny_config(tmp_path, exchanges=plain, **{"faults.dropout": 0.5}))) == [
+        "faults.dropout 0.5: a round needs 1 of its 2 sampled clients (min_clients 1) and every phase's threshold; an "
+        "attempt keeps that many with probability 0.250, so with federation.max_retries 3 a round is skipped with "
+        "probability 0.316 (about 0.6 of 2 rounds), from random dropout alone"]

@@ -95,8 +95,9 @@ def chain_keeps(k: int, need: int, p: float, stages: Callable[[int], list[Stage]
     return total
 
 
-def _exchange_stages(exp) -> tuple[Callable[[int], list[Stage]], list[str]]:
-    """The registered stages of the run's exchanges, and the names of those that drop at random."""
+def _exchange_stages(exp) -> tuple[Callable[[int], list[Stage]] | None, list[str]]:
+    """The registered stages of the run's exchanges (None when no exchange registered any),
+    and the names of those that drop at random."""
     from fedfm.core.exchanges import parse_exchange
 
     found = []
@@ -109,7 +110,7 @@ def _exchange_stages(exp) -> tuple[Callable[[int], list[Stage]], list[str]]:
         return [s for _, params, fn in found for s in fn(params, n)]
 
     random = [where for where, params, fn in found if any(s.p > 0 for s in fn(params, exp.federation.clients))]
-    return stages, random
+    return (stages if found else None), random
 
 
 def dropout_outlook(exp) -> list[str]:
@@ -128,13 +129,13 @@ def dropout_outlook(exp) -> list[str]:
     params = learners.parse(exp.learner.name, exp.learner.params(), "learner")
     fewest, reason = fewest_combined(exp, build_server_part(exp.learner.name, params, fed.clients))
     need, why = (fed.min_clients, f"min_clients {fed.min_clients}") if fed.min_clients >= fewest else (fewest, reason)
-    q = chain_keeps(k, need, p, stages) if random else attempt_keeps(k, need, p)
+    q = chain_keeps(k, need, p, stages) if stages is not None else attempt_keeps(k, need, p)
     skip = (1 - q) ** (1 + fed.max_retries)
     if skip < SKIP_WARNING:
         return []
     what = [f"faults.dropout {p:g}"] if p > 0 else []
     what += [f"the per-phase dropout of {where}" for where in random]
-    besides = " and every phase's threshold" if random else ""
+    besides = " and every phase's threshold" if stages is not None else ""
     return [f"{' and '.join(what)}: a round needs {need} of its {k} sampled clients ({why}){besides}; an attempt keeps "
             f"that many with probability {q:.3f}, so with federation.max_retries {fed.max_retries} a round is skipped "
             f"with probability {skip:.3f} (about {skip * exp.rounds:.1f} of {exp.rounds} rounds), from random dropout alone"]
