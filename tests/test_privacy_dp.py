@@ -211,8 +211,8 @@ def test_privacy_example_configs_load():
     from fedfm.config import load_config
 
     configs = sorted((Path(__file__).parent.parent / "examples" / "privacy").glob("*.yaml"))
-    # client DP (2), sample DP, distributed DP, SecAgg, SecAgg + distributed DP, node authentication
-    assert len(configs) == 7
+    # client DP (2), sample DP, distributed DP, SecAgg, SecAgg+, SecAgg + distributed DP, node authentication
+    assert len(configs) == 8
     for path in configs:
         exp = load_config(path)
         assert exp.server_steps or exp.exchanges or exp.runtime.flower.nodes, path
