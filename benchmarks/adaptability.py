@@ -111,7 +111,8 @@ def run_method(label: str, config: str, extra: list[str], common: list[str], out
     overrides = REDUCED + common + extra
     roles = None
     if config == "given_clusters":  # the example's roles are for its own partition: rebuild them
-        roles = label_roles(load(config, overrides, roles=[]))
+        # (from a plain local run of the same data: ifca with assign: profile refuses clients without a cluster)
+        roles = label_roles(load(config, overrides + ["learner={name: local}", "server_steps=[]", "federation.roles=[]"]))
     exp = load(config, overrides, roles)
     t0 = time.perf_counter()
     rt = LocalRuntime(exp, out / re.sub(r"[^a-z0-9]+", "-", label).strip("-"), overwrite=True)
