@@ -89,7 +89,8 @@ def robust_problems(exp) -> list[str]:
                 "apart from the client's own c_i; use learner local, fedprox or feddyn with it (a robust rule bounds "
                 "scaffold's control deltas: aggregators/scaffold.py)"
             )
-    if "history_clip" in names and exp.aggregator.rule == "clipped_clustering" and exp.aggregator.params().get("clip", "round") == "round":
+    own_clip = exp.aggregator.rule == "clipped_clustering" and exp.aggregator.params().get("clip", "round") == "round"
+    if "history_clip" in names and own_clip:
         problems.append("server_steps: history_clip clips the updates to the median of every norm seen, and "
                         "clipped_clustering with clip: round would clip them again to this round's median; set "
                         "aggregator.clip: none (the paper's ClippedClustering)")

@@ -9,8 +9,9 @@ and encoded as round(x * 2^frac_bits) modulo 2^bits; w follows as one more word.
 weight above (2^(bits-1) - 1) // |U2| is refused (an error naming the client, the round
 and the sum it could reach): then no sum of the survivors' weights can wrap. The
 words plus the mask PRG(b_u) + sum_{v in U2, v != u} sign(u, v) PRG(s_uv) (modulo
-2^bits; with SecAgg+'s ``neighbours``, v runs over u's neighbours in U2 only) replace the update: the tensors carry the masked words as float32 values (exact,
-bits <= 24), the metadata the masked weight, and the example count in clear is 1. The
+2^bits; with SecAgg+'s ``neighbours``, v runs over u's neighbours in U2 only) replace
+the update: the tensors carry the masked words as float32 values (exact, bits <= 24),
+the metadata the masked weight, and the example count in clear is 1. The
 keys, b_u, U2 and the settings come from the client's secure-aggregation record, written
 by the exchange phases of the same round (``exchange.py``, ``record.py``).
 """
