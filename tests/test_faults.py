@@ -129,6 +129,10 @@ def test_the_outlook_counts_secure_aggregations_phase_dropout_by_hand(tmp_path):
     from fedfm.runtime.fault_outlook import attempt_keeps, chain_keeps, dropout_outlook
 
     assert chain_keeps(4, 2, 0.5, lambda n: []) == pytest.approx(attempt_keeps(4, 2, 0.5)) == pytest.approx(11 / 16)
+    # large federations do not overflow (C(2000, 1000) is far above a float's range): the
+    # tail of Binomial(2000, 0.7) at 1,500 is 3.97e-07, and 1,000 sampled clients are fast
+    assert attempt_keeps(2000, 1500, 0.3) == pytest.approx(3.9715e-07, rel=1e-3)
+    assert 0.999 < chain_keeps(1000, 1, 0.1, lambda n: dropout_stages(SecAggParams(bound=1.0, dropout={"unmask": 0.05}), n)) <= 1.0
     stages = lambda n: dropout_stages(SecAggParams(bound=1.0), n)  # noqa: E731
     # 3 sampled, dropout 0.5; t = max(2, n - n // 3) = 2 for n = 2 or 3: P(n >= 2) = 4/8
     assert chain_keeps(3, 1, 0.5, stages) == pytest.approx(0.5)

@@ -17,8 +17,9 @@ clients that began the round's phases, the stages in order, each a probability t
 client drops there and the fewest that must be left after it (secure aggregation's
 threshold t in every phase). Then ``q`` is the probability that the count, thinned stage
 by stage (a binomial draw each), never falls below a stage's floor, with ``need`` the
-floor of the train step; it is computed exactly over the counts (a Markov chain on
-0..k), by hand: a few binomial tails, no library needed. Random dropout alone is
+floor of the train step; it is computed over the counts (a Markov chain on 0..k, binomial
+probabilities in log space so that no count overflows), by hand: a few binomial tails,
+no library needed. Random dropout alone is
 counted: a straggler deadline, an exchange's fixed ``drop`` list, a failed or a rejected
 client only make it worse.
 """
@@ -26,9 +27,9 @@ client only make it worse.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import comb
 from typing import Callable, Literal
 
+import numpy as np
 from pydantic import BaseModel
 
 SKIP_WARNING = 0.05  # warn when a round is skipped with at least this probability
@@ -56,43 +57,65 @@ def register_dropout_stages(exchange: str, stages: StageFn) -> StageFn:
     return stages
 
 
+def _log_factorials(k: int) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, k + 1, dtype=np.float64)))])
+
+
+def survivors(n: int, p: float, lf: np.ndarray | None = None) -> np.ndarray:
+    """P[j of n clients stay] for j = 0..n, each dropping with ``p`` (in log space: no
+    overflow for any n)."""
+    j = np.arange(n + 1)
+    if p <= 0 or p >= 1:
+        out = np.zeros(n + 1)
+        out[n if p <= 0 else 0] = 1.0
+        return out
+    lf = _log_factorials(n) if lf is None else lf
+    return np.exp(lf[n] - lf[j] - lf[n - j] + j * np.log1p(-p) + (n - j) * np.log(p))
+
+
 def attempt_keeps(k: int, need: int, p: float) -> float:
     """Probability that at least ``need`` of ``k`` clients stay when each drops with ``p``."""
-    return sum(comb(k, j) * (1 - p) ** j * p ** (k - j) for j in range(max(need, 0), k + 1))
+    return min(float(survivors(k, p)[max(need, 0):].sum()), 1.0)
 
 
-def _thin(dist: list[float], p: float, floor: int) -> list[float]:
-    """The distribution of the count after each client drops with ``p``, below ``floor`` removed."""
-    out = [0.0] * len(dist)
-    for i, w in enumerate(dist):
-        if w:
-            for j in range(max(floor, 0), i + 1):
-                out[j] += w * comb(i, j) * (1 - p) ** j * p ** (i - j)
+def _thinning(k: int, p: float) -> np.ndarray:
+    """(k+1, k+1): row i is the distribution of survivors of i clients dropping with ``p``."""
+    lf = _log_factorials(k)
+    out = np.zeros((k + 1, k + 1))
+    for i in range(k + 1):
+        out[i, : i + 1] = survivors(i, p, lf)
     return out
 
 
 def chain_keeps(k: int, need: int, p: float, stages: Callable[[int], list[Stage]]) -> float:
     """Probability that an attempt of ``k`` sampled clients ends with at least ``need``
     updates and every stage's floor met: dropout ``p`` first, then ``stages(n)`` for the
-    ``n`` left (before_train, train, after_train), ``need`` checked after the train stages."""
+    ``n`` left (before_train, train, after_train), ``need`` checked after the train stages.
+    Starts below 1e-15 of probability are skipped (their sum is negligible)."""
     order = {"before_train": 0, "train": 1, "after_train": 2}
+    matrices: dict[float, np.ndarray] = {}
     total = 0.0
-    for n in range(k + 1):
-        start = comb(k, n) * (1 - p) ** n * p ** (k - n)
-        if not start:
+    for n, start in enumerate(survivors(k, p)):
+        if start < 1e-15:
             continue
-        dist = [0.0] * n + [start]
+        dist = np.zeros(n + 1)
+        dist[n] = start
         steps = sorted(stages(n), key=lambda s: order[s.when])
-        trained = False
-        for s in steps:
-            if s.when == "after_train" and not trained:
-                dist, trained = _thin(dist, 0.0, need), True
-            dist = _thin(dist, s.p, s.floor if s.when != "train" else max(s.floor, need))
-            trained = trained or s.when == "train"
-        if not trained:
-            dist = _thin(dist, 0.0, need)
-        total += sum(dist)
-    return total
+        floors = []
+        for s in steps:  # need is the train step's floor, or applied before the first after_train stage
+            floors.append(max(s.floor, need) if s.when == "train" else s.floor)
+        if not any(s.when == "train" for s in steps):
+            at = next((i for i, s in enumerate(steps) if s.when == "after_train"), len(steps))
+            steps.insert(at, Stage("need", 0.0, need, "train"))
+            floors.insert(at, need)
+        for s, floor in zip(steps, floors):
+            if s.p > 0:
+                if s.p not in matrices:
+                    matrices[s.p] = _thinning(k, s.p)
+                dist = dist @ matrices[s.p][: n + 1, : n + 1]
+            dist[: max(floor, 0)] = 0.0
+        total += float(dist.sum())
+    return min(total, 1.0)  # float sums may end a hair above 1
 
 
 def _exchange_stages(exp) -> tuple[Callable[[int], list[Stage]] | None, list[str]]:
@@ -141,4 +164,4 @@ def dropout_outlook(exp) -> list[str]:
             f"with probability {skip:.3f} (about {skip * exp.rounds:.1f} of {exp.rounds} rounds), from random dropout alone"]
 
 
-__all__ = ["Stage", "attempt_keeps", "chain_keeps", "dropout_outlook", "register_dropout_stages"]
+__all__ = ["Stage", "attempt_keeps", "chain_keeps", "dropout_outlook", "register_dropout_stages", "survivors"]
