@@ -69,21 +69,33 @@ def test_llg_counts_from_a_batch_update(bench):
     assert np.array_equal(est, truth), (est, truth)
 
 
-def test_loss_threshold_attack_finds_overfitted_members(tmp_path):
-    # 16 examples with random labels (so they can only be memorised) trained for 25
-    # full-batch AdamW steps at lr 0.05: their loss drops far below that of 16 unseen
-    # examples with random labels, so the attack separates them (AUC well above 0.5).
-    exp = from_dict(tiny_config(tmp_path, **{"train.lr": 0.05, "train.steps": 25, "train.batch_size": 16}))
-    wb = Workbench(exp)
+def memorising(tmp_path):
+    """16 members and 16 non-members with random labels (so they can only be memorised) on
+    the tiny model, and ``train(examples, k)``: 25 full-batch AdamW steps at lr 0.05 from
+    the initial State (seeded by k), returning the trained State."""
+    import types
+
+    wb = Workbench(from_dict(tiny_config(tmp_path, **{"train.lr": 0.05, "train.steps": 25, "train.batch_size": 16})))
     rng = np.random.default_rng(0)
     relabel = lambda es: [{**e, "label": int(rng.integers(0, 2))} for e in es]  # noqa: E731
     members, nonmembers = relabel(wb.examples(0)[:16]), relabel(wb.examples(1)[:16])
+
+    def train(examples, k):
+        ctx = wb.context(0, k + 1)
+        ctx.examples = examples
+        upd = LocalLearner().local_update(Instruction(k + 1, 0, wb.initial_state()), ctx)
+        return {n: v + upd.payload[n] for n, v in wb.initial_state().items()}
+
+    return types.SimpleNamespace(wb=wb, rng=rng, relabel=relabel, members=members, nonmembers=nonmembers, train=train)
+
+
+def test_loss_threshold_attack_finds_overfitted_members(tmp_path):
+    # the members' loss drops far below the unseen examples', so the attack separates them
+    # (AUC well above 0.5)
+    m = memorising(tmp_path)
+    wb, members, nonmembers = m.wb, m.members, m.nonmembers
     before = loss_threshold_attack(wb, wb.initial_state(), members, nonmembers)
-    ctx = wb.context(0, 1)
-    ctx.examples = members
-    upd = LocalLearner().local_update(Instruction(1, 0, wb.initial_state()), ctx)
-    trained = {k: v + upd.payload[k] for k, v in wb.initial_state().items()}
-    after = loss_threshold_attack(wb, trained, members, nonmembers)
+    after = loss_threshold_attack(wb, m.train(members, 0), members, nonmembers)
     assert after["auc"] > 0.8 and after["auc"] > before["auc"]
     assert 0.0 <= after["tpr_at_1pct_fpr"] <= 1.0
 
@@ -189,21 +201,11 @@ def test_offline_lira_separates_members_on_an_overfit_tiny_model(tmp_path):
     # population (client 0's examples after the first 16), which holds no candidate.
     from fedfm.attacks.lira import offline_lira_attack
 
-    exp = from_dict(tiny_config(tmp_path, **{"train.lr": 0.05, "train.steps": 25, "train.batch_size": 16}))
-    wb = Workbench(exp)
-    rng = np.random.default_rng(0)
-    relabel = lambda es: [{**e, "label": int(rng.integers(0, 2))} for e in es]  # noqa: E731
-    members, nonmembers = relabel(wb.examples(0)[:16]), relabel(wb.examples(1)[:16])
+    m = memorising(tmp_path)
+    wb, members, nonmembers, rng = m.wb, m.members, m.nonmembers, m.rng
     population = wb.examples(0)[16:]
-
-    def train(examples, k):
-        ctx = wb.context(0, k + 1)
-        ctx.examples = examples
-        upd = LocalLearner().local_update(Instruction(k + 1, 0, wb.initial_state()), ctx)
-        return {n: v + upd.payload[n] for n, v in wb.initial_state().items()}
-
-    target = train(members, 0)
-    refs = [train(relabel([population[i] for i in rng.choice(len(population), 16, replace=False)]), k + 1) for k in range(4)]
+    target = m.train(members, 0)
+    refs = [m.train(m.relabel([population[i] for i in rng.choice(len(population), 16, replace=False)]), k + 1) for k in range(4)]
     got = offline_lira_attack(wb, target, refs, members, nonmembers)
     assert got["references"] == 4 and got["auc"] > 0.8, got
     fixed = offline_lira_attack(wb, target, refs, members, nonmembers, fixed_variance=True)
@@ -235,19 +237,9 @@ def test_online_lira_separates_members_on_an_overfit_tiny_model(tmp_path):
     # candidate is IN for some and OUT for others.
     from fedfm.attacks.lira import online_lira_attack
 
-    exp = from_dict(tiny_config(tmp_path, **{"train.lr": 0.05, "train.steps": 25, "train.batch_size": 16}))
-    wb = Workbench(exp)
-    rng = np.random.default_rng(0)
-    relabel = lambda es: [{**e, "label": int(rng.integers(0, 2))} for e in es]  # noqa: E731
-    members, nonmembers = relabel(wb.examples(0)[:16]), relabel(wb.examples(1)[:16])
+    m = memorising(tmp_path)
+    wb, members, nonmembers, rng, train = m.wb, m.members, m.nonmembers, m.rng, m.train
     pool = members + nonmembers
-
-    def train(examples, k):
-        ctx = wb.context(0, k + 1)
-        ctx.examples = examples
-        upd = LocalLearner().local_update(Instruction(k + 1, 0, wb.initial_state()), ctx)
-        return {n: v + upd.payload[n] for n, v in wb.initial_state().items()}
-
     target = train(members, 0)
     inside = np.zeros((8, 32), dtype=bool)
     for i in range(8):  # halves by a balanced design: every candidate IN exactly 4 times
