@@ -1,18 +1,19 @@
 """SecAgg+'s communication graph: Bell et al. 2020, "Secure Single-Server Aggregation with
-(Poly)Logarithmic Overhead" (CCS 2020), section 3.
+(Poly)Logarithmic Overhead" (CCS 2020).
 
 In Bonawitz et al.'s protocol every client shares its secrets with, and masks its input
 against, every other client: O(n) keys, shares and masks per client, O(n^2) in all. In
-SecAgg+ a client does so only with its ``k`` neighbours in a k-regular graph, so each
-client's work and traffic grow with k, not n. The graph is a Harary graph H(k, n) over a
-random order of the clients, as in Bell et al.: the clients on a ring, each linked to
-the k/2 nearest on either side (``neighbours: k``, even). The order is drawn from public
-bytes (``graph_seed``: the round, the attempt and the ids of the clients keyed; ids sorted
-by SHA-256(SHA-256(seed) || id)), so every client computes the same graph from the ids it
+SecAgg+ a client does so only with its neighbours in a sparse graph of degree k, so each
+client's work and traffic grow with k, not n. The graph here is a Harary graph H(k, n)
+over a random order of the clients: the clients on a ring, each linked to the k/2 nearest
+on either side (``neighbours: k``, even), so every client has exactly k neighbours and
+the graph stays connected after any k - 1 dropouts. The order is drawn from public bytes
+(``graph_seed``: the round, the attempt and the ids of the clients keyed; ids sorted by
+SHA-256(SHA-256(seed) || id)), so every client computes the same graph from the ids it
 is sent, the graph changes every round, and the server has nothing to choose but whom to
-key. The server then sends each client the keys of its neighbours only (and the ids,
-4 bytes each), as in Bell et al. With k >= n - 1 every client is every other's
-neighbour: Bonawitz et al.'s protocol.
+key. The server then sends each client the keys of its neighbours only (and the ids, 4
+bytes each). With k >= n - 1 every client is every other's neighbour: Bonawitz et al.'s
+protocol.
 
 What the server learns: the masks of two neighbours cancel only in a sum that holds
 both, so from the masked inputs U3 the server can unmask the sum over each connected
