@@ -22,6 +22,13 @@ probabilities in log space so that no count overflows), by hand: a few binomial 
 no library needed. Random dropout alone is
 counted: a straggler deadline, an exchange's fixed ``drop`` list, a failed or a rejected
 client only make it worse.
+
+Where the counts do not decide (SecAgg+'s neighbourhoods: *which* clients drop matters),
+the exchange also registers an ``estimate``: given its parameters, the sampled clients,
+``faults.dropout`` and ``need``, an ``Estimate`` of ``q`` (by simulation, with its
+standard error) or None where the chain is exact. The outlook then takes the smallest
+``q`` (each is the probability of one exchange's conditions, so the joint one is at most
+that), and says it was estimated, with the exchange's advice.
 """
 
 from __future__ import annotations
@@ -46,14 +53,31 @@ class Stage:
     when: Literal["before_train", "train", "after_train"]
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """An exchange's own estimate of the probability ``q`` that an attempt finishes, with
+    ``how`` it was had, and ``advise(failure)``: what would keep an attempt's failure at
+    most ``failure`` (called only when the outlook warns)."""
+
+    q: float
+    se: float
+    how: str
+    advise: Callable[[float], str] | None = None
+
+
 StageFn = Callable[[BaseModel, int], list[Stage]]
+EstimateFn = Callable[[BaseModel, int, float, int], Estimate | None]
 _STAGES: dict[str, StageFn] = {}
+_ESTIMATES: dict[str, EstimateFn] = {}
 
 
-def register_dropout_stages(exchange: str, stages: StageFn) -> StageFn:
+def register_dropout_stages(exchange: str, stages: StageFn, estimate: EstimateFn | None = None) -> StageFn:
     """``stages(params, n)``: the stages of exchange ``exchange`` for a round whose phases
-    began with ``n`` clients."""
+    began with ``n`` clients; ``estimate(params, sampled, faults_dropout, need)``: its own
+    estimate of ``q`` where the stages' counts do not decide (None: they do)."""
     _STAGES[exchange] = stages
+    if estimate is not None:
+        _ESTIMATES[exchange] = estimate
     return stages
 
 
@@ -118,28 +142,29 @@ def chain_keeps(k: int, need: int, p: float, stages: Callable[[int], list[Stage]
     return min(total, 1.0)  # float sums may end a hair above 1
 
 
-def _exchange_stages(exp) -> tuple[Callable[[int], list[Stage]] | None, list[str]]:
+def _exchange_stages(exp) -> tuple[Callable[[int], list[Stage]] | None, list[str], list[tuple[BaseModel, EstimateFn]]]:
     """The registered stages of the run's exchanges (None when no exchange registered any),
-    and the names of those that drop at random."""
+    the names of those that drop at random, and the (params, estimate) of those with one."""
     from fedfm.core.exchanges import parse_exchange
 
     found = []
     for i, spec in enumerate(exp.exchanges):
         name, params = parse_exchange(spec, f"exchanges[{i}]")
         if name in _STAGES:
-            found.append((f"exchanges[{i}] ({name})", params, _STAGES[name]))
+            found.append((f"exchanges[{i}] ({name})", params, _STAGES[name], _ESTIMATES.get(name)))
 
     def stages(n: int) -> list[Stage]:
-        return [s for _, params, fn in found for s in fn(params, n)]
+        return [s for _, params, fn, _ in found for s in fn(params, n)]
 
-    random = [where for where, params, fn in found if any(s.p > 0 for s in fn(params, exp.federation.clients))]
-    return (stages if found else None), random
+    random = [where for where, params, fn, _ in found if any(s.p > 0 for s in fn(params, exp.federation.clients))]
+    estimates = [(params, est) for _, params, _, est in found if est is not None]
+    return (stages if found else None), random, estimates
 
 
 def dropout_outlook(exp) -> list[str]:
     """A warning when random dropout makes a skipped round likely (at least ``SKIP_WARNING``)."""
     p = exp.faults.dropout
-    stages, random = _exchange_stages(exp)
+    stages, random, estimates = _exchange_stages(exp)
     if p <= 0 and not random:
         return []
     from fedfm.aggregators.server_part import build_server_part
@@ -153,15 +178,23 @@ def dropout_outlook(exp) -> list[str]:
     fewest, reason = fewest_combined(exp, build_server_part(exp.learner.name, params, fed.clients))
     need, why = (fed.min_clients, f"min_clients {fed.min_clients}") if fed.min_clients >= fewest else (fewest, reason)
     q = chain_keeps(k, need, p, stages) if stages is not None else attempt_keeps(k, need, p)
+    own = [e for e in (est(params, k, p, need) for params, est in estimates) if e is not None]
+    best = min(own, key=lambda e: e.q, default=None)
+    if best is not None and best.q < q:
+        q = best.q
+    else:
+        best = None
     skip = (1 - q) ** (1 + fed.max_retries)
     if skip < SKIP_WARNING:
         return []
     what = [f"faults.dropout {p:g}"] if p > 0 else []
     what += [f"the per-phase dropout of {where}" for where in random]
     besides = " and every phase's threshold" if stages is not None else ""
+    keeps = f"with probability {q:.3f}" if best is None else f"with probability about {q:.3f} (± {best.se:.3f}; {best.how})"
+    advice = f"; {best.advise(SKIP_WARNING ** (1 / (1 + fed.max_retries)))}" if best is not None and best.advise is not None else ""
     return [f"{' and '.join(what)}: a round needs {need} of its {k} sampled clients ({why}){besides}; an attempt keeps "
-            f"that many with probability {q:.3f}, so with federation.max_retries {fed.max_retries} a round is skipped "
-            f"with probability {skip:.3f} (about {skip * exp.rounds:.1f} of {exp.rounds} rounds), from random dropout alone"]
+            f"that many {keeps}, so with federation.max_retries {fed.max_retries} a round is skipped "
+            f"with probability {skip:.3f} (about {skip * exp.rounds:.1f} of {exp.rounds} rounds), from random dropout alone{advice}"]
 
 
-__all__ = ["Stage", "attempt_keeps", "chain_keeps", "dropout_outlook", "register_dropout_stages", "survivors"]
+__all__ = ["Estimate", "Stage", "attempt_keeps", "chain_keeps", "dropout_outlook", "register_dropout_stages", "survivors"]

@@ -66,7 +66,7 @@ import torch
 
 from fedfm.core.exchanges import register_exchange
 from fedfm.core.protocols import ExchangePhaseBase
-from fedfm.privacy.secagg import record, shamir
+from fedfm.privacy.secagg import outlook, record, shamir
 from fedfm.privacy.secagg.common import (
     CIPHERTEXT,
     SHARE_RECORD,
@@ -381,5 +381,5 @@ def secagg_phases(params: SecAggParams) -> list:
 
 
 register_exchange("secagg", secagg_phases, SecAggParams)
-register_dropout_stages("secagg", dropout_stages)
+register_dropout_stages("secagg", dropout_stages, outlook.estimate)
 

@@ -22,7 +22,8 @@ the ring), unmasking would hand it partial sums; the server then fails the round
 honest client refuses to send its unmasking shares (``connected``). Bell et al. bound
 the chance of this (and of a neighbourhood left with fewer than t) by choosing
 k = O(log n) for the expected dropout; here k is the user's choice and a round that
-would leak fails instead.
+would leak fails instead (``outlook.py`` estimates how often, and the smallest k that
+keeps it rare).
 
 Written by hand: a ring and a breadth-first search, no graph library needed.
 """

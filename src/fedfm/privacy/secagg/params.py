@@ -69,9 +69,9 @@ def dropout_stages(p: SecAggParams, n: int) -> list[Stage]:
     """Where a client drops at random (``dropout``) in a round whose phases began with ``n``
     clients, for the dropout outlook (``runtime/fault_outlook.py``): every phase needs t
     left (the threshold, fixed from ``n``); the ``train`` draw decides the masked inputs
-    U3; ``unmask`` needs t of U3 to answer. The fixed ``drop`` list is not counted, nor,
-    with ``neighbours``, a neighbourhood left below t or a graph cut by dropped clients
-    (``graph.py``): the outlook is then a lower bound."""
+    U3; ``unmask`` needs t of U3 to answer. The fixed ``drop`` list is not counted. With
+    ``neighbours``, a neighbourhood left below t or a graph cut by dropped clients
+    (``graph.py``) also fail a round: ``outlook.estimate`` counts them."""
     t = p.threshold or default_threshold(holders(n, p.neighbours))
     when = {"train": "train", "unmask": "after_train"}
     return [Stage(ph, float(p.dropout.get(ph, 0.0)), t, when.get(ph, "before_train")) for ph in PHASES]
