@@ -50,10 +50,10 @@ def table(dp: list[dict], labels: list[dict], sa: list[dict]) -> str:
     lines += [f"| {r['noise']} | {r['label_accuracy']:.2f} (of {r['n']}) |" for r in labels]
     if not sa:  # --full: no SecAgg rows
         return "\n".join(lines)
-    lines += ["", "| payload | d | clients | dropped | bytes up (all phases) | bytes down | plain float32 up | SecAgg wall s | plain fixed-point sum s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| payload | d | clients | dropped | SecAgg's own bytes up | bytes down | masked inputs up | plain float32 up "
+              "| SecAgg compute s | plain fixed-point sum s | max abs error of the mean |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['payload']} | {r['d']} | {r['clients']} | {r['dropped']} | {r['bytes_up']:,} | {r['bytes_down']:,} | "
-              f"{r['plain_bytes_up']:,} | {r['wall_s']:.3f} | {r['plain_s']:.4f} |" for r in sa]
+              f"{r['masked_up']:,} | {r['plain_bytes_up']:,} | {r['wall_s']:.3f} | {r['plain_s']:.4f} | {r['max_err']:.1e} |" for r in sa]
     return "\n".join(lines)
 
 

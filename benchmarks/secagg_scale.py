@@ -44,8 +44,9 @@ from privacy_tables import write_block  # noqa: E402
 D = 74_498  # the quickstart's shared LoRA + head values
 
 
-def one_round(n: int, k: int | None, root: Path) -> dict:
-    """One secure-aggregation round of n clients (client 0 drops before its masked input)."""
+def one_round(n: int, k: int | None, root: Path, d: int = D, dropped: tuple[int, ...] = (0,)) -> dict:
+    """One secure-aggregation round of n clients of updates of length d (the clients in
+    ``dropped`` drop before their masked inputs). Also used by ``privacy.py``."""
     p = SecAggParams(bound=1.0, frac_bits=14, weighting="uniform", neighbours=k)
     phases = {ph.step: ph for ph in secagg_phases(p)}
     store = ClientStore(root)
@@ -78,25 +79,27 @@ def one_round(n: int, k: int | None, root: Path) -> dict:
 
     going = phase("route", phase("share", phase("advertise", list(range(n)))))
     rng = np.random.default_rng(n)
-    xs = {c: rng.uniform(-0.1, 0.1, D).astype(np.float32) for c in going}
-    masked = []
+    xs = {c: rng.uniform(-0.1, 0.1, d).astype(np.float32) for c in going}
+    masked, masked_up = [], 0
     for c in going:
-        if c == 0:
+        if c in dropped:
             continue  # drops before its masked input
         t0 = time.perf_counter()
         upd = Update(cid=c, payload={"w": torch.from_numpy(xs[c])}, num_examples=1)
         masked.append(phases["route"].on_train_reply(env, c, 1, upd, types.SimpleNamespace(cid=c, round=1, store=store)))
         client_s += time.perf_counter() - t0
+        masked_up += len(to_bytes(Payload(dict(masked[-1].payload), dict(masked[-1].meta))))  # the masked train reply
     survivors = phase("unmask", [u.cid for u in masked])
     t0 = time.perf_counter()
     mean = phases["unmask"].transform([u for u in masked if u.cid in set(survivors)], state)
     server_s += time.perf_counter() - t0
     if not mean:
         raise SystemExit(f"n={n} k={k}: the round failed: {state['secagg'].get('failed')}")
-    plain = np.mean([xs[c] for c in going if c != 0], axis=0)
+    plain = np.mean([xs[c] for c in going if c not in dropped], axis=0)
     err = float(np.abs(mean[0].payload["w"].numpy() - plain).max())
     return {"n": n, "k": k, "up": sum(up.values()) / n, "down": sum(down.values()) / n, "client_s": client_s / n,
-            "server_s": server_s, "max_err": err, "t": state["secagg"]["t"]}
+            "server_s": server_s, "max_err": err, "t": state["secagg"]["t"], "masked_up": masked_up,
+            "plain_up": sum(len(to_bytes(Payload({"w": torch.from_numpy(xs[c])}, {}))) for c in going if c not in dropped)}
 
 
 def table(rows: list[dict]) -> str:

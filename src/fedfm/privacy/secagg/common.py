@@ -1,6 +1,6 @@
-"""What the in-process protocol (``protocol.py``) and the exchange phases of real rounds
-(``exchange.py``, ``mask.py``) share: the error, the default threshold, the byte layout of
-ids and shares, the mask vector of one client, and the checked Shamir reconstruction.
+"""What the phases of secure aggregation (``exchange.py``, ``mask.py``, ``unmask.py``)
+share: the error, the default threshold, the byte layout of ids and shares, the mask
+vector of one client, and the checked Shamir reconstruction.
 
 Nothing here imports ``cryptography`` at module level (it is the optional extra
 ``privacy``), so a config can be checked without it.

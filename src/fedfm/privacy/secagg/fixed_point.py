@@ -11,8 +11,8 @@ when it is not). The rounding error of one coordinate is at most 2^-(frac_bits+1
 The weight word (the sum of the clients' weights, frac_bits 0) obeys the same rule: n
 weights of at most ``weight_cap(n, bits)`` each sum below 2^(bits-1) (``weight_problem``).
 
-``bits`` is 32 for the in-process protocol (``protocol.py``) and 24 in runs
-(``exchange.py``): there the masked words travel as float32 values, exact below 2^24.
+``bits`` defaults to 32 (the whole uint32 word); runs use 24 (``params.py``'s default,
+at most 24): there the masked words travel as float32 values, exact below 2^24.
 """
 
 from __future__ import annotations
