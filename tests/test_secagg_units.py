@@ -39,6 +39,11 @@ def test_the_polynomial_through_three_shares_by_hand():
     assert shamir.evaluator([(2, 21), (5, 72), (4, 51)])(1) == 12  # any 3 shares, in any order
     with pytest.raises(ValueError, match="distinct and nonzero"):
         shamir.evaluator([(1, 12), (1, 13)])
+    # the extra shares checked all at once: on f, (4, 51) and (5, 72) pass; (5, 73) does not
+    # (whatever the random weights: the sum is r_5 * 1, nonzero mod p)
+    used = [(1, 12), (2, 21), (3, 34)]
+    assert shamir.all_on(used, [(4, 51), (5, 72), (10, 237)]) and shamir.all_on(used, [])
+    assert not shamir.all_on(used, [(4, 51), (5, 73)]) and not shamir.all_on(used, [(10, 236)])
 
 
 def test_the_masked_weight_has_one_width_whatever_the_mask():

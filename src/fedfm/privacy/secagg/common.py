@@ -126,7 +126,11 @@ def recover(what: str, shares: list[tuple[int, int]], t: int, valid: Callable[[b
             continue
         if valid(secret):
             used = dict(subset)  # a share off the subset's polynomial is malformed
-            for x in [x for x, y in shares if used.get(x) != y and (x in used or f(x) != y)]:
+            extra = [(x, y) for x, y in shares if x not in used]
+            bad = [x for x, y in shares if x in used and used[x] != y]
+            if not shamir.all_on(subset, extra):  # one sum for all of them; share by share only if it fails
+                bad += [x for x, y in extra if f(x) != y]
+            for x in sorted(bad, key=[x for x, _ in shares].index):
                 notes.append(f"share {x} of {what} is malformed; not used")
             return secret
     who = ", ".join(f"client {holders[x]}" if holders and x in holders else f"share {x}" for x, _ in shares)

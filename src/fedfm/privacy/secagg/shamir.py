@@ -88,6 +88,38 @@ def evaluator(shares: Sequence[tuple[int, int]]):
     return at
 
 
+@lru_cache(maxsize=256)
+def _check_weights(used: tuple[int, ...], extra: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(r_e, v_j): random weights r_e of the extra indices, and v_j = sum_e r_e L_j(x_e) with
+    L_j the Lagrange basis of ``used``; once per set of holders, O(len(extra) * len(used))."""
+    inv = _inverse_denominators(used)
+    r = tuple(secrets.randbelow(PRIME - 1) + 1 for _ in extra)
+    v = [0] * len(used)
+    for re, xe in zip(r, extra):
+        t = len(used)
+        prefix = [1] * (t + 1)
+        for i, xi in enumerate(used):
+            prefix[i + 1] = prefix[i] * (xe - xi) % PRIME
+        suffix = 1
+        for j in range(t - 1, -1, -1):  # L_j(x_e) = prod_{m != j} (x_e - x_m) / D_j
+            v[j] = (v[j] + re * (prefix[j] * suffix % PRIME) % PRIME * inv[j]) % PRIME
+            suffix = suffix * (xe - used[j]) % PRIME
+    return r, tuple(v)
+
+
+def all_on(used: Sequence[tuple[int, int]], extra: Sequence[tuple[int, int]]) -> bool:
+    """Whether every ``extra`` share lies on the polynomial through ``used`` (distinct x,
+    none of ``extra``'s x among them), in O(len(used) + len(extra)) per secret: with random
+    r_e, sum_e r_e (y_e - f(x_e)) = sum_e r_e y_e - sum_j v_j y_j is 0 for consistent
+    shares, and nonzero for any other with probability 1 - 1/(p - 1) (the r_e are drawn once
+    per set of holders and stay with the server). A False asks ``evaluator`` which."""
+    if not extra:
+        return True
+    r, v = _check_weights(tuple(x for x, _ in used), tuple(x for x, _ in extra))
+    total = sum(re * y for re, (_, y) in zip(r, extra)) - sum(vj * y for vj, (_, y) in zip(v, used))
+    return total % PRIME == 0
+
+
 def share_bytes(share: tuple[int, int]) -> bytes:
     return share[0].to_bytes(4, "big") + share[1].to_bytes(SHARE_BYTES, "big")
 
