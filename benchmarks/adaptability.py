@@ -16,7 +16,9 @@ the per-client accuracy on each client's own held-out slice, mean and worst deci
 (``client_accuracy_mean`` / ``client_accuracy_worst10`` of the last round). For IFCA and
 the given clusters each client is evaluated with its own cluster's model
 (``personalize/cluster_eval.py``), and the cluster purity against each client's majority
-label is reported; "update clusters" is one global model whose clients ``cluster_report``
+label is reported; "majority label (no model)" predicts each client's training majority
+label on its held-out slice (and the pooled one on the test set), the label prior a
+personalized model must beat; "update clusters" is one global model whose clients ``cluster_report``
 clusters by the cosine similarity of their round-2 updates (purity only). The DAPT rows
 run federated masked-LM further pre-training (``examples/adaptability/dapt_ffdapt.yaml``)
 on the same job, fully and FFDAPT-style, and give the masked-LM loss and masked-token
@@ -75,6 +77,7 @@ METHODS = {  # label: (example config, extra overrides)
     "feddat": ("feddat", []),
     "ifca k=2": ("ifca", ["eval.clients=none"]),
     "given clusters (label) k=2": ("given_clusters", ["eval.clients=none"]),
+    "majority label (no model)": ("majority", []),  # each client predicts its training majority; global: the pooled one
     "update clusters k=2 (one global model)": (  # report only; update_clusters serves a model per cluster (--part grouped)
         "local_head", ["peft.local=[]", "server_steps=[{name: cluster_report, source: updates, k: 2, warmup: 2, truth_column: label}]"]
     ),
@@ -107,8 +110,29 @@ def label_roles(exp) -> list[dict]:
     return roles
 
 
+def majority_baseline(exp) -> dict:
+    """The accuracies of predicting, with no model, each client's training majority label on
+    its held-out slice (mean and worst decile, as ``eval.clients``) and the pooled training
+    majority on the test set: what a personalized model must beat to have learned more than
+    its client's label prior."""
+    import numpy as np
+
+    from fedfm.runtime.client_eval import worst_decile
+
+    wb = Workbench(exp)
+    labels = wb.federation.frame["label"].to_numpy()
+    acc = [float((labels[c.eval_indices] == np.bincount(labels[c.indices]).argmax()).mean()) for c in wb.clients if c.eval_indices]
+    pooled = np.bincount(labels[[i for c in wb.clients for i in c.indices]]).argmax()
+    return {"accuracy": float((labels[wb.federation.test_indices] == pooled).mean()), "client_mean": float(np.mean(acc)),
+            "client_worst10": worst_decile(acc), "bytes_up": 0}
+
+
 def run_method(label: str, config: str, extra: list[str], common: list[str], out: Path) -> dict:
     overrides = REDUCED + common + extra
+    if config == "majority":
+        t0 = time.perf_counter()
+        res = majority_baseline(load("local_head", overrides))
+        return {"label": label, "config": config, "overrides": overrides[len(REDUCED):], **res, "wall_s": time.perf_counter() - t0}
     roles = None
     if config == "given_clusters":  # the example's roles are for its own partition: rebuild them
         # (from a plain local run of the same data: ifca with assign: profile refuses clients without a cluster)
