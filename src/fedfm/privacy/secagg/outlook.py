@@ -97,12 +97,11 @@ def keeps(p: SecAggParams, sampled: int, fault: float = 0.0, need: int = 1, k: i
     k = p.neighbours if k is ... else k
     rng = np.random.default_rng(seed)
     probs = _phase_probabilities(p)
-    stays = rng.random((draws, sampled)) >= fault
-    dropped = rng.random((draws, sampled, len(PHASES))) < probs
-    first = np.where(dropped.any(axis=2), dropped.argmax(axis=2), NONE)
     ok = 0
-    for row, alive in zip(first, stays):
-        drops = row[alive]
+    for _ in range(draws):  # one attempt at a time: memory O(sampled), whatever the draws
+        alive = rng.random(sampled) >= fault
+        dropped = rng.random((int(alive.sum()), len(PHASES))) < probs
+        drops = np.where(dropped.any(axis=1), dropped.argmax(axis=1), NONE)
         ok += attempt_fails(drops, k, _threshold(p, len(drops), k), need) is None
     q = ok / draws
     return q, math.sqrt(max(q * (1 - q), 1.0 / draws) / draws)
