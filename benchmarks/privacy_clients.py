@@ -1,6 +1,9 @@
-"""Client-level DP on the quickstart's 2,000 reviews split among more clients per round.
+"""Client-level DP on the quickstart's 2,000 reviews split among more clients per round;
+DP-SGD on the quickstart at other learning rates.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy_clients.py [--clients 8,32,64]
+        [--epsilon 8] [--write-doc]
+    PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/privacy_clients.py --dp-sgd-lr 1e-3,1e-2,3e-2
         [--epsilon 8] [--write-doc]
 
 The quickstart (examples/quickstart.yaml: MiniLM, LoRA r=8 on query/value, 3 rounds, all
@@ -12,6 +15,11 @@ update has std σ C / n per coordinate, so at the same ε more clients per round
 proportionally less noise: the column "noise std on the mean". Columns: accuracy on the
 1,000-review test set after the last round, ε spent, σ, that std, and wall seconds (one
 torch thread). ``--write-doc`` replaces the block ``dp-clients`` of docs/privacy.md.
+
+``--dp-sgd-lr``: the quickstart as written (8 clients) with the learner ``dp_sgd``
+(per-example clip C = 1, Poisson batches of 16), σ solved as ``privacy.py --full`` solves
+it (the largest any client needs for ``--epsilon`` over its steps of the run, δ = 1e-5),
+and AdamW at each learning rate instead of the quickstart's 3e-3; block ``dp-sgd-lr``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from privacy_tables import write_block  # noqa: E402
 
 from fedfm.config import from_dict  # noqa: E402
+from fedfm.learners.loop import planned_steps  # noqa: E402
+from fedfm.privacy.accounting import Plan, solve_noise_multiplier  # noqa: E402
 from fedfm.runtime import LocalRuntime  # noqa: E402
 from fedfm.runtime.outputs import read_metrics  # noqa: E402
 
@@ -52,6 +62,31 @@ def one(n: int, epsilon: float | None, out: Path) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
+def dp_sgd_one(lr: float, epsilon: float, out: Path) -> dict:
+    raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    raw["runtime"] = {"progress": False, "threads": 1}
+    raw["train"]["lr"] = lr
+    exp = from_dict(raw)
+    sizes = [exp.federation.examples_per_client] * exp.federation.clients
+    batch = exp.train.batch_size
+    sigma = max(solve_noise_multiplier(Plan(n, batch, "poisson"), exp.rounds * planned_steps(n, exp.train), epsilon, DELTA)
+                for n in sizes)
+    raw["learner"] = {"name": "dp_sgd", "clip_norm": 1.0, "noise_multiplier": sigma}
+    raw["server_steps"] = [{"name": "dp_sgd_accountant", "delta": DELTA}]
+    t0 = time.perf_counter()
+    LocalRuntime(from_dict(raw), out, overwrite=True).run()
+    last = read_metrics(out / "metrics.jsonl")[-1]
+    return {"lr": lr, "epsilon": epsilon, "sigma": sigma, "accuracy": last["accuracy"],
+            "spent": last.get("dp_sgd_accountant.epsilon_worst"), "wall_s": time.perf_counter() - t0}
+
+
+def dp_sgd_table(rows: list[dict]) -> str:
+    lines = ["| AdamW lr | target ε | σ | accuracy | ε spent (worst client) | wall s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['lr']:g} | {r['epsilon']:g} | {r['sigma']:.3f} | {r['accuracy']:.3f} | {r['spent']:.2f} | {r['wall_s']:.0f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| clients n (every round) | reviews each | setting | accuracy | ε spent | σ | noise std on the mean | wall s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -71,10 +106,21 @@ def main() -> None:
     ap.add_argument("--clients", default="8,32,64")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--no-plain", action="store_true", help="skip the runs without DP")
+    ap.add_argument("--dp-sgd-lr", default="", help="instead: DP-SGD on the quickstart at these AdamW learning rates")
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
+    if args.dp_sgd_lr:
+        with tempfile.TemporaryDirectory() as tmp:
+            for lr in [float(x) for x in args.dp_sgd_lr.split(",")]:
+                rows.append(dp_sgd_one(lr, args.epsilon, Path(tmp) / f"lr{lr:g}"))
+                print(rows[-1], flush=True)
+        text = dp_sgd_table(rows)
+        print(text)
+        if args.write_doc:
+            write_block("dp-sgd-lr", text)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(x) for x in args.clients.split(",")]:
             for eps in ([] if args.no_plain else [None]) + [args.epsilon]:
