@@ -2,6 +2,7 @@
 
     PYTHONPATH=src nice -n 10 python benchmarks/adaptability.py --out runs/adaptability [--only fedavg,feddat]
         [--doc docs/adaptability.md] [-o rounds=5 ...] [--table]
+    PYTHONPATH=src python benchmarks/adaptability.py --predictions runs/adaptability/local-head
 
 The REDUCED job (default overrides ``REDUCED``): MiniLM (all-MiniLM-L6-v2), Rotten
 Tomatoes, 4 clients with a Dirichlet(alpha = 0.1) label skew, 40 examples each of which 20%
@@ -127,6 +128,38 @@ def majority_baseline(exp) -> dict:
             "client_worst10": worst_decile(acc), "bytes_up": 0}
 
 
+def predictions(run: Path) -> str:
+    """``--predictions RUN``: for each client of a finished run (its ``config.yaml``,
+    ``final.safetensors`` and each client's ``local_state.safetensors`` when it keeps one),
+    how many of its held-out examples the client's model predicts as each label, its
+    accuracy, and the accuracy of its training majority label: a model that predicts one
+    label for the whole slice has learned its client's label prior, nothing more. Not for
+    IFCA or given clusters (their clients are served a cluster's model, not ``final``)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from fedfm.peft.state import set_state
+
+    wb = Workbench(from_dict(yaml.safe_load((run / "config.yaml").read_text())))
+    labels, final = wb.federation.frame["label"].to_numpy(), load_file(run / "final.safetensors")
+    n_labels = int(labels.max()) + 1
+    lines = ["| client | predicted per label | accuracy | its majority label's accuracy |", "|---|---|---|---|"]
+    for c in wb.clients:
+        own = run / "clients" / str(c.cid) / "local_state.safetensors"
+        set_state(wb.model, wb.full_state({**final, **(load_file(own) if own.exists() else {})}))
+        wb.model.eval()
+        pred = []
+        with torch.inference_mode():
+            for batch in wb.batches(wb.eval_examples(c.cid)):
+                batch.pop("labels")
+                pred += wb.model(**batch).logits.argmax(-1).tolist()
+        truth = labels[c.eval_indices]
+        majority = np.bincount(labels[c.indices], minlength=n_labels).argmax()
+        lines.append(f"| {c.cid} | {' / '.join(str(x) for x in np.bincount(pred, minlength=n_labels))} | "
+                     f"{(np.array(pred) == truth).mean():.3f} | {(truth == majority).mean():.3f} |")
+    return "\n".join(lines)
+
+
 def run_method(label: str, config: str, extra: list[str], common: list[str], out: Path) -> dict:
     overrides = REDUCED + common + extra
     if config == "majority":
@@ -209,11 +242,16 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=None, help="rewrite the results block of this doc")
     ap.add_argument("-o", "--override", action="append", default=[], help="override passed to every run")
     ap.add_argument("--table", action="store_true", help="only print (and --doc write) the table of OUT/results.jsonl")
+    ap.add_argument("--predictions", type=Path, default=None, metavar="RUN",
+                    help="only print each client's predictions per label on its held-out slice, for a finished run directory")
     ap.add_argument("--part", choices=["personalize", "multidomain", "dapt_chain", "grouped"], default="personalize")
     ap.add_argument("--full", action="store_true",
                     help="the example configs as written (full size), not the reduced job; doc block '<part>-full'")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.predictions is not None:
+        print(predictions(args.predictions))
+        return
     if args.full:  # every reduced job list becomes the full-size one
         global REDUCED, BEGIN, END
         REDUCED = FULL
