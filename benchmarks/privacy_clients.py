@@ -14,7 +14,10 @@ the noise multiplier σ is solved for 3 rounds of n of n clients). The noise on 
 update has std σ C / n per coordinate, so at the same ε more clients per round mean
 proportionally less noise: the column "noise std on the mean". Columns: accuracy on the
 1,000-review test set after the last round, ε spent, σ, that std, and wall seconds (one
-torch thread). ``--write-doc`` replaces the block ``dp-clients`` of docs/privacy.md.
+torch thread). With more clients each takes fewer local steps a round (2000 / n reviews,
+batches of 16); ``--same-steps`` gives every client n / 8 epochs, the quickstart's 16
+steps a round (and n / 8 times its compute); ``--rows FILE`` adds earlier rows (the JSON
+lines this script prints) to the table. ``--write-doc`` replaces the block ``dp-clients`` of docs/privacy.md.
 
 ``--dp-sgd-lr``: the quickstart as written (8 clients) with the learner ``dp_sgd``
 (per-example clip C = 1, Poisson batches of 16), σ solved as ``privacy.py --full`` solves
@@ -25,6 +28,7 @@ and AdamW at each learning rate instead of the quickstart's 3e-3; block ``dp-sgd
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -46,9 +50,11 @@ from fedfm.runtime.outputs import read_metrics  # noqa: E402
 CLIP, DELTA, TOTAL = 0.5, 1e-5, 2000
 
 
-def one(n: int, epsilon: float | None, out: Path) -> dict:
+def one(n: int, epsilon: float | None, out: Path, same_steps: bool = False) -> dict:
     raw = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     raw["federation"].update(clients=n, examples_per_client=TOTAL // n)
+    if same_steps:  # every client takes the quickstart's local steps a round: n / 8 epochs of 2000 / n reviews
+        raw["train"]["epochs"] = max(1, n // 8)
     raw["runtime"] = {"progress": False, "threads": 1}
     if epsilon is not None:
         raw["server_steps"] = [{"name": "dp_clip", "clip_norm": CLIP},
@@ -57,7 +63,7 @@ def one(n: int, epsilon: float | None, out: Path) -> dict:
     LocalRuntime(from_dict(raw), out, overwrite=True).run()
     last = read_metrics(out / "metrics.jsonl")[-1]
     sigma = last.get("dp_noise.accounted_noise_multiplier")
-    return {"n": n, "per_client": TOTAL // n, "epsilon": epsilon, "accuracy": last["accuracy"],
+    return {"n": n, "per_client": TOTAL // n, "epochs": raw["train"]["epochs"], "epsilon": epsilon, "accuracy": last["accuracy"],
             "spent": last.get("dp_noise.epsilon"), "sigma": sigma, "std": None if sigma is None else sigma * CLIP / n,
             "wall_s": time.perf_counter() - t0}
 
@@ -88,15 +94,15 @@ def dp_sgd_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| clients n (every round) | reviews each | setting | accuracy | ε spent | σ | noise std on the mean | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| clients n (every round) | reviews each | local epochs | setting | accuracy | ε spent | σ | noise std on the mean "
+             "| wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["epsilon"] is None:
             setting, spent, sigma, std = "no DP", "-", "-", "-"
         else:
             setting = f"client-level DP, ε = {r['epsilon']:g}"
             spent, sigma, std = f"{r['spent']:.2f}", f"{r['sigma']:.3f}", f"{r['std']:.4f}"
-        lines.append(f"| {r['n']} | {r['per_client']} | {setting} | {r['accuracy']:.3f} | {spent} | {sigma} | {std} | "
+        lines.append(f"| {r['n']} | {r['per_client']} | {r.get('epochs', 1)} | {setting} | {r['accuracy']:.3f} | {spent} | {sigma} | {std} | "
                      f"{r['wall_s']:.0f} |")
     return "\n".join(lines)
 
@@ -106,6 +112,9 @@ def main() -> None:
     ap.add_argument("--clients", default="8,32,64")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--no-plain", action="store_true", help="skip the runs without DP")
+    ap.add_argument("--same-steps", action="store_true",
+                    help="n / 8 local epochs, so every client takes the quickstart's local steps per round")
+    ap.add_argument("--rows", type=Path, default=None, help="also put these earlier rows (JSON lines) in the table")
     ap.add_argument("--dp-sgd-lr", default="", help="instead: DP-SGD on the quickstart at these AdamW learning rates")
     ap.add_argument("--write-doc", action="store_true")
     args = ap.parse_args()
@@ -121,11 +130,13 @@ def main() -> None:
         if args.write_doc:
             write_block("dp-sgd-lr", text)
         return
+    if args.rows is not None:
+        rows += [json.loads(x) for x in args.rows.read_text().splitlines() if x.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(x) for x in args.clients.split(",")]:
             for eps in ([] if args.no_plain else [None]) + [args.epsilon]:
-                rows.append(one(n, eps, Path(tmp) / f"n{n}_{eps}"))
-                print(rows[-1], flush=True)
+                rows.append(one(n, eps, Path(tmp) / f"n{n}_{eps}", args.same_steps))
+                print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
     print(text)
     if args.write_doc:
