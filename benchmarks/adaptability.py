@@ -144,19 +144,23 @@ def predictions(run: Path) -> str:
     labels, final = wb.federation.frame["label"].to_numpy(), load_file(run / "final.safetensors")
     n_labels = int(labels.max()) + 1
     lines = ["| client | predicted per label | accuracy | its majority label's accuracy |", "|---|---|---|---|"]
+    accs = []
     for c in wb.clients:
         own = run / "clients" / str(c.cid) / "local_state.safetensors"
         set_state(wb.model, wb.full_state({**final, **(load_file(own) if own.exists() else {})}))
         wb.model.eval()
-        pred = []
+        pred, truth = [], []
         with torch.inference_mode():
-            for batch in wb.batches(wb.eval_examples(c.cid)):
-                batch.pop("labels")
+            for batch in wb.batches(wb.eval_examples(c.cid)):  # sorted by length: the labels come with each batch
+                truth += batch.pop("labels").tolist()
                 pred += wb.model(**batch).logits.argmax(-1).tolist()
-        truth = labels[c.eval_indices]
+        truth = np.array(truth)
+        accs.append(float((np.array(pred) == truth).mean()))
         majority = np.bincount(labels[c.indices], minlength=n_labels).argmax()
         lines.append(f"| {c.cid} | {' / '.join(str(x) for x in np.bincount(pred, minlength=n_labels))} | "
                      f"{(np.array(pred) == truth).mean():.3f} | {(truth == majority).mean():.3f} |")
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    lines.append(f"\nmean accuracy {np.mean(accs):.4f} (the run's last client_accuracy_mean: {last.get('client_accuracy_mean')})")
     return "\n".join(lines)
 
 
