@@ -203,8 +203,8 @@ def test_joint_evaluation_matches_per_client_evaluation(tmp_path):
     joint = evaluate_jointly(wb, states, items)
     for state, its, got in zip(states, items, joint):
         want = wb.evaluate(state, wb.batches(its))
-        assert set(got) == set(want) == {"loss", "accuracy"}
-        assert got["accuracy"] == want["accuracy"]
+        assert set(got) == set(want) == {"loss", "accuracy", "balanced_accuracy"}
+        assert got["accuracy"] == want["accuracy"] and got["balanced_accuracy"] == want["balanced_accuracy"]
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
     assert len({round(m["loss"], 6) for m in joint}) == 3  # three different models were evaluated
 

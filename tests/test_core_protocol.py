@@ -79,7 +79,8 @@ def test_local_state_never_leaves_the_client_and_clients_evaluate(tmp_path):
     shared_numel = sum(v.numel() for k, v in full.items() if k not in head)
     for r in rows[1:]:
         assert 0.0 <= r["client_accuracy_worst10"] <= r["client_accuracy_mean"] <= 1.0
-        assert r["client_evaluated"] == 2
+        assert 0.0 <= r["client_balanced_accuracy_worst10"] <= r["client_balanced_accuracy_mean"] <= 1.0
+        assert r["client_evaluated"] == 2 and 0.0 <= r["balanced_accuracy"] <= 1.0
         # Every uplink payload holds the shared float32 values only (plus its header).
         assert r["codec_bytes"]["up"]["input"] > shared_numel * 4 * len(r["clients"])
         assert r["codec_bytes"]["up"]["input"] < (shared_numel * 4 + 4096) * len(r["clients"])

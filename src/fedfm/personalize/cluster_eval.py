@@ -6,10 +6,12 @@ cluster 0 (``model``). Here each client's held-out slice (``federation.client_ho
 is evaluated with the model of its cluster, on the server's workbench (the local backend,
 where the server process holds the clients' data):
 
-- ``client_accuracies(wb, state_of, cids)``: the accuracy of each client under the State
-  ``state_of(cid)`` returns; ``summary`` gives the mean and worst decile as the loop
-  reports them. ``cluster_report`` (``source: server``, ``client_eval: all``) calls them
-  every evaluating round of an ``update_clusters`` run;
+- ``client_metrics(wb, state_of, cids)``: the task's metrics of each client under the
+  State ``state_of(cid)`` returns (``client_accuracies``: the accuracy alone);
+  ``summary`` / ``metrics_summary`` give the mean and worst decile as the loop reports
+  them, of the balanced accuracy too for the classification tasks. ``cluster_report``
+  (``source: server``, ``client_eval: all``) calls them every evaluating round of an
+  ``update_clusters`` run;
 - ``cluster_client_eval``: after an IFCA run, from its final server state: the assignment
   kept by ``cluster_report``, or, for a client never assigned, the lowest-loss model on
   its training examples (IFCA's own choice). A client's local part (``peft.local``) comes
@@ -29,22 +31,39 @@ from fedfm.runtime.client import LOCAL_KEY
 from fedfm.runtime.client_eval import worst_decile
 
 
-def client_accuracies(wb, state_of: Callable[[int], State], cids: Iterable[int]) -> dict[int, float]:
-    """Accuracy of each client (with a held-out slice) under ``state_of(cid)``."""
-    accs: dict[int, float] = {}
+def client_metrics(wb, state_of: Callable[[int], State], cids: Iterable[int]) -> dict[int, dict[str, float]]:
+    """The task's metrics of each client (with a held-out slice) under ``state_of(cid)``."""
+    out: dict[int, dict[str, float]] = {}
     for cid in cids:
         items = wb.eval_examples(cid)
         if items:
-            accs[cid] = float(wb.evaluate(state_of(cid), wb.batches(items))["accuracy"])
-    return accs
+            out[cid] = {k: float(v) for k, v in wb.evaluate(state_of(cid), wb.batches(items)).items()}
+    return out
 
 
-def summary(accs: dict[int, float]) -> dict[str, Any]:
+def client_accuracies(wb, state_of: Callable[[int], State], cids: Iterable[int]) -> dict[int, float]:
+    """Accuracy of each client (with a held-out slice) under ``state_of(cid)``."""
+    return {cid: m["accuracy"] for cid, m in client_metrics(wb, state_of, cids).items()}
+
+
+def summary(accs: dict[int, float], balanced: dict[int, float] | None = None) -> dict[str, Any]:
+    """Mean, worst decile and count of the clients' accuracies, as the loop's ``eval.clients``
+    reports them; with ``balanced`` (per-client balanced accuracy) its mean and worst decile too."""
     values = list(accs.values())
     if not values:
         return {}
-    return {"client_accuracy_mean": float(np.mean(values)), "client_accuracy_worst10": worst_decile(values),
-            "client_evaluated": len(values)}
+    out = {"client_accuracy_mean": float(np.mean(values)), "client_accuracy_worst10": worst_decile(values),
+           "client_evaluated": len(values)}
+    if balanced:
+        b = list(balanced.values())
+        out.update(client_balanced_accuracy_mean=float(np.mean(b)), client_balanced_accuracy_worst10=worst_decile(b))
+    return out
+
+
+def metrics_summary(per_client: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """``summary`` of ``client_metrics``' result (balanced accuracy where the task gives it)."""
+    balanced = {c: m["balanced_accuracy"] for c, m in per_client.items() if "balanced_accuracy" in m}
+    return summary({c: m["accuracy"] for c, m in per_client.items()}, balanced)
 
 
 def cluster_client_eval(wb, server_state: ServerState, k: int, assign: list[int] | None = None, store=None) -> dict[str, Any]:
@@ -58,7 +77,7 @@ def cluster_client_eval(wb, server_state: ServerState, k: int, assign: list[int]
             j = ifca_choice([wb.evaluate(m, train)["loss"] for m in models])
         return models[j]
 
-    accs = client_accuracies(wb, state_of, [c.cid for c in wb.clients])
-    out = summary(accs)
+    per_client = client_metrics(wb, state_of, [c.cid for c in wb.clients])
+    out = metrics_summary(per_client)
     out.pop("client_evaluated", None)
-    return {**out, "per_client": accs}
+    return {**out, "per_client": {c: m["accuracy"] for c, m in per_client.items()}}

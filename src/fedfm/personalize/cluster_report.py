@@ -30,9 +30,10 @@ each cluster its own model after the warm-up; its clusters are reported with
   ``client_eval: all`` it evaluates, in every evaluating round (``eval.every`` and the
   last), each client's held-out slice with the model it is served (its cluster's; the
   global model before the clustering; the anchor for a client without a cluster) on the
-  server's workbench (``cluster_eval.client_accuracies``; local backend only, no
+  server's workbench (``cluster_eval.client_metrics``; local backend only, no
   ``peft.local``): ``client_accuracy_mean``, ``client_accuracy_worst10``,
-  ``client_evaluated``.
+  ``client_evaluated`` and, for the classification tasks, ``client_balanced_accuracy_mean``
+  and ``_worst10``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from fedfm.aggregators.pipeline import register_server_step
 from fedfm.core.profile_keys import profile_key_field
 from fedfm.core.protocols import RoundContext
 from fedfm.core.types import State, Update
-from fedfm.personalize.cluster_eval import client_accuracies, summary
+from fedfm.personalize.cluster_eval import client_metrics, metrics_summary
 from fedfm.personalize.clustering import cluster_updates, purity
 from fedfm.personalize.ifca import META, clusters_from_column
 
@@ -147,7 +148,7 @@ class ClusterReport:
                     return notes["models"][j]
                 return model if notes["unassigned"] is None else notes["unassigned"]
 
-            metrics.update(summary(client_accuracies(ctx.workbench, state_of, [c.cid for c in ctx.clients])))
+            metrics.update(metrics_summary(client_metrics(ctx.workbench, state_of, [c.cid for c in ctx.clients])))
         return model, {"assign": assign.clone()}, metrics
 
 

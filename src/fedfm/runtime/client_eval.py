@@ -1,6 +1,11 @@
 """Per-client evaluation (``eval.clients``): the clients evaluate the global model on their
 own held-out slices through the transport, and the server keeps the replies that decode
 to finite metrics (a garbled or NaN reply is logged and left out, never the end of the run).
+The row gets ``client_accuracy_mean`` / ``_worst10`` (mean of the lowest tenth),
+``client_evaluated``, ``client_loss_mean`` and, for the classification tasks,
+``client_balanced_accuracy_mean`` / ``_worst10``: per-label recall averaged over the labels
+in each client's slice, so a model that answers every client its majority label scores
+1 / (labels present) there, not its label share (tasks/class_tally.py).
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ def worst_decile(values: list[float]) -> float:
 
 
 def eval_reply_metrics(data: bytes) -> tuple[dict[str, float], str | None]:
-    """(accuracy / loss of a client's evaluation reply, None) or ({}, why it is left out):
+    """(accuracy / balanced accuracy / loss of a client's evaluation reply, None) or ({}, why it is left out):
     undecodable bytes, or a value that is not a finite number."""
     try:
         meta = from_bytes(data).meta
     except CodecError as exc:
         return {}, f"undecodable reply: {exc}"
     out = {}
-    for name in ("accuracy", "loss"):
+    for name in ("accuracy", "balanced_accuracy", "loss"):
         raw = meta.get(f"metric.{name}")
         if raw is None:
             continue
@@ -63,7 +68,7 @@ def evaluate_on_clients(transport: Transport, wb, mode: str, rnd: int, model_sta
         conf = {"round": rnd, "cid": cid, "fingerprint": wb.fingerprint, "view": view}
         envelopes.append(Envelope(cid, EVALUATE, conf, data))
     replies = transport.exchange(envelopes)
-    acc, loss, up = [], [], 0
+    acc, balanced, loss, up = [], [], [], 0
     for e in envelopes:
         reply = replies.get(e.cid)
         if reply is None or reply.error is not None:
@@ -76,11 +81,15 @@ def evaluate_on_clients(transport: Transport, wb, mode: str, rnd: int, model_sta
             continue
         if "accuracy" in metrics:
             acc.append(metrics["accuracy"])
+        if "balanced_accuracy" in metrics:
+            balanced.append(metrics["balanced_accuracy"])
         if "loss" in metrics:
             loss.append(metrics["loss"])
     out: dict[str, Any] = {"client_eval_bytes_down": len(data) * len(envelopes), "client_eval_bytes_up": up}
     if acc:
         out.update(client_accuracy_mean=float(np.mean(acc)), client_accuracy_worst10=worst_decile(acc), client_evaluated=len(acc))
+    if balanced:
+        out.update(client_balanced_accuracy_mean=float(np.mean(balanced)), client_balanced_accuracy_worst10=worst_decile(balanced))
     if loss:
         out["client_loss_mean"] = float(np.mean(loss))
     return out

@@ -12,13 +12,15 @@ import pandas as pd
 import torch
 
 from fedfm.tasks.base import register_task
+from fedfm.tasks.class_tally import ClassTally
 from fedfm.tasks.limits import check_max_length, model_prompt_positions, position_limit
 from fedfm.tasks.loading import load_auto
 from fedfm.tasks.padding import attention_mask, padded
 
 
 class TextClassification:
-    """Cross-entropy over ``num_labels`` classes; metrics: loss and accuracy."""
+    """Cross-entropy over ``num_labels`` classes; metrics: loss, accuracy and balanced
+    accuracy (tasks/class_tally.py)."""
 
     finish = None  # a Task hook this task does not use
     max_positions: int | None = None  # the model's position table, once built
@@ -66,14 +68,11 @@ class TextClassification:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches) -> dict[str, float]:
-        total, correct, loss_sum = 0, 0, 0.0
+        tally = ClassTally()
         for batch in batches:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits = logits.float()  # (B, C)
-            loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-            total += len(batch["labels"])
-        return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+            tally.add(logits.float(), batch["labels"])  # (B, C)
+        return tally.metrics()
 
 
 register_task("text_classification", TextClassification)

@@ -7,10 +7,10 @@ tokenizer's chat template as the user's turn (the answer then starts the assista
 turn), and the class logits are the LM's next-token logits at the last real (non-pad)
 position, read at the first token of each label word (``label_words[i]`` for class id
 ``i``, e.g. ``[" negative", " positive"]``). Loss: cross-entropy over those C logits;
-metrics ``loss`` and ``accuracy``, as ``text_classification``. No new parameter is made:
-the pre-trained LM head that predicts the next word is the classifier, so a tuner or a
-black-box prompt (FedBPT, BDPL) starts from a model that already classifies, instead of
-from a randomly initialised head pre-training never saw.
+metrics ``loss``, ``accuracy`` and ``balanced_accuracy``, as ``text_classification``. No
+new parameter is made: the pre-trained LM head that predicts the next word is the
+classifier, so a tuner or a black-box prompt (FedBPT, BDPL) starts from a model that
+already classifies, instead of from a randomly initialised head pre-training never saw.
 
 The papers: pattern-verbalizer pairs (PET: Schick and Schuetze 2021, "Exploiting Cloze
 Questions for Few Shot Text Classification and Natural Language Inference"), prompt-based
@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedfm.tasks.base import register_task, tasks
 from fedfm.tasks.causal_lm import _has_special, pad_id
+from fedfm.tasks.class_tally import ClassTally
 from fedfm.tasks.limits import check_max_length, model_prompt_positions, position_limit
 from fedfm.tasks.loading import load_auto
 
@@ -183,7 +184,8 @@ def answer_logits(logits: torch.Tensor, mask: torch.Tensor, label_ids: list[int]
 
 
 class LMClassification:
-    """Cross-entropy over the label words' next-token logits; metrics: loss and accuracy."""
+    """Cross-entropy over the label words' next-token logits; metrics: loss, accuracy and
+    balanced accuracy (tasks/class_tally.py)."""
 
     finish = None  # a Task hook this task does not use
     params: VerbalizerParams | None = None
@@ -251,13 +253,10 @@ class LMClassification:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches) -> dict[str, float]:
-        total, correct, loss_sum = 0, 0, 0.0
+        tally = ClassTally()
         for batch in batches:
-            logits = self.class_logits(model, batch)  # (B, C)
-            loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-            total += len(batch["labels"])
-        return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+            tally.add(self.class_logits(model, batch), batch["labels"])  # (B, C)
+        return tally.metrics()
 
 
 register_task(NAME, LMClassification, VerbalizerParams)
