@@ -14,7 +14,9 @@ the other, with those overrides.
 A row gives the global test accuracy (the server's shared State; for local heads and
 personal prompts the server completes it with the *initial* local part, see the doc) and
 the per-client accuracy on each client's own held-out slice, mean and worst decile
-(``client_accuracy_mean`` / ``client_accuracy_worst10`` of the last round). For IFCA and
+(``client_accuracy_mean`` / ``client_accuracy_worst10`` of the last round) and the same for
+the per-client balanced accuracy (the mean over the labels in a client's slice of each
+label's recall: 0.5 on a two-label slice for a model that answers one label). For IFCA and
 the given clusters each client is evaluated with its own cluster's model
 (``personalize/cluster_eval.py``), and the cluster purity against each client's majority
 label is reported; "majority label (no model)" predicts each client's training majority
@@ -122,10 +124,17 @@ def majority_baseline(exp) -> dict:
 
     wb = Workbench(exp)
     labels = wb.federation.frame["label"].to_numpy()
-    acc = [float((labels[c.eval_indices] == np.bincount(labels[c.indices]).argmax()).mean()) for c in wb.clients if c.eval_indices]
+    acc, balanced = [], []
+    for c in wb.clients:
+        if c.eval_indices:
+            truth = labels[c.eval_indices]
+            right = truth == np.bincount(labels[c.indices]).argmax()
+            acc.append(float(right.mean()))
+            balanced.append(float(np.mean([right[truth == y].mean() for y in np.unique(truth)])))
     pooled = np.bincount(labels[[i for c in wb.clients for i in c.indices]]).argmax()
     return {"accuracy": float((labels[wb.federation.test_indices] == pooled).mean()), "client_mean": float(np.mean(acc)),
-            "client_worst10": worst_decile(acc), "bytes_up": 0}
+            "client_worst10": worst_decile(acc), "client_bal_mean": float(np.mean(balanced)),
+            "client_bal_worst10": worst_decile(balanced), "bytes_up": 0}
 
 
 def cluster_states(run: Path, final: dict) -> tuple[list[dict], list[int]]:
@@ -165,7 +174,8 @@ def predictions(run: Path) -> str:
     labels, final = wb.federation.frame["label"].to_numpy(), load_file(run / "final.safetensors")
     clusters, assign = cluster_states(run, final) if wb.exp.learner.name == "ifca" else ([final], None)
     n_labels = int(labels.max()) + 1
-    lines = ["| client | predicted per label | accuracy | its majority label's accuracy |", "|---|---|---|---|"]
+    lines = ["| client | predicted per label | accuracy | balanced accuracy | its majority label's accuracy |",
+             "|---|---|---|---|---|"]
     accs = []
     for c in wb.clients:
         own = run / "clients" / str(c.cid) / "local_state.safetensors"
@@ -179,11 +189,12 @@ def predictions(run: Path) -> str:
             for batch in wb.batches(wb.eval_examples(c.cid)):  # sorted by length: the labels come with each batch
                 truth += batch.pop("labels").tolist()
                 pred += wb.model(**batch).logits.argmax(-1).tolist()
-        truth = np.array(truth)
-        accs.append(float((np.array(pred) == truth).mean()))
+        truth, right = np.array(truth), np.array(pred) == np.array(truth)
+        accs.append(float(right.mean()))
+        balanced = np.mean([right[truth == y].mean() for y in np.unique(truth)])
         majority = np.bincount(labels[c.indices], minlength=n_labels).argmax()
         lines.append(f"| {c.cid} | {' / '.join(str(x) for x in np.bincount(pred, minlength=n_labels))} | "
-                     f"{(np.array(pred) == truth).mean():.3f} | {(truth == majority).mean():.3f} |")
+                     f"{right.mean():.3f} | {balanced:.3f} | {(truth == majority).mean():.3f} |")
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     reported = last.get("client_accuracy_mean")
     lines.append(f"\nmean accuracy {np.mean(accs):.4f} " + (f"(the run's last client_accuracy_mean: {reported})" if reported is not None
@@ -209,6 +220,8 @@ def run_method(label: str, config: str, extra: list[str], common: list[str], out
     last = rows[-1]
     res = {"label": label, "config": config, "overrides": overrides[len(REDUCED):], "accuracy": last.get("accuracy"),
            "client_mean": last.get("client_accuracy_mean"), "client_worst10": last.get("client_accuracy_worst10"),
+           "client_bal_mean": last.get("client_balanced_accuracy_mean"),
+           "client_bal_worst10": last.get("client_balanced_accuracy_worst10"),
            "bytes_up": sum(r.get("bytes_up", 0) for r in rows)}
     purities = [r["cluster_report.purity"] for r in rows if "cluster_report.purity" in r]
     if purities:
@@ -220,7 +233,9 @@ def run_method(label: str, config: str, extra: list[str], common: list[str], out
         ss = rt.loop.server_state
         assign = next(g["assign"] for name, g in ss.items() if name.endswith(".cluster_report")).tolist()
         ev = cluster_client_eval(rt.wb, ss, exp.learner.params()["k"], assign, rt.store)
-        res.update(client_mean=ev["client_accuracy_mean"], client_worst10=ev["client_accuracy_worst10"], assign=assign)
+        res.update(client_mean=ev["client_accuracy_mean"], client_worst10=ev["client_accuracy_worst10"], assign=assign,
+                   client_bal_mean=ev.get("client_balanced_accuracy_mean"),
+                   client_bal_worst10=ev.get("client_balanced_accuracy_worst10"))
         truth = clusters_from_column(rt.wb.federation.frame, rt.wb.clients, "label")
         res["purity"] = purity({c: a for c, a in enumerate(assign) if a >= 0}, truth)
     res["wall_s"] = time.perf_counter() - t0
@@ -245,11 +260,15 @@ def dapt_table(results: list[dict]) -> str:
 def table(results: list[dict]) -> str:
     dapt = [r for r in results if r.get("kind") == "dapt"]
     results = [r for r in results if r.get("kind") != "dapt"]
-    head = ["method", "global acc", "client acc mean", "client acc worst10", "purity", "bytes up", "wall s"]
+    balanced = any(r.get("client_bal_mean") is not None for r in results)  # results before the balanced columns lack them
+    head = ["method", "global acc", "client acc mean", "client acc worst10"]
+    head += ["client bal acc mean", "client bal acc worst10"] if balanced else []
+    head += ["purity", "bytes up", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
+        bal = f"{fmt(r.get('client_bal_mean'))} | {fmt(r.get('client_bal_worst10'))} | " if balanced else ""
         lines.append(
-            f"| {r['label']} | {fmt(r['accuracy'])} | {fmt(r['client_mean'])} | {fmt(r['client_worst10'])} | "
+            f"| {r['label']} | {fmt(r['accuracy'])} | {fmt(r['client_mean'])} | {fmt(r['client_worst10'])} | {bal}"
             f"{fmt(r.get('purity'), '.2f')} | {r['bytes_up']:,} | {r['wall_s']:.0f} |"
         )
     if dapt:
