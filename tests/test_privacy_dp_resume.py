@@ -52,7 +52,7 @@ def test_a_changed_rounds_is_refused_naming_the_recorded_plan():
     with pytest.raises(PlanChanged) as err:
         step({"w": torch.zeros(3)}, ctx(rounds=3, rnd=2), state)
     msg = str(err.value)
-    assert f"target_epsilon 8.0 was solved for the recorded plan of rounds 1 (2 of 3 clients per round)" in msg
+    assert "target_epsilon 8.0 was solved for the recorded plan of rounds 1 (2 of 3 clients per round)" in msg
     assert f"noise_multiplier {sigma:.4f}" in msg and "this run asks for rounds 3" in msg
     assert f"would end at epsilon {three:.3f}, not 8.0" in msg and "resume with rounds: 1" in msg
     # fewer rounds than recorded: refused too (the run would not be the one its noise was solved for)
