@@ -113,6 +113,14 @@ def label_roles(exp) -> list[dict]:
     return roles
 
 
+def balanced_accuracy(right, truth) -> float:
+    """Mean over the labels in ``truth`` of the share of their examples that are ``right``
+    (numpy arrays of the same length), as ``tasks/class_tally.py`` counts it."""
+    import numpy as np
+
+    return float(np.mean([right[truth == y].mean() for y in np.unique(truth)]))
+
+
 def majority_baseline(exp) -> dict:
     """The accuracies of predicting, with no model, each client's training majority label on
     its held-out slice (mean and worst decile, as ``eval.clients``) and the pooled training
@@ -130,7 +138,7 @@ def majority_baseline(exp) -> dict:
             truth = labels[c.eval_indices]
             right = truth == np.bincount(labels[c.indices]).argmax()
             acc.append(float(right.mean()))
-            balanced.append(float(np.mean([right[truth == y].mean() for y in np.unique(truth)])))
+            balanced.append(balanced_accuracy(right, truth))
     pooled = np.bincount(labels[[i for c in wb.clients for i in c.indices]]).argmax()
     return {"accuracy": float((labels[wb.federation.test_indices] == pooled).mean()), "client_mean": float(np.mean(acc)),
             "client_worst10": worst_decile(acc), "client_bal_mean": float(np.mean(balanced)),
@@ -191,7 +199,7 @@ def predictions(run: Path) -> str:
                 pred += wb.model(**batch).logits.argmax(-1).tolist()
         truth, right = np.array(truth), np.array(pred) == np.array(truth)
         accs.append(float(right.mean()))
-        balanced = np.mean([right[truth == y].mean() for y in np.unique(truth)])
+        balanced = balanced_accuracy(right, truth)
         majority = np.bincount(labels[c.indices], minlength=n_labels).argmax()
         lines.append(f"| {c.cid} | {' / '.join(str(x) for x in np.bincount(pred, minlength=n_labels))} | "
                      f"{right.mean():.3f} | {balanced:.3f} | {(truth == majority).mean():.3f} |")

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-import numpy as np
-
 from fedfm.core.types import ServerState, State
 from fedfm.personalize.clustering import ifca_choice
 from fedfm.personalize.ifca import group_name
 from fedfm.runtime.client import LOCAL_KEY
-from fedfm.runtime.client_eval import worst_decile
+from fedfm.runtime.client_eval import clients_summary
 
 
 def client_metrics(wb, state_of: Callable[[int], State], cids: Iterable[int]) -> dict[int, dict[str, float]]:
@@ -46,24 +44,17 @@ def client_accuracies(wb, state_of: Callable[[int], State], cids: Iterable[int])
     return {cid: m["accuracy"] for cid, m in client_metrics(wb, state_of, cids).items()}
 
 
-def summary(accs: dict[int, float], balanced: dict[int, float] | None = None) -> dict[str, Any]:
+def summary(accs: dict[int, float]) -> dict[str, Any]:
     """Mean, worst decile and count of the clients' accuracies, as the loop's ``eval.clients``
-    reports them; with ``balanced`` (per-client balanced accuracy) its mean and worst decile too."""
-    values = list(accs.values())
-    if not values:
-        return {}
-    out = {"client_accuracy_mean": float(np.mean(values)), "client_accuracy_worst10": worst_decile(values),
-           "client_evaluated": len(values)}
-    if balanced:
-        b = list(balanced.values())
-        out.update(client_balanced_accuracy_mean=float(np.mean(b)), client_balanced_accuracy_worst10=worst_decile(b))
-    return out
+    reports them."""
+    return clients_summary(list(accs.values()), [])
 
 
 def metrics_summary(per_client: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """``summary`` of ``client_metrics``' result (balanced accuracy where the task gives it)."""
-    balanced = {c: m["balanced_accuracy"] for c, m in per_client.items() if "balanced_accuracy" in m}
-    return summary({c: m["accuracy"] for c, m in per_client.items()}, balanced)
+    """The same of ``client_metrics``' result, with the balanced accuracy's mean and worst
+    decile where the task gives it."""
+    return clients_summary([m["accuracy"] for m in per_client.values()],
+                           [m["balanced_accuracy"] for m in per_client.values() if "balanced_accuracy" in m])
 
 
 def cluster_client_eval(wb, server_state: ServerState, k: int, assign: list[int] | None = None, store=None) -> dict[str, Any]:

@@ -31,6 +31,17 @@ def worst_decile(values: list[float]) -> float:
     return float(np.mean(sorted(values)[:k]))
 
 
+def clients_summary(acc: list[float], balanced: list[float]) -> dict[str, Any]:
+    """The row's per-client columns: mean, worst decile and count of the accuracies, and
+    mean and worst decile of the balanced accuracies (each set only when it has values)."""
+    out: dict[str, Any] = {}
+    if acc:
+        out.update(client_accuracy_mean=float(np.mean(acc)), client_accuracy_worst10=worst_decile(acc), client_evaluated=len(acc))
+    if balanced:
+        out.update(client_balanced_accuracy_mean=float(np.mean(balanced)), client_balanced_accuracy_worst10=worst_decile(balanced))
+    return out
+
+
 def eval_reply_metrics(data: bytes) -> tuple[dict[str, float], str | None]:
     """(accuracy / balanced accuracy / loss of a client's evaluation reply, None) or ({}, why it is left out):
     undecodable bytes, or a value that is not a finite number."""
@@ -86,10 +97,7 @@ def evaluate_on_clients(transport: Transport, wb, mode: str, rnd: int, model_sta
         if "loss" in metrics:
             loss.append(metrics["loss"])
     out: dict[str, Any] = {"client_eval_bytes_down": len(data) * len(envelopes), "client_eval_bytes_up": up}
-    if acc:
-        out.update(client_accuracy_mean=float(np.mean(acc)), client_accuracy_worst10=worst_decile(acc), client_evaluated=len(acc))
-    if balanced:
-        out.update(client_balanced_accuracy_mean=float(np.mean(balanced)), client_balanced_accuracy_worst10=worst_decile(balanced))
+    out.update(clients_summary(acc, balanced))
     if loss:
         out["client_loss_mean"] = float(np.mean(loss))
     return out
